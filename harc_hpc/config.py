@@ -1,0 +1,293 @@
+"""The pipeline configuration: one YAML file validated into typed models.
+
+Every section forbids unknown keys, so a typo is an error that names its path
+(``harc.alpah: extra inputs are not permitted``) instead of a silently ignored setting.
+Relative paths are resolved against the directory of the YAML file, so a config
+works from any working directory (a SLURM job's cwd is not the user's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the file and the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(_Strict):
+    name: str = "harc-run"
+    output_dir: Path = Path("runs")
+    seed: int = 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+class CalibrationData(_Strict):
+    """Calibration text of one task: JSONL with ``messages`` (chat) or ``text`` records, or plain text."""
+
+    files: list[Path] = Field(default_factory=list)
+    format: Literal["auto", "chat", "text", "plain"] = "auto"
+    num_samples: Optional[int] = Field(default=None, ge=1)
+    max_length: int = Field(default=512, ge=8)
+    seed: int = 42
+    prompts_only: bool = False
+    use_chat_template: bool = True
+
+
+class SourceModel(_Strict):
+    name: str
+    path: str  # local directory or hub id
+    calibration: Optional[CalibrationData] = None
+    heldout: Optional[CalibrationData] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_" for c in v):
+            raise ValueError("must be non-empty and contain only letters, digits, '-' and '_'")
+        return v
+
+
+class ModelsSection(_Strict):
+    base: Optional[str] = None
+    sources: list[SourceModel]
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    revision: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ModelsSection":
+        names = [s.name for s in self.sources]
+        if len(names) < 1:
+            raise ValueError("sources: at least one source model is required")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: duplicate names {dup}")
+        return self
+
+
+class MergeSection(_Strict):
+    method: str = "linear"
+    preset: Optional[str] = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    exclude: list[str] = Field(default_factory=list)  # regexes of tensor names kept from the base
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    max_shard_size: str = "5GB"
+
+
+class CalibrationSection(_Strict):
+    """Defaults applied to every task's calibration data unless the source overrides them."""
+
+    num_samples: Optional[int] = Field(default=None, ge=1)
+    max_length: int = Field(default=512, ge=8)
+    seed: int = 42
+    prompts_only: bool = False
+    batch_size: int = Field(default=8, ge=1)
+    chunk_tokens: int = Field(default=8192, ge=64)  # Zarr chunk length along tokens
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+LayerSelection = Union[Literal["all"], list[int], dict[str, int]]
+
+
+class HarcSection(_Strict):
+    alpha: float = 0.9
+    hessian: Literal["full", "diag", "identity"] = "full"
+    solver: Literal["cg", "pcg", "direct", "auto"] = "pcg"
+    preconditioner: Literal["jacobi", "kronecker", "none"] = "jacobi"
+    objective: Literal["quadratic", "kl"] = "quadratic"
+    tol: float = Field(default=1e-6, gt=0)
+    max_iter: int = Field(default=1000, ge=1)
+    layers: LayerSelection = "all"  # "all", [0, 3, 5] or {"last": N}
+    block_size: int = Field(default=1, ge=1)
+    dtype: Literal["float32", "float64"] = "float64"
+    device: str = "auto"
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_range(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError("must be in (0, 1]")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_form(cls, v):
+        if isinstance(v, dict):
+            if set(v) != {"last"} or v["last"] < 1:
+                raise ValueError("a mapping must be {last: N} with N >= 1")
+        if isinstance(v, list) and any(i < 0 for i in v):
+            raise ValueError("layer indices must be >= 0")
+        return v
+
+
+class StageResources(_Strict):
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: Optional[int] = Field(default=None, ge=1)
+    cpus: Optional[int] = Field(default=None, ge=1)
+    mem_gb: Optional[float] = Field(default=None, gt=0)
+    gpus: Optional[int] = Field(default=None, ge=0)
+    array_parallelism: Optional[int] = Field(default=None, ge=1)
+    extra_sbatch: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutorSection(_Strict):
+    kind: Literal["slurm", "local", "debug"] = "slurm"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_min: int = Field(default=60, ge=1)
+    cpus: int = Field(default=4, ge=1)
+    mem_gb: float = Field(default=16, gt=0)
+    gpus: int = Field(default=0, ge=0)
+    array_parallelism: int = Field(default=64, ge=1)
+    max_requeues: int = Field(default=3, ge=0)
+    extra_sbatch: dict[str, Any] = Field(default_factory=dict)
+    setup: list[str] = Field(default_factory=list)
+    stages: dict[str, StageResources] = Field(default_factory=dict)
+
+
+class DemoSection(_Strict):
+    """Build the tiny demo sources (and their JSONL data) instead of reading model paths."""
+
+    enabled: bool = False
+    seed: int = 0
+    cache_dir: Optional[Path] = None
+
+
+class ReportSection(_Strict):
+    enabled: bool = True
+    top_k_end_to_end: bool = True
+    lm_eval_tasks: list[str] = Field(default_factory=list)
+
+
+class PipelineConfig(_Strict):
+    run: RunSection = Field(default_factory=RunSection)
+    models: ModelsSection
+    merge: MergeSection = Field(default_factory=MergeSection)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    harc: HarcSection = Field(default_factory=HarcSection)
+    executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    demo: DemoSection = Field(default_factory=DemoSection)
+    report: ReportSection = Field(default_factory=ReportSection)
+
+    # -- derived helpers -------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
+
+    @property
+    def task_names(self) -> list[str]:
+        return [s.name for s in self.models.sources]
+
+    def calibration_for(self, task: str) -> CalibrationData:
+        src = next(s for s in self.models.sources if s.name == task)
+        if src.calibration is None:
+            raise ConfigError(f"models.sources[{task}].calibration: no calibration data given")
+        return src.calibration
+
+    def section_digest(self, *sections: str) -> str:
+        """A stable digest of some config sections (what a stage depends on)."""
+        dump = self.model_dump(mode="json")
+        payload = {s: _dig(dump, s) for s in sections}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _dig(tree: dict, dotted: str):
+    node: Any = tree
+    for part in dotted.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list):
+            node = next((x for x in node if isinstance(x, dict) and x.get("name") == part), None)
+        else:
+            return None
+    return node
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
+    def absolute(p):
+        p = Path(p).expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    cfg.run.output_dir = absolute(cfg.run.output_dir)
+    for src in cfg.models.sources:
+        # A path that exists relative to the config is local; anything else may be a hub id.
+        candidate = absolute(src.path)
+        if candidate.exists() or src.path.startswith((".", "/", "~")):
+            src.path = str(candidate)
+        for data in (src.calibration, src.heldout):
+            if data is not None:
+                data.files = [absolute(f) for f in data.files]
+    if cfg.models.base is not None:
+        candidate = absolute(cfg.models.base)
+        if candidate.exists() or cfg.models.base.startswith((".", "/", "~")):
+            cfg.models.base = str(candidate)
+    if cfg.demo.cache_dir is not None:
+        cfg.demo.cache_dir = absolute(cfg.demo.cache_dir)
+    return cfg
+
+
+def parse_config(data: dict, source: str = "<config>", base_dir: Optional[Path] = None) -> PipelineConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid configuration"]
+        for err in exc.errors():
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, "):]
+            lines.append(f"  {_format_loc(err['loc'])}: {msg}")
+        raise ConfigError("\n".join(lines)) from None
+    return _resolve_paths(cfg, base_dir or Path.cwd())
+
+
+def load_config(path: Union[str, Path], overrides: Optional[dict] = None) -> PipelineConfig:
+    """Read and validate a YAML config; ``overrides`` are dotted keys (``{"harc.alpha": 0.99}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = data or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return parse_config(data, source=str(path), base_dir=path.parent.resolve())
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
