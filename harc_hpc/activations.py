@@ -1,0 +1,167 @@
+"""Zarr stores for tokens, hidden states and router inputs.
+
+Everything is stored flat along tokens (``(num_tokens, d)``) with the sequence boundaries as an
+``offsets`` array, chunked along tokens so a solver can stream a layer's inputs chunk by chunk.
+Stores are written under a temporary name and renamed into place, so a killed job never leaves a
+store that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import zarr
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+
+
+def _storage_dtype(name: str):
+    # Zarr has no bfloat16: keep the raw 16 bits as uint16 and reinterpret them on read.
+    if name == "bfloat16":
+        return np.uint16
+    return _NP_DTYPES[name]
+
+
+def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return x.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+    return x.detach().cpu().numpy().astype(_NP_DTYPES[dtype], copy=False)
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path):
+    """Yield a temporary sibling path; on success replace ``final`` with it, on error remove it."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    _remove(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(final)
+    os.replace(tmp, final)
+
+
+def _remove(path: Path):
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+# -- tokens ---------------------------------------------------------------
+
+
+def write_token_store(path: Path, seqs: Sequence[Sequence[int]], digest: str) -> None:
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(s) for s in seqs])
+    ids = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(offsets[-1]))
+    with atomic_path(path) as tmp:
+        g = zarr.open_group(str(tmp), mode="w")
+        g.create_array("ids", data=ids, chunks=(max(1, min(len(ids), 1 << 20)),))
+        g.create_array("offsets", data=offsets, chunks=(max(1, len(offsets)),))
+        g.attrs["digest"] = digest
+
+
+class TokenStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        g = zarr.open_group(str(self.path), mode="r")
+        self.digest = g.attrs.get("digest")
+        self.offsets = np.asarray(g["offsets"][:], dtype=np.int64)
+        self.ids = np.asarray(g["ids"][:], dtype=np.int64)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def sequence(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+
+def token_store_digest(path: Path) -> Optional[str]:
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("digest")
+    except Exception:  # noqa: BLE001 - a missing or broken store simply has no digest
+        return None
+
+
+# -- activations ----------------------------------------------------------
+
+
+class ActivationWriter:
+    """Fills named ``(num_tokens, d)`` arrays of one Zarr group, slice by slice."""
+
+    def __init__(self, root: Path, chunk_tokens: int, dtype: str):
+        self.group = zarr.open_group(str(root), mode="w")
+        self.chunk_tokens = chunk_tokens
+        self.dtype = dtype
+        self.group.attrs["dtype"] = dtype
+
+    def create(self, name: str, num_tokens: int, dim: int, offsets: np.ndarray):
+        arr = self.group.create_array(
+            name,
+            shape=(num_tokens, dim),
+            chunks=(max(1, min(self.chunk_tokens, num_tokens)), dim),
+            dtype=_storage_dtype(self.dtype),
+        )
+        arr.attrs["offsets"] = [int(o) for o in offsets]
+        arr.attrs["dtype"] = self.dtype
+        return arr
+
+    def write(self, name: str, start: int, values: torch.Tensor) -> None:
+        self.group[name][start : start + values.shape[0]] = to_storage(values, self.dtype)
+
+
+class ActivationArray:
+    """One stored ``(num_tokens, d)`` array. Iterating yields float tensors chunk by chunk, and can be
+    repeated (the solver streams the inputs once per operator application)."""
+
+    def __init__(self, store: Path, name: str, chunk_tokens: Optional[int] = None, out_dtype=torch.float32):
+        self.store = Path(store)
+        self.name = name
+        self._array = zarr.open_group(str(self.store), mode="r")[name]
+        self.dtype = self._array.attrs.get("dtype", "float32")
+        self.offsets = np.asarray(self._array.attrs["offsets"], dtype=np.int64)
+        self.chunk_tokens = chunk_tokens or self._array.chunks[0]
+        self.out_dtype = out_dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self._array.shape)
+
+    def __len__(self) -> int:
+        return self._array.shape[0]
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return from_storage(self._array[start:stop], self.dtype).to(self.out_dtype)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        n = self._array.shape[0]
+        for start in range(0, n, self.chunk_tokens):
+            yield self.read(start, min(n, start + self.chunk_tokens))
+
+    def load(self) -> torch.Tensor:
+        return self.read(0, self._array.shape[0])
+
+
+def layer_name(layer: int) -> str:
+    return f"layer-{layer:03d}"

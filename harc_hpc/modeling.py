@@ -1,0 +1,144 @@
+"""Layer-by-layer forward of a transformers decoder-only MoE model.
+
+Calibration needs the router inputs of layer l from a model whose routers before l are already
+calibrated. Re-running the whole model for every layer is O(L^2) layer passes; instead the hidden
+states entering a block of layers are cached and pushed through one decoder layer at a time. The
+decoder layers of OLMoE, Qwen2/3-MoE and Mixtral share one calling convention in transformers 5
+(``layer(hidden, attention_mask=, position_ids=, position_embeddings=)``), which is all this uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                   trust_remote_code: bool = False):
+    """Load a checkpoint for calibration: eval mode, SDPA attention (causal without a mask tensor).
+
+    On CPU the default compute dtype is float32 (bf16 matmuls on CPU are slow and not reproducible
+    across thread counts); on GPU the checkpoint's own dtype.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if dtype is None and device.type == "cpu":
+        dtype = torch.float32
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=dtype if dtype is not None else "auto",
+        attn_implementation="sdpa",
+        trust_remote_code=trust_remote_code,
+        local_files_only=Path(str(path)).exists(),
+    )
+    model.to(device)
+    model.eval()
+    return model
+
+
+def decoder(model):
+    """The backbone (``model.model``) holding embed_tokens, rotary_emb, layers and norm."""
+    inner = getattr(model, "model", model)
+    for attr in ("embed_tokens", "layers", "rotary_emb"):
+        if not hasattr(inner, attr):
+            raise TypeError(f"{type(model).__name__}: backbone has no '{attr}'; not a supported decoder layout")
+    return inner
+
+
+def pad_batch(seqs: list[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, list[int]]:
+    """Right-pad a list of (T_i, ...) tensors. Right padding keeps real tokens exact under a causal
+    mask: they never attend to the pads that come after them."""
+    lengths = [int(s.shape[0]) for s in seqs]
+    T = max(lengths)
+    out = seqs[0].new_full((len(seqs), T, *seqs[0].shape[1:]), pad_value)
+    for i, s in enumerate(seqs):
+        out[i, : lengths[i]] = s
+    return out, lengths
+
+
+def unpad(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """(B, T, d) -> (sum lengths, d) keeping only real tokens, in sequence order."""
+    return torch.cat([x[i, :n] for i, n in enumerate(lengths)], dim=0)
+
+
+class LayerwiseRunner:
+    """Runs embeddings and contiguous ranges of decoder layers on padded batches."""
+
+    def __init__(self, model):
+        self.model = model
+        self.backbone = decoder(model)
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.embed_tokens(ids.to(self.device))
+
+    def _context(self, hidden: torch.Tensor):
+        from transformers.masking_utils import create_causal_mask
+
+        B, T = hidden.shape[:2]
+        position_ids = torch.arange(T, device=hidden.device).unsqueeze(0).expand(B, -1)
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=None,
+            past_key_values=None, position_ids=position_ids,
+        )
+        pos_emb = self.backbone.rotary_emb(hidden, position_ids)
+        return mask, position_ids, pos_emb
+
+    @torch.no_grad()
+    def run_layers(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Push (B, T, d) hidden states through decoder layers [start, stop)."""
+        if stop <= start:
+            return hidden
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        mask, position_ids, pos_emb = self._context(hidden)
+        for layer in self.backbone.layers[start:stop]:
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb)
+            if isinstance(hidden, tuple):
+                hidden = hidden[0]
+        return hidden
+
+
+class RouterInputRecorder:
+    """Forward hooks on router modules that keep their inputs (the router input x of each token)."""
+
+    def __init__(self, modules: dict[int, torch.nn.Module]):
+        self.records: dict[int, list[torch.Tensor]] = {l: [] for l in modules}
+        self._handles = [m.register_forward_hook(self._hook(l)) for l, m in modules.items()]
+
+    def _hook(self, layer: int) -> Callable:
+        def hook(module, inputs, output):
+            self.records[layer].append(inputs[0].detach())
+
+        return hook
+
+    def pop(self, layer: int) -> torch.Tensor:
+        """All inputs recorded for ``layer`` since the last pop, as one (N, d) tensor."""
+        parts = self.records[layer]
+        self.records[layer] = []
+        return torch.cat([p.reshape(-1, p.shape[-1]) for p in parts], dim=0)
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def batches(n: int, size: int) -> Iterable[range]:
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))

@@ -1,0 +1,40 @@
+"""assemble-model: the merged checkpoint with every calibrated router written into it."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from harc_hpc.activations import atomic_path
+from harc_hpc.config import PipelineConfig
+from harc_hpc.stages import layout
+from harc_hpc.stages.routers import load_router
+
+
+def run(cfg: PipelineConfig, run_dir: Path) -> dict:
+    from harc_hpc.checkpoint import Checkpoint, patch_tensors
+
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    fam = layout.family(cfg)
+    merged = Checkpoint(layout.merged_dir(run_dir))
+    layers = layout.moe_layers(cfg)
+    replacements = {}
+    reports = []
+    for l in layers:
+        key = fam.router_key(l)
+        replacements[key] = load_router(run_dir, l).to(merged.tensor_dtype(key))
+        rep = layout.router_report(run_dir, l)
+        reports.append(json.loads(rep.read_text()) if rep.is_file() else {"layer": l})
+    patch_tensors(layout.merged_dir(run_dir), layout.model_dir(run_dir), replacements)
+    summary = {
+        "run": cfg.run.name,
+        "layers": layers,
+        "block_size": cfg.harc.block_size,
+        "harc": cfg.harc.model_dump(mode="json"),
+        "solves": reports,
+    }
+    with atomic_path(run_dir / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return {"layers": len(layers), "seconds": round(time.perf_counter() - t0, 3)}

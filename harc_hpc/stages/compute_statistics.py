@@ -1,0 +1,57 @@
+"""compute-statistics: per (layer, task) sufficient statistics of the HARC system.
+
+Token count, the diagonal of Sigma_i (the Jacobi preconditioner), Sigma_i w_i and how far the merged
+router is from the source router on these inputs (KL, top-k mismatch). They do not depend on
+``harc.alpha``, so changing alpha reuses them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from harc_hpc.activations import ActivationArray, atomic_path, layer_name
+from harc_hpc.config import PipelineConfig
+from harc_hpc.stages import layout
+from harc_hpc.stages.routers import merged_router, source_router
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> ActivationArray:
+    block_list = layout.blocks(cfg)
+    block = next(b for b, blk in enumerate(block_list) if layer in blk)
+    return ActivationArray(
+        layout.activation_store(run_dir, block), f"{layer_name(layer)}/{task}",
+        chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=_DTYPES[cfg.harc.dtype],
+    )
+
+
+def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
+    from harc_hpc.harc import compute_task_statistics
+
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    conf = layout.reference_config(cfg)
+    fam = layout.family(cfg)
+    dtype = _DTYPES[cfg.harc.dtype]
+    x = layer_inputs(cfg, run_dir, layer, task)
+    stats = compute_task_statistics(
+        x,
+        source_router(cfg, task, layer).to(dtype),
+        merged_router(cfg, run_dir, layer).to(dtype),
+        hessian=cfg.harc.hessian,
+        top_k=fam.top_k(conf),
+    )
+    with atomic_path(layout.statistics_file(run_dir, layer, task)) as tmp:
+        stats.save(tmp)
+    return {
+        "layer": layer,
+        "task": task,
+        "tokens": int(stats.num_tokens),
+        "kl_merged": float(stats.kl),
+        "topk_mismatch_merged": None if stats.topk_mismatch is None else float(stats.topk_mismatch),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

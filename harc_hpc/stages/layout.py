@@ -1,0 +1,110 @@
+"""Where artifacts live in a run directory, and how the calibrated layers split into blocks.
+
+Both the planner (which builds the DAG) and the stage bodies (which read and write the artifacts)
+use these functions, so the two can never disagree about a path or a block boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from harc_hpc.config import PipelineConfig
+
+
+# -- paths -----------------------------------------------------------------
+
+def merged_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "merged"
+
+
+def model_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "model"
+
+
+def token_store(run_dir: Path, task: str) -> Path:
+    return Path(run_dir) / "tokens" / f"{task}.zarr"
+
+
+def hidden_store(run_dir: Path, block: int) -> Path:
+    return Path(run_dir) / "hidden" / f"block-{block:03d}.zarr"
+
+
+def activation_store(run_dir: Path, block: int) -> Path:
+    return Path(run_dir) / "activations" / f"block-{block:03d}.zarr"
+
+
+def statistics_file(run_dir: Path, layer: int, task: str) -> Path:
+    return Path(run_dir) / "statistics" / f"layer-{layer:03d}" / f"{task}.h5"
+
+
+def router_file(run_dir: Path, layer: int) -> Path:
+    return Path(run_dir) / "routers" / f"layer-{layer:03d}.safetensors"
+
+
+def router_report(run_dir: Path, layer: int) -> Path:
+    return Path(run_dir) / "routers" / f"layer-{layer:03d}.json"
+
+
+# -- model structure -------------------------------------------------------
+
+@lru_cache(maxsize=16)
+def _read_config(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def model_config(path_or_id: str, revision=None) -> dict:
+    """config.json of a local directory or hub id (only config.json is fetched for a hub id)."""
+    p = Path(path_or_id)
+    if p.is_dir():
+        cfg_file = p / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{p}: no config.json in model directory")
+        return _read_config(str(cfg_file))
+    from huggingface_hub import hf_hub_download
+
+    return _read_config(hf_hub_download(path_or_id, "config.json", revision=revision))
+
+
+def reference_config(cfg: PipelineConfig) -> dict:
+    """The architecture every source shares (merge-experts checks that they do)."""
+    return model_config(cfg.models.sources[0].path, cfg.models.revision)
+
+
+def family(cfg: PipelineConfig):
+    from harc_hpc.families import family_for_config
+
+    return family_for_config(reference_config(cfg))
+
+
+def moe_layers(cfg: PipelineConfig) -> list[int]:
+    """The router layers HARC calibrates: the model's MoE layers filtered by ``harc.layers``."""
+    conf = reference_config(cfg)
+    all_layers = list(family(cfg).moe_layers(conf))
+    sel = cfg.harc.layers
+    if sel == "all":
+        return all_layers
+    if isinstance(sel, dict):
+        return all_layers[-sel["last"]:]
+    missing = sorted(set(sel) - set(all_layers))
+    if missing:
+        raise ValueError(f"harc.layers: {missing} are not MoE layers of this model (MoE layers: {all_layers})")
+    return sorted(set(sel))
+
+
+def blocks(cfg: PipelineConfig, layers: list[int] | None = None) -> list[list[int]]:
+    layers = moe_layers(cfg) if layers is None else layers
+    B = cfg.harc.block_size
+    return [layers[i : i + B] for i in range(0, len(layers), B)]
+
+
+def block_decoder_span(block_list: list[list[int]], b: int) -> tuple[int, int]:
+    """Decoder layers [start, stop) that block b owns: hidden states entering ``start`` are cached
+    for the block, and the forward runs up to the block's last calibrated layer."""
+    start = 0 if b == 0 else block_list[b - 1][-1] + 1
+    return start, block_list[b][-1] + 1
+
+
+def source_path(cfg: PipelineConfig, task: str) -> str:
+    return next(s.path for s in cfg.models.sources if s.name == task)

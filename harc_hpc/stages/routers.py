@@ -1,0 +1,55 @@
+"""Reading and writing router tensors: source routers, merged routers, calibrated solutions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from harc_hpc.activations import atomic_path
+from harc_hpc.config import PipelineConfig
+from harc_hpc.stages import layout
+
+
+def _checkpoint(path):
+    from harc_hpc.checkpoint import Checkpoint
+
+    return Checkpoint(path)
+
+
+def source_router(cfg: PipelineConfig, task: str, layer: int) -> torch.Tensor:
+    fam = layout.family(cfg)
+    from harc_hpc.checkpoint import resolve_model_path
+
+    path = resolve_model_path(layout.source_path(cfg, task), revision=cfg.models.revision)
+    return _checkpoint(path).get_tensor(fam.router_key(layer))
+
+
+def merged_router(cfg: PipelineConfig, run_dir: Path, layer: int) -> torch.Tensor:
+    fam = layout.family(cfg)
+    return _checkpoint(layout.merged_dir(run_dir)).get_tensor(fam.router_key(layer))
+
+
+def save_router(run_dir: Path, layer: int, weight: torch.Tensor, report: dict) -> None:
+    with atomic_path(layout.router_file(run_dir, layer)) as tmp:
+        save_file({"weight": weight.detach().to(torch.float32).contiguous().cpu()}, str(tmp))
+    with atomic_path(layout.router_report(run_dir, layer)) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+
+
+def load_router(run_dir: Path, layer: int) -> torch.Tensor:
+    path = layout.router_file(run_dir, layer)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: calibrated router of layer {layer} is missing (run solve-router first)")
+    return load_file(str(path))["weight"]
+
+
+def set_router_weights(model, fam, weights: dict[int, torch.Tensor]) -> None:
+    for layer, w in weights.items():
+        module = fam.router_module(model, layer)
+        if tuple(module.weight.shape) != tuple(w.shape):
+            raise ValueError(f"layer {layer}: router shape {tuple(w.shape)} != model's {tuple(module.weight.shape)}")
+        with torch.no_grad():
+            module.weight.copy_(w.to(module.weight.dtype))

@@ -1,0 +1,55 @@
+"""solve-router: the calibrated router of one layer, from the statistics and streamed inputs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from harc_hpc.config import PipelineConfig
+from harc_hpc.modeling import pick_device
+from harc_hpc.stages import layout
+from harc_hpc.stages.compute_statistics import _DTYPES, layer_inputs
+from harc_hpc.stages.routers import merged_router, save_router, source_router
+
+
+def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
+    from harc_hpc.harc import TaskStatistics, solve_router
+
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    h = cfg.harc
+    dtype = _DTYPES[h.dtype]
+    device = pick_device(h.device)
+    tasks = cfg.task_names
+    stats = [TaskStatistics.load(layout.statistics_file(run_dir, layer, t)) for t in tasks]
+    inputs = [layer_inputs(cfg, run_dir, layer, t) for t in tasks]
+    sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
+    init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
+    sol = solve_router(
+        inputs, sources, init,
+        alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
+        preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
+    )
+    report = {
+        "layer": layer,
+        "tasks": tasks,
+        "tokens": {t: int(s.num_tokens) for t, s in zip(tasks, stats)},
+        "alpha": h.alpha,
+        "hessian": h.hessian,
+        "solver": h.solver,
+        "preconditioner": h.preconditioner,
+        "objective": h.objective,
+        "iterations": int(sol.iterations),
+        "relative_residual": float(sol.relative_residual),
+        "converged": bool(sol.converged),
+        "kl_before": {t: float(v) for t, v in zip(tasks, sol.kl_before)},
+        "kl_after": {t: float(v) for t, v in zip(tasks, sol.kl_after)},
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if not sol.converged:
+        # A non-converged solve is still the best iterate; the report says so and the run goes on.
+        report["warning"] = f"CG did not reach tol {h.tol} in {h.max_iter} iterations"
+    save_router(run_dir, layer, sol.weight, report)
+    return {k: report[k] for k in ("layer", "iterations", "relative_residual", "converged", "seconds")}
