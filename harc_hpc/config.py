@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -233,21 +234,21 @@ def _format_loc(loc: tuple) -> str:
 
 def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     def absolute(p):
-        p = Path(p).expanduser()
+        p = Path(os.path.expandvars(str(p))).expanduser()
         return p if p.is_absolute() else (base / p).resolve()
 
     cfg.run.output_dir = absolute(cfg.run.output_dir)
     for src in cfg.models.sources:
         # A path that exists relative to the config is local; anything else may be a hub id.
         candidate = absolute(src.path)
-        if candidate.exists() or src.path.startswith((".", "/", "~")):
+        if candidate.exists() or src.path.startswith((".", "/", "~", "$")):
             src.path = str(candidate)
         for data in (src.calibration, src.heldout):
             if data is not None:
                 data.files = [absolute(f) for f in data.files]
     if cfg.models.base is not None:
         candidate = absolute(cfg.models.base)
-        if candidate.exists() or cfg.models.base.startswith((".", "/", "~")):
+        if candidate.exists() or cfg.models.base.startswith((".", "/", "~", "$")):
             cfg.models.base = str(candidate)
     if cfg.demo.cache_dir is not None:
         cfg.demo.cache_dir = absolute(cfg.demo.cache_dir)

@@ -1,0 +1,117 @@
+"""Tiny MoE sources, calibration data and configs for pipeline tests (importable by SLURM jobs too)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def char_tokenizer():
+    """A byte-level (ASCII) tokenizer that AutoTokenizer can load offline after save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(i): i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=chr(0)))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0))
+
+
+def tiny_config(family: str = "olmoe", layers: int = 3, hidden: int = 32, experts: int = 4, top_k: int = 2):
+    common = dict(vocab_size=128, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=None, bos_token_id=None,
+                  eos_token_id=None, max_position_embeddings=256)
+    if family == "olmoe":
+        from transformers import OlmoeConfig
+
+        return OlmoeConfig(num_experts=experts, num_experts_per_tok=top_k, **common)
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden,
+                              head_dim=hidden // 4, mlp_only_layers=[1] if layers > 2 else [], **common)
+    if family == "mixtral":
+        from transformers import MixtralConfig
+
+        return MixtralConfig(num_local_experts=experts, num_experts_per_tok=top_k, **common)
+    raise ValueError(family)
+
+
+def _texts(task: str, n: int, seed: int) -> list[str]:
+    rng = random.Random(f"{task}-{seed}")
+    out = []
+    for _ in range(n):
+        if task == "math":
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            out.append(f"{a}+{b}={a + b}. {a}*{b}={a * b}. Solve x+{a}={a + b}: x={b}.")
+        else:
+            v = rng.choice("xyzabc")
+            out.append(f"def f({v}):\n    for i in range({rng.randint(2, 9)}):\n        {v} = {v} * i\n    return {v}\n")
+    return out
+
+
+def build_tiny_sources(root: Path, family: str = "olmoe", seed: int = 0, layers: int = 3,
+                       router_noise: float = 1.0, tasks=("math", "code")) -> dict:
+    """A base model and one fine-tune-like source per task (base + noise, routers moved a lot)."""
+    from transformers import AutoModelForCausalLM
+
+    root = Path(root)
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(tiny_config(family, layers=layers))
+    paths = {"base": root / "base"}
+    base.save_pretrained(paths["base"])
+    tok.save_pretrained(paths["base"])
+    for t_i, task in enumerate(tasks):
+        g = torch.Generator().manual_seed(seed * 100 + t_i + 1)
+        src = AutoModelForCausalLM.from_config(tiny_config(family, layers=layers))
+        src.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for name, p in src.named_parameters():
+                scale = router_noise if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] < 16 else 0.02
+                p.add_(scale * torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 else 1.0))
+        paths[task] = root / task
+        src.save_pretrained(paths[task])
+        tok.save_pretrained(paths[task])
+        data = root / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        for split, n, s in (("calib", 12, seed), ("heldout", 6, seed + 1000)):
+            with open(data / f"{task}-{split}.jsonl", "w") as fh:
+                for text in _texts(task, n, s):
+                    fh.write(json.dumps({"text": text}) + "\n")
+    return paths
+
+
+def write_config(root: Path, sources: dict, *, name="run", method="linear", block_size=1, executor="local",
+                 tasks=("math", "code"), harc=None, extra=None) -> Path:
+    root = Path(root)
+    cfg = {
+        "run": {"name": name, "output_dir": str(root / "runs"), "seed": 0},
+        "models": {
+            "base": str(sources["base"]),
+            "sources": [
+                {"name": t, "path": str(sources[t]),
+                 "calibration": {"files": [str(root / "data" / f"{t}-calib.jsonl")]},
+                 "heldout": {"files": [str(root / "data" / f"{t}-heldout.jsonl")]}}
+                for t in tasks
+            ],
+        },
+        "merge": {"method": method},
+        "calibration": {"max_length": 64, "batch_size": 4, "chunk_tokens": 128},
+        "harc": {"block_size": block_size, "solver": "pcg", "tol": 1e-8, **(harc or {})},
+        "executor": {"kind": executor},
+        "report": {"enabled": False},
+    }
+    for dotted, value in (extra or {}).items():
+        node = cfg
+        *head, last = dotted.split(".")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path

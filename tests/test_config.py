@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from harc_hpc.config import ConfigError, load_config
+
+MINIMAL = """
+run: {name: r1, output_dir: out}
+models:
+  sources:
+    - {name: math, path: ./m, calibration: {files: [data/m.jsonl]}}
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_minimal_config_resolves_paths_against_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.run_dir == tmp_path / "out" / "r1"
+    assert cfg.models.sources[0].path == str(tmp_path / "m")
+    assert cfg.calibration_for("math").files == [tmp_path / "data" / "m.jsonl"]
+    assert cfg.harc.alpha == 0.9 and cfg.harc.tol == 1e-6 and cfg.harc.block_size == 1
+
+
+def test_hub_ids_are_left_alone(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL.replace("./m", "allenai/OLMoE-1B-7B-0125")))
+    assert cfg.models.sources[0].path == "allenai/OLMoE-1B-7B-0125"
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ("harc: {alpha: 1.5}", "harc.alpha: must be in (0, 1]"),
+        ("harc: {alpah: 0.5}", "harc.alpah: Extra inputs are not permitted"),
+        ("harc: {block_size: two}", "harc.block_size"),
+        ("harc: {solver: magic}", "harc.solver"),
+        ("harc: {layers: {first: 2}}", "harc.layers"),
+        ("executor: {kind: kubernetes}", "executor.kind"),
+    ],
+)
+def test_errors_name_the_file_and_key_path(tmp_path, patch, expected):
+    path = write(tmp_path, MINIMAL + patch + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_duplicate_source_names_are_rejected(tmp_path):
+    text = MINIMAL + "    - {name: math, path: ./n}\n"
+    with pytest.raises(ConfigError, match="duplicate names"):
+        load_config(write(tmp_path, text))
+
+
+def test_overrides_and_section_digests(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    a = load_config(path)
+    b = load_config(path, overrides={"harc.alpha": 0.99})
+    assert b.harc.alpha == 0.99
+    assert a.section_digest("calibration", "models") == b.section_digest("calibration", "models")
+    assert a.section_digest("harc") != b.section_digest("harc")
+
+
+def test_shipped_configs_validate():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        load_config(path)
