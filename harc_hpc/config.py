@@ -85,8 +85,10 @@ class MergeSection(_Strict):
     preset: Optional[str] = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     exclude: list[str] = Field(default_factory=list)  # regexes of tensor names kept from the base
-    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # compute dtype (None: inputs')
     max_shard_size: str = "5GB"
+    out_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # stored dtype (None: dtype)
+    device: str = "cpu"  # where WUDI's optimisation runs ("auto": cuda if available)
 
 
 class CalibrationSection(_Strict):

@@ -1,0 +1,709 @@
+"""Hugging Face model directories read and written tensor by tensor.
+
+Reading uses the safetensors header (a JSON table of dtype, shape and byte range per tensor) and
+``os.preadv`` into a freshly allocated tensor. Memory-mapping a shard (what ``safe_open`` does) would
+leave every page read so far mapped and resident until the handle closes, so the resident set of a
+merge would grow with the number of layers read; positional reads keep it at the tensors in use.
+
+Writing goes the other way: when the list of output tensors is known up front (``declare``), each
+shard file is laid out at once (header first, then data at fixed offsets) and tensors, or contiguous
+parts of them, are written where they belong as soon as they are merged. Nothing is buffered beyond
+the tensor being written, and the bytes do not depend on the order of writes.
+
+Pickle checkpoints (``*.bin``, ``*.pt``) can run arbitrary code when loaded. They are refused unless
+the caller passes ``allow_pickle=True``, and even then are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+# Files next to the weights that a merged model needs to load and tokenize like its inputs.
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+                     ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names the model, file and tensor."""
+
+
+def dtype_to_safetensors(dtype: torch.dtype) -> str:
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def parse_size(size: Union[int, str]) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal units as in transformers; ``GiB`` etc. are binary)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse size {size!r} (use e.g. 5GB, 500MB, 2GiB or a byte count)")
+    value, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(value * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating a model
+# ---------------------------------------------------------------------------------------------
+
+def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str] = None,
+                       allow_download: bool = True) -> Path:
+    """A local model directory, or the snapshot directory of a hub id.
+
+    Hub snapshots fetch configs, tokenizer files and safetensors weights only: pickle weights are
+    never downloaded. With ``allow_download=False`` only the local hub cache is consulted.
+    """
+    p = Path(str(path_or_hub_id)).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    if p.exists():
+        raise CheckpointError(f"{p}: is a file; a model is a directory with config.json and weights")
+    text = str(path_or_hub_id)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise CheckpointError(f"{text}: model directory not found")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id=text,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            local_files_only=not allow_download,
+        )
+    except Exception as exc:  # the hub client raises many types; all mean "not available"
+        raise CheckpointError(f"{text}: not a local directory and could not be resolved on the hub "
+                              f"({type(exc).__name__}: {exc})") from None
+    return Path(local)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file (safetensors) or -1 (pickle)
+    nbytes: int
+
+
+def read_safetensors_header(path: Path, label: str = "") -> tuple[dict, int, dict]:
+    """(header without ``__metadata__``, metadata) after checking that every tensor's bytes are
+    inside the file: a truncated or corrupt shard is reported here, before any merging starts."""
+    who = f"{label}: " if label else ""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{who}{path}: truncated safetensors file (no header)")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise CheckpointError(f"{who}{path}: truncated or corrupt safetensors file "
+                                      f"(header of {n} bytes in a {size}-byte file)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"{who}{path}: weight file is missing") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{who}{path}: corrupt safetensors header ({exc})") from None
+    meta = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    data_len = size - data_start
+    for key, entry in header.items():
+        b, e = entry["data_offsets"]
+        if e > data_len:
+            raise CheckpointError(f"{who}{path}: truncated: tensor {key} needs bytes up to "
+                                  f"{data_start + e} but the file has {size}")
+    return header, data_start, meta
+
+
+class Checkpoint:
+    """A model directory opened for tensor-by-tensor reading.
+
+    ``name`` is only used in error messages (e.g. the source's name in the config).
+    """
+
+    def __init__(self, path: Union[str, Path], allow_pickle: bool = False, name: Optional[str] = None):
+        self.path = Path(path)
+        self.name = name or self.path.name
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.name}: {self.path}: model directory not found")
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{self.name}: {cfg_file}: config.json is missing")
+        try:
+            self.config: dict = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{self.name}: {cfg_file}: not valid JSON ({exc})") from None
+        self.allow_pickle = allow_pickle
+        self._infos: dict[str, TensorInfo] = {}
+        self._pickle_cache: tuple[Optional[Path], Optional[dict]] = (None, None)
+        self._fds: dict[Path, int] = {}
+        self.weight_files: list[Path] = []
+        self.is_pickle = False
+        self._discover()
+
+    # -- discovery -----------------------------------------------------------------------------
+    def _discover(self) -> None:
+        p = self.path
+        index = p / SAFE_INDEX
+        if index.is_file():
+            files = self._files_from_index(index)
+            self._read_safetensors(files, index_map=self._index_map)
+            return
+        if (p / SAFE_SINGLE).is_file():
+            self._read_safetensors([p / SAFE_SINGLE])
+            return
+        shards = sorted(p.glob("*.safetensors"))
+        if shards:
+            self._read_safetensors(shards)
+            return
+        pickles = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES and f.is_file())
+        if (p / PICKLE_INDEX).is_file() or pickles:
+            if not self.allow_pickle:
+                names = ", ".join(f.name for f in pickles) or PICKLE_INDEX
+                raise CheckpointError(
+                    f"{self.name}: {p}: only pickle weights found ({names}). Pickle files can run "
+                    f"arbitrary code when loaded, so they are refused. Convert the model to "
+                    f"safetensors, or set models.allow_pickle: true to read them with "
+                    f"torch.load(weights_only=True).")
+            self._read_pickles(p, pickles)
+            return
+        raise CheckpointError(f"{self.name}: {p}: no weights found (expected {SAFE_SINGLE} or "
+                              f"{SAFE_INDEX} with its shards)")
+
+    def _files_from_index(self, index: Path) -> list[Path]:
+        try:
+            data = json.loads(index.read_text())
+            wmap = data["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{self.name}: {index}: not a valid weight index ({exc})") from None
+        self._index_map = {k: self.path / v for k, v in wmap.items()}
+        files = sorted(set(self._index_map.values()))
+        for f in files:
+            if not f.is_file():
+                users = sorted(k for k, v in self._index_map.items() if v == f)
+                raise CheckpointError(f"{self.name}: {f}: shard listed in {index.name} is missing "
+                                      f"(holds {len(users)} tensors, e.g. {users[0]})")
+        return files
+
+    _index_map: Optional[dict] = None
+
+    def _read_safetensors(self, files: Sequence[Path], index_map: Optional[dict] = None) -> None:
+        self.weight_files = list(files)
+        for f in files:
+            header, data_start, _ = read_safetensors_header(f, self.name)
+            for key, entry in header.items():
+                dtype = _DTYPES.get(entry["dtype"])
+                if dtype is None:
+                    raise CheckpointError(f"{self.name}: {f}: tensor {key} has unsupported dtype "
+                                          f"{entry['dtype']}")
+                if key in self._infos:
+                    raise CheckpointError(f"{self.name}: {f}: tensor {key} also stored in "
+                                          f"{self._infos[key].file}")
+                b, e = entry["data_offsets"]
+                self._infos[key] = TensorInfo(f, dtype, tuple(entry["shape"]), data_start + b, e - b)
+        if index_map is not None:
+            for key, f in index_map.items():
+                info = self._infos.get(key)
+                if info is None:
+                    raise CheckpointError(f"{self.name}: {f}: tensor {key} is listed in the index "
+                                          f"but not stored in the shard")
+                if info.file != f:
+                    raise CheckpointError(f"{self.name}: tensor {key}: index says {f.name}, "
+                                          f"found in {info.file.name}")
+
+    def _read_pickles(self, p: Path, pickles: list[Path]) -> None:
+        self.is_pickle = True
+        idx = p / PICKLE_INDEX
+        if idx.is_file():
+            wmap = json.loads(idx.read_text())["weight_map"]
+            files = sorted({p / v for v in wmap.values()})
+        else:
+            files = pickles
+        self.weight_files = files
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{self.name}: {f}: shard listed in {PICKLE_INDEX} is missing")
+            sd = self._load_pickle(f)
+            for key, t in sd.items():
+                self._infos[key] = TensorInfo(f, t.dtype, tuple(t.shape), -1,
+                                              t.numel() * t.element_size())
+
+    def _load_pickle(self, f: Path) -> dict:
+        cached_file, cached = self._pickle_cache
+        if cached_file == f:
+            return cached
+        try:
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:
+                sd = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"{self.name}: {f}: cannot be read with torch.load("
+                                  f"weights_only=True): {exc}") from None
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"{self.name}: {f}: does not hold a state dict")
+        self._pickle_cache = (f, sd)
+        return sd
+
+    # -- queries ----------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._infos
+
+    def info(self, key: str) -> TensorInfo:
+        try:
+            return self._infos[key]
+        except KeyError:
+            raise CheckpointError(f"{self.name}: {self.path}: tensor {key} not found") from None
+
+    def tensor_shape(self, key: str) -> tuple[int, ...]:
+        return self.info(key).shape
+
+    def tensor_dtype(self, key: str) -> torch.dtype:
+        return self.info(key).dtype
+
+    def file_of(self, key: str) -> Path:
+        return self.info(key).file
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self.info(key)
+        numel = 1
+        for s in info.shape:
+            numel *= s
+        return self.read_part(key, 0, numel).reshape(info.shape)
+
+    def read_part(self, key: str, start: int, numel: int) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of the flattened tensor (row-major), as a 1-D tensor.
+
+        Used to read one expert out of a fused (E, ...) tensor without reading the others.
+        """
+        info = self.info(key)
+        if info.begin < 0:
+            t = self._load_pickle(info.file)[key]
+            return t.reshape(-1)[start:start + numel].clone()
+        itemsize = torch.empty((), dtype=info.dtype).element_size()
+        nbytes = numel * itemsize
+        if (start + numel) * itemsize > info.nbytes:
+            raise CheckpointError(f"{self.name}: {info.file}: tensor {key}: read past its end")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        fd = self._fd(info.file)
+        view = memoryview(buf.numpy())
+        offset = info.begin + start * itemsize
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{self.name}: {info.file}: tensor {key}: file ended early "
+                                      f"(truncated while reading?)")
+            done += n
+        return buf.view(info.dtype)
+
+    def _fd(self, f: Path) -> int:
+        fd = self._fds.get(f)
+        if fd is None:
+            fd = os.open(f, os.O_RDONLY)
+            self._fds[f] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+        self._pickle_cache = (None, None)
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def digest(self) -> str:
+        """sha256 over config.json and every weight file's bytes (streamed), in file-name order.
+
+        Stable across machines and copies: it depends on content and file names only.
+        """
+        h = hashlib.sha256()
+        h.update(b"config.json\0")
+        h.update((self.path / "config.json").read_bytes())
+        for f in sorted(self.weight_files, key=lambda x: x.name):
+            fh = hashlib.sha256()
+            with open(f, "rb") as fp:
+                while True:
+                    chunk = fp.read(16 << 20)
+                    if not chunk:
+                        break
+                    fh.update(chunk)
+            h.update(f"{f.name}\0{f.stat().st_size}\0{fh.hexdigest()}\0".encode())
+        return "sha256:" + h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+class _Shard:
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []  # key, dtype, shape, nbytes
+        self.size = 0
+
+
+class CheckpointWriter:
+    """Sharded safetensors output with ``model.safetensors.index.json``.
+
+    Two ways to use it:
+
+    * ``declare(entries)`` first (key, dtype, shape for every output tensor, in file order): shards
+      are laid out and created at once, then ``add(key, t)`` / ``add_part(key, start, t)`` write
+      straight to the final position. ``finalize()`` checks every byte was written.
+    * ``add(key, t)`` without ``declare``: tensors are appended to per-shard spool files and the
+      shards are assembled (header + data) in ``finalize()``.
+
+    A single shard is named ``model.safetensors`` and has no index, like ``save_pretrained``.
+    """
+
+    def __init__(self, out_dir: Union[str, Path], max_shard_bytes: Union[int, str] = "5GB",
+                 metadata: Optional[dict] = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = parse_size(max_shard_bytes)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._declared = False
+        self._layout: dict[str, tuple[_Shard, int, torch.dtype, tuple[int, ...], int]] = {}
+        self._written: dict[str, int] = {}
+        self._shards: list[_Shard] = []
+        self._files: dict[Path, int] = {}
+        self._spools: dict[Path, object] = {}
+        self._finalized = False
+
+    # -- planning ---------------------------------------------------------------------------------
+    def _split(self, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[_Shard]:
+        shards: list[_Shard] = []
+        current = None
+        for key, dtype, shape in entries:
+            nbytes = torch.empty((), dtype=dtype).element_size()
+            for s in shape:
+                nbytes *= int(s)
+            if current is None or (current.entries and current.size + nbytes > self.max_shard_bytes):
+                current = _Shard(Path())
+                shards.append(current)
+            current.entries.append((key, dtype, tuple(int(s) for s in shape), nbytes))
+            current.size += nbytes
+        n = len(shards)
+        for i, sh in enumerate(shards):
+            name = SAFE_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            sh.path = self.out_dir / name
+        return shards
+
+    def _header(self, shard: _Shard, reorder: bool = True) -> tuple[bytes, dict[str, int]]:
+        header: dict = {"__metadata__": self.metadata}
+        offsets = {}
+        pos = 0
+        # Wider dtypes first keep every tensor aligned to its element size (as safetensors does).
+        ordered = shard.entries
+        if reorder:
+            ordered = sorted(ordered, key=lambda e: -torch.empty((), dtype=e[1]).element_size())
+        for key, dtype, shape, nbytes in ordered:
+            header[key] = {"dtype": dtype_to_safetensors(dtype), "shape": list(shape),
+                           "data_offsets": [pos, pos + nbytes]}
+            offsets[key] = pos
+            pos += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(len(raw) + 8) % 8)
+        return len(raw).to_bytes(8, "little") + raw, offsets
+
+    def declare(self, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> None:
+        entries = [(k, d, tuple(s)) for k, d, s in entries]
+        if self._declared or self._written:
+            raise RuntimeError("declare() must be called once, before any add()")
+        keys = [k for k, _, _ in entries]
+        if len(set(keys)) != len(keys):
+            raise ValueError("declare(): duplicate tensor names")
+        self._declared = True
+        self._shards = self._split(entries)
+        for sh in self._shards:
+            head, offsets = self._header(sh)
+            fd = os.open(sh.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, len(head) + sh.size)
+            self._files[sh.path] = fd
+            for key, dtype, shape, nbytes in sh.entries:
+                self._layout[key] = (sh, len(head) + offsets[key], dtype, shape, nbytes)
+
+    # -- writing ----------------------------------------------------------------------------------
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if not self._declared:
+            self._spool_add(key, tensor)
+            return
+        _, _, dtype, shape, _ = self._slot(key)
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{key}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        self.add_part(key, 0, tensor)
+
+    def add_part(self, key: str, start: int, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (any shape, the declared dtype) at element ``start`` of the flattened
+        declared tensor ``key``."""
+        sh, begin, dtype, shape, nbytes = self._slot(key)
+        if tensor.dtype != dtype:
+            raise ValueError(f"{key}: declared {dtype}, got {tensor.dtype}")
+        data = _tensor_bytes(tensor)
+        off = start * tensor.element_size()
+        if off + len(data) > nbytes:
+            raise ValueError(f"{key}: part at element {start} runs past the tensor's end")
+        fd = self._files[sh.path]
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], begin + off + done)
+        self._written[key] = self._written.get(key, 0) + len(data)
+
+    def add_raw(self, key: str, data: Union[bytes, memoryview]) -> None:
+        sh, begin, _, _, nbytes = self._slot(key)
+        if len(data) != nbytes:
+            raise ValueError(f"{key}: expected {nbytes} bytes, got {len(data)}")
+        fd = self._files[sh.path]
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(fd, data[done:], begin + done)
+        self._written[key] = self._written.get(key, 0) + nbytes
+
+    def _slot(self, key: str):
+        if not self._declared:
+            raise RuntimeError("add_part() needs declare() first")
+        try:
+            return self._layout[key]
+        except KeyError:
+            raise ValueError(f"{key}: not a declared output tensor") from None
+
+    def _spool_add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._written:
+            raise ValueError(f"{key}: written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if not self._shards or (self._shards[-1].entries
+                                and self._shards[-1].size + nbytes > self.max_shard_bytes):
+            sh = _Shard(self.out_dir / f".spool-{len(self._shards):05d}")
+            self._shards.append(sh)
+            self._spools[sh.path] = open(sh.path, "wb")
+        sh = self._shards[-1]
+        sh.entries.append((key, tensor.dtype, tuple(tensor.shape), nbytes))
+        sh.size += nbytes
+        self._spools[sh.path].write(_tensor_bytes(tensor))
+        self._written[key] = nbytes
+
+    # -- closing ----------------------------------------------------------------------------------
+    def finalize(self) -> list[Path]:
+        if self._finalized:
+            raise RuntimeError("finalize() called twice")
+        self._finalized = True
+        if self._declared:
+            missing = [k for k, (_, _, _, _, n) in self._layout.items() if self._written.get(k, 0) != n]
+            for fd in self._files.values():
+                os.close(fd)
+            self._files.clear()
+            if missing:
+                raise RuntimeError(f"{len(missing)} declared tensors were not (fully) written, "
+                                   f"e.g. {missing[:3]}")
+        else:
+            self._assemble_spools()
+        self._write_index()
+        return [sh.path for sh in self._shards]
+
+    def _assemble_spools(self) -> None:
+        for fp in self._spools.values():
+            fp.close()
+        spools = list(self._shards)
+        n = len(spools)
+        for i, sh in enumerate(spools):
+            final = self.out_dir / (SAFE_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+            head, _ = self._header(sh, reorder=False)  # the spool holds data in arrival order
+            with open(final, "wb") as out, open(sh.path, "rb") as src:
+                out.write(head)
+                out.flush()
+                _copy_file_data(src, out, sh.size)
+            sh.path.unlink()
+            sh.path = final
+
+    def _write_index(self) -> None:
+        if len(self._shards) <= 1:
+            if not self._shards:  # an empty model still gets a valid file
+                head, _ = self._header(_Shard(Path()))
+                (self.out_dir / SAFE_SINGLE).write_bytes(head)
+            return
+        wmap = {}
+        total = 0
+        for sh in self._shards:
+            for key, _, _, nbytes in sh.entries:
+                wmap[key] = sh.path.name
+                total += nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
+        (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for fd in self._files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for fp in self._spools.values():
+            with contextlib.suppress(Exception):
+                fp.close()
+
+
+def _copy_file_data(src, dst, nbytes: int) -> None:
+    try:
+        done = 0
+        while done < nbytes:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), nbytes - done)
+            if n == 0:
+                break
+            done += n
+        if done == nbytes:
+            return
+        src.seek(done)
+    except (AttributeError, OSError):
+        src.seek(0)
+        dst.seek(0, os.SEEK_END)
+    shutil.copyfileobj(src, dst, 16 << 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories
+# ---------------------------------------------------------------------------------------------
+
+def copy_model_files(src: Union[str, Path], dst: Union[str, Path],
+                     names: Sequence[str] = MODEL_FILES) -> list[str]:
+    """Copy config, generation config and tokenizer files that exist in ``src``; returns their names."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in names:
+        f = src / name
+        if f.is_file():
+            shutil.copyfile(f, dst / name)
+            copied.append(name)
+    return copied
+
+
+@contextlib.contextmanager
+def atomic_dir(final_dir: Union[str, Path]) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final_dir``; on success it replaces ``final_dir``,
+    on any error it is removed, so a reader never sees a half-written directory."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final_dir.parent / f".{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final_dir.exists():
+        old = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:12]}"
+        os.rename(final_dir, old)
+    os.rename(tmp, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def patch_tensors(src_dir: Union[str, Path], dst_dir: Union[str, Path],
+                  replacements: Mapping[str, torch.Tensor], max_shard_size: Union[int, str] = "5GB",
+                  allow_pickle: bool = False) -> Path:
+    """Copy the checkpoint at ``src_dir`` to ``dst_dir`` (atomically) with some tensors replaced.
+
+    Each replacement must name an existing tensor of the same shape; it is stored in its own dtype.
+    Other tensors are copied byte for byte. Model files (config, tokenizer, ...) are copied too.
+    """
+    src = Checkpoint(src_dir, allow_pickle=allow_pickle)
+    unknown = sorted(set(replacements) - set(src.keys()))
+    if unknown:
+        raise CheckpointError(f"{src.path}: cannot replace tensors that do not exist: {unknown[:5]}")
+    for key, t in replacements.items():
+        if tuple(t.shape) != src.tensor_shape(key):
+            raise CheckpointError(f"{src.path}: tensor {key}: replacement shape {tuple(t.shape)} != "
+                                  f"{src.tensor_shape(key)}")
+    entries = []
+    for key in src.keys():
+        t = replacements.get(key)
+        entries.append((key, t.dtype if t is not None else src.tensor_dtype(key), src.tensor_shape(key)))
+    with atomic_dir(dst_dir) as tmp:
+        writer = CheckpointWriter(tmp, max_shard_size)
+        try:
+            writer.declare(entries)
+            for key in src.keys():
+                if key in replacements:
+                    writer.add(key, replacements[key].detach().cpu().contiguous())
+                else:
+                    writer.add(key, src.get_tensor(key))
+            writer.finalize()
+        except BaseException:
+            writer.abort()
+            raise
+        copy_model_files(src.path, tmp)
+    src.close()
+    return Path(dst_dir)

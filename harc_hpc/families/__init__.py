@@ -1,0 +1,35 @@
+"""MoE family adapters, looked up by a config's ``model_type``."""
+
+from __future__ import annotations
+
+from harc_hpc.families.base import ExpertTensor, Layout, MoEFamily, UnsupportedModelError
+from harc_hpc.families.mixtral import MixtralFamily
+from harc_hpc.families.olmoe import OlmoeFamily
+from harc_hpc.families.qwen2_moe import Qwen2MoeFamily
+from harc_hpc.families.qwen3_moe import Qwen3MoeFamily
+
+FAMILIES: dict[str, MoEFamily] = {}
+for _fam in (OlmoeFamily(), Qwen3MoeFamily(), MixtralFamily(), Qwen2MoeFamily()):
+    FAMILIES[_fam.name] = _fam
+
+_BY_MODEL_TYPE = {mt: fam for fam in FAMILIES.values() for mt in fam.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def family_for_config(config: dict) -> MoEFamily:
+    """The adapter for a model's ``config.json`` (as a dict)."""
+    model_type = config.get("model_type")
+    fam = _BY_MODEL_TYPE.get(model_type)
+    if fam is None:
+        arch = ", ".join(config.get("architectures") or []) or "unknown"
+        raise UnsupportedModelError(
+            f"unsupported architecture: model_type={model_type!r} (architectures: {arch}). "
+            f"Supported MoE families: {', '.join(supported_model_types())}")
+    return fam
+
+
+__all__ = ["FAMILIES", "ExpertTensor", "Layout", "MoEFamily", "UnsupportedModelError",
+           "family_for_config", "supported_model_types"]

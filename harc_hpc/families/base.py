@@ -1,0 +1,154 @@
+"""What the toolkit needs to know about one MoE model family, in on-disk tensor names.
+
+transformers 5 fuses the experts of a layer in memory (``mlp.experts.gate_up_proj`` (E, 2I, d) with
+gate rows before up rows, and ``mlp.experts.down_proj`` (E, d, I)) but ``save_pretrained`` writes them
+back un-fused, one (I, d)/(d, I) matrix per expert, under the family's legacy names. Checkpoints
+written by other tools (mergekit 0.1.5 on transformers 5, for example) may hold the fused names on
+disk instead. Both layouts are read; ``detect_layout`` tells which one a key set uses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Literal, Optional
+
+Layout = Literal["per_expert", "fused"]
+Proj = Literal["gate", "up", "down"]
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture has no family adapter."""
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """An expert weight identified from its on-disk key."""
+
+    layer: int
+    expert: Optional[int]  # None for a fused (E, ...) tensor
+    proj: str  # "gate", "up", "down" (per expert) or "gate_up", "down" (fused)
+
+
+class MoEFamily:
+    """Base adapter; subclasses set the class attributes and override what differs."""
+
+    name: str = ""
+    model_types: tuple[str, ...] = ()
+    #: on-disk module holding the router and the experts (in memory transformers 5 calls it ``mlp``)
+    moe_module: str = "mlp"
+    #: on-disk names of the per-expert gate, up and down projections
+    proj_names: dict = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+    #: other gates of a MoE layer that are *not* the softmax router (see Qwen2-MoE)
+    extra_gate_suffixes: tuple[str, ...] = ()
+
+    # -- config ---------------------------------------------------------------------------------
+    def num_layers(self, cfg: dict) -> int:
+        return int(cfg["num_hidden_layers"])
+
+    def num_experts(self, cfg: dict) -> int:
+        for key in ("num_experts", "num_local_experts"):
+            if cfg.get(key):
+                return int(cfg[key])
+        raise KeyError(f"{self.name}: config has neither num_experts nor num_local_experts")
+
+    def top_k(self, cfg: dict) -> int:
+        return int(cfg["num_experts_per_tok"])
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return bool(cfg.get("norm_topk_prob", False))
+
+    def hidden_size(self, cfg: dict) -> int:
+        return int(cfg["hidden_size"])
+
+    def expert_intermediate_size(self, cfg: dict) -> int:
+        return int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        return list(range(self.num_layers(cfg)))
+
+    def describe(self, cfg: dict) -> dict:
+        return {
+            "family": self.name,
+            "num_layers": self.num_layers(cfg),
+            "moe_layers": self.moe_layers(cfg),
+            "num_experts": self.num_experts(cfg),
+            "top_k": self.top_k(cfg),
+            "normalize_topk": self.normalize_topk(cfg),
+            "hidden_size": self.hidden_size(cfg),
+        }
+
+    # -- on-disk names --------------------------------------------------------------------------
+    def _prefix(self, layer: int, layout: Layout) -> str:
+        module = self.moe_module if layout == "per_expert" else "mlp"
+        return f"model.layers.{layer}.{module}"
+
+    def router_key(self, layer: int, layout: Layout = "per_expert") -> str:
+        """The router weight (K, d) of ``layer`` under the checkpoint's layout."""
+        return f"{self._prefix(layer, layout)}.gate.weight"
+
+    def expert_key(self, layer: int, expert: int, proj: Proj) -> str:
+        """One expert's projection in the per-expert (hub) layout."""
+        return f"{self._prefix(layer, 'per_expert')}.experts.{expert}.{self.proj_names[proj]}.weight"
+
+    def fused_key(self, layer: int, which: Literal["gate_up", "down"]) -> str:
+        """A layer's fused expert tensor in the transformers-5 in-memory layout."""
+        return f"model.layers.{layer}.mlp.experts.{which}_proj"
+
+    def find_router_key(self, layer: int, keys: Iterable[str]) -> str:
+        keys = set(keys)
+        for layout in ("per_expert", "fused"):
+            k = self.router_key(layer, layout)
+            if k in keys:
+                return k
+        raise KeyError(f"{self.name}: no router for layer {layer} (looked for "
+                       f"{self.router_key(layer)!r} and {self.router_key(layer, 'fused')!r})")
+
+    def _expert_re(self) -> re.Pattern:
+        names = "|".join(re.escape(v) for v in self.proj_names.values())
+        return re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.moe_module)}\.experts\.(\d+)\."
+                          rf"({names})\.weight$")
+
+    _fused_re = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$")
+
+    def parse_expert_key(self, key: str) -> Optional[ExpertTensor]:
+        m = self._expert_re().match(key)
+        if m:
+            inv = {v: k for k, v in self.proj_names.items()}
+            return ExpertTensor(int(m.group(1)), int(m.group(2)), inv[m.group(3)])
+        m = self._fused_re.match(key)
+        if m:
+            return ExpertTensor(int(m.group(1)), None, m.group(2))
+        return None
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(rf"model\.layers\.\d+\.({re.escape(self.moe_module)}|mlp)\.gate\.weight",
+                            key) is not None
+
+    def detect_layout(self, keys: Iterable[str]) -> Layout:
+        fused = per = False
+        for k in keys:
+            e = self.parse_expert_key(k)
+            if e is None:
+                continue
+            if e.expert is None:
+                fused = True
+            else:
+                per = True
+        if fused and per:
+            raise ValueError(f"{self.name}: checkpoint mixes fused and per-expert expert tensors")
+        return "fused" if fused else "per_expert"
+
+    # -- in-memory modules ----------------------------------------------------------------------
+    def decoder_layers(self, model):
+        return model.model.layers
+
+    def router_module(self, model, layer: int):
+        """The router module of ``layer``; its forward's ``input[0]`` is the router input x,
+        (tokens, d), i.e. the post-attention-norm output of that layer."""
+        block = self.decoder_layers(model)[layer]
+        mlp = getattr(block, "mlp", None)
+        gate = getattr(mlp, "gate", None) if mlp is not None else None
+        if gate is None or not hasattr(gate, "weight"):
+            raise ValueError(f"{self.name}: layer {layer} has no router (a dense layer?)")
+        return gate

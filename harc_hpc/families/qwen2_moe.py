@@ -1,0 +1,23 @@
+"""Qwen2-MoE (``model_type: qwen2_moe``): Qwen3-MoE's layer rule plus a shared expert per layer.
+
+The shared expert's ``shared_expert_gate`` (1, d) is a sigmoid scalar gate that scales the shared
+expert's output; it is not the softmax router and is merged like any other tensor, never calibrated.
+"""
+
+from harc_hpc.families.base import MoEFamily
+from harc_hpc.families.qwen3_moe import sparse_layers
+
+
+class Qwen2MoeFamily(MoEFamily):
+    name = "qwen2_moe"
+    model_types = ("qwen2_moe",)
+    extra_gate_suffixes = ("mlp.shared_expert_gate.weight",)
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        return sparse_layers(cfg, self.num_layers(cfg), self.num_experts(cfg))
+
+    def shared_expert_gate_key(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
+
+    def is_router_key(self, key: str) -> bool:
+        return super().is_router_key(key) and "shared_expert_gate" not in key

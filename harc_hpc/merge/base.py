@@ -1,0 +1,133 @@
+"""The merge-method interface: a method merges one unit (a tensor, an expert matrix, or a layer's
+fused expert tensor) of every input into one tensor. Methods know nothing of files."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+Granularity = Literal["per_expert", "fused"]
+
+#: What a unit is, from its tensor name and shape.
+Role = Literal["embedding", "lm_head", "norm", "bias", "router", "shared_expert_gate", "expert",
+               "experts_fused", "linear", "vector", "other"]
+
+
+class MergeConfigError(ValueError):
+    """Bad merge settings (unknown method or preset, invalid parameters, missing base)."""
+
+
+class MergeInputError(ValueError):
+    """Inputs that cannot be merged; the message names the model, file and tensor."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous run of elements of one stored tensor: elements [start, start + numel) of the
+    flattened tensor ``key``, viewed with ``shape``. The output uses the same key and offsets."""
+
+    key: str
+    start: int
+    numel: int
+    shape: tuple[int, ...]
+    whole: bool = True
+
+
+@dataclass(frozen=True)
+class MergeUnit:
+    """What a method merges at once: the concatenation of its pieces, reshaped to ``shape``."""
+
+    name: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+    role: str
+    layer: Optional[int] = None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class MergeContext:
+    """Run-wide settings a method may use: the seed (for DARE's masks) and the compute device."""
+
+    seed: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def generator(self, unit_name: str, model_index: int) -> torch.Generator:
+        """A CPU generator seeded from (seed, unit name, model index): a rerun, a resumed run or a
+        run that merges units in another order draws the same masks."""
+        digest = hashlib.sha256(f"{self.seed}\0{unit_name}\0{model_index}".encode()).digest()
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        return g
+
+
+PerModel = Union[float, list[float], dict[str, float]]
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    def per_model(self, name: str, sources: Sequence[str]) -> list[float]:
+        """Resolve a scalar, list (in source order) or {source name: value} field to a list."""
+        value = getattr(self, name)
+        n = len(sources)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(sources))
+            missing = [s for s in sources if s not in value]
+            if unknown or missing:
+                raise MergeConfigError(f"merge.parameters.{name}: keys must be the source names "
+                                       f"{list(sources)} (unknown {unknown}, missing {missing})")
+            return [float(value[s]) for s in sources]
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise MergeConfigError(f"merge.parameters.{name}: {len(value)} values for {n} "
+                                       f"source models {list(sources)}")
+            return [float(v) for v in value]
+        return [float(value)] * n
+
+
+class MergeMethod:
+    """Subclasses set ``name``, ``Params``, ``needs_base`` and implement ``merge``."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs_base: ClassVar[bool] = True
+    Params: ClassVar[type[MethodParams]] = MethodParams
+
+    def parse_params(self, parameters: dict[str, Any], sources: Sequence[str]) -> MethodParams:
+        try:
+            params = self.Params.model_validate(dict(parameters))
+        except ValidationError as exc:
+            lines = [f"merge.parameters for method {self.name!r} are invalid:"]
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"])
+                msg = err["msg"].removeprefix("Value error, ")
+                lines.append(f"  {loc}: {msg}")
+            raise MergeConfigError("\n".join(lines)) from None
+        self.check(params, sources)
+        return params
+
+    def check(self, params: MethodParams, sources: Sequence[str]) -> None:
+        """Cross-field checks that need the source names (e.g. list lengths)."""
+        for fname in ("weights", "density"):
+            if fname in type(params).model_fields:
+                params.per_model(fname, sources)
+
+    def granularity(self, params: MethodParams) -> Granularity:
+        return getattr(params, "granularity", "per_expert")
+
+    def merge(self, base: Optional[torch.Tensor], sources: list[torch.Tensor], unit: MergeUnit,
+              params: MethodParams, source_names: Sequence[str], ctx: MergeContext) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,135 @@
+"""merge-experts: merge the source checkpoints (data-free) into ``run_dir/merged``.
+
+The output directory appears only when complete (written to a temporary directory beside it and
+renamed), and holds the merged shards, the base's (or first source's) config and tokenizer files,
+and ``harc_merge.json``: method, parameters, input checkpoint digests and package versions. The
+record holds no timings, so the same config and seed give the same bytes in every file.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import click
+import torch
+
+from harc_hpc.checkpoint import (Checkpoint, CheckpointError, atomic_dir, copy_model_files,
+                                 resolve_model_path)
+from harc_hpc.config import ConfigError, PipelineConfig, load_config
+from harc_hpc.families import UnsupportedModelError
+from harc_hpc.merge import MergeConfigError, MergeInputError, resolve_settings
+from harc_hpc.merge.engine import MergeInput, merge_checkpoints
+
+MERGED_DIR = "merged"
+RECORD = "harc_merge.json"
+
+#: errors that mean "bad input or config" (reported without a traceback by the CLI)
+USER_ERRORS = (ConfigError, MergeConfigError, MergeInputError, CheckpointError, UnsupportedModelError)
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("harc-hpc", "torch", "transformers", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _open(name: str, path: str, cfg: PipelineConfig) -> MergeInput:
+    local = resolve_model_path(path, revision=cfg.models.revision)
+    return MergeInput(name, Checkpoint(local, allow_pickle=cfg.models.allow_pickle, name=name))
+
+
+def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
+    run_dir = Path(run_dir)
+    m = cfg.merge
+    names = [s.name for s in cfg.models.sources]
+    method, params = resolve_settings(m.method, m.preset, m.parameters, names,
+                                      method_explicit="method" in m.model_fields_set)
+    if method.needs_base and cfg.models.base is None:
+        raise MergeConfigError(f"merge method {method.name!r} works on task vectors and needs a base "
+                               f"model: set models.base")
+    base = _open("base", cfg.models.base, cfg) if cfg.models.base is not None else None
+    sources = [_open(s.name, s.path, cfg) for s in cfg.models.sources]
+    inputs = ([base] if base else []) + sources
+    out_dir = run_dir / MERGED_DIR
+
+    # Digests read every weight file once more; doing it beside the merge hides most of that time.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digests = {i.name: pool.submit(i.ckpt.digest) for i in inputs}
+        with atomic_dir(out_dir) as tmp:
+            stats = merge_checkpoints(
+                tmp, sources, base, method, params, exclude=m.exclude, dtype=m.dtype,
+                out_dtype=m.out_dtype, max_shard_size=m.max_shard_size, seed=cfg.run.seed,
+                device=_device(m.device))
+            model_src = (base or sources[0]).ckpt.path
+            copy_model_files(model_src, tmp)
+            _set_config_dtype(tmp / "config.json", m.out_dtype or m.dtype)
+            record = {
+                "format": 1,
+                "method": method.name,
+                "preset": m.preset,
+                "parameters": params.model_dump(mode="json", by_alias=True),
+                "exclude": list(m.exclude),
+                "dtype": m.dtype,
+                "out_dtype": m.out_dtype,
+                "seed": cfg.run.seed,
+                "family": stats["family"],
+                "layout": stats["layout"],
+                "granularity": stats["granularity"],
+                "tensors": stats["tensors"],
+                "merged_by_role": stats["merged_by_role"],
+                "excluded_tensors": stats["excluded_tensors"],
+                "model_files_from": str(model_src),
+                "base": _describe(base, digests) if base else None,
+                "sources": [_describe(s, digests) for s in sources],
+                "versions": _versions(),
+            }
+            (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    for i in inputs:
+        i.ckpt.close()
+    return {"method": method.name, "output": str(out_dir), "tensors": stats["tensors"],
+            "units": stats["units"], "merged_units": stats["merged_units"],
+            "copied_units": stats["copied_units"], "seconds": stats["seconds"]}
+
+
+def _describe(inp: MergeInput, digests: dict) -> dict:
+    return {"name": inp.name, "path": str(inp.ckpt.path), "digest": digests[inp.name].result()}
+
+
+def _set_config_dtype(path: Path, dtype: Optional[str]) -> None:
+    if dtype is None or not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    cfg["dtype"] = dtype
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = dtype
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+@click.command("merge-experts")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory (default: run.output_dir/run.name from the config).")
+def merge_experts_command(config: Path, run_dir: Optional[Path]) -> None:
+    """Merge the source models of CONFIG into RUN_DIR/merged (data-free merge methods)."""
+    try:
+        cfg = load_config(config)
+        stats = run(cfg, run_dir if run_dir is not None else cfg.run_dir)
+    except USER_ERRORS as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(stats, indent=2))
