@@ -160,6 +160,7 @@ class ExecutorSection(_Strict):
     gpus: int = Field(default=0, ge=0)
     array_parallelism: int = Field(default=64, ge=1)
     max_requeues: int = Field(default=3, ge=0)
+    local_workers: int = Field(default=1, ge=1)  # tasks run at once by the local executor
     extra_sbatch: dict[str, Any] = Field(default_factory=dict)
     setup: list[str] = Field(default_factory=list)
     stages: dict[str, StageResources] = Field(default_factory=dict)

@@ -1,0 +1,138 @@
+"""CLI commands of the launcher: ``submit``, ``stage``, ``status`` (registered in harc_hpc/cli.py)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from harc_hpc.config import ConfigError, load_config
+
+log = logging.getLogger("harc_hpc.launcher")
+
+EXECUTORS = click.Choice(["slurm", "local", "debug"])
+
+
+def _echo(msg: str) -> None:
+    click.echo(msg)
+
+
+def _fail(msg: str, code: int = 1):
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _load(config: str):
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+
+
+def _report(plan, outcome, executor: str, waited: bool) -> int:
+    if outcome.submitted:
+        click.echo(f"run directory: {plan.run_dir}")
+        click.echo(f"job ids: {' '.join(outcome.job_ids())}")
+        click.echo(f"task logs: {plan.run_dir / 'logs'}/<stage>/<task>.log; "
+                   f"SLURM logs: {plan.run_dir / 'slurm'}/<stage>/")
+        if not waited:
+            click.echo(f"follow with: harc-hpc status {plan.run_dir}")
+    if outcome.failed or outcome.skipped:
+        for tid in outcome.failed:
+            click.echo(f"FAILED: {tid}", err=True)
+        for tid in outcome.skipped:
+            click.echo(f"not run: {tid}", err=True)
+        click.echo(f"details: harc-hpc status {plan.run_dir}", err=True)
+        return 1
+    return 0
+
+
+@click.command("submit")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--executor", type=EXECUTORS, default=None, help="default: executor.kind of the config")
+@click.option("--dry-run", is_flag=True, help="print the DAG and each job's sbatch parameters; submit nothing")
+@click.option("--wait", is_flag=True, help="wait for the jobs; exit non-zero if a task failed")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="default: run.output_dir/run.name of the config")
+@click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="stage specs (default: $HARC_HPC_STAGES or the stages/ folder of the install)")
+@click.option("--force", is_flag=True, help="rerun every task, complete or not")
+def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force):
+    """Build the DAG, skip completed tasks and submit (or run) the rest."""
+    from harc_hpc.launcher.api import ActiveJobsError, submit_run
+    from harc_hpc.launcher.planner import PlanError
+
+    cfg = _load(config)
+    executor = executor or cfg.executor.kind
+    try:
+        plan, outcome = submit_run(cfg, executor=executor, run_dir=run_dir, specs_dir=stages_dir,
+                                   dry_run=dry_run, wait=wait, force=force, echo=_echo)
+    except (PlanError, ActiveJobsError, ConfigError) as exc:
+        _fail(str(exc), 2)
+    sys.exit(_report(plan, outcome, executor, wait or executor != "slurm"))
+
+
+@click.command("stage")
+@click.argument("name")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--layer", type=int, default=None, help="only this layer (layer / layer_task stages)")
+@click.option("--task", "task_name", default=None, help="only this calibration task (layer_task stages)")
+@click.option("--block", type=int, default=None, help="only this block")
+@click.option("--force", is_flag=True, help="run even if complete")
+@click.option("--submit", "to_slurm", is_flag=True, help="submit to SLURM instead of running here")
+@click.option("--wait", is_flag=True, help="with --submit: wait for the job")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None)
+def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_dir, stages_dir):
+    """Run one stage, or one layer/task/block of it, here (or submit just that with --submit).
+
+    Upstream tasks are not run; a missing upstream result is reported before starting.
+    """
+    from harc_hpc.launcher.api import ActiveJobsError, plan_run, submit_run
+    from harc_hpc.launcher.planner import PlanError
+
+    cfg = _load(config)
+    try:
+        _, plan = plan_run(cfg, run_dir, stages_dir)  # validate the selection before touching anything
+        chosen = plan.select(name, layer=layer, task=task_name, block=block)
+    except PlanError as exc:
+        _fail(str(exc), 2)
+    missing = sorted({u for t in chosen for u in t.needs if not plan.is_complete(plan.tasks[u])}
+                     - {t.id for t in chosen})
+    if missing:
+        click.echo(f"warning: upstream task(s) not complete: {', '.join(missing[:10])}"
+                   f"{' ...' if len(missing) > 10 else ''}", err=True)
+    ids = {t.id for t in chosen}
+    try:
+        plan, outcome = submit_run(
+            cfg, executor="slurm" if to_slurm else "debug", run_dir=run_dir, specs_dir=stages_dir,
+            force=force, wait=wait, select=lambda p: [t for t in p.tasks.values() if t.id in ids], echo=_echo,
+        )
+    except (PlanError, ActiveJobsError) as exc:
+        _fail(str(exc), 2)
+    sys.exit(_report(plan, outcome, "slurm" if to_slurm else "debug", wait or not to_slurm))
+
+
+@click.command("status")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--failed-only", is_flag=True, help="list only failed / cancelled tasks")
+def status_cmd(run_dir, failed_only):
+    """Per stage and layer/task: done / pending / running / failed / cancelled, SLURM state, job id,
+    and the log of each failure. Exits 1 if anything failed or was cancelled."""
+    from harc_hpc.launcher import status
+
+    try:
+        rows = status.collect(Path(run_dir))
+    except FileNotFoundError as exc:
+        _fail(str(exc), 2)
+    shown = status.failed(rows) if failed_only else rows
+    if shown:
+        click.echo(status.format_table(shown))
+    counts = status.summary(rows)
+    click.echo("total: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    sys.exit(1 if status.failed(rows) else 0)
+
+
+COMMANDS = (submit_cmd, stage_cmd, status_cmd)

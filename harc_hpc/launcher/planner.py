@@ -1,0 +1,496 @@
+"""The pipeline DAG: stage specs (YAML data) + a config -> tasks with Merkle digests, grouped for submission.
+
+A task's digest covers everything its result depends on: the stage's identity and spec version, its
+index, the config keys its spec lists (``config_sections``), the contents of the input files its spec
+lists (``file_inputs``), the package version, and the digests of the upstream tasks it needs. A
+completed task whose recorded digest still equals the planned one is skipped; any change upstream
+changes every digest downstream of it, so a rerun redoes exactly what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+import harc_hpc
+from harc_hpc.config import PipelineConfig
+from harc_hpc.launcher import records
+
+SPECS_ENV = "HARC_HPC_STAGES"
+
+# Settings that change where or how fast a task runs, never what it produces.
+RUNTIME_ONLY_KEYS = ("harc.device",)
+
+Split = Literal["none", "block", "layer", "layer_task"]
+SPLIT_KEYS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "block": ("block",),
+    "layer": ("layer",),
+    "layer_task": ("layer", "task"),
+}
+
+
+class PlanError(ValueError):
+    """A problem with the stage specs or with what the config asks of them."""
+
+
+# -- specs ---------------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Need(_Strict):
+    """Upstream tasks a task needs: every task of ``stage`` whose index matches ``where``.
+
+    ``where`` maps an index key (block, layer, task) to ``same`` (equal to this task's) or
+    ``previous`` (one less; block only: no upstream for block 0). Empty: every task of the stage.
+    """
+
+    stage: str
+    where: dict[Literal["block", "layer", "task"], Literal["same", "previous"]] = Field(default_factory=dict)
+
+
+class Resources(_Strict):
+    cpus: Optional[int] = Field(default=None, ge=1)
+    mem_gb: Optional[float] = Field(default=None, gt=0)
+    gpus: Optional[int] = Field(default=None, ge=0)
+    time_min: Optional[int] = Field(default=None, ge=1)
+
+
+class StageSpec(_Strict):
+    name: str
+    function: str  # "package.module:callable"
+    split: Split = "none"
+    description: str = ""
+    version: int = 1
+    needs: list[Need] = Field(default_factory=list)
+    config_sections: list[str] = Field(default_factory=list)
+    file_inputs: list[str] = Field(default_factory=list)
+    reads: list[str] = Field(default_factory=list)
+    writes: list[str] = Field(default_factory=list)
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("function")
+    @classmethod
+    def _function_form(cls, v: str) -> str:
+        module, sep, attr = v.partition(":")
+        if not sep or not module or not attr:
+            raise ValueError("must look like 'package.module:function'")
+        return v
+
+    def load_function(self):
+        import importlib
+
+        module, _, attr = self.function.partition(":")
+        obj = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+
+def default_specs_dir() -> Path:
+    """``$HARC_HPC_STAGES``, else the ``stages/`` folder next to the harc_hpc package directory."""
+    env = os.environ.get(SPECS_ENV)
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(harc_hpc.__file__).resolve().parent.parent / "stages"
+
+
+def load_specs(specs_dir: Optional[os.PathLike] = None) -> dict[str, StageSpec]:
+    """Every ``*.yaml`` spec of a directory, validated, keyed by stage name."""
+    specs_dir = Path(specs_dir) if specs_dir is not None else default_specs_dir()
+    if not specs_dir.is_dir():
+        raise PlanError(f"{specs_dir}: stage spec directory not found (set ${SPECS_ENV} or pass specs_dir)")
+    specs: dict[str, StageSpec] = {}
+    for path in sorted(specs_dir.glob("*.yaml")):
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+            spec = StageSpec.model_validate(data)
+        except (yaml.YAMLError, ValidationError) as exc:
+            raise PlanError(f"{path}: invalid stage spec:\n{exc}") from None
+        if spec.name in specs:
+            raise PlanError(f"{path}: stage {spec.name!r} is defined twice")
+        specs[spec.name] = spec
+    if not specs:
+        raise PlanError(f"{specs_dir}: no *.yaml stage specs")
+    for spec in specs.values():
+        for need in spec.needs:
+            if need.stage not in specs:
+                raise PlanError(f"stage {spec.name}: needs unknown stage {need.stage!r}")
+            up = specs[need.stage]
+            for key, rel in need.where.items():
+                own = _index_keys(spec.split)
+                theirs = _index_keys(up.split)
+                if key not in own or key not in theirs:
+                    raise PlanError(
+                        f"stage {spec.name}: 'where: {key}' needs both {spec.name} ({spec.split}) and "
+                        f"{up.name} ({up.split}) to have a {key}"
+                    )
+                if rel == "previous" and key != "block":
+                    raise PlanError(f"stage {spec.name}: 'previous' applies to block only")
+    _stage_order(specs)  # raises on a cycle between different stages
+    return specs
+
+
+def _index_keys(split: str) -> tuple[str, ...]:
+    """Index keys a task of this split can be matched on (layer tasks also have their block)."""
+    return {"none": (), "block": ("block",), "layer": ("block", "layer"), "layer_task": ("block", "layer", "task")}[
+        split
+    ]
+
+
+def _stage_order(specs: dict[str, StageSpec]) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise PlanError(f"stage specs: dependency cycle {' -> '.join(chain + (name,))}")
+        state[name] = 1
+        for need in specs[name].needs:
+            # Needs on an earlier block point backwards in the block order and cannot close a cycle
+            # (capture-activations[b] needs solve-router[b-1], which needs capture-activations[b-1]).
+            if "previous" not in need.where.values():
+                visit(need.stage, chain + (name,))
+        state[name] = 2
+        order.append(name)
+
+    for name in specs:
+        visit(name, ())
+    return order
+
+
+# -- tasks ---------------------------------------------------------------------------------------
+
+def task_key(split: str, index: dict) -> str:
+    """The task's name within its stage: ``all``, ``block-001``, ``layer-003``, ``layer-003/task-math``."""
+    if split == "none":
+        return "all"
+    if split == "block":
+        return f"block-{index['block']:03d}"
+    if split == "layer":
+        return f"layer-{index['layer']:03d}"
+    return f"layer-{index['layer']:03d}/task-{index['task']}"
+
+
+@dataclass
+class Task:
+    stage: str
+    key: str
+    index: dict[str, Any]  # keyword arguments of the stage function
+    block: Optional[int]  # None for split "none"
+    needs: list[str] = field(default_factory=list)  # upstream task ids
+    digest: str = ""
+    inputs: dict[str, Any] = field(default_factory=dict)  # what the digest was computed from
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}/{self.key}"
+
+    @property
+    def group(self) -> tuple[str, Optional[int]]:
+        return (self.stage, self.block)
+
+    def template_values(self) -> dict[str, Any]:
+        values = dict(self.index)
+        if self.block is not None:
+            values["block"] = self.block
+            if self.block > 0:
+                values["prev_block"] = self.block - 1
+        return values
+
+
+@dataclass
+class Group:
+    """The unit of submission: one array job over the incomplete tasks of (stage, block)."""
+
+    stage: str
+    block: Optional[int]
+    tasks: list[Task]
+
+    @property
+    def name(self) -> str:
+        return self.stage if self.block is None else f"{self.stage}/block-{self.block:03d}"
+
+
+@dataclass
+class Plan:
+    run_dir: Path
+    specs_dir: Path
+    specs: dict[str, StageSpec]
+    layers: list[int]
+    blocks: list[list[int]]
+    task_names: list[str]
+    tasks: dict[str, Task]  # id -> task, in a dependency order
+    config_path: Optional[Path] = None  # the config snapshot jobs load (set by save_run_config)
+
+    # -- completion -------------------------------------------------------------------------------
+    def is_complete(self, task: Task) -> bool:
+        return records.is_complete(self.run_dir, task.stage, task.key, task.digest)
+
+    def incomplete(self) -> list[Task]:
+        return [t for t in self.tasks.values() if not self.is_complete(t)]
+
+    # -- grouping ---------------------------------------------------------------------------------
+    def groups(self, tasks: Optional[Iterable[Task]] = None) -> list[Group]:
+        """Groups of the given tasks (default: all), in a dependency order."""
+        chosen = list(self.tasks.values()) if tasks is None else list(tasks)
+        wanted = {t.id for t in chosen}
+        out: dict[tuple, Group] = {}
+        for t in self.tasks.values():  # plan order, so groups come out in dependency order
+            if t.id in wanted:
+                out.setdefault(t.group, Group(t.stage, t.block, [])).tasks.append(t)
+        return list(out.values())
+
+    def group_needs(self, group: Group, submitted: Iterable[Group]) -> list[Group]:
+        """The submitted groups that hold an upstream task of this group (completed ones need no wait)."""
+        by_task = {t.id: g for g in submitted for t in g.tasks}
+        seen: list[Group] = []
+        for t in group.tasks:
+            for up in t.needs:
+                g = by_task.get(up)
+                if g is not None and g is not group and all(g is not s for s in seen):
+                    seen.append(g)
+        return seen
+
+    def downstream(self, task_ids: Iterable[str]) -> set[str]:
+        """Every task that needs one of these, directly or not."""
+        hit = set(task_ids)
+        for t in self.tasks.values():  # dependency order: one pass suffices
+            if any(u in hit for u in t.needs):
+                hit.add(t.id)
+        return hit - set(task_ids)
+
+    def select(self, stage: str, layer=None, task=None, block=None) -> list[Task]:
+        if stage not in self.specs:
+            raise PlanError(f"unknown stage {stage!r} (stages: {', '.join(self.specs)})")
+        out = []
+        for t in self.tasks.values():
+            if t.stage != stage:
+                continue
+            if layer is not None and t.index.get("layer") != layer:
+                continue
+            if task is not None and t.index.get("task") != task:
+                continue
+            if block is not None and t.block != block:
+                continue
+            out.append(t)
+        if not out:
+            raise PlanError(f"no task of {stage} matches layer={layer} task={task} block={block}")
+        return out
+
+    def to_json(self) -> dict:
+        return {
+            "specs_dir": str(self.specs_dir),
+            "layers": self.layers,
+            "blocks": self.blocks,
+            "task_names": self.task_names,
+            "package_version": harc_hpc.__version__,
+            "tasks": [
+                {"id": t.id, "stage": t.stage, "key": t.key, "index": t.index, "block": t.block,
+                 "needs": t.needs, "digest": t.digest}
+                for t in self.tasks.values()
+            ],
+        }
+
+    def save(self) -> Path:
+        path = Path(self.run_dir) / "plan.json"
+        records.write_json_atomic(path, self.to_json())
+        return path
+
+
+def default_layers(cfg: PipelineConfig) -> list[int]:
+    from harc_hpc.stages.layout import moe_layers
+
+    return list(moe_layers(cfg))
+
+
+def make_blocks(layers: Sequence[int], block_size: int) -> list[list[int]]:
+    return [list(layers[i : i + block_size]) for i in range(0, len(layers), block_size)]
+
+
+def build_plan(
+    cfg: PipelineConfig,
+    run_dir: Optional[os.PathLike] = None,
+    specs_dir: Optional[os.PathLike] = None,
+    layers: Optional[Sequence[int]] = None,
+    specs: Optional[dict[str, StageSpec]] = None,
+) -> Plan:
+    """Expand every stage into tasks and compute their digests.
+
+    ``layers``: the calibrated MoE layers; default ``harc_hpc.stages.layout.moe_layers(cfg)``.
+    """
+    specs_path = Path(specs_dir) if specs_dir is not None else default_specs_dir()
+    specs = specs if specs is not None else load_specs(specs_path)
+    layers = [int(l) for l in (default_layers(cfg) if layers is None else layers)]
+    if not layers:
+        raise PlanError("no layers to calibrate")
+    if len(set(layers)) != len(layers):
+        raise PlanError(f"duplicate layers in {layers}")
+    blocks = make_blocks(layers, cfg.harc.block_size)
+    block_of = {l: b for b, blk in enumerate(blocks) for l in blk}
+    task_names = cfg.task_names
+
+    by_stage: dict[str, list[Task]] = {}
+    for name in _stage_order(specs):
+        spec = specs[name]
+        tasks: list[Task] = []
+        if spec.split == "none":
+            tasks.append(Task(name, "all", {}, None))
+        elif spec.split == "block":
+            tasks += [Task(name, task_key("block", {"block": b}), {"block": b}, b) for b in range(len(blocks))]
+        elif spec.split == "layer":
+            tasks += [Task(name, task_key("layer", {"layer": l}), {"layer": l}, block_of[l]) for l in layers]
+        else:
+            for l in layers:
+                for t in task_names:
+                    idx = {"layer": l, "task": t}
+                    tasks.append(Task(name, task_key("layer_task", idx), idx, block_of[l]))
+        by_stage[name] = tasks
+
+    def matches(need: Need, down: Task, up: Task) -> bool:
+        for key, rel in need.where.items():
+            mine = down.block if key == "block" else down.index.get(key)
+            theirs = up.block if key == "block" else up.index.get(key)
+            if rel == "same" and mine != theirs:
+                return False
+            if rel == "previous" and (mine is None or theirs != mine - 1):
+                return False
+        return True
+
+    for name, tasks in by_stage.items():
+        for t in tasks:
+            for need in specs[name].needs:
+                for u in by_stage[need.stage]:
+                    if u is not t and matches(need, t, u) and u.id not in t.needs:
+                        t.needs.append(u.id)
+
+    # Dependency order over tasks (stages may need their own earlier blocks).
+    all_tasks = {t.id: t for ts in by_stage.values() for t in ts}
+    ordered: dict[str, Task] = {}
+    visiting: set[str] = set()
+
+    def visit(t: Task) -> None:
+        if t.id in ordered:
+            return
+        if t.id in visiting:
+            raise PlanError(f"task dependency cycle at {t.id}")
+        visiting.add(t.id)
+        for u in t.needs:
+            visit(all_tasks[u])
+        visiting.discard(t.id)
+        ordered[t.id] = t
+
+    for t in all_tasks.values():
+        visit(t)
+
+    dump = cfg.model_dump(mode="json")
+    for key in RUNTIME_ONLY_KEYS:
+        _drop(dump, key.split("."))
+    file_cache: dict[str, str] = {}
+    version = harc_hpc.__version__
+    for t in ordered.values():
+        spec = specs[t.stage]
+        values = t.template_values()
+        config_slice = {p: config_slice_of(dump, p, values) for p in spec.config_sections}
+        files = {}
+        for p in spec.file_inputs:
+            for f in _flatten(config_slice_of(dump, p, values)):
+                if f not in file_cache:
+                    file_cache[f] = records.fingerprint_input_file(Path(f))
+                files[f] = file_cache[f]
+        t.inputs = {
+            "stage": t.stage,
+            "function": spec.function,
+            "spec_version": spec.version,
+            "index": t.index,
+            "layers_of_block": blocks[t.block] if t.block is not None else None,
+            "package_version": version,
+            "config": config_slice,
+            "files": files,
+            "upstream": {u: ordered[u].digest for u in sorted(t.needs)},
+        }
+        t.digest = digest_of(t.inputs)
+
+    return Plan(
+        run_dir=Path(run_dir) if run_dir is not None else Path(cfg.run_dir),
+        specs_dir=specs_path.resolve(),
+        specs=specs,
+        layers=layers,
+        blocks=blocks,
+        task_names=task_names,
+        tasks=ordered,
+    )
+
+
+def digest_of(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def config_slice_of(tree: Any, dotted: str, values: Optional[dict] = None) -> Any:
+    """The config value at a dotted path; ``*`` maps over a list, a name picks a list element by name.
+
+    ``{task}`` / ``{layer}`` / ``{block}`` in the path are filled from the task's index.
+    """
+    if values and "{" in dotted:
+        try:
+            dotted = dotted.format(**values)
+        except (KeyError, IndexError):
+            raise PlanError(f"config path {dotted!r} uses an index this stage does not have") from None
+    return _walk(tree, dotted.split("."))
+
+
+def _walk(node: Any, parts: list[str]) -> Any:
+    if not parts:
+        return node
+    head, rest = parts[0], parts[1:]
+    if isinstance(node, list):
+        if head == "*":
+            return [_walk(x, rest) for x in node]
+        hit = next((x for x in node if isinstance(x, dict) and x.get("name") == head), None)
+        return None if hit is None else _walk(hit, rest)
+    if isinstance(node, dict):
+        if head == "*":
+            return {k: _walk(v, rest) for k, v in node.items()}
+        return _walk(node.get(head), rest) if head in node else None
+    return None
+
+
+def _drop(tree: dict, parts: list[str]) -> None:
+    node = tree
+    for p in parts[:-1]:
+        node = node.get(p) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
+
+
+def _flatten(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [f for v in value for f in _flatten(v)]
+    return [str(value)]
+
+
+def format_templates(templates: Iterable[str], values: dict) -> list[str]:
+    """Fill path templates; a template that needs a value this task lacks (prev_block of block 0) is dropped."""
+    out = []
+    for tpl in templates:
+        try:
+            out.append(tpl.format(**values))
+        except (KeyError, IndexError):
+            continue
+    return out

@@ -1,0 +1,198 @@
+"""What a job runs for one task: load the run's config, skip if complete, run the stage, record it.
+
+The same ``run_task`` serves every executor: submitit's SLURM jobs (through ``StageRunner``, a
+``Checkpointable`` so a timed-out or preempted task is requeued and simply runs again), the local
+executor (one ``python -m harc_hpc.launcher.runner`` subprocess per task) and the debug executor
+(in-process). Stages write their artifacts atomically, so a rerun after an interruption starts clean
+and produces the same result; the completion record comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import submitit
+
+from harc_hpc.launcher import records
+
+log = logging.getLogger("harc_hpc.launcher")
+
+
+def task_payload(plan, task) -> dict:
+    """Everything a job needs to know about its task, fixed at submission (digest included)."""
+    from harc_hpc.launcher.planner import format_templates
+
+    spec = plan.specs[task.stage]
+    return {
+        "stage": task.stage,
+        "key": task.key,
+        "id": task.id,
+        "index": task.index,
+        "digest": task.digest,
+        "function": spec.function,
+        "writes": format_templates(spec.writes, task.template_values()),
+        "upstream": {u: plan.tasks[u].digest for u in task.needs},
+        "config_digest": _short(task.inputs.get("config")),
+        "config": str(plan.config_path) if plan.config_path else None,
+    }
+
+
+def _short(obj: Any) -> str:
+    from harc_hpc.launcher.planner import digest_of
+
+    return digest_of(obj)
+
+
+_CONFIG_CACHE: dict[str, Any] = {}
+
+
+def load_run_config(run_dir: Path, path: Optional[str] = None):
+    """The config snapshot of the submission (``path``), else ``run_dir/config.yaml``."""
+    from harc_hpc.config import load_config
+
+    path = Path(path) if path else Path(run_dir) / "config.yaml"
+    key = f"{path}:{path.stat().st_mtime_ns}"
+    if key not in _CONFIG_CACHE:
+        _CONFIG_CACHE[key] = load_config(path)
+    return _CONFIG_CACHE[key]
+
+
+def _job_info() -> dict:
+    env = os.environ
+    info = {"host": platform.node(), "pid": os.getpid()}
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+                 "SUBMITIT_EXECUTOR"):
+        if name in env:
+            info[name.lower()] = env[name]
+    return info
+
+
+def _peak_rss_mb() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024.0, 1)  # Linux reports KiB
+
+
+@contextmanager
+def _task_log(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        handler.close()
+
+
+def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
+    """Run one task unless its completion record matches; returns the stage's stats dict."""
+    run_dir = Path(run_dir)
+    stage, key, digest = payload["stage"], payload["key"], payload["digest"]
+    if not force and records.is_complete(run_dir, stage, key, digest):
+        rec = records.read_completion(run_dir, stage, key) or {}
+        log.info("%s: already complete, skipping", payload["id"])
+        return rec.get("result", {})
+    # An old record (other inputs, or forced) must not outlive a rerun that fails half-way.
+    records.remove_completion(run_dir, stage, key)
+    cfg = cfg if cfg is not None else load_run_config(run_dir, payload.get("config"))
+    log_file = records.log_path(run_dir, stage, key)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    job = _job_info()
+    with _task_log(log_file):
+        log.info("%s: start (digest %s, %s)", payload["id"], digest[:12], json.dumps(job, sort_keys=True))
+        try:
+            from harc_hpc.launcher.planner import StageSpec
+
+            fn = StageSpec.model_construct(function=payload["function"]).load_function()
+            result = fn(cfg, run_dir, **payload["index"])
+            if result is None:
+                result = {}
+            if not isinstance(result, dict):
+                raise TypeError(f"{payload['function']} returned {type(result).__name__}, not a dict")
+            missing = [w for w in payload["writes"] if not (run_dir / w).exists()]
+            if missing:
+                raise RuntimeError(f"{payload['id']}: the stage finished but did not write {missing}")
+        except BaseException as exc:
+            wall = time.perf_counter() - t0
+            log.error("%s: failed after %.1fs: %s\n%s", payload["id"], wall, exc, traceback.format_exc())
+            records.write_json_atomic(records.stats_path(run_dir, stage, key), {
+                "id": payload["id"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "started": started.isoformat(), "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(),
+                "job": job, "log": str(log_file),
+            })
+            raise
+        wall = time.perf_counter() - t0
+        artifacts = {w: records.fingerprint_artifact(run_dir / w) for w in payload["writes"]}
+        stats = {
+            "id": payload["id"], "status": "done", "result": result,
+            "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
+            "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(), "job": job, "log": str(log_file),
+        }
+        records.write_json_atomic(records.stats_path(run_dir, stage, key), stats)
+        import harc_hpc
+
+        records.write_json_atomic(records.completion_path(run_dir, stage, key), {
+            **stats,
+            "stage": stage, "key": key, "index": payload["index"], "digest": digest,
+            "function": payload["function"], "package_version": harc_hpc.__version__,
+            "inputs": {"config_digest": payload.get("config_digest"), "upstream": payload.get("upstream", {})},
+            "artifacts": artifacts,
+        })
+        log.info("%s: done in %.1fs (peak RSS %.0f MB)", payload["id"], wall, stats["peak_rss_mb"])
+    return result
+
+
+class StageRunner(submitit.helpers.Checkpointable):
+    """The callable an array job runs: ``runner(key)`` runs the task ``key`` of one (stage, block) group.
+
+    Being Checkpointable, submitit requeues it on timeout or preemption with the same argument;
+    the requeued task either finds its completion record or runs the stage again from scratch.
+    """
+
+    def __init__(self, run_dir: str, payloads: dict[str, dict], force: bool = False):
+        self.run_dir = str(run_dir)
+        self.payloads = payloads
+        self.force = force
+
+    def __call__(self, key: str) -> dict:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run_task(self.run_dir, self.payloads[key], force=self.force)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Run one harc-hpc task (used by the local executor)")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--payload", required=True, help="task payload as JSON, or @file")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    text = Path(args.payload[1:]).read_text() if args.payload.startswith("@") else args.payload
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_task(args.run_dir, json.loads(text), force=args.force)
+    except Exception:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
