@@ -23,7 +23,7 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     replacements = {}
     reports = []
     for l in layers:
-        key = fam.router_key(l)
+        key = fam.find_router_key(l, merged.keys())
         replacements[key] = load_router(run_dir, l).to(merged.tensor_dtype(key))
         rep = layout.router_report(run_dir, l)
         reports.append(json.loads(rep.read_text()) if rep.is_file() else {"layer": l})

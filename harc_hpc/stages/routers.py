@@ -13,10 +13,10 @@ from harc_hpc.config import PipelineConfig
 from harc_hpc.stages import layout
 
 
-def _checkpoint(path):
+def _checkpoint(path, allow_pickle: bool = False):
     from harc_hpc.checkpoint import Checkpoint
 
-    return Checkpoint(path)
+    return Checkpoint(path, allow_pickle=allow_pickle)
 
 
 def source_router(cfg: PipelineConfig, task: str, layer: int) -> torch.Tensor:
@@ -24,12 +24,17 @@ def source_router(cfg: PipelineConfig, task: str, layer: int) -> torch.Tensor:
     from harc_hpc.checkpoint import resolve_model_path
 
     path = resolve_model_path(layout.source_path(cfg, task), revision=cfg.models.revision)
-    return _checkpoint(path).get_tensor(fam.router_key(layer))
+    return router_of(_checkpoint(path, cfg.models.allow_pickle), fam, layer)
 
 
 def merged_router(cfg: PipelineConfig, run_dir: Path, layer: int) -> torch.Tensor:
     fam = layout.family(cfg)
-    return _checkpoint(layout.merged_dir(run_dir)).get_tensor(fam.router_key(layer))
+    return router_of(_checkpoint(layout.merged_dir(run_dir)), fam, layer)
+
+
+def router_of(ckpt, fam, layer: int) -> torch.Tensor:
+    """The router tensor of ``layer`` whatever the checkpoint's on-disk layout."""
+    return ckpt.get_tensor(fam.find_router_key(layer, ckpt.keys()))
 
 
 def save_router(run_dir: Path, layer: int, weight: torch.Tensor, report: dict) -> None:
