@@ -299,3 +299,21 @@ def test_prepare_hook_runs_before_planning(tmp_path, monkeypatch):
     plan, _ = submit_run(cfg_of(tmp_path), executor="debug", specs_dir=TOY_STAGES_DIR, layers=[0], echo=lambda m: None)
     saved = load_config(plan.run_dir / "config.yaml")
     assert saved.models.sources[0].path == "demo/prepared-a"
+
+
+def test_disabled_report_is_left_out_and_layer_selects_its_block(tmp_path):
+    plan = plan_of(cfg_of(tmp_path, block_size=2, overrides={"report.enabled": False}))
+    assert "report/all" not in plan.tasks and "assemble-model/all" in plan.tasks
+    assert [t.id for t in plan.select("capture-activations", layer=3)] == ["capture-activations/block-001"]
+    assert [t.id for t in plan.select("compute-statistics", layer=1, task="b")] == [
+        "compute-statistics/layer-001/task-b"]
+    with pytest.raises(planner_mod.PlanError, match="no task"):
+        plan.select("solve-router", layer=9)
+
+
+def test_unreadable_model_config_is_a_plan_error(tmp_path):
+    cfg = cfg_of(tmp_path)
+    for src in cfg.models.sources:
+        src.path = str(tmp_path)  # a directory without config.json
+    with pytest.raises(planner_mod.PlanError, match="cannot determine the MoE layers.*no config.json"):
+        build_plan(cfg)

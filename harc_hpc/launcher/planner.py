@@ -77,6 +77,8 @@ class StageSpec(_Strict):
     reads: list[str] = Field(default_factory=list)
     writes: list[str] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
+    # A config key (dotted); when it is false the stage is left out of the plan (e.g. report.enabled).
+    enabled_if: Optional[str] = None
 
     @field_validator("function")
     @classmethod
@@ -278,8 +280,11 @@ class Plan:
         for t in self.tasks.values():
             if t.stage != stage:
                 continue
-            if layer is not None and t.index.get("layer") != layer:
-                continue
+            if layer is not None:
+                # A block stage's task is selected by any layer of its block.
+                in_block = "layer" not in t.index and t.block is not None and layer in self.blocks[t.block]
+                if t.index.get("layer") != layer and not in_block:
+                    continue
             if task is not None and t.index.get("task") != task:
                 continue
             if block is not None and t.block != block:
@@ -332,7 +337,14 @@ def build_plan(
     """
     specs_path = Path(specs_dir) if specs_dir is not None else default_specs_dir()
     specs = specs if specs is not None else load_specs(specs_path)
-    layers = [int(l) for l in (default_layers(cfg) if layers is None else layers)]
+    dump = cfg.model_dump(mode="json")
+    specs = _enabled_specs(specs, dump)
+    if layers is None:
+        try:
+            layers = default_layers(cfg)
+        except Exception as exc:  # the model config is unreadable from here: say so, plainly
+            raise PlanError(f"cannot determine the MoE layers to calibrate: {type(exc).__name__}: {exc}") from exc
+    layers = [int(l) for l in layers]
     if not layers:
         raise PlanError("no layers to calibrate")
     if len(set(layers)) != len(layers):
@@ -394,7 +406,6 @@ def build_plan(
     for t in all_tasks.values():
         visit(t)
 
-    dump = cfg.model_dump(mode="json")
     for key in RUNTIME_ONLY_KEYS:
         _drop(dump, key.split("."))
     file_cache: dict[str, str] = {}
@@ -431,6 +442,15 @@ def build_plan(
         task_names=task_names,
         tasks=ordered,
     )
+
+
+def _enabled_specs(specs: dict[str, StageSpec], dump: dict) -> dict[str, StageSpec]:
+    kept = {n: s for n, s in specs.items() if s.enabled_if is None or config_slice_of(dump, s.enabled_if)}
+    for name, spec in kept.items():
+        for need in spec.needs:
+            if need.stage not in kept:
+                raise PlanError(f"stage {name} needs {need.stage}, which is disabled ({specs[need.stage].enabled_if})")
+    return kept
 
 
 def digest_of(payload: Any) -> str:

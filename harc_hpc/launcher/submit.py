@@ -59,7 +59,8 @@ def resolve_resources(cfg: PipelineConfig, spec: StageSpec, explicit: Optional[I
     return out
 
 
-def submitit_parameters(resources: dict, name: str, n_tasks: int, dependency: Optional[str]) -> dict:
+def submitit_parameters(resources: dict, name: str, n_tasks: int, dependency: Optional[str],
+                        signal_delay_s: Optional[int] = None) -> dict:
     """The keyword arguments for ``AutoExecutor.update_parameters``."""
     params: dict[str, Any] = {
         "name": name,
@@ -79,6 +80,9 @@ def submitit_parameters(resources: dict, name: str, n_tasks: int, dependency: Op
         params["slurm_additional_parameters"] = dict(resources["extra_sbatch"])
     if dependency:
         params["slurm_dependency"] = dependency
+    if signal_delay_s is not None:
+        # USR2 comes this long before the limit; submitit then requeues the Checkpointable runner.
+        params["slurm_signal_delay_s"] = min(int(signal_delay_s), max(int(resources["time_min"]) * 60 // 2, 1))
     return params
 
 
@@ -219,7 +223,8 @@ def _submit_slurm(plan, cfg, todo, force, explicit, echo, outcome) -> Outcome:
         needs = [s for s in submitted if any(s.group is n for n in needs_groups)]
         dependency = _dependency(needs)
         res = resolve_resources(cfg, plan.specs[g.stage], explicit)
-        params = submitit_parameters(res, f"harc-{g.name}", len(g.tasks), dependency)
+        params = submitit_parameters(res, f"harc-{g.name}", len(g.tasks), dependency,
+                                     cfg.executor.signal_delay_s)
         folder = run_dir / "slurm" / g.stage
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cfg.executor.max_requeues)
         ex.update_parameters(**params)
