@@ -1,0 +1,443 @@
+"""report: how far the merged and the calibrated model route from the sources, and what it costs.
+
+Two views of routing, per MoE layer and task i, against source i's router W_i:
+
+* router-level: x = the evaluated model's own router inputs on task-i text; compare softmax(W_i x)
+  with softmax(W x). This is exactly what HARC minimises (paper, Fig. 4a).
+* end-to-end: source i's routing on its own hidden states vs the evaluated model's routing on its
+  own hidden states, same tokens: how many expert selections deviate in practice.
+
+Plus held-out cross-entropy (nats/token, computed here: ``out.loss`` would include the aux loss)
+of every source, the merged, the calibrated model, the base when given, and the router-swap oracle
+(the merged model with source i's routers on task i: what a router that reproduced W_i exactly
+would reach). Solve statistics, stage timings and a manifest (versions, git revision, digests)
+complete ``report/metrics.json``; ``report.md`` and PNG plots present them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import math
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from harc_hpc.config import PipelineConfig
+
+METRICS_VERSION = 1
+_PACKAGES = ("harc-hpc", "torch", "transformers", "tokenizers", "safetensors", "numpy", "zarr", "h5py",
+             "pydantic", "submitit", "click", "matplotlib", "lm_eval")
+
+
+class ReportError(RuntimeError):
+    """The report cannot be made as configured (the message says why and what to do)."""
+
+
+# -- routing metrics on router logits ---------------------------------------------------------------
+
+def routing_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int,
+                       chunk: int = 65536) -> tuple[float, float]:
+    """Mean KL(softmax(ref) || softmax(logits)) and mean top-k mismatch 1 - |S_ref ∩ S|/k over rows."""
+    n = ref_logits.shape[0]
+    if n == 0:
+        return float("nan"), float("nan")
+    kl_sum, miss_sum = 0.0, 0.0
+    for start in range(0, n, chunk):
+        a = ref_logits[start : start + chunk].double()
+        b = logits[start : start + chunk].double()
+        la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        kl_sum += float((la.exp() * (la - lb)).sum())
+        sa, sb = a.topk(top_k, -1).indices, b.topk(top_k, -1).indices
+        common = (sa.unsqueeze(-1) == sb.unsqueeze(-2)).any(-1).sum(-1)
+        miss_sum += float((1.0 - common.double() / top_k).sum())
+    return kl_sum / n, miss_sum / n
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+@dataclass
+class TaskEval:
+    """One model on one task's held-out text."""
+
+    nll: float = 0.0
+    tokens: int = 0
+    own_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # router logits under the model's W
+    ref_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # same inputs x under W_ref
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens if self.tokens else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model, fam, layers: list[int], seqs: list[list[int]], batch_size: int,
+             ref_routers: Optional[dict[int, torch.Tensor]] = None, keep_routing: bool = True) -> TaskEval:
+    """Held-out loss and (optionally) per-layer router logits of real tokens, in sequence order."""
+    from harc_hpc.modeling import pad_batch
+
+    device = next(model.parameters()).device
+    result = TaskEval()
+    parts: dict[int, list] = {l: [] for l in layers}
+    ref_parts: dict[int, list] = {l: [] for l in layers}
+    keep: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def hook_for(layer: int, weight: torch.Tensor):
+        ref = None if ref_routers is None else ref_routers[layer].to(device=device, dtype=torch.float32)
+
+        def hook(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep["mask"]].float()
+            parts[layer].append(torch.nn.functional.linear(x, weight.float()).cpu())
+            if ref is not None:
+                ref_parts[layer].append(torch.nn.functional.linear(x, ref).cpu())
+
+        return hook
+
+    if keep_routing:
+        for l in layers:
+            module = fam.router_module(model, l)
+            handles.append(module.register_forward_hook(hook_for(l, module.weight)))
+    try:
+        for start in range(0, len(seqs), batch_size):
+            batch = [torch.tensor(s, dtype=torch.long) for s in seqs[start : start + batch_size]]
+            ids, lengths = pad_batch(batch, pad_value=0)
+            mask = torch.zeros(ids.shape, dtype=torch.bool)
+            for i, n in enumerate(lengths):
+                mask[i, :n] = True
+            keep["mask"] = mask.reshape(-1).to(device)
+            ids = ids.to(device)
+            logits = model(input_ids=ids).logits.float()
+            # Next-token loss over real tokens only (right padding: pads come after every real token).
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            target_ok = mask[:, 1:].to(device)
+            nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            result.nll += float(nll[target_ok].double().sum())
+            result.tokens += int(target_ok.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    for l in layers:
+        if parts[l]:
+            result.own_logits[l] = torch.cat(parts[l])
+        if ref_parts[l]:
+            result.ref_logits[l] = torch.cat(ref_parts[l])
+    return result
+
+
+def _router_weights(model, fam, layers) -> dict[int, torch.Tensor]:
+    return {l: fam.router_module(model, l).weight.detach().float().cpu().clone() for l in layers}
+
+
+def _set_routers(model, fam, weights: dict[int, torch.Tensor]) -> None:
+    for l, w in weights.items():
+        module = fam.router_module(model, l)
+        with torch.no_grad():
+            module.weight.copy_(w.to(device=module.weight.device, dtype=module.weight.dtype))
+
+
+# -- the metrics ------------------------------------------------------------------------------------
+
+def _heldout_tasks(cfg: PipelineConfig) -> list[str]:
+    return [s.name for s in cfg.models.sources if s.heldout is not None and s.heldout.files]
+
+
+def _tokenized_heldout(cfg: PipelineConfig, tokenizer) -> dict[str, list[list[int]]]:
+    from harc_hpc.calibration_data import tokenize_task
+
+    return {s.name: tokenize_task(s.heldout, cfg.calibration, tokenizer)
+            for s in cfg.models.sources if s.heldout is not None and s.heldout.files}
+
+
+def model_metrics(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
+    """Held-out losses and routing divergences of sources, base, merged, calibrated and oracle."""
+    from transformers import AutoTokenizer
+
+    from harc_hpc.checkpoint import resolve_model_path
+    from harc_hpc.families import family_for_config
+    from harc_hpc.modeling import load_causal_lm, pick_device
+    from harc_hpc.stages import layout
+
+    run_dir = Path(run_dir)
+    merged_dir, model_dir = layout.merged_dir(run_dir), layout.model_dir(run_dir)
+    for d, stage in ((merged_dir, "merge-experts"), (model_dir, "assemble-model")):
+        if not (d / "config.json").is_file():
+            raise ReportError(f"{d}: no checkpoint here (run {stage} first)")
+    conf = json.loads((merged_dir / "config.json").read_text())
+    fam = family_for_config(conf)
+    layers = list(fam.moe_layers(conf))
+    top_k = fam.top_k(conf)
+    device = pick_device(cfg.harc.device)
+    batch_size = cfg.calibration.batch_size
+    trust = cfg.models.trust_remote_code
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=trust)
+    heldout = _tokenized_heldout(cfg, tokenizer)
+    tasks = list(heldout)
+    out: dict = {"tasks": tasks, "layers": layers, "top_k": top_k, "family": fam.name,
+                 "heldout_tokens": {t: sum(max(0, len(s) - 1) for s in heldout[t]) for t in tasks},
+                 "loss": {t: {} for t in tasks}}
+    if not tasks:
+        out["note"] = "no task has held-out data (models.sources[*].heldout): no losses or routing metrics"
+        return out
+
+    def load(path):
+        return load_causal_lm(path, device, trust_remote_code=trust)
+
+    # Sources: losses on every task (forgetting shows), routing of source i on task i (e2e reference).
+    source_routers: dict[str, dict[int, torch.Tensor]] = {}
+    source_routing: dict[str, dict[int, torch.Tensor]] = {}
+    for src in cfg.models.sources:
+        t0 = time.perf_counter()
+        model = load(resolve_model_path(src.path, revision=cfg.models.revision))
+        source_routers[src.name] = _router_weights(model, fam, layers)
+        for t in tasks:
+            ev = evaluate(model, fam, layers, heldout[t], batch_size, keep_routing=(t == src.name))
+            out["loss"][t][f"source:{src.name}"] = ev.loss
+            if t == src.name:
+                source_routing[t] = ev.own_logits
+        del model
+        log(f"report: source {src.name} evaluated ({time.perf_counter() - t0:.1f}s)")
+
+    if cfg.models.base:
+        model = load(resolve_model_path(cfg.models.base, revision=cfg.models.revision))
+        for t in tasks:
+            out["loss"][t]["base"] = evaluate(model, fam, layers, heldout[t], batch_size, keep_routing=False).loss
+        del model
+
+    router_level: dict = {}
+    end_to_end: dict = {}
+    for name, path in (("merged", merged_dir), ("calibrated", model_dir)):
+        t0 = time.perf_counter()
+        model = load(path)
+        router_level[name], end_to_end[name] = {}, {}
+        for t in tasks:
+            if t not in source_routers:
+                continue
+            ev = evaluate(model, fam, layers, heldout[t], batch_size, ref_routers=source_routers[t])
+            out["loss"][t][name] = ev.loss
+            rl = [routing_divergence(ev.ref_logits[l], ev.own_logits[l], top_k) for l in layers]
+            router_level[name][t] = {"kl": [r[0] for r in rl], "topk_mismatch": [r[1] for r in rl]}
+            if cfg.report.top_k_end_to_end:
+                ee = [routing_divergence(source_routing[t][l], ev.own_logits[l], top_k) for l in layers]
+                end_to_end[name][t] = {"kl": [r[0] for r in ee], "topk_mismatch": [r[1] for r in ee]}
+        if name == "merged":
+            own = _router_weights(model, fam, layers)
+            for t in tasks:
+                _set_routers(model, fam, source_routers[t])
+                out["loss"][t]["oracle"] = evaluate(model, fam, layers, heldout[t], batch_size,
+                                                    keep_routing=False).loss
+            _set_routers(model, fam, own)
+        del model
+        log(f"report: {name} model evaluated ({time.perf_counter() - t0:.1f}s)")
+    out["routing"] = {"router_level": router_level}
+    if cfg.report.top_k_end_to_end:
+        out["routing"]["end_to_end"] = end_to_end
+    out["summary"] = summarize(out)
+    return out
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def layer_means(per_task: dict, metric: str) -> list[float]:
+    """Per-layer average over tasks of one routing metric."""
+    rows = [v[metric] for v in per_task.values()]
+    return [_mean(col) for col in zip(*rows)] if rows else []
+
+
+def summarize(m: dict) -> dict:
+    s: dict = {}
+    for view, models in m.get("routing", {}).items():
+        s[view] = {}
+        for name, per_task in models.items():
+            kl, miss = layer_means(per_task, "kl"), layer_means(per_task, "topk_mismatch")
+            s[view][name] = {"kl_mean": _mean(kl), "topk_mismatch_mean": _mean(miss),
+                             "topk_mismatch_worst_layer": max(miss) if miss else float("nan"),
+                             "kl_per_layer": kl, "topk_mismatch_per_layer": miss}
+        if "merged" in s[view] and "calibrated" in s[view]:
+            before, after = s[view]["merged"]["kl_mean"], s[view]["calibrated"]["kl_mean"]
+            s[view]["kl_reduction"] = 1.0 - after / before if before > 0 else float("nan")
+    names = sorted({k for per in m.get("loss", {}).values() for k in per})
+    s["loss_mean"] = {n: _mean([m["loss"][t].get(n) for t in m["loss"]]) for n in names}
+    return s
+
+
+# -- run-directory records --------------------------------------------------------------------------
+
+def solve_statistics(run_dir: Path) -> dict:
+    out = {}
+    for path in sorted((Path(run_dir) / "routers").glob("layer-*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        layer = rec.get("layer", path.stem.split("-")[-1])
+        out[str(int(layer))] = {k: rec.get(k) for k in ("iterations", "relative_residual", "converged", "seconds",
+                                                        "kl_before", "kl_after", "alpha", "objective", "solver")}
+    return out
+
+
+def stage_statistics(run_dir: Path) -> dict:
+    """Per stage: tasks done, summed and longest wall time, largest peak RSS (launcher records)."""
+    stages: dict = {}
+    for path in sorted((Path(run_dir) / "completions").glob("**/*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not isinstance(rec, dict):
+            continue
+        stage = rec.get("stage") or path.parent.name
+        s = stages.setdefault(stage, {"tasks": 0, "wall_s_total": 0.0, "wall_s_max": None, "peak_rss_mb_max": None})
+        s["tasks"] += 1
+        wall = rec.get("wall_s")
+        if isinstance(wall, (int, float)):
+            s["wall_s_total"] = round(s["wall_s_total"] + wall, 3)
+            s["wall_s_max"] = wall if s["wall_s_max"] is None else max(s["wall_s_max"], wall)
+        rss = rec.get("peak_rss_mb")
+        if isinstance(rss, (int, float)):
+            s["peak_rss_mb_max"] = rss if s["peak_rss_mb_max"] is None else max(s["peak_rss_mb_max"], rss)
+    return stages
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_digests(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    out = {}
+    for pattern in ("routers/*.safetensors", "model/*.safetensors", "merged/*.safetensors"):
+        for path in sorted(run_dir.glob(pattern)):
+            out[path.relative_to(run_dir).as_posix()] = sha256_file(path)
+    return out
+
+
+def _git_revision() -> Optional[str]:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def results_config_digest(cfg: PipelineConfig) -> str:
+    """Digest of what decides the numbers: not the run's name, place, executor or report options."""
+    dump = cfg.model_dump(mode="json")
+    dump["run"] = {"seed": dump["run"]["seed"]}
+    for section in ("executor", "report"):
+        dump.pop(section, None)
+    dump.get("demo", {}).pop("cache_dir", None)
+    dump.get("harc", {}).pop("device", None)
+    blob = json.dumps(dump, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def manifest(cfg: PipelineConfig, run_dir: Path) -> dict:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    full = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), default=str)
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_revision": _git_revision(),
+        "config_digest": hashlib.sha256(full.encode()).hexdigest(),
+        "results_config_digest": results_config_digest(cfg),
+        "artifacts": artifact_digests(run_dir),
+    }
+
+
+# -- lm-evaluation-harness --------------------------------------------------------------------------
+
+def check_lm_eval(cfg: PipelineConfig) -> None:
+    if cfg.report.lm_eval_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ReportError(
+            f"report.lm_eval_tasks is set ({', '.join(cfg.report.lm_eval_tasks)}) but lm-evaluation-harness "
+            "is not installed: `pip install lm-eval`, or remove report.lm_eval_tasks from the config")
+
+
+def run_lm_eval(cfg: PipelineConfig, model_dir: Path) -> dict:
+    check_lm_eval(cfg)
+    import lm_eval
+    from harc_hpc.modeling import pick_device
+
+    device = pick_device(cfg.harc.device)
+    results = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model_dir},trust_remote_code={cfg.models.trust_remote_code}",
+        tasks=list(cfg.report.lm_eval_tasks),
+        batch_size=cfg.calibration.batch_size,
+        device=str(device),
+    )
+    # Keep the scores only; the full result holds samples and non-JSON objects.
+    return json.loads(json.dumps((results or {}).get("results", {}), default=str))
+
+
+# -- the stage --------------------------------------------------------------------------------------
+
+def run(cfg: PipelineConfig, run_dir: Path) -> dict:
+    from harc_hpc.checkpoint import atomic_dir
+    from harc_hpc.demo.placeholders import has_placeholders, prepare_config
+    from harc_hpc.stages import layout
+    from harc_hpc.stages.report_render import write_plots, write_markdown
+
+    run_dir = Path(run_dir)
+    check_lm_eval(cfg)
+    if has_placeholders(cfg):
+        cfg = prepare_config(cfg)
+    t0 = time.perf_counter()
+    metrics = {"version": METRICS_VERSION, "run": cfg.run.name}
+    metrics.update(model_metrics(cfg, run_dir))
+    metrics["solve"] = solve_statistics(run_dir)
+    metrics["stages"] = stage_statistics(run_dir)
+    if cfg.report.lm_eval_tasks:
+        metrics["lm_eval"] = run_lm_eval(cfg, layout.model_dir(run_dir))
+    metrics["manifest"] = manifest(cfg, run_dir)
+    metrics["report_seconds"] = round(time.perf_counter() - t0, 2)
+    with atomic_dir(run_dir / "report") as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=_json_default) + "\n")
+        plots = write_plots(metrics, tmp)
+        write_markdown(metrics, tmp / "report.md", plots)
+    s = metrics.get("summary", {})
+    rl = s.get("router_level", {})
+    return {
+        "tasks": metrics.get("tasks", []),
+        "kl_merged": rl.get("merged", {}).get("kl_mean"),
+        "kl_calibrated": rl.get("calibrated", {}).get("kl_mean"),
+        "kl_reduction": rl.get("kl_reduction"),
+        "loss_mean": s.get("loss_mean", {}),
+        "seconds": metrics["report_seconds"],
+    }
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)

@@ -1,0 +1,219 @@
+"""report.md and PNG plots from a report's metrics dict (no model access here)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+_VIEW_TITLES = {"router_level": "router-level (same inputs x)", "end_to_end": "end-to-end (own hidden states)"}
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, float)):
+        return format(x, spec)
+    return str(x)
+
+
+def _pct(x) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
+
+
+def _loss_columns(metrics: dict) -> list[str]:
+    names = sorted({k for per in metrics.get("loss", {}).values() for k in per})
+    order = [n for n in names if n.startswith("source:")]
+    order += [n for n in ("base", "merged", "calibrated", "oracle") if n in names]
+    return order + [n for n in names if n not in order]
+
+
+# -- plots ------------------------------------------------------------------------------------------
+
+def write_plots(metrics: dict, out_dir: Path) -> list[str]:
+    """PNG files written into ``out_dir`` (names relative to it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from harc_hpc.stages.report import layer_means
+
+    written = []
+    layers = metrics.get("layers", [])
+    routing = metrics.get("routing", {})
+    if routing and layers:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        styles = {"router_level": "-", "end_to_end": "--"}
+        colors = {"merged": "tab:red", "calibrated": "tab:blue"}
+        for view, models in routing.items():
+            for name, per_task in models.items():
+                if not per_task:
+                    continue
+                label = f"{name}, {view.replace('_', '-')}"
+                axes[0].plot(layers, layer_means(per_task, "kl"), styles.get(view, ":"), marker="o",
+                             color=colors.get(name), label=label)
+                axes[1].plot(layers, [100 * v for v in layer_means(per_task, "topk_mismatch")],
+                             styles.get(view, ":"), marker="o", color=colors.get(name), label=label)
+        axes[0].set_ylabel("KL(r_i || r), nats")
+        axes[1].set_ylabel(f"top-{metrics.get('top_k', 'k')} selections deviating, %")
+        for ax in axes:
+            ax.set_xlabel("MoE layer")
+            ax.set_xticks(layers)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle("Routing vs the source routers (mean over tasks)")
+        fig.tight_layout()
+        fig.savefig(out_dir / "routing.png", dpi=110)
+        plt.close(fig)
+        written.append("routing.png")
+
+    losses = metrics.get("loss", {})
+    columns = _loss_columns(metrics)
+    if losses and columns:
+        tasks = list(losses)
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(columns) * len(tasks)), 3.8))
+        width = 0.8 / len(columns)
+        for j, name in enumerate(columns):
+            xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(tasks))]
+            ys = [losses[t].get(name, float("nan")) for t in tasks]
+            ax.bar(xs, ys, width, label=name)
+        ax.set_xticks(range(len(tasks)))
+        ax.set_xticklabels(tasks)
+        ax.set_ylabel("held-out loss, nats/token")
+        finite = [v for t in tasks for v in losses[t].values() if isinstance(v, float) and math.isfinite(v)]
+        # Sources that forgot a task would dwarf the differences that matter: clip the axis.
+        core = [losses[t][n] for t in tasks for n in ("merged", "calibrated", "oracle") if n in losses[t]]
+        if core and finite:
+            ax.set_ylim(0, min(max(finite), 2.5 * max(core)) * 1.05)
+        ax.legend(fontsize=8, ncol=2)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title("Held-out loss per task")
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss.png", dpi=110)
+        plt.close(fig)
+        written.append("loss.png")
+
+    solve = metrics.get("solve", {})
+    if solve:
+        ls = sorted(solve, key=int)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.bar([int(l) for l in ls], [solve[l].get("iterations") or 0 for l in ls], color="tab:gray")
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("solver iterations")
+        ax2 = ax.twinx()
+        res = [solve[l].get("relative_residual") for l in ls]
+        if all(isinstance(r, (int, float)) and r > 0 for r in res):
+            ax2.semilogy([int(l) for l in ls], res, "o-", color="tab:purple")
+            ax2.set_ylabel("relative residual")
+        ax.set_title("Router solves")
+        fig.tight_layout()
+        fig.savefig(out_dir / "solve.png", dpi=110)
+        plt.close(fig)
+        written.append("solve.png")
+    return written
+
+
+# -- markdown ---------------------------------------------------------------------------------------
+
+def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
+    from harc_hpc.stages.report import layer_means
+
+    lines = [f"# HARC report: {metrics.get('run', '')}", ""]
+    s = metrics.get("summary", {})
+    tasks = metrics.get("tasks", [])
+    layers = metrics.get("layers", [])
+    if metrics.get("note"):
+        lines += [f"> {metrics['note']}", ""]
+    if s:
+        lines += ["## Summary", "", "| | merged | calibrated | change |", "|---|---|---|---|"]
+        for view in ("router_level", "end_to_end"):
+            v = s.get(view, {})
+            if "merged" not in v or "calibrated" not in v:
+                continue
+            m, c = v["merged"], v["calibrated"]
+            lines.append(f"| mean KL, {_VIEW_TITLES[view]} | {_fmt(m['kl_mean'])} | {_fmt(c['kl_mean'])} | "
+                         f"{_pct(-v.get('kl_reduction', float('nan')))} |")
+            lines.append(f"| mean top-k mismatch, {view.replace('_', '-')} | {_pct(m['topk_mismatch_mean'])} | "
+                         f"{_pct(c['topk_mismatch_mean'])} | |")
+            lines.append(f"| worst-layer top-k mismatch, {view.replace('_', '-')} | "
+                         f"{_pct(m['topk_mismatch_worst_layer'])} | {_pct(c['topk_mismatch_worst_layer'])} | |")
+        lm = s.get("loss_mean", {})
+        if "merged" in lm and "calibrated" in lm:
+            lines.append(f"| mean held-out loss (nats/token) | {_fmt(lm['merged'])} | {_fmt(lm['calibrated'])} | "
+                         f"{lm['calibrated'] - lm['merged']:+.4f} |")
+        lines.append("")
+
+    for view, models in metrics.get("routing", {}).items():
+        lines += [f"## Routing, {_VIEW_TITLES.get(view, view)}", "",
+                  "KL(r_i || r) / share of top-k selections that deviate from source i's, per layer.", ""]
+        header = "| model | task | " + " | ".join(f"L{l}" for l in layers) + " |"
+        lines += [header, "|" + "---|" * (2 + len(layers))]
+        for name, per_task in models.items():
+            rows = list(per_task.items())
+            if per_task:
+                rows.append(("mean", {"kl": layer_means(per_task, "kl"),
+                                      "topk_mismatch": layer_means(per_task, "topk_mismatch")}))
+            for task, vals in rows:
+                cells = [f"{_fmt(k, '.3f')} / {_pct(x)}" for k, x in zip(vals["kl"], vals["topk_mismatch"])]
+                lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    losses = metrics.get("loss", {})
+    columns = _loss_columns(metrics)
+    if losses and columns:
+        lines += ["## Held-out loss (nats/token)", "",
+                  "oracle: the merged model with source i's routers on task i.", "",
+                  "| task | tokens | " + " | ".join(columns) + " |", "|" + "---|" * (2 + len(columns))]
+        for t in tasks:
+            lines.append(f"| {t} | {metrics.get('heldout_tokens', {}).get(t, '')} | "
+                         + " | ".join(_fmt(losses[t].get(c)) for c in columns) + " |")
+        lm = s.get("loss_mean", {})
+        lines.append("| mean | | " + " | ".join(_fmt(lm.get(c)) for c in columns) + " |")
+        lines.append("")
+
+    solve = metrics.get("solve", {})
+    if solve:
+        lines += ["## Router solves", "", "| layer | iterations | relative residual | converged | seconds |",
+                  "|---|---|---|---|---|"]
+        for l in sorted(solve, key=int):
+            r = solve[l]
+            lines.append(f"| {l} | {_fmt(r.get('iterations'), 'd') if isinstance(r.get('iterations'), int) else _fmt(r.get('iterations'))} | "
+                         f"{_fmt(r.get('relative_residual'), '.2e')} | {_fmt(r.get('converged'))} | "
+                         f"{_fmt(r.get('seconds'), '.2f')} |")
+        lines.append("")
+
+    stages = metrics.get("stages", {})
+    if stages:
+        lines += ["## Stages", "", "| stage | tasks | wall s (sum) | wall s (max) | peak RSS MB (max) |",
+                  "|---|---|---|---|---|"]
+        for name, st in stages.items():
+            lines.append(f"| {name} | {st['tasks']} | {_fmt(st.get('wall_s_total'), '.1f')} | "
+                         f"{_fmt(st.get('wall_s_max'), '.1f')} | {_fmt(st.get('peak_rss_mb_max'), '.0f')} |")
+        lines.append("")
+
+    if metrics.get("lm_eval"):
+        lines += ["## lm-evaluation-harness", "", "```", _json(metrics["lm_eval"]), "```", ""]
+
+    for p in plots:
+        lines += [f"![{p}]({p})", ""]
+
+    man = metrics.get("manifest", {})
+    if man:
+        lines += ["## Manifest", "", f"- git revision: {man.get('git_revision') or 'unknown'}",
+                  f"- config digest: {man.get('config_digest')}",
+                  f"- results config digest: {man.get('results_config_digest')}",
+                  "- packages: " + ", ".join(f"{k} {v}" for k, v in man.get("packages", {}).items()), ""]
+        arts = man.get("artifacts", {})
+        if arts:
+            lines += ["| artifact | sha256 |", "|---|---|"]
+            lines += [f"| {k} | {v[:16]}… |" for k, v in arts.items()]
+            lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,221 @@
+"""The report stage on a small hand-made run directory, and `harc-hpc compare`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from harc_hpc.config import dump_config, load_config
+from harc_hpc.families import family_for_config
+from harc_hpc.report_cli import compare_command, report_command
+from harc_hpc.stages import report
+from pipeline_fixtures import build_tiny_sources, write_config
+
+TASKS = ("math", "code")
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, local_files_only=True).eval()
+
+
+def _save(model, src_dir: Path, out: Path):
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src_dir / name, out / name)
+
+
+def make_run_dir(root: Path) -> tuple[Path, Path]:
+    """merged = plain average of the sources; "calibrated" = merged with math's routers written in,
+    so some metrics have exact expected values."""
+    sources = build_tiny_sources(root, layers=2)
+    cfg_path = write_config(root, sources, name="r1", extra={"report.enabled": True})
+    cfg = load_config(cfg_path)
+    run_dir = cfg.run_dir
+    models = {t: _load(sources[t]) for t in TASKS}
+    merged = _load(sources["math"])
+    state = {k: sum(models[t].state_dict()[k] for t in TASKS) / len(TASKS) for k in merged.state_dict()}
+    merged.load_state_dict(state)
+    _save(merged, sources["math"], run_dir / "merged")
+    fam = family_for_config(json.loads((sources["math"] / "config.json").read_text()))
+    conf = json.loads((sources["math"] / "config.json").read_text())
+    (run_dir / "routers").mkdir(parents=True)
+    for l in fam.moe_layers(conf):
+        w = fam.router_module(models["math"], l).weight.detach().clone()
+        with torch.no_grad():
+            fam.router_module(merged, l).weight.copy_(w)
+        save_file({"weight": w.contiguous()}, str(run_dir / "routers" / f"layer-{l:03d}.safetensors"))
+        (run_dir / "routers" / f"layer-{l:03d}.json").write_text(json.dumps(
+            {"layer": l, "iterations": 10 + l, "relative_residual": 1e-7, "converged": True, "seconds": 0.5}))
+    _save(merged, sources["math"], run_dir / "model")
+    (run_dir / "completions" / "solve-router").mkdir(parents=True)
+    (run_dir / "completions" / "solve-router" / "layer-000.json").write_text(json.dumps(
+        {"stage": "solve-router", "wall_s": 2.5, "peak_rss_mb": 300.0}))
+    (run_dir / "completions" / "solve-router" / "layer-001.json").write_text(json.dumps({"stage": "solve-router"}))
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    return cfg_path, run_dir
+
+
+@pytest.fixture(scope="module")
+def reported_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    cfg_path, run_dir = make_run_dir(root)
+    cfg = load_config(cfg_path)
+    result = report.run(cfg, run_dir)
+    return cfg, run_dir, result
+
+
+def test_report_files(reported_run):
+    _, run_dir, result = reported_run
+    out = run_dir / "report"
+    for name in ("metrics.json", "report.md", "routing.png", "loss.png", "solve.png"):
+        assert (out / name).is_file(), name
+    assert (out / "routing.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert "## Routing, router-level" in md and "## Held-out loss" in md and "![routing.png](routing.png)" in md
+    assert set(result) >= {"kl_merged", "kl_calibrated", "loss_mean"}
+
+
+def test_report_metrics_values(reported_run):
+    _, run_dir, _ = reported_run
+    m = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert m["tasks"] == list(TASKS) and m["layers"] == [0, 1] and m["top_k"] == 2
+    for view in ("router_level", "end_to_end"):
+        for model in ("merged", "calibrated"):
+            for t in TASKS:
+                vals = m["routing"][view][model][t]
+                assert len(vals["kl"]) == 2 and all(v >= -1e-12 for v in vals["kl"])
+                assert all(0.0 <= v <= 1.0 for v in vals["topk_mismatch"])
+    # The "calibrated" model carries math's routers: router-level it routes exactly like math.
+    rl = m["routing"]["router_level"]
+    assert rl["calibrated"]["math"]["kl"] == pytest.approx([0.0, 0.0], abs=1e-9)
+    assert rl["calibrated"]["math"]["topk_mismatch"] == [0.0, 0.0]
+    assert max(rl["merged"]["math"]["kl"]) > 1e-3  # the noisy routers do differ after averaging
+    loss = m["loss"]
+    for t in TASKS:
+        assert set(loss[t]) == {"source:math", "source:code", "base", "merged", "calibrated", "oracle"}
+        assert all(0 < v < 10 for v in loss[t].values())
+    # ... and on math the oracle (merged + math's routers) is that same model.
+    assert loss["math"]["oracle"] == pytest.approx(loss["math"]["calibrated"], rel=1e-6)
+    assert m["heldout_tokens"]["math"] > 0
+    assert m["solve"]["1"]["iterations"] == 11 and m["solve"]["0"]["converged"] is True
+    st = m["stages"]["solve-router"]
+    assert st["tasks"] == 2 and st["wall_s_total"] == 2.5 and st["peak_rss_mb_max"] == 300.0
+    man = m["manifest"]
+    assert {"routers/layer-000.safetensors", "model/model.safetensors", "merged/model.safetensors"} <= set(man["artifacts"])
+    assert man["packages"]["torch"] == torch.__version__
+    assert len(man["config_digest"]) == 64
+
+
+def test_routing_divergence_basics():
+    logits = torch.randn(50, 6, dtype=torch.float64)
+    assert report.routing_divergence(logits, logits, 2) == (0.0, 0.0)
+    flipped = -logits
+    kl, miss = report.routing_divergence(logits, flipped, 2)
+    assert kl > 0 and miss == 1.0  # the top-2 of -z are the bottom-2 of z
+
+
+def test_missing_lm_eval_is_a_clear_error(reported_run, monkeypatch):
+    cfg, run_dir, _ = reported_run
+    cfg = cfg.model_copy(deep=True)
+    cfg.report.lm_eval_tasks = ["gsm8k"]
+    real = report.importlib.util.find_spec
+    monkeypatch.setattr(report.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(report.ReportError, match="lm-evaluation-harness is not installed.*pip install lm-eval"):
+        report.run(cfg, run_dir)
+
+
+def test_missing_checkpoint_names_the_stage(tmp_path):
+    sources = build_tiny_sources(tmp_path, layers=2)
+    cfg = load_config(write_config(tmp_path, sources, name="empty"))
+    cfg.run_dir.mkdir(parents=True)
+    with pytest.raises(report.ReportError, match="run merge-experts first"):
+        report.run(cfg, cfg.run_dir)
+
+
+# -- compare ------------------------------------------------------------------------------------
+
+def _copy_run(run_dir: Path, dst: Path) -> Path:
+    shutil.copytree(run_dir / "report", dst / "report")
+    return dst
+
+
+def _edit_metrics(run: Path, fn):
+    path = run / "report" / "metrics.json"
+    m = json.loads(path.read_text())
+    fn(m)
+    path.write_text(json.dumps(m))
+
+
+def test_compare_identical_runs(reported_run, tmp_path):
+    _, run_dir, _ = reported_run
+    b = _copy_run(run_dir, tmp_path / "b")
+    res = CliRunner().invoke(compare_command, [str(run_dir), str(b)])
+    assert res.exit_code == 0, res.output
+    assert "RESULT: same within tolerance" in res.output
+
+
+def test_compare_flags_a_moved_metric(reported_run, tmp_path):
+    _, run_dir, _ = reported_run
+    b = _copy_run(run_dir, tmp_path / "b")
+    _edit_metrics(b, lambda m: m["loss"]["code"].__setitem__("calibrated", m["loss"]["code"]["calibrated"] * 1.01))
+    res = CliRunner().invoke(compare_command, [str(run_dir), str(b)])
+    assert res.exit_code == 1
+    assert "loss.code.calibrated" in res.output and "moved" in res.output
+    # ... which a looser tolerance accepts
+    res = CliRunner().invoke(compare_command, [str(run_dir), str(b), "--rtol", "0.05"])
+    assert res.exit_code == 0, res.output
+
+
+def test_compare_flags_a_missing_metric(reported_run, tmp_path):
+    _, run_dir, _ = reported_run
+    b = _copy_run(run_dir, tmp_path / "b")
+    _edit_metrics(b, lambda m: m["loss"]["math"].pop("oracle"))
+    res = CliRunner().invoke(compare_command, [str(run_dir), str(b)])
+    assert res.exit_code == 1 and "missing" in res.output
+
+
+def test_compare_digests_must_match_only_for_the_same_config(reported_run, tmp_path):
+    _, run_dir, _ = reported_run
+    b = _copy_run(run_dir, tmp_path / "b")
+    _edit_metrics(b, lambda m: m["manifest"]["artifacts"].__setitem__("routers/layer-001.safetensors", "0" * 64))
+    res = CliRunner().invoke(compare_command, [str(run_dir), str(b)])
+    assert res.exit_code == 1
+    assert "routers/layer-001.safetensors" in res.output and "must be identical" in res.output
+    _edit_metrics(b, lambda m: m["manifest"].__setitem__("results_config_digest", "other"))
+    res = CliRunner().invoke(compare_command, [str(run_dir), str(b)])
+    assert res.exit_code == 0, res.output
+    assert "differences expected" in res.output
+
+
+def test_compare_without_report_exits_2(reported_run, tmp_path):
+    _, run_dir, _ = reported_run
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(compare_command, [str(run_dir), str(tmp_path / "empty")])
+    assert res.exit_code == 2
+    assert "no report metrics" in res.output
+
+
+def test_results_config_digest_ignores_name_and_executor(reported_run):
+    cfg, _, _ = reported_run
+    other = cfg.model_copy(deep=True)
+    other.run.name = "nightly-2026-11-22"
+    other.executor.kind = "slurm"
+    assert report.results_config_digest(other) == report.results_config_digest(cfg)
+    other.harc.alpha = 0.5
+    assert report.results_config_digest(other) != report.results_config_digest(cfg)
+
+
+def test_report_command(reported_run, tmp_path):
+    _, run_dir, _ = reported_run
+    res = CliRunner().invoke(report_command, [str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "router-level KL: merged" in res.output
+    assert json.loads((run_dir / "report" / "metrics.json").read_text())["tasks"] == list(TASKS)
