@@ -4,7 +4,8 @@ real stages, importable inside SLURM jobs (tests/conftest.py puts tests/ on PYTH
 Every artifact is a small JSON derived from the config, the index and the upstream artifacts, so a
 rerun with the same inputs writes byte-identical files. Control files in the run directory inject
 behaviour: ``fail-<stage>-<key>`` makes a task raise, ``slow-<stage>-<key>`` (containing seconds)
-makes it sleep after writing a partial temp file (to be killed mid-run).
+makes it sleep after writing a partial temp file (to be killed mid-run), ``slowonce-<stage>-<key>``
+does so on the first attempt only (to hit a time limit, then finish when requeued).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ def _control(run_dir: Path, stage: str, index: dict) -> None:
     key = _key(stage, index)
     if (run_dir / f"fail-{key}").exists():
         raise RuntimeError(f"injected failure in {key}")
+    once = run_dir / f"slowonce-{key}"  # slow on the first attempt only (a requeued attempt is fast)
+    if once.exists():
+        seconds = float(once.read_text().strip() or 30)
+        once.unlink()
+        (run_dir / f"started-{key}").write_text(str(os.getpid()))
+        time.sleep(seconds)
     slow = run_dir / f"slow-{key}"
     if slow.exists():
         seconds = float(slow.read_text().strip() or 30)

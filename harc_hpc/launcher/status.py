@@ -68,9 +68,20 @@ def collect(run_dir: Path) -> list[TaskStatus]:
             st.error = stats.get("error", "") if stats.get("status") == "failed" else ""
             lp = records.log_path(run_dir, t["stage"], t["key"])
             st.log = str(lp) if lp.exists() else ""
-            if info:
-                st.slurm_log = info.get("stderr", "")
+            if info and info.get("stderr") and Path(info["stderr"]).exists():
+                st.slurm_log = info["stderr"]
         out.append(st)
+    # Name the root cause of a cancellation: the first upstream task that failed or was cancelled.
+    by_id = {r.id: r for r in out}
+    needs = {t["id"]: t["needs"] for t in plan["tasks"]}
+    for r in out:  # plan order: upstream reasons are already filled in
+        if r.state == "cancelled" and not r.log:
+            bad = next((u for u in needs.get(r.id, []) if by_id[u].state in ("failed", "cancelled")), None)
+            if bad is not None:
+                root = by_id[bad]
+                r.error = root.error if root.error.startswith("upstream") else f"upstream {bad} {root.state}"
+            elif not r.error:
+                r.error = "cancelled before it started (scancel?)"
     return out
 
 
@@ -88,7 +99,7 @@ def format_table(rows: list[TaskStatus]) -> str:
             line = f"  {r.key:<28} {r.state:<9} {r.slurm_state or '-':<11} {r.job_id or '-':<12}"
             if r.state in ("failed", "cancelled"):
                 where = r.log or r.slurm_log
-                line += f" {where}" if where else ""
+                line = f"{line} {where}" if where else line.rstrip()
                 if r.error:
                     line += f"\n      {r.error}"
             lines.append(line.rstrip())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import time
@@ -203,12 +204,12 @@ def _print_dry_run(plan, cfg, todo, explicit, echo) -> None:
     for g in groups:
         needs = plan.group_needs(g, groups)
         res = resolve_resources(cfg, plan.specs[g.stage], explicit)
-        params = submitit_parameters(res, f"harc-{g.name}", len(g.tasks),
+        params = submitit_parameters(res, f"harc-{g.name.replace('/', '.')}", len(g.tasks),
                                      "afterok:" + ":".join(f"<{n.name}>" for n in needs) if needs else None)
         echo(f"[{g.name}] {len(g.tasks)} task(s): {', '.join(t.key for t in g.tasks)}")
         echo(f"    after: {', '.join(n.name for n in needs) or '-'}")
         echo("    sbatch: " + " ".join(f"{k}={v}" for k, v in sbatch_preview(params).items())
-             + f" --array=0-{len(g.tasks) - 1}%{params['slurm_array_parallelism']}")
+             + (f" --array=0-{len(g.tasks) - 1}%{params['slurm_array_parallelism']}" if len(g.tasks) > 1 else ""))
         if res["setup"]:
             echo(f"    setup: {'; '.join(res['setup'])}")
 
@@ -223,10 +224,12 @@ def _submit_slurm(plan, cfg, todo, force, explicit, echo, outcome) -> Outcome:
         needs = [s for s in submitted if any(s.group is n for n in needs_groups)]
         dependency = _dependency(needs)
         res = resolve_resources(cfg, plan.specs[g.stage], explicit)
-        params = submitit_parameters(res, f"harc-{g.name}", len(g.tasks), dependency,
+        params = submitit_parameters(res, f"harc-{g.name.replace('/', '.')}", len(g.tasks), dependency,
                                      cfg.executor.signal_delay_s)
         folder = run_dir / "slurm" / g.stage
-        ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cfg.executor.max_requeues)
+        # cluster= always explicit: with srun on PATH submitit would pick SLURM even for a local run.
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cfg.executor.max_requeues,
+                                   slurm_python=shlex.quote(sys.executable))
         ex.update_parameters(**params)
         runner = StageRunner(str(run_dir), {t.key: task_payload(plan, t) for t in g.tasks}, force=force)
         keys = [t.key for t in g.tasks]
@@ -258,6 +261,7 @@ def wait_for_jobs(job_ids: list[str], poll_s: float = 2.0, timeout_s: Optional[f
     start = time.monotonic()
     last = ""
     settle = 0
+    tty = sys.stderr.isatty()  # a progress bar on a terminal, log lines otherwise
     while True:
         st = sacct.states(job_ids)
         counts: dict[str, int] = {}
@@ -265,13 +269,22 @@ def wait_for_jobs(job_ids: list[str], poll_s: float = 2.0, timeout_s: Optional[f
             counts[s] = counts.get(s, 0) + 1
         summary = ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items()))
         if summary != last:
-            echo(f"jobs: {summary or 'not yet in accounting'}")
+            if tty:
+                done = sum(v for k, v in counts.items() if k not in sacct.ACTIVE_STATES)
+                total = max(sum(counts.values()), 1)
+                bar = "#" * (30 * done // total)
+                sys.stderr.write(f"\r[{bar:<30}] {done}/{total} finished ({summary})\x1b[K")
+                sys.stderr.flush()
+            else:
+                echo(f"jobs: {summary or 'not yet in accounting'}")
             last = summary
         known = {j.split("_", 1)[0] for j in st}
         if st and all(j in known for j in job_ids) and not any(s in sacct.ACTIVE_STATES for s in st.values()):
             # Accounting trails the controller a little: confirm on a second read.
             settle += 1
             if settle >= 2:
+                if tty:
+                    sys.stderr.write("\n")
                 return st
         else:
             settle = 0
