@@ -1,0 +1,26 @@
+"""HARC router calibration: the math (no files except TaskStatistics HDF5, no SLURM)."""
+
+from harc_hpc.harc.cg import CGResult, KroneckerPreconditioner, conjugate_gradient, jacobi_preconditioner
+from harc_hpc.harc.inputs import TokenChunks
+from harc_hpc.harc.metrics import router_kl, topk_mismatch
+from harc_hpc.harc.operator import HESSIANS, TaskCurvature
+from harc_hpc.harc.solver import OBJECTIVES, SOLVERS, RouterSolution, solve_router
+from harc_hpc.harc.statistics import TaskStatistics, compute_task_statistics
+
+__all__ = [
+    "CGResult",
+    "HESSIANS",
+    "KroneckerPreconditioner",
+    "OBJECTIVES",
+    "RouterSolution",
+    "SOLVERS",
+    "TaskCurvature",
+    "TaskStatistics",
+    "TokenChunks",
+    "compute_task_statistics",
+    "conjugate_gradient",
+    "jacobi_preconditioner",
+    "router_kl",
+    "solve_router",
+    "topk_mismatch",
+]

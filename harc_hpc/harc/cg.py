@@ -1,0 +1,141 @@
+"""(Preconditioned) conjugate gradients on (K, d) float64 matrices, and the preconditioners.
+
+Plain CG is the paper's Algorithm 2. Convergence is judged on the unpreconditioned residual,
+||b - A w|| / ||b|| <= tol, so cg and pcg stop at the same accuracy and their iteration counts compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+Operator = Callable[[torch.Tensor], torch.Tensor]
+
+PRECONDITIONERS = ("none", "jacobi", "kronecker")
+
+
+@dataclass
+class CGResult:
+    x: torch.Tensor
+    iterations: int
+    relative_residual: float  # recomputed from b - A x at the end, not the recurrence
+    converged: bool
+    history: list = field(default_factory=list)  # recurrence relative residual after each iteration
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.sum(a * b))
+
+
+def conjugate_gradient(
+    apply: Operator,
+    b: torch.Tensor,
+    x0: torch.Tensor,
+    *,
+    precondition: Optional[Operator] = None,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+) -> CGResult:
+    x = x0.clone()
+    r = b - apply(x)
+    b_norm = float(torch.linalg.vector_norm(b))
+    scale = b_norm if b_norm > 0 else 1.0
+    rel = float(torch.linalg.vector_norm(r)) / scale
+    history = []
+    if rel <= tol:
+        return CGResult(x, 0, rel, True, history)
+    z = precondition(r) if precondition is not None else r
+    p = z.clone()
+    rz = _dot(r, z)
+    iterations = 0
+    converged = False
+    while iterations < max_iter:
+        q = apply(p)
+        curvature = _dot(p, q)
+        # p^T A p <= 0 only happens on a (numerically) singular direction: the consistent part of the
+        # system is solved as far as the arithmetic allows, so stop with the current iterate.
+        if not (curvature > 0.0) or rz == 0.0:
+            break
+        step = rz / curvature
+        x.add_(p, alpha=step)
+        r.add_(q, alpha=-step)
+        iterations += 1
+        rel = float(torch.linalg.vector_norm(r)) / scale
+        history.append(rel)
+        if rel <= tol:
+            converged = True
+            break
+        z = precondition(r) if precondition is not None else r
+        rz_new = _dot(r, z)
+        p.mul_(rz_new / rz).add_(z)
+        rz = rz_new
+    true_rel = float(torch.linalg.vector_norm(b - apply(x))) / scale
+    return CGResult(x, iterations, true_rel, converged, history)
+
+
+def _guarded_reciprocal(diag: torch.Tensor) -> torch.Tensor:
+    # An input coordinate that is zero on every token has a zero diagonal (and a zero row in the
+    # system): leave that coordinate of the update alone instead of dividing by zero.
+    positive = diag > 0
+    floor = diag[positive].max() * 1e-14 if bool(positive.any()) else torch.tensor(1.0, dtype=diag.dtype)
+    inv = torch.zeros_like(diag)
+    inv[positive] = 1.0 / torch.clamp(diag[positive], min=float(floor))
+    return inv
+
+
+def _expert_centred(v: torch.Tensor) -> torch.Tensor:
+    return v - v.mean(dim=0, keepdim=True)
+
+
+def jacobi_preconditioner(diagonal: torch.Tensor, *, project_null: bool = False) -> Operator:
+    """M = diag(A). ``project_null`` keeps every update orthogonal to the shift null space."""
+    inv = _guarded_reciprocal(diagonal)
+    if project_null:
+        return lambda r: _expert_centred(inv * _expert_centred(r))
+    return lambda r: inv * r
+
+
+class KroneckerPreconditioner:
+    """M = (Q_A kron Q_B) diag(S) (Q_A kron Q_B)^T, built once from two small eigendecompositions.
+
+    A = sum_i E[H_i] (K x K), B = mean_i E[x x^T] (d x d), A = Q_A L_A Q_A^T, B = Q_B L_B Q_B^T and
+
+        S = alpha * L_A L_B^T  +  (1 - alpha) * (Q_A^2)^T D (Q_B^2)  (+ a tiny floor)
+
+    The second term is the exact diagonal, in the Kronecker eigenbasis, of the system's own damping
+    (1 - alpha) diag(D), D = sum_i diag(Sigma_i): the damping is projected rather than guessed. It
+    also damps the direction 1/sqrt(K) along which A is singular (softmax Hessians have zero row
+    sums): there the alpha term vanishes and only the diagonal term remains. With alpha = 1 and the
+    full Hessian the system itself is singular along that direction, so the preconditioner is
+    restricted to its complement (updates keep the expert-mean of w fixed).
+    """
+
+    def __init__(self, expert_factor: torch.Tensor, input_factor: torch.Tensor, diagonal: torch.Tensor,
+                 alpha: float, *, project_null: bool = False, floor: float = 1e-10):
+        a = expert_factor.to(torch.float64)
+        if project_null:
+            # lift A's zero eigenvalue along 1 to a typical one: that direction is projected out anyway,
+            # and lifting it keeps it from mixing with genuinely small directions in the eigenbasis
+            k = a.shape[0]
+            a = a + (torch.trace(a) / k) * torch.full_like(a, 1.0 / k)
+        la, qa = torch.linalg.eigh(a)
+        lb, qb = torch.linalg.eigh(input_factor.to(torch.float64))
+        la = la.clamp(min=0.0)
+        lb = lb.clamp(min=0.0)
+        s = alpha * la[:, None] * lb[None, :]
+        if alpha < 1.0:
+            s = s + (1.0 - alpha) * ((qa * qa).T @ diagonal.to(torch.float64) @ (qb * qb))
+        top = float(s.max()) if s.numel() else 1.0
+        self.inv_s = 1.0 / s.clamp(min=max(top, 1e-300) * floor)
+        self.qa, self.qb = qa, qb
+        self.project_null = project_null
+
+    def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        if self.project_null:
+            r = _expert_centred(r)
+        t = self.qa.T @ r @ self.qb
+        t = t * self.inv_s
+        out = self.qa @ t @ self.qb.T
+        return _expert_centred(out) if self.project_null else out

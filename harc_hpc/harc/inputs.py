@@ -1,0 +1,96 @@
+"""One task's router inputs as a re-iterable sequence of ``(n, d)`` token chunks.
+
+The solver applies its operator hundreds of times, so every pass must see the same chunks in the
+same order: that fixed order is what makes the float64 reductions (and so the result) reproducible
+bit for bit. An in-memory tensor is cut into fixed-size views; any other re-iterable (a Zarr chunk
+reader) is streamed, and kept in memory after the first pass when it fits in ``cache_bytes``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Optional, Union
+
+import torch
+
+TokenInput = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+DEFAULT_CHUNK_TOKENS = 16384
+
+
+class TokenChunks:
+    def __init__(
+        self,
+        source: TokenInput,
+        *,
+        dim: Optional[int] = None,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        cache_bytes: int = 0,
+    ):
+        if chunk_tokens < 1:
+            raise ValueError("chunk_tokens must be >= 1")
+        self.dim = dim
+        self.dtype = dtype
+        self.device = device
+        self._stream: Optional[Iterable[torch.Tensor]] = None
+        self._chunks: Optional[list[torch.Tensor]] = None
+        self._cache_bytes = cache_bytes
+        self.num_tokens: Optional[int] = None
+        if torch.is_tensor(source):
+            if source.ndim != 2:
+                raise ValueError(f"router inputs must be (tokens, d), got shape {tuple(source.shape)}")
+            x = self._convert(source)
+            self._chunks = [x[s : s + chunk_tokens] for s in range(0, x.shape[0], chunk_tokens)]
+            self.num_tokens = int(x.shape[0])
+        else:
+            if iter(source) is source:
+                raise TypeError(
+                    "router inputs must be a tensor or a re-iterable of chunk tensors; "
+                    "a one-shot iterator/generator cannot be replayed on every operator application"
+                )
+            self._stream = source
+
+    def _convert(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(x) or x.ndim != 2:
+            raise ValueError("every chunk of router inputs must be a 2-D tensor (n, d)")
+        if self.dim is None:
+            self.dim = int(x.shape[1])
+        elif x.shape[1] != self.dim:
+            raise ValueError(f"router input width {x.shape[1]} != router width {self.dim}")
+        if self.dtype is None:
+            self.dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self._chunks is not None:
+            yield from self._chunks
+            return
+        kept: Optional[list[torch.Tensor]] = [] if self._cache_bytes > 0 else None
+        size = 0
+        count = 0
+        for raw in self._stream:
+            x = self._convert(torch.as_tensor(raw))
+            if x.shape[0] == 0:
+                continue
+            count += int(x.shape[0])
+            if kept is not None:
+                size += x.numel() * x.element_size()
+                if size <= self._cache_bytes:
+                    kept.append(x)
+                else:
+                    kept = None
+            yield x
+        if self.num_tokens is None:
+            self.num_tokens = count
+        elif count != self.num_tokens:
+            raise RuntimeError(f"re-iterating the inputs gave {count} tokens, previously {self.num_tokens}")
+        if kept is not None:
+            self._chunks = kept
+            self._stream = None
+
+    def count_tokens(self) -> int:
+        if self.num_tokens is None:
+            for _ in self:
+                pass
+        return int(self.num_tokens or 0)

@@ -1,0 +1,167 @@
+"""Matrix-free products with Sigma_i = E_x[H(x) kron x x^T] and its reductions.
+
+Conventions: a router is a (K, d) matrix W and w = vec(W^T) is W flattened row by row (expert-major),
+so a (K, d) matrix *is* the vector; every operator here maps (K, d) -> (K, d). For a chunk X (n, d)
+with logits Z = X W^T (n, K) and curvature probabilities P (n, K):
+
+    Sigma W = (1/N) sum_chunks U^T X,   U = H(Z) row-wise (App. A.3, Eq. 12 for all tokens at once)
+
+with H(z) = diag(p) z - p (p.z) ("full"), (p - p^2) * z ("diag") or z ("identity"). GEMMs run in the
+chunk dtype (float32 for real activations); every sum across chunks is float64 in chunk order.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from harc_hpc.harc.inputs import TokenChunks
+
+HESSIANS = ("full", "diag", "identity")
+
+
+def check_hessian(hessian: str) -> str:
+    if hessian not in HESSIANS:
+        raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
+    return hessian
+
+
+def hessian_times(probs: Optional[torch.Tensor], z: torch.Tensor, hessian: str) -> torch.Tensor:
+    """Row-wise H(p) z for a block of tokens."""
+    if hessian == "full":
+        return probs * (z - (probs * z).sum(dim=1, keepdim=True))
+    if hessian == "diag":
+        return (probs - probs * probs) * z
+    return z
+
+
+def hessian_diagonal(probs: Optional[torch.Tensor], hessian: str, like: torch.Tensor, k: int) -> torch.Tensor:
+    if hessian == "identity":
+        return torch.ones(like.shape[0], k, dtype=like.dtype, device=like.device)
+    return probs - probs * probs
+
+
+class TaskCurvature:
+    """Sigma_i of one task: its inputs and, per chunk, the probabilities at which H is evaluated.
+
+    ``weight`` fixes the probabilities, P = softmax(X weight^T): the source router W_i for HARC's
+    quadratic model, the current iterate for Newton steps on the exact KL objective.
+    """
+
+    def __init__(self, chunks: TokenChunks, weight: torch.Tensor, hessian: str = "full"):
+        self.chunks = chunks
+        self.hessian = check_hessian(hessian)
+        self.num_experts = int(weight.shape[0])
+        self.probs: list[Optional[torch.Tensor]] = []
+        self.sizes: list[int] = []
+        wt = weight.to(device=chunks.device, dtype=chunks.dtype).T.contiguous() if chunks.dtype else None
+        n = 0
+        for x in chunks:
+            if wt is None:
+                wt = weight.to(device=x.device, dtype=x.dtype).T.contiguous()
+            self.probs.append(None if hessian == "identity" else torch.softmax(x @ wt, dim=1))
+            self.sizes.append(int(x.shape[0]))
+            n += x.shape[0]
+        if n == 0:
+            raise ValueError("a task has no tokens")
+        self.num_tokens = n
+
+    def _pairs(self):
+        count = 0
+        for x, p in zip(self.chunks, self.probs):
+            count += 1
+            yield x, p
+        if count != len(self.probs):
+            raise RuntimeError("the inputs changed their chunking between passes")
+
+    def matvec(self, w: torch.Tensor) -> torch.Tensor:
+        """Sigma_i W (mean over tokens) as a float64 (K, d) matrix."""
+        acc = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
+        wt = None
+        for x, p in self._pairs():
+            if wt is None:
+                wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
+            u = hessian_times(p, x @ wt, self.hessian)
+            acc += (u.T @ x).to(device=acc.device, dtype=torch.float64)
+        return acc / self.num_tokens
+
+    def diagonal(self) -> torch.Tensor:
+        """diag(Sigma_i) as a float64 (K, d) matrix: E[h_kk x_a^2]."""
+        acc = None
+        for x, p in self._pairs():
+            part = (hessian_diagonal(p, self.hessian, x, self.num_experts).T @ (x * x)).to(torch.float64)
+            acc = part if acc is None else acc + part
+        return acc / self.num_tokens
+
+    def hessian_mean(self) -> torch.Tensor:
+        """E[H] (K, K) float64, the expert factor of the Kronecker preconditioner."""
+        k = self.num_experts
+        acc = torch.zeros(k, k, dtype=torch.float64, device=self._device())
+        for n, p in zip(self.sizes, self.probs):
+            if self.hessian == "identity":
+                acc += torch.eye(k, dtype=torch.float64, device=acc.device) * n
+                continue
+            p64 = p.to(torch.float64)
+            if self.hessian == "full":
+                acc += torch.diag(p64.sum(0)) - p64.T @ p64
+            else:
+                acc += torch.diag((p64 - p64 * p64).sum(0))
+        return acc / self.num_tokens
+
+    def input_gram(self) -> torch.Tensor:
+        """E[x x^T] (d, d) float64, the input factor of the Kronecker preconditioner."""
+        acc = None
+        for x, _ in self._pairs():
+            part = (x.T @ x).to(torch.float64)
+            acc = part if acc is None else acc + part
+        return acc / self.num_tokens
+
+    def dense(self, block_tokens: int = 2048) -> torch.Tensor:
+        """Sigma_i materialised, (K d, K d) float64; only for small K d (the direct solver)."""
+        k = self.num_experts
+        d = self.chunks.dim
+        out = torch.zeros(k * d, k * d, dtype=torch.float64, device=self._device())
+        for x, p in self._pairs():
+            for s in range(0, x.shape[0], block_tokens):
+                xb = x[s : s + block_tokens].to(torch.float64)
+                pb = None if p is None else p[s : s + block_tokens].to(torch.float64)
+                if self.hessian == "identity":
+                    g = xb.T @ xb
+                    for e in range(k):
+                        out[e * d : (e + 1) * d, e * d : (e + 1) * d] += g
+                    continue
+                weights = pb if self.hessian == "full" else pb - pb * pb
+                for e in range(k):
+                    out[e * d : (e + 1) * d, e * d : (e + 1) * d] += (xb * weights[:, e : e + 1]).T @ xb
+                if self.hessian == "full":
+                    v = (pb[:, :, None] * xb[:, None, :]).reshape(xb.shape[0], k * d)
+                    out -= v.T @ v
+        return out / self.num_tokens
+
+    def _device(self):
+        for p in self.probs:
+            if p is not None:
+                return p.device
+        return self.chunks.device or torch.device("cpu")
+
+
+def log_probs(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """float64 log-softmax of the logits x @ wt (GEMM in x's dtype)."""
+    return torch.log_softmax((x @ wt).to(torch.float64), dim=1)
+
+
+def mean_kl(chunks: TokenChunks, w_ref: torch.Tensor, w: torch.Tensor) -> float:
+    """E_x KL(softmax(w_ref x) || softmax(w x)) over the chunks, float64."""
+    total = 0.0
+    n = 0
+    wr = wt = None
+    for x in chunks:
+        if wt is None:
+            wr = w_ref.to(dtype=x.dtype, device=x.device).T.contiguous()
+            wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
+        lr = log_probs(x, wr)
+        lm = log_probs(x, wt)
+        total += float((lr.exp() * (lr - lm)).sum())
+        n += x.shape[0]
+    return total / max(n, 1)

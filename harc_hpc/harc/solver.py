@@ -1,0 +1,378 @@
+"""solve_router: HARC's calibrated router for one MoE layer.
+
+System (paper Eq. 11), tasks weighted equally whatever their token counts:
+
+    (sum_i Sigma_reg,i) w = sum_i Sigma_reg,i w_i,   Sigma_reg,i = alpha Sigma_i + (1 - alpha) diag(Sigma_i)
+
+solved matrix-free by CG / PCG (Jacobi or Kronecker preconditioner) or, for small K d, densely.
+``objective="kl"`` then continues from that solution with Levenberg-Marquardt damped Newton steps
+on the exact objective sum_i E KL(r_i || softmax(W x)), each solved by the same machinery.
+
+Singular systems. Sigma_i (full Hessian) is singular along w -> w + 1 c^T (a shift shared by all
+experts changes no softmax). For alpha < 1 the diagonal term makes the system positive definite.
+For alpha = 1 the system is consistent but singular; every solver then returns the solution that
+changes ``init`` least: CG iterates stay in init + range(A) (the preconditioners are restricted to
+the complement of the shift null space), and the direct solver adds the pseudo-inverse (minimum
+norm) correction to ``init``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from harc_hpc.harc.cg import (
+    PRECONDITIONERS,
+    KroneckerPreconditioner,
+    conjugate_gradient,
+    jacobi_preconditioner,
+)
+from harc_hpc.harc.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
+from harc_hpc.harc.operator import TaskCurvature, check_hessian, log_probs, mean_kl
+from harc_hpc.harc.statistics import TaskStatistics, router_digest, statistics_from_curvature
+
+SOLVERS = ("cg", "pcg", "direct", "auto")
+OBJECTIVES = ("quadratic", "kl")
+
+
+@dataclass
+class RouterSolution:
+    weight: torch.Tensor  # (K, d), dtype/device of init
+    iterations: int  # CG iterations (all Newton steps included for objective="kl")
+    relative_residual: float  # quadratic: ||b - A w|| / ||b||; kl: ||grad|| / ||grad at start||
+    converged: bool
+    kl_before: list  # per task, mean KL(r_i || softmax(init x))
+    kl_after: list  # per task, mean KL(r_i || softmax(weight x))
+    solver: str = ""
+    preconditioner: str = "none"
+    objective: str = "quadratic"
+    hessian: str = "full"
+    alpha: float = 0.9
+    residual_history: list = field(default_factory=list)
+    newton_steps: int = 0
+    seconds: float = 0.0
+    quadratic_iterations: int = 0
+
+
+class _System:
+    """sum_i Sigma_reg,i as an operator on (K, d) float64 matrices, with its preconditioners."""
+
+    def __init__(self, curvatures: Sequence[TaskCurvature], diagonal: torch.Tensor, alpha: float,
+                 shift: float = 0.0):
+        # A w = scale_sigma * sum_i Sigma_i w + damping * D w; kept in this form so the Newton
+        # system (Sigma + lambda D) is the same object with other coefficients.
+        self.curvatures = list(curvatures)
+        self.diagonal = diagonal
+        self.alpha = alpha
+        self.damping = (1.0 - alpha) + shift
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        acc = self.damping * self.diagonal * w
+        for c in self.curvatures:
+            acc += self.alpha * c.matvec(w)
+        return acc
+
+    def jacobi_diagonal(self) -> torch.Tensor:
+        return (self.alpha + self.damping) * self.diagonal
+
+    def dense(self) -> torch.Tensor:
+        a = None
+        for c in self.curvatures:
+            part = c.dense()
+            a = part if a is None else a + part
+        a *= self.alpha
+        a += torch.diag(self.damping * self.diagonal.reshape(-1))
+        return a
+
+
+def _min_change_dense_solve(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, positive_definite: bool):
+    shape = w0.shape
+    r = (b - (a @ w0.reshape(-1)).reshape(shape)).reshape(-1)
+    if positive_definite:
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) == 0:
+            return w0 + torch.cholesky_solve(r[:, None], chol)[:, 0].reshape(shape)
+    lam, q = torch.linalg.eigh(a)
+    keep = lam > lam.max().clamp(min=0) * a.shape[0] * torch.finfo(a.dtype).eps
+    coef = (q[:, keep].T @ r) / lam[keep]
+    return w0 + (q[:, keep] @ coef).reshape(shape)
+
+
+def _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics):
+    check_hessian(hessian)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    if not (0.0 < float(alpha) <= 1.0):
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if init.ndim != 2:
+        raise ValueError(f"init must be (K, d), got {tuple(init.shape)}")
+    if len(inputs) != len(source_routers) or len(inputs) == 0:
+        raise ValueError(f"need one input set per source router, got {len(inputs)} and {len(source_routers)}")
+    for i, w in enumerate(source_routers):
+        if tuple(w.shape) != tuple(init.shape):
+            raise ValueError(f"source router {i} has shape {tuple(w.shape)}, init {tuple(init.shape)}")
+    if statistics is not None and len(statistics) != len(inputs):
+        raise ValueError(f"{len(statistics)} statistics for {len(inputs)} tasks")
+
+
+def _check_statistics(s: TaskStatistics, i: int, hessian: str, w_i: torch.Tensor, num_tokens: int):
+    if s.hessian != hessian:
+        raise ValueError(f"statistics {i} were computed with hessian={s.hessian!r}, solving with {hessian!r}")
+    if tuple(s.sigma_w.shape) != tuple(w_i.shape):
+        raise ValueError(f"statistics {i} have shape {tuple(s.sigma_w.shape)}, router {tuple(w_i.shape)}")
+    if s.source_digest and s.source_digest != router_digest(w_i):
+        raise ValueError(f"statistics {i} belong to another source router")
+    if s.num_tokens != num_tokens:
+        raise ValueError(f"statistics {i} counted {s.num_tokens} tokens, the inputs have {num_tokens}")
+
+
+def _preconditioner(kind, system: _System, expert_factor, input_factor, project_null):
+    if kind == "jacobi":
+        return jacobi_preconditioner(system.jacobi_diagonal(), project_null=project_null)
+    if kind == "kronecker":
+        scale = system.alpha + system.damping
+        inner = KroneckerPreconditioner(expert_factor, input_factor, system.diagonal, system.alpha / scale,
+                                        project_null=project_null)
+        return lambda r: inner(r) / scale
+    return None
+
+
+def solve_router(
+    inputs: Sequence[TokenInput],
+    source_routers: Sequence[torch.Tensor],
+    init: torch.Tensor,
+    alpha: float = 0.9,
+    hessian: str = "full",
+    solver: str = "pcg",
+    objective: str = "quadratic",
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    preconditioner: str = "jacobi",
+    statistics: Optional[Sequence[TaskStatistics]] = None,
+    *,
+    compute_dtype: Optional[torch.dtype] = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    cache_bytes: int = 4 << 30,
+    direct_max_size: int = 4096,
+    kl_max_steps: int = 30,
+    kl_tol: Optional[float] = None,
+) -> RouterSolution:
+    """Calibrate one layer's router.
+
+    inputs[i]: task i's router inputs (merged model), an (N_i, d) tensor or a re-iterable of (n, d)
+    chunks; source_routers[i]: W_i (K, d); init: the merged router (K, d), the starting point.
+    GEMMs run in ``compute_dtype`` (default: the inputs' dtype, float32 for half types); all
+    reductions, CG vectors and scalars are float64.
+    """
+    t_start = time.perf_counter()
+    _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics)
+    alpha = float(alpha)
+    k, d = init.shape
+    device = init.device
+    chunks = [TokenChunks(x, dim=d, dtype=compute_dtype, device=device, chunk_tokens=chunk_tokens,
+                          cache_bytes=cache_bytes) for x in inputs]
+    sources = [w.detach().to(device=device, dtype=torch.float64) for w in source_routers]
+    w0 = init.detach().to(dtype=torch.float64)
+    if solver == "auto":
+        solver = "direct" if k * d <= direct_max_size else "pcg"
+    precond = "none" if solver == "cg" else preconditioner
+    if solver == "direct":
+        precond = "none"
+    need_gram = precond == "kronecker"
+
+    curvatures = [TaskCurvature(c, w, hessian) for c, w in zip(chunks, sources)]
+    if statistics is not None:
+        stats = []
+        for i, (s, w, cv) in enumerate(zip(statistics, sources, curvatures)):
+            _check_statistics(s, i, hessian, w, cv.num_tokens)
+            stats.append(s.to(device))
+        kl_before = [mean_kl(c, w, w0) for c, w in zip(chunks, sources)]
+    else:
+        stats = [statistics_from_curvature(cv, w, w0, input_gram=need_gram) for cv, w in zip(curvatures, sources)]
+        kl_before = [s.kl for s in stats]
+
+    diagonal = sum_in_order(s.sigma_diag for s in stats)
+    b = sum_in_order(s.rhs(w, alpha) for s, w in zip(stats, sources))
+    system = _System(curvatures, diagonal, alpha)
+    project_null = alpha == 1.0 and hessian == "full"
+    expert_factor = input_factor = None
+    if precond == "kronecker":
+        expert_factor = sum_in_order(s.hessian_mean for s in stats)
+        grams = [s.input_gram if s.input_gram is not None else cv.input_gram() for s, cv in zip(stats, curvatures)]
+        input_factor = sum_in_order(grams) / len(grams)
+
+    history: list = []
+    if solver == "direct":
+        w = _min_change_dense_solve(system.dense(), b, w0, positive_definite=alpha < 1.0)
+        iterations = 0
+        residual = float(torch.linalg.vector_norm(b - system.apply(w)) / torch.linalg.vector_norm(b).clamp(min=1e-300))
+        converged = bool(torch.isfinite(w).all())
+    else:
+        res = conjugate_gradient(system.apply, b, w0,
+                                 precondition=_preconditioner(precond, system, expert_factor, input_factor, project_null),
+                                 tol=tol, max_iter=max_iter)
+        w, iterations, residual, converged, history = res.x, res.iterations, res.relative_residual, res.converged, res.history
+    quadratic_iterations = iterations
+    newton_steps = 0
+    if objective == "kl":
+        fit = _fit_kl(chunks, sources, w, alpha=alpha, solver=solver, preconditioner=precond,
+                      input_factor=input_factor, max_iter=max_iter, max_steps=kl_max_steps,
+                      grad_tol=tol if kl_tol is None else kl_tol)
+        w = fit["weight"]
+        iterations += fit["iterations"]
+        residual, converged, newton_steps = fit["relative_gradient"], fit["converged"], fit["steps"]
+    kl_after = [mean_kl(c, s, w) for c, s in zip(chunks, sources)]
+    return RouterSolution(
+        weight=w.to(dtype=init.dtype, device=init.device),
+        iterations=int(iterations),
+        relative_residual=float(residual),
+        converged=bool(converged),
+        kl_before=[float(v) for v in kl_before],
+        kl_after=[float(v) for v in kl_after],
+        solver=solver,
+        preconditioner=precond,
+        objective=objective,
+        hessian=hessian,
+        alpha=alpha,
+        residual_history=history,
+        newton_steps=newton_steps,
+        seconds=time.perf_counter() - t_start,
+        quadratic_iterations=int(quadratic_iterations),
+    )
+
+
+def sum_in_order(values):
+    total = None
+    for v in values:
+        total = v.clone() if total is None else total + v
+    return total
+
+
+# -- exact KL objective --------------------------------------------------------------------------
+
+
+class _KLTask:
+    """One task's exact-KL pieces: cached source log-probabilities per chunk."""
+
+    def __init__(self, chunks: TokenChunks, source: torch.Tensor):
+        self.chunks = chunks
+        self.log_r = []
+        ws = None
+        for x in chunks:
+            if ws is None:
+                ws = source.to(dtype=x.dtype, device=x.device).T.contiguous()
+            self.log_r.append(log_probs(x, ws))
+        self.num_tokens = sum(lr.shape[0] for lr in self.log_r)
+
+    def evaluate(self, w: torch.Tensor, with_gradient: bool):
+        """Mean KL(r || softmax(w x)), its gradient (K, d) and softmax(w x) per chunk."""
+        loss = 0.0
+        grad = torch.zeros(w.shape, dtype=torch.float64, device=w.device) if with_gradient else None
+        probs = []
+        wt = None
+        for x, lr in zip(self.chunks, self.log_r):
+            if wt is None:
+                wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
+            lm = log_probs(x, wt)
+            r = lr.exp()
+            loss += float((r * (lr - lm)).sum())
+            if with_gradient:
+                pm = lm.exp()
+                grad += ((pm - r).to(x.dtype).T @ x).to(torch.float64)
+                probs.append(pm.to(x.dtype))
+        n = self.num_tokens
+        return loss / n, (grad / n if with_gradient else None), probs
+
+
+def _curvature_at(chunks: TokenChunks, probs) -> TaskCurvature:
+    cv = TaskCurvature.__new__(TaskCurvature)
+    cv.chunks = chunks
+    cv.hessian = "full"
+    cv.num_experts = int(probs[0].shape[1])
+    cv.probs = list(probs)
+    cv.sizes = [int(p.shape[0]) for p in probs]
+    cv.num_tokens = sum(cv.sizes)
+    return cv
+
+
+def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_factor, max_iter, max_steps, grad_tol):
+    """Levenberg-Marquardt on sum_i E KL(r_i || softmax(W x)).
+
+    Each step solves (Hess(W) + lambda diag(Hess(W))) dW = -grad. The loss is convex soft-label
+    multinomial regression and Hess(W) = sum_i E[H(p) kron x x^T] is its exact Hessian, i.e. HARC's
+    Sigma with the softmax taken at the current W instead of at W_i. lambda starts at
+    (1 - alpha) / alpha, the damping HARC's alpha itself applies, and adapts to the ratio of actual
+    to predicted decrease, so the last steps are undamped Newton steps (fast local convergence).
+    """
+    tasks = [_KLTask(c, s) for c, s in zip(chunks, sources)]
+    lam = (1.0 - alpha) / alpha if alpha < 1.0 else 1e-3
+    lam_min = 1e-9
+    w = w_start.clone()
+    total_iterations = 0
+    steps = 0
+    g0 = None
+    rel_grad = float("nan")
+    converged = False
+    evaluations = [t.evaluate(w, True) for t in tasks]
+    while True:
+        loss = sum(e[0] for e in evaluations)
+        grad = sum_in_order(e[1] for e in evaluations)
+        g_norm = float(torch.linalg.vector_norm(grad))
+        g0 = g_norm if g0 is None else g0
+        rel_grad = g_norm / g0 if g0 > 0 else 0.0
+        if rel_grad <= grad_tol or g_norm == 0.0:
+            converged = True
+            break
+        if steps >= max_steps:
+            break
+        curvatures = [_curvature_at(c, e[2]) for c, e in zip(chunks, evaluations)]
+        diagonal = sum_in_order(cv.diagonal() for cv in curvatures)
+        expert_factor = (sum_in_order(cv.hessian_mean() for cv in curvatures)
+                         if preconditioner == "kronecker" else None)
+        accepted = False
+        while not accepted and steps < max_steps:
+            steps += 1
+            # (Sigma + lam D) = (1 + lam) * (a Sigma + (1 - a) D) with a = 1 / (1 + lam)
+            system = _System(curvatures, diagonal, alpha=1.0, shift=lam)
+            if solver == "direct":
+                a = system.dense()
+                delta = _min_change_dense_solve(a, -grad, torch.zeros_like(w), positive_definite=True)
+            else:
+                inner_tol = max(min(0.1, rel_grad ** 0.5), 1e-12)
+                res = conjugate_gradient(
+                    system.apply, -grad, torch.zeros_like(w),
+                    precondition=_preconditioner(preconditioner, system, expert_factor, input_factor, False),
+                    tol=inner_tol, max_iter=max_iter,
+                )
+                delta = res.x
+                total_iterations += res.iterations
+            predicted = -0.5 * float(torch.sum(grad * delta)) + 0.5 * lam * float(torch.sum(diagonal * delta * delta))
+            trial = w + delta
+            trial_loss = sum(t.evaluate(trial, False)[0] for t in tasks)
+            rho = (loss - trial_loss) / predicted if predicted > 0 else -1.0
+            noise = 64 * torch.finfo(torch.float64).eps * max(abs(loss), 1e-300)
+            if trial_loss < loss - noise:
+                accepted = True
+            elif trial_loss <= loss + noise:
+                # the decrease is below what float64 can resolve in the loss: judge the step by the
+                # gradient instead (this is where Newton's local convergence happens)
+                trial_grad = sum_in_order(t.evaluate(trial, True)[1] for t in tasks)
+                accepted = float(torch.linalg.vector_norm(trial_grad)) < g_norm
+                rho = 1.0 if accepted else -1.0
+            if accepted:
+                w = trial
+                lam = max(lam / 3.0, lam_min) if rho > 0.75 else (lam * 2.0 if rho < 0.25 else lam)
+            else:
+                lam *= 4.0
+        if not accepted:
+            break
+        evaluations = [t.evaluate(w, True) for t in tasks]
+    return {"weight": w, "iterations": total_iterations, "steps": steps, "relative_gradient": rel_grad,
+            "converged": converged}

@@ -1,0 +1,149 @@
+"""Per-task sufficient statistics of the HARC system, independent of alpha, saved as HDF5.
+
+For task i: N_i, diag(Sigma_i) and Sigma_i w_i as (K, d) float64 matrices, E[H_i] (K, K) and
+optionally E[x x^T] (d, d). Since Sigma_reg,i w_i = alpha * sigma_w + (1 - alpha) * sigma_diag * W_i,
+the right-hand side and the Jacobi preconditioner for any alpha follow without another data pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from harc_hpc.harc.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
+from harc_hpc.harc.operator import TaskCurvature, check_hessian, hessian_diagonal, hessian_times, log_probs
+
+FORMAT = "harc-task-statistics/1"
+
+
+def router_digest(w: torch.Tensor) -> str:
+    """Content digest of a router's values (float64), to catch statistics reused with another source."""
+    data = w.detach().to(device="cpu", dtype=torch.float64).contiguous().numpy().tobytes()
+    return hashlib.sha256(data + str(tuple(w.shape)).encode()).hexdigest()[:32]
+
+
+@dataclass
+class TaskStatistics:
+    num_tokens: int
+    hessian: str
+    sigma_diag: torch.Tensor  # (K, d) float64, diag(Sigma_i)
+    sigma_w: torch.Tensor  # (K, d) float64, Sigma_i w_i
+    hessian_mean: torch.Tensor  # (K, K) float64, E[H_i]
+    kl: float  # mean KL(r_i || r_merged) on these inputs
+    topk_mismatch: Optional[float] = None
+    top_k: Optional[int] = None
+    input_gram: Optional[torch.Tensor] = None  # (d, d) float64, E[x x^T]
+    source_digest: str = ""
+
+    def rhs(self, source_router: torch.Tensor, alpha: float) -> torch.Tensor:
+        w_i = source_router.to(device=self.sigma_w.device, dtype=torch.float64)
+        return alpha * self.sigma_w + (1.0 - alpha) * self.sigma_diag * w_i
+
+    def to(self, device) -> "TaskStatistics":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TaskStatistics(self.num_tokens, self.hessian, move(self.sigma_diag), move(self.sigma_w),
+                              move(self.hessian_mean), self.kl, self.topk_mismatch, self.top_k,
+                              move(self.input_gram), self.source_digest)
+
+    def save(self, path) -> None:
+        import h5py
+
+        with h5py.File(str(path), "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["num_tokens"] = int(self.num_tokens)
+            f.attrs["hessian"] = self.hessian
+            f.attrs["kl"] = float(self.kl)
+            f.attrs["source_digest"] = self.source_digest
+            if self.topk_mismatch is not None:
+                f.attrs["topk_mismatch"] = float(self.topk_mismatch)
+                f.attrs["top_k"] = int(self.top_k)
+            for name in ("sigma_diag", "sigma_w", "hessian_mean", "input_gram"):
+                value = getattr(self, name)
+                if value is not None:
+                    f.create_dataset(name, data=value.detach().cpu().to(torch.float64).numpy())
+
+    @classmethod
+    def load(cls, path) -> "TaskStatistics":
+        import h5py
+
+        path = Path(path)
+        with h5py.File(str(path), "r") as f:
+            if f.attrs.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a {FORMAT} file (format={f.attrs.get('format')!r})")
+            get = lambda n: torch.from_numpy(f[n][()]) if n in f else None  # noqa: E731
+            return cls(
+                num_tokens=int(f.attrs["num_tokens"]),
+                hessian=str(f.attrs["hessian"]),
+                sigma_diag=get("sigma_diag"),
+                sigma_w=get("sigma_w"),
+                hessian_mean=get("hessian_mean"),
+                kl=float(f.attrs["kl"]),
+                topk_mismatch=float(f.attrs["topk_mismatch"]) if "topk_mismatch" in f.attrs else None,
+                top_k=int(f.attrs["top_k"]) if "top_k" in f.attrs else None,
+                input_gram=get("input_gram"),
+                source_digest=str(f.attrs.get("source_digest", "")),
+            )
+
+
+def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, merged_router: torch.Tensor,
+                              *, top_k: Optional[int] = None, input_gram: bool = False) -> TaskStatistics:
+    """All statistics of one task in one pass over its inputs (plus one for the Gram if asked)."""
+    k, d = source_router.shape
+    dev = merged_router.device
+    sigma_w = torch.zeros(k, d, dtype=torch.float64, device=dev)
+    diag = torch.zeros(k, d, dtype=torch.float64, device=dev)
+    kl = 0.0
+    missed = 0
+    ws = wm = None
+    for x, p in curv._pairs():
+        if ws is None:
+            ws = source_router.to(dtype=x.dtype, device=x.device).T.contiguous()
+            wm = merged_router.to(dtype=x.dtype, device=x.device).T.contiguous()
+        zs = x @ ws
+        sigma_w += (hessian_times(p, zs, curv.hessian).T @ x).to(torch.float64)
+        diag += (hessian_diagonal(p, curv.hessian, x, k).T @ (x * x)).to(torch.float64)
+        ls = torch.log_softmax(zs.to(torch.float64), dim=1)
+        lm = log_probs(x, wm)
+        kl += float((ls.exp() * (ls - lm)).sum())
+        if top_k:
+            ref = torch.zeros(x.shape[0], k, dtype=torch.bool, device=x.device)
+            got = torch.zeros_like(ref)
+            ref.scatter_(1, torch.topk(zs, top_k, dim=1).indices, True)
+            got.scatter_(1, torch.topk(lm, top_k, dim=1).indices, True)
+            missed += int(x.shape[0]) * top_k - int((ref & got).sum())
+    n = curv.num_tokens
+    return TaskStatistics(
+        num_tokens=n,
+        hessian=curv.hessian,
+        sigma_diag=diag / n,
+        sigma_w=sigma_w / n,
+        hessian_mean=curv.hessian_mean(),
+        kl=kl / n,
+        topk_mismatch=(missed / (top_k * n)) if top_k else None,
+        top_k=top_k if top_k else None,
+        input_gram=curv.input_gram() if input_gram else None,
+        source_digest=router_digest(source_router),
+    )
+
+
+def compute_task_statistics(
+    inputs_i: TokenInput,
+    source_router: torch.Tensor,
+    merged_router: torch.Tensor,
+    hessian: str = "full",
+    top_k: Optional[int] = None,
+    *,
+    input_gram: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> TaskStatistics:
+    """Statistics of one task: ``inputs_i`` (N, d) tensor or re-iterable of chunks, routers (K, d)."""
+    check_hessian(hessian)
+    if source_router.shape != merged_router.shape:
+        raise ValueError(f"source router {tuple(source_router.shape)} != merged {tuple(merged_router.shape)}")
+    chunks = TokenChunks(inputs_i, dim=int(source_router.shape[1]), chunk_tokens=chunk_tokens)
+    curv = TaskCurvature(chunks, source_router, hessian)
+    return statistics_from_curvature(curv, source_router, merged_router, top_k=top_k, input_gram=input_gram)
