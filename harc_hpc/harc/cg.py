@@ -131,11 +131,19 @@ class KroneckerPreconditioner:
         self.inv_s = 1.0 / s.clamp(min=max(top, 1e-300) * floor)
         self.qa, self.qb = qa, qb
         self.project_null = project_null
+        # coordinates with no curvature at all (an input dimension that is zero on every token) are
+        # rows of zeros in the system: keep the update there exactly zero, like Jacobi does
+        live = diagonal > 0
+        self.mask = None if bool(live.all()) else live.to(torch.float64)
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            r = r * self.mask
         if self.project_null:
             r = _expert_centred(r)
         t = self.qa.T @ r @ self.qb
         t = t * self.inv_s
         out = self.qa @ t @ self.qb.T
-        return _expert_centred(out) if self.project_null else out
+        if self.project_null:
+            out = _expert_centred(out)
+        return out * self.mask if self.mask is not None else out
