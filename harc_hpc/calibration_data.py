@@ -135,6 +135,8 @@ def data_digest(data: CalibrationData, defaults: CalibrationSection) -> str:
     h.update(data.format.encode())
     for path in data.files:
         h.update(str(Path(path).name).encode())
+        if not Path(path).is_file():
+            raise CalibrationDataError(f"{path}: calibration file not found")
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)

@@ -63,7 +63,7 @@ def build_tiny_sources(root: Path, family: str = "olmoe", seed: int = 0, layers:
     tok = char_tokenizer()
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_config(tiny_config(family, layers=layers))
-    paths = {"base": root / "base"}
+    paths = {"base": root / "base", "data": root / "data"}
     base.save_pretrained(paths["base"])
     tok.save_pretrained(paths["base"])
     for t_i, task in enumerate(tasks):
@@ -95,8 +95,8 @@ def write_config(root: Path, sources: dict, *, name="run", method="linear", bloc
             "base": str(sources["base"]),
             "sources": [
                 {"name": t, "path": str(sources[t]),
-                 "calibration": {"files": [str(root / "data" / f"{t}-calib.jsonl")]},
-                 "heldout": {"files": [str(root / "data" / f"{t}-heldout.jsonl")]}}
+                 "calibration": {"files": [str(Path(sources["data"]) / f"{t}-calib.jsonl")]},
+                 "heldout": {"files": [str(Path(sources["data"]) / f"{t}-heldout.jsonl")]}}
                 for t in tasks
             ],
         },
