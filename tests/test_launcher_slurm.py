@@ -155,3 +155,15 @@ def test_killed_task_resubmitted_gives_identical_artifacts(tmp_path):
         ref = records.read_completion(reference.run_dir, t.stage, t.key)
         assert mine["artifacts"] == ref["artifacts"], t.id
     assert (run / "report/metrics.json").read_bytes() == (reference.run_dir / "report/metrics.json").read_bytes()
+
+
+def test_start_script_is_a_quick_noop_when_the_cluster_is_up():
+    if os.geteuid() != 0:
+        pytest.skip("the start script needs root")
+    script = Path(__file__).resolve().parent.parent / "slurm" / "start-local-slurm.sh"
+    t0 = time.monotonic()
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "SLURM_LOCAL_INSTALL": "0"})
+    assert res.returncode == 0, res.stderr
+    assert "starting" not in res.stderr and "up: cluster" in res.stderr
+    assert time.monotonic() - t0 < 10

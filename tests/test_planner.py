@@ -185,6 +185,7 @@ def test_debug_executor_records_and_skips(tmp_path):
     assert rec["digest"] == plan.tasks["solve-router/layer-001"].digest
     assert rec["result"]["converged"] is True and rec["wall_s"] >= 0 and rec["peak_rss_mb"] > 0
     assert rec["artifacts"]["routers/layer-001.json"].startswith("sha256:")
+    assert rec["inputs"]["config"]["harc.alpha"] == 0.9 and rec["package_version"]
     assert set(rec["inputs"]["upstream"]) == {"compute-statistics/layer-001/task-a",
                                               "compute-statistics/layer-001/task-b"}
     assert (run / "logs/solve-router/layer-001.log").read_text().count("done in") == 1

@@ -45,6 +45,8 @@ def task_payload(plan, task) -> dict:
         "writes": format_templates(spec.writes, task.template_values()),
         "upstream": {u: plan.tasks[u].digest for u in task.needs},
         "config_digest": _short(task.inputs.get("config")),
+        "config_slice": task.inputs.get("config", {}),
+        "files": task.inputs.get("files", {}),
         "config": str(plan.config_path) if plan.config_path else None,
     }
 
@@ -155,7 +157,8 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
             **stats,
             "stage": stage, "key": key, "index": payload["index"], "digest": digest,
             "function": payload["function"], "package_version": harc_hpc.__version__,
-            "inputs": {"config_digest": payload.get("config_digest"), "upstream": payload.get("upstream", {})},
+            "inputs": {"config_digest": payload.get("config_digest"), "config": payload.get("config_slice", {}),
+                       "files": payload.get("files", {}), "upstream": payload.get("upstream", {})},
             "artifacts": artifacts,
         })
         log.info("%s: done in %.1fs (peak RSS %.0f MB)", payload["id"], wall, stats["peak_rss_mb"])
