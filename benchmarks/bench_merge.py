@@ -38,7 +38,7 @@ def olmoe_config(layers: int) -> dict:
                       num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["heads"],
                       num_experts=SHAPE["experts"], num_experts_per_tok=8, pad_token_id=None,
                       bos_token_id=None, eos_token_id=None, dtype="bfloat16")
-    return cfg.to_dict()
+    return {**cfg.to_dict(), "architectures": ["OlmoeForCausalLM"]}
 
 
 def olmoe_tensors(layers: int):
@@ -156,8 +156,9 @@ def bench(args) -> None:
         runs = [
             ("harc-hpc", "linear", {"weights": [0.4, 0.6]}, None),
             ("harc-hpc", "ties", {**ties, "granularity": "per_expert"}, None),
-            ("harc-hpc", "ties", {**ties, "granularity": "fused"}, None),
         ]
+        if layers in args.fused_layers:
+            runs.append(("harc-hpc", "ties", {**ties, "granularity": "fused"}, None))
         if args.mergekit:
             runs += [("mergekit", "linear", {"weights": [0.4, 0.6]}, None),
                      ("mergekit", "ties", ties, None)]
@@ -291,6 +292,7 @@ def main() -> None:
     b.add_argument("--mergekit", default=None, help="path of mergekit-yaml in its own venv")
     b.add_argument("--wudi-steps", type=int, nargs="*", default=[1, 3])
     b.add_argument("--wudi-layers", type=int, nargs="*", default=[1])
+    b.add_argument("--fused-layers", type=int, nargs="*", default=[1])
     b.add_argument("--json", default="/tmp/harc-bench/results.json")
     w = sub.add_parser("wudi-micro")
     w.add_argument("--steps", type=int, default=5)

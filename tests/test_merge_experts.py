@@ -277,3 +277,20 @@ def test_pickle_source_refused(tmp_path, moe_models):
 def test_bad_parameters_exit_nonzero(tmp_path, moe_models):
     _cli_fails(tmp_path, moe_models("olmoe"), {"method": "ties", "parameters": {"densty": 0.5}},
                ["densty"])
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_elementwise_methods_in_slices_give_the_same_bytes(tmp_path, moe_models, monkeypatch, method):
+    from harc_hpc.merge import engine
+
+    models = moe_models("qwen2_moe")
+    whole, _ = _run(tmp_path, models, {"method": method, "parameters": {"weights": [0.3, 0.7]}},
+                    name="whole")
+    monkeypatch.setattr(engine, "CHUNK_NUMEL", 77)  # slices that straddle rows and tensors
+    monkeypatch.setattr(engine, "PREFETCH_MAX_NUMEL", 100)
+    sliced, stats = _run(tmp_path, models, {"method": method, "parameters": {"weights": [0.3, 0.7]}},
+                         name="sliced")
+    assert stats["merged_tensors"] == stats["tensors"]
+    for f in sorted(p.name for p in whole.iterdir()):
+        if f != "harc_merge.json":
+            assert (whole / f).read_bytes() == (sliced / f).read_bytes(), f

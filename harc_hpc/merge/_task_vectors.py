@@ -36,12 +36,14 @@ def magnitude_sparsify(delta: torch.Tensor, density: float, rescale: Rescale = "
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
     w = delta.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    mask[torch.argsort(w, descending=True)[:k]] = 1
-    del w
+    top = torch.argsort(w, descending=True)[:k]
+    del w  # the sort's workspace is the peak: allocate the mask only after it
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[top] = 1
+    del top
     masked = delta * mask.reshape_as(delta)
     if rescale == "l1":
         return _l1_rescaled(delta, masked)
@@ -104,11 +106,17 @@ def task_vector_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], weigh
                       *, densities: Optional[Sequence[float]] = None,
                       sparsify: Optional[Literal["magnitude", "random"]] = None,
                       rescale: Rescale = "none", consensus: bool = False, normalize: bool = False,
-                      lam: float = 1.0, generators: Optional[Sequence[torch.Generator]] = None
-                      ) -> torch.Tensor:
+                      lam: float = 1.0, generators: Optional[Sequence[torch.Generator]] = None,
+                      consume: bool = False) -> torch.Tensor:
+    """``consume``: set each entry of ``sources`` to None once its delta is taken (the caller
+    holds no other reference), so inputs do not outlive their use."""
     deltas = base.new_empty((len(sources), *base.shape))
-    for i, x in enumerate(sources):
+    for i in range(len(sources)):
+        x = sources[i]
+        if consume:
+            sources[i] = None
         delta = x - base
+        del x
         if sparsify == "magnitude":
             delta = magnitude_sparsify(delta, densities[i], rescale)
         elif sparsify == "random":

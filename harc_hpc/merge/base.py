@@ -61,6 +61,9 @@ class MergeContext:
 
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: the caller keeps no other reference to the ``sources`` list it passes: a method may set its
+    #: entries to None once used, to free memory early
+    consume_inputs: bool = False
 
     def generator(self, unit_name: str, model_index: int) -> torch.Generator:
         """A CPU generator seeded from (seed, unit name, model index): a rerun, a resumed run or a
@@ -104,6 +107,9 @@ class MergeMethod:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs_base: ClassVar[bool] = True
+    #: the result at each element depends only on the inputs at that element, so large tensors can
+    #: be merged in slices (bounded memory); methods that rank or normalise a whole tensor cannot
+    elementwise: ClassVar[bool] = False
     Params: ClassVar[type[MethodParams]] = MethodParams
 
     def parse_params(self, parameters: dict[str, Any], sources: Sequence[str]) -> MethodParams:

@@ -57,4 +57,5 @@ class DareLinearMerge(MergeMethod):
             base, sources, params.per_model("weights", source_names),
             densities=params.per_model("density", source_names), sparsify="random",
             rescale=params.rescale, consensus=self.consensus, normalize=params.normalize,
-            lam=params.lambda_, generators=gens)
+            lam=params.lambda_, generators=gens,
+            consume=ctx.consume_inputs)

@@ -211,9 +211,37 @@ def _split_fused(ckpt: Checkpoint, key: str, e) -> list[MergeUnit]:
     return units
 
 
+def split_unit(unit: MergeUnit, max_numel: int) -> list[MergeUnit]:
+    """Consecutive 1-D slices of ``unit`` of at most ``max_numel`` elements, for element-wise
+    methods: the result is the same as merging the whole unit, with a fraction of the memory."""
+    if unit.numel <= max_numel:
+        return [unit]
+    out = []
+    piece_starts = []
+    pos = 0
+    for p in unit.pieces:
+        piece_starts.append(pos)
+        pos += p.numel
+    for lo in range(0, unit.numel, max_numel):
+        hi = min(lo + max_numel, unit.numel)
+        pieces = []
+        for p, ps in zip(unit.pieces, piece_starts):
+            a, b = max(lo, ps), min(hi, ps + p.numel)
+            if a < b:
+                pieces.append(Piece(p.key, p.start + (a - ps), b - a, (b - a,), False))
+        out.append(MergeUnit(f"{unit.name}[{lo}:{hi}]", (hi - lo,), tuple(pieces), unit.role,
+                             unit.layer))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Merging
 # ---------------------------------------------------------------------------------------------
+
+#: element-wise methods merge large tensors in slices of this many elements
+CHUNK_NUMEL = 1 << 22
+#: a unit larger than this (elements) is not read ahead while another one is being merged
+PREFETCH_MAX_NUMEL = 1 << 24
 
 def _read_unit(inp: MergeInput, unit: MergeUnit, check_finite: bool) -> torch.Tensor:
     parts = []
@@ -254,10 +282,13 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
     stored = torch_dtype(out_dtype)
     granularity = method.granularity(params)
     units = plan_units(ref.ckpt, fam, granularity)
+    n_tensor_units = len(units)
+    if getattr(method, "elementwise", False):
+        units = [c for u in units for c in split_unit(u, CHUNK_NUMEL)]
     patterns = [re.compile(p) for p in exclude]
     excluded = {k for k in ref.ckpt.keys() if any(p.search(k) for p in patterns)}
     names = [s.name for s in sources]
-    ctx = MergeContext(seed=seed, device=torch.device(device))
+    ctx = MergeContext(seed=seed, device=torch.device(device), consume_inputs=True)
 
     def unit_dtypes(unit: MergeUnit) -> tuple[torch.dtype, torch.dtype]:
         dts = [i.ckpt.tensor_dtype(unit.pieces[0].key) for i in inputs]
@@ -276,8 +307,9 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
     writer = CheckpointWriter(out_dir, max_shard_size)
     writer.declare(entries)
 
-    roles: dict[str, int] = {}
-    merged_units = copied_units = 0
+    role_keys: dict[str, set] = {}
+    merged_keys: set[str] = set()
+    copied_keys: set[str] = set()
     copy_from = base if base is not None else sources[0]
 
     def load(unit: MergeUnit):
@@ -288,24 +320,36 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
 
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(load, units[0]) if units else None
+            future = None
             for idx, unit in enumerate(units):
-                is_copy, tensors = future.result()
-                if idx + 1 < len(units):
+                is_copy, tensors = future.result() if future is not None else load(unit)
+                future = None
+                # Read the next unit while this one is merged, unless it is one of the few big
+                # tensors (embeddings): holding two of those at once would set the peak memory.
+                if idx + 1 < len(units) and units[idx + 1].numel <= PREFETCH_MAX_NUMEL:
                     future = pool.submit(load, units[idx + 1])
                 c, o = unit_dtypes(unit)
                 if is_copy:
                     result = tensors[copy_from.name]
-                    copied_units += 1
+                    copied_keys.update(p.key for p in unit.pieces)
                 else:
                     b = tensors[base.name].to(c) if base is not None else None
                     srcs = [tensors[n].to(c) for n in names]
+                    # Hand the inputs over: a method that consumes them (ctx.consume_inputs) can
+                    # free each source once used, which lowers the peak for the largest tensors.
+                    ref_keep = (tensors[copy_from.name]
+                                if any(p.key in excluded for p in unit.pieces) else None)
+                    tensors.clear()
+                    if ref_keep is not None:
+                        tensors[copy_from.name] = ref_keep
+                    del ref_keep
                     result = method.merge(b, srcs, unit, params, names, ctx)
+                    del b, srcs
                     if tuple(result.shape) != unit.shape:
                         raise RuntimeError(f"{method.name}: returned shape {tuple(result.shape)} for "
                                            f"{unit.name} {unit.shape}")
-                    merged_units += 1
-                    roles[unit.role] = roles.get(unit.role, 0) + 1
+                    merged_keys.update(p.key for p in unit.pieces if p.key not in excluded)
+                    role_keys.setdefault(unit.role, set()).update(p.key for p in unit.pieces)
                 flat = result.reshape(-1).to(o)
                 ref_flat = None
                 pos = 0
@@ -328,10 +372,10 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
         "family": fam.name,
         "layout": fam.detect_layout(ref.ckpt.keys()),
         "granularity": granularity,
-        "units": len(units),
-        "merged_units": merged_units,
-        "copied_units": copied_units,
-        "merged_by_role": dict(sorted(roles.items())),
+        "units": n_tensor_units,
+        "merged_tensors": len(merged_keys),
+        "copied_tensors": len(copied_keys | (excluded & set(ref.ckpt.keys()))),
+        "merged_by_role": {r: len(k) for r, k in sorted(role_keys.items())},
         "tensors": len(entries),
         "excluded_tensors": sorted(excluded, key=natural_key),
         "seconds": round(time.perf_counter() - t0, 3),

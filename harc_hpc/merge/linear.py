@@ -21,6 +21,7 @@ class LinearMerge(MergeMethod):
     name = "linear"
     description = "weighted average of all models (no base needed)"
     needs_base = False
+    elementwise = True
     Params = LinearParams
 
     def merge(self, base, sources, unit, params, source_names, ctx):

@@ -19,7 +19,9 @@ class TaskArithmeticMerge(MergeMethod):
     name = "task_arithmetic"
     description = "base + lambda * sum_i w_i (x_i - base)"
     Params = TaskArithmeticParams
+    elementwise = True
 
     def merge(self, base, sources, unit, params, source_names, ctx):
         return task_vector_merge(base, sources, params.per_model("weights", source_names),
-                                 normalize=params.normalize, lam=params.lambda_)
+                                 normalize=params.normalize, lam=params.lambda_,
+                                 consume=ctx.consume_inputs)

@@ -50,4 +50,4 @@ class TiesMerge(MergeMethod):
             base, sources, params.per_model("weights", source_names),
             densities=params.per_model("density", source_names), sparsify="magnitude",
             rescale="l1" if params.rescale else "none", consensus=True,
-            normalize=params.normalize, lam=params.lambda_)
+            normalize=params.normalize, lam=params.lambda_, consume=ctx.consume_inputs)

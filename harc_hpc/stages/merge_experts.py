@@ -103,8 +103,8 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     for i in inputs:
         i.ckpt.close()
     return {"method": method.name, "output": str(out_dir), "tensors": stats["tensors"],
-            "units": stats["units"], "merged_units": stats["merged_units"],
-            "copied_units": stats["copied_units"], "seconds": stats["seconds"]}
+            "units": stats["units"], "merged_tensors": stats["merged_tensors"],
+            "copied_tensors": stats["copied_tensors"], "seconds": stats["seconds"]}
 
 
 def _describe(inp: MergeInput, digests: dict) -> dict:
