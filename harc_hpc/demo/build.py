@@ -22,6 +22,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -125,6 +126,10 @@ def ensure_demo(recipe: DemoRecipe = DemoRecipe(), cache_dir: Optional[os.PathLi
     if is_complete(final, recipe):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    if progress is None:
+        # Minutes of silence would look like a hang: say what is happening even without -v.
+        sys.stderr.write(f"harc-hpc demo: building the demo sources into {final} "
+                         f"(about 4 minutes on 2 CPU cores; cached for later runs)\n")
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
     try:
         build_into(tmp, recipe, progress=progress)

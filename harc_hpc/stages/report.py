@@ -114,13 +114,16 @@ def evaluate(model, fam, layers: list[int], seqs: list[list[int]], batch_size: i
                 mask[i, :n] = True
             keep["mask"] = mask.reshape(-1).to(device)
             ids = ids.to(device)
-            logits = model(input_ids=ids).logits.float()
-            # Next-token loss over real tokens only (right padding: pads come after every real token).
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            target_ok = mask[:, 1:].to(device)
-            nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            result.nll += float(nll[target_ok].double().sum())
-            result.tokens += int(target_ok.sum())
+            logits = model(input_ids=ids).logits
+            # Next-token loss over real tokens only (right padding: pads come after every real
+            # token), one sequence at a time: a float32 copy of a whole batch's logits can be GBs.
+            for i, n in enumerate(lengths):
+                if n < 2:
+                    continue
+                nll = torch.nn.functional.cross_entropy(logits[i, : n - 1].float(), ids[i, 1:n], reduction="sum")
+                result.nll += float(nll)
+                result.tokens += n - 1
+            del logits
     finally:
         for h in handles:
             h.remove()

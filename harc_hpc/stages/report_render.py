@@ -73,23 +73,27 @@ def write_plots(metrics: dict, out_dir: Path) -> list[str]:
     columns = _loss_columns(metrics)
     if losses and columns:
         tasks = list(losses)
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(columns) * len(tasks)), 3.8))
-        width = 0.8 / len(columns)
-        for j, name in enumerate(columns):
-            xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(tasks))]
-            ys = [losses[t].get(name, float("nan")) for t in tasks]
-            ax.bar(xs, ys, width, label=name)
-        ax.set_xticks(range(len(tasks)))
-        ax.set_xticklabels(tasks)
-        ax.set_ylabel("held-out loss, nats/token")
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+        _bars(axes[0], tasks, columns, lambda t, n: losses[t].get(n, float("nan")))
+        axes[0].set_ylabel("held-out loss, nats/token")
+        axes[0].set_title("Held-out loss per task")
         finite = [v for t in tasks for v in losses[t].values() if isinstance(v, float) and math.isfinite(v)]
         # Sources that forgot a task would dwarf the differences that matter: clip the axis.
         core = [losses[t][n] for t in tasks for n in ("merged", "calibrated", "oracle") if n in losses[t]]
         if core and finite:
-            ax.set_ylim(0, min(max(finite), 2.5 * max(core)) * 1.05)
-        ax.legend(fontsize=8, ncol=2)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_title("Held-out loss per task")
+            axes[0].set_ylim(0, min(max(finite), 2.5 * max(core)) * 1.05)
+        axes[0].legend(fontsize=8, ncol=2)
+        # The differences that matter are small next to the losses: show them against the merged model.
+        delta_cols = [n for n in ("base", "calibrated", "oracle") if n in columns]
+        if "merged" in columns and delta_cols:
+            _bars(axes[1], tasks, delta_cols,
+                  lambda t, n: losses[t].get(n, float("nan")) - losses[t].get("merged", float("nan")))
+            axes[1].axhline(0.0, color="black", linewidth=0.8)
+            axes[1].set_ylabel("loss - merged's, nats/token")
+            axes[1].set_title("Change vs the merged model")
+            axes[1].legend(fontsize=8)
+        else:
+            axes[1].set_visible(False)
         fig.tight_layout()
         fig.savefig(out_dir / "loss.png", dpi=110)
         plt.close(fig)
@@ -113,6 +117,18 @@ def write_plots(metrics: dict, out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append("solve.png")
     return written
+
+
+def _bars(ax, tasks, columns, value) -> None:
+    width = 0.8 / len(columns)
+    palette = {"base": "tab:green", "merged": "tab:red", "calibrated": "tab:blue", "oracle": "tab:gray"}
+    others = iter(["tab:orange", "tab:purple", "tab:olive", "tab:cyan", "tab:brown", "tab:pink"] * 8)
+    for j, name in enumerate(columns):
+        xs = [i + (j - (len(columns) - 1) / 2) * width for i in range(len(tasks))]
+        ax.bar(xs, [value(t, name) for t in tasks], width, label=name, color=palette.get(name) or next(others))
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels(tasks)
+    ax.grid(axis="y", alpha=0.3)
 
 
 # -- markdown ---------------------------------------------------------------------------------------
