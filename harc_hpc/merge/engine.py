@@ -312,22 +312,34 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
     copied_keys: set[str] = set()
     copy_from = base if base is not None else sources[0]
 
+    io_pool = ThreadPoolExecutor(max_workers=len(inputs))
+
     def load(unit: MergeUnit):
-        whole_copy = all(p.key in excluded for p in unit.pieces) or not unit_dtypes(unit)[0].is_floating_point
+        whole_copy = (all(p.key in excluded for p in unit.pieces)
+                      or not unit_dtypes(unit)[0].is_floating_point)
         if whole_copy:
             return True, {copy_from.name: _read_unit(copy_from, unit, check_finite)}
-        return False, {i.name: _read_unit(i, unit, check_finite) for i in inputs}
+        reads = {i.name: io_pool.submit(_read_unit, i, unit, check_finite) for i in inputs}
+        return False, {n: f.result() for n, f in reads.items()}
 
+    def write(parts):
+        for key, start, part in parts:
+            writer.add_part(key, start, part)
+
+    # Three stages overlap: the next unit is read (inputs in parallel) and the previous one written
+    # while the current one is merged. At most one unit is in flight in each direction.
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=1) as read_pool, \
+                ThreadPoolExecutor(max_workers=1) as write_pool:
             future = None
+            pending_write = None
             for idx, unit in enumerate(units):
                 is_copy, tensors = future.result() if future is not None else load(unit)
                 future = None
                 # Read the next unit while this one is merged, unless it is one of the few big
                 # tensors (embeddings): holding two of those at once would set the peak memory.
                 if idx + 1 < len(units) and units[idx + 1].numel <= PREFETCH_MAX_NUMEL:
-                    future = pool.submit(load, units[idx + 1])
+                    future = read_pool.submit(load, units[idx + 1])
                 c, o = unit_dtypes(unit)
                 if is_copy:
                     result = tensors[copy_from.name]
@@ -343,6 +355,9 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
                     if ref_keep is not None:
                         tensors[copy_from.name] = ref_keep
                     del ref_keep
+                    if pending_write is not None and unit.numel > PREFETCH_MAX_NUMEL:
+                        pending_write.result()  # a big unit: let the previous output go first
+                        pending_write = None
                     result = method.merge(b, srcs, unit, params, names, ctx)
                     del b, srcs
                     if tuple(result.shape) != unit.shape:
@@ -352,6 +367,7 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
                     role_keys.setdefault(unit.role, set()).update(p.key for p in unit.pieces)
                 flat = result.reshape(-1).to(o)
                 ref_flat = None
+                parts = []
                 pos = 0
                 for p in unit.pieces:
                     part = flat[pos:pos + p.numel]
@@ -359,15 +375,23 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
                         if ref_flat is None:
                             ref_flat = tensors[copy_from.name].reshape(-1).to(o)
                         part = ref_flat[pos:pos + p.numel]
-                    writer.add_part(p.key, p.start, part)
+                    parts.append((p.key, p.start, part))
                     pos += p.numel
                 del tensors, result, flat, ref_flat
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = write_pool.submit(write, parts)
+                del parts
                 if progress is not None:
                     progress(idx + 1, len(units), unit)
+            if pending_write is not None:
+                pending_write.result()
         writer.finalize()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        io_pool.shutdown(wait=True, cancel_futures=True)
     return {
         "family": fam.name,
         "layout": fam.detect_layout(ref.ckpt.keys()),
