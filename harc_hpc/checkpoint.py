@@ -330,20 +330,26 @@ class Checkpoint:
             numel *= s
         return self.read_part(key, 0, numel).reshape(info.shape)
 
-    def read_part(self, key: str, start: int, numel: int) -> torch.Tensor:
+    def read_part(self, key: str, start: int, numel: int,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Elements ``[start, start + numel)`` of the flattened tensor (row-major), as a 1-D tensor.
 
-        Used to read one expert out of a fused (E, ...) tensor without reading the others.
+        Used to read one expert out of a fused (E, ...) tensor without reading the others. ``out``
+        (contiguous, 1-D, ``numel`` elements of the tensor's dtype) receives the data in place.
         """
         info = self.info(key)
+        if out is not None and (out.dtype != info.dtype or out.numel() != numel
+                                or not out.is_contiguous()):
+            raise ValueError(f"{key}: out must be a contiguous {info.dtype} tensor of {numel} elements")
         if info.begin < 0:
-            t = self._load_pickle(info.file)[key]
-            return t.reshape(-1)[start:start + numel].clone()
+            t = self._load_pickle(info.file)[key].reshape(-1)[start:start + numel]
+            return out.copy_(t) if out is not None else t.clone()
         itemsize = torch.empty((), dtype=info.dtype).element_size()
         nbytes = numel * itemsize
         if (start + numel) * itemsize > info.nbytes:
             raise CheckpointError(f"{self.name}: {info.file}: tensor {key}: read past its end")
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        buf = (out.view(-1).view(torch.uint8) if out is not None
+               else torch.empty(nbytes, dtype=torch.uint8))
         fd = self._fd(info.file)
         view = memoryview(buf.numpy())
         offset = info.begin + start * itemsize
@@ -354,7 +360,7 @@ class Checkpoint:
                 raise CheckpointError(f"{self.name}: {info.file}: tensor {key}: file ended early "
                                       f"(truncated while reading?)")
             done += n
-        return buf.view(info.dtype)
+        return out if out is not None else buf.view(info.dtype)
 
     def _fd(self, f: Path) -> int:
         fd = self._fds.get(f)

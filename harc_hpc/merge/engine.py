@@ -244,15 +244,15 @@ CHUNK_NUMEL = 1 << 22
 PREFETCH_MAX_NUMEL = 1 << 24
 
 def _read_unit(inp: MergeInput, unit: MergeUnit, check_finite: bool) -> torch.Tensor:
-    parts = []
+    flat = torch.empty(unit.numel, dtype=inp.ckpt.tensor_dtype(unit.pieces[0].key))
+    pos = 0
     for p in unit.pieces:
-        t = inp.ckpt.read_part(p.key, p.start, p.numel)
+        t = inp.ckpt.read_part(p.key, p.start, p.numel, out=flat[pos:pos + p.numel])
+        pos += p.numel
         if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise MergeInputError(f"model {inp.name!r}: file {inp.ckpt.file_of(p.key)}: tensor "
                                   f"{p.key} contains {bad} NaN/Inf values")
-        parts.append(t)
-    flat = parts[0] if len(parts) == 1 else torch.cat(parts)
     return flat.reshape(unit.shape)
 
 
