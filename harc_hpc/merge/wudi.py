@@ -52,8 +52,8 @@ def wudi_solve(taus: torch.Tensor, lr: float = 1e-5, steps: int = 300) -> torch.
         scaled = taus / norms2.view(-1, 1, 1)
         gram = torch.einsum("noi,noj->ij", scaled, taus)  # sum_i tau_i^T tau_i / ||tau_i||^2
         target = torch.zeros_like(tau_m)
-        for t, s in zip(taus, scaled):
-            target += t @ (s.T @ t)  # tau_i tau_i^T tau_i / ||tau_i||^2
+        for t, s in zip(taus, scaled):  # tau_i tau_i^T tau_i / ||tau_i||^2, cheaper side first
+            target += (t @ s.T) @ t if out <= inp else t @ (s.T @ t)
         del scaled
 
         def grad(m):
