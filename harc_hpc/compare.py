@@ -5,8 +5,8 @@ Checked metrics are the held-out losses and every routing number (per task and l
 when ``|a - b| > atol + rtol * max(|a|, |b|)`` or when one run has a metric the other lacks. Artifact
 digests (routers, assembled and merged model) must agree when both runs were computed from the same
 results-relevant configuration (same ``results_config_digest``: run name, output place, executor and
-report options aside) with the same package versions; otherwise their differences are listed as
-expected. Timings are shown, never checked.
+report options aside) with the same package versions, torch thread count and device; otherwise their
+differences are listed as expected. Timings are shown, never checked.
 """
 
 from __future__ import annotations
@@ -116,10 +116,15 @@ def compare_metrics(a: dict, b: dict, rtol: float = 1e-3, atol: float = 1e-6) ->
         ma.get("results_config_digest") == mb.get("results_config_digest")
     pa, pb = ma.get("packages", {}), mb.get("packages", {})
     version_diff = [k for k in _VERSION_KEYS if pa.get(k) != pb.get(k)]
+    env_diff = [k for k in ("torch_threads", "device") if ma.get(k) != mb.get(k)]
     if not same_config:
         must, reason = False, "configurations differ: artifact differences expected"
     elif version_diff:
         must, reason = False, f"package versions differ ({', '.join(version_diff)}): artifact differences expected"
+    elif env_diff:
+        # Floating-point reductions depend on the thread count and the device: same numbers within
+        # tolerance, not the same bits.
+        must, reason = False, f"{' and '.join(env_diff)} differ: artifact differences expected"
     else:
         must, reason = True, "same configuration and versions: artifacts must be identical"
     return Comparison(rows, digest_rows, must, reason, compared=len(set(fa) & set(fb)))

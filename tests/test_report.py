@@ -189,6 +189,11 @@ def test_compare_digests_must_match_only_for_the_same_config(reported_run, tmp_p
     res = CliRunner().invoke(compare_command, [str(run_dir), str(b)])
     assert res.exit_code == 1
     assert "routers/layer-001.safetensors" in res.output and "must be identical" in res.output
+    _edit_metrics(b, lambda m: m["manifest"].__setitem__("torch_threads", m["manifest"]["torch_threads"] + 1))
+    res = CliRunner().invoke(compare_command, [str(run_dir), str(b)])
+    assert res.exit_code == 0, res.output
+    assert "torch_threads differ" in res.output
+    _edit_metrics(b, lambda m: m["manifest"].__setitem__("torch_threads", m["manifest"]["torch_threads"] - 1))
     _edit_metrics(b, lambda m: m["manifest"].__setitem__("results_config_digest", "other"))
     res = CliRunner().invoke(compare_command, [str(run_dir), str(b)])
     assert res.exit_code == 0, res.output

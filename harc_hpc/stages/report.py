@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import math
 import platform
 import subprocess
@@ -31,6 +32,8 @@ from typing import Optional
 import torch
 
 from harc_hpc.config import PipelineConfig
+
+log = logging.getLogger(__name__)
 
 METRICS_VERSION = 1
 _PACKAGES = ("harc-hpc", "torch", "transformers", "tokenizers", "safetensors", "numpy", "zarr", "h5py",
@@ -159,7 +162,7 @@ def _tokenized_heldout(cfg: PipelineConfig, tokenizer) -> dict[str, list[list[in
             for s in cfg.models.sources if s.heldout is not None and s.heldout.files}
 
 
-def model_metrics(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
+def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     """Held-out losses and routing divergences of sources, base, merged, calibrated and oracle."""
     from transformers import AutoTokenizer
 
@@ -207,7 +210,7 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
             if t == src.name:
                 source_routing[t] = ev.own_logits
         del model
-        log(f"report: source {src.name} evaluated ({time.perf_counter() - t0:.1f}s)")
+        log.info("report: source %s evaluated (%.1fs)", src.name, time.perf_counter() - t0)
 
     if cfg.models.base:
         model = load(resolve_model_path(cfg.models.base, revision=cfg.models.revision))
@@ -239,7 +242,7 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path, log=print) -> dict:
                                                     keep_routing=False).loss
             _set_routers(model, fam, own)
         del model
-        log(f"report: {name} model evaluated ({time.perf_counter() - t0:.1f}s)")
+        log.info("report: %s model evaluated (%.1fs)", name, time.perf_counter() - t0)
     out["routing"] = {"router_level": router_level}
     if cfg.report.top_k_end_to_end:
         out["routing"]["end_to_end"] = end_to_end
@@ -344,6 +347,15 @@ def _git_revision() -> Optional[str]:
         return None
 
 
+def _device_name(cfg: PipelineConfig) -> str:
+    from harc_hpc.modeling import pick_device
+
+    device = pick_device(cfg.harc.device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return f"cpu:{platform.machine()}"
+
+
 def results_config_digest(cfg: PipelineConfig) -> str:
     """Digest of what decides the numbers: not the run's name, place, executor or report options."""
     dump = cfg.model_dump(mode="json")
@@ -368,6 +380,10 @@ def manifest(cfg: PipelineConfig, run_dir: Path) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions,
+        # CPU reductions are bitwise reproducible for a fixed thread count only; the stages of one
+        # run share the environment that sets it (OMP_NUM_THREADS), so this stands for all of them.
+        "torch_threads": torch.get_num_threads(),
+        "device": _device_name(cfg),
         "git_revision": _git_revision(),
         "config_digest": hashlib.sha256(full.encode()).hexdigest(),
         "results_config_digest": results_config_digest(cfg),

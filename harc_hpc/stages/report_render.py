@@ -105,6 +105,7 @@ def write_plots(metrics: dict, out_dir: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.bar([int(l) for l in ls], [solve[l].get("iterations") or 0 for l in ls], color="tab:gray")
         ax.set_xlabel("MoE layer")
+        ax.set_xticks([int(l) for l in ls])
         ax.set_ylabel("solver iterations")
         ax2 = ax.twinx()
         res = [solve[l].get("relative_residual") for l in ls]
