@@ -113,7 +113,8 @@ class KroneckerPreconditioner:
     """
 
     def __init__(self, expert_factor: torch.Tensor, input_factor: torch.Tensor, diagonal: torch.Tensor,
-                 alpha: float, *, project_null: bool = False, floor: float = 1e-10):
+                 alpha: float, *, project_null: bool = False, floor: float = 1e-10,
+                 diagonal_scaling: bool = True):
         a = expert_factor.to(torch.float64)
         if project_null:
             # lift A's zero eigenvalue along 1 to a typical one: that direction is projected out anyway,
@@ -135,15 +136,27 @@ class KroneckerPreconditioner:
         # rows of zeros in the system: keep the update there exactly zero, like Jacobi does
         live = diagonal > 0
         self.mask = None if bool(live.all()) else live.to(torch.float64)
+        self.scale = None
+        if diagonal_scaling:
+            # M's own diagonal is C = (Q_A^2) S (Q_B^2)^T; rescale M to the system's true diagonal D
+            # (Jacobi) while keeping its Kronecker correlation structure: M' = s M s, s = sqrt(D / C)
+            c = (qa * qa) @ s @ (qb * qb).T
+            d64 = diagonal.to(torch.float64)
+            ratio = torch.where(live, c / d64.clamp(min=1e-300), torch.ones_like(c))
+            self.scale = ratio.clamp(min=0).sqrt()
 
     def __call__(self, r: torch.Tensor) -> torch.Tensor:
         if self.mask is not None:
             r = r * self.mask
         if self.project_null:
             r = _expert_centred(r)
+        if self.scale is not None:
+            r = r * self.scale
         t = self.qa.T @ r @ self.qb
         t = t * self.inv_s
         out = self.qa @ t @ self.qb.T
+        if self.scale is not None:
+            out = out * self.scale
         if self.project_null:
             out = _expert_centred(out)
         return out * self.mask if self.mask is not None else out

@@ -163,13 +163,15 @@ def solve_router(
     direct_max_size: int = 4096,
     kl_max_steps: int = 30,
     kl_tol: Optional[float] = None,
+    kronecker_tokens: Optional[int] = 8192,
 ) -> RouterSolution:
     """Calibrate one layer's router.
 
     inputs[i]: task i's router inputs (merged model), an (N_i, d) tensor or a re-iterable of (n, d)
     chunks; source_routers[i]: W_i (K, d); init: the merged router (K, d), the starting point.
     GEMMs run in ``compute_dtype`` (default: the inputs' dtype, float32 for half types); all
-    reductions, CG vectors and scalars are float64.
+    reductions, CG vectors and scalars are float64. ``kronecker_tokens`` caps the tokens per task
+    used to estimate E[x x^T] for the Kronecker preconditioner (None: all).
     """
     t_start = time.perf_counter()
     _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics)
@@ -185,7 +187,6 @@ def solve_router(
     precond = "none" if solver == "cg" else preconditioner
     if solver == "direct":
         precond = "none"
-    need_gram = precond == "kronecker"
 
     curvatures = [TaskCurvature(c, w, hessian) for c, w in zip(chunks, sources)]
     if statistics is not None:
@@ -195,7 +196,7 @@ def solve_router(
             stats.append(s.to(device))
         kl_before = [mean_kl(c, w, w0) for c, w in zip(chunks, sources)]
     else:
-        stats = [statistics_from_curvature(cv, w, w0, input_gram=need_gram) for cv, w in zip(curvatures, sources)]
+        stats = [statistics_from_curvature(cv, w, w0) for cv, w in zip(curvatures, sources)]
         kl_before = [s.kl for s in stats]
 
     diagonal = sum_in_order(s.sigma_diag for s in stats)
@@ -205,7 +206,8 @@ def solve_router(
     expert_factor = input_factor = None
     if precond == "kronecker":
         expert_factor = sum_in_order(s.hessian_mean for s in stats)
-        grams = [s.input_gram if s.input_gram is not None else cv.input_gram() for s, cv in zip(stats, curvatures)]
+        grams = [s.input_gram if s.input_gram is not None else cv.input_gram(kronecker_tokens)
+                 for s, cv in zip(stats, curvatures)]
         input_factor = sum_in_order(grams) / len(grams)
 
     history: list = []
