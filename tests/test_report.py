@@ -32,10 +32,10 @@ def _save(model, src_dir: Path, out: Path):
         shutil.copy(src_dir / name, out / name)
 
 
-def make_run_dir(root: Path) -> tuple[Path, Path]:
+def make_run_dir(root: Path, family: str = "olmoe", layers: int = 2) -> tuple[Path, Path]:
     """merged = plain average of the sources; "calibrated" = merged with math's routers written in,
     so some metrics have exact expected values."""
-    sources = build_tiny_sources(root, layers=2)
+    sources = build_tiny_sources(root, family=family, layers=layers)
     cfg_path = write_config(root, sources, name="r1", extra={"report.enabled": True})
     cfg = load_config(cfg_path)
     run_dir = cfg.run_dir
@@ -112,6 +112,18 @@ def test_report_metrics_values(reported_run):
     assert {"routers/layer-000.safetensors", "model/model.safetensors", "merged/model.safetensors"} <= set(man["artifacts"])
     assert man["packages"]["torch"] == torch.__version__
     assert len(man["config_digest"]) == 64
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", pytest.param("mixtral", marks=pytest.mark.slow)])
+def test_report_on_other_families(tmp_path, family):
+    # Qwen3-MoE fixture: layer 1 is dense (mlp_only_layers) and has no router.
+    cfg_path, run_dir = make_run_dir(tmp_path, family=family, layers=3)
+    report.run(load_config(cfg_path), run_dir)
+    m = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert m["layers"] == ([0, 2] if family == "qwen3_moe" else [0, 1, 2])
+    rl = m["routing"]["router_level"]["calibrated"]["math"]
+    assert rl["kl"] == pytest.approx([0.0] * len(m["layers"]), abs=1e-9)
+    assert max(m["routing"]["end_to_end"]["merged"]["code"]["topk_mismatch"]) > 0
 
 
 def test_routing_divergence_basics():
@@ -218,9 +230,24 @@ def test_results_config_digest_ignores_name_and_executor(reported_run):
     assert report.results_config_digest(other) != report.results_config_digest(cfg)
 
 
-def test_report_command(reported_run, tmp_path):
-    _, run_dir, _ = reported_run
+def test_report_command(reported_run, monkeypatch):
+    # The stage itself is tested above; here: the command loads RUN_DIR/config.yaml and reports.
+    _, run_dir, result = reported_run
+    seen = {}
+
+    def fake_run(cfg, rd):
+        seen["cfg"], seen["run_dir"] = cfg, rd
+        return result
+
+    monkeypatch.setattr(report, "run", fake_run)
     res = CliRunner().invoke(report_command, [str(run_dir)])
     assert res.exit_code == 0, res.output
-    assert "router-level KL: merged" in res.output
-    assert json.loads((run_dir / "report" / "metrics.json").read_text())["tasks"] == list(TASKS)
+    assert "router-level KL: merged" in res.output and "mean held-out loss calibrated" in res.output
+    assert seen["run_dir"] == run_dir and seen["cfg"].task_names == list(TASKS)
+
+
+def test_report_command_errors_cleanly(tmp_path):
+    (tmp_path / "config.yaml").write_text("models: {sources: [{name: a, path: /nonexistent}]}\n")
+    res = CliRunner().invoke(report_command, [str(tmp_path)])
+    assert res.exit_code == 1
+    assert "Error:" in res.output and "merge-experts" in res.output
