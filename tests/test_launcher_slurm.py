@@ -167,3 +167,19 @@ def test_start_script_is_a_quick_noop_when_the_cluster_is_up():
     assert res.returncode == 0, res.stderr
     assert "starting" not in res.stderr and "up: cluster" in res.stderr
     assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("HARC_HPC_SLOW_SLURM_TESTS") != "1",
+                    reason="takes about 3 minutes (1-minute time limit + SLURM's requeue hold); "
+                           "set HARC_HPC_SLOW_SLURM_TESTS=1")
+def test_time_limit_requeues_the_task_and_it_completes(tmp_path):
+    cfg = load_config(write_toy_config(tmp_path), overrides={
+        "executor.stages": {"solve-router": {"time_min": 1}}, "executor.signal_delay_s": 45})
+    plan, _ = submit(cfg, executor="debug",
+                     select=stages_of(None, "merge-experts", "capture-activations", "compute-statistics"))
+    (plan.run_dir / "slowonce-solve-layer0").write_text("200")  # past the limit, first attempt only
+    plan, outcome = submit(cfg, executor="slurm", wait=True, poll_s=2, wait_timeout_s=400)
+    assert outcome.ok, (outcome.failed, outcome.skipped)
+    job = records.read_completion(plan.run_dir, "solve-router", "layer-000")["job"]
+    assert job["slurm_restart_count"] == "1"  # submitit caught USR2 and requeued the Checkpointable runner

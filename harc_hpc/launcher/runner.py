@@ -136,9 +136,16 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
                 raise RuntimeError(f"{payload['id']}: the stage finished but did not write {missing}")
         except BaseException as exc:
             wall = time.perf_counter() - t0
-            log.error("%s: failed after %.1fs: %s\n%s", payload["id"], wall, exc, traceback.format_exc())
+            # SystemExit/KeyboardInterrupt: stopped from outside (submitit exits this way after requeueing
+            # a timed-out or preempted job), not a failure of the stage.
+            interrupted = isinstance(exc, (SystemExit, KeyboardInterrupt))
+            if interrupted:
+                log.warning("%s: interrupted after %.1fs (%s)", payload["id"], wall, type(exc).__name__)
+            else:
+                log.error("%s: failed after %.1fs: %s\n%s", payload["id"], wall, exc, traceback.format_exc())
             records.write_json_atomic(records.stats_path(run_dir, stage, key), {
-                "id": payload["id"], "status": "failed", "error": f"{type(exc).__name__}: {exc}",
+                "id": payload["id"], "status": "interrupted" if interrupted else "failed",
+                "error": f"{type(exc).__name__}: {exc}",
                 "started": started.isoformat(), "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(),
                 "job": job, "log": str(log_file),
             })

@@ -65,3 +65,20 @@ def states(job_ids: Iterable[str], timeout_s: float = 30) -> dict[str, str]:
             # A requeued job is listed once per attempt; the last line is the current one.
             result[jid] = state
     return result
+
+
+def queued(job_ids: Iterable[str], timeout_s: float = 30) -> set[str]:
+    """Jobs the controller still holds (pending, running, requeue-held), from squeue.
+
+    Accounting lags the controller and, around a requeue, can briefly show only the finished first
+    attempt; squeue is the authority on what is still alive.
+    """
+    ids = sorted({str(j).split("_", 1)[0] for j in job_ids if j})
+    if not ids or shutil.which("squeue") is None:
+        return set()
+    try:
+        out = subprocess.run(["squeue", "-h", "-o", "%F", "-j", ",".join(ids)],
+                             capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    return {line.strip() for line in out.stdout.splitlines() if line.strip()}

@@ -279,7 +279,8 @@ def wait_for_jobs(job_ids: list[str], poll_s: float = 2.0, timeout_s: Optional[f
                 echo(f"jobs: {summary or 'not yet in accounting'}")
             last = summary
         known = {j.split("_", 1)[0] for j in st}
-        if st and all(j in known for j in job_ids) and not any(s in sacct.ACTIVE_STATES for s in st.values()):
+        if (st and all(j in known for j in job_ids) and not any(s in sacct.ACTIVE_STATES for s in st.values())
+                and not sacct.queued(job_ids)):
             # Accounting trails the controller a little: confirm on a second read.
             settle += 1
             if settle >= 2:
