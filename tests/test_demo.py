@@ -116,6 +116,18 @@ def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):
     assert list((tmp_path / "demo").iterdir()) == []
 
 
+def test_leftovers_of_killed_builds_are_removed(tmp_path):
+    final = demo_dir(QUICK_RECIPE, tmp_path)
+    final.parent.mkdir(parents=True)
+    dead = final.parent / f".{final.name}.building-{demo_build._HOST}-999999999-abc"
+    alive = final.parent / f".{final.name}.building-{demo_build._HOST}-{os.getpid()}-abc"
+    other_host = final.parent / f".{final.name}.building-elsewhere-999999999-abc"
+    for d in (dead, alive, other_host):
+        d.mkdir()
+    demo_build._remove_stale_builds(final)
+    assert not dead.exists() and alive.exists() and other_host.exists()
+
+
 def test_cache_location(tmp_path, monkeypatch):
     monkeypatch.setenv("HARC_HPC_CACHE", str(tmp_path / "env"))
     assert demo_dir(QUICK_RECIPE) == tmp_path / "env" / "demo" / QUICK_RECIPE.digest()

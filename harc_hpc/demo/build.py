@@ -130,7 +130,8 @@ def ensure_demo(recipe: DemoRecipe = DemoRecipe(), cache_dir: Optional[os.PathLi
         # Minutes of silence would look like a hang: say what is happening even without -v.
         sys.stderr.write(f"harc-hpc demo: building the demo sources into {final} "
                          f"(about 4 minutes on 2 CPU cores; cached for later runs)\n")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    _remove_stale_builds(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_build_prefix(final)}{_HOST}-{os.getpid()}-", dir=final.parent))
     try:
         build_into(tmp, recipe, progress=progress)
         if final.exists():
@@ -147,6 +148,32 @@ def ensure_demo(recipe: DemoRecipe = DemoRecipe(), cache_dir: Optional[os.PathLi
             return final
         raise
     return final
+
+
+_HOST = platform.node().replace("-", "_") or "host"
+
+
+def _build_prefix(final: Path) -> str:
+    return f".{final.name}.building-"
+
+
+def _remove_stale_builds(final: Path) -> None:
+    """Remove temporary build directories of this recipe left by killed builds on this host
+    (a SIGKILL gives no chance to clean up). Builds of live processes and of other hosts are kept."""
+    prefix = _build_prefix(final)
+    for d in final.parent.glob(prefix + "*"):
+        host, _, rest = d.name[len(prefix):].partition("-")
+        pid = rest.partition("-")[0]
+        if host != _HOST or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, someone else's
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _write_jsonl(path: Path, texts: list[str]) -> None:
