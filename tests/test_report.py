@@ -94,6 +94,8 @@ def test_report_metrics_values(reported_run):
                 assert len(vals["kl"]) == 2 and all(v >= -1e-12 for v in vals["kl"])
                 assert all(0.0 <= v <= 1.0 for v in vals["topk_mismatch"])
     # The "calibrated" model carries math's routers: router-level it routes exactly like math.
+    ee = m["summary"]["end_to_end"]["merged"]
+    assert 0.0 <= ee["tokens_with_deviation"] <= 1.0 and 0.0 <= ee["deviating_layers_per_token"] <= 2.0
     rl = m["routing"]["router_level"]
     assert rl["calibrated"]["math"]["kl"] == pytest.approx([0.0, 0.0], abs=1e-9)
     assert rl["calibrated"]["math"]["topk_mismatch"] == [0.0, 0.0]
@@ -124,6 +126,15 @@ def test_report_on_other_families(tmp_path, family):
     rl = m["routing"]["router_level"]["calibrated"]["math"]
     assert rl["kl"] == pytest.approx([0.0] * len(m["layers"]), abs=1e-9)
     assert max(m["routing"]["end_to_end"]["merged"]["code"]["topk_mismatch"]) > 0
+
+
+def test_token_deviation_counts_layers():
+    a = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 4)
+    b = torch.tensor([[3.0, 2.0, 1.0, 0.0], [2.0, 3.0, 1.0, 0.0], [0.0, 2.0, 3.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
+    # top-2 of a = {0, 1}; rows of b: {0,1} same, {0,1} same (order does not matter), {1,2}, {2,3}
+    assert report.selection_differs(a, b, 2).tolist() == [False, False, True, True]
+    dev = report.token_deviation({0: a, 1: a}, {0: b, 1: a}, [0, 1], 2)
+    assert dev == {"tokens_with_deviation": 0.5, "deviating_layers_per_token": 0.5}
 
 
 def test_routing_divergence_basics():

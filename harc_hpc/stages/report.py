@@ -64,6 +64,27 @@ def routing_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: in
     return kl_sum / n, miss_sum / n
 
 
+def selection_differs(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Per row: whether the top-k expert sets differ (a deviating routing decision)."""
+    sa = ref_logits.topk(top_k, -1).indices.sort(-1).values
+    sb = logits.topk(top_k, -1).indices.sort(-1).values
+    return (sa != sb).any(-1)
+
+
+def token_deviation(ref: dict[int, torch.Tensor], own: dict[int, torch.Tensor], layers: list[int],
+                    top_k: int) -> dict:
+    """The paper's per-token view (Sec. 1): the share of tokens with at least one deviating layer
+    and the mean number of layers whose expert set deviates, per token."""
+    counts = None
+    for l in layers:
+        d = selection_differs(ref[l], own[l], top_k).to(torch.int32)
+        counts = d if counts is None else counts + d
+    if counts is None or counts.numel() == 0:
+        return {"tokens_with_deviation": float("nan"), "deviating_layers_per_token": float("nan")}
+    return {"tokens_with_deviation": float((counts > 0).double().mean()),
+            "deviating_layers_per_token": float(counts.double().mean())}
+
+
 # -- evaluation -------------------------------------------------------------------------------------
 
 @dataclass
@@ -233,7 +254,8 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
             router_level[name][t] = {"kl": [r[0] for r in rl], "topk_mismatch": [r[1] for r in rl]}
             if cfg.report.top_k_end_to_end:
                 ee = [routing_divergence(source_routing[t][l], ev.own_logits[l], top_k) for l in layers]
-                end_to_end[name][t] = {"kl": [r[0] for r in ee], "topk_mismatch": [r[1] for r in ee]}
+                end_to_end[name][t] = {"kl": [r[0] for r in ee], "topk_mismatch": [r[1] for r in ee],
+                                       **token_deviation(source_routing[t], ev.own_logits, layers, top_k)}
         if name == "merged":
             own = _router_weights(model, fam, layers)
             for t in tasks:
@@ -270,6 +292,9 @@ def summarize(m: dict) -> dict:
             s[view][name] = {"kl_mean": _mean(kl), "topk_mismatch_mean": _mean(miss),
                              "topk_mismatch_worst_layer": max(miss) if miss else float("nan"),
                              "kl_per_layer": kl, "topk_mismatch_per_layer": miss}
+            if view == "end_to_end":
+                for key in ("tokens_with_deviation", "deviating_layers_per_token"):
+                    s[view][name][key] = _mean([v.get(key) for v in per_task.values()])
         if "merged" in s[view] and "calibrated" in s[view]:
             before, after = s[view]["merged"]["kl_mean"], s[view]["calibrated"]["kl_mean"]
             s[view]["kl_reduction"] = 1.0 - after / before if before > 0 else float("nan")

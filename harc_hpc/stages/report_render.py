@@ -156,6 +156,12 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
                          f"{_pct(c['topk_mismatch_mean'])} | |")
             lines.append(f"| worst-layer top-k mismatch, {view.replace('_', '-')} | "
                          f"{_pct(m['topk_mismatch_worst_layer'])} | {_pct(c['topk_mismatch_worst_layer'])} | |")
+            if "tokens_with_deviation" in m and "tokens_with_deviation" in c:
+                lines.append(f"| tokens with a deviating expert set in some layer, end-to-end | "
+                             f"{_pct(m['tokens_with_deviation'])} | {_pct(c['tokens_with_deviation'])} | |")
+                lines.append(f"| layers with a deviating expert set per token (of {len(layers)}), end-to-end | "
+                             f"{_fmt(m['deviating_layers_per_token'], '.2f')} | "
+                             f"{_fmt(c['deviating_layers_per_token'], '.2f')} | |")
         lm = s.get("loss_mean", {})
         if "merged" in lm and "calibrated" in lm:
             lines.append(f"| mean held-out loss (nats/token) | {_fmt(lm['merged'])} | {_fmt(lm['calibrated'])} | "
