@@ -2,7 +2,8 @@
 byte-identical are.
 
 Checked metrics are the held-out losses and every routing number (per task and layer); they fail
-when ``|a - b| > atol + rtol * max(|a|, |b|)`` or when one run has a metric the other lacks. Artifact
+when ``|a - b| > atol + rtol * max(|a|, |b|)`` or when run B lacks a metric of run A (the
+reference); metrics new in B are listed without failing. Artifact
 digests (routers, assembled and merged model) must agree when both runs were computed from the same
 results-relevant configuration (same ``results_config_digest``: run name, output place, executor and
 report options aside) with the same package versions, torch thread count and device; otherwise their
@@ -54,7 +55,7 @@ class Row:
     key: str
     a: Optional[float]
     b: Optional[float]
-    status: str  # "ok", "moved", "missing", "info"
+    status: str  # "ok", "moved", "missing" (in B), "new" (in B), "info"
 
     @property
     def rel(self) -> Optional[float]:
@@ -97,7 +98,10 @@ def compare_metrics(a: dict, b: dict, rtol: float = 1e-3, atol: float = 1e-6) ->
     rows = []
     for key in sorted(set(fa) | set(fb)):
         va, vb = fa.get(key), fb.get(key)
-        if va is None or vb is None:
+        if va is None:
+            # A metric the reference run did not have (a newer report): shown, not a failure.
+            rows.append(Row(key, va, vb, "new"))
+        elif vb is None:
             rows.append(Row(key, va, vb, "missing"))
         elif va != vb:
             rows.append(Row(key, va, vb, "ok" if _close(va, vb, rtol, atol) else "moved"))

@@ -205,6 +205,15 @@ def test_compare_flags_a_missing_metric(reported_run, tmp_path):
     assert res.exit_code == 1 and "missing" in res.output
 
 
+def test_compare_accepts_metrics_new_in_b(reported_run, tmp_path):
+    _, run_dir, _ = reported_run
+    a = _copy_run(run_dir, tmp_path / "a")
+    _edit_metrics(a, lambda m: m["loss"]["math"].pop("oracle"))
+    res = CliRunner().invoke(compare_command, [str(a), str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "loss.math.oracle" in res.output and "new" in res.output
+
+
 def test_compare_digests_must_match_only_for_the_same_config(reported_run, tmp_path):
     _, run_dir, _ = reported_run
     b = _copy_run(run_dir, tmp_path / "b")
