@@ -372,6 +372,23 @@ def _git_revision() -> Optional[str]:
         return None
 
 
+def _stage_threads(run_dir: Path):
+    """The torch thread count the stages ran with, when the launcher recorded it (``job.torch_threads``
+    in completion records); else this process's, which shares the environment (OMP_NUM_THREADS) of a
+    run reported where it ran."""
+    seen = set()
+    for path in (Path(run_dir) / "completions").glob("**/*.json"):
+        try:
+            job = json.loads(path.read_text()).get("job") or {}
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(job, dict) and isinstance(job.get("torch_threads"), int):
+            seen.add(job["torch_threads"])
+    if not seen:
+        return torch.get_num_threads()
+    return seen.pop() if len(seen) == 1 else sorted(seen)
+
+
 def _device_name(cfg: PipelineConfig) -> str:
     from harc_hpc.modeling import pick_device
 
@@ -405,9 +422,8 @@ def manifest(cfg: PipelineConfig, run_dir: Path) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": versions,
-        # CPU reductions are bitwise reproducible for a fixed thread count only; the stages of one
-        # run share the environment that sets it (OMP_NUM_THREADS), so this stands for all of them.
-        "torch_threads": torch.get_num_threads(),
+        # CPU reductions are bitwise reproducible for a fixed thread count only.
+        "torch_threads": _stage_threads(run_dir),
         "device": _device_name(cfg),
         "git_revision": _git_revision(),
         "config_digest": hashlib.sha256(full.encode()).hexdigest(),
