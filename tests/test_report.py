@@ -271,3 +271,11 @@ def test_report_command_errors_cleanly(tmp_path):
     res = CliRunner().invoke(report_command, [str(tmp_path)])
     assert res.exit_code == 1
     assert "Error:" in res.output and "merge-experts" in res.output
+
+
+def test_thread_count_comes_from_the_launcher_records(tmp_path):
+    assert report._stage_threads(tmp_path) == torch.get_num_threads()
+    rec = tmp_path / "completions" / "capture-activations" / "block-000.json"
+    rec.parent.mkdir(parents=True)
+    rec.write_text(json.dumps({"stage": "capture-activations", "job": {"host": "n1", "torch_threads": 7}}))
+    assert report._stage_threads(tmp_path) == 7
