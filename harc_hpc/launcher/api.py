@@ -37,7 +37,7 @@ def plan_run(
     specs_dir: Optional[os.PathLike] = None,
     layers: Optional[Sequence[int]] = None,
 ) -> tuple[PipelineConfig, Plan]:
-    cfg = with_run_dir(cfg, run_dir)
+    cfg = with_run_dir(apply_prepare_hook(cfg), run_dir)
     return cfg, build_plan(cfg, run_dir=cfg.run_dir, specs_dir=specs_dir, layers=layers)
 
 
@@ -62,7 +62,6 @@ def submit_run(
     and fills ``outcome.failed`` from the run's status.
     """
     explicit = set(cfg.executor.model_fields_set)
-    cfg = apply_prepare_hook(cfg)
     cfg, plan = plan_run(cfg, run_dir, specs_dir, layers)
     executor = executor or cfg.executor.kind
     if not dry_run:

@@ -46,6 +46,12 @@ def _report(plan, outcome, executor: str, waited: bool) -> int:
             click.echo(f"not run: {tid}", err=True)
         click.echo(f"details: harc-hpc status {plan.run_dir}", err=True)
         return 1
+    report = next((t for t in plan.tasks.values() if t.stage == "report"), None)
+    if waited and report is not None and plan.is_complete(report):
+        from harc_hpc.stages.report import headline
+
+        for line in headline(plan.run_dir):
+            click.echo(line)
     return 0
 
 
@@ -136,3 +142,24 @@ def status_cmd(run_dir, failed_only):
 
 
 COMMANDS = (submit_cmd, stage_cmd, status_cmd)
+
+
+def stage_alias(name: str) -> click.Command:
+    """``harc-hpc NAME CONFIG ...``: the same as ``harc-hpc stage NAME CONFIG ...``."""
+
+    @click.command(name, help=f"Run {name} here (one --layer/--task/--block of it, or all of it), "
+                              f"or submit just that with --submit. Same as `harc-hpc stage {name}`.")
+    @click.argument("config", type=click.Path(exists=True, dir_okay=False))
+    @click.option("--layer", type=int, default=None, help="only this layer")
+    @click.option("--task", "task_name", default=None, help="only this calibration task")
+    @click.option("--block", type=int, default=None, help="only this block")
+    @click.option("--force", is_flag=True, help="run even if complete")
+    @click.option("--submit", "to_slurm", is_flag=True, help="submit to SLURM instead of running here")
+    @click.option("--wait", is_flag=True, help="with --submit: wait for the job")
+    @click.option("--run-dir", type=click.Path(file_okay=False), default=None)
+    @click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None)
+    @click.pass_context
+    def alias(ctx, **kwargs):
+        ctx.invoke(stage_cmd, name=name, **kwargs)
+
+    return alias

@@ -30,8 +30,13 @@ from harc_hpc.launcher import records
 log = logging.getLogger("harc_hpc.launcher")
 
 
-def task_payload(plan, task) -> dict:
-    """Everything a job needs to know about its task, fixed at submission (digest included)."""
+def task_payload(plan, task, threads: Optional[int] = None) -> dict:
+    """Everything a job needs to know about its task, fixed at submission (digest included).
+
+    ``threads`` (the task's ``cpus``) pins torch's intra-op threads: the same config then computes
+    with the same reduction order on any machine, and small models are not slowed by threads
+    fighting over cores the job was not given.
+    """
     from harc_hpc.launcher.planner import format_templates
 
     spec = plan.specs[task.stage]
@@ -48,6 +53,7 @@ def task_payload(plan, task) -> dict:
         "config_slice": task.inputs.get("config", {}),
         "files": task.inputs.get("files", {}),
         "config": str(plan.config_path) if plan.config_path else None,
+        "threads": threads,
     }
 
 
@@ -79,6 +85,11 @@ def _job_info() -> dict:
         if name in env:
             info[name.lower()] = env[name]
     return info
+
+
+def _torch_threads() -> Optional[int]:
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
 
 
 def _peak_rss_mb() -> float:
@@ -120,6 +131,11 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     job = _job_info()
+    if payload.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(payload["threads"]))
+    job["torch_threads"] = _torch_threads()
     with _task_log(log_file):
         log.info("%s: start (digest %s, %s)", payload["id"], digest[:12], json.dumps(job, sort_keys=True))
         try:

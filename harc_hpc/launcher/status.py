@@ -75,13 +75,16 @@ def collect(run_dir: Path) -> list[TaskStatus]:
     by_id = {r.id: r for r in out}
     needs = {t["id"]: t["needs"] for t in plan["tasks"]}
     for r in out:  # plan order: upstream reasons are already filled in
-        if r.state == "cancelled" and not r.log:
-            bad = next((u for u in needs.get(r.id, []) if by_id[u].state in ("failed", "cancelled")), None)
-            if bad is not None:
-                root = by_id[bad]
-                r.error = root.error if root.error.startswith("upstream") else f"upstream {bad} {root.state}"
-            elif not r.error:
-                r.error = "cancelled before it started (scancel?)"
+        if r.state != "cancelled":
+            continue
+        bad = next((u for u in needs.get(r.id, []) if by_id[u].state in ("failed", "cancelled")), None)
+        if bad is not None:
+            # Held by afterok, it never started: a log left by an earlier run of it would mislead.
+            r.log = ""
+            root = by_id[bad]
+            r.error = root.error if root.error.startswith("upstream") else f"upstream {bad} {root.state}"
+        elif not r.log and not r.error:
+            r.error = "cancelled before it started (scancel?)"
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -231,7 +232,8 @@ def _submit_slurm(plan, cfg, todo, force, explicit, echo, outcome) -> Outcome:
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cfg.executor.max_requeues,
                                    slurm_python=shlex.quote(sys.executable))
         ex.update_parameters(**params)
-        runner = StageRunner(str(run_dir), {t.key: task_payload(plan, t) for t in g.tasks}, force=force)
+        runner = StageRunner(str(run_dir), {t.key: task_payload(plan, t, res["cpus"]) for t in g.tasks},
+                             force=force)
         keys = [t.key for t in g.tasks]
         jobs = ex.map_array(runner, keys)
         master = jobs[0].job_id.split("_", 1)[0]
@@ -294,6 +296,11 @@ def wait_for_jobs(job_ids: list[str], poll_s: float = 2.0, timeout_s: Optional[f
         time.sleep(poll_s)
 
 
+def _local_threads(cfg, spec) -> int:
+    """A task's cpus, capped by this machine's cores (spec defaults are sized for cluster nodes)."""
+    return max(1, min(int(resolve_resources(cfg, spec)["cpus"]), os.cpu_count() or 1))
+
+
 def _run_here(plan, cfg, todo, force, executor, echo, outcome) -> Outcome:
     run_dir = Path(plan.run_dir)
     pending = {t.id: t for t in todo}
@@ -310,7 +317,13 @@ def _run_here(plan, cfg, todo, force, executor, echo, outcome) -> Outcome:
                 failed.add(t.id)
                 continue
             echo(f"running {t.id}")
-            run_task(run_dir, task_payload(plan, t), force=force, cfg=cfg)
+            try:
+                run_task(run_dir, task_payload(plan, t, _local_threads(cfg, plan.specs[t.stage])), force=force, cfg=cfg)
+            except Exception as exc:  # noqa: BLE001 - reported like a failed job; the traceback is in the log
+                outcome.failed.append(t.id)
+                failed.add(t.id)
+                echo(f"FAILED {t.id}: {type(exc).__name__}: {exc}\n    log: {records.log_path(run_dir, t.stage, t.key)}")
+                continue
             outcome.completed.append(t.id)
         return outcome
 
@@ -345,7 +358,7 @@ def _run_here(plan, cfg, todo, force, executor, echo, outcome) -> Outcome:
                 out = records.log_path(run_dir, t.stage, t.key).with_suffix(".out")
                 out.parent.mkdir(parents=True, exist_ok=True)
                 cmd = [sys.executable, "-m", "harc_hpc.launcher.runner", "--run-dir", str(run_dir),
-                       "--payload", json.dumps(task_payload(plan, t))]
+                       "--payload", json.dumps(task_payload(plan, t, _local_threads(cfg, plan.specs[t.stage])))]
                 if force:
                     cmd.append("--force")
                 with open(out, "ab") as fh:
@@ -359,27 +372,10 @@ def _run_here(plan, cfg, todo, force, executor, echo, outcome) -> Outcome:
 
 
 def apply_prepare_hook(cfg: PipelineConfig) -> PipelineConfig:
-    """``harc_hpc.demo.prepare_config(cfg) -> cfg`` if that module exists (it builds demo sources).
+    """Fill in what the config leaves to be built: ``demo:`` sources are trained (or reused) here."""
+    from harc_hpc.demo import prepare_config
 
-    Only the module's absence is tolerated: an error inside it is a real error and propagates.
-    """
-    import importlib
-    import importlib.util
-
-    module = sys.modules.get("harc_hpc.demo")
-    if module is None:
-        try:
-            found = importlib.util.find_spec("harc_hpc.demo")
-        except (ModuleNotFoundError, ValueError):
-            found = None
-        if found is None:
-            return cfg
-        module = importlib.import_module("harc_hpc.demo")
-    hook = getattr(module, "prepare_config", None)
-    if not callable(hook):
-        return cfg
-    out = hook(cfg)
-    return cfg if out is None else out
+    return prepare_config(cfg)
 
 
 def save_run_config(cfg: PipelineConfig, run_dir: Path) -> Path:

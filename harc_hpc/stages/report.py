@@ -501,3 +501,26 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
+
+
+def headline(run_dir: Path) -> list[str]:
+    """A few lines for the terminal: where the report is and what it found (empty if no report)."""
+    path = Path(run_dir) / "report" / "metrics.json"
+    if not path.is_file():
+        return []
+    m = json.loads(path.read_text())
+    s = m.get("summary", {})
+    lines = [f"report: {path.parent / 'report.md'}"]
+    rl = s.get("router_level", {})
+    if rl.get("merged") and rl.get("calibrated"):
+        lines.append(
+            f"router-level KL(source || model), mean over layers: merged {rl['merged']['kl_mean']:.4f} -> "
+            f"calibrated {rl['calibrated']['kl_mean']:.4f} ({-100 * rl.get('kl_reduction', 0):+.1f}%)")
+        lines.append(
+            f"router-level top-k mismatch, worst layer: merged {100 * rl['merged']['topk_mismatch_worst_layer']:.1f}% -> "
+            f"calibrated {100 * rl['calibrated']['topk_mismatch_worst_layer']:.1f}%")
+    for task, losses in sorted(m.get("loss", {}).items()):
+        if "merged" in losses and "calibrated" in losses:
+            lines.append(f"held-out loss [{task}]: merged {losses['merged']:.4f} -> calibrated "
+                         f"{losses['calibrated']:.4f}" + (f" (oracle {losses['oracle']:.4f})" if "oracle" in losses else ""))
+    return lines
