@@ -98,7 +98,8 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({code}):\n{out[-3000:]}")
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024), "log": out}
+    return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024), "log": out}
 
 
 def ours_cmd(models: dict, out: Path, method: str, params: dict, extra: dict | None = None) -> list[str]:
@@ -153,15 +154,16 @@ def bench(args) -> None:
         t0 = time.perf_counter()
         models = build(root / f"olmoe-L{layers}", layers)
         print(f"# built L={layers} inputs in {time.perf_counter() - t0:.0f} s", flush=True)
-        runs = [
-            ("harc-hpc", "linear", {"weights": [0.4, 0.6]}, None),
-            ("harc-hpc", "ties", {**ties, "granularity": "per_expert"}, None),
-        ]
+        # Each harc-hpc run is followed by mergekit's on the same merge, so that both see
+        # about the same load on a shared machine.
+        runs = [("harc-hpc", "linear", {"weights": [0.4, 0.6]}, None)]
+        if args.mergekit:
+            runs.append(("mergekit", "linear", {"weights": [0.4, 0.6]}, None))
+        runs.append(("harc-hpc", "ties", {**ties, "granularity": "per_expert"}, None))
+        if args.mergekit:
+            runs.append(("mergekit", "ties", ties, None))
         if layers in args.fused_layers:
             runs.append(("harc-hpc", "ties", {**ties, "granularity": "fused"}, None))
-        if args.mergekit:
-            runs += [("mergekit", "linear", {"weights": [0.4, 0.6]}, None),
-                     ("mergekit", "ties", ties, None)]
         for steps in args.wudi_steps:
             runs.append(("harc-hpc", "wudi", {"steps": steps}, None))
         for tool, method, params, extra in runs:
