@@ -239,3 +239,16 @@ def test_presets():
         resolve_settings(None, "nope", {}, SRC)
     with pytest.raises(MergeConfigError, match="2 values for 3"):
         resolve_settings(None, "ties-paper", {}, ["a", "b", "c"])
+
+
+def test_threshold_ranking_keeps_the_same_top_k():
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(997, generator=g), (torch.randn(5000, generator=g) * 4).round()):
+        for density in (0.1, 0.37, 0.6, 0.99):
+            a = magnitude_sparsify(x, density, ranking="argsort")
+            t = magnitude_sparsify(x, density, ranking="threshold")
+            k = max(1, int(density * x.numel()))
+            assert int((t != 0).sum()) == int((a != 0).sum()) == int((x[t != 0] != 0).sum())
+            assert int((t != 0).sum()) <= k
+            # same multiset of kept magnitudes: only which tied elements are kept may differ
+            assert torch.equal(t.abs().sort().values, a.abs().sort().values)

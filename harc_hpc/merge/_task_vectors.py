@@ -32,22 +32,39 @@ def _l1_rescaled(tensor: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) 
     return masked * (before / after)
 
 
-def magnitude_sparsify(delta: torch.Tensor, density: float, rescale: Rescale = "none") -> torch.Tensor:
-    """Keep the ``k = max(1, int(density * numel))`` largest |delta| (ties broken by a descending
-    argsort over the flattened tensor, as mergekit does), zero the rest."""
+Ranking = Literal["argsort", "threshold"]
+
+
+def magnitude_sparsify(delta: torch.Tensor, density: float, rescale: Rescale = "none",
+                       ranking: Ranking = "argsort") -> torch.Tensor:
+    """Keep the ``k = max(1, int(density * numel))`` largest |delta|, zero the rest.
+
+    ``argsort``: elements tied at the threshold are chosen by a descending argsort over the
+    flattened tensor, exactly as mergekit does. ``threshold``: the k-th largest value is found by
+    selection and ties at it are kept in index order; same k, ~5x faster, used where no mergekit
+    result exists to match (per-expert ranking of expert matrices)."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
+    n = delta.numel()
+    k = max(1, int(density * n))
     w = delta.abs().reshape(-1)
     if w.device.type == "cpu":
         w = w.float()
-    top = torch.argsort(w, descending=True)[:k]
-    del w  # the sort's workspace is the peak: allocate the mask only after it
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[top] = 1
-    del top
+    if ranking == "threshold":
+        thr = torch.kthvalue(w, n - k + 1).values
+        keep = w > thr
+        ties = (w == thr).nonzero().squeeze(1)[:k - int(keep.sum())]
+        keep[ties] = True
+        del w, ties
+        mask = keep.to(delta.dtype)
+    else:
+        top = torch.argsort(w, descending=True)[:k]
+        del w  # the sort's workspace is the peak: allocate the mask only after it
+        mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+        mask[top] = 1
+        del top
     masked = delta * mask.reshape_as(delta)
     if rescale == "l1":
         return _l1_rescaled(delta, masked)
@@ -111,7 +128,7 @@ def task_vector_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], weigh
                       sparsify: Optional[Literal["magnitude", "random"]] = None,
                       rescale: Rescale = "none", consensus: bool = False, normalize: bool = False,
                       lam: float = 1.0, generators: Optional[Sequence[torch.Generator]] = None,
-                      consume: bool = False) -> torch.Tensor:
+                      consume: bool = False, ranking: Ranking = "argsort") -> torch.Tensor:
     """``consume``: set each entry of ``sources`` to None once its delta is taken (the caller
     holds no other reference), so inputs do not outlive their use."""
     deltas = base.new_empty((len(sources), *base.shape))
@@ -123,7 +140,7 @@ def task_vector_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], weigh
         delta = x - base
         del x
         if sparsify == "magnitude":
-            delta = magnitude_sparsify(delta, densities[i], rescale)
+            delta = magnitude_sparsify(delta, densities[i], rescale, ranking)
         elif sparsify == "random":
             delta = random_drop(delta, densities[i], generators[i], rescale)
         deltas[i] = delta

@@ -50,4 +50,6 @@ class TiesMerge(MergeMethod):
             base, sources, params.per_model("weights", source_names),
             densities=params.per_model("density", source_names), sparsify="magnitude",
             rescale="l1" if params.rescale else "none", consensus=True,
-            normalize=params.normalize, lam=params.lambda_, consume=ctx.consume_inputs)
+            normalize=params.normalize, lam=params.lambda_, consume=ctx.consume_inputs,
+            # per-expert ranking has no mergekit counterpart: use the faster exact selection there
+            ranking="threshold" if unit.role == "expert" else "argsort")
