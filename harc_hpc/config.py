@@ -295,4 +295,20 @@ def load_config(path: Union[str, Path], overrides: Optional[dict] = None) -> Pip
 
 
 def dump_config(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """YAML that loads back into the same config (jobs load the run's snapshot of it).
+
+    Some code tells a default from an explicit value through pydantic's ``model_fields_set``: a
+    task's calibration/heldout settings inherit the calibration section unless set, merge.method
+    must agree with a preset only when set, executor resources beat the stage spec only when set.
+    Those models are dumped with the fields that were set, so the difference survives the round
+    trip; everything else is written out in full.
+    """
+    data = cfg.model_dump(mode="json")
+    data["merge"] = cfg.merge.model_dump(mode="json", exclude_unset=True)
+    data["executor"] = cfg.executor.model_dump(mode="json", exclude_unset=True)
+    for src, out in zip(cfg.models.sources, data["models"]["sources"]):
+        for key in ("calibration", "heldout"):
+            value = getattr(src, key)
+            if value is not None:
+                out[key] = value.model_dump(mode="json", exclude_unset=True)
+    return yaml.safe_dump(data, sort_keys=False)

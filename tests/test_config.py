@@ -69,3 +69,41 @@ def test_shipped_configs_validate():
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.glob("*.yaml")):
         load_config(path)
+
+
+def test_dump_round_trip_keeps_defaults_apart_from_explicit_values(tmp_path):
+    """Jobs load the run's dumped config: unset per-task calibration settings must still inherit the
+    calibration section, and unset merge.method / executor resources must stay unset."""
+    import yaml
+
+    from harc_hpc.calibration_data import data_digest, effective_settings
+    from harc_hpc.config import dump_config
+
+    (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": {"sources": [
+            {"name": "a", "path": "/x/a", "calibration": {"files": ["a.jsonl"]}},
+            {"name": "b", "path": "/x/b", "calibration": {"files": ["a.jsonl"], "seed": 7},
+             "heldout": {"files": ["a.jsonl"]}},
+        ]},
+        "calibration": {"max_length": 64, "seed": 3},
+        "merge": {"preset": "p"},
+        "executor": {"cpus": 2},
+    }))
+    cfg = load_config(path)
+    (tmp_path / "run").mkdir()
+    again_path = tmp_path / "run" / "config.yaml"
+    again_path.write_text(dump_config(cfg))
+    again = load_config(again_path)
+    assert again == cfg
+    for task in ("a", "b"):
+        assert effective_settings(again.calibration_for(task), again.calibration) == \
+            effective_settings(cfg.calibration_for(task), cfg.calibration)
+        assert data_digest(again.calibration_for(task), again.calibration) == \
+            data_digest(cfg.calibration_for(task), cfg.calibration)
+    assert effective_settings(again.calibration_for("a"), again.calibration)["max_length"] == 64
+    assert effective_settings(again.calibration_for("b"), again.calibration)["seed"] == 7
+    assert "method" not in again.merge.model_fields_set
+    assert again.executor.model_fields_set == {"cpus"}
+    assert yaml.safe_load(again_path.read_text())["harc"]["alpha"] == 0.9  # the rest in full
