@@ -131,6 +131,14 @@ def test_auto_picks_direct_when_small_and_pcg_otherwise():
     assert solve_router(xs, ws, init, solver="auto", direct_max_size=4).solver == "pcg"
 
 
+def test_direct_refuses_a_system_too_large_to_materialise():
+    k, d = 64, 2048  # OLMoE's router: (K d)^2 float64 = 128 GiB
+    x = torch.randn(4, d)
+    w = torch.randn(k, d)
+    with pytest.raises(ValueError, match=r"solver='direct' would materialise a \(131072\)\^2"):
+        solve_router([x], [w], w, solver="direct")
+
+
 def test_bad_arguments_are_rejected():
     xs, ws, init = make_problem(2, 3, 4, [10, 10])
     with pytest.raises(ValueError, match="alpha"):

@@ -35,6 +35,9 @@ from harc_hpc.harc.operator import TaskCurvature, check_hessian, log_probs, mean
 from harc_hpc.harc.statistics import TaskStatistics, router_digest, statistics_from_curvature
 
 SOLVERS = ("cg", "pcg", "direct", "auto")
+# solver="direct" materialises the (K d)^2 float64 system; beyond this it is refused rather than
+# letting a cluster job die in the allocator (OLMoE's K d = 131072 would need 137 GB).
+DIRECT_MAX_BYTES = 4 << 30
 OBJECTIVES = ("quadratic", "kl")
 
 
@@ -184,6 +187,11 @@ def solve_router(
     w0 = init.detach().to(dtype=torch.float64)
     if solver == "auto":
         solver = "direct" if k * d <= direct_max_size else "pcg"
+    if solver == "direct" and (k * d) ** 2 * 8 > DIRECT_MAX_BYTES:
+        raise ValueError(
+            f"solver='direct' would materialise a ({k * d})^2 float64 system "
+            f"({(k * d) ** 2 * 8 / 2**30:.1f} GiB > {DIRECT_MAX_BYTES / 2**30:.0f} GiB) for a "
+            f"({k}, {d}) router: use solver='pcg' (or 'auto')")
     precond = "none" if solver == "cg" else preconditioner
     if solver == "direct":
         precond = "none"
