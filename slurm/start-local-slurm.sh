@@ -17,6 +17,7 @@
 #   SLURM_LOCAL_TIMEOUT_S   how long to wait for each daemon             (default 120)
 #   SLURM_LOCAL_SMOKE       0 | 1 | auto: run `sbatch --wrap true` and wait for it (auto: after a (re)start)
 #   SLURM_LOCAL_INSTALL     0: never call apt-get (fail if packages are missing)  (default 1)
+#   SLURM_LOCAL_REPLACE_CONFIG  1: set aside /etc/slurm configs this script did not write (default 0: refuse)
 set -euo pipefail
 
 DIR=${SLURM_LOCAL_DIR:-/tmp/slurm-local}
@@ -28,6 +29,7 @@ ACCOUNTING=${SLURM_LOCAL_ACCOUNTING:-1}
 TIMEOUT_S=${SLURM_LOCAL_TIMEOUT_S:-120}
 SMOKE=${SLURM_LOCAL_SMOKE:-auto}
 INSTALL=${SLURM_LOCAL_INSTALL:-1}
+REPLACE_CONFIG=${SLURM_LOCAL_REPLACE_CONFIG:-0}
 MEM_MB=${SLURM_LOCAL_MEM_MB:-$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)}
 HOST=$(hostname -s)
 RUN=$DIR/run
@@ -132,6 +134,16 @@ install_if_changed() { # install_if_changed DEST MODE  (content on stdin); print
     fi
 }
 mkdir -p /etc/slurm
+# A config this script did not write may belong to a real cluster on this host: refuse to replace it
+# unless asked, and then keep it aside (stop-local-slurm.sh --purge puts it back).
+MARKER="# Written by slurm/start-local-slurm.sh"
+for conf in /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf /etc/slurm/gres.conf; do
+    [ -f "$conf" ] || continue
+    grep -qF "$MARKER" "$conf" && continue
+    [ "$REPLACE_CONFIG" = 1 ] || die "$conf exists and was not written by this script (another cluster's?); move it away or set SLURM_LOCAL_REPLACE_CONFIG=1 (it is then kept as $conf.orig-local-slurm and restored by stop-local-slurm.sh --purge)"
+    [ -e "$conf.orig-local-slurm" ] || mv "$conf" "$conf.orig-local-slurm"
+    log "kept $conf as $conf.orig-local-slurm"
+done
 DEF_MEM=$((MEM_MB / CPUS))
 gres_line="" gres_types="" tres_line=""
 if [ "$GPUS" -gt 0 ]; then
@@ -193,6 +205,7 @@ EOF
 gres_changed=0
 if [ "$GPUS" -gt 0 ]; then
     gres_changed=$(install_if_changed /etc/slurm/gres.conf 644 <<EOF
+$MARKER
 NodeName=$HOST Name=gpu File=$DIR/fakedev/nvidia[0-$((GPUS - 1))]
 EOF
     )

