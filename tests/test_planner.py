@@ -4,6 +4,8 @@ invalidates; plus the local/debug executors, resources and the CLI's dry run (no
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -60,6 +62,33 @@ def test_specs_dir_from_environment(monkeypatch):
     monkeypatch.setenv("HARC_HPC_STAGES", str(TOY_STAGES_DIR))
     assert planner_mod.default_specs_dir() == TOY_STAGES_DIR
     assert load_specs()["solve-router"].function == "harc_toy_stages:solve"
+
+
+def test_a_wheel_install_finds_its_stage_specs(tmp_path):
+    """A non-editable install has no source checkout beside the package: the wheel carries the specs
+    as data and the planner finds them there."""
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(repo),
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("harc_hpc-*.whl")
+    env_dir = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
+    py = env_dir / "bin" / "python"
+    site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    # the dependencies come from this environment, appended after the new site-packages
+    import sysconfig
+    Path(site, "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    probe = ("import harc_hpc, json; from harc_hpc.launcher import default_specs_dir, load_specs; "
+             "print(json.dumps([harc_hpc.__file__, str(default_specs_dir()), sorted(load_specs())]))")
+    env = {k: v for k, v in os.environ.items() if k != "HARC_HPC_STAGES"}
+    out = subprocess.run([py, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
+    package_file, specs_dir, names = json.loads(out.stdout)
+    assert Path(package_file).is_relative_to(env_dir)
+    assert Path(specs_dir) == env_dir / "share" / "harc-hpc" / "stages"
+    assert names == sorted(REAL_STAGES)
 
 
 def test_dag_sequential_block_size_1(tmp_path):

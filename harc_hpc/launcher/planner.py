@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Sequence
@@ -99,11 +100,16 @@ class StageSpec(_Strict):
 
 
 def default_specs_dir() -> Path:
-    """``$HARC_HPC_STAGES``, else the ``stages/`` folder next to the harc_hpc package directory."""
+    """``$HARC_HPC_STAGES``; else the ``stages/`` folder of a source checkout (next to the package
+    directory: editable installs); else the copy a wheel installs as data (``<prefix>/share/harc-hpc/stages``)."""
     env = os.environ.get(SPECS_ENV)
     if env:
         return Path(env).expanduser().resolve()
-    return Path(harc_hpc.__file__).resolve().parent.parent / "stages"
+    checkout = Path(harc_hpc.__file__).resolve().parent.parent / "stages"
+    if checkout.is_dir():
+        return checkout
+    installed = Path(sysconfig.get_path("data")) / "share" / "harc-hpc" / "stages"
+    return installed if installed.is_dir() else checkout
 
 
 def load_specs(specs_dir: Optional[os.PathLike] = None) -> dict[str, StageSpec]:
