@@ -149,6 +149,17 @@ def test_wudi_stage(tmp_path, moe_models):
     base, merged = Checkpoint(models["base"]), Checkpoint(out)
     k = "model.embed_tokens.weight"
     assert torch.equal(merged.get_tensor(k), base.get_tensor(k))
+    # the record names every tensor WUDI did not merge and what it took instead
+    (treatment, names), = rec["not_merged_by_method"].items()
+    assert treatment == "not WUDI-merged: the base's value (nonlinear=base)"
+    keys = set(base.keys())
+    expected = {n for n in keys if base.tensor_shape(n).__len__() != 2
+                or "embed_tokens" in n or "lm_head" in n}
+    assert set(names) == expected and k in names and "model.norm.weight" in names
+    assert not any(".mlp.gate.weight" in n or "shared_expert_gate" in n for n in names)
+    assert "norm" not in rec["merged_by_role"] and "embedding" not in rec["merged_by_role"]
+    for n in names:
+        assert torch.equal(merged.get_tensor(n), base.get_tensor(n)), n
     _finite_logits(out)
 
 

@@ -134,6 +134,11 @@ class MergeMethod:
     def granularity(self, params: MethodParams) -> Granularity:
         return getattr(params, "granularity", "per_expert")
 
+    def passthrough(self, unit: MergeUnit, params: MethodParams) -> Optional[str]:
+        """What a unit takes when the method's own rule does not apply to it (a short description
+        for the merge record), or None when the method merges it."""
+        return None
+
     def merge(self, base: Optional[torch.Tensor], sources: list[torch.Tensor], unit: MergeUnit,
               params: MethodParams, source_names: Sequence[str], ctx: MergeContext) -> torch.Tensor:
         raise NotImplementedError

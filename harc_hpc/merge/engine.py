@@ -308,6 +308,7 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
     writer.declare(entries)
 
     role_keys: dict[str, set] = {}
+    passthrough: dict[str, list] = {}  # what the method did not merge by its own rule, by treatment
     merged_keys: set[str] = set()
     copied_keys: set[str] = set()
     copy_from = base if base is not None else sources[0]
@@ -363,8 +364,13 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
                     if tuple(result.shape) != unit.shape:
                         raise RuntimeError(f"{method.name}: returned shape {tuple(result.shape)} for "
                                            f"{unit.name} {unit.shape}")
-                    merged_keys.update(p.key for p in unit.pieces if p.key not in excluded)
-                    role_keys.setdefault(unit.role, set()).update(p.key for p in unit.pieces)
+                    treatment = method.passthrough(unit, params)
+                    if treatment is None:
+                        merged_keys.update(p.key for p in unit.pieces if p.key not in excluded)
+                        role_keys.setdefault(unit.role, set()).update(p.key for p in unit.pieces)
+                    else:
+                        passthrough.setdefault(treatment, []).extend(
+                            p.key for p in unit.pieces if p.key not in excluded)
                 flat = result.reshape(-1).to(o)
                 ref_flat = None
                 parts = []
@@ -400,6 +406,7 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
         "merged_tensors": len(merged_keys),
         "copied_tensors": len(copied_keys | (excluded & set(ref.ckpt.keys()))),
         "merged_by_role": {r: len(k) for r, k in sorted(role_keys.items())},
+        "not_merged_by_method": {t: sorted(k, key=natural_key) for t, k in sorted(passthrough.items())},
         "tensors": len(entries),
         "excluded_tensors": sorted(excluded, key=natural_key),
         "seconds": round(time.perf_counter() - t0, 3),

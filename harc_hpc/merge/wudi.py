@@ -88,6 +88,13 @@ class WudiMerge(MergeMethod):
             return False
         return not any(re.search(p, unit.name) for p in params.skip)
 
+    NONLINEAR = {"base": "the base's value", "mean": "base + mean task vector", "sum": "base + sum of task vectors"}
+
+    def passthrough(self, unit, params):
+        if self.is_linear(unit, params):
+            return None
+        return f"not WUDI-merged: {self.NONLINEAR[params.nonlinear]} (nonlinear={params.nonlinear})"
+
     def merge(self, base, sources, unit, params, source_names, ctx):
         if not self.is_linear(unit, params):
             if params.nonlinear == "base":

@@ -93,6 +93,7 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
                 "granularity": stats["granularity"],
                 "tensors": stats["tensors"],
                 "merged_by_role": stats["merged_by_role"],
+                "not_merged_by_method": stats["not_merged_by_method"],
                 "excluded_tensors": stats["excluded_tensors"],
                 "model_files_from": str(model_src),
                 "base": _describe(base, digests) if base else None,
