@@ -240,6 +240,22 @@ def test_debug_executor_records_and_skips(tmp_path):
                                           "solve-router/layer-001", "solve-router/layer-002"]
 
 
+def test_task_peak_rss_is_its_own_not_the_process_high_water_mark(tmp_path):
+    import resource
+
+    import numpy as np
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MB resident in this (the debug executor's) process, then freed
+    del big
+    process_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    plan, outcome = submit_run(cfg_of(tmp_path, block_size=3), executor="debug", specs_dir=TOY_STAGES_DIR,
+                               layers=[0])
+    assert outcome.ok
+    for t in plan.tasks.values():
+        rss = records.read_completion(plan.run_dir, t.stage, t.key)["peak_rss_mb"]
+        assert 0 < rss < process_peak_mb - 300, (t.id, rss, process_peak_mb)
+
+
 def test_local_executor_failure_blocks_dependents_then_resumes(tmp_path):
     cfg = cfg_of(tmp_path, block_size=1)
     run = Path(cfg.run_dir)

@@ -92,7 +92,33 @@ def _torch_threads() -> Optional[int]:
     return torch.get_num_threads() if torch is not None else None
 
 
-def _peak_rss_mb() -> float:
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Start this task's peak-RSS window: a forked local worker or the debug executor's one process
+    would otherwise report the high-water mark of everything that ran before it (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb(window: bool = False) -> float:
+    if window:
+        hwm = _status_kib("VmHWM")
+        if hwm is not None:
+            return round(hwm / 1024.0, 1)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return round(max(own, children) / 1024.0, 1)  # Linux reports KiB
@@ -136,6 +162,7 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
 
         torch.set_num_threads(int(payload["threads"]))
     job["torch_threads"] = _torch_threads()
+    windowed = _reset_peak_rss()
     with _task_log(log_file):
         log.info("%s: start (digest %s, %s)", payload["id"], digest[:12], json.dumps(job, sort_keys=True))
         try:
@@ -162,7 +189,7 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
             records.write_json_atomic(records.stats_path(run_dir, stage, key), {
                 "id": payload["id"], "status": "interrupted" if interrupted else "failed",
                 "error": f"{type(exc).__name__}: {exc}",
-                "started": started.isoformat(), "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(),
+                "started": started.isoformat(), "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(windowed),
                 "job": job, "log": str(log_file),
             })
             raise
@@ -171,7 +198,7 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
         stats = {
             "id": payload["id"], "status": "done", "result": result,
             "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
-            "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(), "job": job, "log": str(log_file),
+            "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(windowed), "job": job, "log": str(log_file),
         }
         records.write_json_atomic(records.stats_path(run_dir, stage, key), stats)
         import harc_hpc
