@@ -37,7 +37,9 @@ def conjugate_gradient(
     precondition: Optional[Operator] = None,
     tol: float = 1e-6,
     max_iter: int = 1000,
+    callback: Optional[Callable[[int, float], None]] = None,
 ) -> CGResult:
+    """``callback(iteration, relative_residual)`` after every iteration (progress reporting)."""
     x = x0.clone()
     r = b - apply(x)
     b_norm = float(torch.linalg.vector_norm(b))
@@ -64,6 +66,8 @@ def conjugate_gradient(
         iterations += 1
         rel = float(torch.linalg.vector_norm(r)) / scale
         history.append(rel)
+        if callback is not None:
+            callback(iterations, rel)
         if rel <= tol:
             converged = True
             break

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -167,6 +167,7 @@ def solve_router(
     kl_max_steps: int = 30,
     kl_tol: Optional[float] = None,
     kronecker_tokens: Optional[int] = 8192,
+    callback: Optional[Callable[[int, float], None]] = None,
 ) -> RouterSolution:
     """Calibrate one layer's router.
 
@@ -174,7 +175,8 @@ def solve_router(
     chunks; source_routers[i]: W_i (K, d); init: the merged router (K, d), the starting point.
     GEMMs run in ``compute_dtype`` (default: the inputs' dtype, float32 for half types); all
     reductions, CG vectors and scalars are float64. ``kronecker_tokens`` caps the tokens per task
-    used to estimate E[x x^T] for the Kronecker preconditioner (None: all).
+    used to estimate E[x x^T] for the Kronecker preconditioner (None: all). ``callback(iteration,
+    relative_residual)`` follows the quadratic solve's CG iterations (progress reporting).
     """
     t_start = time.perf_counter()
     _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics)
@@ -227,7 +229,7 @@ def solve_router(
     else:
         res = conjugate_gradient(system.apply, b, w0,
                                  precondition=_preconditioner(precond, system, expert_factor, input_factor, project_null),
-                                 tol=tol, max_iter=max_iter)
+                                 tol=tol, max_iter=max_iter, callback=callback)
         w, iterations, residual, converged, history = res.x, res.iterations, res.relative_residual, res.converged, res.history
     quadratic_iterations = iterations
     newton_steps = 0

@@ -29,6 +29,7 @@ from harc_hpc.activations import (
 from harc_hpc.calibration_data import data_digest, tokenize_task
 from harc_hpc.config import PipelineConfig
 from harc_hpc.modeling import LayerwiseRunner, RouterInputRecorder, batches, load_causal_lm, pad_batch, pick_device, unpad
+from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
 from harc_hpc.stages.routers import load_router, set_router_weights
 
@@ -93,6 +94,7 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int) -> dict:
                 prev = None
                 if block > 0:
                     prev = ActivationArray(layout.hidden_store(run_dir, block - 1), task)
+                bar = Progress(-(-store.num_sequences // bs), f"capture block {block} task {task} (batches)")
                 for idx in batches(store.num_sequences, bs):
                     lo, hi = int(offsets[idx.start]), int(offsets[idx.stop])
                     if block == 0:
@@ -109,6 +111,8 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int) -> dict:
                     for l in layers:
                         x = recorder.pop(l).reshape(B, T, d)
                         acts.write(f"{layer_name(l)}/{task}", lo, unpad(x, lengths))
+                    bar.update(1)
+                bar.close()
                 counts[task] = store.num_tokens
         finally:
             recorder.close()

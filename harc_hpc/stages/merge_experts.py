@@ -25,6 +25,7 @@ from harc_hpc.config import ConfigError, PipelineConfig, load_config
 from harc_hpc.families import UnsupportedModelError
 from harc_hpc.merge import MergeConfigError, MergeInputError, resolve_settings
 from harc_hpc.merge.engine import MergeInput, merge_checkpoints
+from harc_hpc.progress import Progress
 
 MERGED_DIR = "merged"
 RECORD = "harc_merge.json"
@@ -72,10 +73,22 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     with ThreadPoolExecutor(max_workers=1) as pool:
         digests = {i.name: pool.submit(i.ckpt.digest) for i in inputs}
         with atomic_dir(out_dir) as tmp:
-            stats = merge_checkpoints(
-                tmp, sources, base, method, params, exclude=m.exclude, dtype=m.dtype,
-                out_dtype=m.out_dtype, max_shard_size=m.max_shard_size, seed=cfg.run.seed,
-                device=_device(m.device))
+            bar = None
+
+            def progress(done, total, unit):
+                nonlocal bar
+                if bar is None:
+                    bar = Progress(total, f"merge-experts {method.name} (tensor units)")
+                bar.update(done - bar.done, unit.name)
+
+            try:
+                stats = merge_checkpoints(
+                    tmp, sources, base, method, params, exclude=m.exclude, dtype=m.dtype,
+                    out_dtype=m.out_dtype, max_shard_size=m.max_shard_size, seed=cfg.run.seed,
+                    device=_device(m.device), progress=progress)
+            finally:
+                if bar is not None:
+                    bar.close()
             model_src = (base or sources[0]).ckpt.path
             copy_model_files(model_src, tmp)
             _set_config_dtype(tmp / "config.json", m.out_dtype or m.dtype)

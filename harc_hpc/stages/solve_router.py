@@ -9,6 +9,7 @@ import torch
 
 from harc_hpc.config import PipelineConfig
 from harc_hpc.modeling import pick_device
+from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
 from harc_hpc.stages.compute_statistics import _DTYPES, layer_inputs
 from harc_hpc.stages.routers import merged_router, save_router, source_router
@@ -27,11 +28,13 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
     inputs = [layer_inputs(cfg, run_dir, layer, t) for t in tasks]
     sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
-    sol = solve_router(
-        inputs, sources, init,
-        alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
-        preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
-    )
+    with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
+        sol = solve_router(
+            inputs, sources, init,
+            alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
+            preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
+            callback=lambda it, rel: bar.update(1, f"residual {rel:.1e}"),
+        )
     report = {
         "layer": layer,
         "tasks": tasks,
