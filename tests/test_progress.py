@@ -38,4 +38,4 @@ def test_stopping_early_logs_what_was_done(caplog):
         bar.close()
     lines = [r.getMessage() for r in caplog.records]
     assert [l.split(" after")[0] for l in lines] == ["cg: 100/1000", "cg: 200/1000", "cg: 250/1000"]
-    assert "(residual 5.0e-03)" in lines[-1]
+    assert "(residual 5.0e-03)" in lines[1] and "(residual 4.0e-03)" in lines[-1]
