@@ -180,6 +180,20 @@ def test_calibration_change_reruns_from_capture(tmp_path):
     assert set(changed(b, d)) == set(a.tasks)
 
 
+def test_a_source_model_changed_in_place_reruns_everything(tmp_path):
+    cfg = cfg_of(tmp_path, block_size=2)
+    src = Path(cfg.models.sources[1].path)
+    src.mkdir(parents=True)
+    (src / "config.json").write_text('{"model_type": "olmoe"}')
+    (src / "model.safetensors").write_bytes(b"weights v1")
+    a = plan_of(cfg)
+    assert changed(a, plan_of(cfg)) == []
+    (src / "model.safetensors").write_bytes(b"weights v2")  # re-exported to the same path
+    b = plan_of(cfg)
+    assert set(changed(a, b)) == set(a.tasks)
+    assert str(src) in b.tasks["merge-experts/all"].inputs["files"]
+
+
 def test_per_task_config_slices(tmp_path):
     """compute-statistics[l, t] reads source t's path only; solve-router every source's."""
     plan = plan_of(cfg_of(tmp_path, block_size=4))
