@@ -202,3 +202,28 @@ def test_time_limit_requeues_the_task_and_it_completes(tmp_path):
     assert outcome.ok, (outcome.failed, outcome.skipped)
     job = records.read_completion(plan.run_dir, "solve-router", "layer-000")["job"]
     assert job["slurm_restart_count"] == "1"  # submitit caught USR2 and requeued the Checkpointable runner
+
+
+def test_cli_stage_submit_reruns_one_task_as_a_slurm_job(tmp_path, monkeypatch):
+    from harc_hpc.cli import main
+    from harc_hpc.launcher import planner as planner_mod
+
+    monkeypatch.setattr(planner_mod, "default_layers", lambda c: [0, 1])
+    config = str(write_toy_config(tmp_path, block_size=2))
+    run_dir = tmp_path / "run"
+    common = ["--stages-dir", str(TOY_STAGES_DIR), "--run-dir", str(run_dir)]
+    cli = CliRunner()
+    res = cli.invoke(main, ["submit", config, "--executor", "debug", *common])
+    assert res.exit_code == 0, res.output
+    before = {k: records.read_completion(run_dir, "solve-router", k) for k in ("layer-000", "layer-001")}
+    assert "slurm_job_id" not in before["layer-001"]["job"]  # ran here, in this process
+
+    res = cli.invoke(main, ["stage", "solve-router", config, "--layer", "1", "--force", "--submit", "--wait", *common])
+    assert res.exit_code == 0, res.output
+    after = {k: records.read_completion(run_dir, "solve-router", k) for k in ("layer-000", "layer-001")}
+    job = after["layer-001"]["job"]
+    assert job["submitit_executor"] == "slurm" and job["slurm_job_id"]
+    state = sacct.states([job.get("slurm_array_job_id", job["slurm_job_id"])])
+    assert any(s.startswith("COMPLETED") for s in state.values()), state
+    assert after["layer-000"] == before["layer-000"]  # nothing else ran
+    assert after["layer-001"]["artifacts"] == before["layer-001"]["artifacts"]  # same inputs, same result
