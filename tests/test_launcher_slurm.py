@@ -202,6 +202,12 @@ def test_time_limit_requeues_the_task_and_it_completes(tmp_path):
     assert outcome.ok, (outcome.failed, outcome.skipped)
     job = records.read_completion(plan.run_dir, "solve-router", "layer-000")["job"]
     assert job["slurm_restart_count"] == "1"  # submitit caught USR2 and requeued the Checkpointable runner
+    # the requeued task finished with the result of an uninterrupted run
+    reference, _ = submit(cfg, executor="debug", run_dir=tmp_path / "reference")
+    for t in plan.tasks.values():
+        mine = records.read_completion(plan.run_dir, t.stage, t.key)
+        ref = records.read_completion(reference.run_dir, t.stage, t.key)
+        assert mine["artifacts"] == ref["artifacts"], t.id
 
 
 def test_cli_stage_submit_reruns_one_task_as_a_slurm_job(tmp_path, monkeypatch):

@@ -105,7 +105,9 @@ def test_parallel_blocks_approximate_sequential(sources, tmp_path):
         b = load_file(str(layout.router_file(par.run_dir, l)))["weight"]
         diffs.append(((a - b).norm() / a.norm()).item())
     assert diffs[0] < 1e-6
-    assert max(diffs) < 0.5
+    # later layers see other inputs under B = 1 (the calibrated routers before them change the hidden
+    # states): a difference of 0 would mean the sequential propagation is not happening
+    assert all(1e-5 < d < 0.05 for d in diffs[1:]), diffs
     print("B=L vs B=1 relative router difference per layer:", [f"{d:.2e}" for d in diffs])
 
 
