@@ -181,9 +181,10 @@ def test_calibration_change_reruns_from_capture(tmp_path):
 
 
 def test_a_source_model_changed_in_place_reruns_everything(tmp_path):
-    cfg = cfg_of(tmp_path, block_size=2)
-    src = Path(cfg.models.sources[1].path)
+    src = tmp_path / "toy" / "source-b"  # the toy config's source b, now a local directory
     src.mkdir(parents=True)
+    cfg = cfg_of(tmp_path, block_size=2)
+    assert Path(cfg.models.sources[1].path) == src
     (src / "config.json").write_text('{"model_type": "olmoe"}')
     (src / "model.safetensors").write_bytes(b"weights v1")
     a = plan_of(cfg)
