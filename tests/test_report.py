@@ -58,7 +58,8 @@ def make_run_dir(root: Path, family: str = "olmoe", layers: int = 2) -> tuple[Pa
     (run_dir / "completions" / "solve-router").mkdir(parents=True)
     (run_dir / "completions" / "solve-router" / "layer-000.json").write_text(json.dumps(
         {"stage": "solve-router", "wall_s": 2.5, "peak_rss_mb": 300.0}))
-    (run_dir / "completions" / "solve-router" / "layer-001.json").write_text(json.dumps({"stage": "solve-router"}))
+    (run_dir / "completions" / "solve-router" / "layer-001.json").write_text(json.dumps(
+        {"stage": "solve-router", "peak_gpu_mb": 1234.5}))  # a task that ran on a GPU
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     return cfg_path, run_dir
 
@@ -110,6 +111,7 @@ def test_report_metrics_values(reported_run):
     assert m["solve"]["1"]["iterations"] == 11 and m["solve"]["0"]["converged"] is True
     st = m["stages"]["solve-router"]
     assert st["tasks"] == 2 and st["wall_s_total"] == 2.5 and st["peak_rss_mb_max"] == 300.0
+    assert st["peak_gpu_mb_max"] == 1234.5 and "peak_gpu_mb_max" not in m["stages"].get("assemble-model", {})
     man = m["manifest"]
     assert {"routers/layer-000.safetensors", "model/model.safetensors", "merged/model.safetensors"} <= set(man["artifacts"])
     assert man["packages"]["torch"] == torch.__version__

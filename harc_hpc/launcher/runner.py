@@ -114,6 +114,20 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _reset_peak_gpu() -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gpu_mb() -> Optional[float]:
+    """Peak GPU memory the task's tensors took (None when the task never used CUDA)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def _peak_rss_mb(window: bool = False) -> float:
     if window:
         hwm = _status_kib("VmHWM")
@@ -163,6 +177,7 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
         torch.set_num_threads(int(payload["threads"]))
     job["torch_threads"] = _torch_threads()
     windowed = _reset_peak_rss()
+    _reset_peak_gpu()
     with _task_log(log_file):
         log.info("%s: start (digest %s, %s)", payload["id"], digest[:12], json.dumps(job, sort_keys=True))
         try:
@@ -200,6 +215,9 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
             "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
             "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(windowed), "job": job, "log": str(log_file),
         }
+        gpu = _peak_gpu_mb()
+        if gpu is not None:
+            stats["peak_gpu_mb"] = gpu
         records.write_json_atomic(records.stats_path(run_dir, stage, key), stats)
         import harc_hpc
 

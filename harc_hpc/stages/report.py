@@ -338,6 +338,9 @@ def stage_statistics(run_dir: Path) -> dict:
         rss = rec.get("peak_rss_mb")
         if isinstance(rss, (int, float)):
             s["peak_rss_mb_max"] = rss if s["peak_rss_mb_max"] is None else max(s["peak_rss_mb_max"], rss)
+        gpu = rec.get("peak_gpu_mb")
+        if isinstance(gpu, (int, float)):  # only tasks that ran on a GPU record it
+            s["peak_gpu_mb_max"] = max(s.get("peak_gpu_mb_max") or 0.0, gpu)
     return stages
 
 

@@ -209,11 +209,12 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
 
     stages = metrics.get("stages", {})
     if stages:
-        lines += ["## Stages", "", "| stage | tasks | wall s (sum) | wall s (max) | peak RSS MB (max) |",
-                  "|---|---|---|---|---|"]
+        lines += ["## Stages", "", "| stage | tasks | wall s (sum) | wall s (max) | peak RSS MB (max) | peak GPU MB (max) |",
+                  "|---|---|---|---|---|---|"]
         for name, st in stages.items():
             lines.append(f"| {name} | {st['tasks']} | {_fmt(st.get('wall_s_total'), '.1f')} | "
-                         f"{_fmt(st.get('wall_s_max'), '.1f')} | {_fmt(st.get('peak_rss_mb_max'), '.0f')} |")
+                         f"{_fmt(st.get('wall_s_max'), '.1f')} | {_fmt(st.get('peak_rss_mb_max'), '.0f')} | "
+                         f"{_fmt(st.get('peak_gpu_mb_max'), '.0f')} |")
         lines.append("")
 
     if metrics.get("lm_eval"):
