@@ -189,9 +189,40 @@ def bench(args) -> None:
         print(json.dumps({"wudi_extrapolation": {"layers": a["layers"], "per_step_s": round(per_step, 2),
                                                  "estimated_300_steps_s": round(est)}}))
     largest = SHAPE["vocab"] * SHAPE["hidden"] * 2
-    print(json.dumps({"largest_tensor_mb": round(largest / 2**20),
-                      "rss_target_mb": round((3 * largest + 2**30) / 2**20)}))
+    target_mb = (3 * largest + 2**30) / 2**20
+    print(json.dumps({"largest_tensor_mb": round(largest / 2**20), "rss_target_mb": round(target_mb)}))
+    summarise(rows, target_mb)
     Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def summarise(rows: list, target_mb: float) -> None:
+    """Ratios against mergekit on the same merge and layer count, and the memory targets."""
+    def key(r):
+        return (r["method"], r["params"].get("granularity", ""))
+
+    print("\n# summary (ratios: harc-hpc / mergekit, same merge, same inputs)")
+    for r in rows:
+        if r["tool"] != "harc-hpc":
+            continue
+        mk = [m for m in rows if m["tool"] == "mergekit" and m["method"] == r["method"] and m["layers"] == r["layers"]]
+        line = (f"L={r['layers']} {r['method']:6s} {r['params'].get('granularity', ''):10s} wall {r['wall_s']:7.1f} s "
+                f"cpu {r['cpu_s']:7.1f} s  peak RSS {r['peak_rss_mb']:6d} MB "
+                f"({'within' if r['peak_rss_mb'] <= target_mb else 'ABOVE'} the {target_mb:.0f} MB target)")
+        if mk:
+            m = mk[0]
+            line += (f"  | mergekit wall {m['wall_s']:.1f} s, RSS {m['peak_rss_mb']} MB -> wall x{r['wall_s'] / m['wall_s']:.2f}"
+                     f", RSS x{r['peak_rss_mb'] / m['peak_rss_mb']:.2f}")
+        print(line)
+    by_cfg: dict = {}
+    for r in rows:
+        if r["tool"] == "harc-hpc":
+            by_cfg.setdefault(key(r), []).append(r)
+    for cfg, rs in sorted(by_cfg.items()):
+        if len(rs) >= 2:
+            rs = sorted(rs, key=lambda r: r["layers"])
+            growth = ", ".join(f"L={r['layers']} {r['peak_rss_mb']} MB" for r in rs)
+            print(f"peak RSS vs layers, {cfg[0]} {cfg[1]}: {growth} "
+                  f"(x{rs[-1]['peak_rss_mb'] / rs[0]['peak_rss_mb']:.2f} from L={rs[0]['layers']} to L={rs[-1]['layers']})")
 
 
 def wudi_micro(args) -> None:
