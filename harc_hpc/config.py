@@ -117,6 +117,8 @@ class HarcSection(_Strict):
     layers: LayerSelection = "all"  # "all", [0, 3, 5] or {"last": N}
     block_size: int = Field(default=1, ge=1)
     dtype: Literal["float32", "float64"] = "float64"
+    # mixed precision: CG corrections with 16-bit GEMMs, refined against the `dtype` operator to tol
+    inner_dtype: Optional[Literal["bfloat16", "float16"]] = None
     device: str = "auto"
 
     @field_validator("alpha")

@@ -38,6 +38,7 @@ def test_hub_ids_are_left_alone(tmp_path):
         ("harc: {alpah: 0.5}", "harc.alpah: Extra inputs are not permitted"),
         ("harc: {block_size: two}", "harc.block_size"),
         ("harc: {solver: magic}", "harc.solver"),
+        ("harc: {inner_dtype: int8}", "harc.inner_dtype"),
         ("harc: {layers: {first: 2}}", "harc.layers"),
         ("executor: {kind: kubernetes}", "executor.kind"),
     ],

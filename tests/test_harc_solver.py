@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harc_hpc.harc import TaskCurvature, TokenChunks, solve_router
+from harc_hpc.harc.cg import refine
 from harc_hpc.harc.solver import _System
 from harc_reference import dense_solution, dense_system, eq12_product, exact_kl, make_problem
 
@@ -34,6 +35,35 @@ def test_solvers_match_dense_reference(case, hessian):
         assert sol.converged, (solver, pre, sol.relative_residual)
         assert rel(sol.weight, ref) < 1e-5, (solver, pre)
         assert sol.relative_residual < 1e-7
+    # mixed precision: 16-bit inner solves, refined against the exact operator, same answer
+    for solver, pre in [("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker")]:
+        for inner in (torch.bfloat16, torch.float16):
+            sol = solve_router(xs, ws, init, alpha=0.9, hessian=hessian, solver=solver, preconditioner=pre,
+                               tol=1e-8, inner_dtype=inner)
+            assert sol.converged and sol.relative_residual < 1e-8, (solver, pre, inner, sol.relative_residual)
+            assert rel(sol.weight, ref) < 1e-5, (solver, pre, inner)
+
+
+def test_refinement_converges_with_a_good_inner_operator_and_gives_up_on_a_bad_one():
+    torch.manual_seed(0)
+    m = torch.randn(30, 30, dtype=torch.float64)
+    a = m @ m.T + 30 * torch.eye(30, dtype=torch.float64)
+    b = torch.randn(30, 1, dtype=torch.float64)
+    exact = torch.linalg.solve(a, b)
+    close = a * (1 + 1e-3 * torch.rand(30, 30, dtype=torch.float64))
+    close = (close + close.T) / 2  # a symmetric 0.1 % perturbation of A
+    res = refine(lambda x: a @ x, lambda x: close @ x, b, torch.zeros_like(b), tol=1e-12, max_iter=500)
+    assert res.converged and rel(res.x, exact) < 1e-10
+    assert len(res.history) <= 8  # each refinement step gains about as much as the inner tolerance
+    off = lambda x: 0.2 * (a @ x)  # 5x off: corrections overshoot, the residual does not halve
+    res = refine(lambda x: a @ x, off, b, torch.zeros_like(b), tol=1e-12, max_iter=500)
+    assert not res.converged and res.iterations < 500
+
+
+def test_mixed_precision_of_a_bad_kind_is_refused():
+    xs, ws, init = make_problem(1, 3, 4, [30], seed=0)
+    with pytest.raises(ValueError, match="inner_dtype"):
+        solve_router(xs, ws, init, inner_dtype=torch.int8)
 
 
 def test_tasks_weigh_equally_whatever_their_token_counts():

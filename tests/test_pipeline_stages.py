@@ -121,3 +121,18 @@ def test_capture_is_deterministic(sources, tmp_path):
     run_pipeline(cfg, cfg.run_dir)
     second = {l: layout.router_file(cfg.run_dir, l).read_bytes() for l in layout.moe_layers(cfg)}
     assert first == second
+
+
+def test_mixed_precision_solves_give_the_same_routers(sources, tmp_path):
+    """harc.inner_dtype: bfloat16 corrections refined against the float64 operator to the same tol."""
+    exact = load_config(write_config(tmp_path, sources, name="exact", block_size=3))
+    mixed = load_config(write_config(tmp_path, sources, name="mixed", block_size=3,
+                                     harc={"inner_dtype": "bfloat16"}))
+    run_pipeline(exact, exact.run_dir)
+    run_pipeline(mixed, mixed.run_dir)
+    for l in layout.moe_layers(exact):
+        a = load_file(str(layout.router_file(exact.run_dir, l)))["weight"].double()
+        b = load_file(str(layout.router_file(mixed.run_dir, l)))["weight"].double()
+        assert ((a - b).norm() / a.norm()).item() < 1e-5, l
+        report = json.loads(layout.router_file(mixed.run_dir, l).with_suffix(".json").read_text())
+        assert report["inner_dtype"] == "bfloat16" and report["converged"] and report["relative_residual"] <= 1e-8

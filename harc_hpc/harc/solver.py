@@ -29,6 +29,7 @@ from harc_hpc.harc.cg import (
     KroneckerPreconditioner,
     conjugate_gradient,
     jacobi_preconditioner,
+    refine,
 )
 from harc_hpc.harc.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
 from harc_hpc.harc.operator import TaskCurvature, check_hessian, log_probs, mean_kl
@@ -168,6 +169,8 @@ def solve_router(
     kl_tol: Optional[float] = None,
     kronecker_tokens: Optional[int] = 8192,
     callback: Optional[Callable[[int, float], None]] = None,
+    inner_dtype: Optional[torch.dtype] = None,
+    inner_tol: float = 1e-2,
 ) -> RouterSolution:
     """Calibrate one layer's router.
 
@@ -177,9 +180,17 @@ def solve_router(
     reductions, CG vectors and scalars are float64. ``kronecker_tokens`` caps the tokens per task
     used to estimate E[x x^T] for the Kronecker preconditioner (None: all). ``callback(iteration,
     relative_residual)`` follows the quadratic solve's CG iterations (progress reporting).
+    ``inner_dtype`` (torch.bfloat16 / torch.float16) solves the quadratic system by mixed-precision
+    iterative refinement: residuals with the exact operator, corrections by PCG with 16-bit GEMMs to
+    ``inner_tol``; same stopping rule on the exact residual. If refinement stalls, plain PCG on the
+    exact operator finishes from where it got.
     """
     t_start = time.perf_counter()
     _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics)
+    if inner_dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"inner_dtype must be None, torch.bfloat16, torch.float16 or torch.float32, got {inner_dtype}")
+    if not 0.0 < inner_tol < 1.0:
+        raise ValueError(f"inner_tol must be in (0, 1), got {inner_tol}")
     alpha = float(alpha)
     k, d = init.shape
     device = init.device
@@ -227,9 +238,23 @@ def solve_router(
         residual = float(torch.linalg.vector_norm(b - system.apply(w)) / torch.linalg.vector_norm(b).clamp(min=1e-300))
         converged = bool(torch.isfinite(w).all())
     else:
-        res = conjugate_gradient(system.apply, b, w0,
-                                 precondition=_preconditioner(precond, system, expert_factor, input_factor, project_null),
-                                 tol=tol, max_iter=max_iter, callback=callback)
+        pre = _preconditioner(precond, system, expert_factor, input_factor, project_null)
+        if inner_dtype is not None:
+            low = _System([c.lowered(inner_dtype) for c in curvatures], diagonal, alpha)
+            res = refine(system.apply, low.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter,
+                         inner_tol=inner_tol, callback=callback)
+            del low
+            if not res.converged and res.iterations < max_iter:
+                done = res.iterations
+                rest = conjugate_gradient(system.apply, b, res.x, precondition=pre, tol=tol,
+                                          max_iter=max_iter - done,
+                                          callback=None if callback is None else (lambda i, r: callback(done + i, r)))
+                rest.iterations += done
+                rest.history = res.history + rest.history
+                res = rest
+        else:
+            res = conjugate_gradient(system.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter,
+                                     callback=callback)
         w, iterations, residual, converged, history = res.x, res.iterations, res.relative_residual, res.converged, res.history
     quadratic_iterations = iterations
     newton_steps = 0

@@ -34,6 +34,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
             alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
             preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
             callback=lambda it, rel: bar.update(1, f"residual {rel:.1e}"),
+            inner_dtype=getattr(torch, h.inner_dtype) if h.inner_dtype else None,
         )
     report = {
         "layer": layer,
@@ -44,6 +45,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
         "solver": h.solver,
         "preconditioner": h.preconditioner,
         "objective": h.objective,
+        "inner_dtype": h.inner_dtype,
         "iterations": int(sol.iterations),
         "relative_residual": float(sol.relative_residual),
         "converged": bool(sol.converged),
