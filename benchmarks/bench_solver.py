@@ -16,7 +16,7 @@ max 1000 iterations. (The published code keeps its CG vectors in float32; here t
 both solvers converge to the same answer.)
 
 Printed: wall time of each solver, the reference's time and speed-up, iterations of cg vs pcg
-(jacobi, kronecker), the relative difference of every solution to the reference, and the matvec's
+(jacobi, kronecker; pcg-jacobi-bf16 = mixed precision), the relative difference of every solution to the reference, and the matvec's
 achieved GFLOP/s against torch.mm on the same shapes (4 N d K flops per matvec: two GEMMs).
 """
 
@@ -171,8 +171,9 @@ def main(argv=None):
     ap.add_argument("--reference", choices=["full", "extrapolate", "skip"], default="full",
                     help="run the paper-style solver to convergence, or time a few of its matvecs and "
                          "extrapolate to plain CG's iteration count (stated as such in the output)")
-    ap.add_argument("--solvers", default="pcg-kronecker,pcg-jacobi,cg",
-                    help="comma-separated subset of pcg-kronecker,pcg-jacobi,cg (cg is always run: the "
+    ap.add_argument("--solvers", default="pcg-kronecker,pcg-jacobi,pcg-jacobi-bf16,cg",
+                    help="comma-separated subset of pcg-kronecker,pcg-jacobi,pcg-jacobi-bf16 (mixed precision: "
+                         "bfloat16 corrections refined to tol),cg (cg is always run: the "
                          "reference extrapolation and the iteration ratios need it)")
     ap.add_argument("--anisotropic", action="store_true", help="steep spectrum, large mean, outlier channels")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
@@ -192,13 +193,13 @@ def main(argv=None):
 
     runs = {}
     wanted = set(args.solvers.split(",")) | {"cg"}
-    for name, solver, pre in [("pcg-kronecker", "pcg", "kronecker"), ("pcg-jacobi", "pcg", "jacobi"),
-                              ("cg", "cg", "none")]:
+    for name, solver, pre, inner in [("pcg-kronecker", "pcg", "kronecker", None), ("pcg-jacobi", "pcg", "jacobi", None),
+                                     ("pcg-jacobi-bf16", "pcg", "jacobi", torch.bfloat16), ("cg", "cg", "none", None)]:
         if name not in wanted:
             continue
         t = time.perf_counter()
         sol = solve_router(xs_flat, sources, merged, alpha=args.alpha, solver=solver, preconditioner=pre,
-                           tol=args.tol, max_iter=args.max_iter)
+                           tol=args.tol, max_iter=args.max_iter, inner_dtype=inner)
         wall = time.perf_counter() - t
         runs[name] = sol
         out[name] = {"seconds": wall, "iterations": sol.iterations, "relative_residual": sol.relative_residual,
@@ -206,7 +207,7 @@ def main(argv=None):
         print(f"{name:14s} {wall:8.2f} s  {sol.iterations:5d} it  rel.res {sol.relative_residual:.2e}  "
               f"KL {sum(sol.kl_before):.4f} -> {sum(sol.kl_after):.4f}", flush=True)
     base = runs["cg"].weight.double()
-    for name in ("pcg-kronecker", "pcg-jacobi"):
+    for name in ("pcg-kronecker", "pcg-jacobi", "pcg-jacobi-bf16"):
         if name in runs:
             out[name]["rel_diff_to_cg"] = float((runs[name].weight.double() - base).norm() / base.norm())
             out[f"iterations_ratio_{name}_vs_cg"] = runs[name].iterations / max(runs["cg"].iterations, 1)
