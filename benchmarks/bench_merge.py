@@ -156,16 +156,20 @@ def bench(args) -> None:
         print(f"# built L={layers} inputs in {time.perf_counter() - t0:.0f} s", flush=True)
         # Each harc-hpc run is followed by mergekit's on the same merge, so that both see
         # about the same load on a shared machine.
-        runs = [("harc-hpc", "linear", {"weights": [0.4, 0.6]}, None)]
+        runs = [("linear", "harc-hpc", "linear", {"weights": [0.4, 0.6]}, None)]
         if args.mergekit:
-            runs.append(("mergekit", "linear", {"weights": [0.4, 0.6]}, None))
-        runs.append(("harc-hpc", "ties", {**ties, "granularity": "per_expert"}, None))
+            runs.append(("mk-linear", "mergekit", "linear", {"weights": [0.4, 0.6]}, None))
+        runs.append(("ties", "harc-hpc", "ties", {**ties, "granularity": "per_expert"}, None))
+        runs.append(("ties-threshold", "harc-hpc", "ties",
+                     {**ties, "granularity": "per_expert", "ranking": "threshold"}, None))
         if args.mergekit:
-            runs.append(("mergekit", "ties", ties, None))
+            runs.append(("mk-ties", "mergekit", "ties", ties, None))
         if layers in args.fused_layers:
-            runs.append(("harc-hpc", "ties", {**ties, "granularity": "fused"}, None))
+            runs.append(("ties-fused", "harc-hpc", "ties", {**ties, "granularity": "fused"}, None))
         for steps in args.wudi_steps:
-            runs.append(("harc-hpc", "wudi", {"steps": steps}, None))
+            runs.append(("wudi", "harc-hpc", "wudi", {"steps": steps}, None))
+        wanted = set(args.runs.split(",")) if args.runs else None
+        runs = [r[1:] for r in runs if wanted is None or r[0] in wanted]
         for tool, method, params, extra in runs:
             if tool == "harc-hpc" and method == "wudi" and layers not in args.wudi_layers:
                 continue
@@ -198,14 +202,15 @@ def bench(args) -> None:
 def summarise(rows: list, target_mb: float) -> None:
     """Ratios against mergekit on the same merge and layer count, and the memory targets."""
     def key(r):
-        return (r["method"], r["params"].get("granularity", ""))
+        return (r["method"], (r["params"].get("granularity", "") + " " + r["params"].get("ranking", "")).strip())
 
     print("\n# summary (ratios: harc-hpc / mergekit, same merge, same inputs)")
     for r in rows:
         if r["tool"] != "harc-hpc":
             continue
-        mk = [m for m in rows if m["tool"] == "mergekit" and m["method"] == r["method"] and m["layers"] == r["layers"]]
-        line = (f"L={r['layers']} {r['method']:6s} {r['params'].get('granularity', ''):10s} wall {r['wall_s']:7.1f} s "
+        mk = [m for m in rows if m["tool"] == "mergekit" and m["method"] == r["method"] and m["layers"] == r["layers"]
+              and r["method"] != "wudi"]
+        line = (f"L={r['layers']} {r['method']:6s} {key(r)[1]:20s} wall {r['wall_s']:7.1f} s "
                 f"cpu {r['cpu_s']:7.1f} s  peak RSS {r['peak_rss_mb']:6d} MB "
                 f"({'within' if r['peak_rss_mb'] <= target_mb else 'ABOVE'} the {target_mb:.0f} MB target)")
         if mk:
@@ -327,6 +332,8 @@ def main() -> None:
     b.add_argument("--wudi-layers", type=int, nargs="*", default=[1])
     b.add_argument("--fused-layers", type=int, nargs="*", default=[1])
     b.add_argument("--json", default="/tmp/harc-bench/results.json")
+    b.add_argument("--runs", default=None, help="comma-separated subset of linear,mk-linear,ties,ties-threshold,"
+                                               "mk-ties,ties-fused,wudi (default: all)")
     w = sub.add_parser("wudi-micro")
     w.add_argument("--steps", type=int, default=5)
     w.add_argument("--threads", type=int, default=1)

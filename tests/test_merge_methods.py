@@ -130,6 +130,24 @@ def test_ties_matches_mergekit_semantics_in_compute_dtype(dtype):
     assert torch.equal(got, want)
 
 
+def test_ties_threshold_ranking_keeps_the_same_k_and_equals_mergekit_without_ties():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(40, 30, generator=g)
+    srcs = [base + 0.1 * torch.randn(40, 30, generator=g) for _ in range(2)]  # float32: no ties at the threshold
+    params = {"density": 0.6, "weights": [0.4, 0.6]}
+    exact = run("ties", params, base, srcs)
+    lean = run("ties", {**params, "ranking": "threshold"}, base, srcs)
+    assert torch.equal(exact, lean)
+    # with ties at the threshold both keep exactly k elements, possibly other ones among the tied
+    tied = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+    for ranking in ("argsort", "threshold"):
+        kept = magnitude_sparsify(tied, 0.5, ranking=ranking)
+        assert int((kept != 0).sum()) == 3 and kept[0] == 3 and kept[5] == 2
+    assert torch.equal(magnitude_sparsify(tied, 0.5, ranking="threshold"), torch.tensor([3.0, 1, 0, 0, 0, 2]))
+    with pytest.raises(MergeConfigError, match="ranking"):
+        resolve_settings("ties", None, {"ranking": "sorted"}, SRC)
+
+
 def test_dare_is_seeded_per_unit_and_model():
     base = torch.zeros(1000)
     srcs = [torch.ones(1000), 2 * torch.ones(1000)]
