@@ -202,7 +202,10 @@ def bench(args) -> None:
 def summarise(rows: list, target_mb: float) -> None:
     """Ratios against mergekit on the same merge and layer count, and the memory targets."""
     def key(r):
-        return (r["method"], (r["params"].get("granularity", "") + " " + r["params"].get("ranking", "")).strip())
+        extra = [str(r["params"].get(k, "")) for k in ("granularity", "ranking")]
+        if "steps" in r["params"]:
+            extra.append(f"{r['params']['steps']} steps")
+        return (r["method"], " ".join(e for e in extra if e))
 
     print("\n# summary (ratios: harc-hpc / mergekit, same merge, same inputs)")
     for r in rows:
