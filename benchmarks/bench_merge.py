@@ -180,8 +180,8 @@ def bench(args) -> None:
         if args.mergekit:
             runs.append(("mk-linear", "mergekit", "linear", {"weights": [0.4, 0.6]}, None))
         runs.append(("ties", "harc-hpc", "ties", {**ties, "granularity": "per_expert"}, None))
-        runs.append(("ties-threshold", "harc-hpc", "ties",
-                     {**ties, "granularity": "per_expert", "ranking": "threshold"}, None))
+        runs.append(("ties-argsort", "harc-hpc", "ties",
+                     {**ties, "granularity": "per_expert", "ranking": "mergekit"}, None))
         if args.mergekit:
             runs.append(("mk-ties", "mergekit", "ties", ties, None))
         if layers in args.fused_layers:
@@ -355,7 +355,7 @@ def main() -> None:
     b.add_argument("--wudi-layers", type=int, nargs="*", default=[1])
     b.add_argument("--fused-layers", type=int, nargs="*", default=[1])
     b.add_argument("--json", default="/tmp/harc-bench/results.json")
-    b.add_argument("--runs", default=None, help="comma-separated subset of linear,mk-linear,ties,ties-threshold,"
+    b.add_argument("--runs", default=None, help="comma-separated subset of linear,mk-linear,ties,ties-argsort,"
                                                "mk-ties,ties-fused,wudi (default: all)")
     w = sub.add_parser("wudi-micro")
     w.add_argument("--steps", type=int, default=5)

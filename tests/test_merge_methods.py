@@ -122,7 +122,7 @@ def test_ties_matches_mergekit_semantics_in_compute_dtype(dtype):
     base = torch.randn(6, 8, 5, generator=g).to(dtype)
     srcs = [(base.float() + 0.1 * torch.randn(6, 8, 5, generator=g)).to(dtype) for _ in range(2)]
     want = _mergekit_literal_gta(base, srcs, [0.4, 0.6], [0.6, 0.6], True, True, 0.7)
-    got = run("ties", {"density": 0.6, "weights": [0.4, 0.6], "lambda": 0.7}, base, srcs)
+    got = run("ties", {"density": 0.6, "weights": [0.4, 0.6], "lambda": 0.7, "ranking": "mergekit"}, base, srcs)
     assert got.dtype == dtype
     assert torch.equal(got, want)
     want = _mergekit_literal_gta(base, srcs, [0.3, 0.9], [1, 1], False, False, 1.0)
@@ -135,9 +135,11 @@ def test_ties_threshold_ranking_keeps_the_same_k_and_equals_mergekit_without_tie
     base = torch.randn(40, 30, generator=g)
     srcs = [base + 0.1 * torch.randn(40, 30, generator=g) for _ in range(2)]  # float32: no ties at the threshold
     params = {"density": 0.6, "weights": [0.4, 0.6]}
-    exact = run("ties", params, base, srcs)
+    exact = run("ties", {**params, "ranking": "mergekit"}, base, srcs)
     lean = run("ties", {**params, "ranking": "threshold"}, base, srcs)
     assert torch.equal(exact, lean)
+    assert torch.equal(run("ties", params, base, srcs), lean)  # auto: threshold with per_expert
+    assert torch.equal(run("ties", {**params, "granularity": "fused"}, base, srcs), exact)  # auto: mergekit
     # with ties at the threshold both keep exactly k elements, possibly other ones among the tied
     tied = torch.tensor([3.0, 1.0, 1.0, 1.0, 1.0, 2.0])
     for ranking in ("argsort", "threshold"):
@@ -146,6 +148,33 @@ def test_ties_threshold_ranking_keeps_the_same_k_and_equals_mergekit_without_tie
     assert torch.equal(magnitude_sparsify(tied, 0.5, ranking="threshold"), torch.tensor([3.0, 1, 0, 0, 0, 2]))
     with pytest.raises(MergeConfigError, match="ranking"):
         resolve_settings("ties", None, {"ranking": "sorted"}, SRC)
+
+
+def _kthvalue_selection(delta, density):
+    n = delta.numel()
+    k = max(1, int(density * n))
+    w = delta.abs().reshape(-1).float()
+    thr = torch.kthvalue(w, n - k + 1).values
+    keep = w > thr
+    keep[(w == thr).nonzero().squeeze(1)[:k - int(keep.sum())]] = True
+    return delta * keep.to(delta.dtype).reshape_as(delta)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_radix_select_equals_kthvalue_selection_across_chunks(dtype, monkeypatch):
+    from harc_hpc.merge import _task_vectors
+
+    monkeypatch.setattr(_task_vectors, "SELECT_CHUNK", 1000)  # many chunks, ties spanning them
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 7, 999, 5000, 23457):
+        for density in (0.01, 0.3, 0.6, 0.999):
+            d = (0.01 * torch.randn(n, generator=g)).to(dtype)
+            if n > 10:
+                d[::7] = 0
+                d[::5] = d[3]  # a large tied group
+            got = magnitude_sparsify(d, density, ranking="threshold")
+            assert torch.equal(got, _kthvalue_selection(d, density)), (n, density)
+            assert int((got != 0).sum()) <= max(1, int(density * n))
 
 
 def test_dare_is_seeded_per_unit_and_model():

@@ -34,6 +34,44 @@ def _l1_rescaled(tensor: torch.Tensor, masked: torch.Tensor, eps: float = 1e-7) 
 
 Ranking = Literal["argsort", "threshold"]
 
+#: elements per pass of the chunked radix select (bounds its temporaries to a few tens of MB)
+SELECT_CHUNK = 1 << 22
+
+
+def _magnitude_keys(w: torch.Tensor) -> torch.Tensor:
+    """|x| as int32 keys ordered like the values: the bit pattern of a non-negative float32."""
+    return w.abs().to(torch.float32).view(torch.int32)
+
+
+def kth_largest_key(w: torch.Tensor, k: int) -> tuple[int, int]:
+    """The k-th largest |w| (as its float32 bit pattern) and how many elements lie strictly above it,
+    by a two-pass radix select over chunks (high 16 bits, then low 16 bits within the chosen bucket).
+    Exact, like kthvalue, without sorting or copying the tensor: the temporaries are one chunk."""
+    flat = w.reshape(-1)
+    n = flat.numel()
+
+    def histogram(select_high: Optional[int]) -> torch.Tensor:
+        hist = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
+        for lo in range(0, n, SELECT_CHUNK):
+            keys = _magnitude_keys(flat[lo:lo + SELECT_CHUNK])
+            if select_high is None:
+                digits = keys >> 16
+            else:
+                digits = keys[(keys >> 16) == select_high] & 0xFFFF
+            hist += torch.bincount(digits.long(), minlength=1 << 16)
+        return hist
+
+    def pick(hist: torch.Tensor, rank: int) -> tuple[int, int]:
+        # the digit holding the rank-th largest element, and how many lie in higher digits
+        above = torch.cumsum(hist.flip(0), 0)
+        i = int(torch.searchsorted(above, torch.tensor(rank, device=above.device)))
+        digit = (1 << 16) - 1 - i
+        return digit, (int(above[i - 1]) if i > 0 else 0)
+
+    high, above_high = pick(histogram(None), k)
+    low, above_low = pick(histogram(high), k - above_high)
+    return (high << 16) | low, above_high + above_low
+
 
 def magnitude_sparsify(delta: torch.Tensor, density: float, rescale: Rescale = "none",
                        ranking: Ranking = "argsort") -> torch.Tensor:
@@ -49,17 +87,24 @@ def magnitude_sparsify(delta: torch.Tensor, density: float, rescale: Rescale = "
         return torch.zeros_like(delta)
     n = delta.numel()
     k = max(1, int(density * n))
-    w = delta.abs().reshape(-1)
-    if w.device.type == "cpu":
-        w = w.float()
     if ranking == "threshold":
-        thr = torch.kthvalue(w, n - k + 1).values
-        keep = w > thr
-        ties = (w == thr).nonzero().squeeze(1)[:k - int(keep.sum())]
-        keep[ties] = True
-        del w, ties
-        mask = keep.to(delta.dtype)
+        thr, strictly_above = kth_largest_key(delta, k)
+        flat = delta.reshape(-1)
+        mask = torch.empty(n, dtype=delta.dtype, device=delta.device)
+        missing = k - strictly_above  # elements equal to the threshold still to keep, in index order
+        for lo in range(0, n, SELECT_CHUNK):
+            keys = _magnitude_keys(flat[lo:lo + SELECT_CHUNK])
+            keep = keys > thr
+            if missing > 0:
+                tied = (keys == thr).nonzero().squeeze(1)[:missing]
+                keep[tied] = True
+                missing -= int(tied.numel())
+            mask[lo:lo + SELECT_CHUNK] = keep
+        del keys, keep
     else:
+        w = delta.abs().reshape(-1)
+        if w.device.type == "cpu":
+            w = w.float()
         top = torch.argsort(w, descending=True)[:k]
         del w  # the sort's workspace is the peak: allocate the mask only after it
         mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)

@@ -33,11 +33,12 @@ class TiesParams(MethodParams):
     normalize: bool = True
     rescale: bool = False  # mergekit's option: rescale kept values to the task vector's L1 norm
     granularity: Granularity = "per_expert"
-    #: how the top-k of |tau| is chosen where mergekit has a result to match (embeddings, attention,
-    #: fused expert tensors). ``mergekit``: its descending argsort, bit-exact ties, an int64 index per
-    #: element (the peak memory on large tensors). ``threshold``: the same k by exact selection, ties at
-    #: the threshold kept in index order: ~3x less transient memory, faster, ties may differ.
-    ranking: Literal["mergekit", "threshold"] = "mergekit"
+    #: how the top-k of |tau| is chosen. ``mergekit``: its descending argsort (bit-exact ties; an int64
+    #: index per element and a sort, the peak memory on large tensors) except on per-expert matrices,
+    #: which mergekit never ranks alone. ``threshold``: the same k by an exact chunked radix select,
+    #: ties at the threshold kept in index order (no sort, no index array). ``auto``: mergekit with
+    #: granularity fused (the mode that reproduces mergekit's tensors), threshold with per_expert.
+    ranking: Literal["auto", "mergekit", "threshold"] = "auto"
 
     @field_validator("density")
     @classmethod
@@ -56,5 +57,12 @@ class TiesMerge(MergeMethod):
             densities=params.per_model("density", source_names), sparsify="magnitude",
             rescale="l1" if params.rescale else "none", consensus=True,
             normalize=params.normalize, lam=params.lambda_, consume=ctx.consume_inputs,
-            # per-expert ranking has no mergekit counterpart: use the faster exact selection there
-            ranking="threshold" if unit.role == "expert" or params.ranking == "threshold" else "argsort")
+            ranking=self._ranking(unit, params))
+
+    @staticmethod
+    def _ranking(unit, params) -> str:
+        mode = params.ranking
+        if mode == "auto":
+            mode = "mergekit" if params.granularity == "fused" else "threshold"
+        # per-expert matrices have no mergekit counterpart: the exact selection is used there
+        return "argsort" if mode == "mergekit" and unit.role != "expert" else "threshold"
