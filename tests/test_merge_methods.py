@@ -7,6 +7,7 @@ import torch
 
 from harc_hpc.merge import (METHODS, MergeConfigError, MergeContext, MergeUnit, Piece, get_method,
                            resolve_settings)
+from harc_hpc.merge._task_vectors import _lean_magnitude_merge as _LEAN
 from harc_hpc.merge._task_vectors import magnitude_sparsify, random_drop
 from harc_hpc.merge.wudi import wudi_solve
 
@@ -175,6 +176,28 @@ def test_radix_select_equals_kthvalue_selection_across_chunks(dtype, monkeypatch
             got = magnitude_sparsify(d, density, ranking="threshold")
             assert torch.equal(got, _kthvalue_selection(d, density)), (n, density)
             assert int((got != 0).sum()) <= max(1, int(density * n))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("consensus", [True, False])
+def test_chunked_lean_magnitude_merge_is_bit_identical(dtype, consensus, monkeypatch):
+    from harc_hpc.merge import _task_vectors as tv
+
+    g = torch.Generator().manual_seed(4)
+    base = (0.02 * torch.randn(30011, generator=g)).to(dtype)
+    srcs = [(base.float() + 0.002 * torch.randn(30011, generator=g)).to(dtype) for _ in range(3)]
+    kw = dict(densities=[0.6, 0.3, 1.0], sparsify="magnitude", consensus=consensus, normalize=True, lam=0.8,
+              ranking="threshold")
+    whole = tv.task_vector_merge(base, list(srcs), [0.4, 0.6, 0.3], **kw)
+    monkeypatch.setattr(tv, "PARALLEL_RANK_MAX_NUMEL", 100)  # the lean path for this "big" tensor
+    monkeypatch.setattr(tv, "SELECT_CHUNK", 1000)
+    called = []
+    monkeypatch.setattr(tv, "_lean_magnitude_merge",
+                        lambda *a: called.append(1) or _LEAN(*a))
+    inputs = list(srcs)
+    lean = tv.task_vector_merge(base, inputs, [0.4, 0.6, 0.3], consume=True, **kw)
+    assert called and inputs == [None, None, None]  # consumed as it went
+    assert lean.dtype == dtype and torch.equal(lean, whole)
 
 
 def test_dare_is_seeded_per_unit_and_model():

@@ -168,6 +168,51 @@ def combine(base: torch.Tensor, deltas: torch.Tensor, weights: Sequence[float], 
     return (base + mixed).to(base.dtype)
 
 
+def _threshold_mask_(row: torch.Tensor, density: float) -> None:
+    """magnitude_sparsify(row, density, ranking="threshold") in place, chunk by chunk."""
+    if density >= 1:
+        return
+    n = row.numel()
+    if density <= 0 or n == 0:
+        row.zero_()
+        return
+    k = max(1, int(density * n))
+    thr, strictly_above = kth_largest_key(row, k)
+    missing = k - strictly_above
+    for lo in range(0, n, SELECT_CHUNK):
+        chunk = row[lo:lo + SELECT_CHUNK]
+        keys = _magnitude_keys(chunk)
+        keep = keys > thr
+        if missing > 0:
+            tied = (keys == thr).nonzero().squeeze(1)[:missing]
+            keep[tied] = True
+            missing -= int(tied.numel())
+        chunk.mul_(keep.to(row.dtype))  # x * 0, as the whole-tensor path does (keeps -0.0)
+
+
+def _lean_magnitude_merge(base, sources, weights, densities, consensus, normalize, lam, consume):
+    """The threshold-ranked magnitude merge of one big tensor with no temporary the size of the
+    tensor beyond the (n, numel) task vectors: deltas are formed, sparsified and combined in
+    chunks (every step is element-wise once the threshold is known), bit-identical to the
+    whole-tensor path."""
+    flat_base = base.reshape(-1)
+    numel = flat_base.numel()
+    deltas = base.new_empty((len(sources), numel))
+    for i in range(len(sources)):
+        x = sources[i].reshape(-1)
+        if consume:
+            sources[i] = None
+        for lo in range(0, numel, SELECT_CHUNK):
+            torch.sub(x[lo:lo + SELECT_CHUNK], flat_base[lo:lo + SELECT_CHUNK], out=deltas[i, lo:lo + SELECT_CHUNK])
+        del x
+        _threshold_mask_(deltas[i], densities[i])
+    out = torch.empty_like(flat_base)
+    for lo in range(0, numel, SELECT_CHUNK):
+        out[lo:lo + SELECT_CHUNK] = combine(flat_base[lo:lo + SELECT_CHUNK], deltas[:, lo:lo + SELECT_CHUNK],
+                                            weights, consensus=consensus, normalize=normalize, lam=lam)
+    return out.reshape(base.shape)
+
+
 def task_vector_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], weights: Sequence[float],
                       *, densities: Optional[Sequence[float]] = None,
                       sparsify: Optional[Literal["magnitude", "random"]] = None,
@@ -176,6 +221,9 @@ def task_vector_merge(base: torch.Tensor, sources: Sequence[torch.Tensor], weigh
                       consume: bool = False, ranking: Ranking = "argsort") -> torch.Tensor:
     """``consume``: set each entry of ``sources`` to None once its delta is taken (the caller
     holds no other reference), so inputs do not outlive their use."""
+    if (sparsify == "magnitude" and ranking == "threshold" and rescale == "none"
+            and base.numel() > PARALLEL_RANK_MAX_NUMEL):
+        return _lean_magnitude_merge(base, sources, weights, densities, consensus, normalize, lam, consume)
     deltas = base.new_empty((len(sources), *base.shape))
 
     def one(i: int) -> None:
