@@ -243,13 +243,20 @@ CHUNK_NUMEL = 1 << 22
 #: a unit larger than this (elements) is not read ahead while another one is being merged
 PREFETCH_MAX_NUMEL = 1 << 24
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # in slices: isfinite's temporaries on a whole embedding, in every reader thread at once, were
+    # the merge's peak memory
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[lo:lo + CHUNK_NUMEL]).all()) for lo in range(0, flat.numel(), CHUNK_NUMEL))
+
+
 def _read_unit(inp: MergeInput, unit: MergeUnit, check_finite: bool) -> torch.Tensor:
     flat = torch.empty(unit.numel, dtype=inp.ckpt.tensor_dtype(unit.pieces[0].key))
     pos = 0
     for p in unit.pieces:
         t = inp.ckpt.read_part(p.key, p.start, p.numel, out=flat[pos:pos + p.numel])
         pos += p.numel
-        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if check_finite and t.is_floating_point() and not _all_finite(t):
             bad = int((~torch.isfinite(t)).sum())
             raise MergeInputError(f"model {inp.name!r}: file {inp.ckpt.file_of(p.key)}: tensor "
                                   f"{p.key} contains {bad} NaN/Inf values")
