@@ -88,19 +88,8 @@ def magnitude_sparsify(delta: torch.Tensor, density: float, rescale: Rescale = "
     n = delta.numel()
     k = max(1, int(density * n))
     if ranking == "threshold":
-        thr, strictly_above = kth_largest_key(delta, k)
-        flat = delta.reshape(-1)
-        mask = torch.empty(n, dtype=delta.dtype, device=delta.device)
-        missing = k - strictly_above  # elements equal to the threshold still to keep, in index order
-        for lo in range(0, n, SELECT_CHUNK):
-            keys = _magnitude_keys(flat[lo:lo + SELECT_CHUNK])
-            keep = keys > thr
-            if missing > 0:
-                tied = (keys == thr).nonzero().squeeze(1)[:missing]
-                keep[tied] = True
-                missing -= int(tied.numel())
-            mask[lo:lo + SELECT_CHUNK] = keep
-        del keys, keep
+        masked = delta.clone(memory_format=torch.contiguous_format)  # reshape(-1) is then a view
+        _threshold_mask_(masked.reshape(-1), density)
     else:
         w = delta.abs().reshape(-1)
         if w.device.type == "cpu":
@@ -110,7 +99,7 @@ def magnitude_sparsify(delta: torch.Tensor, density: float, rescale: Rescale = "
         mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
         mask[top] = 1
         del top
-    masked = delta * mask.reshape_as(delta)
+        masked = delta * mask.reshape_as(delta)
     if rescale == "l1":
         return _l1_rescaled(delta, masked)
     if rescale == "inverse_density":
