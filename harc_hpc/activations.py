@@ -3,14 +3,13 @@
 Everything is stored flat along tokens (``(num_tokens, d)``) with the sequence boundaries as an
 ``offsets`` array, chunked along tokens so a solver can stream a layer's inputs chunk by chunk.
 Stores are written under a temporary name and renamed into place, so a killed job never leaves a
-store that looks complete.
+store that looks complete. Every chunk carries a CRC32C (Zarr's crc32c codec) that is checked each
+time the chunk is decoded, and a reader refuses an array with missing chunks (Zarr would read them
+as zeros): corrupted or truncated activations fail loudly, naming store, array and rows.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -18,7 +17,17 @@ import numpy as np
 import torch
 import zarr
 
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from harc_hpc.atomic import atomic_path
+from harc_hpc.errors import CorruptArtifactError
+
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+
+
+def _codecs() -> list:
+    # Zarr's default compressor (zstd level 0), then a CRC32C of the encoded chunk.
+    return [ZstdCodec(level=0, checksum=False), Crc32cCodec()]
 
 
 def _storage_dtype(name: str):
@@ -40,29 +49,6 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-@contextlib.contextmanager
-def atomic_path(final: Path):
-    """Yield a temporary sibling path; on success replace ``final`` with it, on error remove it."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    _remove(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    _remove(final)
-    os.replace(tmp, final)
-
-
-def _remove(path: Path):
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 # -- tokens ---------------------------------------------------------------
 
 
@@ -72,8 +58,8 @@ def write_token_store(path: Path, seqs: Sequence[Sequence[int]], digest: str) ->
     ids = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(offsets[-1]))
     with atomic_path(path) as tmp:
         g = zarr.open_group(str(tmp), mode="w")
-        g.create_array("ids", data=ids, chunks=(max(1, min(len(ids), 1 << 20)),))
-        g.create_array("offsets", data=offsets, chunks=(max(1, len(offsets)),))
+        g.create_array("ids", data=ids, chunks=(max(1, min(len(ids), 1 << 20)),), compressors=_codecs())
+        g.create_array("offsets", data=offsets, chunks=(max(1, len(offsets)),), compressors=_codecs())
         g.attrs["digest"] = digest
 
 
@@ -122,6 +108,7 @@ class ActivationWriter:
             shape=(num_tokens, dim),
             chunks=(max(1, min(self.chunk_tokens, num_tokens)), dim),
             dtype=_storage_dtype(self.dtype),
+            compressors=_codecs(),
         )
         arr.attrs["offsets"] = [int(o) for o in offsets]
         arr.attrs["dtype"] = self.dtype
@@ -139,6 +126,10 @@ class ActivationArray:
         self.store = Path(store)
         self.name = name
         self._array = zarr.open_group(str(self.store), mode="r")[name]
+        missing = self._array.nchunks - self._array.nchunks_initialized
+        if missing:
+            raise CorruptArtifactError(self.store, f"array {name}: {missing} of {self._array.nchunks} chunks are "
+                                                   f"missing (they would read as zeros)")
         self.dtype = self._array.attrs.get("dtype", "float32")
         self.offsets = np.asarray(self._array.attrs["offsets"], dtype=np.int64)
         self.chunk_tokens = chunk_tokens or self._array.chunks[0]
@@ -152,7 +143,12 @@ class ActivationArray:
         return self._array.shape[0]
 
     def read(self, start: int, stop: int) -> torch.Tensor:
-        return from_storage(self._array[start:stop], self.dtype).to(self.out_dtype)
+        try:
+            raw = self._array[start:stop]
+        except ValueError as exc:  # the crc32c codec's "Stored and computed checksum do not match"
+            raise CorruptArtifactError(self.store, f"array {self.name}: rows {start}:{stop} fail their "
+                                                   f"checksum ({exc})") from None
+        return from_storage(raw, self.dtype).to(self.out_dtype)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         n = self._array.shape[0]

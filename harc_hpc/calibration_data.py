@@ -13,10 +13,11 @@ import random
 from pathlib import Path
 from typing import Iterable, Optional
 
+from harc_hpc.errors import InputDataError
 from harc_hpc.config import CalibrationData, CalibrationSection
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(InputDataError):
     pass
 
 

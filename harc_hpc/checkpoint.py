@@ -22,12 +22,14 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
+
+from harc_hpc.atomic import atomic_dir
+from harc_hpc.errors import InputDataError
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -68,7 +70,7 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputDataError):
     """A checkpoint that cannot be read as asked; the message names the model, file and tensor."""
 
 
@@ -96,33 +98,161 @@ def parse_size(size: Union[int, str]) -> int:
 # Locating a model
 # ---------------------------------------------------------------------------------------------
 
+# Files of a hub snapshot that a merge needs (pickle weights are never downloaded).
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+_HUB_ID = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def _is_hub_id(text: str) -> bool:
+    """``text`` has the form of a hub id (``owner/name`` or a bare ``name``)."""
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+        return bool(_HUB_ID.fullmatch(text)) and ".." not in text and "--" not in text
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _looks_local(text: str) -> bool:
+    """A model source that can only mean a local directory (so a missing one is not looked up on
+    the hub): ./x, /x, ~/x, a path of more than two parts, one whose parent directory exists here,
+    or anything that is not a well-formed hub id."""
+    if text.startswith((".", "/", "~")) or os.path.isabs(text):
+        return True
+    if max(text.count("/"), text.count(os.sep)) > 1:
+        return True
+    if ("/" in text or os.sep in text) and Path(text).expanduser().parent.is_dir():
+        return True
+    return not _is_hub_id(text)
+
+
+def _hub_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    # also when set after huggingface_hub was imported (its constants are read once at import)
+    return any(os.environ.get(var, "").strip().upper() in _TRUE
+               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_timeout_s() -> float:
+    """How long to wait for the hub to answer (HF_HUB_ETAG_TIMEOUT, 8 s by default)."""
+    try:
+        return max(float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 8), 0.1)
+    except ValueError:
+        return 8.0
+
+
+def _hub_problem(repo_id: str, revision: Optional[str], timeout_s: float) -> Optional[str]:
+    """None when the hub has ``repo_id`` at ``revision``, else why it cannot be fetched.
+
+    The hub client waits without a time limit by default (a compute node without internet can
+    hang for minutes); this asks once, in a thread that is given up on after ``timeout_s``.
+    """
+    import threading
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    outcome: dict = {}
+
+    def ask() -> None:
+        try:
+            HfApi().repo_info(repo_id, revision=revision, timeout=timeout_s)
+        except BaseException as exc:  # reported below
+            outcome["error"] = exc
+
+    probe = threading.Thread(target=ask, name="harc-hub-probe", daemon=True)
+    probe.start()
+    probe.join(timeout_s + 0.5)
+    if probe.is_alive():
+        return f"the hub could not be reached (no answer within {timeout_s:g} s)"
+    exc = outcome.get("error")
+    if exc is None:
+        return None
+    if isinstance(exc, RevisionNotFoundError):
+        return f"the hub has the repository but not the revision {revision!r}"
+    if isinstance(exc, GatedRepoError):
+        return "the repository is gated: accept its terms on the hub and log in (hf auth login, or HF_TOKEN)"
+    if isinstance(exc, RepositoryNotFoundError):
+        return ("the repository does not exist on the hub (or is private: log in with hf auth login, "
+                "or set HF_TOKEN)")
+    detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+    if isinstance(exc, HfHubHTTPError):
+        return f"the hub answered with an error ({detail})"
+    return f"the hub could not be reached ({detail})"
+
+
+def _hub_hint(repo_id: str, revision: Optional[str]) -> str:
+    rev = f" --revision {revision}" if revision else ""
+    return (f"download it where the hub is reachable (hf download {repo_id}{rev} --local-dir DIR) and "
+            "give DIR as the model path, or fill a hub cache on a shared filesystem (HF_HOME) and set "
+            "HF_HUB_OFFLINE=1")
+
+
 def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str] = None,
                        allow_download: bool = True) -> Path:
     """A local model directory, or the snapshot directory of a hub id.
 
-    Hub snapshots fetch configs, tokenizer files and safetensors weights only: pickle weights are
-    never downloaded. With ``allow_download=False`` only the local hub cache is consulted.
+    Something that can only be a path (``./m``, ``/m``, ``~/m``, ``a/b/c``, ``models/m`` where
+    ``models/`` exists, or no hub-id form at all) must be an existing directory. A hub id
+    (``owner/name``) is looked up in the local hub cache first, without network; then, unless
+    ``allow_download=False`` or ``HF_HUB_OFFLINE`` is set, on the hub, which has
+    ``HF_HUB_ETAG_TIMEOUT`` (8 s by default) to answer. Hub snapshots fetch configs, tokenizer
+    files and safetensors weights only: pickle weights are never downloaded.
     """
-    p = Path(str(path_or_hub_id)).expanduser()
+    text = str(path_or_hub_id)
+    p = Path(text).expanduser()
     if p.is_dir():
         return p.resolve()
     if p.exists():
         raise CheckpointError(f"{p}: is a file; a model is a directory with config.json and weights")
-    text = str(path_or_hub_id)
-    if text.startswith((".", "/", "~")) or text.count("/") > 1:
-        raise CheckpointError(f"{text}: model directory not found")
+    absolute = str(p.resolve())
+    if _looks_local(text):
+        shown = text if absolute == text else f"{text} (that is {absolute})"
+        raise CheckpointError(f"model directory not found: no such directory: {shown}",
+                              hint="a local model is a directory with config.json and weights; "
+                                   "a hub id has the form owner/name")
+    where = f"{text} (revision {revision})" if revision else text
+    not_local = f"no local directory {absolute}, and as a hub id"
     try:
         from huggingface_hub import snapshot_download
-
-        local = snapshot_download(
-            repo_id=text,
-            revision=revision,
-            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
-            local_files_only=not allow_download,
-        )
-    except Exception as exc:  # the hub client raises many types; all mean "not available"
-        raise CheckpointError(f"{text}: not a local directory and could not be resolved on the hub "
-                              f"({type(exc).__name__}: {exc})") from None
+        from huggingface_hub.errors import IncompleteSnapshotError
+    except ImportError:  # pragma: no cover
+        raise CheckpointError(f"{not_local} it cannot be fetched: huggingface_hub is not installed",
+                              where=where) from None
+    # 1. the local hub cache (no network)
+    try:
+        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=_HUB_PATTERNS,
+                                      local_files_only=True))
+    except IncompleteSnapshotError:
+        cached = "its cached snapshot is incomplete"
+    except Exception:  # not in the cache (LocalEntryNotFoundError and kin)
+        cached = "it is not in the local hub cache"
+    offline = _hub_offline()
+    if offline or not allow_download:
+        why = "HF_HUB_OFFLINE is set" if offline else "downloads are disabled"
+        raise CheckpointError(f"{not_local} {cached} and {why}", where=where,
+                              hint=_hub_hint(text, revision))
+    # 2. the hub, asked once with a time limit, then the download
+    problem = _hub_problem(text, revision, _hub_timeout_s())
+    if problem:
+        raise CheckpointError(f"{not_local} {cached}, and {problem}", where=where,
+                              hint=_hub_hint(text, revision))
+    try:
+        local = snapshot_download(repo_id=text, revision=revision, allow_patterns=_HUB_PATTERNS)
+    except Exception as exc:  # the hub client raises many types
+        raise CheckpointError(f"downloading from the hub failed ({type(exc).__name__}: {exc})",
+                              where=where, hint=_hub_hint(text, revision)) from None
     return Path(local)
 
 
@@ -653,28 +783,6 @@ def copy_model_files(src: Union[str, Path], dst: Union[str, Path],
             shutil.copyfile(f, dst / name)
             copied.append(name)
     return copied
-
-
-@contextlib.contextmanager
-def atomic_dir(final_dir: Union[str, Path]) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final_dir``; on success it replaces ``final_dir``,
-    on any error it is removed, so a reader never sees a half-written directory."""
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final_dir.parent / f".{final_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final_dir.exists():
-        old = final_dir.parent / f".{final_dir.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(final_dir, old)
-    os.rename(tmp, final_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def patch_tensors(src_dir: Union[str, Path], dst_dir: Union[str, Path],

@@ -4,15 +4,56 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 
 import click
 
+from harc_hpc.errors import DiskFullError, HarcHpcError
 
-@click.group()
+
+class HarcGroup(click.Group):
+    """Turns harc-hpc's errors into one message format and stable exit codes (harc_hpc.errors):
+    ``error: <where>: <what> (<what to do>)`` on stderr, no traceback unless ``--debug``."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except HarcHpcError as exc:
+            _exit_with(ctx, exc, exc.exit_code)
+        except OSError as exc:
+            from harc_hpc.atomic import _is_disk_full
+
+            if _is_disk_full(exc):
+                _exit_with(ctx, DiskFullError(exc.filename or "?"), DiskFullError.exit_code)
+            _exit_with(ctx, exc, 1)
+        except Exception as exc:  # noqa: BLE001 - an internal error: say so, keep the traceback for --debug
+            _exit_with(ctx, exc, 1)
+
+
+def _exit_with(ctx: click.Context, exc: BaseException, code: int):
+    if ctx.find_root().params.get("debug"):
+        traceback.print_exception(exc)
+    if isinstance(exc, HarcHpcError):
+        click.echo(f"error: {exc}", err=True)
+    else:
+        click.echo(f"error: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)
+    ctx.exit(code)
+
+
+@click.group(cls=HarcGroup)
 @click.option("-v", "--verbose", count=True, help="more log output (-vv: debug)")
+@click.option("--debug", is_flag=True, help="show tracebacks of errors")
 @click.version_option(package_name="harc-hpc")
-def main(verbose: int) -> None:
-    """Merge fine-tuned MoE LLMs and recalibrate their routers (HARC) as resumable batch pipelines."""
+def main(verbose: int, debug: bool) -> None:
+    """Merge fine-tuned MoE LLMs and recalibrate their routers (HARC) as resumable batch pipelines.
+
+    Exit codes: 0 success, 1 a task failed or an internal error, 2 usage or config error, 3 bad input
+    data (models, calibration files, artifacts, disk full), 4 run state (locked, jobs queued, upstream
+    missing).
+    """
     level = logging.WARNING - 10 * min(verbose + 1, 2)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

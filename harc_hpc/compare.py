@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from harc_hpc.errors import RunStateError
+
 CHECKED_SECTIONS = ("loss", "routing")
 _VERSION_KEYS = ("torch", "transformers", "harc-hpc")
 
 
-class CompareError(RuntimeError):
+class CompareError(RunStateError):
     pass
 
 

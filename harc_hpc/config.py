@@ -12,13 +12,16 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
+
+from harc_hpc.errors import UsageError
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration problem; the message names the file and the key path."""
 
 
@@ -26,9 +29,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# -- one-line values --------------------------------------------------------------------------
+# Values that end up in a generated sbatch job script (partition, account, qos, extra sbatch
+# options, setup lines, the run directory) must be one line of text: a newline would end the
+# ``#SBATCH`` line and run the rest as shell. Any ASCII control character (0x00-0x1f, 0x7f, tab
+# included) is refused; the error shows the value with repr() so that the character is visible.
+
+def control_char_problem(value: str) -> Optional[str]:
+    """Why ``value`` is not one line of printable text (None when it is)."""
+    for i, c in enumerate(value):
+        if ord(c) < 0x20 or ord(c) == 0x7F:
+            return (f"contains the control character {c!r} at position {i}: {value!r} "
+                    "(a value that goes into a job script must be one line of printable text)")
+    return None
+
+
+def _one_line(value):
+    problem = control_char_problem(str(value))
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _one_line_path(value):
+    _one_line(value)
+    # an environment variable is expanded when the path is resolved: check what it becomes too
+    expanded = os.path.expandvars(str(value))
+    if expanded != str(value):
+        problem = control_char_problem(expanded)
+        if problem:
+            raise ValueError(f"after expanding environment variables, {problem}")
+    return value
+
+
+def _one_line_keys(value: dict) -> dict:
+    for key in value:
+        problem = control_char_problem(str(key))
+        if problem:
+            raise ValueError(f"key {problem}")
+    return value
+
+
+OneLine = Annotated[str, AfterValidator(_one_line)]
+OneLinePath = Annotated[Path, AfterValidator(_one_line_path)]
+OneLineAny = Annotated[Any, AfterValidator(_one_line)]
+
+
 class RunSection(_Strict):
-    name: str = "harc-run"
-    output_dir: Path = Path("runs")
+    name: OneLine = "harc-run"
+    output_dir: OneLinePath = Path("runs")
     seed: int = 0
 
     @property
@@ -140,22 +189,27 @@ class HarcSection(_Strict):
 
 
 class StageResources(_Strict):
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
+    partition: Optional[OneLine] = None
+    account: Optional[OneLine] = None
+    qos: Optional[OneLine] = None
     time_min: Optional[int] = Field(default=None, ge=1)
     cpus: Optional[int] = Field(default=None, ge=1)
     mem_gb: Optional[float] = Field(default=None, gt=0)
     gpus: Optional[int] = Field(default=None, ge=0)
     array_parallelism: Optional[int] = Field(default=None, ge=1)
-    extra_sbatch: dict[str, Any] = Field(default_factory=dict)
+    extra_sbatch: dict[str, OneLineAny] = Field(default_factory=dict)
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra_sbatch_keys_one_line(cls, v: dict) -> dict:
+        return _one_line_keys(v)
 
 
 class ExecutorSection(_Strict):
     kind: Literal["slurm", "local", "debug"] = "slurm"
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
+    partition: Optional[OneLine] = None
+    account: Optional[OneLine] = None
+    qos: Optional[OneLine] = None
     time_min: int = Field(default=60, ge=1)
     cpus: int = Field(default=4, ge=1)
     mem_gb: float = Field(default=16, gt=0)
@@ -164,9 +218,14 @@ class ExecutorSection(_Strict):
     max_requeues: int = Field(default=3, ge=0)
     local_workers: int = Field(default=1, ge=1)  # tasks run at once by the local executor
     signal_delay_s: int = Field(default=90, ge=1)  # SIGUSR2 this long before the time limit: requeue
-    extra_sbatch: dict[str, Any] = Field(default_factory=dict)
-    setup: list[str] = Field(default_factory=list)
+    extra_sbatch: dict[str, OneLineAny] = Field(default_factory=dict)
+    setup: list[OneLine] = Field(default_factory=list)  # one shell line each
     stages: dict[str, StageResources] = Field(default_factory=dict)
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _extra_sbatch_keys_one_line(cls, v: dict) -> dict:
+        return _one_line_keys(v)
 
 
 class DemoSection(_Strict):

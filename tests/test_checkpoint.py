@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harc_hpc.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter, atomic_dir,
+from harc_hpc.atomic import atomic_dir
+from harc_hpc.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter,
                                  copy_model_files, parse_size, patch_tensors, resolve_model_path)
 
 

@@ -228,7 +228,10 @@ def test_debug_executor_records_and_skips(tmp_path):
     rec = records.read_completion(run, "solve-router", "layer-001")
     assert rec["digest"] == plan.tasks["solve-router/layer-001"].digest
     assert rec["result"]["converged"] is True and rec["wall_s"] >= 0 and rec["peak_rss_mb"] > 0
-    assert rec["artifacts"]["routers/layer-001.json"].startswith("sha256:")
+    art = rec["artifacts"]["routers/layer-001.json"]
+    body = (run / "routers/layer-001.json").read_bytes()
+    assert art["type"] == "file" and art["size"] == len(body)
+    assert art["sha256"] == __import__("hashlib").sha256(body).hexdigest()
     assert rec["inputs"]["config"]["harc.alpha"] == 0.9 and rec["package_version"]
     assert set(rec["inputs"]["upstream"]) == {"compute-statistics/layer-001/task-a",
                                               "compute-statistics/layer-001/task-b"}

@@ -13,11 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Literal, Optional
 
+from harc_hpc.errors import InputDataError
+
 Layout = Literal["per_expert", "fused"]
 Proj = Literal["gate", "up", "down"]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InputDataError):
     """The checkpoint's architecture has no family adapter."""
 
 

@@ -8,6 +8,7 @@ the right-hand side and the Jacobi preconditioner for any alpha follow without a
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -39,6 +40,10 @@ class TaskStatistics:
     input_gram: Optional[torch.Tensor] = None  # (d, d) float64, E[x x^T]
     source_digest: str = ""
 
+    def is_finite(self) -> bool:
+        tensors = [t for t in (self.sigma_diag, self.sigma_w, self.hessian_mean, self.input_gram) if t is not None]
+        return all(bool(t.isfinite().all()) for t in tensors) and math.isfinite(self.kl)
+
     def rhs(self, source_router: torch.Tensor, alpha: float) -> torch.Tensor:
         w_i = source_router.to(device=self.sigma_w.device, dtype=torch.float64)
         return alpha * self.sigma_w + (1.0 - alpha) * self.sigma_diag * w_i
@@ -64,13 +69,24 @@ class TaskStatistics:
             for name in ("sigma_diag", "sigma_w", "hessian_mean", "input_gram"):
                 value = getattr(self, name)
                 if value is not None:
-                    f.create_dataset(name, data=value.detach().cpu().to(torch.float64).numpy())
+                    # fletcher32: HDF5 checks each chunk's checksum on read.
+                    f.create_dataset(name, data=value.detach().cpu().to(torch.float64).numpy(),
+                                     chunks=True, fletcher32=True)
 
     @classmethod
     def load(cls, path) -> "TaskStatistics":
         import h5py
 
         path = Path(path)
+        try:
+            return cls._load(h5py, path)
+        except OSError as exc:  # h5py: unreadable file, or a dataset failing its fletcher32 checksum
+            from harc_hpc.errors import CorruptArtifactError
+
+            raise CorruptArtifactError(path, f"statistics file cannot be read ({exc})") from None
+
+    @classmethod
+    def _load(cls, h5py, path: Path) -> "TaskStatistics":
         with h5py.File(str(path), "r") as f:
             if f.attrs.get("format") != FORMAT:
                 raise ValueError(f"{path}: not a {FORMAT} file (format={f.attrs.get('format')!r})")

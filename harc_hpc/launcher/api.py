@@ -7,7 +7,10 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
+from harc_hpc.errors import RunStateError
+from harc_hpc.atomic import sweep_stale_temporaries
 from harc_hpc.config import PipelineConfig
+from harc_hpc.launcher.lock import RunLock
 from harc_hpc.launcher import status as status_mod
 from harc_hpc.launcher.planner import Plan, build_plan
 from harc_hpc.launcher.submit import (
@@ -17,14 +20,21 @@ from harc_hpc.launcher.submit import (
 log = logging.getLogger("harc_hpc.launcher")
 
 
-class ActiveJobsError(RuntimeError):
+class ActiveJobsError(RunStateError):
     """The run still has queued or running jobs; submitting again would duplicate them."""
 
 
 def with_run_dir(cfg: PipelineConfig, run_dir: Optional[os.PathLike]) -> PipelineConfig:
     if run_dir is None:
         return cfg
+    from harc_hpc.config import ConfigError, control_char_problem
+
+    # The run directory goes into the generated sbatch script: a newline would run the rest as shell.
+    problem = control_char_problem(str(run_dir))
     run_dir = Path(run_dir).resolve()
+    problem = problem or control_char_problem(str(run_dir))  # (a symlink may resolve to such a name)
+    if problem:
+        raise ConfigError(problem, where="--run-dir")
     cfg = cfg.model_copy(deep=True)
     cfg.run.output_dir = run_dir.parent
     cfg.run.name = run_dir.name
@@ -64,19 +74,24 @@ def submit_run(
     explicit = set(cfg.executor.model_fields_set)
     cfg, plan = plan_run(cfg, run_dir, specs_dir, layers)
     executor = executor or cfg.executor.kind
-    if not dry_run:
-        if executor == "slurm" and not allow_active:
-            active = status_mod.active_jobs(plan.run_dir)
-            if active:
-                raise ActiveJobsError(
-                    f"{plan.run_dir} has {len(active)} queued/running job(s) ({', '.join(active[:8])}"
-                    f"{' ...' if len(active) > 8 else ''}); wait for them or scancel them first"
-                )
+    if dry_run:
+        tasks = list(select(plan)) if select is not None else None
+        return plan, execute(plan, cfg, executor, tasks=tasks, force=force, dry_run=True,
+                             explicit_executor_keys=explicit, echo=echo)
+    # One submit at a time per run directory: a second would run (or queue) every task again.
+    with RunLock(plan.run_dir):
+        active = status_mod.active_jobs(plan.run_dir)
+        if executor == "slurm" and not allow_active and active:
+            raise ActiveJobsError(
+                f"{plan.run_dir} has {len(active)} queued/running job(s) ({', '.join(active[:8])}"
+                f"{' ...' if len(active) > 8 else ''}); wait for them or scancel them first"
+            )
+        _sweep(plan.run_dir, other_hosts_stale=not active, echo=echo)
         plan.config_path = save_run_config(cfg, plan.run_dir)
-    tasks = list(select(plan)) if select is not None else None
-    outcome = execute(plan, cfg, executor, tasks=tasks, force=force, dry_run=dry_run,
-                      explicit_executor_keys=explicit, echo=echo)
-    if wait and executor == "slurm" and outcome.submitted and not dry_run:
+        tasks = list(select(plan)) if select is not None else None
+        outcome = execute(plan, cfg, executor, tasks=tasks, force=force, dry_run=False,
+                          explicit_executor_keys=explicit, echo=echo)
+    if wait and executor == "slurm" and outcome.submitted:
         wait_for_jobs(outcome.job_ids(), poll_s=poll_s, timeout_s=wait_timeout_s, echo=echo)
         wanted = {t.id for g in outcome.submitted for t in g.group.tasks}
         rows = [r for r in status_mod.collect(plan.run_dir) if r.id in wanted]
@@ -84,6 +99,15 @@ def submit_run(
         outcome.failed = [r.id for r in rows if r.state == "failed"]
         outcome.skipped = [r.id for r in rows if r.state not in ("done", "failed")]
     return plan, outcome
+
+
+def _sweep(run_dir: Path, other_hosts_stale: bool, echo: Callable[[str], None]) -> None:
+    """Remove what killed tasks left half-written (their temporaries: up to hundreds of GB)."""
+    removed = sweep_stale_temporaries(run_dir, other_hosts_stale=other_hosts_stale)
+    if removed:
+        shown = ", ".join(str(p.relative_to(run_dir)) for p in removed[:5])
+        echo(f"removed {len(removed)} temporary file(s) left by killed tasks: {shown}"
+             f"{' ...' if len(removed) > 5 else ''}")
 
 
 def run_status(run_dir: os.PathLike) -> list[status_mod.TaskStatus]:

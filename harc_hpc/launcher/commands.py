@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
+import time
 from pathlib import Path
 
 import click
 
 from harc_hpc.config import ConfigError, load_config
+from harc_hpc.errors import RunStateError
 
 log = logging.getLogger("harc_hpc.launcher")
 
@@ -31,7 +34,28 @@ def _load(config: str):
         _fail(str(exc), 2)
 
 
-def _report(plan, outcome, executor: str, waited: bool) -> int:
+def _failed_lines(plan, outcome, executor: str, since) -> list[str]:
+    """``FAILED: <id>: <error line>`` and ``    log: <path>`` per failed task (errors from the stats files)."""
+    from harc_hpc.launcher import records
+
+    slurm_logs = {f"{s.group.stage}/{k}": info.get("stderr") for s in outcome.submitted for k, info in s.tasks.items()}
+    lines = []
+    for tid in outcome.failed:
+        task = plan.tasks.get(tid)
+        stage, key = (task.stage, task.key) if task is not None else tid.split("/", 1)
+        error = records.failure_line(plan.run_dir, stage, key, since=since)
+        if error is None:
+            error = ("no error recorded (killed: out of memory, out of time or cancelled? see the SLURM log)"
+                     if executor == "slurm" else "no error recorded (see the log)")
+        lines.append(f"FAILED: {tid}: {error}")
+        lines.append(f"    log: {records.log_path(plan.run_dir, stage, key)}")
+        if slurm_logs.get(tid):
+            lines.append(f"    SLURM log: {slurm_logs[tid]}")
+    return lines
+
+
+def _report(plan, outcome, executor: str, waited: bool, since=None) -> int:
+    """``since``: ``time.time()`` before the run; an error record of an older attempt is not shown."""
     if outcome.submitted:
         click.echo(f"run directory: {plan.run_dir}")
         click.echo(f"job ids: {' '.join(outcome.job_ids())}")
@@ -40,8 +64,8 @@ def _report(plan, outcome, executor: str, waited: bool) -> int:
         if not waited:
             click.echo(f"follow with: harc-hpc status {plan.run_dir}")
     if outcome.failed or outcome.skipped:
-        for tid in outcome.failed:
-            click.echo(f"FAILED: {tid}", err=True)
+        for line in _failed_lines(plan, outcome, executor, since):
+            click.echo(line, err=True)
         for tid in outcome.skipped:
             click.echo(f"not run: {tid}", err=True)
         click.echo(f"details: harc-hpc status {plan.run_dir}", err=True)
@@ -72,12 +96,13 @@ def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force):
 
     cfg = _load(config)
     executor = executor or cfg.executor.kind
+    started = time.time()
     try:
         plan, outcome = submit_run(cfg, executor=executor, run_dir=run_dir, specs_dir=stages_dir,
                                    dry_run=dry_run, wait=wait, force=force, echo=_echo)
     except (PlanError, ActiveJobsError, ConfigError) as exc:
         _fail(str(exc), 2)
-    sys.exit(_report(plan, outcome, executor, wait or executor != "slurm"))
+    sys.exit(_report(plan, outcome, executor, wait or executor != "slurm", since=started))
 
 
 @click.command("stage")
@@ -91,10 +116,14 @@ def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force):
 @click.option("--wait", is_flag=True, help="with --submit: wait for the job")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None)
-def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_dir, stages_dir):
+@click.option("--allow-incomplete-upstream", is_flag=True,
+              help="run even though upstream tasks are not complete (warns; the result may be wrong)")
+def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_dir, stages_dir,
+              allow_incomplete_upstream=False):
     """Run one stage, or one layer/task/block of it, here (or submit just that with --submit).
 
-    Upstream tasks are not run; a missing upstream result is reported before starting.
+    Upstream tasks are not run: with an upstream task incomplete it refuses (exit 4) before
+    touching the run directory, unless --allow-incomplete-upstream.
     """
     from harc_hpc.launcher.api import ActiveJobsError, plan_run, submit_run
     from harc_hpc.launcher.planner import PlanError
@@ -108,9 +137,15 @@ def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_
     missing = sorted({u for t in chosen for u in t.needs if not plan.is_complete(plan.tasks[u])}
                      - {t.id for t in chosen})
     if missing:
-        click.echo(f"warning: upstream task(s) not complete: {', '.join(missing[:10])}"
-                   f"{' ...' if len(missing) > 10 else ''}", err=True)
+        shown = f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+        if not allow_incomplete_upstream:
+            _fail(_upstream_error(name, config, run_dir, stages_dir, plan, missing, shown).message(),
+                  RunStateError.exit_code)
+        click.echo(f"warning: upstream task(s) not complete: {shown}; running anyway "
+                   f"(--allow-incomplete-upstream): the result is recorded as complete, rerun it with --force "
+                   f"once they are done", err=True)
     ids = {t.id for t in chosen}
+    started = time.time()
     try:
         plan, outcome = submit_run(
             cfg, executor="slurm" if to_slurm else "debug", run_dir=run_dir, specs_dir=stages_dir,
@@ -118,19 +153,37 @@ def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_
         )
     except (PlanError, ActiveJobsError) as exc:
         _fail(str(exc), 2)
-    sys.exit(_report(plan, outcome, "slurm" if to_slurm else "debug", wait or not to_slurm))
+    sys.exit(_report(plan, outcome, "slurm" if to_slurm else "debug", wait or not to_slurm, since=started))
+
+
+def _upstream_error(name, config, run_dir, stages_dir, plan, missing, shown) -> RunStateError:
+    """The refusal of ``stage NAME`` with upstream tasks incomplete, naming the commands that produce them."""
+    opts = "".join(f" {opt} {shlex.quote(str(v))}" for opt, v in (("--run-dir", run_dir), ("--stages-dir", stages_dir))
+                   if v is not None)
+    cfg = shlex.quote(str(config))
+    stages = list(dict.fromkeys(t.stage for t in plan.tasks.values() if t.id in set(missing)))  # DAG order
+    per_stage = " or ".join(f"`harc-hpc stage {s} {cfg}{opts}`" for s in stages)
+    return RunStateError(
+        f"upstream task(s) not complete: {shown}",
+        where=f"stage {name} in {plan.run_dir}",
+        hint=f"run `harc-hpc submit {cfg}{opts}` (every incomplete task) or {per_stage} first, "
+             f"or pass --allow-incomplete-upstream to run it anyway",
+    )
 
 
 @click.command("status")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--failed-only", is_flag=True, help="list only failed / cancelled tasks")
-def status_cmd(run_dir, failed_only):
+@click.option("--failed-only", is_flag=True, help="list only failed / cancelled / invalid tasks")
+@click.option("--verify", is_flag=True,
+              help="also decode every Zarr chunk against its checksum (reads all activations); a task "
+                   "whose artifacts fail is marked invalid and reruns on the next submit")
+def status_cmd(run_dir, failed_only, verify):
     """Per stage and layer/task: done / pending / running / failed / cancelled, SLURM state, job id,
     and the log of each failure. Exits 1 if anything failed or was cancelled."""
     from harc_hpc.launcher import status
 
     try:
-        rows = status.collect(Path(run_dir))
+        rows = status.collect(Path(run_dir), verify=verify)
     except FileNotFoundError as exc:
         _fail(str(exc), 2)
     shown = status.failed(rows) if failed_only else rows
@@ -158,6 +211,8 @@ def stage_alias(name: str) -> click.Command:
     @click.option("--wait", is_flag=True, help="with --submit: wait for the job")
     @click.option("--run-dir", type=click.Path(file_okay=False), default=None)
     @click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None)
+    @click.option("--allow-incomplete-upstream", is_flag=True,
+                  help="run even though upstream tasks are not complete (warns; the result may be wrong)")
     @click.pass_context
     def alias(ctx, **kwargs):
         ctx.invoke(stage_cmd, name=name, **kwargs)

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Literal, Optional, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from harc_hpc.errors import UsageError
 import harc_hpc
 from harc_hpc.config import PipelineConfig
 from harc_hpc.launcher import records
@@ -38,7 +39,7 @@ SPLIT_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-class PlanError(ValueError):
+class PlanError(UsageError):
     """A problem with the stage specs or with what the config asks of them."""
 
 
@@ -245,6 +246,11 @@ class Plan:
     # -- completion -------------------------------------------------------------------------------
     def is_complete(self, task: Task) -> bool:
         return records.is_complete(self.run_dir, task.stage, task.key, task.digest)
+
+    def why_incomplete(self, task: Task) -> Optional[str]:
+        """None when complete; else why the task must run ("artifact ..." when its record no longer
+        matches what is on disk)."""
+        return records.why_incomplete(self.run_dir, task.stage, task.key, task.digest)
 
     def incomplete(self) -> list[Task]:
         return [t for t in self.tasks.values() if not self.is_complete(t)]

@@ -1,7 +1,15 @@
-"""Completion records, per-task stats and log paths in a run directory, and file fingerprints.
+"""Completion records, per-task stats and log paths in a run directory, and artifact manifests.
 
 A completion record (``completions/<stage>/<key>.json``) is written only after a task succeeded and
 its declared artifacts exist; a crashed, cancelled or timed-out task leaves none and runs again.
+
+The record holds a manifest of every artifact the task wrote, and a record is trusted only while
+its artifacts still match it (``verify_artifacts``): every file present with its recorded size, and
+every file up to ``ARTIFACT_FULL_HASH_BYTES`` (routers, statistics, metadata, configs) with its
+recorded sha256. That costs a stat per file and a hash of the small ones: cheap on every submit even
+when the artifacts are hundreds of GB. Zarr chunks are checked by size here and by their own CRC32C
+(written with each chunk) whenever a stage decodes them; larger plain files by size and their first
+and last 64 KiB; ``status --verify`` decodes every chunk as well.
 """
 
 from __future__ import annotations
@@ -9,17 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
+
+from harc_hpc.atomic import write_json_atomic  # noqa: F401 - the records' writer
 
 # Input files (calibration data) up to this size are hashed in full; larger ones by size, mtime and
 # their first and last MiB, which is what a rerun can afford to read on every submit.
 INPUT_FULL_HASH_BYTES = 256 << 20
-# Artifacts can be hundreds of GB (activation stores): small files are hashed in full, larger ones by
-# size and their first and last 64 KiB. This is a fingerprint for provenance, not a content proof.
-ARTIFACT_FULL_HASH_BYTES = 128 << 10
+# Artifact files up to this size are hashed in full when recorded and whenever the record is checked.
+ARTIFACT_FULL_HASH_BYTES = 64 << 20
 ARTIFACT_EDGE_BYTES = 64 << 10
+MANIFEST_FORMAT = "harc-manifest/1"
 
 
 def completion_path(run_dir: Path, stage: str, key: str) -> Path:
@@ -34,20 +43,35 @@ def stats_path(run_dir: Path, stage: str, key: str) -> Path:
     return Path(run_dir) / "stats" / stage / f"{key}.json"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+FAILURE_LINE_MAX_CHARS = 500
+
+
+def failure_line(run_dir: Path, stage: str, key: str, since: Optional[float] = None) -> Optional[str]:
+    """The error of a task's last failed attempt ("TypeName: message", on one line), from its stats file.
+
+    None when the task has no failure on record: no stats file, a successful last attempt, or (with
+    ``since``, a ``time.time()``) a record of an attempt that started before ``since``, i.e. left by an
+    earlier run, which is what a task killed from outside (OOM, signal) leaves behind.
+    """
+    stats = read_json(stats_path(run_dir, stage, key))
+    if not isinstance(stats, dict) or stats.get("status") not in ("failed", "interrupted"):
+        return None
+    if since is not None:
+        try:
+            from datetime import datetime
+
+            if datetime.fromisoformat(str(stats.get("started"))).timestamp() < since - 1.0:
+                return None
+        except ValueError:
+            return None
+    error = " ".join(part.strip() for part in str(stats.get("error") or "").splitlines() if part.strip())
+    if not error:
+        error = "no error message recorded"
+    if stats.get("status") == "interrupted":
+        error = f"interrupted ({error})"
+    if len(error) > FAILURE_LINE_MAX_CHARS:
+        error = error[: FAILURE_LINE_MAX_CHARS - 4] + " ..."
+    return error
 
 
 def read_json(path: Path) -> Optional[dict]:
@@ -62,12 +86,40 @@ def read_completion(run_dir: Path, stage: str, key: str) -> Optional[dict]:
 
 
 def is_complete(run_dir: Path, stage: str, key: str, digest: str) -> bool:
-    """Done with these exact inputs, and every artifact it wrote is still there."""
+    """Done with these exact inputs, and every artifact it wrote still matches its record."""
+    return why_incomplete(run_dir, stage, key, digest) is None
+
+
+def why_incomplete(run_dir: Path, stage: str, key: str, digest: str, deep: bool = False) -> Optional[str]:
+    """None when the task is complete and its artifacts verify; else why it must run (again).
+
+    The reasons that concern an existing record (its artifacts changed) start with "artifact".
+    """
     rec = read_completion(run_dir, stage, key)
-    if not rec or rec.get("digest") != digest:
-        return False
+    if not rec:
+        return "not run yet"
+    if rec.get("digest") != digest:
+        return "its inputs changed"
+    return verify_artifacts(run_dir, rec.get("artifacts", {}), deep=deep)
+
+
+def invalidate_producers(run_dir: Path, path: Path) -> list[str]:
+    """Remove the completion records of the tasks whose artifacts contain ``path``; their ids."""
     run_dir = Path(run_dir)
-    return all((run_dir / rel).exists() for rel in rec.get("artifacts", {}))
+    try:
+        rel = Path(path).resolve().relative_to(run_dir.resolve()).as_posix()
+    except ValueError:
+        return []
+    removed = []
+    for rec_path in sorted((run_dir / "completions").glob("*/*.json")):
+        rec = read_json(rec_path) or {}
+        for art in rec.get("artifacts", {}):
+            art = art.rstrip("/")
+            if rel == art or rel.startswith(art + "/"):
+                rec_path.unlink(missing_ok=True)
+                removed.append(f"{rec.get('stage', rec_path.parent.name)}/{rec.get('key', rec_path.stem)}")
+                break
+    return removed
 
 
 def remove_completion(run_dir: Path, stage: str, key: str) -> None:
@@ -98,13 +150,6 @@ def fingerprint_input_file(path: Path) -> str:
     return _sha_file(path, INPUT_FULL_HASH_BYTES, 1 << 20, with_mtime=True)
 
 
-def fingerprint_artifact(path: Path) -> str:
-    path = Path(path)
-    if path.is_dir():
-        return fingerprint_tree(path, ARTIFACT_FULL_HASH_BYTES, ARTIFACT_EDGE_BYTES, with_mtime=False)
-    return _sha_file(path, ARTIFACT_FULL_HASH_BYTES, ARTIFACT_EDGE_BYTES, with_mtime=False)
-
-
 def fingerprint_tree(root: Path, limit: int, edge: int, with_mtime: bool) -> str:
     h = hashlib.sha256()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -114,3 +159,106 @@ def fingerprint_tree(root: Path, limit: int, edge: int, with_mtime: bool) -> str
             rel = p.relative_to(root).as_posix()
             h.update(f"{rel}\0{_sha_file(p, limit, edge, with_mtime)}\n".encode())
     return "tree:" + h.hexdigest()
+
+
+# -- artifact manifests ----------------------------------------------------------------------------
+
+def _is_zarr_chunk(root: Path, rel: str) -> bool:
+    # Zarr v3 keeps metadata in zarr.json files and chunks under <array>/c/...; chunks carry a CRC32C.
+    return (root / "zarr.json").is_file() and Path(rel).name != "zarr.json"
+
+
+def _file_entry(path: Path, chunk: bool) -> dict:
+    size = path.stat().st_size
+    if chunk:
+        return {"size": size}
+    if size <= ARTIFACT_FULL_HASH_BYTES:
+        return {"size": size, "sha256": _sha_file(path, size, 0, False).split(":", 1)[1]}
+    return {"size": size, "edges": _sha_file(path, 0, ARTIFACT_EDGE_BYTES, False)}
+
+
+def artifact_manifest(path: Path) -> dict:
+    """What ``verify_artifacts`` checks later: a file's size and hash, or every file of a tree."""
+    path = Path(path)
+    if path.is_dir():
+        files = {}
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                rel = p.relative_to(path).as_posix()
+                files[rel] = _file_entry(p, _is_zarr_chunk(path, rel))
+        return {"format": MANIFEST_FORMAT, "type": "tree", "files": files}
+    return {"format": MANIFEST_FORMAT, "type": "file", **_file_entry(path, False)}
+
+
+def _check_entry(path: Path, entry: dict) -> Optional[str]:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "is missing"
+    if size != entry.get("size"):
+        return f"has {size} bytes, {entry.get('size')} were recorded"
+    if "sha256" in entry and _sha_file(path, size, 0, False).split(":", 1)[1] != entry["sha256"]:
+        return "changed since it was written (sha256 differs)"
+    if "edges" in entry and _sha_file(path, 0, ARTIFACT_EDGE_BYTES, False) != entry["edges"]:
+        return "changed since it was written (its first/last 64 KiB differ)"
+    return None
+
+
+def verify_artifacts(run_dir: Path, artifacts: dict, deep: bool = False) -> Optional[str]:
+    """None when every recorded artifact matches its manifest; else the first mismatch, in words.
+
+    ``deep`` also decodes every Zarr chunk (each checked against its CRC32C).
+    """
+    run_dir = Path(run_dir)
+    for rel, manifest in sorted(artifacts.items()):
+        path = run_dir / rel
+        if not path.exists():
+            return f"artifact {rel} is missing"
+        if not isinstance(manifest, dict):  # a record of an earlier version: presence only
+            continue
+        if manifest.get("type") == "file":
+            problem = _check_entry(path, manifest)
+            if problem:
+                return f"artifact {rel} {problem}"
+            continue
+        recorded = manifest.get("files", {})
+        for frel, entry in recorded.items():
+            problem = _check_entry(path / frel, entry)
+            if problem:
+                return f"artifact {rel}: {frel} {problem}"
+        if deep and (path / "zarr.json").is_file():
+            problem = verify_zarr_chunks(path)
+            if problem:
+                return f"artifact {rel}: {problem}"
+    return None
+
+
+def verify_zarr_chunks(store: Path) -> Optional[str]:
+    """Decode every chunk of every array of a Zarr store; the first one that fails its checksum."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    for name, arr in sorted(group.arrays(), key=lambda kv: kv[0]):
+        problem = _verify_array(arr, name)
+        if problem:
+            return problem
+    for name, sub in sorted(group.groups(), key=lambda kv: kv[0]):
+        for aname, arr in sorted(sub.arrays(), key=lambda kv: kv[0]):
+            problem = _verify_array(arr, f"{name}/{aname}")
+            if problem:
+                return problem
+    return None
+
+
+def _verify_array(arr, name: str) -> Optional[str]:
+    if arr.nchunks_initialized != arr.nchunks:
+        return f"array {name}: {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing"
+    step = arr.chunks[0]
+    for start in range(0, arr.shape[0], step):
+        try:
+            arr[start:start + step]
+        except Exception as exc:  # noqa: BLE001 - a checksum or codec failure: the chunk is corrupt
+            return f"array {name}: chunk at row {start} cannot be read ({exc})"
+    return None

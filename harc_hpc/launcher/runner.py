@@ -157,13 +157,27 @@ def _task_log(path: Path):
 
 
 def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
-    """Run one task unless its completion record matches; returns the stage's stats dict."""
-    run_dir = Path(run_dir)
+    """Run one task unless its completion record matches; returns the stage's stats dict.
+
+    The task's lock is held throughout: a second runner of the same task waits, then finds it done.
+    """
+    from harc_hpc.launcher.lock import TaskLock
+
+    with TaskLock(run_dir, payload["stage"], payload["key"]) as lock:
+        if lock.waited_s > 1.0:
+            log.info("%s: waited %.1fs for another runner of this task", payload["id"], lock.waited_s)
+        return _run_task_locked(Path(run_dir), payload, force, cfg)
+
+
+def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
     stage, key, digest = payload["stage"], payload["key"], payload["digest"]
-    if not force and records.is_complete(run_dir, stage, key, digest):
+    why = None if force else records.why_incomplete(run_dir, stage, key, digest)
+    if not force and why is None:
         rec = records.read_completion(run_dir, stage, key) or {}
         log.info("%s: already complete, skipping", payload["id"])
         return rec.get("result", {})
+    if why and why.startswith("artifact"):
+        log.warning("%s: its completion record is not trusted (%s); running it again", payload["id"], why)
     # An old record (other inputs, or forced) must not outlive a rerun that fails half-way.
     records.remove_completion(run_dir, stage, key)
     cfg = cfg if cfg is not None else load_run_config(run_dir, payload.get("config"))
@@ -201,6 +215,12 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
                 log.warning("%s: interrupted after %.1fs (%s)", payload["id"], wall, type(exc).__name__)
             else:
                 log.error("%s: failed after %.1fs: %s\n%s", payload["id"], wall, exc, traceback.format_exc())
+            corrupt = _corrupt_artifact(exc)
+            if corrupt is not None:
+                # An upstream artifact failed its checksum on read: its producer must run again.
+                for tid in records.invalidate_producers(run_dir, corrupt.path):
+                    log.error("%s: %s wrote %s; its completion record is removed, so the next submit "
+                              "reruns it", payload["id"], tid, corrupt.path)
             records.write_json_atomic(records.stats_path(run_dir, stage, key), {
                 "id": payload["id"], "status": "interrupted" if interrupted else "failed",
                 "error": f"{type(exc).__name__}: {exc}",
@@ -209,7 +229,7 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
             })
             raise
         wall = time.perf_counter() - t0
-        artifacts = {w: records.fingerprint_artifact(run_dir / w) for w in payload["writes"]}
+        artifacts = {w: records.artifact_manifest(run_dir / w) for w in payload["writes"]}
         stats = {
             "id": payload["id"], "status": "done", "result": result,
             "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
@@ -231,6 +251,18 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
         })
         log.info("%s: done in %.1fs (peak RSS %.0f MB)", payload["id"], wall, stats["peak_rss_mb"])
     return result
+
+
+def _corrupt_artifact(exc: BaseException):
+    from harc_hpc.errors import CorruptArtifactError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, CorruptArtifactError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class StageRunner(submitit.helpers.Checkpointable):

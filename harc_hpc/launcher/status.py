@@ -3,6 +3,9 @@
 A task is ``done`` when its completion record matches the digest of the last plan; otherwise the
 SLURM state of its latest array task decides (pending, running, failed, cancelled); a task that
 failed under the local executor is known from its stats file; anything else is ``pending``.
+A record whose artifacts no longer match it is not ``done``; with ``verify`` every Zarr chunk is
+decoded as well, and a task that fails verification is ``invalid`` (its record is removed, so the
+next submit reruns it).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ class TaskStatus:
     id: str
     stage: str
     key: str
-    state: str  # done | pending | running | failed | cancelled
+    state: str  # done | pending | running | failed | cancelled | invalid
     slurm_state: str = ""
     job_id: str = ""
     log: str = ""  # the task's own log, for failures
@@ -28,7 +31,7 @@ class TaskStatus:
     error: str = ""
 
 
-def collect(run_dir: Path) -> list[TaskStatus]:
+def collect(run_dir: Path, verify: bool = False) -> list[TaskStatus]:
     run_dir = Path(run_dir)
     plan = records.read_json(run_dir / "plan.json")
     if plan is None:
@@ -49,8 +52,14 @@ def collect(run_dir: Path) -> list[TaskStatus]:
         if info:
             st.job_id = info["job_id"]
             st.slurm_state = states.get(info["job_id"], "")
-        if records.is_complete(run_dir, t["stage"], t["key"], t["digest"]):
+        why = records.why_incomplete(run_dir, t["stage"], t["key"], t["digest"], deep=verify)
+        if why is None:
             st.state = "done"
+            out.append(st)
+            continue
+        if why.startswith("artifact"):
+            st.state, st.error = "invalid", why
+            records.remove_completion(run_dir, t["stage"], t["key"])
             out.append(st)
             continue
         stats = records.read_json(records.stats_path(run_dir, t["stage"], t["key"])) or {}
@@ -100,7 +109,7 @@ def format_table(rows: list[TaskStatus]) -> str:
         lines.append(f"{stage}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         for r in rs:
             line = f"  {r.key:<28} {r.state:<9} {r.slurm_state or '-':<11} {r.job_id or '-':<12}"
-            if r.state in ("failed", "cancelled"):
+            if r.state in ("failed", "cancelled", "invalid"):
                 where = r.log or r.slurm_log
                 line = f"{line} {where}" if where else line.rstrip()
                 if r.error:
@@ -117,7 +126,7 @@ def summary(rows: list[TaskStatus]) -> dict[str, int]:
 
 
 def failed(rows: list[TaskStatus]) -> list[TaskStatus]:
-    return [r for r in rows if r.state in ("failed", "cancelled")]
+    return [r for r in rows if r.state in ("failed", "cancelled", "invalid")]
 
 
 def active_jobs(run_dir: Path) -> list[str]:

@@ -155,13 +155,22 @@ def read_submissions(run_dir: Path) -> list[dict]:
     return out
 
 
-def pending_tasks(plan: Plan, tasks: Optional[Iterable[Task]] = None, force: bool = False) -> tuple[list[Task], list[Task]]:
+def pending_tasks(plan: Plan, tasks: Optional[Iterable[Task]] = None, force: bool = False,
+                  echo: Optional[Callable[[str], None]] = None) -> tuple[list[Task], list[Task]]:
+    """(to run, complete). A task whose record exists but whose artifacts no longer match it runs
+    again, and ``echo`` says why."""
     chosen = list(plan.tasks.values()) if tasks is None else list(tasks)
     if force:
         return chosen, []
     todo, done = [], []
     for t in chosen:
-        (done if plan.is_complete(t) else todo).append(t)
+        why = plan.why_incomplete(t)
+        if why is None:
+            done.append(t)
+            continue
+        if why.startswith("artifact") and echo is not None:
+            echo(f"rerunning {t.id}: {why}")
+        todo.append(t)
     return todo, done
 
 
@@ -176,7 +185,7 @@ def execute(
     echo: Callable[[str], None] = print,
 ) -> Outcome:
     """Run or submit the incomplete tasks of a plan (default: all of them)."""
-    todo, done = pending_tasks(plan, tasks, force)
+    todo, done = pending_tasks(plan, tasks, force, echo=echo)
     outcome = Outcome(executor, already_complete=[t.id for t in done])
     if done:
         echo(f"{len(done)} task(s) already complete, skipped")
@@ -322,7 +331,9 @@ def _run_here(plan, cfg, todo, force, executor, echo, outcome) -> Outcome:
             except Exception as exc:  # noqa: BLE001 - reported like a failed job; the traceback is in the log
                 outcome.failed.append(t.id)
                 failed.add(t.id)
-                echo(f"FAILED {t.id}: {type(exc).__name__}: {exc}\n    log: {records.log_path(run_dir, t.stage, t.key)}")
+                # The exception itself, on one line: a stats file could predate it (a failure before the stage ran).
+                echo(f"FAILED: {t.id}: {' '.join(f'{type(exc).__name__}: {exc}'.split())}\n"
+                     f"    log: {records.log_path(run_dir, t.stage, t.key)}")
                 continue
             outcome.completed.append(t.id)
         return outcome
@@ -342,7 +353,10 @@ def _run_here(plan, cfg, todo, force, executor, echo, outcome) -> Outcome:
             else:
                 outcome.failed.append(tid)
                 failed.add(tid)
-                echo(f"FAILED {tid} (exit {rc}); log {records.log_path(run_dir, t.stage, t.key)}")
+                # Killed by a signal, the runner wrote no stats: a record there is an earlier run's.
+                error = records.failure_line(run_dir, t.stage, t.key) if rc > 0 else None
+                echo(f"FAILED: {tid}: {error or (f'killed by signal {-rc}' if rc < 0 else f'exit {rc}, no error recorded')}\n"
+                     f"    log: {records.log_path(run_dir, t.stage, t.key)}")
         progressed = False
         for t in list(waiting):
             if any(u in failed for u in t.needs):
@@ -385,9 +399,8 @@ def save_run_config(cfg: PipelineConfig, run_dir: Path) -> Path:
     change what an already queued job computes under its recorded digest.
     """
     import hashlib
-    import os
-    import tempfile
 
+    from harc_hpc.atomic import write_text_atomic
     from harc_hpc.config import dump_config
 
     run_dir = Path(run_dir)
@@ -395,9 +408,5 @@ def save_run_config(cfg: PipelineConfig, run_dir: Path) -> Path:
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     snapshot = run_dir / "configs" / f"{digest}.yaml"
     for path in (snapshot, run_dir / "config.yaml"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return snapshot

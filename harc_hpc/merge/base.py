@@ -10,6 +10,8 @@ from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from harc_hpc.errors import UsageError, InputDataError
+
 Granularity = Literal["per_expert", "fused"]
 
 #: What a unit is, from its tensor name and shape.
@@ -17,11 +19,11 @@ Role = Literal["embedding", "lm_head", "norm", "bias", "router", "shared_expert_
                "experts_fused", "linear", "vector", "other"]
 
 
-class MergeConfigError(ValueError):
+class MergeConfigError(UsageError):
     """Bad merge settings (unknown method or preset, invalid parameters, missing base)."""
 
 
-class MergeInputError(ValueError):
+class MergeInputError(InputDataError):
     """Inputs that cannot be merged; the message names the model, file and tensor."""
 
 

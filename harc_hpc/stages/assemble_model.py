@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from harc_hpc.activations import atomic_path
+from harc_hpc.atomic import write_json_atomic
 from harc_hpc.config import PipelineConfig
 from harc_hpc.stages import layout
 from harc_hpc.stages.routers import load_router
@@ -35,6 +35,5 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
         "harc": cfg.harc.model_dump(mode="json"),
         "solves": reports,
     }
-    with atomic_path(run_dir / "summary.json") as tmp:
-        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    write_json_atomic(run_dir / "summary.json", summary)
     return {"layers": len(layers), "seconds": round(time.perf_counter() - t0, 3)}

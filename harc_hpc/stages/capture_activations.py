@@ -21,13 +21,14 @@ from harc_hpc.activations import (
     ActivationArray,
     ActivationWriter,
     TokenStore,
-    atomic_path,
     layer_name,
     token_store_digest,
     write_token_store,
 )
+from harc_hpc.atomic import atomic_path
 from harc_hpc.calibration_data import data_digest, tokenize_task
 from harc_hpc.config import PipelineConfig
+from harc_hpc.errors import require_finite
 from harc_hpc.modeling import LayerwiseRunner, RouterInputRecorder, batches, load_causal_lm, pad_batch, pick_device, unpad
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
@@ -79,8 +80,10 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int) -> dict:
     bs = cfg.calibration.batch_size
     counts = {}
 
-    with atomic_path(layout.hidden_store(run_dir, block)) as htmp, \
-            atomic_path(layout.activation_store(run_dir, block)) as atmp:
+    n_tokens = sum(s.num_tokens for s in tokens.values())
+    item = {"float32": 4, "float64": 8}.get(cfg.calibration.dtype, 2)
+    with atomic_path(layout.hidden_store(run_dir, block), needed_bytes=n_tokens * d * 4) as htmp, \
+            atomic_path(layout.activation_store(run_dir, block), needed_bytes=n_tokens * d * item * len(layers)) as atmp:
         # Cached hidden states keep full float32 precision: they feed later blocks' forwards.
         hidden_out = ActivationWriter(htmp, cfg.calibration.chunk_tokens, "float32")
         acts = ActivationWriter(atmp, cfg.calibration.chunk_tokens, cfg.calibration.dtype)
@@ -105,12 +108,19 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int) -> dict:
                         parts = [flat[int(offsets[i]) - lo: int(offsets[i + 1]) - lo] for i in idx]
                         h, lengths = pad_batch(parts)
                         h = runner.run_layers(h, prev_start, start)
-                    hidden_out.write(task, lo, unpad(h, lengths).float())
+                    where = (f"capture-activations block {block}, task {task}, sequences {idx.start}-"
+                             f"{idx.stop - 1} (tokens {lo}:{hi})")
+                    flat_h = unpad(h, lengths).float()
+                    require_finite(flat_h, f"the hidden states entering decoder layer {start}", where,
+                                   hint="check the merged model and the calibrated routers of earlier blocks")
+                    hidden_out.write(task, lo, flat_h)
                     runner.run_layers(h, start, stop)
                     B, T = h.shape[:2]
                     for l in layers:
-                        x = recorder.pop(l).reshape(B, T, d)
-                        acts.write(f"{layer_name(l)}/{task}", lo, unpad(x, lengths))
+                        x = unpad(recorder.pop(l).reshape(B, T, d), lengths)
+                        require_finite(x, f"the router inputs of layer {l}", where,
+                                       hint="the model overflows or holds NaN weights; try calibration.dtype float32")
+                        acts.write(f"{layer_name(l)}/{task}", lo, x)
                     bar.update(1)
                 bar.close()
                 counts[task] = store.num_tokens

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
-from harc_hpc.activations import ActivationArray, atomic_path, layer_name
+from harc_hpc.activations import ActivationArray, layer_name
+from harc_hpc.atomic import atomic_path
 from harc_hpc.config import PipelineConfig
+from harc_hpc.errors import InputDataError, require_finite
 from harc_hpc.stages import layout
 from harc_hpc.stages.routers import merged_router, source_router
 
@@ -29,6 +31,15 @@ def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> A
     )
 
 
+def _first_bad_rows(x: ActivationArray) -> str:
+    step = x.chunk_tokens
+    for start in range(0, len(x), step):
+        chunk = x.read(start, min(len(x), start + step))
+        if not bool(chunk.isfinite().all()):
+            return f"the inputs in {x.store} ({x.name}) hold NaN/Inf in rows {start}:{start + chunk.shape[0]}"
+    return f"the inputs in {x.store} ({x.name}) are finite (the values overflow {x.out_dtype})"
+
+
 def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
     from harc_hpc.harc import compute_task_statistics
 
@@ -38,13 +49,15 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
     fam = layout.family(cfg)
     dtype = _DTYPES[cfg.harc.dtype]
     x = layer_inputs(cfg, run_dir, layer, task)
-    stats = compute_task_statistics(
-        x,
-        source_router(cfg, task, layer).to(dtype),
-        merged_router(cfg, run_dir, layer).to(dtype),
-        hessian=cfg.harc.hessian,
-        top_k=fam.top_k(conf),
-    )
+    where = f"compute-statistics layer {layer}, task {task}"
+    w_source = source_router(cfg, task, layer).to(dtype)
+    w_merged = merged_router(cfg, run_dir, layer).to(dtype)
+    require_finite(w_source, f"the router of source {task!r} ({layout.source_path(cfg, task)})", where)
+    require_finite(w_merged, f"the merged router ({layout.merged_dir(run_dir)})", where)
+    stats = compute_task_statistics(x, w_source, w_merged, hessian=cfg.harc.hessian, top_k=fam.top_k(conf))
+    if not stats.is_finite():
+        raise InputDataError(f"the statistics came out NaN/Inf; {_first_bad_rows(x)}", where=where,
+                             hint="rerun capture-activations for this block")
     with atomic_path(layout.statistics_file(run_dir, layer, task)) as tmp:
         stats.save(tmp)
     return {

@@ -19,8 +19,9 @@ from typing import Optional
 import click
 import torch
 
-from harc_hpc.checkpoint import (Checkpoint, CheckpointError, atomic_dir, copy_model_files,
-                                 resolve_model_path)
+from harc_hpc.atomic import atomic_dir
+from harc_hpc.errors import HarcHpcError
+from harc_hpc.checkpoint import Checkpoint, CheckpointError, copy_model_files, resolve_model_path
 from harc_hpc.config import ConfigError, PipelineConfig, load_config
 from harc_hpc.families import UnsupportedModelError
 from harc_hpc.merge import MergeConfigError, MergeInputError, resolve_settings
@@ -31,7 +32,7 @@ MERGED_DIR = "merged"
 RECORD = "harc_merge.json"
 
 #: errors that mean "bad input or config" (reported without a traceback by the CLI)
-USER_ERRORS = (ConfigError, MergeConfigError, MergeInputError, CheckpointError, UnsupportedModelError)
+USER_ERRORS = (HarcHpcError,)
 
 
 def _versions() -> dict:
@@ -72,7 +73,9 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     # Digests read every weight file once more; doing it beside the merge hides most of that time.
     with ThreadPoolExecutor(max_workers=1) as pool:
         digests = {i.name: pool.submit(i.ckpt.digest) for i in inputs}
-        with atomic_dir(out_dir) as tmp:
+        # What the merge will write, about: one source's weights (refused up front when not free).
+        needed = sum(Path(w).stat().st_size for w in sources[0].ckpt.weight_files)
+        with atomic_dir(out_dir, needed_bytes=needed) as tmp:
             bar = None
 
             def progress(done, total, unit):
@@ -145,5 +148,6 @@ def merge_experts_command(config: Path, run_dir: Optional[Path]) -> None:
         cfg = load_config(config)
         stats = run(cfg, run_dir if run_dir is not None else cfg.run_dir)
     except USER_ERRORS as exc:
-        raise click.ClickException(str(exc)) from None
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
     click.echo(json.dumps(stats, indent=2))

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from harc_hpc.errors import RunStateError
 from harc_hpc.config import PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ _PACKAGES = ("harc-hpc", "torch", "transformers", "tokenizers", "safetensors", "
              "pydantic", "submitit", "click", "matplotlib", "lm_eval")
 
 
-class ReportError(RuntimeError):
+class ReportError(RunStateError):
     """The report cannot be made as configured (the message says why and what to do)."""
 
 
@@ -464,7 +465,7 @@ def run_lm_eval(cfg: PipelineConfig, model_dir: Path) -> dict:
 # -- the stage --------------------------------------------------------------------------------------
 
 def run(cfg: PipelineConfig, run_dir: Path) -> dict:
-    from harc_hpc.checkpoint import atomic_dir
+    from harc_hpc.atomic import atomic_dir, finite_json
     from harc_hpc.demo.placeholders import has_placeholders, prepare_config
     from harc_hpc.stages import layout
     from harc_hpc.stages.report_render import write_plots, write_markdown
@@ -483,7 +484,8 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     metrics["manifest"] = manifest(cfg, run_dir)
     metrics["report_seconds"] = round(time.perf_counter() - t0, 2)
     with atomic_dir(run_dir / "report") as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=_json_default) + "\n")
+        (tmp / "metrics.json").write_text(json.dumps(finite_json(metrics), indent=2, sort_keys=True, default=_json_default,
+                                                      allow_nan=False) + "\n")
         plots = write_plots(metrics, tmp)
         write_markdown(metrics, tmp / "report.md", plots)
     s = metrics.get("summary", {})

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from harc_hpc.activations import atomic_path
+from harc_hpc.atomic import atomic_path, json_text
 from harc_hpc.config import PipelineConfig
 from harc_hpc.stages import layout
 
@@ -41,7 +40,7 @@ def save_router(run_dir: Path, layer: int, weight: torch.Tensor, report: dict) -
     with atomic_path(layout.router_file(run_dir, layer)) as tmp:
         save_file({"weight": weight.detach().to(torch.float32).contiguous().cpu()}, str(tmp))
     with atomic_path(layout.router_report(run_dir, layer)) as tmp:
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+        tmp.write_text(json_text(report))
 
 
 def load_router(run_dir: Path, layer: int) -> torch.Tensor:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from harc_hpc.config import PipelineConfig
+from harc_hpc.errors import InputDataError, require_finite
 from harc_hpc.modeling import pick_device
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
@@ -25,6 +27,10 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
     device = pick_device(h.device)
     tasks = cfg.task_names
     stats = [TaskStatistics.load(layout.statistics_file(run_dir, layer, t)) for t in tasks]
+    for t, s in zip(tasks, stats):
+        if not s.is_finite():
+            raise InputDataError("the statistics hold NaN/Inf", where=str(layout.statistics_file(run_dir, layer, t)),
+                                 hint=f"rerun compute-statistics for layer {layer}, task {t}")
     inputs = [layer_inputs(cfg, run_dir, layer, t) for t in tasks]
     sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
@@ -36,6 +42,11 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
             callback=lambda it, rel: bar.update(1, f"residual {rel:.1e}"),
             inner_dtype=getattr(torch, h.inner_dtype) if h.inner_dtype else None,
         )
+    where = f"solve-router layer {layer}"
+    if not math.isfinite(float(sol.relative_residual)):
+        raise InputDataError(f"the solve diverged (relative residual {sol.relative_residual})", where=where,
+                             hint="check the statistics and harc.alpha / harc.dtype")
+    require_finite(sol.weight, "the calibrated router", where)
     report = {
         "layer": layer,
         "tasks": tasks,
