@@ -4,7 +4,6 @@ sources that do not exist (a missing local directory, a hub id that cannot be fe
 from __future__ import annotations
 
 import copy
-import os
 import time
 from pathlib import Path
 
