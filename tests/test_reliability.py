@@ -1,0 +1,467 @@
+"""Trust nothing unchecked: one test per row of the bad-input matrix (issue 12).
+
+A finished tiny run (debug executor, in-process) is damaged the way a shared filesystem, a killed
+job or a bad model damages it; the next submit must notice, say why, rerun what is needed and end
+with the same bytes as the undamaged run, or stop with a clear error and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from harc_hpc.atomic import atomic_dir, atomic_path, is_temporary, json_text, sweep_stale_temporaries, write_json_atomic
+from harc_hpc.config import load_config
+from harc_hpc.errors import (CorruptArtifactError, DiskFullError, HarcHpcError, InputDataError, RunStateError,
+                             UsageError)
+from harc_hpc.launcher import records
+from harc_hpc.launcher.api import submit_run
+from harc_hpc.launcher.lock import RunLock, RunLockedError
+from harc_hpc.stages import layout
+from pipeline_fixtures import build_tiny_sources, write_config
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return build_tiny_sources(tmp_path_factory.mktemp("src"), layers=2)
+
+
+def final_bytes(run_dir: Path) -> dict:
+    out = {}
+    for sub in ("model", "routers"):
+        for p in sorted((run_dir / sub).glob("*")):
+            if p.is_file() and p.suffix == ".safetensors":
+                out[f"{sub}/{p.name}"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def run_debug(config: Path, run_dir: Path):
+    lines: list[str] = []
+    plan, outcome = submit_run(load_config(config), executor="debug", run_dir=run_dir, echo=lines.append)
+    return plan, outcome, lines
+
+
+@pytest.fixture(scope="module")
+def finished(sources, tmp_path_factory):
+    """A finished run and its final bytes; tests copy it before damaging it."""
+    root = tmp_path_factory.mktemp("finished")
+    config = write_config(root, sources, name="run", executor="debug")
+    plan, outcome, _ = run_debug(config, root / "runs" / "run")
+    assert outcome.ok, (outcome.failed, outcome.skipped)
+    return config, plan.run_dir, final_bytes(plan.run_dir)
+
+
+@pytest.fixture
+def damaged(finished, tmp_path):
+    config, run_dir, reference = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return config, copy, reference
+
+
+def _flip_bytes(path: Path, offset_from_end: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) - offset_from_end
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# -- row 1: bytes of a finished router or statistics file overwritten ------------------------------
+
+@pytest.mark.parametrize("artifact,task", [
+    ("routers/layer-001.safetensors", "solve-router/layer-001"),
+    ("statistics/layer-000/math.h5", "compute-statistics/layer-000/task-math"),
+])
+def test_overwritten_artifact_is_rerun_and_says_why(damaged, artifact, task):
+    config, run, reference = damaged
+    _flip_bytes(run / artifact)
+    plan, outcome, lines = run_debug(config, run)
+    assert outcome.ok
+    assert any(line.startswith(f"rerunning {task}: artifact {artifact}") and "sha256" in line for line in lines), lines
+    assert task in outcome.completed
+    assert final_bytes(run) == reference
+
+
+def test_corrupt_statistics_with_alpha_changed_never_solves_on_bad_data(damaged):
+    """The issue's worst case: alpha changed on corrupted statistics "converged" with KL 27 540."""
+    config, run, _ = damaged
+    _flip_bytes(run / "statistics/layer-001/code.h5", offset_from_end=200)
+    cfg = load_config(config)
+    cfg.harc.alpha = 0.5
+    lines: list[str] = []
+    plan, outcome = submit_run(cfg, executor="debug", run_dir=run, echo=lines.append)
+    assert outcome.ok
+    assert "compute-statistics/layer-001/task-code" in outcome.completed
+    rep = json.loads((run / "routers/layer-001.json").read_text())
+    assert rep["converged"] and max(rep["kl_after"].values()) < 1.0, rep
+
+
+def test_checksum_failure_on_read_names_the_store_and_drops_the_producer(damaged):
+    """Bytes changed inside a Zarr chunk (size unchanged): the reader's CRC32C catches it, the task
+    fails naming store and rows, the producer's record goes, and the next submit repairs the run."""
+    config, run, reference = damaged
+    store = run / "activations/block-001.zarr"
+    chunk = next(p for p in sorted(store.rglob("*")) if p.is_file() and p.name != "zarr.json" and "layer-001" in str(p))
+    _flip_bytes(chunk, offset_from_end=8)
+    for rec in (run / "completions/compute-statistics").rglob("*.json"):  # force a reader to run
+        rec.unlink()
+    plan, outcome, lines = run_debug(config, run)
+    assert not outcome.ok and any(t.startswith("compute-statistics/layer-001") for t in outcome.failed)
+    err = records.failure_line(run, "compute-statistics", "layer-001/task-math") or \
+        records.failure_line(run, "compute-statistics", "layer-001/task-code")
+    assert "CorruptArtifactError" in err and "block-001.zarr" in err and "checksum" in err, err
+    assert records.read_completion(run, "capture-activations", "block-001") is None
+    plan, outcome, lines = run_debug(config, run)
+    assert outcome.ok and "capture-activations/block-001" in outcome.completed
+    assert final_bytes(run) == reference
+
+
+# -- row 2: one Zarr chunk file deleted ------------------------------------------------------------
+
+def test_deleted_zarr_chunk_is_detected_and_rerun(damaged):
+    config, run, reference = damaged
+    store = run / "activations/block-000.zarr"
+    chunk = next(p for p in sorted(store.rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
+    plan, outcome, lines = run_debug(config, run)
+    rel = chunk.relative_to(store).as_posix()
+    assert any(line.startswith("rerunning capture-activations/block-000: artifact activations/block-000.zarr")
+               and rel in line and "missing" in line for line in lines), lines
+    assert outcome.ok and final_bytes(run) == reference
+
+
+def test_reader_refuses_an_array_with_missing_chunks(damaged):
+    from harc_hpc.activations import ActivationArray
+
+    _, run, _ = damaged
+    store = run / "activations/block-000.zarr"
+    chunk = next(p for p in sorted(store.rglob("*")) if p.is_file() and p.name != "zarr.json" and "math" in str(p))
+    chunk.unlink()
+    name = "layer-000/math"
+    with pytest.raises(CorruptArtifactError, match="chunks are missing"):
+        ActivationArray(store, name)
+
+
+def test_status_verify_decodes_every_chunk_and_marks_the_task_invalid(damaged):
+    from harc_hpc.cli import main
+
+    _, run, _ = damaged
+    result = CliRunner().invoke(main, ["status", str(run)])
+    assert result.exit_code == 0, result.output
+    store = run / "hidden/block-000.zarr"
+    chunk = next(p for p in sorted(store.rglob("*")) if p.is_file() and p.name != "zarr.json")
+    _flip_bytes(chunk, offset_from_end=8)  # same size: only decoding sees it
+    assert CliRunner().invoke(main, ["status", str(run)]).exit_code == 0
+    result = CliRunner().invoke(main, ["status", str(run), "--verify"])
+    assert result.exit_code == 1
+    assert "invalid" in result.output and "hidden/block-000.zarr" in result.output, result.output
+    assert records.read_completion(run, "capture-activations", "block-000") is None
+
+
+# -- row 3: NaN / Inf ------------------------------------------------------------------------------
+
+def test_nan_router_inputs_stop_capture_naming_layer_task_and_rows(sources, tmp_path, monkeypatch):
+    from harc_hpc.stages import capture_activations
+
+    real_unpad = capture_activations.unpad
+    calls = {"n": 0}
+
+    def poisoned(x, lengths):
+        out = real_unpad(x, lengths)
+        calls["n"] += 1
+        if calls["n"] == 4:  # block 0, task math: the router inputs of the second batch
+            out = out.clone()
+            out[3, 1] = float("nan")
+        return out
+
+    monkeypatch.setattr(capture_activations, "unpad", poisoned)
+    config = write_config(tmp_path, sources, name="nan", executor="debug")
+    plan, outcome, lines = run_debug(config, tmp_path / "runs" / "nan")
+    assert outcome.failed == ["capture-activations/block-000"], outcome.failed
+    err = records.failure_line(plan.run_dir, "capture-activations", "block-000")
+    assert "InputDataError" in err and "router inputs of layer 0" in err and "task math" in err, err
+    assert "sequences 4-7" in err and "NaN/Inf" in err, err
+    assert not layout.activation_store(plan.run_dir, 0).exists()
+    assert not [p for p in plan.run_dir.rglob("*") if is_temporary(p.name)]
+
+
+def test_nan_statistics_stop_the_solve_naming_the_file(damaged):
+    from harc_hpc.harc import TaskStatistics
+    from harc_hpc.stages import solve_router
+
+    config, run, _ = damaged
+    path = run / "statistics/layer-000/code.h5"
+    stats = TaskStatistics.load(path)
+    stats.sigma_w[0, 0] = float("nan")
+    path.unlink()
+    stats.save(path)
+    with pytest.raises(InputDataError, match=r"code\.h5.*NaN/Inf") as info:
+        solve_router.run(load_config(config), run, layer=0)
+    assert info.value.exit_code == 3
+
+
+def test_nan_activations_stop_the_statistics_naming_rows(damaged):
+    import zarr
+
+    from harc_hpc.activations import to_storage
+    from harc_hpc.stages import compute_statistics
+
+    config, run, _ = damaged
+    arr = zarr.open_group(str(run / "activations/block-000.zarr"), mode="r+")["layer-000/code"]
+    bad = torch.from_numpy(arr[5:6].copy()).float()
+    bad[0, 2] = float("inf")
+    arr[5:6] = to_storage(bad, arr.attrs["dtype"])
+    with pytest.raises(InputDataError, match=r"layer 0, task code.*NaN/Inf in rows 0:"):
+        compute_statistics.run(load_config(config), run, layer=0, task="code")
+
+
+def test_records_are_strict_json(tmp_path):
+    path = tmp_path / "r.json"
+    write_json_atomic(path, {"kl": float("nan"), "x": [1.0, float("inf")], "ok": 0.5})
+    text = path.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"kl": None, "x": [1.0, None], "ok": 0.5}
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert json.loads(json_text({"a": math.nan})) == {"a": None}
+
+
+# -- row 4: two submits on one run directory; concurrent replacement ------------------------------
+
+def _hold_lock(run_dir: str, ready, release):
+    with RunLock(run_dir, command="harc-hpc submit held.yaml"):
+        ready.set()
+        release.wait(30)
+
+
+def test_second_submit_on_a_locked_run_dir_names_the_holder(finished, tmp_path):
+    config, _, _ = finished
+    run = tmp_path / "locked"
+    ctx = multiprocessing.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(run), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(RunLockedError) as info:
+            submit_run(load_config(config), executor="debug", run_dir=run, echo=lambda m: None)
+        msg = str(info.value)
+        assert f"pid {holder.pid}" in msg and socket.gethostname() in msg and "held.yaml" in msg, msg
+        assert info.value.exit_code == 4
+        assert not (run / "plan.json").exists()  # refused before planning anything into it
+    finally:
+        release.set()
+        holder.join(30)
+    # The holder is gone (the kernel dropped its flock): the run directory is free again.
+    with RunLock(run):
+        pass
+
+
+def test_lock_of_a_killed_holder_is_free(tmp_path):
+    code = ("import sys, time; from harc_hpc.launcher.lock import RunLock\n"
+            "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(RunLockedError):
+        RunLock(tmp_path).acquire()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    RunLock(tmp_path).acquire().release()
+
+
+def _replace_many(final: str, tag: int, n: int, errors):
+    try:
+        for i in range(n):
+            with atomic_dir(final) as tmp:
+                for j in range(3):
+                    (tmp / f"part-{j}").write_text(f"{tag}-{i}")
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        errors.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_two_processes_replacing_one_directory_never_fail(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    errors = ctx.Queue()
+    final = tmp_path / "store.zarr"
+    procs = [ctx.Process(target=_replace_many, args=(str(final), k, 400, errors)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert not found, found[:3]
+    parts = sorted(p.name for p in final.iterdir())
+    assert parts == ["part-0", "part-1", "part-2"]
+    assert len({(final / n).read_text() for n in parts}) == 1  # one writer's whole result
+    assert not [p for p in tmp_path.iterdir() if is_temporary(p.name)]
+
+
+def test_a_second_runner_of_one_task_waits_and_skips(finished, tmp_path):
+    """Two runners of one task (a duplicated job): the second waits on the task lock, then finds
+    the record and skips, so the task body runs once."""
+    from harc_hpc.launcher.lock import TaskLock
+    from harc_hpc.launcher.runner import run_task, task_payload
+
+    config, run_dir, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    cfg = load_config(config)
+    from harc_hpc.launcher.api import plan_run
+
+    cfg, plan = plan_run(cfg, run)
+    task = plan.tasks["assemble-model/all"]
+    payload = task_payload(plan, task)
+    stamp = (run / "completions/assemble-model/all.json").stat().st_mtime_ns
+    with TaskLock(run, task.stage, task.key):
+        proc = subprocess.Popen([sys.executable, "-m", "harc_hpc.launcher.runner", "--run-dir", str(run),
+                                 "--payload", json.dumps(payload)], stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert proc.poll() is None  # blocked on the lock
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert "already complete, skipping" in err
+    assert (run / "completions/assemble-model/all.json").stat().st_mtime_ns == stamp
+
+
+# -- row 5: temporaries of killed tasks -------------------------------------------------------------
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporaries_of_dead_tasks_are_removed_on_resume(damaged):
+    config, run, reference = damaged
+    host, dead = socket.gethostname(), _dead_pid()
+    stale = [run / "activations" / f".block-001.zarr.tmp-{host}-{dead}-0123abcd",
+             run / "hidden" / f".block-000.zarr.tmp-{dead}",  # the name earlier versions used
+             run / "routers" / f".layer-000.json.tmp-{host}-{dead}-89abcdef"]
+    for p in stale[:2]:
+        (p / "layer-000").mkdir(parents=True)
+        (p / "layer-000" / "c0").write_bytes(b"x" * 1000)
+    stale[2].write_text("{partial")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    alive = run / "routers" / f".layer-001.json.tmp-{host}-{sleeper.pid}-00000000"
+    alive.write_text("{still being written")
+    try:
+        plan, outcome, lines = run_debug(config, run)
+        assert outcome.ok
+        assert not any(p.exists() for p in stale)
+        assert alive.exists()  # its writer is alive: never touched
+        assert any(line.startswith("removed 3 temporary file(s) left by killed tasks") for line in lines), lines
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sweep_stale_temporaries(run) == [alive]
+
+
+def test_a_failing_write_leaves_no_temporary(tmp_path):
+    with pytest.raises(RuntimeError):
+        with atomic_dir(tmp_path / "out.zarr") as tmp:
+            (tmp / "a").write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- row 8: disk full -------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root, as here and in CI)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_mid_write_names_the_path_and_leaves_nothing(small_disk):
+    final = small_disk / "activations" / "block-000.zarr"
+    with pytest.raises(DiskFullError) as info:
+        with atomic_dir(final) as tmp:
+            (tmp / "chunk").write_bytes(os.urandom(2 << 20))
+    msg = str(info.value)
+    assert str(final) in msg and "no space left on device" in msg and "free" in msg, msg
+    assert info.value.exit_code == 3
+    assert not [p for p in small_disk.rglob("*") if p.is_file()]
+
+
+def test_disk_too_small_is_refused_before_writing(small_disk):
+    with pytest.raises(DiskFullError, match=r"needs about 4\.0 MiB"):
+        with atomic_path(small_disk / "x.bin", needed_bytes=4 << 20) as tmp:
+            tmp.write_bytes(b"never")
+    assert list(small_disk.iterdir()) == []
+
+
+def test_standalone_merge_experts_on_a_full_disk_says_so_without_traceback(sources, small_disk, tmp_path):
+    big = tmp_path / "big"  # a source bigger than the 1 MiB disk
+    from transformers import AutoModelForCausalLM
+
+    from pipeline_fixtures import tiny_config
+
+    conf = tiny_config("olmoe", layers=2)
+    conf.hidden_size, conf.intermediate_size = 128, 256
+    torch.manual_seed(0)
+    for name in ("base", "a", "b"):
+        AutoModelForCausalLM.from_config(conf).save_pretrained(big / name)
+    cfg_text = (f"run: {{name: merged, output_dir: {small_disk}}}\n"
+                f"models:\n  base: {big / 'base'}\n  sources:\n    - {{name: a, path: {big / 'a'}}}\n"
+                f"    - {{name: b, path: {big / 'b'}}}\nmerge: {{method: linear}}\n")
+    config = tmp_path / "merge.yaml"
+    config.write_text(cfg_text)
+    res = subprocess.run([str(Path(sys.executable).parent / "harc-hpc"), "merge-experts", str(config)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr
+    assert "no space left on device" in res.stderr and str(small_disk / "merged" / "merged") in res.stderr, res.stderr
+    assert "needs about" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not [p for p in small_disk.rglob("*") if p.is_file()]
+
+
+# -- the error base --------------------------------------------------------------------------------
+
+def test_every_harc_error_class_derives_from_one_base():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import harc_hpc
+
+    found = []
+    for mod in pkgutil.walk_packages(harc_hpc.__path__, "harc_hpc."):
+        if mod.name.startswith("harc_hpc.demo"):
+            continue
+        module = importlib.import_module(mod.name)
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, Exception) and obj.__module__ == module.__name__:
+                found.append(obj)
+    assert len(found) >= 12
+    assert all(issubclass(c, HarcHpcError) for c in found), [c for c in found if not issubclass(c, HarcHpcError)]
+    assert {UsageError.exit_code, InputDataError.exit_code, RunStateError.exit_code} == {2, 3, 4}
+
+
+def test_cli_maps_errors_to_exit_codes_without_traceback(tmp_path):
+    from harc_hpc.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: {name: x}\nmodels: {sources: []}\nharc: {alpha: 7}\n")
+    result = CliRunner().invoke(main, ["submit", str(bad), "--dry-run"])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output, result.output
