@@ -465,3 +465,29 @@ def test_cli_maps_errors_to_exit_codes_without_traceback(tmp_path):
     bad.write_text("run: {name: x}\nmodels: {sources: []}\nharc: {alpha: 7}\n")
     result = CliRunner().invoke(main, ["submit", str(bad), "--dry-run"])
     assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output, result.output
+
+
+# -- kill -9 of a whole local submit, then resubmit ------------------------------------------------
+
+@pytest.mark.slow
+def test_submit_killed_mid_run_resumes_to_the_same_bytes_with_no_temporaries(sources, finished, tmp_path):
+    """What benchmarks/fault_injection.py does 20 times on configs/tiny.yaml, once, at a moment
+    when tasks are certainly in flight (right after the first router was written)."""
+    _, _, reference = finished
+    config = write_config(tmp_path, sources, name="killed", executor="local")
+    run = tmp_path / "runs" / "killed"
+    cmd = [str(Path(sys.executable).parent / "harc-hpc"), "submit", str(config), "--executor", "local"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((run / "completions" / "solve-router").glob("*.json")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert records.read_completion(run, "assemble-model", "all") is None  # it was killed mid-run
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "already complete" in res.stdout
+    assert final_bytes(run) == reference
+    assert not [p for p in run.rglob("*") if is_temporary(p.name)]
