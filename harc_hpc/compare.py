@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from harc_hpc.errors import RunStateError
+from harc_hpc.errors import UsageError
 
 CHECKED_SECTIONS = ("loss", "routing")
 _VERSION_KEYS = ("torch", "transformers", "harc-hpc")
 
 
-class CompareError(RunStateError):
+class CompareError(UsageError):
     pass
 
 

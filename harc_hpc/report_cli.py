@@ -14,16 +14,20 @@ import click
               help="Config to use instead of RUN_DIR/config.yaml.")
 def report_command(run_dir: Path, config_path) -> None:
     """Write RUN_DIR/report/ (metrics.json, report.md, plots) for a finished run."""
-    from harc_hpc.calibration_data import CalibrationDataError
-    from harc_hpc.config import ConfigError, load_config
-    from harc_hpc.stages.report import ReportError, run
+    from harc_hpc.config import load_config
+    from harc_hpc.errors import HarcHpcError, InputDataError
+    from harc_hpc.stages.report import run
 
     path = config_path or run_dir / "config.yaml"
     try:
         cfg = load_config(path)
         result = run(cfg, run_dir)
-    except (ConfigError, ReportError, CalibrationDataError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except HarcHpcError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except FileNotFoundError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(InputDataError.exit_code)
     click.echo(f"report written to {run_dir / 'report'}")
     if result.get("kl_reduction") is not None:
         click.echo(f"router-level KL: merged {result['kl_merged']:.4f} -> calibrated {result['kl_calibrated']:.4f} "
@@ -47,8 +51,8 @@ def compare_command(run_a: Path, run_b: Path, rtol: float, atol: float, show_all
     try:
         a, b = load_metrics(run_a), load_metrics(run_b)
     except CompareError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
     result = compare_metrics(a, b, rtol=rtol, atol=atol)
     click.echo(format_comparison(result, str(run_a), str(run_b), show_all=show_all))
     sys.exit(0 if result.ok else 1)

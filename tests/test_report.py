@@ -271,8 +271,8 @@ def test_report_command(reported_run, monkeypatch):
 def test_report_command_errors_cleanly(tmp_path):
     (tmp_path / "config.yaml").write_text("models: {sources: [{name: a, path: /nonexistent}]}\n")
     res = CliRunner().invoke(report_command, [str(tmp_path)])
-    assert res.exit_code == 1
-    assert "Error:" in res.output and "merge-experts" in res.output
+    assert res.exit_code == 4  # RunStateError: the run has no merged model yet
+    assert "error:" in res.output and "merge-experts" in res.output and "Traceback" not in res.output
 
 
 def test_thread_count_comes_from_the_launcher_records(tmp_path):

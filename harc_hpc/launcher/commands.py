@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from harc_hpc.config import ConfigError, load_config
-from harc_hpc.errors import RunStateError
+from harc_hpc.config import load_config
+from harc_hpc.errors import HarcHpcError, RunStateError
 
 log = logging.getLogger("harc_hpc.launcher")
 
@@ -30,8 +30,8 @@ def _fail(msg: str, code: int = 1):
 def _load(config: str):
     try:
         return load_config(config)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
+    except HarcHpcError as exc:
+        _fail(str(exc), exc.exit_code)
 
 
 def _failed_lines(plan, outcome, executor: str, since) -> list[str]:
@@ -91,8 +91,7 @@ def _report(plan, outcome, executor: str, waited: bool, since=None) -> int:
 @click.option("--force", is_flag=True, help="rerun every task, complete or not")
 def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force):
     """Build the DAG, skip completed tasks and submit (or run) the rest."""
-    from harc_hpc.launcher.api import ActiveJobsError, submit_run
-    from harc_hpc.launcher.planner import PlanError
+    from harc_hpc.launcher.api import submit_run
 
     cfg = _load(config)
     executor = executor or cfg.executor.kind
@@ -100,8 +99,8 @@ def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force):
     try:
         plan, outcome = submit_run(cfg, executor=executor, run_dir=run_dir, specs_dir=stages_dir,
                                    dry_run=dry_run, wait=wait, force=force, echo=_echo)
-    except (PlanError, ActiveJobsError, ConfigError) as exc:
-        _fail(str(exc), 2)
+    except HarcHpcError as exc:
+        _fail(str(exc), exc.exit_code)
     sys.exit(_report(plan, outcome, executor, wait or executor != "slurm", since=started))
 
 
@@ -125,15 +124,14 @@ def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_
     Upstream tasks are not run: with an upstream task incomplete it refuses (exit 4) before
     touching the run directory, unless --allow-incomplete-upstream.
     """
-    from harc_hpc.launcher.api import ActiveJobsError, plan_run, submit_run
-    from harc_hpc.launcher.planner import PlanError
+    from harc_hpc.launcher.api import plan_run, submit_run
 
     cfg = _load(config)
     try:
         _, plan = plan_run(cfg, run_dir, stages_dir)  # validate the selection before touching anything
         chosen = plan.select(name, layer=layer, task=task_name, block=block)
-    except PlanError as exc:
-        _fail(str(exc), 2)
+    except HarcHpcError as exc:
+        _fail(str(exc), exc.exit_code)
     missing = sorted({u for t in chosen for u in t.needs if not plan.is_complete(plan.tasks[u])}
                      - {t.id for t in chosen})
     if missing:
@@ -151,8 +149,8 @@ def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_
             cfg, executor="slurm" if to_slurm else "debug", run_dir=run_dir, specs_dir=stages_dir,
             force=force, wait=wait, select=lambda p: [t for t in p.tasks.values() if t.id in ids], echo=_echo,
         )
-    except (PlanError, ActiveJobsError) as exc:
-        _fail(str(exc), 2)
+    except HarcHpcError as exc:
+        _fail(str(exc), exc.exit_code)
     sys.exit(_report(plan, outcome, "slurm" if to_slurm else "debug", wait or not to_slurm, since=started))
 
 
