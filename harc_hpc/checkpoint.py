@@ -200,7 +200,7 @@ def _hub_hint(repo_id: str, revision: Optional[str]) -> str:
 
 
 def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str] = None,
-                       allow_download: bool = True) -> Path:
+                       allow_download: bool = True, files: Optional[Sequence[str]] = None) -> Path:
     """A local model directory, or the snapshot directory of a hub id.
 
     Something that can only be a path (``./m``, ``/m``, ``~/m``, ``a/b/c``, ``models/m`` where
@@ -208,8 +208,10 @@ def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str]
     (``owner/name``) is looked up in the local hub cache first, without network; then, unless
     ``allow_download=False`` or ``HF_HUB_OFFLINE`` is set, on the hub, which has
     ``HF_HUB_ETAG_TIMEOUT`` (8 s by default) to answer. Hub snapshots fetch configs, tokenizer
-    files and safetensors weights only: pickle weights are never downloaded.
+    files and safetensors weights only: pickle weights are never downloaded; ``files`` (patterns)
+    narrows that further, e.g. ``["config.json"]`` for the planner.
     """
+    patterns = list(files) if files is not None else _HUB_PATTERNS
     text = str(path_or_hub_id)
     p = Path(text).expanduser()
     if p.is_dir():
@@ -232,7 +234,7 @@ def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str]
                               where=where) from None
     # 1. the local hub cache (no network)
     try:
-        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=_HUB_PATTERNS,
+        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns,
                                       local_files_only=True))
     except IncompleteSnapshotError:
         cached = "its cached snapshot is incomplete"
@@ -249,7 +251,7 @@ def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str]
         raise CheckpointError(f"{not_local} {cached}, and {problem}", where=where,
                               hint=_hub_hint(text, revision))
     try:
-        local = snapshot_download(repo_id=text, revision=revision, allow_patterns=_HUB_PATTERNS)
+        local = snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns)
     except Exception as exc:  # the hub client raises many types
         raise CheckpointError(f"downloading from the hub failed ({type(exc).__name__}: {exc})",
                               where=where, hint=_hub_hint(text, revision)) from None

@@ -70,5 +70,20 @@ main.add_command(compare_command)
 # merge-experts also works standalone (a merge with no pipeline around it, like mergekit-yaml);
 # the other stages only make sense inside a run, so their commands are `stage NAME` with the name fixed.
 main.add_command(merge_experts_command)
-for _name in ("capture-activations", "compute-statistics", "solve-router", "assemble-model"):
-    main.add_command(stage_alias(_name))
+
+
+def _add_stage_aliases() -> None:
+    """``harc-hpc NAME CONFIG`` for every stage spec that has no command of its own, with the
+    index options of its split."""
+    from harc_hpc.launcher.planner import PlanError, load_specs
+
+    try:
+        specs = load_specs()
+    except (PlanError, OSError):  # no stage specs found: `harc-hpc stage NAME` still works
+        return
+    for spec in specs.values():
+        if spec.name not in main.commands:
+            main.add_command(stage_alias(spec.name, spec.split))
+
+
+_add_stage_aliases()

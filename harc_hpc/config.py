@@ -347,12 +347,53 @@ def load_config(path: Union[str, Path], overrides: Optional[dict] = None) -> Pip
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     data = data or {}
     for dotted, value in (overrides or {}).items():
-        node = data
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        apply_override(data, dotted, value)
     return parse_config(data, source=str(path), base_dir=path.parent.resolve())
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"harc.alpha=0.5"`` -> ``("harc.alpha", 0.5)``: the value is read as YAML (numbers, true,
+    lists, ``{a: 1}``), so ``--set`` takes what the config file would."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. harc.alpha=0.5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    return key, value
+
+
+def apply_override(data: dict, dotted: str, value: Any) -> None:
+    """Set ``dotted`` in a raw config tree; a list is entered by an item's ``name`` or its index
+    (``models.sources.math.path``, ``models.sources.0.path``)."""
+    node: Any = data
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, dict):
+            node = node.setdefault(part, {})
+        elif isinstance(node, list):
+            match = [x for x in node if isinstance(x, dict) and x.get("name") == part]
+            if match:
+                node = match[0]
+            elif part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise ConfigError(f"--set {dotted}: {where} names no item of the list (by name or index)")
+        else:
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i])} is a value, not a section")
+        if node is None:
+            raise ConfigError(f"--set {dotted}: {where} is empty")
+    if isinstance(node, list):
+        if parts[-1].isdigit() and int(parts[-1]) < len(node):
+            node[int(parts[-1])] = value
+            return
+        raise ConfigError(f"--set {dotted}: {'.'.join(parts[:-1])} is a list; name an item by index")
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {dotted}: {'.'.join(parts[:-1])} is a value, not a section")
+    node[parts[-1]] = value
 
 
 def dump_config(cfg: PipelineConfig) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -27,9 +29,11 @@ def _fail(msg: str, code: int = 1):
     sys.exit(code)
 
 
-def _load(config: str):
+def _load(config: str, overrides=()):
+    from harc_hpc.config import parse_override
+
     try:
-        return load_config(config)
+        return load_config(config, dict(parse_override(o) for o in overrides))
     except HarcHpcError as exc:
         _fail(str(exc), exc.exit_code)
 
@@ -89,11 +93,13 @@ def _report(plan, outcome, executor: str, waited: bool, since=None) -> int:
 @click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="stage specs (default: $HARC_HPC_STAGES or the stages/ folder of the install)")
 @click.option("--force", is_flag=True, help="rerun every task, complete or not")
-def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force):
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a config key (YAML value), e.g. --set harc.alpha=0.5; repeatable")
+def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force, overrides=()):
     """Build the DAG, skip completed tasks and submit (or run) the rest."""
     from harc_hpc.launcher.api import submit_run
 
-    cfg = _load(config)
+    cfg = _load(config, overrides)
     executor = executor or cfg.executor.kind
     started = time.time()
     try:
@@ -117,8 +123,10 @@ def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force):
 @click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--allow-incomplete-upstream", is_flag=True,
               help="run even though upstream tasks are not complete (warns; the result may be wrong)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="override a config key (YAML value), e.g. --set harc.alpha=0.5; repeatable")
 def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_dir, stages_dir,
-              allow_incomplete_upstream=False):
+              allow_incomplete_upstream=False, overrides=()):
     """Run one stage, or one layer/task/block of it, here (or submit just that with --submit).
 
     Upstream tasks are not run: with an upstream task incomplete it refuses (exit 4) before
@@ -126,7 +134,7 @@ def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_
     """
     from harc_hpc.launcher.api import plan_run, submit_run
 
-    cfg = _load(config)
+    cfg = _load(config, overrides)
     try:
         _, plan = plan_run(cfg, run_dir, stages_dir)  # validate the selection before touching anything
         chosen = plan.select(name, layer=layer, task=task_name, block=block)
@@ -195,24 +203,28 @@ def status_cmd(run_dir, failed_only, verify):
 COMMANDS = (submit_cmd, stage_cmd, status_cmd)
 
 
-def stage_alias(name: str) -> click.Command:
-    """``harc-hpc NAME CONFIG ...``: the same as ``harc-hpc stage NAME CONFIG ...``."""
+# The index options a stage's tasks can be selected by, from its spec's ``split``.
+INDEX_OPTIONS = {"none": (), "block": ("block",), "layer": ("layer", "block"),
+                 "layer_task": ("layer", "task_name", "block")}
 
-    @click.command(name, help=f"Run {name} here (one --layer/--task/--block of it, or all of it), "
-                              f"or submit just that with --submit. Same as `harc-hpc stage {name}`.")
-    @click.argument("config", type=click.Path(exists=True, dir_okay=False))
-    @click.option("--layer", type=int, default=None, help="only this layer")
-    @click.option("--task", "task_name", default=None, help="only this calibration task")
-    @click.option("--block", type=int, default=None, help="only this block")
-    @click.option("--force", is_flag=True, help="run even if complete")
-    @click.option("--submit", "to_slurm", is_flag=True, help="submit to SLURM instead of running here")
-    @click.option("--wait", is_flag=True, help="with --submit: wait for the job")
-    @click.option("--run-dir", type=click.Path(file_okay=False), default=None)
-    @click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None)
-    @click.option("--allow-incomplete-upstream", is_flag=True,
-                  help="run even though upstream tasks are not complete (warns; the result may be wrong)")
-    @click.pass_context
-    def alias(ctx, **kwargs):
-        ctx.invoke(stage_cmd, name=name, **kwargs)
 
-    return alias
+def stage_alias(name: str, split: Optional[str] = None) -> click.Command:
+    """``harc-hpc NAME CONFIG ...``: the same as ``harc-hpc stage NAME CONFIG ...``.
+
+    Its options are ``stage``'s own (not a copy to keep in step), less the index options that the
+    stage's ``split`` (from its spec) has no use for.
+    """
+    keep = set(INDEX_OPTIONS.get(split, ("layer", "task_name", "block")))
+    params = [copy.copy(p) for p in stage_cmd.params
+              if p.name != "name" and (p.name not in ("layer", "task_name", "block") or p.name in keep)]
+
+    def callback(**kwargs):
+        for key in ("layer", "task_name", "block"):
+            kwargs.setdefault(key, None)
+        click.get_current_context().invoke(stage_cmd, name=name, **kwargs)
+
+    what = {"none": "", "block": " (one --block of it, or all of it)", "layer": " (one --layer of it, or all of it)",
+            "layer_task": " (one --layer/--task of it, or all of it)"}.get(split, " (one --layer/--task/--block of it)")
+    return click.Command(name, params=params, callback=callback,
+                         help=f"Run {name} here{what}, or submit just that with --submit. "
+                              f"Same as `harc-hpc stage {name}`.")

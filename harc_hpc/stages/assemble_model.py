@@ -27,7 +27,8 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
         replacements[key] = load_router(run_dir, l).to(merged.tensor_dtype(key))
         rep = layout.router_report(run_dir, l)
         reports.append(json.loads(rep.read_text()) if rep.is_file() else {"layer": l})
-    patch_tensors(layout.merged_dir(run_dir), layout.model_dir(run_dir), replacements)
+    patch_tensors(layout.merged_dir(run_dir), layout.model_dir(run_dir), replacements,
+                  max_shard_size=cfg.merge.max_shard_size)
     summary = {
         "run": cfg.run.name,
         "layers": layers,

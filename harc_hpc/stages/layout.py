@@ -62,9 +62,10 @@ def model_config(path_or_id: str, revision=None) -> dict:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{p}: no config.json in model directory")
         return _read_config(str(cfg_file))
-    from huggingface_hub import hf_hub_download
+    from harc_hpc.checkpoint import resolve_model_path
 
-    return _read_config(hf_hub_download(path_or_id, "config.json", revision=revision))
+    snapshot = resolve_model_path(path_or_id, revision=revision, files=["config.json"])
+    return _read_config(str(snapshot / "config.json"))
 
 
 def reference_config(cfg: PipelineConfig) -> dict:
