@@ -4,7 +4,6 @@ from the stage specs, and the spec's config keys honoured by the stage code."""
 from __future__ import annotations
 
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from harc_hpc.cli import main

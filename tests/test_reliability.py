@@ -7,7 +7,6 @@ with the same bytes as the undamaged run, or stop with a clear error and a non-z
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -316,7 +315,7 @@ def test_a_second_runner_of_one_task_waits_and_skips(finished, tmp_path):
     """Two runners of one task (a duplicated job): the second waits on the task lock, then finds
     the record and skips, so the task body runs once."""
     from harc_hpc.launcher.lock import TaskLock
-    from harc_hpc.launcher.runner import run_task, task_payload
+    from harc_hpc.launcher.runner import task_payload
 
     config, run_dir, _ = finished
     run = tmp_path / "run"

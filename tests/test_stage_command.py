@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TOY_STAGES_DIR, write_toy_config
+from harc_hpc.atomic import write_json_atomic
 from harc_hpc.cli import main
 from harc_hpc.errors import RunStateError
 from harc_hpc.launcher import planner as planner_mod
@@ -108,7 +109,7 @@ def test_stage_prints_the_error_line_of_its_failed_task(toy):
 
 
 def _stats(run_dir: Path, data: dict) -> None:
-    records.write_json_atomic(records.stats_path(run_dir, "solve-router", "layer-003"), data)
+    write_json_atomic(records.stats_path(run_dir, "solve-router", "layer-003"), data)
 
 
 def test_failure_line_reads_the_last_failed_attempt_only(tmp_path):

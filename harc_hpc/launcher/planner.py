@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harc_hpc.errors import UsageError
 import harc_hpc
 from harc_hpc.config import PipelineConfig
+from harc_hpc.atomic import write_json_atomic
 from harc_hpc.launcher import records
 
 SPECS_ENV = "HARC_HPC_STAGES"
@@ -322,7 +323,7 @@ class Plan:
 
     def save(self) -> Path:
         path = Path(self.run_dir) / "plan.json"
-        records.write_json_atomic(path, self.to_json())
+        write_json_atomic(path, self.to_json())
         return path
 
 

@@ -18,9 +18,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from harc_hpc.atomic import write_json_atomic  # noqa: F401 - the records' writer
 
 # Input files (calibration data) up to this size are hashed in full; larger ones by size, mtime and
 # their first and last MiB, which is what a rerun can afford to read on every submit.

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import submitit
 
+from harc_hpc.atomic import write_json_atomic
 from harc_hpc.launcher import records
 
 log = logging.getLogger("harc_hpc.launcher")
@@ -221,7 +222,7 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
                 for tid in records.invalidate_producers(run_dir, corrupt.path):
                     log.error("%s: %s wrote %s; its completion record is removed, so the next submit "
                               "reruns it", payload["id"], tid, corrupt.path)
-            records.write_json_atomic(records.stats_path(run_dir, stage, key), {
+            write_json_atomic(records.stats_path(run_dir, stage, key), {
                 "id": payload["id"], "status": "interrupted" if interrupted else "failed",
                 "error": f"{type(exc).__name__}: {exc}",
                 "started": started.isoformat(), "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(windowed),
@@ -238,10 +239,10 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
         gpu = _peak_gpu_mb()
         if gpu is not None:
             stats["peak_gpu_mb"] = gpu
-        records.write_json_atomic(records.stats_path(run_dir, stage, key), stats)
+        write_json_atomic(records.stats_path(run_dir, stage, key), stats)
         import harc_hpc
 
-        records.write_json_atomic(records.completion_path(run_dir, stage, key), {
+        write_json_atomic(records.completion_path(run_dir, stage, key), {
             **stats,
             "stage": stage, "key": key, "index": payload["index"], "digest": digest,
             "function": payload["function"], "package_version": harc_hpc.__version__,

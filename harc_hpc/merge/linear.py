@@ -4,10 +4,7 @@ mergekit 0.1.5. The base model, if configured, is not one of the averaged models
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from pydantic import Field
 
 from harc_hpc.merge.base import MergeMethod, MethodParams, PerModel
 

@@ -20,11 +20,10 @@ import click
 import torch
 
 from harc_hpc.atomic import atomic_dir
+from harc_hpc.checkpoint import Checkpoint, copy_model_files, resolve_model_path
+from harc_hpc.config import PipelineConfig, load_config
 from harc_hpc.errors import HarcHpcError
-from harc_hpc.checkpoint import Checkpoint, CheckpointError, copy_model_files, resolve_model_path
-from harc_hpc.config import ConfigError, PipelineConfig, load_config
-from harc_hpc.families import UnsupportedModelError
-from harc_hpc.merge import MergeConfigError, MergeInputError, resolve_settings
+from harc_hpc.merge import MergeConfigError, resolve_settings
 from harc_hpc.merge.engine import MergeInput, merge_checkpoints
 from harc_hpc.progress import Progress
 

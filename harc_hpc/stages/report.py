@@ -21,7 +21,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import math
 import platform
 import subprocess
 import time
@@ -33,6 +32,8 @@ import torch
 
 from harc_hpc.errors import RunStateError
 from harc_hpc.config import PipelineConfig
+from harc_hpc.stages.report_render import layer_means
+from harc_hpc.stages.report_render import mean_of as _mean
 
 log = logging.getLogger(__name__)
 
@@ -271,17 +272,6 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
         out["routing"]["end_to_end"] = end_to_end
     out["summary"] = summarize(out)
     return out
-
-
-def _mean(xs) -> float:
-    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def layer_means(per_task: dict, metric: str) -> list[float]:
-    """Per-layer average over tasks of one routing metric."""
-    rows = [v[metric] for v in per_task.values()]
-    return [_mean(col) for col in zip(*rows)] if rows else []
 
 
 def summarize(m: dict) -> dict:

@@ -8,6 +8,18 @@ from pathlib import Path
 _VIEW_TITLES = {"router_level": "router-level (same inputs x)", "end_to_end": "end-to-end (own hidden states)"}
 
 
+def mean_of(xs) -> float:
+    """Mean of the values that are there (None and NaN left out); NaN when none is."""
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def layer_means(per_task: dict, metric: str) -> list[float]:
+    """Per-layer average over tasks of one routing metric."""
+    rows = [v[metric] for v in per_task.values()]
+    return [mean_of(col) for col in zip(*rows)] if rows else []
+
+
 def _fmt(x, spec: str = ".4f") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -38,7 +50,6 @@ def write_plots(metrics: dict, out_dir: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from harc_hpc.stages.report import layer_means
 
     written = []
     layers = metrics.get("layers", [])
@@ -135,7 +146,6 @@ def _bars(ax, tasks, columns, value) -> None:
 # -- markdown ---------------------------------------------------------------------------------------
 
 def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
-    from harc_hpc.stages.report import layer_means
 
     lines = [f"# HARC report: {metrics.get('run', '')}", ""]
     s = metrics.get("summary", {})
