@@ -118,16 +118,30 @@ def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):
     assert list((tmp_path / "demo").iterdir()) == []
 
 
-def test_leftovers_of_killed_builds_are_removed(tmp_path):
+def test_leftovers_of_killed_builds_are_removed(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
     final = demo_dir(QUICK_RECIPE, tmp_path)
     final.parent.mkdir(parents=True)
-    dead = final.parent / f".{final.name}.building-{demo_build._HOST}-999999999-abc"
-    alive = final.parent / f".{final.name}.building-{demo_build._HOST}-{os.getpid()}-abc"
-    other_host = final.parent / f".{final.name}.building-elsewhere-999999999-abc"
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()  # a pid that is gone
+    host = socket.gethostname()
+    dead = final.parent / f".{final.name}.tmp-{host}-{proc.pid}-0123abcd"
+    alive = final.parent / f".{final.name}.tmp-{host}-{os.getpid()}-0123abcd"
+    other_host = final.parent / f".{final.name}.tmp-elsewhere-{proc.pid}-0123abcd"
     for d in (dead, alive, other_host):
         d.mkdir()
-    demo_build._remove_stale_builds(final)
+
+    def failing_build(out, recipe, progress=None):
+        raise RuntimeError("stop after the sweep")
+
+    monkeypatch.setattr(demo_build, "build_into", failing_build)
+    with pytest.raises(RuntimeError, match="after the sweep"):
+        ensure_demo(QUICK_RECIPE, cache_dir=tmp_path, progress=lambda m: None)
     assert not dead.exists() and alive.exists() and other_host.exists()
+    assert sorted(p.name for p in final.parent.iterdir()) == sorted([alive.name, other_host.name])
 
 
 def test_cache_location(tmp_path, monkeypatch):

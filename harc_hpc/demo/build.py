@@ -21,9 +21,7 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
+from harc_hpc.atomic import atomic_dir, sweep_stale_temporaries
 from harc_hpc.demo import corpus, training
 from harc_hpc.demo.tokenizer import byte_tokenizer
 
@@ -130,50 +129,26 @@ def ensure_demo(recipe: DemoRecipe = DemoRecipe(), cache_dir: Optional[os.PathLi
         # Minutes of silence would look like a hang: say what is happening even without -v.
         sys.stderr.write(f"harc-hpc demo: building the demo sources into {final} "
                          f"(about 4 minutes on 2 CPU cores; cached for later runs)\n")
-    _remove_stale_builds(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_build_prefix(final)}{_HOST}-{os.getpid()}-", dir=final.parent))
+    # Temporaries of builds killed on this host (a SIGKILL gives no chance to clean up); builds of
+    # live processes and of other hosts are kept.
+    sweep_stale_temporaries(final.parent)
     try:
-        build_into(tmp, recipe, progress=progress)
-        if final.exists():
-            # A leftover without recipe.json (it cannot be ours: builds land by rename) or a
-            # concurrent build that finished first.
+        with atomic_dir(final) as tmp:
+            build_into(tmp, recipe, progress=progress)
             if is_complete(final, recipe):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return final
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+                # A concurrent build finished first: keep theirs (same recipe, same bytes).
+                raise _BuiltElsewhere
+    except _BuiltElsewhere:
+        pass
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         if is_complete(final, recipe):  # lost a race to a concurrent build: theirs is as good
             return final
         raise
     return final
 
 
-_HOST = platform.node().replace("-", "_") or "host"
-
-
-def _build_prefix(final: Path) -> str:
-    return f".{final.name}.building-"
-
-
-def _remove_stale_builds(final: Path) -> None:
-    """Remove temporary build directories of this recipe left by killed builds on this host
-    (a SIGKILL gives no chance to clean up). Builds of live processes and of other hosts are kept."""
-    prefix = _build_prefix(final)
-    for d in final.parent.glob(prefix + "*"):
-        host, _, rest = d.name[len(prefix):].partition("-")
-        pid = rest.partition("-")[0]
-        if host != _HOST or not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue  # alive, someone else's
-        shutil.rmtree(d, ignore_errors=True)
+class _BuiltElsewhere(Exception):
+    """Raised inside the atomic build to drop ours when another process published first."""
 
 
 def _write_jsonl(path: Path, texts: list[str]) -> None:
