@@ -8,8 +8,6 @@ works from any working directory (a SLURM job's cwd is not the user's).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -267,24 +265,6 @@ class PipelineConfig(_Strict):
             raise ConfigError(f"models.sources[{task}].calibration: no calibration data given")
         return src.calibration
 
-    def section_digest(self, *sections: str) -> str:
-        """A stable digest of some config sections (what a stage depends on)."""
-        dump = self.model_dump(mode="json")
-        payload = {s: _dig(dump, s) for s in sections}
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _dig(tree: dict, dotted: str):
-    node: Any = tree
-    for part in dotted.split("."):
-        if isinstance(node, dict):
-            node = node.get(part)
-        elif isinstance(node, list):
-            node = next((x for x in node if isinstance(x, dict) and x.get("name") == part), None)
-        else:
-            return None
-    return node
 
 
 def _format_loc(loc: tuple) -> str:

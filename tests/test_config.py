@@ -57,13 +57,11 @@ def test_duplicate_source_names_are_rejected(tmp_path):
         load_config(write(tmp_path, text))
 
 
-def test_overrides_and_section_digests(tmp_path):
+def test_overrides(tmp_path):
     path = write(tmp_path, MINIMAL)
     a = load_config(path)
     b = load_config(path, overrides={"harc.alpha": 0.99})
-    assert b.harc.alpha == 0.99
-    assert a.section_digest("calibration", "models") == b.section_digest("calibration", "models")
-    assert a.section_digest("harc") != b.section_digest("harc")
+    assert b.harc.alpha == 0.99 and a.harc.alpha != 0.99
 
 
 def test_shipped_configs_validate():

@@ -7,7 +7,7 @@ import torch
 
 from harc_hpc.harc import TaskCurvature, TokenChunks, solve_router
 from harc_hpc.harc.cg import refine
-from harc_hpc.harc.solver import _System
+from harc_hpc.harc.solver import HarcSystem
 from harc_reference import dense_solution, dense_system, eq12_product, exact_kl, make_problem
 
 CASES = [  # (tasks, K, d, tokens per task)
@@ -79,7 +79,7 @@ def test_operator_is_eq12_per_token():
     alpha = 0.8
     curvatures = [TaskCurvature(TokenChunks(x, chunk_tokens=8), s, "full") for x, s in zip(xs, ws)]
     diagonal = sum(c.diagonal() for c in curvatures)
-    got = _System(curvatures, diagonal, alpha).apply(w)
+    got = HarcSystem(curvatures, diagonal, alpha).apply(w)
     want = sum(eq12_product(x, s, w, alpha) for x, s in zip(xs, ws))
     assert rel(got, want) < 1e-12
     a, _ = dense_system(xs, ws, alpha, "full")

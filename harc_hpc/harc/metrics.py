@@ -1,11 +1,42 @@
-"""Router-level agreement metrics for reports: mean KL and top-k mismatch against a reference router."""
+"""Router agreement metrics, the one implementation: KL between routing distributions and top-k
+overlap of expert selections, per chunk of logits (``kl_sum``, ``topk_common``) and as means over a
+task's inputs (``mean_kl``, ``router_kl``, ``topk_mismatch``). Statistics, solver and reports use these.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from harc_hpc.harc.inputs import TokenChunks, TokenInput
-from harc_hpc.harc.operator import mean_kl
+from harc_hpc.harc.operator import log_probs
+
+
+def kl_sum(log_p_ref: torch.Tensor, log_p: torch.Tensor) -> float:
+    """sum over rows of KL(p_ref || p), from row-wise log-probabilities (float64 advised)."""
+    return float((log_p_ref.exp() * (log_p_ref - log_p)).sum())
+
+
+def topk_common(scores_ref: torch.Tensor, scores: torch.Tensor, k: int) -> int:
+    """Number of (row, expert) selections the two top-k choices share, summed over rows."""
+    ref = torch.zeros(scores_ref.shape, dtype=torch.bool, device=scores_ref.device)
+    got = torch.zeros_like(ref)
+    ref.scatter_(1, torch.topk(scores_ref, k, dim=1).indices, True)
+    got.scatter_(1, torch.topk(scores, k, dim=1).indices, True)
+    return int((ref & got).sum())
+
+
+def mean_kl(chunks: TokenChunks, w_ref: torch.Tensor, w: torch.Tensor) -> float:
+    """E_x KL(softmax(w_ref x) || softmax(w x)) over the chunks, float64."""
+    total = 0.0
+    n = 0
+    wr = wt = None
+    for x in chunks:
+        if wt is None:
+            wr = w_ref.to(dtype=x.dtype, device=x.device).T.contiguous()
+            wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
+        total += kl_sum(log_probs(x, wr), log_probs(x, wt))
+        n += x.shape[0]
+    return total / max(n, 1)
 
 
 def router_kl(x: TokenInput, w_ref: torch.Tensor, w: torch.Tensor) -> float:
@@ -24,10 +55,6 @@ def topk_mismatch(x: TokenInput, w_ref: torch.Tensor, w: torch.Tensor, k: int) -
         if wt is None:
             wr = w_ref.to(dtype=xc.dtype, device=xc.device).T.contiguous()
             wt = w.to(dtype=xc.dtype, device=xc.device).T.contiguous()
-        ref = torch.zeros(xc.shape[0], w.shape[0], dtype=torch.bool, device=xc.device)
-        got = torch.zeros_like(ref)
-        ref.scatter_(1, torch.topk(xc @ wr, k, dim=1).indices, True)
-        got.scatter_(1, torch.topk(xc @ wt, k, dim=1).indices, True)
-        missed += int(xc.shape[0]) * k - int((ref & got).sum())
+        missed += int(xc.shape[0]) * k - topk_common(xc @ wr, xc @ wt, k)
         n += xc.shape[0]
     return missed / (k * n) if n else 0.0

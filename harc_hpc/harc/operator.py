@@ -12,7 +12,7 @@ chunk dtype (float32 for real activations); every sum across chunks is float64 i
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -67,7 +67,20 @@ class TaskCurvature:
             raise ValueError("a task has no tokens")
         self.num_tokens = n
 
-    def _pairs(self):
+    @classmethod
+    def from_probs(cls, chunks: TokenChunks, probs: Sequence[torch.Tensor], hessian: str = "full") -> "TaskCurvature":
+        """Sigma_i with H evaluated at given per-chunk probabilities (a Newton step's iterate)."""
+        cv = cls.__new__(cls)
+        cv.chunks = chunks
+        cv.hessian = check_hessian(hessian)
+        cv.num_experts = int(probs[0].shape[1])
+        cv.probs = list(probs)
+        cv.sizes = [int(p.shape[0]) for p in probs]
+        cv.num_tokens = sum(cv.sizes)
+        return cv
+
+    def pairs(self):
+        """(inputs chunk, probabilities) pairs, one per chunk; the chunking must not change."""
         count = 0
         for x, p in zip(self.chunks, self.probs):
             count += 1
@@ -79,7 +92,7 @@ class TaskCurvature:
         """Sigma_i W (mean over tokens) as a float64 (K, d) matrix."""
         acc = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
         wt = None
-        for x, p in self._pairs():
+        for x, p in self.pairs():
             if wt is None:
                 wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
             u = hessian_times(p, x @ wt, self.hessian)
@@ -94,7 +107,7 @@ class TaskCurvature:
     def diagonal(self) -> torch.Tensor:
         """diag(Sigma_i) as a float64 (K, d) matrix: E[h_kk x_a^2]."""
         acc = None
-        for x, p in self._pairs():
+        for x, p in self.pairs():
             part = (hessian_diagonal(p, self.hessian, x, self.num_experts).T @ (x * x)).to(torch.float64)
             acc = part if acc is None else acc + part
         return acc / self.num_tokens
@@ -123,7 +136,7 @@ class TaskCurvature:
         stride = 1 if not max_tokens else max(1, -(-self.num_tokens // max_tokens))
         acc = None
         count = 0
-        for x, _ in self._pairs():
+        for x, _ in self.pairs():
             xs = x[::stride] if stride > 1 else x
             part = (xs.T @ xs).to(torch.float64)
             count += xs.shape[0]
@@ -135,7 +148,7 @@ class TaskCurvature:
         k = self.num_experts
         d = self.chunks.dim
         out = torch.zeros(k * d, k * d, dtype=torch.float64, device=self._device())
-        for x, p in self._pairs():
+        for x, p in self.pairs():
             for s in range(0, x.shape[0], block_tokens):
                 xb = x[s : s + block_tokens].to(torch.float64)
                 pb = None if p is None else p[s : s + block_tokens].to(torch.float64)
@@ -169,7 +182,7 @@ class LowPrecisionCurvature:
         self.hessian = curvature.hessian
         self.num_tokens = curvature.num_tokens
         self.dtype = dtype
-        self.pairs = [(x.to(dtype), None if p is None else p.float()) for x, p in curvature._pairs()]
+        self.pairs = [(x.to(dtype), None if p is None else p.float()) for x, p in curvature.pairs()]
 
     def matvec(self, w: torch.Tensor) -> torch.Tensor:
         acc = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
@@ -185,19 +198,3 @@ class LowPrecisionCurvature:
 def log_probs(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """float64 log-softmax of the logits x @ wt (GEMM in x's dtype)."""
     return torch.log_softmax((x @ wt).to(torch.float64), dim=1)
-
-
-def mean_kl(chunks: TokenChunks, w_ref: torch.Tensor, w: torch.Tensor) -> float:
-    """E_x KL(softmax(w_ref x) || softmax(w x)) over the chunks, float64."""
-    total = 0.0
-    n = 0
-    wr = wt = None
-    for x in chunks:
-        if wt is None:
-            wr = w_ref.to(dtype=x.dtype, device=x.device).T.contiguous()
-            wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
-        lr = log_probs(x, wr)
-        lm = log_probs(x, wt)
-        total += float((lr.exp() * (lr - lm)).sum())
-        n += x.shape[0]
-    return total / max(n, 1)

@@ -32,7 +32,8 @@ from harc_hpc.harc.cg import (
     refine,
 )
 from harc_hpc.harc.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
-from harc_hpc.harc.operator import TaskCurvature, check_hessian, log_probs, mean_kl
+from harc_hpc.harc.metrics import mean_kl
+from harc_hpc.harc.operator import TaskCurvature, check_hessian, log_probs
 from harc_hpc.harc.statistics import TaskStatistics, router_digest, statistics_from_curvature
 
 SOLVERS = ("cg", "pcg", "direct", "auto")
@@ -61,7 +62,7 @@ class RouterSolution:
     quadratic_iterations: int = 0
 
 
-class _System:
+class HarcSystem:
     """sum_i Sigma_reg,i as an operator on (K, d) float64 matrices, with its preconditioners."""
 
     def __init__(self, curvatures: Sequence[TaskCurvature], diagonal: torch.Tensor, alpha: float,
@@ -137,7 +138,7 @@ def _check_statistics(s: TaskStatistics, i: int, hessian: str, w_i: torch.Tensor
         raise ValueError(f"statistics {i} counted {s.num_tokens} tokens, the inputs have {num_tokens}")
 
 
-def _preconditioner(kind, system: _System, expert_factor, input_factor, project_null):
+def _preconditioner(kind, system: HarcSystem, expert_factor, input_factor, project_null):
     if kind == "jacobi":
         return jacobi_preconditioner(system.jacobi_diagonal(), project_null=project_null)
     if kind == "kronecker":
@@ -222,7 +223,7 @@ def solve_router(
 
     diagonal = sum_in_order(s.sigma_diag for s in stats)
     b = sum_in_order(s.rhs(w, alpha) for s, w in zip(stats, sources))
-    system = _System(curvatures, diagonal, alpha)
+    system = HarcSystem(curvatures, diagonal, alpha)
     project_null = alpha == 1.0 and hessian == "full"
     expert_factor = input_factor = None
     if precond == "kronecker":
@@ -240,7 +241,7 @@ def solve_router(
     else:
         pre = _preconditioner(precond, system, expert_factor, input_factor, project_null)
         if inner_dtype is not None:
-            low = _System([c.lowered(inner_dtype) for c in curvatures], diagonal, alpha)
+            low = HarcSystem([c.lowered(inner_dtype) for c in curvatures], diagonal, alpha)
             res = refine(system.apply, low.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter,
                          inner_tol=inner_tol, callback=callback)
             del low
@@ -328,17 +329,6 @@ class _KLTask:
         return loss / n, (grad / n if with_gradient else None), probs
 
 
-def _curvature_at(chunks: TokenChunks, probs) -> TaskCurvature:
-    cv = TaskCurvature.__new__(TaskCurvature)
-    cv.chunks = chunks
-    cv.hessian = "full"
-    cv.num_experts = int(probs[0].shape[1])
-    cv.probs = list(probs)
-    cv.sizes = [int(p.shape[0]) for p in probs]
-    cv.num_tokens = sum(cv.sizes)
-    return cv
-
-
 def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_factor, max_iter, max_steps, grad_tol):
     """Levenberg-Marquardt on sum_i E KL(r_i || softmax(W x)).
 
@@ -369,7 +359,7 @@ def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_fa
             break
         if steps >= max_steps:
             break
-        curvatures = [_curvature_at(c, e[2]) for c, e in zip(chunks, evaluations)]
+        curvatures = [TaskCurvature.from_probs(c, e[2]) for c, e in zip(chunks, evaluations)]
         diagonal = sum_in_order(cv.diagonal() for cv in curvatures)
         expert_factor = (sum_in_order(cv.hessian_mean() for cv in curvatures)
                          if preconditioner == "kronecker" else None)
@@ -377,7 +367,7 @@ def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_fa
         while not accepted and steps < max_steps:
             steps += 1
             # (Sigma + lam D) = (1 + lam) * (a Sigma + (1 - a) D) with a = 1 / (1 + lam)
-            system = _System(curvatures, diagonal, alpha=1.0, shift=lam)
+            system = HarcSystem(curvatures, diagonal, alpha=1.0, shift=lam)
             if solver == "direct":
                 a = system.dense()
                 delta = _min_change_dense_solve(a, -grad, torch.zeros_like(w), positive_definite=True)

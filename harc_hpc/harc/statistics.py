@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from harc_hpc.harc.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
+from harc_hpc.harc.metrics import kl_sum, topk_common
 from harc_hpc.harc.operator import TaskCurvature, check_hessian, hessian_diagonal, hessian_times, log_probs
 
 FORMAT = "harc-task-statistics/1"
@@ -115,7 +116,7 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
     kl = 0.0
     missed = 0
     ws = wm = None
-    for x, p in curv._pairs():
+    for x, p in curv.pairs():
         if ws is None:
             ws = source_router.to(dtype=x.dtype, device=x.device).T.contiguous()
             wm = merged_router.to(dtype=x.dtype, device=x.device).T.contiguous()
@@ -124,13 +125,9 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
         diag += (hessian_diagonal(p, curv.hessian, x, k).T @ (x * x)).to(torch.float64)
         ls = torch.log_softmax(zs.to(torch.float64), dim=1)
         lm = log_probs(x, wm)
-        kl += float((ls.exp() * (ls - lm)).sum())
+        kl += kl_sum(ls, lm)
         if top_k:
-            ref = torch.zeros(x.shape[0], k, dtype=torch.bool, device=x.device)
-            got = torch.zeros_like(ref)
-            ref.scatter_(1, torch.topk(zs, top_k, dim=1).indices, True)
-            got.scatter_(1, torch.topk(lm, top_k, dim=1).indices, True)
-            missed += int(x.shape[0]) * top_k - int((ref & got).sum())
+            missed += int(x.shape[0]) * top_k - topk_common(zs, lm, top_k)
     n = curv.num_tokens
     return TaskStatistics(
         num_tokens=n,

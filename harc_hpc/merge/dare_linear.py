@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 
 from harc_hpc.merge._task_vectors import task_vector_merge
 from harc_hpc.merge.base import Granularity, MergeMethod, MethodParams, PerModel
-from harc_hpc.merge.ties import _check_density
+from harc_hpc.merge.ties import check_density
 
 
 def _rescale_mode(v):
@@ -37,7 +37,7 @@ class DareParams(MethodParams):
     @field_validator("density")
     @classmethod
     def _valid_density(cls, v):
-        return _check_density(v)
+        return check_density(v)
 
     @field_validator("rescale")
     @classmethod

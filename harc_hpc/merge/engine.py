@@ -21,23 +21,11 @@ import torch
 
 from harc_hpc.checkpoint import Checkpoint, CheckpointWriter
 from harc_hpc.families import MoEFamily, family_for_config
+from harc_hpc.dtypes import torch_dtype
 from harc_hpc.merge.base import (Granularity, MergeConfigError, MergeContext, MergeInputError,
                                  MergeMethod, MergeUnit, MethodParams, Piece)
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64}
-
-
-def torch_dtype(name: Optional[Union[str, torch.dtype]]) -> Optional[torch.dtype]:
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise MergeConfigError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
-
 
 def natural_key(s: str):
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s))
@@ -285,8 +273,8 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
     inputs = ([base] if base is not None else []) + list(sources)
     fam = check_compatible(inputs)
     ref = inputs[0]
-    compute = torch_dtype(dtype)
-    stored = torch_dtype(out_dtype)
+    compute = torch_dtype(dtype, MergeConfigError)
+    stored = torch_dtype(out_dtype, MergeConfigError)
     granularity = method.granularity(params)
     units = plan_units(ref.ckpt, fam, granularity)
     n_tensor_units = len(units)

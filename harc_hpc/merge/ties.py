@@ -18,7 +18,8 @@ from harc_hpc.merge._task_vectors import task_vector_merge
 from harc_hpc.merge.base import Granularity, MergeMethod, MethodParams, PerModel
 
 
-def _check_density(v):
+def check_density(v):
+    """Validator of a density (a value, or one per model): each in (0, 1]."""
     values = v.values() if isinstance(v, dict) else (v if isinstance(v, list) else [v])
     for x in values:
         if not (0.0 < float(x) <= 1.0):
@@ -43,7 +44,7 @@ class TiesParams(MethodParams):
     @field_validator("density")
     @classmethod
     def _valid_density(cls, v):
-        return _check_density(v)
+        return check_density(v)
 
 
 class TiesMerge(MergeMethod):

@@ -10,24 +10,21 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 
 from harc_hpc.activations import ActivationArray, layer_name
 from harc_hpc.atomic import atomic_path
 from harc_hpc.config import PipelineConfig
+from harc_hpc.dtypes import torch_dtype
 from harc_hpc.errors import InputDataError, require_finite
 from harc_hpc.stages import layout
 from harc_hpc.stages.routers import merged_router, source_router
-
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> ActivationArray:
     block_list = layout.blocks(cfg)
     block = next(b for b, blk in enumerate(block_list) if layer in blk)
     return ActivationArray(
         layout.activation_store(run_dir, block), f"{layer_name(layer)}/{task}",
-        chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=_DTYPES[cfg.harc.dtype],
+        chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=torch_dtype(cfg.harc.dtype),
     )
 
 
@@ -47,7 +44,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
     t0 = time.perf_counter()
     conf = layout.reference_config(cfg)
     fam = layout.family(cfg)
-    dtype = _DTYPES[cfg.harc.dtype]
+    dtype = torch_dtype(cfg.harc.dtype)
     x = layer_inputs(cfg, run_dir, layer, task)
     where = f"compute-statistics layer {layer}, task {task}"
     w_source = source_router(cfg, task, layer).to(dtype)

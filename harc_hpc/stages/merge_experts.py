@@ -12,12 +12,10 @@ import json
 import platform
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
 import click
-import torch
 
 from harc_hpc.atomic import atomic_dir
 from harc_hpc.checkpoint import Checkpoint, copy_model_files, resolve_model_path
@@ -25,6 +23,7 @@ from harc_hpc.config import PipelineConfig, load_config
 from harc_hpc.errors import HarcHpcError
 from harc_hpc.merge import MergeConfigError, resolve_settings
 from harc_hpc.merge.engine import MergeInput, merge_checkpoints
+from harc_hpc.modeling import pick_device
 from harc_hpc.progress import Progress
 
 MERGED_DIR = "merged"
@@ -35,19 +34,10 @@ USER_ERRORS = (HarcHpcError,)
 
 
 def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("harc-hpc", "torch", "transformers", "safetensors"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    from harc_hpc import package_versions
 
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return {"python": platform.python_version(),
+            **package_versions(("harc-hpc", "torch", "transformers", "safetensors"))}
 
 
 def _open(name: str, path: str, cfg: PipelineConfig) -> MergeInput:
@@ -87,7 +77,7 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
                 stats = merge_checkpoints(
                     tmp, sources, base, method, params, exclude=m.exclude, dtype=m.dtype,
                     out_dtype=m.out_dtype, max_shard_size=m.max_shard_size, seed=cfg.run.seed,
-                    device=_device(m.device), progress=progress)
+                    device=pick_device(m.device), progress=progress)
             finally:
                 if bar is not None:
                     bar.close()

@@ -32,6 +32,7 @@ import torch
 
 from harc_hpc.errors import RunStateError
 from harc_hpc.config import PipelineConfig
+from harc_hpc.harc.metrics import kl_sum, topk_common
 from harc_hpc.stages.report_render import layer_means
 from harc_hpc.stages.report_render import mean_of as _mean
 
@@ -54,16 +55,13 @@ def routing_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: in
     n = ref_logits.shape[0]
     if n == 0:
         return float("nan"), float("nan")
-    kl_sum, miss_sum = 0.0, 0.0
+    kl_total, missed = 0.0, 0
     for start in range(0, n, chunk):
         a = ref_logits[start : start + chunk].double()
         b = logits[start : start + chunk].double()
-        la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-        kl_sum += float((la.exp() * (la - lb)).sum())
-        sa, sb = a.topk(top_k, -1).indices, b.topk(top_k, -1).indices
-        common = (sa.unsqueeze(-1) == sb.unsqueeze(-2)).any(-1).sum(-1)
-        miss_sum += float((1.0 - common.double() / top_k).sum())
-    return kl_sum / n, miss_sum / n
+        kl_total += kl_sum(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
+        missed += a.shape[0] * top_k - topk_common(a, b, top_k)
+    return kl_total / n, missed / (top_k * n)
 
 
 def selection_differs(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -405,12 +403,9 @@ def results_config_digest(cfg: PipelineConfig) -> str:
 
 
 def manifest(cfg: PipelineConfig, run_dir: Path) -> dict:
-    versions = {}
-    for name in _PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    from harc_hpc import package_versions
+
+    versions = {k: v for k, v in package_versions(_PACKAGES).items() if v is not None}
     full = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), default=str)
     return {
         "python": platform.python_version(),

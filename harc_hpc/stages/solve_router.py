@@ -6,14 +6,14 @@ import math
 import time
 from pathlib import Path
 
-import torch
 
 from harc_hpc.config import PipelineConfig
+from harc_hpc.dtypes import torch_dtype
 from harc_hpc.errors import InputDataError, require_finite
 from harc_hpc.modeling import pick_device
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
-from harc_hpc.stages.compute_statistics import _DTYPES, layer_inputs
+from harc_hpc.stages.compute_statistics import layer_inputs
 from harc_hpc.stages.routers import merged_router, save_router, source_router
 
 
@@ -23,7 +23,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     h = cfg.harc
-    dtype = _DTYPES[h.dtype]
+    dtype = torch_dtype(h.dtype)
     device = pick_device(h.device)
     tasks = cfg.task_names
     stats = [TaskStatistics.load(layout.statistics_file(run_dir, layer, t)) for t in tasks]
@@ -40,7 +40,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
             alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
             preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
             callback=lambda it, rel: bar.update(1, f"residual {rel:.1e}"),
-            inner_dtype=getattr(torch, h.inner_dtype) if h.inner_dtype else None,
+            inner_dtype=torch_dtype(h.inner_dtype),
         )
     where = f"solve-router layer {layer}"
     if not math.isfinite(float(sol.relative_residual)):

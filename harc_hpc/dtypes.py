@@ -1,0 +1,22 @@
+"""Floating dtypes by the names configs use (``float32``, ``bfloat16``, ...): the one map."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from harc_hpc.errors import UsageError
+
+FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
+
+
+def torch_dtype(name: Optional[Union[str, torch.dtype]], error: type = UsageError) -> Optional[torch.dtype]:
+    """The torch dtype called ``name`` (None and torch dtypes pass through); ``error`` otherwise."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return FLOAT_DTYPES[name]
+    except KeyError:
+        raise error(f"unknown dtype {name!r}; use one of {sorted(FLOAT_DTYPES)}") from None
