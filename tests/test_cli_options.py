@@ -61,3 +61,19 @@ def test_stage_commands_come_from_the_specs_with_their_split_options():
     stage_opts = {p.name for p in main.commands["stage"].params} - {"name"}
     alias_opts = {p.name for p in main.commands["compute-statistics"].params}
     assert alias_opts == stage_opts  # the alias takes stage's own options, not a hand-made copy
+
+
+def test_pipeline_hooks_are_data_beside_the_specs(tmp_path):
+    from harc_hpc.launcher.planner import PlanError, load_hooks
+
+    hooks = load_hooks()
+    assert hooks.prepare == "harc_hpc.demo:prepare_config"
+    assert hooks.layers == "harc_hpc.stages.layout:moe_layers" and hooks.headline.endswith(":headline")
+    assert load_hooks(tmp_path) == hooks  # a folder without pipeline.yaml (toy stages) uses the installed one
+    (tmp_path / "pipeline.yaml").write_text("kind: pipeline\nlayers: json:loads\nprepare: null\n")
+    own = load_hooks(tmp_path)
+    assert own.layers == "json:loads" and own.prepare is None and own.call("layers", "[3, 5]") == [3, 5]
+    (tmp_path / "pipeline.yaml").write_text("kind: pipeline\nlayer: x:y\n")
+    with pytest.raises(PlanError, match="pipeline.yaml"):
+        load_hooks(tmp_path)
+    assert "pipeline" not in load_specs()  # not a stage

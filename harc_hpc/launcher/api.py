@@ -47,7 +47,7 @@ def plan_run(
     specs_dir: Optional[os.PathLike] = None,
     layers: Optional[Sequence[int]] = None,
 ) -> tuple[PipelineConfig, Plan]:
-    cfg = with_run_dir(apply_prepare_hook(cfg), run_dir)
+    cfg = with_run_dir(apply_prepare_hook(cfg, specs_dir), run_dir)
     return cfg, build_plan(cfg, run_dir=cfg.run_dir, specs_dir=specs_dir, layers=layers)
 
 

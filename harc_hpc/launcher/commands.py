@@ -74,11 +74,11 @@ def _report(plan, outcome, executor: str, waited: bool, since=None) -> int:
             click.echo(f"not run: {tid}", err=True)
         click.echo(f"details: harc-hpc status {plan.run_dir}", err=True)
         return 1
-    report = next((t for t in plan.tasks.values() if t.stage == "report"), None)
-    if waited and report is not None and plan.is_complete(report):
-        from harc_hpc.stages.report import headline
+    if waited and not plan.incomplete():
+        # The pipeline's own summary (stages/pipeline.yaml: headline), once every task is done.
+        from harc_hpc.launcher.planner import load_hooks
 
-        for line in headline(plan.run_dir):
+        for line in load_hooks(plan.specs_dir).call("headline", plan.run_dir) or []:
             click.echo(line)
     return 0
 

@@ -92,13 +92,47 @@ class StageSpec(_Strict):
         return v
 
     def load_function(self):
-        import importlib
+        return load_callable(self.function)
 
-        module, _, attr = self.function.partition(":")
-        obj = importlib.import_module(module)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-        return obj
+
+def load_callable(dotted: str):
+    """``package.module:attr`` -> the object (stage functions and pipeline hooks are named so)."""
+    import importlib
+
+    module, _, attr = dotted.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+PIPELINE_FILE = "pipeline.yaml"
+
+
+class PipelineHooks(_Strict):
+    """``stages/pipeline.yaml``: what the launcher calls by name around the stages."""
+
+    kind: Literal["pipeline"] = "pipeline"
+    prepare: Optional[str] = None  # cfg -> cfg, before planning
+    layers: Optional[str] = None  # cfg -> the calibrated layers
+    headline: Optional[str] = None  # run_dir -> lines, after a waited run
+
+    def call(self, hook: str, *args):
+        name = getattr(self, hook)
+        return None if name is None else load_callable(name)(*args)
+
+
+def load_hooks(specs_dir: Optional[os.PathLike] = None) -> PipelineHooks:
+    """The hooks of a stages folder; a folder without ``pipeline.yaml`` (a test's toy stages) uses
+    the installed pipeline's."""
+    for folder in ([Path(specs_dir)] if specs_dir is not None else []) + [default_specs_dir()]:
+        path = folder / PIPELINE_FILE
+        if path.is_file():
+            try:
+                return PipelineHooks.model_validate(yaml.safe_load(path.read_text()) or {})
+            except (yaml.YAMLError, ValidationError) as exc:
+                raise PlanError(f"{path}: invalid pipeline hooks:\n{exc}") from None
+    return PipelineHooks()
 
 
 def default_specs_dir() -> Path:
@@ -121,6 +155,8 @@ def load_specs(specs_dir: Optional[os.PathLike] = None) -> dict[str, StageSpec]:
         raise PlanError(f"{specs_dir}: stage spec directory not found (set ${SPECS_ENV} or pass specs_dir)")
     specs: dict[str, StageSpec] = {}
     for path in sorted(specs_dir.glob("*.yaml")):
+        if path.name == PIPELINE_FILE:
+            continue
         try:
             data = yaml.safe_load(path.read_text()) or {}
             spec = StageSpec.model_validate(data)
@@ -328,9 +364,11 @@ class Plan:
 
 
 def default_layers(cfg: PipelineConfig) -> list[int]:
-    from harc_hpc.stages.layout import moe_layers
-
-    return list(moe_layers(cfg))
+    """The calibrated layers, from the pipeline's ``layers`` hook."""
+    layers = load_hooks().call("layers", cfg)
+    if layers is None:
+        raise PlanError("no layers given and the pipeline has no 'layers' hook (stages/pipeline.yaml)")
+    return list(layers)
 
 
 def make_blocks(layers: Sequence[int], block_size: int) -> list[list[int]]:
@@ -346,7 +384,7 @@ def build_plan(
 ) -> Plan:
     """Expand every stage into tasks and compute their digests.
 
-    ``layers``: the calibrated MoE layers; default ``harc_hpc.stages.layout.moe_layers(cfg)``.
+    ``layers``: the calibrated MoE layers; default: the pipeline's ``layers`` hook.
     """
     specs_path = Path(specs_dir) if specs_dir is not None else default_specs_dir()
     specs = specs if specs is not None else load_specs(specs_path)

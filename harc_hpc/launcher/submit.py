@@ -385,11 +385,13 @@ def _run_here(plan, cfg, todo, force, executor, echo, outcome) -> Outcome:
     return outcome
 
 
-def apply_prepare_hook(cfg: PipelineConfig) -> PipelineConfig:
-    """Fill in what the config leaves to be built: ``demo:`` sources are trained (or reused) here."""
-    from harc_hpc.demo import prepare_config
+def apply_prepare_hook(cfg: PipelineConfig, specs_dir=None) -> PipelineConfig:
+    """Fill in what the config leaves to be built (the pipeline's ``prepare`` hook: ``demo:``
+    sources are trained, or reused, here)."""
+    from harc_hpc.launcher.planner import load_hooks
 
-    return prepare_config(cfg)
+    out = load_hooks(specs_dir).call("prepare", cfg)
+    return cfg if out is None else out
 
 
 def save_run_config(cfg: PipelineConfig, run_dir: Path) -> Path:
