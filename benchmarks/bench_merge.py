@@ -62,7 +62,7 @@ def olmoe_tensors(layers: int):
 
 
 def build(root: Path, layers: int) -> dict[str, Path]:
-    from harc_hpc.checkpoint import CheckpointWriter
+    from harc_hpc.io.checkpoint import CheckpointWriter
 
     dirs = {n: root / n for n in ("base", "a", "b")}
     if all((d / "config.json").is_file() for d in dirs.values()):
@@ -285,8 +285,8 @@ def verify(args) -> None:
     sys.path.insert(0, str(HERE.parent.parent / "tests"))
     from conftest import save_tiny_moe, tiny_moe_config
 
-    from harc_hpc.checkpoint import Checkpoint
-    from harc_hpc.families import family_for_config
+    from harc_hpc.io.checkpoint import Checkpoint
+    from harc_hpc.models.families import family_for_config
     from harc_hpc.merge import resolve_settings
     from harc_hpc.merge.engine import MergeInput, merge_checkpoints
 

@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from harc_hpc.harc import TaskCurvature, TokenChunks, solve_router
-from harc_hpc.harc.solver import _System
+from harc_hpc.math import TaskCurvature, TokenChunks, solve_router
+from harc_hpc.math.solver import _System
 
 
 # -- synthetic layer ---------------------------------------------------------------------------

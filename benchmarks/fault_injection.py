@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from harc_hpc.atomic import is_temporary  # noqa: E402
+from harc_hpc.io.atomic import is_temporary  # noqa: E402
 
 
 def submit(config: Path, run_dir: Path, log) -> subprocess.Popen:

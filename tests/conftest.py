@@ -8,7 +8,7 @@ import pytest
 import torch
 
 # =============================================================================================
-# Block: checkpoints / families / merge (harc_hpc.checkpoint, harc_hpc.families, harc_hpc.merge)
+# Block: checkpoints / families / merge (harc_hpc.io.checkpoint, harc_hpc.models.families, harc_hpc.merge)
 # Tiny random MoE checkpoints written with save_pretrained: a base and two fine-tune-like sources
 # (base + small noise) per family. Session-scoped; tests must not modify the directories.
 # =============================================================================================
@@ -103,7 +103,7 @@ def write_merge_config(path: Path, models: dict, run_dir: Path, merge: dict, see
 
 
 # =============================================================================================
-# Block: launcher (harc_hpc.launcher, tests/test_planner.py, tests/test_launcher_slurm.py)
+# Block: launcher (harc_hpc.pipeline, tests/test_planner.py, tests/test_launcher_slurm.py)
 # SLURM jobs (and local-executor subprocesses) import the toy stage functions of
 # tests/harc_toy_stages.py by name, so tests/ must be on PYTHONPATH in the environment they
 # inherit (sbatch's default --export=ALL passes it on); sys.path alone only helps this process.

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from harc_hpc.activations import ActivationArray, ActivationWriter, TokenStore, write_token_store
-from harc_hpc.atomic import atomic_path
-from harc_hpc.calibration_data import CalibrationDataError, data_digest, read_samples, render_sample, tokenize_task
+from harc_hpc.io.activations import ActivationArray, ActivationWriter, TokenStore, write_token_store
+from harc_hpc.io.atomic import atomic_path
+from harc_hpc.io.calibration_data import CalibrationDataError, data_digest, read_samples, render_sample, tokenize_task
 from harc_hpc.config import CalibrationData, CalibrationSection
 from pipeline_fixtures import char_tokenizer
 

@@ -1,4 +1,4 @@
-"""harc_hpc.checkpoint: reading, sharded writing, safety checks, atomic directories."""
+"""harc_hpc.io.checkpoint: reading, sharded writing, safety checks, atomic directories."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harc_hpc.atomic import atomic_dir
-from harc_hpc.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter,
+from harc_hpc.io.atomic import atomic_dir
+from harc_hpc.io.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter,
                                  copy_model_files, parse_size, patch_tensors, resolve_model_path)
 
 
@@ -200,7 +200,7 @@ def test_copy_model_files_and_resolve(tmp_path):
 def test_patch_tensors_round_trip(moe_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from harc_hpc.families import family_for_config
+    from harc_hpc.models.families import family_for_config
 
     models = moe_models("olmoe")
     src = Checkpoint(models["base"])

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from harc_hpc.cli import main
 from harc_hpc.config import ConfigError, apply_override, load_config, parse_override
-from harc_hpc.launcher.planner import load_specs
+from harc_hpc.pipeline.planner import load_specs
 
 
 def test_parse_override_reads_yaml_values():
@@ -33,7 +33,7 @@ def test_override_enters_lists_by_name_or_index():
 
 
 def test_set_on_submit_changes_the_planned_config(toy_config, tmp_path, monkeypatch):
-    from harc_hpc.launcher import planner
+    from harc_hpc.pipeline import planner
 
     monkeypatch.setattr(planner, "default_layers", lambda c: [0, 1])
     config = toy_config()
@@ -64,7 +64,7 @@ def test_stage_commands_come_from_the_specs_with_their_split_options():
 
 
 def test_pipeline_hooks_are_data_beside_the_specs(tmp_path):
-    from harc_hpc.launcher.planner import PlanError, load_hooks
+    from harc_hpc.pipeline.planner import PlanError, load_hooks
 
     hooks = load_hooks()
     assert hooks.prepare == "harc_hpc.demo:prepare_config"

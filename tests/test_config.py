@@ -75,7 +75,7 @@ def test_dump_round_trip_keeps_defaults_apart_from_explicit_values(tmp_path):
     calibration section, and unset merge.method / executor resources must stay unset."""
     import yaml
 
-    from harc_hpc.calibration_data import data_digest, effective_settings
+    from harc_hpc.io.calibration_data import data_digest, effective_settings
     from harc_hpc.config import dump_config
 
     (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')

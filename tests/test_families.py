@@ -1,4 +1,4 @@
-"""harc_hpc.families: on-disk names, MoE layers, router hooks, both expert layouts."""
+"""harc_hpc.models.families: on-disk names, MoE layers, router hooks, both expert layouts."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import MOE_FAMILIES, save_tiny_moe, tiny_moe_config
-from harc_hpc.checkpoint import Checkpoint
-from harc_hpc.families import FAMILIES, UnsupportedModelError, family_for_config
+from harc_hpc.io.checkpoint import Checkpoint
+from harc_hpc.models.families import FAMILIES, UnsupportedModelError, family_for_config
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

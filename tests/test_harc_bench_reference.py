@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_solver import make_layer, paper_style_solve  # noqa: E402
 
-from harc_hpc.harc import solve_router  # noqa: E402
+from harc_hpc.math import solve_router  # noqa: E402
 
 
 def test_paper_style_reference_matches_solve_router():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harc_hpc.harc import solve_router
+from harc_hpc.math import solve_router
 from harc_reference import exact_kl, kl_gradient, make_problem
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harc_hpc.harc import TaskCurvature, TokenChunks, solve_router
-from harc_hpc.harc.cg import refine
-from harc_hpc.harc.solver import HarcSystem
+from harc_hpc.math import TaskCurvature, TokenChunks, solve_router
+from harc_hpc.math.cg import refine
+from harc_hpc.math.solver import HarcSystem
 from harc_reference import dense_solution, dense_system, eq12_product, exact_kl, make_problem
 
 CASES = [  # (tasks, K, d, tokens per task)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harc_hpc.harc import TaskStatistics, compute_task_statistics, router_kl, solve_router, topk_mismatch
+from harc_hpc.io.statistics import load_statistics, save_statistics
+from harc_hpc.math import compute_task_statistics, router_kl, solve_router, topk_mismatch
 from harc_reference import dense_sigma, make_problem
 
 
@@ -26,8 +27,8 @@ def test_statistics_match_dense_sigma():
 def test_hdf5_round_trip(tmp_path):
     xs, ws, init = make_problem(1, 3, 4, [20], seed=1)
     s = compute_task_statistics(xs[0], ws[0], init, top_k=1)
-    s.save(tmp_path / "s.h5")
-    t = TaskStatistics.load(tmp_path / "s.h5")
+    save_statistics(s, tmp_path / "s.h5")
+    t = load_statistics(tmp_path / "s.h5")
     for name in ("sigma_diag", "sigma_w", "hessian_mean"):
         assert torch.equal(getattr(s, name), getattr(t, name))
     assert (t.num_tokens, t.hessian, t.kl, t.topk_mismatch, t.top_k, t.input_gram) == (
@@ -40,9 +41,9 @@ def test_saved_statistics_are_reused_for_any_alpha(tmp_path, alpha):
     xs, ws, init = make_problem(2, 4, 5, [40, 25], seed=2)
     paths = []
     for i in range(2):
-        compute_task_statistics(xs[i], ws[i], init, hessian="diag").save(tmp_path / f"{i}.h5")
+        save_statistics(compute_task_statistics(xs[i], ws[i], init, hessian="diag"), tmp_path / f"{i}.h5")
         paths.append(tmp_path / f"{i}.h5")
-    stats = [TaskStatistics.load(p) for p in paths]
+    stats = [load_statistics(p) for p in paths]
     fresh = solve_router(xs, ws, init, alpha=alpha, hessian="diag", solver="direct")
     reused = solve_router(xs, ws, init, alpha=alpha, hessian="diag", solver="direct", statistics=stats)
     assert torch.allclose(reused.weight, fresh.weight, rtol=1e-12, atol=1e-13)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harc_hpc.checkpoint import CheckpointError, resolve_model_path
+from harc_hpc.io.checkpoint import CheckpointError, resolve_model_path
 from harc_hpc.config import ConfigError, load_config, parse_config
-from harc_hpc.launcher.api import with_run_dir
+from harc_hpc.pipeline.api import with_run_dir
 
 from conftest import write_toy_config
 

@@ -19,9 +19,9 @@ from click.testing import CliRunner
 
 from conftest import TOY_STAGES_DIR, write_toy_config
 from harc_hpc.config import load_config
-from harc_hpc.launcher import records, sacct
-from harc_hpc.launcher.api import ActiveJobsError, submit_run
-from harc_hpc.launcher.status import collect
+from harc_hpc.pipeline import records, sacct
+from harc_hpc.pipeline.api import ActiveJobsError, submit_run
+from harc_hpc.pipeline.status import collect
 
 pytestmark = pytest.mark.slurm
 
@@ -212,7 +212,7 @@ def test_time_limit_requeues_the_task_and_it_completes(tmp_path):
 
 def test_cli_stage_submit_reruns_one_task_as_a_slurm_job(tmp_path, monkeypatch):
     from harc_hpc.cli import main
-    from harc_hpc.launcher import planner as planner_mod
+    from harc_hpc.pipeline import planner as planner_mod
 
     monkeypatch.setattr(planner_mod, "default_layers", lambda c: [0, 1])
     config = str(write_toy_config(tmp_path, block_size=2))

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from conftest import MOE_FAMILIES, save_tiny_moe, tiny_moe_config, write_merge_config
-from harc_hpc.checkpoint import Checkpoint
+from harc_hpc.io.checkpoint import Checkpoint
 from harc_hpc.config import load_config
-from harc_hpc.families import family_for_config
+from harc_hpc.models.families import family_for_config
 from harc_hpc.stages.merge_experts import merge_experts_command, run
 
 

@@ -35,11 +35,11 @@ from click.testing import CliRunner
 
 from harc_hpc.cli import main
 from harc_hpc.config import load_config
-from harc_hpc.launcher import records
-from harc_hpc.launcher.api import ActiveJobsError, plan_run, submit_run
-from harc_hpc.launcher.planner import default_specs_dir
-from harc_hpc.launcher.status import active_jobs, collect
-from harc_hpc.launcher.submit import read_submissions, wait_for_jobs
+from harc_hpc.pipeline import records
+from harc_hpc.pipeline.api import ActiveJobsError, plan_run, submit_run
+from harc_hpc.pipeline.planner import default_specs_dir
+from harc_hpc.pipeline.status import active_jobs, collect
+from harc_hpc.pipeline.submit import read_submissions, wait_for_jobs
 from pipeline_fixtures import build_tiny_sources, write_config
 from pipeline_slurm_hooks import pause_file, started_file
 

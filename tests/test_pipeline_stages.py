@@ -31,9 +31,9 @@ def run_pipeline(cfg, run_dir):
 
 
 def algorithm1_reference(cfg, run_dir):
-    from harc_hpc.calibration_data import tokenize_task
-    from harc_hpc.harc import solve_router
-    from harc_hpc.modeling import RouterInputRecorder, batches, load_causal_lm, pad_batch, unpad
+    from harc_hpc.io.calibration_data import tokenize_task
+    from harc_hpc.math import solve_router
+    from harc_hpc.models.modeling import RouterInputRecorder, batches, load_causal_lm, pad_batch, unpad
     from harc_hpc.stages.routers import merged_router, source_router
     from transformers import AutoTokenizer
 

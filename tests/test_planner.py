@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 from conftest import TOY_STAGES_DIR, write_toy_config
 from harc_hpc.config import load_config
-from harc_hpc.launcher import build_plan, load_specs, records
-from harc_hpc.launcher import planner as planner_mod
-from harc_hpc.launcher.api import submit_run
-from harc_hpc.launcher.status import collect
-from harc_hpc.launcher.submit import resolve_resources
+from harc_hpc.pipeline import build_plan, load_specs, records
+from harc_hpc.pipeline import planner as planner_mod
+from harc_hpc.pipeline.api import submit_run
+from harc_hpc.pipeline.status import collect
+from harc_hpc.pipeline.submit import resolve_resources
 
 REAL_STAGES = {
     "merge-experts": ("harc_hpc.stages.merge_experts:run", "none"),
@@ -81,7 +81,7 @@ def test_a_wheel_install_finds_its_stage_specs(tmp_path):
     # the dependencies come from this environment, appended after the new site-packages
     import sysconfig
     Path(site, "deps.pth").write_text(sysconfig.get_path("purelib") + "\n")
-    probe = ("import harc_hpc, json; from harc_hpc.launcher import default_specs_dir, load_specs; "
+    probe = ("import harc_hpc, json; from harc_hpc.pipeline import default_specs_dir, load_specs; "
              "print(json.dumps([harc_hpc.__file__, str(default_specs_dir()), sorted(load_specs())]))")
     env = {k: v for k, v in os.environ.items() if k != "HARC_HPC_STAGES"}
     out = subprocess.run([py, "-c", probe], check=True, capture_output=True, text=True, cwd=tmp_path, env=env)

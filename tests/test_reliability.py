@@ -24,13 +24,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from harc_hpc.atomic import atomic_dir, atomic_path, is_temporary, json_text, sweep_stale_temporaries, write_json_atomic
+from harc_hpc.io.atomic import atomic_dir, atomic_path, is_temporary, json_text, sweep_stale_temporaries, write_json_atomic
 from harc_hpc.config import load_config
 from harc_hpc.errors import (CorruptArtifactError, DiskFullError, HarcHpcError, InputDataError, RunStateError,
                              UsageError)
-from harc_hpc.launcher import records
-from harc_hpc.launcher.api import submit_run
-from harc_hpc.launcher.lock import RunLock, RunLockedError
+from harc_hpc.pipeline import records
+from harc_hpc.pipeline.api import submit_run
+from harc_hpc.pipeline.lock import RunLock, RunLockedError
 from harc_hpc.stages import layout
 from pipeline_fixtures import build_tiny_sources, write_config
 
@@ -145,7 +145,7 @@ def test_deleted_zarr_chunk_is_detected_and_rerun(damaged):
 
 
 def test_reader_refuses_an_array_with_missing_chunks(damaged):
-    from harc_hpc.activations import ActivationArray
+    from harc_hpc.io.activations import ActivationArray
 
     _, run, _ = damaged
     store = run / "activations/block-000.zarr"
@@ -200,15 +200,15 @@ def test_nan_router_inputs_stop_capture_naming_layer_task_and_rows(sources, tmp_
 
 
 def test_nan_statistics_stop_the_solve_naming_the_file(damaged):
-    from harc_hpc.harc import TaskStatistics
+    from harc_hpc.io.statistics import load_statistics, save_statistics
     from harc_hpc.stages import solve_router
 
     config, run, _ = damaged
     path = run / "statistics/layer-000/code.h5"
-    stats = TaskStatistics.load(path)
+    stats = load_statistics(path)
     stats.sigma_w[0, 0] = float("nan")
     path.unlink()
-    stats.save(path)
+    save_statistics(stats, path)
     with pytest.raises(InputDataError, match=r"code\.h5.*NaN/Inf") as info:
         solve_router.run(load_config(config), run, layer=0)
     assert info.value.exit_code == 3
@@ -217,7 +217,7 @@ def test_nan_statistics_stop_the_solve_naming_the_file(damaged):
 def test_nan_activations_stop_the_statistics_naming_rows(damaged):
     import zarr
 
-    from harc_hpc.activations import to_storage
+    from harc_hpc.io.activations import to_storage
     from harc_hpc.stages import compute_statistics
 
     config, run, _ = damaged
@@ -271,7 +271,7 @@ def test_second_submit_on_a_locked_run_dir_names_the_holder(finished, tmp_path):
 
 
 def test_lock_of_a_killed_holder_is_free(tmp_path):
-    code = ("import sys, time; from harc_hpc.launcher.lock import RunLock\n"
+    code = ("import sys, time; from harc_hpc.pipeline.lock import RunLock\n"
             "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -314,21 +314,21 @@ def test_two_processes_replacing_one_directory_never_fail(tmp_path):
 def test_a_second_runner_of_one_task_waits_and_skips(finished, tmp_path):
     """Two runners of one task (a duplicated job): the second waits on the task lock, then finds
     the record and skips, so the task body runs once."""
-    from harc_hpc.launcher.lock import TaskLock
-    from harc_hpc.launcher.runner import task_payload
+    from harc_hpc.pipeline.lock import TaskLock
+    from harc_hpc.pipeline.runner import task_payload
 
     config, run_dir, _ = finished
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     cfg = load_config(config)
-    from harc_hpc.launcher.api import plan_run
+    from harc_hpc.pipeline.api import plan_run
 
     cfg, plan = plan_run(cfg, run)
     task = plan.tasks["assemble-model/all"]
     payload = task_payload(plan, task)
     stamp = (run / "completions/assemble-model/all.json").stat().st_mtime_ns
     with TaskLock(run, task.stage, task.key):
-        proc = subprocess.Popen([sys.executable, "-m", "harc_hpc.launcher.runner", "--run-dir", str(run),
+        proc = subprocess.Popen([sys.executable, "-m", "harc_hpc.pipeline.runner", "--run-dir", str(run),
                                  "--payload", json.dumps(payload)], stderr=subprocess.PIPE, text=True)
         time.sleep(1.5)
         assert proc.poll() is None  # blocked on the lock

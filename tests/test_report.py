@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from harc_hpc.config import dump_config, load_config
-from harc_hpc.families import family_for_config
-from harc_hpc.report_cli import compare_command, report_command
+from harc_hpc.models.families import family_for_config
+from harc_hpc.cli.report import compare_command, report_command
+from harc_hpc.report import lm_eval, metrics, provenance
 from harc_hpc.stages import report
 from pipeline_fixtures import build_tiny_sources, write_config
 
@@ -134,16 +135,16 @@ def test_token_deviation_counts_layers():
     a = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 4)
     b = torch.tensor([[3.0, 2.0, 1.0, 0.0], [2.0, 3.0, 1.0, 0.0], [0.0, 2.0, 3.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
     # top-2 of a = {0, 1}; rows of b: {0,1} same, {0,1} same (order does not matter), {1,2}, {2,3}
-    assert report.selection_differs(a, b, 2).tolist() == [False, False, True, True]
-    dev = report.token_deviation({0: a, 1: a}, {0: b, 1: a}, [0, 1], 2)
+    assert metrics.selection_differs(a, b, 2).tolist() == [False, False, True, True]
+    dev = metrics.token_deviation({0: a, 1: a}, {0: b, 1: a}, [0, 1], 2)
     assert dev == {"tokens_with_deviation": 0.5, "deviating_layers_per_token": 0.5}
 
 
 def test_routing_divergence_basics():
     logits = torch.randn(50, 6, dtype=torch.float64)
-    assert report.routing_divergence(logits, logits, 2) == (0.0, 0.0)
+    assert metrics.routing_divergence(logits, logits, 2) == (0.0, 0.0)
     flipped = -logits
-    kl, miss = report.routing_divergence(logits, flipped, 2)
+    kl, miss = metrics.routing_divergence(logits, flipped, 2)
     assert kl > 0 and miss == 1.0  # the top-2 of -z are the bottom-2 of z
 
 
@@ -151,9 +152,9 @@ def test_missing_lm_eval_is_a_clear_error(reported_run, monkeypatch):
     cfg, run_dir, _ = reported_run
     cfg = cfg.model_copy(deep=True)
     cfg.report.lm_eval_tasks = ["gsm8k"]
-    real = report.importlib.util.find_spec
-    monkeypatch.setattr(report.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
-    with pytest.raises(report.ReportError, match="lm-evaluation-harness is not installed.*pip install lm-eval"):
+    real = lm_eval.importlib.util.find_spec
+    monkeypatch.setattr(lm_eval.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(metrics.ReportError, match="lm-evaluation-harness is not installed.*pip install lm-eval"):
         report.run(cfg, run_dir)
 
 
@@ -161,7 +162,7 @@ def test_missing_checkpoint_names_the_stage(tmp_path):
     sources = build_tiny_sources(tmp_path, layers=2)
     cfg = load_config(write_config(tmp_path, sources, name="empty"))
     cfg.run_dir.mkdir(parents=True)
-    with pytest.raises(report.ReportError, match="run merge-experts first"):
+    with pytest.raises(metrics.ReportError, match="run merge-experts first"):
         report.run(cfg, cfg.run_dir)
 
 
@@ -247,9 +248,9 @@ def test_results_config_digest_ignores_name_and_executor(reported_run):
     other = cfg.model_copy(deep=True)
     other.run.name = "nightly-2026-11-22"
     other.executor.kind = "slurm"
-    assert report.results_config_digest(other) == report.results_config_digest(cfg)
+    assert provenance.results_config_digest(other) == provenance.results_config_digest(cfg)
     other.harc.alpha = 0.5
-    assert report.results_config_digest(other) != report.results_config_digest(cfg)
+    assert provenance.results_config_digest(other) != provenance.results_config_digest(cfg)
 
 
 def test_report_command(reported_run, monkeypatch):
@@ -276,8 +277,8 @@ def test_report_command_errors_cleanly(tmp_path):
 
 
 def test_thread_count_comes_from_the_launcher_records(tmp_path):
-    assert report._stage_threads(tmp_path) == torch.get_num_threads()
+    assert provenance._stage_threads(tmp_path) == torch.get_num_threads()
     rec = tmp_path / "completions" / "capture-activations" / "block-000.json"
     rec.parent.mkdir(parents=True)
     rec.write_text(json.dumps({"stage": "capture-activations", "job": {"host": "n1", "torch_threads": 7}}))
-    assert report._stage_threads(tmp_path) == 7
+    assert provenance._stage_threads(tmp_path) == 7

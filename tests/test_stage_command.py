@@ -10,11 +10,11 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TOY_STAGES_DIR, write_toy_config
-from harc_hpc.atomic import write_json_atomic
+from harc_hpc.io.atomic import write_json_atomic
 from harc_hpc.cli import main
 from harc_hpc.errors import RunStateError
-from harc_hpc.launcher import planner as planner_mod
-from harc_hpc.launcher import records
+from harc_hpc.pipeline import planner as planner_mod
+from harc_hpc.pipeline import records
 
 FAILING = "compute-statistics/layer-000/task-b"
 INJECTED = "RuntimeError: injected failure in statistics-layer0-taskb"
@@ -137,9 +137,9 @@ def test_report_of_a_waited_slurm_run_names_each_failure_and_its_logs(tmp_path, 
     import time
 
     from harc_hpc.config import load_config
-    from harc_hpc.launcher.api import submit_run
-    from harc_hpc.launcher.commands import _report
-    from harc_hpc.launcher.submit import Outcome, SubmittedGroup
+    from harc_hpc.pipeline.api import submit_run
+    from harc_hpc.cli.launch import _report
+    from harc_hpc.pipeline.submit import Outcome, SubmittedGroup
 
     cfg = load_config(write_toy_config(tmp_path))
     run = Path(cfg.run_dir)

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel
 
 from harc_hpc.config import load_config
-from harc_hpc.launcher.planner import RUNTIME_ONLY_KEYS, load_specs
+from harc_hpc.pipeline.planner import RUNTIME_ONLY_KEYS, load_specs
 from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts
 from harc_hpc.stages import solve_router as solve_router_stage
 from pipeline_fixtures import build_tiny_sources, write_config

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from harc_hpc.atomic import atomic_dir, sweep_stale_temporaries
+from harc_hpc.io.atomic import atomic_dir, sweep_stale_temporaries
 from harc_hpc.demo import corpus, training
 from harc_hpc.demo.tokenizer import byte_tokenizer
 

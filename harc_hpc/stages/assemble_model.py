@@ -6,14 +6,14 @@ import json
 import time
 from pathlib import Path
 
-from harc_hpc.atomic import write_json_atomic
+from harc_hpc.io.atomic import write_json_atomic
 from harc_hpc.config import PipelineConfig
 from harc_hpc.stages import layout
 from harc_hpc.stages.routers import load_router
 
 
 def run(cfg: PipelineConfig, run_dir: Path) -> dict:
-    from harc_hpc.checkpoint import Checkpoint, patch_tensors
+    from harc_hpc.io.checkpoint import Checkpoint, patch_tensors
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()

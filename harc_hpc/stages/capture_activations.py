@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from harc_hpc.activations import (
+from harc_hpc.io.activations import (
     ActivationArray,
     ActivationWriter,
     TokenStore,
@@ -24,11 +24,11 @@ from harc_hpc.activations import (
     token_store_digest,
     write_token_store,
 )
-from harc_hpc.atomic import atomic_path
-from harc_hpc.calibration_data import data_digest, tokenize_task
+from harc_hpc.io.atomic import atomic_path
+from harc_hpc.io.calibration_data import data_digest, tokenize_task
 from harc_hpc.config import PipelineConfig
 from harc_hpc.errors import require_finite
-from harc_hpc.modeling import LayerwiseRunner, RouterInputRecorder, batches, load_causal_lm, pad_batch, pick_device, unpad
+from harc_hpc.models.modeling import LayerwiseRunner, RouterInputRecorder, batches, load_causal_lm, pad_batch, pick_device, unpad
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
 from harc_hpc.stages.routers import load_router, set_router_weights

@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 
-from harc_hpc.activations import ActivationArray, layer_name
-from harc_hpc.atomic import atomic_path
+from harc_hpc.io.activations import ActivationArray, layer_name
+from harc_hpc.io.atomic import atomic_path
 from harc_hpc.config import PipelineConfig
 from harc_hpc.dtypes import torch_dtype
+from harc_hpc.io.statistics import save_statistics
 from harc_hpc.errors import InputDataError, require_finite
 from harc_hpc.stages import layout
 from harc_hpc.stages.routers import merged_router, source_router
@@ -38,7 +39,7 @@ def _first_bad_rows(x: ActivationArray) -> str:
 
 
 def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
-    from harc_hpc.harc import compute_task_statistics
+    from harc_hpc.math import compute_task_statistics
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -56,7 +57,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
         raise InputDataError(f"the statistics came out NaN/Inf; {_first_bad_rows(x)}", where=where,
                              hint="rerun capture-activations for this block")
     with atomic_path(layout.statistics_file(run_dir, layer, task)) as tmp:
-        stats.save(tmp)
+        save_statistics(stats, tmp)
     return {
         "layer": layer,
         "task": task,

@@ -62,7 +62,7 @@ def model_config(path_or_id: str, revision=None) -> dict:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{p}: no config.json in model directory")
         return _read_config(str(cfg_file))
-    from harc_hpc.checkpoint import resolve_model_path
+    from harc_hpc.io.checkpoint import resolve_model_path
 
     snapshot = resolve_model_path(path_or_id, revision=revision, files=["config.json"])
     return _read_config(str(snapshot / "config.json"))
@@ -74,7 +74,7 @@ def reference_config(cfg: PipelineConfig) -> dict:
 
 
 def family(cfg: PipelineConfig):
-    from harc_hpc.families import family_for_config
+    from harc_hpc.models.families import family_for_config
 
     return family_for_config(reference_config(cfg))
 

@@ -17,13 +17,13 @@ from typing import Optional
 
 import click
 
-from harc_hpc.atomic import atomic_dir
-from harc_hpc.checkpoint import Checkpoint, copy_model_files, resolve_model_path
+from harc_hpc.io.atomic import atomic_dir
+from harc_hpc.io.checkpoint import Checkpoint, copy_model_files, resolve_model_path
 from harc_hpc.config import PipelineConfig, load_config
 from harc_hpc.errors import HarcHpcError
 from harc_hpc.merge import MergeConfigError, resolve_settings
 from harc_hpc.merge.engine import MergeInput, merge_checkpoints
-from harc_hpc.modeling import pick_device
+from harc_hpc.models.modeling import pick_device
 from harc_hpc.progress import Progress
 
 MERGED_DIR = "merged"

@@ -7,20 +7,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from harc_hpc.atomic import atomic_path, json_text
+from harc_hpc.io.atomic import atomic_path, json_text
 from harc_hpc.config import PipelineConfig
 from harc_hpc.stages import layout
 
 
 def _checkpoint(path, allow_pickle: bool = False):
-    from harc_hpc.checkpoint import Checkpoint
+    from harc_hpc.io.checkpoint import Checkpoint
 
     return Checkpoint(path, allow_pickle=allow_pickle)
 
 
 def source_router(cfg: PipelineConfig, task: str, layer: int) -> torch.Tensor:
     fam = layout.family(cfg)
-    from harc_hpc.checkpoint import resolve_model_path
+    from harc_hpc.io.checkpoint import resolve_model_path
 
     path = resolve_model_path(layout.source_path(cfg, task), revision=cfg.models.revision)
     return router_of(_checkpoint(path, cfg.models.allow_pickle), fam, layer)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from harc_hpc.config import PipelineConfig
 from harc_hpc.dtypes import torch_dtype
+from harc_hpc.io.statistics import load_statistics
 from harc_hpc.errors import InputDataError, require_finite
-from harc_hpc.modeling import pick_device
+from harc_hpc.models.modeling import pick_device
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
 from harc_hpc.stages.compute_statistics import layer_inputs
@@ -18,7 +19,7 @@ from harc_hpc.stages.routers import merged_router, save_router, source_router
 
 
 def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
-    from harc_hpc.harc import TaskStatistics, solve_router
+    from harc_hpc.math import solve_router
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
@@ -26,7 +27,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
     dtype = torch_dtype(h.dtype)
     device = pick_device(h.device)
     tasks = cfg.task_names
-    stats = [TaskStatistics.load(layout.statistics_file(run_dir, layer, t)) for t in tasks]
+    stats = [load_statistics(layout.statistics_file(run_dir, layer, t)) for t in tasks]
     for t, s in zip(tasks, stats):
         if not s.is_finite():
             raise InputDataError("the statistics hold NaN/Inf", where=str(layout.statistics_file(run_dir, layer, t)),

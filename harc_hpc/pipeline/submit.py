@@ -5,7 +5,7 @@ it needs that were submitted in the same call (a completed upstream needs no dep
 submission is appended to ``run_dir/submissions.jsonl`` (job ids, log paths) for ``status``.
 
 Local: submitit's local executor ignores dependencies, so tasks run here in dependency order, one
-``python -m harc_hpc.launcher.runner`` subprocess per task, ``executor.local_workers`` at a time;
+``python -m harc_hpc.pipeline.runner`` subprocess per task, ``executor.local_workers`` at a time;
 the dependents of a failed task never run. Debug: the same, sequentially, in this process.
 """
 
@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from harc_hpc.config import PipelineConfig
-from harc_hpc.launcher import records, sacct
-from harc_hpc.launcher.planner import Group, Plan, StageSpec, Task
-from harc_hpc.launcher.runner import StageRunner, run_task, task_payload
+from harc_hpc.pipeline import records, sacct
+from harc_hpc.pipeline.planner import Group, Plan, StageSpec, Task
+from harc_hpc.pipeline.runner import StageRunner, run_task, task_payload
 
-log = logging.getLogger("harc_hpc.launcher")
+log = logging.getLogger("harc_hpc.pipeline")
 
 RESOURCE_KEYS = ("cpus", "mem_gb", "gpus", "time_min")
 
@@ -371,7 +371,7 @@ def _run_here(plan, cfg, todo, force, executor, echo, outcome) -> Outcome:
                 waiting.remove(t)
                 out = records.log_path(run_dir, t.stage, t.key).with_suffix(".out")
                 out.parent.mkdir(parents=True, exist_ok=True)
-                cmd = [sys.executable, "-m", "harc_hpc.launcher.runner", "--run-dir", str(run_dir),
+                cmd = [sys.executable, "-m", "harc_hpc.pipeline.runner", "--run-dir", str(run_dir),
                        "--payload", json.dumps(task_payload(plan, t, _local_threads(cfg, plan.specs[t.stage])))]
                 if force:
                     cmd.append("--force")
@@ -388,7 +388,7 @@ def _run_here(plan, cfg, todo, force, executor, echo, outcome) -> Outcome:
 def apply_prepare_hook(cfg: PipelineConfig, specs_dir=None) -> PipelineConfig:
     """Fill in what the config leaves to be built (the pipeline's ``prepare`` hook: ``demo:``
     sources are trained, or reused, here)."""
-    from harc_hpc.launcher.planner import load_hooks
+    from harc_hpc.pipeline.planner import load_hooks
 
     out = load_hooks(specs_dir).call("prepare", cfg)
     return cfg if out is None else out
@@ -402,7 +402,7 @@ def save_run_config(cfg: PipelineConfig, run_dir: Path) -> Path:
     """
     import hashlib
 
-    from harc_hpc.atomic import write_text_atomic
+    from harc_hpc.io.atomic import write_text_atomic
     from harc_hpc.config import dump_config
 
     run_dir = Path(run_dir)

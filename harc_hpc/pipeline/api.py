@@ -8,16 +8,16 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 from harc_hpc.errors import RunStateError
-from harc_hpc.atomic import sweep_stale_temporaries
+from harc_hpc.io.atomic import sweep_stale_temporaries
 from harc_hpc.config import PipelineConfig
-from harc_hpc.launcher.lock import RunLock
-from harc_hpc.launcher import status as status_mod
-from harc_hpc.launcher.planner import Plan, build_plan
-from harc_hpc.launcher.submit import (
+from harc_hpc.pipeline.lock import RunLock
+from harc_hpc.pipeline import status as status_mod
+from harc_hpc.pipeline.planner import Plan, build_plan
+from harc_hpc.pipeline.submit import (
     Outcome, apply_prepare_hook, execute, save_run_config, wait_for_jobs,
 )
 
-log = logging.getLogger("harc_hpc.launcher")
+log = logging.getLogger("harc_hpc.pipeline")
 
 
 class ActiveJobsError(RunStateError):

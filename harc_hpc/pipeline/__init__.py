@@ -3,9 +3,9 @@
 Knows SLURM and files, nothing about models: stage bodies live in harc_hpc.stages, specs in stages/.
 """
 
-from harc_hpc.launcher.api import ActiveJobsError, plan_run, run_status, submit_run
-from harc_hpc.launcher.planner import Plan, PlanError, StageSpec, Task, build_plan, default_specs_dir, load_specs
-from harc_hpc.launcher.runner import StageRunner, run_task
+from harc_hpc.pipeline.api import ActiveJobsError, plan_run, run_status, submit_run
+from harc_hpc.pipeline.planner import Plan, PlanError, StageSpec, Task, build_plan, default_specs_dir, load_specs
+from harc_hpc.pipeline.runner import StageRunner, run_task
 
 __all__ = [
     "ActiveJobsError", "Plan", "PlanError", "StageRunner", "StageSpec", "Task", "build_plan",

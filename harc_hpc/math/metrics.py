@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from harc_hpc.harc.inputs import TokenChunks, TokenInput
-from harc_hpc.harc.operator import log_probs
+from harc_hpc.math.inputs import TokenChunks, TokenInput
+from harc_hpc.math.operator import log_probs
 
 
 def kl_sum(log_p_ref: torch.Tensor, log_p: torch.Tensor) -> float:

@@ -24,17 +24,17 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from harc_hpc.harc.cg import (
+from harc_hpc.math.cg import (
     PRECONDITIONERS,
     KroneckerPreconditioner,
     conjugate_gradient,
     jacobi_preconditioner,
     refine,
 )
-from harc_hpc.harc.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
-from harc_hpc.harc.metrics import mean_kl
-from harc_hpc.harc.operator import TaskCurvature, check_hessian, log_probs
-from harc_hpc.harc.statistics import TaskStatistics, router_digest, statistics_from_curvature
+from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
+from harc_hpc.math.metrics import mean_kl
+from harc_hpc.math.operator import TaskCurvature, check_hessian, log_probs
+from harc_hpc.math.statistics import TaskStatistics, router_digest, statistics_from_curvature
 
 SOLVERS = ("cg", "pcg", "direct", "auto")
 # solver="direct" materialises the (K d)^2 float64 system; beyond this it is refused rather than

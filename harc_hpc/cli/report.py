@@ -46,7 +46,7 @@ def report_command(run_dir: Path, config_path) -> None:
 def compare_command(run_a: Path, run_b: Path, rtol: float, atol: float, show_all: bool) -> None:
     """Compare the reports of two runs; exit 1 when a metric moved beyond tolerance or artifacts
     that should be identical differ, 2 when a report is missing."""
-    from harc_hpc.compare import CompareError, compare_metrics, format_comparison, load_metrics
+    from harc_hpc.report.compare import CompareError, compare_metrics, format_comparison, load_metrics
 
     try:
         a, b = load_metrics(run_a), load_metrics(run_b)

@@ -4,8 +4,8 @@ The shared expert's ``shared_expert_gate`` (1, d) is a sigmoid scalar gate that 
 expert's output; it is not the softmax router and is merged like any other tensor, never calibrated.
 """
 
-from harc_hpc.families.base import MoEFamily
-from harc_hpc.families.qwen3_moe import sparse_layers
+from harc_hpc.models.families.base import MoEFamily
+from harc_hpc.models.families.qwen3_moe import sparse_layers
 
 
 class Qwen2MoeFamily(MoEFamily):

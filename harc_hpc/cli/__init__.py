@@ -23,7 +23,7 @@ class HarcGroup(click.Group):
         except HarcHpcError as exc:
             _exit_with(ctx, exc, exc.exit_code)
         except OSError as exc:
-            from harc_hpc.atomic import _is_disk_full
+            from harc_hpc.io.atomic import _is_disk_full
 
             if _is_disk_full(exc):
                 _exit_with(ctx, DiskFullError(exc.filename or "?"), DiskFullError.exit_code)
@@ -58,8 +58,8 @@ def main(verbose: int, debug: bool) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-from harc_hpc.launcher.commands import stage_alias, stage_cmd, status_cmd, submit_cmd  # noqa: E402
-from harc_hpc.report_cli import compare_command, report_command  # noqa: E402
+from harc_hpc.cli.launch import stage_alias, stage_cmd, status_cmd, submit_cmd  # noqa: E402
+from harc_hpc.cli.report import compare_command, report_command  # noqa: E402
 from harc_hpc.stages.merge_experts import merge_experts_command  # noqa: E402
 
 main.add_command(submit_cmd)
@@ -75,7 +75,7 @@ main.add_command(merge_experts_command)
 def _add_stage_aliases() -> None:
     """``harc-hpc NAME CONFIG`` for every stage spec that has no command of its own, with the
     index options of its split."""
-    from harc_hpc.launcher.planner import PlanError, load_specs
+    from harc_hpc.pipeline.planner import PlanError, load_specs
 
     try:
         specs = load_specs()

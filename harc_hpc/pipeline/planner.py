@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harc_hpc.errors import UsageError
 import harc_hpc
 from harc_hpc.config import PipelineConfig
-from harc_hpc.atomic import write_json_atomic
-from harc_hpc.launcher import records
+from harc_hpc.io.atomic import write_json_atomic
+from harc_hpc.pipeline import records
 
 SPECS_ENV = "HARC_HPC_STAGES"
 

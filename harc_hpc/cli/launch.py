@@ -1,4 +1,4 @@
-"""CLI commands of the launcher: ``submit``, ``stage``, ``status`` (registered in harc_hpc/cli.py)."""
+"""CLI commands of the launcher: ``submit``, ``stage``, ``status`` (registered in harc_hpc/cli/__init__.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import click
 from harc_hpc.config import load_config
 from harc_hpc.errors import HarcHpcError, RunStateError
 
-log = logging.getLogger("harc_hpc.launcher")
+log = logging.getLogger("harc_hpc.pipeline")
 
 EXECUTORS = click.Choice(["slurm", "local", "debug"])
 
@@ -40,7 +40,7 @@ def _load(config: str, overrides=()):
 
 def _failed_lines(plan, outcome, executor: str, since) -> list[str]:
     """``FAILED: <id>: <error line>`` and ``    log: <path>`` per failed task (errors from the stats files)."""
-    from harc_hpc.launcher import records
+    from harc_hpc.pipeline import records
 
     slurm_logs = {f"{s.group.stage}/{k}": info.get("stderr") for s in outcome.submitted for k, info in s.tasks.items()}
     lines = []
@@ -76,7 +76,7 @@ def _report(plan, outcome, executor: str, waited: bool, since=None) -> int:
         return 1
     if waited and not plan.incomplete():
         # The pipeline's own summary (stages/pipeline.yaml: headline), once every task is done.
-        from harc_hpc.launcher.planner import load_hooks
+        from harc_hpc.pipeline.planner import load_hooks
 
         for line in load_hooks(plan.specs_dir).call("headline", plan.run_dir) or []:
             click.echo(line)
@@ -97,7 +97,7 @@ def _report(plan, outcome, executor: str, waited: bool, since=None) -> int:
               help="override a config key (YAML value), e.g. --set harc.alpha=0.5; repeatable")
 def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force, overrides=()):
     """Build the DAG, skip completed tasks and submit (or run) the rest."""
-    from harc_hpc.launcher.api import submit_run
+    from harc_hpc.pipeline.api import submit_run
 
     cfg = _load(config, overrides)
     executor = executor or cfg.executor.kind
@@ -132,7 +132,7 @@ def stage_cmd(name, config, layer, task_name, block, force, to_slurm, wait, run_
     Upstream tasks are not run: with an upstream task incomplete it refuses (exit 4) before
     touching the run directory, unless --allow-incomplete-upstream.
     """
-    from harc_hpc.launcher.api import plan_run, submit_run
+    from harc_hpc.pipeline.api import plan_run, submit_run
 
     cfg = _load(config, overrides)
     try:
@@ -186,7 +186,7 @@ def _upstream_error(name, config, run_dir, stages_dir, plan, missing, shown) -> 
 def status_cmd(run_dir, failed_only, verify):
     """Per stage and layer/task: done / pending / running / failed / cancelled, SLURM state, job id,
     and the log of each failure. Exits 1 if anything failed or was cancelled."""
-    from harc_hpc.launcher import status
+    from harc_hpc.pipeline import status
 
     try:
         rows = status.collect(Path(run_dir), verify=verify)

@@ -28,7 +28,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from harc_hpc.atomic import atomic_dir
+from harc_hpc.io.atomic import atomic_dir
 from harc_hpc.errors import InputDataError
 
 SAFE_INDEX = "model.safetensors.index.json"

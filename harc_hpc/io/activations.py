@@ -19,7 +19,7 @@ import zarr
 
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from harc_hpc.atomic import atomic_path
+from harc_hpc.io.atomic import atomic_path
 from harc_hpc.errors import CorruptArtifactError
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}

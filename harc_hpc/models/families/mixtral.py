@@ -4,7 +4,7 @@ On disk the MoE block is ``block_sparse_moe`` with experts ``w1`` (gate), ``w3``
 transformers 5 renames it ``mlp`` in memory, so the router key differs between the two layouts.
 """
 
-from harc_hpc.families.base import MoEFamily
+from harc_hpc.models.families.base import MoEFamily
 
 
 class MixtralFamily(MoEFamily):

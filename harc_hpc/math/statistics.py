@@ -1,4 +1,5 @@
-"""Per-task sufficient statistics of the HARC system, independent of alpha, saved as HDF5.
+"""Per-task sufficient statistics of the HARC system, independent of alpha (stored as HDF5 by
+harc_hpc.io.statistics).
 
 For task i: N_i, diag(Sigma_i) and Sigma_i w_i as (K, d) float64 matrices, E[H_i] (K, K) and
 optionally E[x x^T] (d, d). Since Sigma_reg,i w_i = alpha * sigma_w + (1 - alpha) * sigma_diag * W_i,
@@ -10,16 +11,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from harc_hpc.harc.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
-from harc_hpc.harc.metrics import kl_sum, topk_common
-from harc_hpc.harc.operator import TaskCurvature, check_hessian, hessian_diagonal, hessian_times, log_probs
+from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
+from harc_hpc.math.metrics import kl_sum, topk_common
+from harc_hpc.math.operator import TaskCurvature, check_hessian, hessian_diagonal, hessian_times, log_probs
 
-FORMAT = "harc-task-statistics/1"
 
 
 def router_digest(w: torch.Tensor) -> str:
@@ -54,56 +53,6 @@ class TaskStatistics:
         return TaskStatistics(self.num_tokens, self.hessian, move(self.sigma_diag), move(self.sigma_w),
                               move(self.hessian_mean), self.kl, self.topk_mismatch, self.top_k,
                               move(self.input_gram), self.source_digest)
-
-    def save(self, path) -> None:
-        import h5py
-
-        with h5py.File(str(path), "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["num_tokens"] = int(self.num_tokens)
-            f.attrs["hessian"] = self.hessian
-            f.attrs["kl"] = float(self.kl)
-            f.attrs["source_digest"] = self.source_digest
-            if self.topk_mismatch is not None:
-                f.attrs["topk_mismatch"] = float(self.topk_mismatch)
-                f.attrs["top_k"] = int(self.top_k)
-            for name in ("sigma_diag", "sigma_w", "hessian_mean", "input_gram"):
-                value = getattr(self, name)
-                if value is not None:
-                    # fletcher32: HDF5 checks each chunk's checksum on read.
-                    f.create_dataset(name, data=value.detach().cpu().to(torch.float64).numpy(),
-                                     chunks=True, fletcher32=True)
-
-    @classmethod
-    def load(cls, path) -> "TaskStatistics":
-        import h5py
-
-        path = Path(path)
-        try:
-            return cls._load(h5py, path)
-        except OSError as exc:  # h5py: unreadable file, or a dataset failing its fletcher32 checksum
-            from harc_hpc.errors import CorruptArtifactError
-
-            raise CorruptArtifactError(path, f"statistics file cannot be read ({exc})") from None
-
-    @classmethod
-    def _load(cls, h5py, path: Path) -> "TaskStatistics":
-        with h5py.File(str(path), "r") as f:
-            if f.attrs.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a {FORMAT} file (format={f.attrs.get('format')!r})")
-            get = lambda n: torch.from_numpy(f[n][()]) if n in f else None  # noqa: E731
-            return cls(
-                num_tokens=int(f.attrs["num_tokens"]),
-                hessian=str(f.attrs["hessian"]),
-                sigma_diag=get("sigma_diag"),
-                sigma_w=get("sigma_w"),
-                hessian_mean=get("hessian_mean"),
-                kl=float(f.attrs["kl"]),
-                topk_mismatch=float(f.attrs["topk_mismatch"]) if "topk_mismatch" in f.attrs else None,
-                top_k=int(f.attrs["top_k"]) if "top_k" in f.attrs else None,
-                input_gram=get("input_gram"),
-                source_digest=str(f.attrs.get("source_digest", "")),
-            )
 
 
 def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, merged_router: torch.Tensor,

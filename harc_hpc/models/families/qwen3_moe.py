@@ -4,7 +4,7 @@ Layers listed in ``mlp_only_layers``, and layers that ``decoder_sparse_step`` sk
 without a router; ``moe_layers`` leaves them out.
 """
 
-from harc_hpc.families.base import MoEFamily
+from harc_hpc.models.families.base import MoEFamily
 
 
 def sparse_layers(cfg: dict, num_layers: int, num_experts: int) -> list[int]:

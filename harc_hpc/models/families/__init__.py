@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from harc_hpc.families.base import ExpertTensor, Layout, MoEFamily, UnsupportedModelError
-from harc_hpc.families.mixtral import MixtralFamily
-from harc_hpc.families.olmoe import OlmoeFamily
-from harc_hpc.families.qwen2_moe import Qwen2MoeFamily
-from harc_hpc.families.qwen3_moe import Qwen3MoeFamily
+from harc_hpc.models.families.base import ExpertTensor, Layout, MoEFamily, UnsupportedModelError
+from harc_hpc.models.families.mixtral import MixtralFamily
+from harc_hpc.models.families.olmoe import OlmoeFamily
+from harc_hpc.models.families.qwen2_moe import Qwen2MoeFamily
+from harc_hpc.models.families.qwen3_moe import Qwen3MoeFamily
 
 FAMILIES: dict[str, MoEFamily] = {}
 for _fam in (OlmoeFamily(), Qwen3MoeFamily(), MixtralFamily(), Qwen2MoeFamily()):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from harc_hpc.launcher import records, sacct
-from harc_hpc.launcher.submit import read_submissions
+from harc_hpc.pipeline import records, sacct
+from harc_hpc.pipeline.submit import read_submissions
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The same ``run_task`` serves every executor: submitit's SLURM jobs (through ``StageRunner``, a
 ``Checkpointable`` so a timed-out or preempted task is requeued and simply runs again), the local
-executor (one ``python -m harc_hpc.launcher.runner`` subprocess per task) and the debug executor
+executor (one ``python -m harc_hpc.pipeline.runner`` subprocess per task) and the debug executor
 (in-process). Stages write their artifacts atomically, so a rerun after an interruption starts clean
 and produces the same result; the completion record comes last.
 """
@@ -25,10 +25,10 @@ from typing import Any, Optional
 
 import submitit
 
-from harc_hpc.atomic import write_json_atomic
-from harc_hpc.launcher import records
+from harc_hpc.io.atomic import write_json_atomic
+from harc_hpc.pipeline import records
 
-log = logging.getLogger("harc_hpc.launcher")
+log = logging.getLogger("harc_hpc.pipeline")
 
 
 def task_payload(plan, task, threads: Optional[int] = None) -> dict:
@@ -38,7 +38,7 @@ def task_payload(plan, task, threads: Optional[int] = None) -> dict:
     with the same reduction order on any machine, and small models are not slowed by threads
     fighting over cores the job was not given.
     """
-    from harc_hpc.launcher.planner import format_templates
+    from harc_hpc.pipeline.planner import format_templates
 
     spec = plan.specs[task.stage]
     return {
@@ -59,7 +59,7 @@ def task_payload(plan, task, threads: Optional[int] = None) -> dict:
 
 
 def _short(obj: Any) -> str:
-    from harc_hpc.launcher.planner import digest_of
+    from harc_hpc.pipeline.planner import digest_of
 
     return digest_of(obj)
 
@@ -162,7 +162,7 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
 
     The task's lock is held throughout: a second runner of the same task waits, then finds it done.
     """
-    from harc_hpc.launcher.lock import TaskLock
+    from harc_hpc.pipeline.lock import TaskLock
 
     with TaskLock(run_dir, payload["stage"], payload["key"]) as lock:
         if lock.waited_s > 1.0:
@@ -196,7 +196,7 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
     with _task_log(log_file):
         log.info("%s: start (digest %s, %s)", payload["id"], digest[:12], json.dumps(job, sort_keys=True))
         try:
-            from harc_hpc.launcher.planner import StageSpec
+            from harc_hpc.pipeline.planner import StageSpec
 
             fn = StageSpec.model_construct(function=payload["function"]).load_function()
             result = fn(cfg, run_dir, **payload["index"])

@@ -1,11 +1,11 @@
 """HARC router calibration: the math (no files except TaskStatistics HDF5, no SLURM)."""
 
-from harc_hpc.harc.cg import CGResult, KroneckerPreconditioner, conjugate_gradient, jacobi_preconditioner
-from harc_hpc.harc.inputs import TokenChunks
-from harc_hpc.harc.metrics import router_kl, topk_mismatch
-from harc_hpc.harc.operator import HESSIANS, TaskCurvature
-from harc_hpc.harc.solver import OBJECTIVES, SOLVERS, RouterSolution, solve_router
-from harc_hpc.harc.statistics import TaskStatistics, compute_task_statistics
+from harc_hpc.math.cg import CGResult, KroneckerPreconditioner, conjugate_gradient, jacobi_preconditioner
+from harc_hpc.math.inputs import TokenChunks
+from harc_hpc.math.metrics import router_kl, topk_mismatch
+from harc_hpc.math.operator import HESSIANS, TaskCurvature
+from harc_hpc.math.solver import OBJECTIVES, SOLVERS, RouterSolution, solve_router
+from harc_hpc.math.statistics import TaskStatistics, compute_task_statistics
 
 __all__ = [
     "CGResult",

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from harc_hpc.harc.inputs import TokenChunks
+from harc_hpc.math.inputs import TokenChunks
 
 HESSIANS = ("full", "diag", "identity")
 

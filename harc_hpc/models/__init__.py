@@ -1,0 +1,1 @@
+"""Models: MoE family adapters (tensor names, layouts, routers) and running a model for calibration."""
