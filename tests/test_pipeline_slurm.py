@@ -39,7 +39,8 @@ from harc_hpc.pipeline import records
 from harc_hpc.pipeline.api import ActiveJobsError, plan_run, submit_run
 from harc_hpc.pipeline.planner import default_specs_dir
 from harc_hpc.pipeline.status import active_jobs, collect
-from harc_hpc.pipeline.submit import read_submissions, wait_for_jobs
+from harc_hpc.pipeline.executors.base import read_submissions
+from harc_hpc.pipeline.executors.slurm import wait_for_jobs
 from pipeline_fixtures import build_tiny_sources, write_config
 from pipeline_slurm_hooks import pause_file, started_file
 

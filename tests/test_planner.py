@@ -19,7 +19,7 @@ from harc_hpc.pipeline import build_plan, load_specs, records
 from harc_hpc.pipeline import planner as planner_mod
 from harc_hpc.pipeline.api import submit_run
 from harc_hpc.pipeline.status import collect
-from harc_hpc.pipeline.submit import resolve_resources
+from harc_hpc.pipeline.executors.base import resolve_resources
 
 REAL_STAGES = {
     "merge-experts": ("harc_hpc.stages.merge_experts:run", "none"),

@@ -139,7 +139,7 @@ def test_report_of_a_waited_slurm_run_names_each_failure_and_its_logs(tmp_path, 
     from harc_hpc.config import load_config
     from harc_hpc.pipeline.api import submit_run
     from harc_hpc.cli.launch import _report
-    from harc_hpc.pipeline.submit import Outcome, SubmittedGroup
+    from harc_hpc.pipeline.executors.base import Outcome, SubmittedGroup
 
     cfg = load_config(write_toy_config(tmp_path))
     run = Path(cfg.run_dir)

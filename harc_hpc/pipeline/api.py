@@ -13,9 +13,9 @@ from harc_hpc.config import PipelineConfig
 from harc_hpc.pipeline.lock import RunLock
 from harc_hpc.pipeline import status as status_mod
 from harc_hpc.pipeline.planner import Plan, build_plan
-from harc_hpc.pipeline.submit import (
-    Outcome, apply_prepare_hook, execute, save_run_config, wait_for_jobs,
-)
+from harc_hpc.pipeline.executors.base import Outcome
+from harc_hpc.pipeline.executors.slurm import wait_for_jobs
+from harc_hpc.pipeline.submit import apply_prepare_hook, execute, save_run_config
 
 log = logging.getLogger("harc_hpc.pipeline")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from harc_hpc.pipeline import records, sacct
-from harc_hpc.pipeline.submit import read_submissions
+from harc_hpc.pipeline.executors.base import read_submissions
 
 
 @dataclass
