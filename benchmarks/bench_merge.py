@@ -62,7 +62,7 @@ def olmoe_tensors(layers: int):
 
 
 def build(root: Path, layers: int) -> dict[str, Path]:
-    from harc_hpc.io.checkpoint import CheckpointWriter
+    from harc_hpc.io.checkpoint_writer import CheckpointWriter
 
     dirs = {n: root / n for n in ("base", "a", "b")}
     if all((d / "config.json").is_file() for d in dirs.values()):

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harc_hpc.io.atomic import atomic_dir
-from harc_hpc.io.checkpoint import (Checkpoint, CheckpointError, CheckpointWriter,
-                                 copy_model_files, parse_size, patch_tensors, resolve_model_path)
+from harc_hpc.io.checkpoint import Checkpoint, CheckpointError, parse_size, resolve_model_path
+from harc_hpc.io.checkpoint_writer import CheckpointWriter, copy_model_files, patch_tensors
 
 
 def _tensors():
@@ -54,21 +54,16 @@ def test_read_single_file(tmp_path):
     assert ck.config == {"model_type": "olmoe"}
 
 
-@pytest.mark.parametrize("declared", [True, False])
-def test_writer_shards_and_index(tmp_path, declared):
+def test_writer_shards_and_index(tmp_path):
     t = _tensors()
     out = tmp_path / "out"
     w = CheckpointWriter(out, max_shard_bytes=100)
-    if declared:
-        w.declare([(k, v.dtype, v.shape) for k, v in t.items()])
-        # parts may arrive in any order
-        w.add_part("a.weight", 16, t["a.weight"].reshape(-1)[16:])
-        w.add_part("a.weight", 0, t["a.weight"].reshape(-1)[:16])
-        for k in ("b.weight", "c.bias", "d.idx"):
-            w.add(k, t[k])
-    else:
-        for k, v in t.items():
-            w.add(k, v)
+    w.declare([(k, v.dtype, v.shape) for k, v in t.items()])
+    # parts may arrive in any order
+    w.add_part("a.weight", 16, t["a.weight"].reshape(-1)[16:])
+    w.add_part("a.weight", 0, t["a.weight"].reshape(-1)[:16])
+    for k in ("b.weight", "c.bias", "d.idx"):
+        w.add(k, t[k])
     files = w.finalize()
     assert len(files) > 1
     index = json.loads((out / "model.safetensors.index.json").read_text())

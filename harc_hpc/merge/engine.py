@@ -19,7 +19,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from harc_hpc.io.checkpoint import Checkpoint, CheckpointWriter
+from harc_hpc.io.checkpoint import Checkpoint
+from harc_hpc.io.checkpoint_writer import CheckpointWriter
 from harc_hpc.models.families import MoEFamily, family_for_config
 from harc_hpc.dtypes import torch_dtype
 from harc_hpc.merge.base import (Granularity, MergeConfigError, MergeContext, MergeInputError,

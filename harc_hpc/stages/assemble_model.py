@@ -13,7 +13,8 @@ from harc_hpc.stages.routers import load_router
 
 
 def run(cfg: PipelineConfig, run_dir: Path) -> dict:
-    from harc_hpc.io.checkpoint import Checkpoint, patch_tensors
+    from harc_hpc.io.checkpoint import Checkpoint
+    from harc_hpc.io.checkpoint_writer import patch_tensors
 
     run_dir = Path(run_dir)
     t0 = time.perf_counter()

@@ -18,7 +18,8 @@ from typing import Optional
 import click
 
 from harc_hpc.io.atomic import atomic_dir
-from harc_hpc.io.checkpoint import Checkpoint, copy_model_files, resolve_model_path
+from harc_hpc.io.checkpoint import Checkpoint, resolve_model_path
+from harc_hpc.io.checkpoint_writer import copy_model_files
 from harc_hpc.config import PipelineConfig, load_config
 from harc_hpc.errors import HarcHpcError
 from harc_hpc.merge import MergeConfigError, resolve_settings

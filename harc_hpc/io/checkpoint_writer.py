@@ -1,0 +1,236 @@
+"""Writing Hugging Face model directories tensor by tensor: sharded safetensors laid out up front.
+
+When the list of output tensors is known (``declare``), each shard file is laid out at once (header
+first, then data at fixed offsets) and tensors, or contiguous parts of them, are written where they
+belong as soon as they are merged. Nothing is buffered beyond the tensor being written, and the
+bytes do not depend on the order of writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from harc_hpc.io.atomic import atomic_dir
+from harc_hpc.io.checkpoint import (MODEL_FILES, SAFE_INDEX, SAFE_SINGLE, Checkpoint, CheckpointError,
+                                    dtype_to_safetensors, parse_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+class _Shard:
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []  # key, dtype, shape, nbytes
+        self.size = 0
+
+
+class CheckpointWriter:
+    """Sharded safetensors output with ``model.safetensors.index.json``.
+
+    ``declare(entries)`` first (key, dtype, shape for every output tensor, in file order): shards are
+    laid out and created at once, then ``add(key, t)`` / ``add_part(key, start, t)`` write straight
+    to the final position (parts in any order, from any thread). ``finalize()`` checks every byte
+    was written.
+
+    A single shard is named ``model.safetensors`` and has no index, like ``save_pretrained``.
+    """
+
+    def __init__(self, out_dir: Union[str, Path], max_shard_bytes: Union[int, str] = "5GB",
+                 metadata: Optional[dict] = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = parse_size(max_shard_bytes)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._declared = False
+        self._layout: dict[str, tuple[_Shard, int, torch.dtype, tuple[int, ...], int]] = {}
+        self._written: dict[str, int] = {}
+        self._shards: list[_Shard] = []
+        self._files: dict[Path, int] = {}
+        self._finalized = False
+
+    # -- planning ---------------------------------------------------------------------------------
+    def _split(self, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[_Shard]:
+        shards: list[_Shard] = []
+        current = None
+        for key, dtype, shape in entries:
+            nbytes = torch.empty((), dtype=dtype).element_size()
+            for s in shape:
+                nbytes *= int(s)
+            if current is None or (current.entries and current.size + nbytes > self.max_shard_bytes):
+                current = _Shard(Path())
+                shards.append(current)
+            current.entries.append((key, dtype, tuple(int(s) for s in shape), nbytes))
+            current.size += nbytes
+        n = len(shards)
+        for i, sh in enumerate(shards):
+            name = SAFE_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            sh.path = self.out_dir / name
+        return shards
+
+    def _header(self, shard: _Shard) -> tuple[bytes, dict[str, int]]:
+        header: dict = {"__metadata__": self.metadata}
+        offsets = {}
+        pos = 0
+        # Wider dtypes first keep every tensor aligned to its element size (as safetensors does).
+        ordered = sorted(shard.entries, key=lambda e: -torch.empty((), dtype=e[1]).element_size())
+        for key, dtype, shape, nbytes in ordered:
+            header[key] = {"dtype": dtype_to_safetensors(dtype), "shape": list(shape),
+                           "data_offsets": [pos, pos + nbytes]}
+            offsets[key] = pos
+            pos += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(len(raw) + 8) % 8)
+        return len(raw).to_bytes(8, "little") + raw, offsets
+
+    def declare(self, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> None:
+        entries = [(k, d, tuple(s)) for k, d, s in entries]
+        if self._declared or self._written:
+            raise RuntimeError("declare() must be called once, before any add()")
+        keys = [k for k, _, _ in entries]
+        if len(set(keys)) != len(keys):
+            raise ValueError("declare(): duplicate tensor names")
+        self._declared = True
+        self._shards = self._split(entries)
+        for sh in self._shards:
+            head, offsets = self._header(sh)
+            fd = os.open(sh.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, len(head) + sh.size)
+            self._files[sh.path] = fd
+            for key, dtype, shape, nbytes in sh.entries:
+                self._layout[key] = (sh, len(head) + offsets[key], dtype, shape, nbytes)
+
+    # -- writing ----------------------------------------------------------------------------------
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        _, _, dtype, shape, _ = self._slot(key)
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{key}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        self.add_part(key, 0, tensor)
+
+    def add_part(self, key: str, start: int, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` (any shape, the declared dtype) at element ``start`` of the flattened
+        declared tensor ``key``."""
+        sh, begin, dtype, shape, nbytes = self._slot(key)
+        if tensor.dtype != dtype:
+            raise ValueError(f"{key}: declared {dtype}, got {tensor.dtype}")
+        data = _tensor_bytes(tensor)
+        off = start * tensor.element_size()
+        if off + len(data) > nbytes:
+            raise ValueError(f"{key}: part at element {start} runs past the tensor's end")
+        fd = self._files[sh.path]
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], begin + off + done)
+        self._written[key] = self._written.get(key, 0) + len(data)
+
+    def _slot(self, key: str):
+        if not self._declared:
+            raise RuntimeError("add() / add_part() need declare() first")
+        try:
+            return self._layout[key]
+        except KeyError:
+            raise ValueError(f"{key}: not a declared output tensor") from None
+
+    # -- closing ----------------------------------------------------------------------------------
+    def finalize(self) -> list[Path]:
+        if self._finalized:
+            raise RuntimeError("finalize() called twice")
+        self._finalized = True
+        missing = [k for k, (_, _, _, _, n) in self._layout.items() if self._written.get(k, 0) != n]
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+        if missing:
+            raise RuntimeError(f"{len(missing)} declared tensors were not (fully) written, e.g. {missing[:3]}")
+        self._write_index()
+        return [sh.path for sh in self._shards]
+
+    def _write_index(self) -> None:
+        if len(self._shards) <= 1:
+            if not self._shards:  # an empty model still gets a valid file
+                head, _ = self._header(_Shard(Path()))
+                (self.out_dir / SAFE_SINGLE).write_bytes(head)
+            return
+        wmap = {}
+        total = 0
+        for sh in self._shards:
+            for key, _, _, nbytes in sh.entries:
+                wmap[key] = sh.path.name
+                total += nbytes
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(wmap.items()))}
+        (self.out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for fd in self._files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Directories
+# ---------------------------------------------------------------------------------------------
+
+def copy_model_files(src: Union[str, Path], dst: Union[str, Path],
+                     names: Sequence[str] = MODEL_FILES) -> list[str]:
+    """Copy config, generation config and tokenizer files that exist in ``src``; returns their names."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in names:
+        f = src / name
+        if f.is_file():
+            shutil.copyfile(f, dst / name)
+            copied.append(name)
+    return copied
+
+
+def patch_tensors(src_dir: Union[str, Path], dst_dir: Union[str, Path],
+                  replacements: Mapping[str, torch.Tensor], max_shard_size: Union[int, str] = "5GB",
+                  allow_pickle: bool = False) -> Path:
+    """Copy the checkpoint at ``src_dir`` to ``dst_dir`` (atomically) with some tensors replaced.
+
+    Each replacement must name an existing tensor of the same shape; it is stored in its own dtype.
+    Other tensors are copied byte for byte. Model files (config, tokenizer, ...) are copied too.
+    """
+    src = Checkpoint(src_dir, allow_pickle=allow_pickle)
+    unknown = sorted(set(replacements) - set(src.keys()))
+    if unknown:
+        raise CheckpointError(f"{src.path}: cannot replace tensors that do not exist: {unknown[:5]}")
+    for key, t in replacements.items():
+        if tuple(t.shape) != src.tensor_shape(key):
+            raise CheckpointError(f"{src.path}: tensor {key}: replacement shape {tuple(t.shape)} != "
+                                  f"{src.tensor_shape(key)}")
+    entries = []
+    for key in src.keys():
+        t = replacements.get(key)
+        entries.append((key, t.dtype if t is not None else src.tensor_dtype(key), src.tensor_shape(key)))
+    with atomic_dir(dst_dir) as tmp:
+        writer = CheckpointWriter(tmp, max_shard_size)
+        try:
+            writer.declare(entries)
+            for key in src.keys():
+                if key in replacements:
+                    writer.add(key, replacements[key].detach().cpu().contiguous())
+                else:
+                    writer.add(key, src.get_tensor(key))
+            writer.finalize()
+        except BaseException:
+            writer.abort()
+            raise
+        copy_model_files(src.path, tmp)
+    src.close()
+    return Path(dst_dir)
