@@ -113,7 +113,42 @@ import os as _launcher_os
 import sys as _launcher_sys
 
 LAUNCHER_TESTS_DIR = Path(__file__).resolve().parent
-TOY_STAGES_DIR = LAUNCHER_TESTS_DIR / "toy_stages"
+REAL_STAGES_DIR = LAUNCHER_TESTS_DIR.parent / "stages"
+# What a toy stage (tests/harc_toy_stages.py) does instead of the real one: its function and the one
+# small file it writes. Everything else (split, needs, config keys, file inputs, version) is the real
+# spec's, so the launcher tests plan the real DAG with the real digests.
+TOY_STAGES = {
+    "merge-experts": ("merge", ["merged/model.json"]),
+    "capture-activations": ("capture", ["activations/block-{block:03d}.json"]),
+    "compute-statistics": ("statistics", ["statistics/layer-{layer:03d}/{task}.json"]),
+    "solve-router": ("solve", ["routers/layer-{layer:03d}.json"]),
+    "assemble-model": ("assemble", ["model/model.json"]),
+    "report": ("report", ["report/metrics.json"]),
+}
+
+
+def _build_toy_stages() -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    import yaml
+
+    out = Path(tempfile.mkdtemp(prefix="harc-toy-stages-"))
+    atexit.register(shutil.rmtree, out, True)
+    for path in sorted(REAL_STAGES_DIR.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        if spec.get("kind") == "pipeline":
+            continue  # hooks: a folder without pipeline.yaml uses the installed pipeline's
+        function, writes = TOY_STAGES[spec["name"]]  # a new real stage needs a toy here
+        spec.update(function=f"harc_toy_stages:{function}", writes=writes, reads=[],
+                    resources={"cpus": 1, "mem_gb": 0.25, "gpus": 0, "time_min": 5})
+        spec.pop("enabled_if", None)  # toy runs always report
+        (out / path.name).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
+TOY_STAGES_DIR = _build_toy_stages()
 _launcher_os.environ["PYTHONPATH"] = _launcher_os.pathsep.join(
     [str(LAUNCHER_TESTS_DIR)] + [p for p in _launcher_os.environ.get("PYTHONPATH", "").split(_launcher_os.pathsep)
                                  if p and p != str(LAUNCHER_TESTS_DIR)]

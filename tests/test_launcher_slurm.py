@@ -1,7 +1,7 @@
 """The launcher against the real local SLURM cluster (slurm/start-local-slurm.sh): afterok chains of
 array jobs, failure propagation and resume, and a task killed mid-run then resubmitted.
 
-No mock of sbatch: toy stages (tests/harc_toy_stages.py, specs in tests/toy_stages/) run as real
+No mock of sbatch: toy stages (tests/harc_toy_stages.py, specs built from the real stages/ in tests/conftest.py) run as real
 array jobs. These tests fail when SLURM is missing, unless HARC_HPC_SKIP_SLURM=1.
 """
 
