@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
 import torch
 
 from harc_hpc.math import TaskCurvature, TokenChunks, solve_router
-from harc_hpc.math.solver import _System
+from harc_hpc.math.solver import HarcSystem
 
 
 # -- synthetic layer ---------------------------------------------------------------------------
@@ -142,7 +141,7 @@ def matvec_throughput(xs_flat, sources, merged, alpha):
     n = sum(x.shape[0] for x in xs_flat)
     flops = 4.0 * n * d * k
     curv = [TaskCurvature(TokenChunks(x), w.double(), "full") for x, w in zip(xs_flat, sources)]
-    system = _System(curv, sum(c.diagonal() for c in curv), alpha)
+    system = HarcSystem(curv, sum(c.diagonal() for c in curv), alpha)
     w = merged.double()
     t_ours = best_time(lambda: system.apply(w))
     wt = merged.float().T.contiguous()
