@@ -490,3 +490,14 @@ def test_submit_killed_mid_run_resumes_to_the_same_bytes_with_no_temporaries(sou
     assert "already complete" in res.stdout
     assert final_bytes(run) == reference
     assert not [p for p in run.rglob("*") if is_temporary(p.name)]
+
+
+def test_the_completion_record_says_what_a_resume_verifies(finished):
+    _, run, _ = finished
+    rec = records.read_completion(run, "capture-activations", "block-000")
+    v = rec["verification"]
+    assert v["format"] == "harc-manifest/1" and "CRC32C" in v["on_resume"]
+    assert v["files"] == v["sha256"] + v["edges"] + v["size_only"] and v["size_only"] > 0 and v["sha256"] > 0
+    files = [p for a in rec["artifacts"] for p in (run / a).rglob("*") if p.is_file()] + \
+        [run / a for a in rec["artifacts"] if (run / a).is_file()]
+    assert v["files"] == len(files) and v["bytes"] == sum(p.stat().st_size for p in files)

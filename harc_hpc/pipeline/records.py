@@ -191,6 +191,23 @@ def artifact_manifest(path: Path) -> dict:
     return {"format": MANIFEST_FORMAT, "type": "file", **_file_entry(path, False)}
 
 
+def verification_summary(artifacts: dict) -> dict:
+    """What a resume will check of these manifests, in numbers (the record says it)."""
+    counts = {"files": 0, "sha256": 0, "edges": 0, "size_only": 0, "bytes": 0}
+    for manifest in artifacts.values():
+        entries = manifest.get("files", {}).values() if manifest.get("type") == "tree" else [manifest]
+        for e in entries:
+            counts["files"] += 1
+            counts["bytes"] += int(e.get("size", 0))
+            key = "sha256" if "sha256" in e else "edges" if "edges" in e else "size_only"
+            counts[key] += 1
+    return {"format": MANIFEST_FORMAT,
+            "on_resume": "presence and size of every file; sha256 of files <= "
+                         f"{ARTIFACT_FULL_HASH_BYTES >> 20} MiB; first/last {ARTIFACT_EDGE_BYTES >> 10} KiB of larger "
+                         "plain files; Zarr chunks by size here and by CRC32C when decoded",
+            **counts}
+
+
 def _check_entry(path: Path, entry: dict) -> Optional[str]:
     try:
         size = path.stat().st_size

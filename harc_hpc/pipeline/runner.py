@@ -249,6 +249,7 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
             "inputs": {"config_digest": payload.get("config_digest"), "config": payload.get("config_slice", {}),
                        "files": payload.get("files", {}), "upstream": payload.get("upstream", {})},
             "artifacts": artifacts,
+            "verification": records.verification_summary(artifacts),
         })
         log.info("%s: done in %.1fs (peak RSS %.0f MB)", payload["id"], wall, stats["peak_rss_mb"])
     return result
