@@ -123,6 +123,8 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int) -> dict:
                     bar.update(1)
                 bar.close()
                 counts[task] = store.num_tokens
+            hidden_out.close()
+            acts.close()
         finally:
             recorder.close()
     return {
