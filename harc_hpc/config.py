@@ -167,6 +167,10 @@ class HarcSection(_Strict):
     # mixed precision: CG corrections with 16-bit GEMMs, refined against the `dtype` operator to tol
     inner_dtype: Optional[Literal["bfloat16", "float16"]] = None
     device: str = "auto"
+    # How much of the solve device's memory a layer's router inputs may take to stay resident for
+    # every CG iteration (default: what the device has free, less 20 %); beyond it they are streamed
+    # from the store on every iteration, and the solve report and log say so.
+    memory_budget_gb: Optional[float] = Field(default=None, gt=0)
 
     @field_validator("alpha")
     @classmethod

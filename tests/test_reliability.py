@@ -501,3 +501,20 @@ def test_the_completion_record_says_what_a_resume_verifies(finished):
     files = [p for a in rec["artifacts"] for p in (run / a).rglob("*") if p.is_file()] + \
         [run / a for a in rec["artifacts"] if (run / a).is_file()]
     assert v["files"] == len(files) and v["bytes"] == sum(p.stat().st_size for p in files)
+
+
+def test_memory_budget_streams_inputs_with_the_same_answer_and_says_so(damaged, caplog):
+    """harc.memory_budget_gb below a layer's inputs: streamed every iteration, same router bytes."""
+    from harc_hpc.stages import solve_router
+
+    config, run, _ = damaged
+    before = (run / "routers/layer-001.safetensors").read_bytes()
+    rep = json.loads((run / "routers/layer-001.json").read_text())
+    assert rep["inputs_resident"] is True and rep["inputs_bytes"] > 0
+    cfg = load_config(config, {"harc.memory_budget_gb": 1e-9})
+    with caplog.at_level("WARNING"):
+        solve_router.run(cfg, run, layer=1)
+    rep = json.loads((run / "routers/layer-001.json").read_text())
+    assert rep["inputs_resident"] is False
+    assert "streamed from the store on every CG iteration" in caplog.text and "memory budget" in caplog.text
+    assert (run / "routers/layer-001.safetensors").read_bytes() == before

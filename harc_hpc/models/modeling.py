@@ -21,6 +21,22 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory free on ``device`` now: CUDA's free bytes, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
 def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch.dtype] = None,
                    trust_remote_code: bool = False):
     """Load a checkpoint for calibration: eval mode, SDPA attention (causal without a mask tensor).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -10,12 +11,15 @@ from pathlib import Path
 from harc_hpc.config import PipelineConfig
 from harc_hpc.dtypes import torch_dtype
 from harc_hpc.io.statistics import load_statistics
-from harc_hpc.errors import InputDataError, require_finite
-from harc_hpc.models.modeling import pick_device
+from harc_hpc.errors import InputDataError, format_bytes, require_finite
+from harc_hpc.models.modeling import free_memory_bytes, pick_device
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
 from harc_hpc.stages.compute_statistics import layer_inputs
 from harc_hpc.stages.routers import merged_router, save_router, source_router
+
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
@@ -33,6 +37,15 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
             raise InputDataError("the statistics hold NaN/Inf", where=str(layout.statistics_file(run_dir, layer, t)),
                                  hint=f"rerun compute-statistics for layer {layer}, task {t}")
     inputs = [layer_inputs(cfg, run_dir, layer, t) for t in tasks]
+    # Resident inputs cost one read of the store; streamed ones a read and decode per CG iteration.
+    input_bytes = sum(len(x) * x.shape[1] for x in inputs) * dtype.itemsize
+    budget = int(h.memory_budget_gb * 2**30) if h.memory_budget_gb else int(0.8 * free_memory_bytes(device))
+    resident = input_bytes <= budget
+    if not resident:
+        log.warning("solve-router layer %d: the inputs (%s as %s) exceed the memory budget (%s): they are "
+                    "streamed from the store on every CG iteration, which is far slower; raise "
+                    "harc.memory_budget_gb or use a device with more memory", layer, format_bytes(input_bytes),
+                    h.dtype, format_bytes(budget))
     sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
     with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
@@ -41,7 +54,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
             alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
             preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
             callback=lambda it, rel: bar.update(1, f"residual {rel:.1e}"),
-            inner_dtype=torch_dtype(h.inner_dtype),
+            inner_dtype=torch_dtype(h.inner_dtype), cache_bytes=budget,
         )
     where = f"solve-router layer {layer}"
     if not math.isfinite(float(sol.relative_residual)):
@@ -58,6 +71,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
         "preconditioner": h.preconditioner,
         "objective": h.objective,
         "inner_dtype": h.inner_dtype,
+        "inputs_bytes": int(input_bytes),
+        "inputs_resident": bool(resident),
         "iterations": int(sol.iterations),
         "relative_residual": float(sol.relative_residual),
         "converged": bool(sol.converged),
