@@ -171,6 +171,9 @@ class HarcSection(_Strict):
     # every CG iteration (default: what the device has free, less 20 %); beyond it they are streamed
     # from the store on every iteration, and the solve report and log say so.
     memory_budget_gb: Optional[float] = Field(default=None, gt=0)
+    # Use at most this many tokens of each task per layer (a seeded, sequence-stratified subsample,
+    # the same for statistics and solve): the paper's results plateau at ~40 % of the data.
+    max_tokens: Optional[int] = Field(default=None, ge=1)
 
     @field_validator("alpha")
     @classmethod

@@ -119,3 +119,30 @@ def test_buffered_activation_writes_equal_direct_writes_chunk_for_chunk(tmp_path
         assert torch.equal(arr.load(), x.to(torch.bfloat16).float())
         assert torch.equal(ActivationArray(root, "b").load(), x[:40].to(torch.bfloat16).float())
     assert stores[True] == stores[False] and len(stores[True]) == 7 + 3
+
+
+def test_token_subsample_is_exact_stratified_and_seeded():
+    from harc_hpc.io.activations import token_subsample
+
+    offsets = np.array([0, 100, 130, 131, 400, 1000])
+    rows = token_subsample(offsets, 250, seed=[0, 1, 2])
+    assert rows.shape == (250,) and np.all(np.diff(rows) > 0) and rows[0] >= 0 and rows[-1] < 1000
+    per_seq = np.histogram(rows, bins=offsets)[0]
+    share = np.diff(offsets) * 250 / 1000
+    assert np.all(np.abs(per_seq - share) < 1.0), (per_seq, share)
+    assert np.array_equal(rows, token_subsample(offsets, 250, seed=[0, 1, 2]))
+    assert not np.array_equal(rows, token_subsample(offsets, 250, seed=[1, 1, 2]))
+    assert token_subsample(offsets, 1000, seed=0) is None and token_subsample(offsets, 5000, seed=0) is None
+
+
+def test_subsampled_array_iterates_only_the_kept_rows(tmp_path):
+    x = torch.randn(50, 4)
+    root = tmp_path / "s.zarr"
+    w = ActivationWriter(root, chunk_tokens=16, dtype="float32")
+    w.create("a", 50, 4, np.array([0, 50]))
+    w.write("a", 0, x)
+    rows = np.array([0, 3, 15, 16, 40, 49])
+    arr = ActivationArray(root, "a", rows=rows)
+    assert len(arr) == 6 and arr.shape == (6, 4) and arr.num_stored == 50
+    assert torch.equal(torch.cat(list(arr)), x[torch.from_numpy(rows)])
+    assert torch.equal(torch.cat(list(arr)), torch.cat(list(arr)))  # re-iterable, same chunks

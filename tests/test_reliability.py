@@ -518,3 +518,23 @@ def test_memory_budget_streams_inputs_with_the_same_answer_and_says_so(damaged, 
     assert rep["inputs_resident"] is False
     assert "streamed from the store on every CG iteration" in caplog.text and "memory budget" in caplog.text
     assert (run / "routers/layer-001.safetensors").read_bytes() == before
+
+
+def test_max_tokens_subsamples_statistics_and_solve_alike_and_deterministically(damaged):
+    from harc_hpc.io.statistics import load_statistics
+    from harc_hpc.stages import compute_statistics, solve_router
+
+    config, run, _ = damaged
+    full = (run / "routers/layer-000.safetensors").read_bytes()
+    total = load_statistics(run / "statistics/layer-000/math.h5").num_tokens
+    cfg = load_config(config, {"harc.max_tokens": total // 2})
+    outs = []
+    for _ in range(2):
+        for t in cfg.task_names:
+            compute_statistics.run(cfg, run, layer=0, task=t)
+        solve_router.run(cfg, run, layer=0)
+        outs.append((run / "routers/layer-000.safetensors").read_bytes())
+    rep = json.loads((run / "routers/layer-000.json").read_text())
+    assert rep["tokens"] == {t: total // 2 for t in cfg.task_names}
+    assert load_statistics(run / "statistics/layer-000/code.h5").num_tokens == total // 2
+    assert outs[0] == outs[1] and outs[0] != full

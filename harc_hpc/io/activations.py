@@ -172,7 +172,9 @@ class ActivationArray:
     """One stored ``(num_tokens, d)`` array. Iterating yields float tensors chunk by chunk, and can be
     repeated (the solver streams the inputs once per operator application)."""
 
-    def __init__(self, store: Path, name: str, chunk_tokens: Optional[int] = None, out_dtype=torch.float32):
+    def __init__(self, store: Path, name: str, chunk_tokens: Optional[int] = None, out_dtype=torch.float32,
+                 rows: Optional[np.ndarray] = None):
+        """``rows``: sorted row indices to keep (a token subsample); iteration and ``len`` see only them."""
         self.store = Path(store)
         self.name = name
         self._array = zarr.open_group(str(self.store), mode="r")[name]
@@ -184,13 +186,19 @@ class ActivationArray:
         self.offsets = np.asarray(self._array.attrs["offsets"], dtype=np.int64)
         self.chunk_tokens = chunk_tokens or self._array.chunks[0]
         self.out_dtype = out_dtype
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self._array.shape)
+        return (len(self), int(self._array.shape[1]))
 
     def __len__(self) -> int:
-        return self._array.shape[0]
+        return self.num_stored if self.rows is None else int(self.rows.shape[0])
+
+    @property
+    def num_stored(self) -> int:
+        """Rows in the store (all of them, subsample or not)."""
+        return int(self._array.shape[0])
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         try:
@@ -203,10 +211,36 @@ class ActivationArray:
     def __iter__(self) -> Iterator[torch.Tensor]:
         n = self._array.shape[0]
         for start in range(0, n, self.chunk_tokens):
-            yield self.read(start, min(n, start + self.chunk_tokens))
+            stop = min(n, start + self.chunk_tokens)
+            if self.rows is None:
+                yield self.read(start, stop)
+                continue
+            lo, hi = np.searchsorted(self.rows, [start, stop])
+            if hi > lo:
+                yield self.read(start, stop)[torch.from_numpy(self.rows[lo:hi] - start)]
 
     def load(self) -> torch.Tensor:
         return self.read(0, self._array.shape[0])
+
+
+def token_subsample(offsets: np.ndarray, max_tokens: int, seed: int) -> Optional[np.ndarray]:
+    """Sorted rows of a seeded, sequence-stratified subsample of ``max_tokens`` tokens (None: all).
+
+    Every sequence keeps its share of the budget (largest remainders get the rounding), chosen
+    uniformly within it, so long and short sequences, and every part of the data, stay represented.
+    """
+    lengths = np.diff(np.asarray(offsets, dtype=np.int64))
+    total = int(lengths.sum())
+    if max_tokens >= total:
+        return None
+    share = lengths * (max_tokens / total)
+    keep = np.floor(share).astype(np.int64)
+    order = np.argsort(-(share - keep), kind="stable")
+    keep[order[: max_tokens - int(keep.sum())]] += 1
+    rng = np.random.default_rng(seed)
+    rows = [off + np.sort(rng.choice(n, size=k, replace=False))
+            for off, n, k in zip(offsets[:-1], lengths, keep) if k]
+    return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
 
 
 def layer_name(layer: int) -> str:

@@ -7,11 +7,13 @@ router is from the source router on these inputs (KL, top-k mismatch). They do n
 
 from __future__ import annotations
 
+import logging
 import time
+import zlib
 from pathlib import Path
 
 
-from harc_hpc.io.activations import ActivationArray, layer_name
+from harc_hpc.io.activations import ActivationArray, layer_name, token_subsample
 from harc_hpc.io.atomic import atomic_path
 from harc_hpc.config import PipelineConfig
 from harc_hpc.dtypes import torch_dtype
@@ -20,19 +22,31 @@ from harc_hpc.errors import InputDataError, require_finite
 from harc_hpc.stages import layout
 from harc_hpc.stages.routers import merged_router, source_router
 
+log = logging.getLogger(__name__)
+
+
 def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> ActivationArray:
+    """A layer's router inputs on one task; with ``harc.max_tokens`` a seeded, sequence-stratified
+    subsample of them (the same rows for the statistics and the solve)."""
     block_list = layout.blocks(cfg)
     block = next(b for b, blk in enumerate(block_list) if layer in blk)
-    return ActivationArray(
+    x = ActivationArray(
         layout.activation_store(run_dir, block), f"{layer_name(layer)}/{task}",
         chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=torch_dtype(cfg.harc.dtype),
     )
+    seed = [cfg.run.seed, zlib.crc32(task.encode()), layer]
+    if cfg.harc.max_tokens is not None:
+        x.rows = token_subsample(x.offsets, cfg.harc.max_tokens, seed)
+        if x.rows is None:
+            log.info("layer %d, task %s: harc.max_tokens %d >= its %d tokens: all are used", layer, task,
+                     cfg.harc.max_tokens, len(x))
+    return x
 
 
 def _first_bad_rows(x: ActivationArray) -> str:
-    step = x.chunk_tokens
-    for start in range(0, len(x), step):
-        chunk = x.read(start, min(len(x), start + step))
+    step, n = x.chunk_tokens, x.num_stored
+    for start in range(0, n, step):
+        chunk = x.read(start, min(n, start + step))
         if not bool(chunk.isfinite().all()):
             return f"the inputs in {x.store} ({x.name}) hold NaN/Inf in rows {start}:{start + chunk.shape[0]}"
     return f"the inputs in {x.store} ({x.name}) are finite (the values overflow {x.out_dtype})"
