@@ -69,3 +69,21 @@ def test_metrics_helpers():
     assert topk_mismatch(x, w, -w, 2) == 1.0  # top-2 of 4 and bottom-2 of 4 never meet
     chunks = [x[:13], x[13:]]
     assert router_kl(chunks, w, 0.5 * w) == pytest.approx(router_kl(x, w, 0.5 * w), rel=1e-12)
+
+
+def test_experts_no_token_reaches_are_counted_and_named(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(300, 8, dtype=torch.float64)
+    x[:, 0] = 3.0  # a constant feature, like a bias
+    w = torch.randn(5, 8, dtype=torch.float64)
+    w[:, 0] = 0.0
+    w[3, 0] = -100.0  # expert 3 is never in the top-2
+    s = compute_task_statistics(x, w, w.clone() * 0.5, top_k=2)
+    assert s.unrouted_experts() == [3]
+    assert int(s.expert_tokens.sum()) == 300 * 2
+    picked = torch.bincount(torch.topk(x @ w.T, 2, dim=1).indices.flatten(), minlength=5)
+    assert torch.equal(s.expert_tokens, picked)
+    assert s.unrouted_experts() == [int(e) for e in (picked == 0).nonzero().flatten()]
+    save_statistics(s, tmp_path / "s.h5")
+    assert torch.equal(load_statistics(tmp_path / "s.h5").expert_tokens, s.expert_tokens)
+    assert compute_task_statistics(x, w, w.clone(), top_k=None).unrouted_experts() == []

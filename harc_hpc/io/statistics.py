@@ -14,7 +14,7 @@ from harc_hpc.errors import CorruptArtifactError, InputDataError
 from harc_hpc.math.statistics import TaskStatistics
 
 FORMAT = "harc-task-statistics/1"
-_TENSORS = ("sigma_diag", "sigma_w", "hessian_mean", "input_gram")
+_TENSORS = ("sigma_diag", "sigma_w", "hessian_mean", "input_gram", "expert_tokens")
 
 
 def save_statistics(stats: TaskStatistics, path) -> None:
@@ -32,8 +32,8 @@ def save_statistics(stats: TaskStatistics, path) -> None:
         for name in _TENSORS:
             value = getattr(stats, name)
             if value is not None:
-                f.create_dataset(name, data=value.detach().cpu().to(torch.float64).numpy(),
-                                 chunks=True, fletcher32=True)
+                dtype = torch.int64 if name == "expert_tokens" else torch.float64
+                f.create_dataset(name, data=value.detach().cpu().to(dtype).numpy(), chunks=True, fletcher32=True)
 
 
 def load_statistics(path) -> TaskStatistics:
@@ -56,6 +56,7 @@ def load_statistics(path) -> TaskStatistics:
                 top_k=int(f.attrs["top_k"]) if "top_k" in f.attrs else None,
                 input_gram=get("input_gram"),
                 source_digest=str(f.attrs.get("source_digest", "")),
+                expert_tokens=get("expert_tokens"),
             )
     except OSError as exc:  # h5py: unreadable file, or a dataset failing its fletcher32 checksum
         raise CorruptArtifactError(path, f"statistics file cannot be read ({exc})") from None

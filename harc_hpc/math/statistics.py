@@ -39,6 +39,12 @@ class TaskStatistics:
     top_k: Optional[int] = None
     input_gram: Optional[torch.Tensor] = None  # (d, d) float64, E[x x^T]
     source_digest: str = ""
+    expert_tokens: Optional[torch.Tensor] = None  # (K,) int64: tokens whose source top-k picks each expert
+
+    def unrouted_experts(self) -> list[int]:
+        """Experts that the source router sends no token of this task to (their rows of the system
+        are fixed by the regularisation alone)."""
+        return [] if self.expert_tokens is None else [int(e) for e in (self.expert_tokens == 0).nonzero().flatten()]
 
     def is_finite(self) -> bool:
         tensors = [t for t in (self.sigma_diag, self.sigma_w, self.hessian_mean, self.input_gram) if t is not None]
@@ -52,7 +58,7 @@ class TaskStatistics:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TaskStatistics(self.num_tokens, self.hessian, move(self.sigma_diag), move(self.sigma_w),
                               move(self.hessian_mean), self.kl, self.topk_mismatch, self.top_k,
-                              move(self.input_gram), self.source_digest)
+                              move(self.input_gram), self.source_digest, self.expert_tokens)
 
 
 def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, merged_router: torch.Tensor,
@@ -64,6 +70,7 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
     diag = torch.zeros(k, d, dtype=torch.float64, device=dev)
     kl = 0.0
     missed = 0
+    expert_tokens = torch.zeros(k, dtype=torch.int64)
     ws = wm = None
     for x, p in curv.pairs():
         if ws is None:
@@ -77,6 +84,7 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
         kl += kl_sum(ls, lm)
         if top_k:
             missed += int(x.shape[0]) * top_k - topk_common(zs, lm, top_k)
+            expert_tokens += torch.bincount(torch.topk(zs, top_k, dim=1).indices.flatten().cpu(), minlength=k)
     n = curv.num_tokens
     return TaskStatistics(
         num_tokens=n,
@@ -89,6 +97,7 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
         top_k=top_k if top_k else None,
         input_gram=curv.input_gram() if input_gram else None,
         source_digest=router_digest(source_router),
+        expert_tokens=expert_tokens if top_k else None,
     )
 
 

@@ -70,6 +70,9 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
     if not stats.is_finite():
         raise InputDataError(f"the statistics came out NaN/Inf; {_first_bad_rows(x)}", where=where,
                              hint="rerun capture-activations for this block")
+    if stats.unrouted_experts():
+        log.warning("layer %d, task %s: the source router sends no calibration token to expert(s) %s",
+                    layer, task, stats.unrouted_experts())
     with atomic_path(layout.statistics_file(run_dir, layer, task)) as tmp:
         save_statistics(stats, tmp)
     return {
@@ -78,5 +81,6 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
         "tokens": int(stats.num_tokens),
         "kl_merged": float(stats.kl),
         "topk_mismatch_merged": None if stats.topk_mismatch is None else float(stats.topk_mismatch),
+        "unrouted_experts": stats.unrouted_experts(),
         "seconds": round(time.perf_counter() - t0, 3),
     }

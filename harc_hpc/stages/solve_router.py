@@ -71,6 +71,9 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
         "preconditioner": h.preconditioner,
         "objective": h.objective,
         "inner_dtype": h.inner_dtype,
+        # Experts the source router sends no calibration token of a task to: their rows are set by
+        # the regularisation and the other tasks only.
+        "unrouted_experts": {t: s.unrouted_experts() for t, s in zip(tasks, stats)},
         "inputs_bytes": int(input_bytes),
         "inputs_resident": bool(resident),
         "iterations": int(sol.iterations),
