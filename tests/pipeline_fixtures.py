@@ -38,6 +38,11 @@ def tiny_config(family: str = "olmoe", layers: int = 3, hidden: int = 32, expert
         from transformers import MixtralConfig
 
         return MixtralConfig(num_local_experts=experts, num_experts_per_tok=top_k, **common)
+    if family == "qwen2_moe":
+        from transformers import Qwen2MoeConfig
+
+        return Qwen2MoeConfig(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden,
+                              shared_expert_intermediate_size=hidden, **common)
     raise ValueError(family)
 
 

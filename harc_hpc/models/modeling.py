@@ -1,10 +1,8 @@
-"""Layer-by-layer forward of a transformers decoder-only MoE model.
-
-Calibration needs the router inputs of layer l from a model whose routers before l are already
-calibrated. Re-running the whole model for every layer is O(L^2) layer passes; instead the hidden
-states entering a block of layers are cached and pushed through one decoder layer at a time. The
-decoder layers of OLMoE, Qwen2/3-MoE and Mixtral share one calling convention in transformers 5
-(``layer(hidden, attention_mask=, position_ids=, position_embeddings=)``), which is all this uses.
+"""Shared pieces for running transformers decoder-only MoE models: device choice, whole-model
+loading (the report's evaluations), padding, router-input hooks. The layer-at-a-time path that
+calibration uses is harc_hpc.models.onload; the decoder layers of OLMoE, Qwen2/3-MoE and Mixtral
+share one calling convention in transformers 5 (``layer(hidden, attention_mask=, position_ids=,
+position_embeddings=)``), which is all it relies on.
 """
 
 from __future__ import annotations
@@ -83,46 +81,6 @@ def pad_batch(seqs: list[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, list
 def unpad(x: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     """(B, T, d) -> (sum lengths, d) keeping only real tokens, in sequence order."""
     return torch.cat([x[i, :n] for i, n in enumerate(lengths)], dim=0)
-
-
-class LayerwiseRunner:
-    """Runs embeddings and contiguous ranges of decoder layers on padded batches."""
-
-    def __init__(self, model):
-        self.model = model
-        self.backbone = decoder(model)
-        self.config = model.config
-        self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
-
-    @torch.no_grad()
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.backbone.embed_tokens(ids.to(self.device))
-
-    def _context(self, hidden: torch.Tensor):
-        from transformers.masking_utils import create_causal_mask
-
-        B, T = hidden.shape[:2]
-        position_ids = torch.arange(T, device=hidden.device).unsqueeze(0).expand(B, -1)
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=None,
-            past_key_values=None, position_ids=position_ids,
-        )
-        pos_emb = self.backbone.rotary_emb(hidden, position_ids)
-        return mask, position_ids, pos_emb
-
-    @torch.no_grad()
-    def run_layers(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Push (B, T, d) hidden states through decoder layers [start, stop)."""
-        if stop <= start:
-            return hidden
-        hidden = hidden.to(device=self.device, dtype=self.dtype)
-        mask, position_ids, pos_emb = self._context(hidden)
-        for layer in self.backbone.layers[start:stop]:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=pos_emb)
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
-        return hidden
 
 
 class RouterInputRecorder:

@@ -7,10 +7,20 @@ pushed through block b's layers while hooks record each calibrated layer's route
 decoder layer is therefore run at most twice over a whole run (O(L), not O(L^2)), and with
 ``block_size = 1`` layer l's inputs come from the model whose routers < l are calibrated, which is
 the paper's Algorithm 1.
+
+The model is never loaded whole (harc_hpc.models.onload): its skeleton lives on the meta device and
+one decoder layer at a time is read from the shards onto the device, every batch of every task is
+pushed through it, and it is freed. Peak memory is one decoder layer plus the block's in-flight
+hidden states (on the device when they fit, else host memory, else node-local disk), whatever the
+size of the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +38,11 @@ from harc_hpc.io.atomic import atomic_path
 from harc_hpc.io.calibration_data import data_digest, tokenize_task
 from harc_hpc.config import PipelineConfig
 from harc_hpc.errors import require_finite
-from harc_hpc.models.modeling import LayerwiseRunner, RouterInputRecorder, batches, load_causal_lm, pad_batch, pick_device, unpad
+from harc_hpc.models.modeling import RouterInputRecorder, batches, free_memory_bytes, pad_batch, pick_device, unpad
+from harc_hpc.models.onload import OnloadedModel
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
-from harc_hpc.stages.routers import load_router, set_router_weights
+from harc_hpc.stages.routers import load_router
 
 
 def ensure_tokens(cfg: PipelineConfig, run_dir: Path, tokenizer_dir: Path) -> dict[str, TokenStore]:
@@ -54,82 +65,182 @@ def ensure_tokens(cfg: PipelineConfig, run_dir: Path, tokenizer_dir: Path) -> di
     return stores
 
 
+class BatchStates:
+    """The hidden states of every calibration batch of one task between two decoder layers, as
+    right-padded (B, T, d) tensors in the model's compute dtype.
+
+    Keeping each batch padded exactly as the whole-model forward pads it is what makes a layer-wise
+    pass equal to it bit for bit: the pads are routed to experts too, and an expert's GEMM over a
+    different number of rows may round differently. They live on the compute device when they fit,
+    else in host memory (pinned for a GPU), else memory-mapped on node-local disk (``$TMPDIR``; a
+    shared filesystem would stall every layer).
+    """
+
+    def __init__(self, shapes: list[tuple[int, int]], dim: int, dtype: torch.dtype, device: torch.device,
+                 placement: str, scratch_dir: Path | None = None):
+        self.shapes = shapes
+        self.dim = dim
+        self.device = device
+        self.placement = placement
+        sizes = [b * t * dim for b, t in shapes]
+        self.offsets = [0]
+        for n in sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        total = self.offsets[-1]
+        self.nbytes = total * dtype.itemsize
+        self._file = None
+        if placement == "device":
+            self.flat = torch.empty(total, dtype=dtype, device=device)
+        elif placement == "host":
+            self.flat = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
+        else:
+            fd, name = tempfile.mkstemp(prefix="harc-hidden-", suffix=".bin", dir=scratch_dir)
+            os.close(fd)
+            self._file = name
+            self.flat = torch.from_file(name, shared=True, size=max(1, total), dtype=dtype)
+
+    def get(self, i: int) -> torch.Tensor:
+        b, t = self.shapes[i]
+        return self.flat[self.offsets[i]: self.offsets[i + 1]].view(b, t, self.dim).to(self.device)
+
+    def set(self, i: int, value: torch.Tensor) -> None:
+        self.flat[self.offsets[i]: self.offsets[i + 1]].view_as(value).copy_(value)
+
+    def close(self) -> None:
+        self.flat = None
+        if self._file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._file)
+            self._file = None
+
+
+def placement_for(nbytes: int, device: torch.device, layer_bytes: int) -> str:
+    """Where a block's in-flight hidden states go: the device if they fit beside two decoder layers
+    with a 20 % margin, else host memory if it has them, else node-local disk."""
+    if device.type != "cpu" and nbytes + 2 * layer_bytes <= 0.8 * free_memory_bytes(device):
+        return "device"
+    if nbytes <= 0.8 * free_memory_bytes(torch.device("cpu")):
+        return "device" if device.type == "cpu" else "host"
+    return "disk"
+
+
+def peak_memory(device: torch.device) -> dict:
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
 def run(cfg: PipelineConfig, run_dir: Path, block: int) -> dict:
+    """Capture block ``block``: one decoder layer on the device at a time, every batch through it."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
     block_list = layout.blocks(cfg)
     if not 0 <= block < len(block_list):
         raise ValueError(f"capture-activations: block {block} does not exist (blocks: 0..{len(block_list) - 1})")
-    fam = layout.family(cfg)
     merged = layout.merged_dir(run_dir)
     tokens = ensure_tokens(cfg, run_dir, merged)
 
     device = pick_device(cfg.harc.device)
-    model = load_causal_lm(merged, device, trust_remote_code=cfg.models.trust_remote_code)
+    model = OnloadedModel(merged, device, trust_remote_code=cfg.models.trust_remote_code)
+    fam = model.family
     # Routers of every earlier block are replaced by their calibrated solutions.
     earlier = [l for blk in block_list[:block] for l in blk]
-    set_router_weights(model, fam, {l: load_router(run_dir, l) for l in earlier})
+    router_name = "mlp.gate.weight"
+    overrides = {l: {router_name: load_router(run_dir, l)} for l in earlier}
 
-    runner = LayerwiseRunner(model)
     start, stop = layout.block_decoder_span(block_list, block)
     prev_start = layout.block_decoder_span(block_list, block - 1)[0] if block > 0 else 0
     layers = block_list[block]
     d = model.config.hidden_size
     bs = cfg.calibration.batch_size
-    counts = {}
-
+    dtype = cfg.calibration.dtype
     n_tokens = sum(s.num_tokens for s in tokens.values())
-    item = {"float32": 4, "float64": 8}.get(cfg.calibration.dtype, 2)
-    with atomic_path(layout.hidden_store(run_dir, block), needed_bytes=n_tokens * d * 4) as htmp, \
-            atomic_path(layout.activation_store(run_dir, block), needed_bytes=n_tokens * d * item * len(layers)) as atmp:
-        # Cached hidden states keep full float32 precision: they feed later blocks' forwards.
-        hidden_out = ActivationWriter(htmp, cfg.calibration.chunk_tokens, "float32")
-        acts = ActivationWriter(atmp, cfg.calibration.chunk_tokens, cfg.calibration.dtype)
-        recorder = RouterInputRecorder({l: fam.router_module(model, l) for l in layers})
-        try:
+    item = {"float32": 4, "float64": 8}.get(dtype, 2)
+    recorder = RouterInputRecorder({l: fam.router_module(model.model, l) for l in layers})
+    states: dict[str, BatchStates] = {}
+    placement = None
+    try:
+        with atomic_path(layout.hidden_store(run_dir, block), needed_bytes=n_tokens * d * item) as htmp, \
+                atomic_path(layout.activation_store(run_dir, block),
+                            needed_bytes=n_tokens * d * item * len(layers)) as atmp:
+            # The cached hidden states are stored in the calibration dtype, like the router inputs.
+            hidden_out = ActivationWriter(htmp, cfg.calibration.chunk_tokens, dtype)
+            acts = ActivationWriter(atmp, cfg.calibration.chunk_tokens, dtype)
+            plan = {t: list(batches(s.num_sequences, bs)) for t, s in tokens.items()}
+            shapes = {t: [(len(idx), int(max(s.offsets[i + 1] - s.offsets[i] for i in idx))) for idx in plan[t]]
+                      for t, s in tokens.items()}
+            nbytes = sum(b * t for sh in shapes.values() for b, t in sh) * d * model.dtype.itemsize
+            placement = placement_for(nbytes, device, model.layer_bytes(start if start < stop else 0))
             for task, store in tokens.items():
-                offsets = store.offsets
-                hidden_out.create(task, store.num_tokens, d, offsets)
+                states[task] = BatchStates(shapes[task], d, model.dtype, device, placement)
+                hidden_out.create(task, store.num_tokens, d, store.offsets)
                 for l in layers:
-                    acts.create(f"{layer_name(l)}/{task}", store.num_tokens, d, offsets)
-                prev = None
-                if block > 0:
-                    prev = ActivationArray(layout.hidden_store(run_dir, block - 1), task)
-                bar = Progress(-(-store.num_sequences // bs), f"capture block {block} task {task} (batches)")
-                for idx in batches(store.num_sequences, bs):
-                    lo, hi = int(offsets[idx.start]), int(offsets[idx.stop])
-                    if block == 0:
-                        ids, lengths = pad_batch([torch.from_numpy(store.sequence(i)) for i in idx])
-                        h = runner.embed(ids)
+                    acts.create(f"{layer_name(l)}/{task}", store.num_tokens, d, store.offsets)
+                # The states entering decoder layer prev_start: embeddings, or the previous cache.
+                prev = ActivationArray(layout.hidden_store(run_dir, block - 1), task,
+                                       out_dtype=model.dtype) if block > 0 else None
+                offsets = store.offsets
+                for i, idx in enumerate(plan[task]):
+                    if prev is None:
+                        ids, _ = pad_batch([torch.from_numpy(store.sequence(j)) for j in idx])
+                        h = model.embed(ids)
                     else:
+                        lo, hi = int(offsets[idx.start]), int(offsets[idx.stop])
                         flat = prev.read(lo, hi)
-                        parts = [flat[int(offsets[i]) - lo: int(offsets[i + 1]) - lo] for i in idx]
-                        h, lengths = pad_batch(parts)
-                        h = runner.run_layers(h, prev_start, start)
-                    where = (f"capture-activations block {block}, task {task}, sequences {idx.start}-"
-                             f"{idx.stop - 1} (tokens {lo}:{hi})")
-                    flat_h = unpad(h, lengths).float()
-                    require_finite(flat_h, f"the hidden states entering decoder layer {start}", where,
-                                   hint="check the merged model and the calibrated routers of earlier blocks")
-                    hidden_out.write(task, lo, flat_h)
-                    runner.run_layers(h, start, stop)
-                    B, T = h.shape[:2]
-                    for l in layers:
-                        x = unpad(recorder.pop(l).reshape(B, T, d), lengths)
-                        require_finite(x, f"the router inputs of layer {l}", where,
-                                       hint="the model overflows or holds NaN weights; try calibration.dtype float32")
-                        acts.write(f"{layer_name(l)}/{task}", lo, x)
-                    bar.update(1)
-                bar.close()
-                counts[task] = store.num_tokens
-            hidden_out.close()
+                        h, _ = pad_batch([flat[int(offsets[j]) - lo: int(offsets[j + 1]) - lo] for j in idx])
+                    states[task].set(i, h)
+            model.release_embeddings()
+
+            def where(task, idx):
+                o = tokens[task].offsets
+                return (f"capture-activations block {block}, task {task}, sequences {idx.start}-{idx.stop - 1} "
+                        f"(tokens {int(o[idx.start])}:{int(o[idx.stop])})")
+
+            def lengths_of(task, idx):
+                o = tokens[task].offsets
+                return [int(o[j + 1] - o[j]) for j in idx]
+
+            for j in range(prev_start, stop):
+                if j == start:
+                    # The states entering this block: the next block's capture starts from them.
+                    for task, store in tokens.items():
+                        for i, idx in enumerate(plan[task]):
+                            flat_h = unpad(states[task].get(i), lengths_of(task, idx))
+                            require_finite(flat_h, f"the hidden states entering decoder layer {start}",
+                                           where(task, idx),
+                                           hint="check the merged model and the calibrated routers of earlier blocks")
+                            hidden_out.write(task, int(store.offsets[idx.start]), flat_h)
+                    hidden_out.close()
+                model.onload(j, overrides.get(j))
+                for task, store in tokens.items():
+                    bar = Progress(len(plan[task]), f"capture block {block} layer {j} task {task} (batches)")
+                    for i, idx in enumerate(plan[task]):
+                        h = model.run_layer(j, states[task].get(i))
+                        states[task].set(i, h)
+                        if j in layers:
+                            B, T = h.shape[:2]
+                            x = unpad(recorder.pop(j).reshape(B, T, d), lengths_of(task, idx))
+                            require_finite(x, f"the router inputs of layer {j}", where(task, idx),
+                                           hint="the model overflows or holds NaN weights; "
+                                                "try calibration.dtype float32")
+                            acts.write(f"{layer_name(j)}/{task}", int(store.offsets[idx.start]), x)
+                        bar.update(1)
+                    bar.close()
+                model.offload(j)
             acts.close()
-        finally:
-            recorder.close()
+    finally:
+        recorder.close()
+        for s in states.values():
+            s.close()
+        model.close()
     return {
         "block": block,
         "layers": layers,
-        "tokens": counts,
+        "tokens": {t: s.num_tokens for t, s in tokens.items()},
+        "decoder_layers_run": [prev_start, stop],
+        "hidden_states_in": placement,
+        **peak_memory(device),
         "seconds": round(time.perf_counter() - t0, 3),
     }

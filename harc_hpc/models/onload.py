@@ -1,0 +1,168 @@
+"""A checkpoint run one decoder layer at a time: the model's skeleton on the meta device, each layer's
+weights read straight from the safetensors shards onto the compute device when it runs, and freed
+after.
+
+Peak memory is one decoder layer, the embeddings while they are used, and the activations, whatever
+the number of layers (the sequential onloading of llm-compressor, Model-Optimizer's layerwise
+calibration and REAP's layerwise observer). Each layer is loaded once and every batch is pushed
+through it before the next one is loaded.
+
+The skeleton is built by transformers itself (``from_config`` under ``torch.device("meta")``), so
+the layer code, the causal mask and the rotary embedding are the library's own; only the weights are
+placed here. On disk a layer's experts are usually one matrix per expert under the family's legacy
+names; transformers 5 fuses them in memory (``mlp.experts.gate_up_proj`` (E, 2I, d), gate rows before
+up rows; ``mlp.experts.down_proj`` (E, d, I)). ``layer_state_dict`` does that fusion for one layer,
+from either on-disk layout, in the same order and dtype conversion as ``from_pretrained``, so a layer
+loaded here computes exactly what the whole-model path computes (bit for bit on CPU; tested).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from harc_hpc.io.checkpoint import Checkpoint, CheckpointError
+from harc_hpc.models.families import family_for_config
+from harc_hpc.models.modeling import decoder
+
+
+def compute_dtype_for(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls there are slow and thread-count dependent), else the checkpoint's."""
+    return torch.float32 if device.type == "cpu" else checkpoint_dtype
+
+
+def _config_dtype(config) -> torch.dtype:
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
+
+
+def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype: torch.dtype) -> dict:
+    """The in-memory parameters ``names`` of decoder layer ``layer`` (names relative to the layer),
+    read from the checkpoint in either expert layout and converted to ``dtype``."""
+    prefix = f"model.layers.{layer}."
+    keys = ckpt.keys()
+    key_set = set(keys)
+    out = {}
+    experts = None
+    for name in names:
+        disk = prefix + name
+        if disk not in key_set and name.startswith("mlp."):
+            alt = f"{prefix}{fam.moe_module}.{name[4:]}"
+            if alt in key_set:
+                disk = alt
+        if disk in key_set:
+            out[name] = ckpt.get_tensor(disk).to(dtype)
+            continue
+        if name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+            if experts is None:
+                experts = sorted({e.expert for e in map(fam.parse_expert_key, keys)
+                                  if e is not None and e.layer == layer and e.expert is not None})
+            if not experts:
+                raise CheckpointError(f"{ckpt.name}: layer {layer} has neither {disk!r} nor per-expert tensors")
+            if name.endswith("gate_up_proj"):
+                parts = [torch.cat([ckpt.get_tensor(fam.expert_key(layer, e, "gate")),
+                                    ckpt.get_tensor(fam.expert_key(layer, e, "up"))], dim=0) for e in experts]
+            else:
+                parts = [ckpt.get_tensor(fam.expert_key(layer, e, "down")) for e in experts]
+            out[name] = torch.stack(parts).to(dtype)
+            continue
+        raise CheckpointError(f"{ckpt.name}: tensor {disk!r} of decoder layer {layer} is missing")
+    return out
+
+
+class OnloadedModel:
+    """A decoder-only model whose layers live on the meta device until ``onload``.
+
+    ``overrides`` maps a layer to in-memory tensors that replace the checkpoint's (the calibrated
+    routers: ``{layer: {"mlp.gate.weight": W}}``).
+    """
+
+    def __init__(self, path: Path | str, device: torch.device, dtype: Optional[torch.dtype] = None,
+                 trust_remote_code: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self.ckpt = Checkpoint(self.path)
+        config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
+        self.family = family_for_config(json.loads((self.path / "config.json").read_text()))
+        self.dtype = dtype or compute_dtype_for(self.device, _config_dtype(config))
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=self.dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
+        self.model.eval()
+        self.config = self.model.config
+        self.backbone = decoder(self.model)
+        # The rotary embedding holds only computed buffers: build it for real on the device.
+        rotary = self.backbone.rotary_emb
+        with torch.device("cpu"):
+            self.backbone.rotary_emb = type(rotary)(config=self.config).to(self.device)
+        self.num_layers = len(self.backbone.layers)
+        self._embed: Optional[torch.nn.Module] = None
+
+    # -- weights -----------------------------------------------------------------------------------
+    def layer(self, index: int) -> torch.nn.Module:
+        return self.backbone.layers[index]
+
+    def onload(self, index: int, overrides: Optional[dict] = None) -> torch.nn.Module:
+        """Materialise decoder layer ``index`` on the device with its checkpoint weights."""
+        module = self.layer(index)
+        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        state = layer_state_dict(self.ckpt, self.family, index, names, self.dtype)
+        for name, value in (overrides or {}).items():
+            if name not in state:
+                raise KeyError(f"decoder layer {index} has no parameter {name!r}")
+            if tuple(value.shape) != tuple(state[name].shape):
+                raise ValueError(f"layer {index}: {name} shape {tuple(value.shape)} != model's "
+                                 f"{tuple(state[name].shape)}")
+            state[name] = value.to(self.dtype)
+        module.to_empty(device=self.device)
+        module.load_state_dict(state, strict=True)
+        return module
+
+    def offload(self, index: int) -> None:
+        """Free decoder layer ``index`` (back to the meta device)."""
+        self.layer(index).to("meta")
+
+    def layer_bytes(self, index: int) -> int:
+        """Bytes decoder layer ``index`` occupies on the device."""
+        return sum(p.numel() for p in self.layer(index).parameters()) * self.dtype.itemsize
+
+    # -- forward -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._embed is None:
+            weight = self.ckpt.get_tensor("model.embed_tokens.weight").to(self.dtype)
+            self._embed = torch.nn.Embedding.from_pretrained(weight.to(self.device), freeze=True,
+                                                             padding_idx=self.backbone.embed_tokens.padding_idx)
+        return self._embed(ids.to(self.device))
+
+    def release_embeddings(self) -> None:
+        self._embed = None
+
+    def context(self, hidden: torch.Tensor):
+        """(causal mask, position ids, rotary embeddings) for a right-padded (B, T, d) batch."""
+        from transformers.masking_utils import create_causal_mask
+
+        B, T = hidden.shape[:2]
+        position_ids = torch.arange(T, device=hidden.device).unsqueeze(0).expand(B, -1)
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                  cache=None, position_ids=position_ids)
+        return mask, position_ids, self.backbone.rotary_emb(hidden, position_ids)
+
+    @torch.no_grad()
+    def run_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Push a (B, T, d) batch through the (onloaded) decoder layer ``index``."""
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        mask, position_ids, pos_emb = self.context(hidden)
+        out = self.layer(index)(hidden, attention_mask=mask, position_ids=position_ids,
+                                position_embeddings=pos_emb)
+        return out[0] if isinstance(out, tuple) else out
+
+    def close(self) -> None:
+        self.ckpt.close()
