@@ -77,6 +77,11 @@ class RunSection(_Strict):
     name: OneLine = "harc-run"
     output_dir: OneLinePath = Path("runs")
     seed: int = 0
+    # Intermediate artifacts (hidden-state caches, router inputs) are deleted once every task that
+    # reads them is complete ("delete-intermediate"); "keep" leaves them for inspection. A later run
+    # that needs a deleted one recomputes it. The merged model, routers, final model and report are
+    # never deleted.
+    retention: Literal["keep", "delete-intermediate"] = "delete-intermediate"
 
     @property
     def run_dir(self) -> Path:

@@ -59,7 +59,8 @@ def run_debug(config: Path, run_dir: Path):
 def finished(sources, tmp_path_factory):
     """A finished run and its final bytes; tests copy it before damaging it."""
     root = tmp_path_factory.mktemp("finished")
-    config = write_config(root, sources, name="run", executor="debug")
+    # run.retention keep: these tests damage and read the intermediate stores of a finished run
+    config = write_config(root, sources, name="run", executor="debug", extra={"run.retention": "keep"})
     plan, outcome, _ = run_debug(config, root / "runs" / "run")
     assert outcome.ok, (outcome.failed, outcome.skipped)
     return config, plan.run_dir, final_bytes(plan.run_dir)
@@ -183,7 +184,9 @@ def test_nan_router_inputs_stop_capture_naming_layer_task_and_rows(sources, tmp_
     def poisoned(x, lengths):
         out = real_unpad(x, lengths)
         calls["n"] += 1
-        if calls["n"] == 4:  # block 0, task math: the router inputs of the second batch
+        # capture unpads the hidden states of all 2 x 3 batches, then layer 0's router inputs batch by
+        # batch: call 8 is block 0, task math, the router inputs of its second batch
+        if calls["n"] == 8:
             out = out.clone()
             out[3, 1] = float("nan")
         return out

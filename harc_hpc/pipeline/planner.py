@@ -29,7 +29,7 @@ from harc_hpc.pipeline import records
 SPECS_ENV = "HARC_HPC_STAGES"
 
 # Settings that change where or how fast a task runs, never what it produces.
-RUNTIME_ONLY_KEYS = ("harc.device", "harc.memory_budget_gb")  # where and how, not what
+RUNTIME_ONLY_KEYS = ("harc.device", "harc.memory_budget_gb", "run.retention")  # where and how, not what
 
 Split = Literal["none", "block", "layer", "layer_task"]
 SPLIT_KEYS: dict[str, tuple[str, ...]] = {
@@ -79,6 +79,9 @@ class StageSpec(_Strict):
     file_inputs: list[str] = Field(default_factory=list)
     reads: list[str] = Field(default_factory=list)
     writes: list[str] = Field(default_factory=list)
+    # Those of ``writes`` that only later stages read: deleted under run.retention
+    # delete-intermediate once every task that reads them is complete.
+    scratch: list[str] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
     # A config key (dotted); when it is false the stage is left out of the plan (e.g. report.enabled).
     enabled_if: Optional[str] = None
@@ -279,6 +282,37 @@ class Plan:
     task_names: list[str]
     tasks: dict[str, Task]  # id -> task, in a dependency order
     config_path: Optional[Path] = None  # the config snapshot jobs load (set by save_run_config)
+    retention: str = "keep"  # run.retention
+
+    # -- intermediate artifacts -------------------------------------------------------------------
+    def scratch_of(self, task: Task) -> dict[str, list[Task]]:
+        """Each scratch artifact of ``task`` and the tasks that read it."""
+        cache = self.__dict__.setdefault("_scratch_cache", {})
+        if task.id in cache:
+            return cache[task.id]
+        out = cache[task.id] = {}
+        for rel in format_templates(self.specs[task.stage].scratch, task.template_values()):
+            key = rel.rstrip("/")
+            out[rel] = [t for t in self.tasks.values() if t is not task and any(
+                r.rstrip("/") == key or key.startswith(r.rstrip("/") + "/")
+                for r in format_templates(self.specs[t.stage].reads, t.template_values()))]
+        return out
+
+    def restore_reason(self, task: Task, todo: Optional[Iterable[str]] = None) -> Optional[str]:
+        """Why a complete ``task`` must run again: a deleted artifact of it is read by a task that is
+        to run (one in ``todo``; without ``todo``, any incomplete one)."""
+        rec = records.read_completion(self.run_dir, task.stage, task.key) or {}
+        retired = rec.get("retired") or {}
+        if not retired:
+            return None
+        todo = None if todo is None else set(todo)
+        for rel, readers in self.scratch_of(task).items():
+            if rel not in retired:
+                continue
+            for r in readers:
+                if (r.id in todo) if todo is not None else not self.is_complete(r):
+                    return f"{r.id} needs {rel}, which was deleted after use (run.retention)"
+        return None
 
     # -- completion -------------------------------------------------------------------------------
     def is_complete(self, task: Task) -> bool:
@@ -492,6 +526,7 @@ def build_plan(
         blocks=blocks,
         task_names=task_names,
         tasks=ordered,
+        retention=cfg.run.retention,
     )
 
 

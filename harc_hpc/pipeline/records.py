@@ -14,9 +14,11 @@ and last 64 KiB; ``status --verify`` decodes every chunk as well.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -278,3 +280,65 @@ def _verify_array(arr, name: str) -> Optional[str]:
         except Exception as exc:  # noqa: BLE001 - a checksum or codec failure: the chunk is corrupt
             return f"array {name}: chunk at row {start} cannot be read ({exc})"
     return None
+
+
+# -- intermediate artifacts (run.retention) ------------------------------------------------------
+
+
+def artifact_bytes(manifest) -> int:
+    if not isinstance(manifest, dict):
+        return 0
+    if manifest.get("type") == "file":
+        return int(manifest.get("size", 0))
+    return sum(int(e.get("size", 0)) for e in manifest.get("files", {}).values())
+
+
+def restore_reason(run_dir: Path, stage: str, key: str, entries: list[dict]) -> Optional[str]:
+    """Why a complete task must run again: an artifact of it was deleted after use and a task that
+    reads it is not complete (``entries``: the payload's retire list)."""
+    rec = read_completion(run_dir, stage, key) or {}
+    retired = rec.get("retired") or {}
+    for e in entries:
+        if (e["stage"], e["key"]) != (stage, key) or e["artifact"] not in retired:
+            continue
+        for r_stage, r_key, r_digest in e["readers"]:
+            if not is_complete(run_dir, r_stage, r_key, r_digest):
+                return f"{r_stage}/{r_key} needs {e['artifact']}, which was deleted after use (run.retention)"
+    return None
+
+
+def retire_if_consumed(run_dir: Path, entry: dict, holding_lock: bool = False) -> Optional[int]:
+    """Delete an intermediate artifact once every task that reads it is complete, and record it in
+    its producer's completion record as retired (size, when). Returns the bytes freed, or None.
+
+    The record is updated under the producer's task lock, so two readers finishing at once retire
+    it once; the artifact is first renamed to a temporary name, so a kill mid-delete leaves only a
+    temporary that the next submit sweeps.
+    """
+    from harc_hpc.io.atomic import remove_path, temp_sibling, write_json_atomic
+    from harc_hpc.pipeline.lock import TaskLock
+
+    run_dir = Path(run_dir)
+    for r_stage, r_key, r_digest in entry["readers"]:
+        if not is_complete(run_dir, r_stage, r_key, r_digest):
+            return None
+    lock = contextlib.nullcontext() if holding_lock else TaskLock(run_dir, entry["stage"], entry["key"])
+    with lock:
+        rec = read_completion(run_dir, entry["stage"], entry["key"])
+        rel = entry["artifact"]
+        if not rec or rec.get("digest") != entry["digest"] or rel not in rec.get("artifacts", {}):
+            return None
+        manifest = rec["artifacts"].pop(rel)
+        size = artifact_bytes(manifest)
+        path = run_dir / rel
+        if path.exists():
+            doomed = temp_sibling(path)
+            os.replace(path, doomed)
+            remove_path(doomed)
+        rec.setdefault("retired", {})[rel] = {
+            "bytes": size, "retired_at": datetime.now(timezone.utc).isoformat(),
+            "readers": [f"{s}/{k}" for s, k, _ in entry["readers"]],
+        }
+        rec["verification"] = verification_summary(rec["artifacts"])
+        write_json_atomic(completion_path(run_dir, entry["stage"], entry["key"]), rec)
+    return size

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 import submitit
 
+from harc_hpc.errors import format_bytes
 from harc_hpc.io.atomic import write_json_atomic
 from harc_hpc.pipeline import records
 
@@ -55,7 +56,24 @@ def task_payload(plan, task, threads: Optional[int] = None) -> dict:
         "files": task.inputs.get("files", {}),
         "config": str(plan.config_path) if plan.config_path else None,
         "threads": threads,
+        "retire": _retire_entries(plan, task),
     }
+
+
+def _retire_entries(plan, task) -> list[dict]:
+    """Under run.retention delete-intermediate: the scratch artifacts this task writes or reads, each
+    with its producer and every task that reads it (deleted once all of them are complete)."""
+    if plan.retention != "delete-intermediate":
+        return []
+    out = []
+    for producer in plan.tasks.values():
+        if not plan.specs[producer.stage].scratch:
+            continue
+        for rel, readers in plan.scratch_of(producer).items():
+            if producer is task or any(r is task for r in readers):
+                out.append({"stage": producer.stage, "key": producer.key, "digest": producer.digest,
+                            "artifact": rel, "readers": [[r.stage, r.key, r.digest] for r in readers]})
+    return out
 
 
 def _short(obj: Any) -> str:
@@ -174,6 +192,8 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
     stage, key, digest = payload["stage"], payload["key"], payload["digest"]
     why = None if force else records.why_incomplete(run_dir, stage, key, digest)
     if not force and why is None:
+        why = records.restore_reason(run_dir, stage, key, payload.get("retire", []))
+    if not force and why is None:
         rec = records.read_completion(run_dir, stage, key) or {}
         log.info("%s: already complete, skipping", payload["id"])
         return rec.get("result", {})
@@ -252,6 +272,12 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
             "verification": records.verification_summary(artifacts),
         })
         log.info("%s: done in %.1fs (peak RSS %.0f MB)", payload["id"], wall, stats["peak_rss_mb"])
+        for entry in payload.get("retire", []):
+            own = (entry["stage"], entry["key"]) == (stage, key)
+            freed = records.retire_if_consumed(run_dir, entry, holding_lock=own)
+            if freed is not None:
+                log.info("%s: deleted %s (%s), which every task reading it has used (run.retention)",
+                         payload["id"], entry["artifact"], format_bytes(freed))
     return result
 
 

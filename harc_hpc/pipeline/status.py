@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from harc_hpc.errors import format_bytes
 from harc_hpc.pipeline import records, sacct
 from harc_hpc.pipeline.executors.base import read_submissions
 
@@ -29,6 +30,8 @@ class TaskStatus:
     log: str = ""  # the task's own log, for failures
     slurm_log: str = ""  # submitit's stderr of the array task, for failures
     error: str = ""
+    disk_bytes: int = 0  # what its recorded artifacts occupy now
+    retired_bytes: int = 0  # intermediate artifacts deleted after use (run.retention)
 
 
 def collect(run_dir: Path, verify: bool = False) -> list[TaskStatus]:
@@ -55,6 +58,9 @@ def collect(run_dir: Path, verify: bool = False) -> list[TaskStatus]:
         why = records.why_incomplete(run_dir, t["stage"], t["key"], t["digest"], deep=verify)
         if why is None:
             st.state = "done"
+            rec = records.read_completion(run_dir, t["stage"], t["key"]) or {}
+            st.disk_bytes = sum(records.artifact_bytes(m) for m in rec.get("artifacts", {}).values())
+            st.retired_bytes = sum(int(r.get("bytes", 0)) for r in (rec.get("retired") or {}).values())
             out.append(st)
             continue
         if why.startswith("artifact"):
@@ -106,7 +112,13 @@ def format_table(rows: list[TaskStatus]) -> str:
         counts: dict[str, int] = {}
         for r in rs:
             counts[r.state] = counts.get(r.state, 0) + 1
-        lines.append(f"{stage}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        head = f"{stage}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        disk, retired = sum(r.disk_bytes for r in rs), sum(r.retired_bytes for r in rs)
+        if disk or retired:
+            head += f"; on disk {format_bytes(disk)}"
+            if retired:
+                head += f", {format_bytes(retired)} deleted after use"
+        lines.append(head)
         for r in rs:
             line = f"  {r.key:<28} {r.state:<9} {r.slurm_state or '-':<11} {r.job_id or '-':<12}"
             if r.state in ("failed", "cancelled", "invalid"):

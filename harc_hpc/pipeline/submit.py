@@ -10,6 +10,7 @@ from harc_hpc.config import PipelineConfig
 from harc_hpc.pipeline.executors import EXECUTORS
 from harc_hpc.pipeline.executors.base import Outcome
 from harc_hpc.pipeline.executors.slurm import print_dry_run
+from harc_hpc.pipeline import records
 from harc_hpc.pipeline.planner import Plan, Task
 
 
@@ -29,6 +30,19 @@ def pending_tasks(plan: Plan, tasks: Optional[Iterable[Task]] = None, force: boo
         if why.startswith("artifact") and echo is not None:
             echo(f"rerunning {t.id}: {why}")
         todo.append(t)
+    # A complete task whose deleted intermediate artifact a task to run reads runs again first;
+    # consumers come after their producers in plan order, so one backward pass finds them all.
+    todo_ids = {t.id for t in todo}
+    for t in reversed(list(plan.tasks.values())):
+        if t.id in todo_ids:
+            continue
+        why = plan.restore_reason(t, todo_ids)
+        if why:
+            todo_ids.add(t.id)
+            if echo is not None:
+                echo(f"rerunning {t.id}: {why}")
+    todo = [t for t in plan.tasks.values() if t.id in todo_ids]
+    done = [t for t in done if t.id not in todo_ids]
     return todo, done
 
 
@@ -53,9 +67,14 @@ def execute(
     if dry_run:
         print_dry_run(plan, cfg, todo, explicit_executor_keys, echo)
         return outcome
-    plan.save()
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r} ({', '.join(EXECUTORS)})")
+    plan.save()
+    # A task chosen only to recompute a deleted intermediate (or to read one) still has a valid
+    # record; drop it, so that no task deletes the recomputed artifact again before its reader ran.
+    for t in todo:
+        if plan.is_complete(t):
+            records.remove_completion(plan.run_dir, t.stage, t.key)
     if executor == "slurm":
         return EXECUTORS[executor](plan, cfg, todo, force, explicit_executor_keys, echo, outcome)
     return EXECUTORS[executor](plan, cfg, todo, force, echo, outcome)

@@ -1,0 +1,81 @@
+"""run.retention: intermediate stores deleted once read, recomputed when a later task needs them."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from harc_hpc.config import load_config
+from harc_hpc.pipeline import records
+from harc_hpc.pipeline.api import submit_run
+from harc_hpc.pipeline.status import collect, format_table
+from pipeline_fixtures import build_tiny_sources, write_config
+
+
+def final_bytes(run_dir: Path) -> dict:
+    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for sub in ("model", "routers") for p in sorted((run_dir / sub).glob("*.safetensors"))}
+
+
+def run(config, lines=None):
+    plan, outcome = submit_run(load_config(config), executor="debug", echo=(lines if lines is not None else []).append)
+    assert outcome.ok, (outcome.failed, outcome.skipped)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return build_tiny_sources(tmp_path_factory.mktemp("src"), layers=3)
+
+
+@pytest.fixture(scope="module")
+def kept(sources, tmp_path_factory):
+    root = tmp_path_factory.mktemp("kept")
+    plan = run(write_config(root, sources, name="kept", extra={"run.retention": "keep"}))
+    return plan.run_dir, final_bytes(plan.run_dir)
+
+
+def test_keep_leaves_the_intermediate_stores(kept):
+    run_dir, _ = kept
+    assert sorted(p.name for p in (run_dir / "activations").iterdir()) == [f"block-00{b}.zarr" for b in range(3)]
+    assert sorted(p.name for p in (run_dir / "hidden").iterdir()) == [f"block-00{b}.zarr" for b in range(3)]
+
+
+def test_delete_intermediate_frees_scratch_with_the_same_result(sources, tmp_path, kept):
+    plan = run(write_config(tmp_path, sources, name="del"))  # the default
+    run_dir = plan.run_dir
+    assert list((run_dir / "activations").iterdir()) == [] and list((run_dir / "hidden").iterdir()) == []
+    assert final_bytes(run_dir) == kept[1]
+    rec = records.read_completion(run_dir, "capture-activations", "block-001")
+    assert set(rec["retired"]) == {"activations/block-001.zarr", "hidden/block-001.zarr"}
+    assert rec["retired"]["activations/block-001.zarr"]["bytes"] > 0
+    assert rec["retired"]["hidden/block-001.zarr"]["readers"] == ["capture-activations/block-002"]
+    assert "activations/block-001.zarr" not in rec["artifacts"]
+    rows = collect(run_dir)
+    assert all(r.state == "done" for r in rows)
+    table = format_table(rows)
+    assert "capture-activations: done 3; on disk" in table and "deleted after use" in table, table
+    # nothing changed: nothing reruns, nothing is recomputed
+    lines: list[str] = []
+    submit_run(load_config(plan.run_dir / "config.yaml"), executor="debug", echo=lines.append)
+    assert any("nothing to do" in l for l in lines), lines
+
+
+def test_a_rerun_that_needs_a_deleted_store_recomputes_it(sources, tmp_path, kept):
+    config = write_config(tmp_path, sources, name="restore")
+    plan = run(config)
+    router = plan.run_dir / "routers/layer-002.safetensors"
+    router.unlink()
+    lines: list[str] = []
+    run(config, lines)
+    text = "\n".join(lines)
+    # solve 2 reads activations 2 -> capture 2 reads hidden 1 -> capture 1 reads hidden 0 -> capture 0
+    assert "rerunning capture-activations/block-002: solve-router/layer-002 needs activations/block-002.zarr" in text
+    assert "rerunning capture-activations/block-000: capture-activations/block-001 needs hidden/block-000.zarr" in text
+    ran = [l.split()[1] for l in lines if l.startswith("running ")]
+    assert ran == ["capture-activations/block-000", "capture-activations/block-001",
+                   "capture-activations/block-002", "solve-router/layer-002"], ran
+    assert final_bytes(plan.run_dir) == kept[1]
+    assert list((plan.run_dir / "activations").iterdir()) == []
