@@ -227,6 +227,7 @@ class ExecutorSection(_Strict):
     array_parallelism: int = Field(default=64, ge=1)
     max_requeues: int = Field(default=3, ge=0)
     local_workers: int = Field(default=1, ge=1)  # tasks run at once by the local executor
+    gpu_memory_gb: float = Field(default=80, gt=0)  # memory of one GPU of the partition (plan checks)
     signal_delay_s: int = Field(default=90, ge=1)  # SIGUSR2 this long before the time limit: requeue
     extra_sbatch: dict[str, OneLineAny] = Field(default_factory=dict)
     setup: list[OneLine] = Field(default_factory=list)  # one shell line each

@@ -58,11 +58,12 @@ def main(verbose: int, debug: bool) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-from harc_hpc.cli.launch import stage_alias, stage_cmd, status_cmd, submit_cmd  # noqa: E402
+from harc_hpc.cli.launch import plan_cmd, stage_alias, stage_cmd, status_cmd, submit_cmd  # noqa: E402
 from harc_hpc.cli.report import compare_command, report_command  # noqa: E402
 from harc_hpc.stages.merge_experts import merge_experts_command  # noqa: E402
 
 main.add_command(submit_cmd)
+main.add_command(plan_cmd)
 main.add_command(stage_cmd)
 main.add_command(status_cmd)
 main.add_command(report_command)

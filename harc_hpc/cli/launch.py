@@ -110,6 +110,44 @@ def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force, over
     sys.exit(_report(plan, outcome, executor, wait or executor != "slurm", since=started))
 
 
+@click.command("plan")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model-config", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="a config.json standing in for the sources' (plan before the weights are on disk)")
+@click.option("--tflops", type=float, default=None,
+              help="throughput for the time estimates (default: 300 for GPU tasks, 0.1 for CPU ones)")
+@click.option("--json", "as_json", is_flag=True, help="print the estimates as JSON")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None)
+@click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key")
+def plan_cmd(config, model_config, tflops, as_json, run_dir, stages_dir, overrides=()):
+    """Estimate each stage's peak GPU memory, host RAM, scratch disk and time; exit 1 when a
+    stage does not fit the executor section."""
+    import json
+
+    from harc_hpc.pipeline.api import plan_estimates
+    from harc_hpc.pipeline.estimate import format_estimates, to_json
+
+    cfg = _load(config, overrides)
+    conf = json.loads(Path(model_config).read_text()) if model_config else None
+    try:
+        cfg, plan, est, problems = plan_estimates(cfg, run_dir, stages_dir, conf, tflops)
+    except HarcHpcError as exc:
+        _fail(str(exc), exc.exit_code)
+    if as_json:
+        click.echo(json.dumps({"stages": to_json(est), "problems": problems}, indent=2))
+    else:
+        from harc_hpc.pipeline.estimate import tokens_per_task
+
+        click.echo(f"{plan.run_dir}: {len(plan.tasks)} tasks, {len(plan.layers)} layers in {len(plan.blocks)} blocks")
+        for task, (n, source) in tokens_per_task(cfg, plan.run_dir).items():
+            click.echo(f"calibration tokens, {task}: {n:,} ({source})")
+        click.echo(format_estimates(est, cfg))
+        for p in problems:
+            click.echo(f"does not fit: {p}")
+    sys.exit(1 if problems else 0)
+
+
 @click.command("stage")
 @click.argument("name")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False))

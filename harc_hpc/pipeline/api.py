@@ -51,6 +51,30 @@ def plan_run(
     return cfg, build_plan(cfg, run_dir=cfg.run_dir, specs_dir=specs_dir, layers=layers)
 
 
+def plan_estimates(cfg: PipelineConfig, run_dir: Optional[os.PathLike] = None,
+                   specs_dir: Optional[os.PathLike] = None, model_config: Optional[dict] = None,
+                   throughput_tflops: Optional[float] = None):
+    """(cfg, plan, per-stage estimates, problems): what ``harc-hpc plan`` prints and submit checks.
+    ``model_config`` stands in for the sources' config.json (planning before the weights exist)."""
+    from harc_hpc.pipeline.estimate import check_fits, estimate
+    from harc_hpc.stages import layout
+
+    layers = None
+    if model_config is not None:
+        from harc_hpc.models.families import family_for_config
+
+        layers = list(family_for_config(model_config).moe_layers(model_config))
+        sel = cfg.harc.layers
+        if isinstance(sel, dict):
+            layers = layers[-sel["last"]:]
+        elif isinstance(sel, list):
+            layers = sorted(set(sel) & set(layers))
+    cfg, plan = plan_run(cfg, run_dir, specs_dir, layers)
+    conf = model_config if model_config is not None else layout.reference_config(cfg)
+    est = estimate(cfg, plan, conf, run_dir=plan.run_dir, throughput_tflops=throughput_tflops)
+    return cfg, plan, est, check_fits(cfg, est, plan.specs)
+
+
 def submit_run(
     cfg: PipelineConfig,
     executor: Optional[str] = None,
@@ -74,6 +98,16 @@ def submit_run(
     explicit = set(cfg.executor.model_fields_set)
     cfg, plan = plan_run(cfg, run_dir, specs_dir, layers)
     executor = executor or cfg.executor.kind
+    if executor == "slurm":
+        # Refuse before spending anything when a task cannot fit what its job is given.
+        from harc_hpc.pipeline.estimate import PlanDoesNotFitError, check_fits, estimate
+        from harc_hpc.stages import layout
+
+        problems = check_fits(cfg, estimate(cfg, plan, layout.reference_config(cfg), run_dir=plan.run_dir),
+                              plan.specs)
+        if problems:
+            raise PlanDoesNotFitError("the plan does not fit the executor's resources (see harc-hpc plan):\n  "
+                                      + "\n  ".join(problems))
     if dry_run:
         tasks = list(select(plan)) if select is not None else None
         return plan, execute(plan, cfg, executor, tasks=tasks, force=force, dry_run=True,

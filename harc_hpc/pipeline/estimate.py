@@ -1,0 +1,303 @@
+"""What each stage will need before anything runs: peak GPU memory, host RAM, scratch disk, time.
+
+Everything is computed from the model's config.json (widths, experts, layers, dtype), the
+calibration data size (the token stores when they exist, else ``num_samples x max_length`` per
+task, an upper bound) and the config (block size, dtypes, ``harc.max_tokens``, retention). Times
+are FLOP counts divided by a throughput (``throughput_tflops``: 300 TFLOP/s for a GPU task, i.e.
+about a third of an H100's dense bf16 peak, and 0.1 for a CPU one, unless given), so they are
+orders of magnitude, not promises; the memory figures are what the code allocates (one decoder layer
+at a time in capture, the resident inputs of one layer in the solve) plus a fixed allowance for the
+Python process and the CUDA context. ``check_fits`` compares them with what the executor section
+gives each stage and names the stage and the resource that does not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from harc_hpc.config import PipelineConfig
+from harc_hpc.errors import UsageError, format_bytes
+
+GB = 2**30  # executor sizes (mem_gb, gpu_memory_gb) are GiB, as SLURM's --mem
+PROCESS_BYTES = 512 * 2**20  # interpreter, torch, transformers (a tiny task peaks at ~400 MB RSS)
+CUDA_HOST_BYTES = 3 * 2**29  # what a CUDA context adds to a process's host memory, roughly
+SOLVE_ITERATIONS = 400  # pcg on an OLMoE-shaped layer (benchmarks/bench_solver.py)
+_ITEM = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+
+
+class PlanDoesNotFitError(UsageError):
+    """A stage's estimated peak exceeds what the executor section gives its tasks."""
+
+
+@dataclass
+class StageEstimate:
+    stage: str
+    tasks: int
+    gpu_bytes: int = 0  # per task, on one GPU (0: runs on CPU)
+    host_bytes: int = 0  # per task
+    scratch_bytes: int = 0  # on disk while the run goes on (the stage's peak contribution)
+    seconds: float = 0.0  # per task
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelShape:
+    layers: int
+    moe_layers: list[int]
+    hidden: int
+    experts: int
+    top_k: int
+    expert_intermediate: int
+    dense_intermediate: int
+    shared_intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype_bytes: int
+
+    @classmethod
+    def from_config(cls, conf: dict) -> "ModelShape":
+        from harc_hpc.models.families import family_for_config
+
+        fam = family_for_config(conf)
+        d = fam.hidden_size(conf)
+        heads = int(conf.get("num_attention_heads", 1))
+        dtype = str(conf.get("dtype") or conf.get("torch_dtype") or "bfloat16")
+        return cls(
+            layers=fam.num_layers(conf), moe_layers=list(fam.moe_layers(conf)), hidden=d,
+            experts=fam.num_experts(conf), top_k=fam.top_k(conf),
+            expert_intermediate=fam.expert_intermediate_size(conf),
+            dense_intermediate=int(conf.get("intermediate_size") or 0),
+            shared_intermediate=int(conf.get("shared_expert_intermediate_size") or 0),
+            heads=heads, kv_heads=int(conf.get("num_key_value_heads") or heads),
+            head_dim=int(conf.get("head_dim") or d // heads), vocab=int(conf.get("vocab_size", 0)),
+            dtype_bytes=_ITEM.get(dtype, 2),
+        )
+
+    def attention_params(self) -> int:
+        d, hd = self.hidden, self.head_dim
+        return d * hd * (2 * self.heads + 2 * self.kv_heads)
+
+    def layer_params(self, layer: int) -> int:
+        d = self.hidden
+        if layer in self.moe_layers:
+            mlp = self.experts * 3 * d * self.expert_intermediate + self.experts * d
+            if self.shared_intermediate:
+                mlp += 3 * d * self.shared_intermediate + d
+        else:
+            mlp = 3 * d * self.dense_intermediate
+        return self.attention_params() + mlp
+
+    def active_params(self, layer: int) -> int:
+        """Parameters one token touches in ``layer`` (top-k experts)."""
+        d = self.hidden
+        if layer in self.moe_layers:
+            mlp = self.top_k * 3 * d * self.expert_intermediate + self.experts * d
+            if self.shared_intermediate:
+                mlp += 3 * d * self.shared_intermediate
+        else:
+            mlp = 3 * d * self.dense_intermediate
+        return self.attention_params() + mlp
+
+    def total_params(self) -> int:
+        return sum(self.layer_params(l) for l in range(self.layers)) + 2 * self.vocab * self.hidden
+
+
+BYTES_PER_TOKEN = 4.0  # BPE on English text and code, roughly
+
+
+def _tokens_from_files(files, num_samples, max_length) -> Optional[int]:
+    """Tokens a task's JSONL/text files will give, from their size (~4 bytes a token), capped at
+    max_length per sample; None when a file is not readable here."""
+    records = size = 0
+    for f in files:
+        p = Path(f)
+        if not p.is_file():
+            return None
+        size += p.stat().st_size
+        with open(p, "rb") as fh:
+            records += sum(1 for _ in fh)
+    if records == 0:
+        return None
+    kept = min(records, num_samples or records)
+    return int(kept * min(max_length, size / records / BYTES_PER_TOKEN))
+
+
+def tokens_per_task(cfg: PipelineConfig, run_dir: Optional[Path]) -> dict[str, tuple[int, str]]:
+    """Calibration tokens per task and where the figure comes from (token store, file sizes, or
+    the upper bound num_samples x max_length)."""
+    from harc_hpc.io.calibration_data import effective_settings
+    from harc_hpc.stages import layout
+
+    out = {}
+    for task in cfg.task_names:
+        n = None
+        if run_dir is not None:
+            store = layout.token_store(Path(run_dir), task)
+            if (store / "zarr.json").is_file():
+                from harc_hpc.io.activations import TokenStore
+
+                n, source = TokenStore(store).num_tokens, "token store"
+        if n is None:
+            data = cfg.calibration_for(task)
+            s = effective_settings(data, cfg.calibration)
+            n, source = _tokens_from_files(data.files, s["num_samples"], s["max_length"]), "file sizes"
+            if n is None:  # the data is not here: the upper bound
+                n, source = int(s["num_samples"] or 1000) * int(s["max_length"]), "upper bound num_samples x max_length"
+        out[task] = (n, source)
+    return out
+
+
+def estimate(cfg: PipelineConfig, plan, conf: dict, run_dir: Optional[Path] = None,
+             throughput_tflops: Optional[float] = None) -> list[StageEstimate]:
+    shape = ModelShape.from_config(conf)
+    tokens = {t: n for t, (n, _) in tokens_per_task(cfg, run_dir).items()}
+    n_all = sum(tokens.values())
+    per_task_solve = {t: min(n, cfg.harc.max_tokens or n) for t, n in tokens.items()}
+    n_solve = sum(per_task_solve.values())
+    d, K = shape.hidden, shape.experts
+    cal = _ITEM[cfg.calibration.dtype]
+    block_size = max(len(b) for b in plan.blocks)
+    by_stage = {}
+    for t in plan.tasks.values():
+        by_stage.setdefault(t.stage, []).append(t)
+
+    def gpus_of(stage) -> int:
+        return int(_given(cfg, plan.specs[stage])["gpus"] or 0)
+
+    def tflops(stage) -> float:
+        if throughput_tflops:
+            return throughput_tflops
+        return 300.0 if gpus_of(stage) else 0.1
+
+    out = []
+    for stage, tasks in by_stage.items():
+        on_gpu = gpus_of(stage) > 0
+        compute = shape.dtype_bytes if on_gpu else 4
+        e = StageEstimate(stage, len(tasks))
+        if stage == "merge-experts":
+            biggest = K * 2 * shape.expert_intermediate * d * 4
+            e.host_bytes = PROCESS_BYTES + (len(cfg.models.sources) + 3) * biggest
+            e.scratch_bytes = shape.total_params() * shape.dtype_bytes
+            e.seconds = shape.total_params() * shape.dtype_bytes * (len(cfg.models.sources) + 1) / 1e9  # ~1 GB/s
+            e.notes.append("streams tensor by tensor; output = the merged checkpoint (kept)")
+        elif stage == "capture-activations":
+            layer = max(shape.layer_params(l) for l in range(shape.layers)) * compute
+            states = n_all * d * compute
+            from harc_hpc.io.calibration_data import effective_settings
+
+            longest = max(effective_settings(cfg.calibration_for(t), cfg.calibration)["max_length"]
+                          for t in cfg.task_names)
+            work = cfg.calibration.batch_size * longest * (
+                    8 * d + 3 * shape.top_k * shape.expert_intermediate + K) * compute
+            embed = shape.vocab * d * compute
+            writers = (block_size + 1) * len(cfg.task_names) * cfg.calibration.chunk_tokens * d * cal
+            gpu_total = 0
+            if on_gpu:
+                gpu_total = int(1.0 * 2**30 + 2 * layer + work + embed)
+                gpu_mem = cfg.executor.gpu_memory_gb * GB
+                if gpu_total + states <= 0.8 * gpu_mem:
+                    gpu_total += states
+                    e.notes.append("in-flight hidden states on the GPU")
+                else:
+                    e.notes.append(f"in-flight hidden states ({format_bytes(states)}) in host memory")
+            states_in_host = not (on_gpu and "on the GPU" in e.notes[-1])
+            host = PROCESS_BYTES + writers + (0 if on_gpu else 2 * layer + work + embed)
+            if states_in_host:
+                if host + states <= 0.8 * _given(cfg, plan.specs[stage])["mem_bytes"]:
+                    host += states
+                else:  # the code spills them to node-local disk ($TMPDIR)
+                    if on_gpu:
+                        e.notes[-1] = f"in-flight hidden states ({format_bytes(states)}) on node-local disk"
+                    else:
+                        e.notes.append(f"in-flight hidden states ({format_bytes(states)}) on node-local disk")
+                    e.notes.append(f"needs {format_bytes(states)} free in $TMPDIR on the node")
+            e.gpu_bytes, e.host_bytes = gpu_total, int(host)
+            # while capture b runs: hidden b-1, hidden b, router inputs of block b
+            keep = cfg.run.retention == "keep"
+            per_block = n_all * d * cal * (block_size + 1)
+            e.scratch_bytes = per_block * len(tasks) if keep else per_block + n_all * d * cal
+            layers_run = min(2 * block_size, shape.layers)
+            flops = 2 * n_all * sum(shape.active_params(l) for l in range(layers_run)) / max(1, layers_run) * layers_run
+            e.seconds = flops / (tflops(stage) * 1e12)
+            e.notes.append("one decoder layer on the device at a time (onloaded from the shards)")
+        elif stage == "compute-statistics":
+            e.host_bytes = int(PROCESS_BYTES + 4 * cfg.calibration.chunk_tokens * d * 8 + 2 * d * d * 8)
+            e.scratch_bytes = len(tasks) * (K * d * 8 * 3 + d * d * 8 + K * K * 8)
+            e.seconds = 6 * max(per_task_solve.values()) * d * K / (tflops(stage) * 1e12)
+        elif stage == "solve-router":
+            item = _ITEM[cfg.harc.dtype]
+            inputs = n_solve * d * item + n_solve * K * 4
+            if cfg.harc.inner_dtype:
+                inputs += n_solve * d * 2
+            need = int(PROCESS_BYTES + inputs + 12 * K * d * 8)
+            if on_gpu:
+                # read chunk by chunk into the device-resident copy: a few chunks in host memory
+                e.gpu_bytes = int(1.0 * 2**30 + inputs)
+                e.host_bytes = PROCESS_BYTES + 4 * cfg.calibration.chunk_tokens * d * 4
+            else:
+                e.host_bytes = need
+            iters = min(cfg.harc.max_iter, SOLVE_ITERATIONS)
+            # a matvec is two GEMMs over the inputs: compute- or memory-bound, whichever is slower
+            bandwidth = 3.35e12 if on_gpu else 20e9  # H100 HBM3; a CPU socket, roughly
+            e.seconds = iters * max(4 * n_solve * d * K / (tflops(stage) * 1e12), 2 * n_solve * d * item / bandwidth)
+            e.notes.append(f"inputs resident: {format_bytes(inputs)} ({n_solve} tokens x {d} as {cfg.harc.dtype}); "
+                           f"~{iters} CG iterations assumed")
+        elif stage == "assemble-model":
+            e.host_bytes = PROCESS_BYTES + K * 2 * shape.expert_intermediate * d * 4
+            e.scratch_bytes = shape.total_params() * shape.dtype_bytes
+            e.seconds = shape.total_params() * shape.dtype_bytes / 1e9
+        elif stage == "report":
+            whole = shape.total_params() * compute
+            if on_gpu:
+                e.gpu_bytes = int(1.0 * 2**30 + whole)
+                e.host_bytes = PROCESS_BYTES
+            else:
+                e.host_bytes = PROCESS_BYTES + whole
+            e.notes.append("loads each evaluated model whole (not onloaded yet)")
+        if on_gpu:
+            e.host_bytes += CUDA_HOST_BYTES
+        out.append(e)
+    return out
+
+
+def _given(cfg: PipelineConfig, spec) -> dict:
+    """What a task of this stage gets: the SLURM executor's own resolution of its resources."""
+    from harc_hpc.pipeline.executors.base import resolve_resources
+
+    r = resolve_resources(cfg, spec)
+    return {"mem_bytes": float(r["mem_gb"]) * GB, "gpus": r["gpus"], "gpu_bytes": cfg.executor.gpu_memory_gb * GB}
+
+
+def check_fits(cfg: PipelineConfig, estimates: list[StageEstimate], specs: dict) -> list[str]:
+    """One line per stage and resource that does not fit what the executor section gives it."""
+    problems = []
+    for e in estimates:
+        g = _given(cfg, specs[e.stage])
+        if e.host_bytes > g["mem_bytes"]:
+            problems.append(f"{e.stage}: needs ~{format_bytes(e.host_bytes)} of host RAM per task, "
+                            f"executor gives {format_bytes(g['mem_bytes'])} (executor.stages.{e.stage}.mem_gb)")
+        if e.gpu_bytes and g["gpus"] and e.gpu_bytes > g["gpu_bytes"]:
+            problems.append(f"{e.stage}: needs ~{format_bytes(e.gpu_bytes)} on one GPU, a GPU has "
+                            f"{format_bytes(g['gpu_bytes'])} (executor.gpu_memory_gb)")
+    return problems
+
+
+def format_estimates(estimates: list[StageEstimate], cfg: PipelineConfig) -> str:
+    lines = [f"{'stage':<22} {'tasks':>5} {'GPU/task':>10} {'RAM/task':>10} {'scratch':>10} {'time/task':>10}"]
+    for e in estimates:
+        t = e.seconds
+        when = f"{t:.0f} s" if t < 120 else (f"{t / 60:.0f} min" if t < 7200 else f"{t / 3600:.1f} h")
+        lines.append(f"{e.stage:<22} {e.tasks:>5} {format_bytes(e.gpu_bytes) if e.gpu_bytes else '-':>10} "
+                     f"{format_bytes(e.host_bytes):>10} {format_bytes(e.scratch_bytes) if e.scratch_bytes else '-':>10} "
+                     f"{when:>10}")
+        for n in e.notes:
+            lines.append(f"    {n}")
+    return "\n".join(lines)
+
+
+def to_json(estimates: list[StageEstimate]) -> list[dict]:
+    return [asdict(e) for e in estimates]

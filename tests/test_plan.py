@@ -1,0 +1,72 @@
+"""harc-hpc plan: per-stage estimates from config.json and the data; submit refuses what cannot fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from harc_hpc.cli import main
+from harc_hpc.config import load_config
+from harc_hpc.pipeline.api import plan_estimates
+from pipeline_fixtures import build_tiny_sources, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    return write_config(root, build_tiny_sources(root / "src", layers=3), executor="slurm")
+
+
+def test_plan_prints_every_stage_and_exits_0(config):
+    result = CliRunner().invoke(main, ["plan", str(config)])
+    assert result.exit_code == 0, result.output
+    for stage in ("merge-experts", "capture-activations", "compute-statistics", "solve-router", "assemble-model"):
+        assert stage in result.output
+    assert "calibration tokens, math:" in result.output and "file sizes" in result.output
+
+
+def test_estimates_follow_the_data_and_the_config(config):
+    cfg = load_config(config)
+    _, plan, est, problems = plan_estimates(cfg)
+    by = {e.stage: e for e in est}
+    assert problems == []
+    assert by["capture-activations"].tasks == 3 and by["solve-router"].tasks == 3
+    # halving the tokens of the solve halves its resident inputs
+    _, _, est2, _ = plan_estimates(load_config(config, {"harc.max_tokens": 10}))
+    assert {e.stage: e for e in est2}["solve-router"].host_bytes < by["solve-router"].host_bytes
+    # keeping every store costs more scratch than deleting them after use
+    _, _, est3, _ = plan_estimates(load_config(config, {"run.retention": "keep"}))
+    assert {e.stage: e for e in est3}["capture-activations"].scratch_bytes > by["capture-activations"].scratch_bytes
+
+
+def test_plan_names_the_stage_and_resource_that_do_not_fit(config):
+    result = CliRunner().invoke(main, ["plan", str(config), "--set", "executor.stages.solve-router.mem_gb=0.001"])
+    assert result.exit_code == 1
+    assert "does not fit: solve-router: needs" in result.output and "executor.stages.solve-router.mem_gb" in result.output
+
+
+def test_submit_refuses_a_plan_that_does_not_fit(config):
+    result = CliRunner().invoke(main, ["submit", str(config), "--dry-run",
+                                       "--set", "executor.stages.capture-activations.mem_gb=0.001"])
+    assert result.exit_code == 2, result.output
+    assert "does not fit" in result.output and "capture-activations" in result.output
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("olmoe", "olmoe-1b-7b"), ("mixtral", "mixtral-8x7b"), ("qwen3-30b-a3b", "qwen3-30b-a3b"),
+    ("qwen3-235b-a22b", "qwen3-235b-a22b"),
+])
+def test_shipped_configs_plan_to_fit_one_80gb_gpu_per_task(name, shape):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    conf = json.loads((REPO / "configs" / "model-shapes" / f"{shape}.json").read_text())
+    _, plan, est, problems = plan_estimates(cfg, model_config=conf)
+    assert problems == [], problems
+    for e in est:
+        assert e.gpu_bytes <= 80 * 2**30, (e.stage, e.gpu_bytes)
+    by = {e.stage: e for e in est}
+    assert by["capture-activations"].gpu_bytes > 0  # capture runs on the GPU, onloaded
