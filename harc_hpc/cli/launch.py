@@ -126,7 +126,6 @@ def plan_cmd(config, model_config, tflops, as_json, run_dir, stages_dir, overrid
     import json
 
     from harc_hpc.pipeline.api import plan_estimates
-    from harc_hpc.pipeline.estimate import format_estimates, to_json
 
     cfg = _load(config, overrides)
     conf = json.loads(Path(model_config).read_text()) if model_config else None
@@ -135,14 +134,11 @@ def plan_cmd(config, model_config, tflops, as_json, run_dir, stages_dir, overrid
     except HarcHpcError as exc:
         _fail(str(exc), exc.exit_code)
     if as_json:
-        click.echo(json.dumps({"stages": to_json(est), "problems": problems}, indent=2))
+        click.echo(json.dumps({"stages": est["stages"], "tokens": est.get("tokens", {}), "problems": problems},
+                              indent=2))
     else:
-        from harc_hpc.pipeline.estimate import tokens_per_task
-
         click.echo(f"{plan.run_dir}: {len(plan.tasks)} tasks, {len(plan.layers)} layers in {len(plan.blocks)} blocks")
-        for task, (n, source) in tokens_per_task(cfg, plan.run_dir).items():
-            click.echo(f"calibration tokens, {task}: {n:,} ({source})")
-        click.echo(format_estimates(est, cfg))
+        click.echo(est["table"])
         for p in problems:
             click.echo(f"does not fit: {p}")
     sys.exit(1 if problems else 0)

@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from harc_hpc.errors import RunStateError
+from harc_hpc.errors import RunStateError, UsageError, format_bytes
 from harc_hpc.io.atomic import sweep_stale_temporaries
 from harc_hpc.config import PipelineConfig
 from harc_hpc.pipeline.lock import RunLock
 from harc_hpc.pipeline import status as status_mod
-from harc_hpc.pipeline.planner import Plan, build_plan
+from harc_hpc.pipeline.planner import Plan, build_plan, load_hooks
 from harc_hpc.pipeline.executors.base import Outcome
 from harc_hpc.pipeline.executors.slurm import wait_for_jobs
 from harc_hpc.pipeline.submit import apply_prepare_hook, execute, save_run_config
@@ -51,28 +51,50 @@ def plan_run(
     return cfg, build_plan(cfg, run_dir=cfg.run_dir, specs_dir=specs_dir, layers=layers)
 
 
+class PlanDoesNotFitError(UsageError):
+    """A stage's estimated peak exceeds what the executor section gives its tasks."""
+
+
+def stage_resources(cfg: PipelineConfig, plan: Plan) -> dict:
+    """What one task of each stage is given: the SLURM executor's own resolution of its resources."""
+    from harc_hpc.pipeline.executors.base import resolve_resources
+
+    out = {}
+    for name, spec in plan.specs.items():
+        r = resolve_resources(cfg, spec)
+        out[name] = {"mem_bytes": float(r["mem_gb"]) * 2**30, "gpus": int(r["gpus"] or 0),
+                     "gpu_bytes": cfg.executor.gpu_memory_gb * 2**30}
+    return out
+
+
+def check_fits(estimates: dict, resources: dict) -> list[str]:
+    """One line per stage and resource that does not fit what the executor section gives it."""
+    problems = []
+    for e in estimates.get("stages", []):
+        g = resources[e["stage"]]
+        if e["host_bytes"] > g["mem_bytes"]:
+            problems.append(f"{e['stage']}: needs ~{format_bytes(e['host_bytes'])} of host RAM per task, executor "
+                            f"gives {format_bytes(g['mem_bytes'])} (executor.stages.{e['stage']}.mem_gb)")
+        if e["gpu_bytes"] and g["gpus"] and e["gpu_bytes"] > g["gpu_bytes"]:
+            problems.append(f"{e['stage']}: needs ~{format_bytes(e['gpu_bytes'])} on one GPU, a GPU has "
+                            f"{format_bytes(g['gpu_bytes'])} (executor.gpu_memory_gb)")
+    return problems
+
+
 def plan_estimates(cfg: PipelineConfig, run_dir: Optional[os.PathLike] = None,
                    specs_dir: Optional[os.PathLike] = None, model_config: Optional[dict] = None,
                    throughput_tflops: Optional[float] = None):
-    """(cfg, plan, per-stage estimates, problems): what ``harc-hpc plan`` prints and submit checks.
-    ``model_config`` stands in for the sources' config.json (planning before the weights exist)."""
-    from harc_hpc.pipeline.estimate import check_fits, estimate
-    from harc_hpc.stages import layout
-
-    layers = None
-    if model_config is not None:
-        from harc_hpc.models.families import family_for_config
-
-        layers = list(family_for_config(model_config).moe_layers(model_config))
-        sel = cfg.harc.layers
-        if isinstance(sel, dict):
-            layers = layers[-sel["last"]:]
-        elif isinstance(sel, list):
-            layers = sorted(set(sel) & set(layers))
+    """(cfg, plan, estimates, problems): what ``harc-hpc plan`` prints and submit checks, from the
+    pipeline's ``estimate`` hook. ``model_config`` stands in for the sources' config.json (planning
+    before the weights exist)."""
+    hooks = load_hooks(specs_dir)
+    layers = None if model_config is None else hooks.call("layers", cfg, model_config)
     cfg, plan = plan_run(cfg, run_dir, specs_dir, layers)
-    conf = model_config if model_config is not None else layout.reference_config(cfg)
-    est = estimate(cfg, plan, conf, run_dir=plan.run_dir, throughput_tflops=throughput_tflops)
-    return cfg, plan, est, check_fits(cfg, est, plan.specs)
+    resources = stage_resources(cfg, plan)
+    est = hooks.call("estimate", cfg, plan, resources, model_config, throughput_tflops)
+    if est is None:
+        return cfg, plan, {"stages": [], "table": "(the pipeline has no estimate hook)"}, []
+    return cfg, plan, est, check_fits(est, resources)
 
 
 def submit_run(
@@ -100,11 +122,8 @@ def submit_run(
     executor = executor or cfg.executor.kind
     if executor == "slurm":
         # Refuse before spending anything when a task cannot fit what its job is given.
-        from harc_hpc.pipeline.estimate import PlanDoesNotFitError, check_fits, estimate
-        from harc_hpc.stages import layout
-
-        problems = check_fits(cfg, estimate(cfg, plan, layout.reference_config(cfg), run_dir=plan.run_dir),
-                              plan.specs)
+        est = load_hooks(specs_dir).call("estimate", cfg, plan, stage_resources(cfg, plan), None, None)
+        problems = check_fits(est or {}, stage_resources(cfg, plan))
         if problems:
             raise PlanDoesNotFitError("the plan does not fit the executor's resources (see harc-hpc plan):\n  "
                                       + "\n  ".join(problems))

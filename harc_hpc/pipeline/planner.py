@@ -119,6 +119,7 @@ class PipelineHooks(_Strict):
     prepare: Optional[str] = None  # cfg -> cfg, before planning
     layers: Optional[str] = None  # cfg -> the calibrated layers
     headline: Optional[str] = None  # run_dir -> lines, after a waited run
+    estimate: Optional[str] = None  # (cfg, plan, resources, config.json, tflops) -> estimates
 
     def call(self, hook: str, *args):
         name = getattr(self, hook)

@@ -79,10 +79,13 @@ def family(cfg: PipelineConfig):
     return family_for_config(reference_config(cfg))
 
 
-def moe_layers(cfg: PipelineConfig) -> list[int]:
-    """The router layers HARC calibrates: the model's MoE layers filtered by ``harc.layers``."""
-    conf = reference_config(cfg)
-    all_layers = list(family(cfg).moe_layers(conf))
+def moe_layers(cfg: PipelineConfig, conf: dict | None = None) -> list[int]:
+    """The router layers HARC calibrates: the model's MoE layers filtered by ``harc.layers``
+    (``conf``: a config.json standing in for the sources', for planning)."""
+    from harc_hpc.models.families import family_for_config
+
+    conf = reference_config(cfg) if conf is None else conf
+    all_layers = list(family_for_config(conf).moe_layers(conf))
     sel = cfg.harc.layers
     if sel == "all":
         return all_layers

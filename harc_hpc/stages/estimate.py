@@ -7,8 +7,8 @@ are FLOP counts divided by a throughput (``throughput_tflops``: 300 TFLOP/s for 
 about a third of an H100's dense bf16 peak, and 0.1 for a CPU one, unless given), so they are
 orders of magnitude, not promises; the memory figures are what the code allocates (one decoder layer
 at a time in capture, the resident inputs of one layer in the solve) plus a fixed allowance for the
-Python process and the CUDA context. ``check_fits`` compares them with what the executor section
-gives each stage and names the stage and the resource that does not fit.
+Python process and the CUDA context. ``check_fits`` there compares them with what the executor section
+gives each stage (harc_hpc.pipeline.api) and names the stage and the resource that does not fit.
 """
 
 from __future__ import annotations
@@ -18,17 +18,13 @@ from pathlib import Path
 from typing import Optional
 
 from harc_hpc.config import PipelineConfig
-from harc_hpc.errors import UsageError, format_bytes
+from harc_hpc.errors import format_bytes
 
 GB = 2**30  # executor sizes (mem_gb, gpu_memory_gb) are GiB, as SLURM's --mem
 PROCESS_BYTES = 512 * 2**20  # interpreter, torch, transformers (a tiny task peaks at ~400 MB RSS)
 CUDA_HOST_BYTES = 3 * 2**29  # what a CUDA context adds to a process's host memory, roughly
 SOLVE_ITERATIONS = 400  # pcg on an OLMoE-shaped layer (benchmarks/bench_solver.py)
 _ITEM = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
-
-
-class PlanDoesNotFitError(UsageError):
-    """A stage's estimated peak exceeds what the executor section gives its tasks."""
 
 
 @dataclass
@@ -151,8 +147,15 @@ def tokens_per_task(cfg: PipelineConfig, run_dir: Optional[Path]) -> dict[str, t
     return out
 
 
-def estimate(cfg: PipelineConfig, plan, conf: dict, run_dir: Optional[Path] = None,
+def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = None,
              throughput_tflops: Optional[float] = None) -> list[StageEstimate]:
+    """Per-stage estimates for ``plan``; ``resources[stage]``: what a task of it is given
+    (``mem_bytes``, ``gpus``, ``gpu_bytes``); ``conf``: the model's config.json (default: the
+    sources')."""
+    from harc_hpc.stages import layout
+
+    conf = conf if conf is not None else layout.reference_config(cfg)
+    run_dir = plan.run_dir
     shape = ModelShape.from_config(conf)
     tokens = {t: n for t, (n, _) in tokens_per_task(cfg, run_dir).items()}
     n_all = sum(tokens.values())
@@ -166,7 +169,7 @@ def estimate(cfg: PipelineConfig, plan, conf: dict, run_dir: Optional[Path] = No
         by_stage.setdefault(t.stage, []).append(t)
 
     def gpus_of(stage) -> int:
-        return int(_given(cfg, plan.specs[stage])["gpus"] or 0)
+        return int(resources[stage]["gpus"] or 0)
 
     def tflops(stage) -> float:
         if throughput_tflops:
@@ -198,7 +201,7 @@ def estimate(cfg: PipelineConfig, plan, conf: dict, run_dir: Optional[Path] = No
             gpu_total = 0
             if on_gpu:
                 gpu_total = int(1.0 * 2**30 + 2 * layer + work + embed)
-                gpu_mem = cfg.executor.gpu_memory_gb * GB
+                gpu_mem = resources[stage]["gpu_bytes"]
                 if gpu_total + states <= 0.8 * gpu_mem:
                     gpu_total += states
                     e.notes.append("in-flight hidden states on the GPU")
@@ -207,7 +210,7 @@ def estimate(cfg: PipelineConfig, plan, conf: dict, run_dir: Optional[Path] = No
             states_in_host = not (on_gpu and "on the GPU" in e.notes[-1])
             host = PROCESS_BYTES + writers + (0 if on_gpu else 2 * layer + work + embed)
             if states_in_host:
-                if host + states <= 0.8 * _given(cfg, plan.specs[stage])["mem_bytes"]:
+                if host + states <= 0.8 * resources[stage]["mem_bytes"]:
                     host += states
                 else:  # the code spills them to node-local disk ($TMPDIR)
                     if on_gpu:
@@ -264,28 +267,6 @@ def estimate(cfg: PipelineConfig, plan, conf: dict, run_dir: Optional[Path] = No
     return out
 
 
-def _given(cfg: PipelineConfig, spec) -> dict:
-    """What a task of this stage gets: the SLURM executor's own resolution of its resources."""
-    from harc_hpc.pipeline.executors.base import resolve_resources
-
-    r = resolve_resources(cfg, spec)
-    return {"mem_bytes": float(r["mem_gb"]) * GB, "gpus": r["gpus"], "gpu_bytes": cfg.executor.gpu_memory_gb * GB}
-
-
-def check_fits(cfg: PipelineConfig, estimates: list[StageEstimate], specs: dict) -> list[str]:
-    """One line per stage and resource that does not fit what the executor section gives it."""
-    problems = []
-    for e in estimates:
-        g = _given(cfg, specs[e.stage])
-        if e.host_bytes > g["mem_bytes"]:
-            problems.append(f"{e.stage}: needs ~{format_bytes(e.host_bytes)} of host RAM per task, "
-                            f"executor gives {format_bytes(g['mem_bytes'])} (executor.stages.{e.stage}.mem_gb)")
-        if e.gpu_bytes and g["gpus"] and e.gpu_bytes > g["gpu_bytes"]:
-            problems.append(f"{e.stage}: needs ~{format_bytes(e.gpu_bytes)} on one GPU, a GPU has "
-                            f"{format_bytes(g['gpu_bytes'])} (executor.gpu_memory_gb)")
-    return problems
-
-
 def format_estimates(estimates: list[StageEstimate], cfg: PipelineConfig) -> str:
     lines = [f"{'stage':<22} {'tasks':>5} {'GPU/task':>10} {'RAM/task':>10} {'scratch':>10} {'time/task':>10}"]
     for e in estimates:
@@ -299,5 +280,11 @@ def format_estimates(estimates: list[StageEstimate], cfg: PipelineConfig) -> str
     return "\n".join(lines)
 
 
-def to_json(estimates: list[StageEstimate]) -> list[dict]:
-    return [asdict(e) for e in estimates]
+def estimate_plan(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = None,
+                  throughput_tflops: Optional[float] = None) -> dict:
+    """The pipeline's ``estimate`` hook: estimates, token counts and the printed table, as data."""
+    est = estimate(cfg, plan, resources, conf, throughput_tflops)
+    tokens = tokens_per_task(cfg, plan.run_dir)
+    text = "\n".join([f"calibration tokens, {t}: {n:,} ({src})" for t, (n, src) in tokens.items()]
+                      + [format_estimates(est, cfg)])
+    return {"stages": [asdict(e) for e in est], "tokens": {t: n for t, (n, _) in tokens.items()}, "table": text}
