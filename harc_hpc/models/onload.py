@@ -29,6 +29,22 @@ from harc_hpc.models.families import family_for_config
 from harc_hpc.models.modeling import decoder
 
 
+def _return_freed_memory(first: bool = False) -> None:
+    """Make freed layer weights go back to the OS. glibc raises its mmap threshold after large
+    frees, so later layers' tensors come from the heap and their pages stay resident: measured, the
+    RSS of a 24-layer onloaded pass grew with every layer to 1.7x the bf16 model. A fixed 1 MiB
+    threshold (large tensors always mmapped, unmapped when freed) and a trim keep it flat."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if first:
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def compute_dtype_for(device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
     """float32 on CPU (bf16 matmuls there are slow and thread-count dependent), else the checkpoint's."""
     return torch.float32 if device.type == "cpu" else checkpoint_dtype
@@ -86,6 +102,7 @@ class OnloadedModel:
                  trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        _return_freed_memory(first=True)
         self.path = Path(path)
         self.device = torch.device(device)
         self.ckpt = Checkpoint(self.path)
@@ -128,6 +145,7 @@ class OnloadedModel:
     def offload(self, index: int) -> None:
         """Free decoder layer ``index`` (back to the meta device)."""
         self.layer(index).to("meta")
+        _return_freed_memory()
 
     def layer_bytes(self, index: int) -> int:
         """Bytes decoder layer ``index`` occupies on the device."""

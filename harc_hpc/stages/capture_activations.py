@@ -125,7 +125,13 @@ def placement_for(nbytes: int, device: torch.device, layer_bytes: int) -> str:
 
 
 def peak_memory(device: torch.device) -> dict:
-    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:  # VmHWM is this process's own peak; ru_maxrss survives execve from a parent
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    out = {"peak_rss_bytes": rss}
     if device.type == "cuda":
         out["peak_device_bytes"] = int(torch.cuda.max_memory_allocated(device))
     return out
