@@ -85,8 +85,9 @@ def sources(tmp_path_factory):
     return build_tiny_sources(tmp_path_factory.mktemp("src"), layers=3)
 
 
-def config_file(root: Path, sources: dict, name: str, block_size: int, **kw) -> Path:
-    return write_config(root, sources, name=name, block_size=block_size, executor="slurm", extra=EXECUTOR, **kw)
+def config_file(root: Path, sources: dict, name: str, block_size: int, extra=None, **kw) -> Path:
+    return write_config(root, sources, name=name, block_size=block_size, executor="slurm",
+                        extra={**EXECUTOR, **(extra or {})}, **kw)
 
 
 def submit(cfg, **kw):
@@ -307,14 +308,15 @@ def test_alpha_change_reruns_only_solve_and_assemble(sources, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(sources["data"], data)
     sources = {**sources, "data": data}
-    config = config_file(tmp_path, sources, "alpha", block_size=3)
+    keep = {"run.retention": "keep"}  # the router inputs stay, so nothing upstream of the solve reruns
+    config = config_file(tmp_path, sources, "alpha", block_size=3, extra=keep)
     plan, _ = submit(load_config(config), executor="debug")
     run = plan.run_dir
     before = completion_texts(run)
     before_bytes = result_bytes(run)
     n_submissions = len(read_submissions(run))
 
-    config = config_file(tmp_path, sources, "alpha", block_size=3, harc={"alpha": 0.5})
+    config = config_file(tmp_path, sources, "alpha", block_size=3, harc={"alpha": 0.5}, extra=keep)
     res = CliRunner().invoke(main, ["submit", str(config), "--wait"])
     assert res.exit_code == 0, res.output
 
@@ -346,3 +348,25 @@ def test_alpha_change_reruns_only_solve_and_assemble(sources, tmp_path):
         fh.write('{"text": "def g(n):\\n    return n\\n"}\n')
     _, dry = submit(load_config(config), dry_run=True)
     assert dry.already_complete == ["merge-experts/all"]
+
+
+def test_alpha_change_after_retention_recaptures_before_the_solve(sources, tmp_path):
+    """With run.retention delete-intermediate the router inputs are gone once solved; an alpha change
+    reruns the capture, and the solve job waits for it (afterok), although the statistics between
+    the two are complete."""
+    config = config_file(tmp_path, sources, "retire", block_size=3)
+    plan, _ = submit(load_config(config), executor="debug")
+    run = plan.run_dir
+    assert not (run / "activations" / "block-000.zarr").exists()
+    n_submissions = len(read_submissions(run))
+
+    config = config_file(tmp_path, sources, "retire", block_size=3, harc={"alpha": 0.5})
+    res = CliRunner().invoke(main, ["submit", str(config), "--wait"])
+    assert res.exit_code == 0, res.output
+    assert "rerunning capture-activations/block-000: solve-router/layer-000 needs activations/block-000.zarr" in res.output
+    new = read_submissions(run)[n_submissions:]
+    assert [s["group"] for s in new] == ["capture-activations/block-000", "solve-router/block-000", "assemble-model"]
+    capture, solve = new[0], new[1]
+    assert solve["depends_on"] == [capture["job_id"]], solve
+    reference, _ = submit(load_config(config), executor="debug", run_dir=tmp_path / "reference")
+    assert result_bytes(run) == result_bytes(reference.run_dir)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from harc_hpc.errors import RunStateError, UsageError, format_bytes
+from harc_hpc.errors import InputDataError, RunStateError, UsageError, format_bytes
 from harc_hpc.io.atomic import sweep_stale_temporaries
 from harc_hpc.config import PipelineConfig
 from harc_hpc.pipeline.lock import RunLock
@@ -121,8 +121,14 @@ def submit_run(
     cfg, plan = plan_run(cfg, run_dir, specs_dir, layers)
     executor = executor or cfg.executor.kind
     if executor == "slurm":
-        # Refuse before spending anything when a task cannot fit what its job is given.
-        est = load_hooks(specs_dir).call("estimate", cfg, plan, stage_resources(cfg, plan), None, None)
+        # Refuse before spending anything when a task cannot fit what its job is given. Without a
+        # readable config.json (sources a stage of this run produces, or not there yet) there is
+        # nothing to estimate from: say so and go on; the task that reads them fails with this error.
+        try:
+            est = load_hooks(specs_dir).call("estimate", cfg, plan, stage_resources(cfg, plan), None, None)
+        except InputDataError as exc:
+            echo(f"warning: resources not checked against the plan (harc-hpc plan --model-config): {exc}")
+            est = None
         problems = check_fits(est or {}, stage_resources(cfg, plan))
         if problems:
             raise PlanDoesNotFitError("the plan does not fit the executor's resources (see harc-hpc plan):\n  "

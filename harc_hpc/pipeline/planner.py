@@ -338,14 +338,33 @@ class Plan:
                 out.setdefault(t.group, Group(t.stage, t.block, [])).tasks.append(t)
         return list(out.values())
 
+    def waits_for(self, task: Task, pending: Iterable[str]) -> list[str]:
+        """The pending tasks ``task`` must wait for: its upstream tasks that are pending, and, through
+        upstream tasks that are complete, theirs. A complete task in between does not cut the chain:
+        a rerun producer (say a capture whose deleted store a solve reads) is still upstream."""
+        pending = set(pending)
+        out: list[str] = []
+        seen: set[str] = set()
+        todo = list(task.needs)
+        while todo:
+            up = todo.pop(0)
+            if up in seen:
+                continue
+            seen.add(up)
+            if up in pending:
+                out.append(up)
+            else:
+                todo.extend(self.tasks[up].needs)
+        return out
+
     def group_needs(self, group: Group, submitted: Iterable[Group]) -> list[Group]:
-        """The submitted groups that hold an upstream task of this group (completed ones need no wait)."""
+        """The submitted groups that hold a task this group waits for (completed ones need no wait)."""
         by_task = {t.id: g for g in submitted for t in g.tasks}
         seen: list[Group] = []
         for t in group.tasks:
-            for up in t.needs:
-                g = by_task.get(up)
-                if g is not None and g is not group and all(g is not s for s in seen):
+            for up in self.waits_for(t, by_task):
+                g = by_task[up]
+                if g is not group and all(g is not s for s in seen):
                     seen.append(g)
         return seen
 

@@ -43,14 +43,14 @@ def run(plan, cfg, todo, force, echo, outcome: Outcome) -> Outcome:
                      f"    log: {records.log_path(run_dir, t.stage, t.key)}")
         progressed = False
         for t in list(waiting):
-            if any(u in failed for u in t.needs):
+            if any(u in failed for u in plan.waits_for(t, pending)):
                 waiting.remove(t)
                 failed.add(t.id)
                 outcome.skipped.append(t.id)
                 echo(f"skipped {t.id}: an upstream task failed")
                 progressed = True
                 continue
-            ready = all(u not in pending or u in outcome.completed for u in t.needs)
+            ready = all(u in outcome.completed for u in plan.waits_for(t, pending))
             if ready and len(running) < workers:
                 waiting.remove(t)
                 out = records.log_path(run_dir, t.stage, t.key).with_suffix(".out")
