@@ -1,6 +1,7 @@
 """HARC router calibration: the math (no files except TaskStatistics HDF5, no SLURM)."""
 
 from harc_hpc.math.cg import CGResult, KroneckerPreconditioner, conjugate_gradient, jacobi_preconditioner
+from harc_hpc.math.distributed import ProcessGroupReducer, Reducer, shard_rows, take_shard
 from harc_hpc.math.inputs import TokenChunks
 from harc_hpc.math.metrics import router_kl, topk_mismatch
 from harc_hpc.math.operator import HESSIANS, TaskCurvature
@@ -12,6 +13,8 @@ __all__ = [
     "HESSIANS",
     "KroneckerPreconditioner",
     "OBJECTIVES",
+    "ProcessGroupReducer",
+    "Reducer",
     "RouterSolution",
     "SOLVERS",
     "TaskCurvature",
@@ -21,6 +24,8 @@ __all__ = [
     "conjugate_gradient",
     "jacobi_preconditioner",
     "router_kl",
+    "shard_rows",
     "solve_router",
+    "take_shard",
     "topk_mismatch",
 ]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from harc_hpc.math.distributed import LOCAL, Reducer
 from harc_hpc.math.inputs import TokenChunks, TokenInput
 from harc_hpc.math.operator import log_probs
 
@@ -25,8 +26,9 @@ def topk_common(scores_ref: torch.Tensor, scores: torch.Tensor, k: int) -> int:
     return int((ref & got).sum())
 
 
-def mean_kl(chunks: TokenChunks, w_ref: torch.Tensor, w: torch.Tensor) -> float:
-    """E_x KL(softmax(w_ref x) || softmax(w x)) over the chunks, float64."""
+def mean_kl(chunks: TokenChunks, w_ref: torch.Tensor, w: torch.Tensor, reducer: Reducer = LOCAL) -> float:
+    """E_x KL(softmax(w_ref x) || softmax(w x)) over the chunks, float64 (over all ranks' shards
+    with a distributed ``reducer``)."""
     total = 0.0
     n = 0
     wr = wt = None
@@ -36,6 +38,8 @@ def mean_kl(chunks: TokenChunks, w_ref: torch.Tensor, w: torch.Tensor) -> float:
             wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
         total += kl_sum(log_probs(x, wr), log_probs(x, wt))
         n += x.shape[0]
+    if reducer.distributed:
+        total, n = reducer.sum_float(total), reducer.sum_int(int(n))
     return total / max(n, 1)
 
 

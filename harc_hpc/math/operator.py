@@ -8,6 +8,8 @@ with logits Z = X W^T (n, K) and curvature probabilities P (n, K):
 
 with H(z) = diag(p) z - p (p.z) ("full"), (p - p^2) * z ("diag") or z ("identity"). GEMMs run in the
 chunk dtype (float32 for real activations); every sum across chunks is float64 in chunk order.
+With a distributed ``reducer`` each process holds a shard of the tokens: every token sum is
+all-reduced before it is divided by the global token count (harc_hpc.math.distributed).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from harc_hpc.math.distributed import LOCAL, Reducer
 from harc_hpc.math.inputs import TokenChunks
 
 HESSIANS = ("full", "diag", "identity")
@@ -47,12 +50,17 @@ class TaskCurvature:
 
     ``weight`` fixes the probabilities, P = softmax(X weight^T): the source router W_i for HARC's
     quadratic model, the current iterate for Newton steps on the exact KL objective.
+    ``reducer``: with a distributed one, ``chunks`` are this process's shard of the task's tokens
+    (possibly none), ``num_tokens`` is the global count and every method returns the global mean.
     """
 
-    def __init__(self, chunks: TokenChunks, weight: torch.Tensor, hessian: str = "full"):
+    def __init__(self, chunks: TokenChunks, weight: torch.Tensor, hessian: str = "full",
+                 reducer: Reducer = LOCAL):
         self.chunks = chunks
         self.hessian = check_hessian(hessian)
+        self.reducer = reducer
         self.num_experts = int(weight.shape[0])
+        self.dim = int(weight.shape[1])
         self.probs: list[Optional[torch.Tensor]] = []
         self.sizes: list[int] = []
         wt = weight.to(device=chunks.device, dtype=chunks.dtype).T.contiguous() if chunks.dtype else None
@@ -63,20 +71,27 @@ class TaskCurvature:
             self.probs.append(None if hessian == "identity" else torch.softmax(x @ wt, dim=1))
             self.sizes.append(int(x.shape[0]))
             n += x.shape[0]
+        self.local_tokens = n
+        n = reducer.sum_int(n)
         if n == 0:
             raise ValueError("a task has no tokens")
         self.num_tokens = n
 
     @classmethod
-    def from_probs(cls, chunks: TokenChunks, probs: Sequence[torch.Tensor], hessian: str = "full") -> "TaskCurvature":
-        """Sigma_i with H evaluated at given per-chunk probabilities (a Newton step's iterate)."""
+    def from_probs(cls, chunks: TokenChunks, probs: Sequence[torch.Tensor], hessian: str = "full", *,
+                   reducer: Reducer = LOCAL, num_experts: Optional[int] = None) -> "TaskCurvature":
+        """Sigma_i with H evaluated at given per-chunk probabilities (a Newton step's iterate).
+        ``num_experts`` is needed when this shard has no chunks."""
         cv = cls.__new__(cls)
         cv.chunks = chunks
         cv.hessian = check_hessian(hessian)
-        cv.num_experts = int(probs[0].shape[1])
+        cv.reducer = reducer
+        cv.num_experts = int(probs[0].shape[1]) if num_experts is None else int(num_experts)
+        cv.dim = chunks.dim
         cv.probs = list(probs)
         cv.sizes = [int(p.shape[0]) for p in probs]
-        cv.num_tokens = sum(cv.sizes)
+        cv.local_tokens = sum(cv.sizes)
+        cv.num_tokens = reducer.sum_int(cv.local_tokens)
         return cv
 
     def pairs(self):
@@ -97,7 +112,7 @@ class TaskCurvature:
                 wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
             u = hessian_times(p, x @ wt, self.hessian)
             acc += (u.T @ x).to(device=acc.device, dtype=torch.float64)
-        return acc / self.num_tokens
+        return self.reducer.sum(acc) / self.num_tokens
 
     def lowered(self, dtype: torch.dtype) -> "LowPrecisionCurvature":
         """The same Sigma_i with its GEMMs in ``dtype`` (bfloat16/float16): the inner operator of a
@@ -110,7 +125,9 @@ class TaskCurvature:
         for x, p in self.pairs():
             part = (hessian_diagonal(p, self.hessian, x, self.num_experts).T @ (x * x)).to(torch.float64)
             acc = part if acc is None else acc + part
-        return acc / self.num_tokens
+        if acc is None:  # an empty shard
+            acc = torch.zeros(self.num_experts, self.dim, dtype=torch.float64, device=self._device())
+        return self.reducer.sum(acc) / self.num_tokens
 
     def hessian_mean(self) -> torch.Tensor:
         """E[H] (K, K) float64, the expert factor of the Kronecker preconditioner."""
@@ -125,28 +142,39 @@ class TaskCurvature:
                 acc += torch.diag(p64.sum(0)) - p64.T @ p64
             else:
                 acc += torch.diag((p64 - p64 * p64).sum(0))
-        return acc / self.num_tokens
+        return self.reducer.sum(acc) / self.num_tokens
 
     def input_gram(self, max_tokens: Optional[int] = None) -> torch.Tensor:
         """E[x x^T] (d, d) float64, the input factor of the Kronecker preconditioner.
 
         ``max_tokens`` estimates it from an evenly strided subset (it only has to precondition):
-        the d x d GEMM costs d / (2 K) operator applications per token otherwise.
+        the d x d GEMM costs d / (2 K) operator applications per token otherwise. Distributed, the
+        subset is every stride-th row of the concatenated shards (one process strides per chunk).
         """
         stride = 1 if not max_tokens else max(1, -(-self.num_tokens // max_tokens))
+        red = self.reducer
         acc = None
         count = 0
+        position = red.offset(self.local_tokens) if red.distributed and stride > 1 else 0
         for x, _ in self.pairs():
-            xs = x[::stride] if stride > 1 else x
+            if red.distributed:
+                xs = x[(-position) % stride :: stride] if stride > 1 else x
+                position += x.shape[0]
+            else:
+                xs = x[::stride] if stride > 1 else x
             part = (xs.T @ xs).to(torch.float64)
             count += xs.shape[0]
             acc = part if acc is None else acc + part
-        return acc / count
+        if not red.distributed:
+            return acc / count
+        if acc is None:  # an empty shard
+            acc = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self._device())
+        return red.sum(acc) / red.sum_int(count)
 
     def dense(self, block_tokens: int = 2048) -> torch.Tensor:
         """Sigma_i materialised, (K d, K d) float64; only for small K d (the direct solver)."""
         k = self.num_experts
-        d = self.chunks.dim
+        d = self.dim
         out = torch.zeros(k * d, k * d, dtype=torch.float64, device=self._device())
         for x, p in self.pairs():
             for s in range(0, x.shape[0], block_tokens):
@@ -163,7 +191,7 @@ class TaskCurvature:
                 if self.hessian == "full":
                     v = (pb[:, :, None] * xb[:, None, :]).reshape(xb.shape[0], k * d)
                     out -= v.T @ v
-        return out / self.num_tokens
+        return self.reducer.sum(out) / self.num_tokens
 
     def _device(self):
         for p in self.probs:
@@ -181,6 +209,7 @@ class LowPrecisionCurvature:
     def __init__(self, curvature: TaskCurvature, dtype: torch.dtype):
         self.hessian = curvature.hessian
         self.num_tokens = curvature.num_tokens
+        self.reducer = curvature.reducer
         self.dtype = dtype
         self.pairs = [(x.to(dtype), None if p is None else p.float()) for x, p in curvature.pairs()]
 
@@ -192,7 +221,7 @@ class LowPrecisionCurvature:
                 wt = w.to(dtype=self.dtype, device=x.device).T.contiguous()
             u = hessian_times(p, (x @ wt).float(), self.hessian)
             acc += (u.to(self.dtype).T @ x).to(device=acc.device, dtype=torch.float64)
-        return acc / self.num_tokens
+        return self.reducer.sum(acc) / self.num_tokens
 
 
 def log_probs(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,10 @@ For alpha = 1 the system is consistent but singular; every solver then returns t
 changes ``init`` least: CG iterates stay in init + range(A) (the preconditioners are restricted to
 the complement of the shift null space), and the direct solver adds the pseudo-inverse (minimum
 norm) correction to ``init``.
+
+Multi-process (``process_group``): each rank passes its shard of every task's tokens; every token
+sum is all-reduced before dividing by the global count (harc_hpc.math.distributed), the CG vectors
+are replicated, and every rank returns the same router.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from harc_hpc.math.cg import (
     jacobi_preconditioner,
     refine,
 )
+from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reducer
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
 from harc_hpc.math.metrics import mean_kl
 from harc_hpc.math.operator import TaskCurvature, check_hessian, log_probs
@@ -172,6 +177,7 @@ def solve_router(
     callback: Optional[Callable[[int, float], None]] = None,
     inner_dtype: Optional[torch.dtype] = None,
     inner_tol: float = 1e-2,
+    process_group: ProcessGroupLike = None,
 ) -> RouterSolution:
     """Calibrate one layer's router.
 
@@ -185,8 +191,16 @@ def solve_router(
     iterative refinement: residuals with the exact operator, corrections by PCG with 16-bit GEMMs to
     ``inner_tol``; same stopping rule on the exact residual. If refinement stalls, plain PCG on the
     exact operator finishes from where it got.
+
+    ``process_group`` (a torch.distributed process group, e.g. ``dist.group.WORLD``, or a
+    ``Reducer``): data-parallel solve. Every rank calls solve_router with the same routers and
+    arguments and its own shard of each task's tokens (contiguous rows, any sizes, empty allowed;
+    ``statistics``, if given, are the global ones). Every token sum is computed locally in float64,
+    all-reduced and divided by the global token count; all ranks return the same router, equal to
+    the one-process solve up to the rounding of the changed summation order. None: one process.
     """
     t_start = time.perf_counter()
+    reducer = as_reducer(process_group)
     _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics)
     if inner_dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"inner_dtype must be None, torch.bfloat16, torch.float16 or torch.float32, got {inner_dtype}")
@@ -210,13 +224,13 @@ def solve_router(
     if solver == "direct":
         precond = "none"
 
-    curvatures = [TaskCurvature(c, w, hessian) for c, w in zip(chunks, sources)]
+    curvatures = [TaskCurvature(c, w, hessian, reducer=reducer) for c, w in zip(chunks, sources)]
     if statistics is not None:
         stats = []
         for i, (s, w, cv) in enumerate(zip(statistics, sources, curvatures)):
             _check_statistics(s, i, hessian, w, cv.num_tokens)
             stats.append(s.to(device))
-        kl_before = [mean_kl(c, w, w0) for c, w in zip(chunks, sources)]
+        kl_before = [mean_kl(c, w, w0, reducer) for c, w in zip(chunks, sources)]
     else:
         stats = [statistics_from_curvature(cv, w, w0) for cv, w in zip(curvatures, sources)]
         kl_before = [s.kl for s in stats]
@@ -262,11 +276,12 @@ def solve_router(
     if objective == "kl":
         fit = _fit_kl(chunks, sources, w, alpha=alpha, solver=solver, preconditioner=precond,
                       input_factor=input_factor, max_iter=max_iter, max_steps=kl_max_steps,
-                      grad_tol=tol if kl_tol is None else kl_tol)
+                      grad_tol=tol if kl_tol is None else kl_tol, reducer=reducer)
         w = fit["weight"]
         iterations += fit["iterations"]
         residual, converged, newton_steps = fit["relative_gradient"], fit["converged"], fit["steps"]
-    kl_after = [mean_kl(c, s, w) for c, s in zip(chunks, sources)]
+    kl_after = [mean_kl(c, s, w, reducer) for c, s in zip(chunks, sources)]
+    reducer.check_replicated(w, "solved router")
     return RouterSolution(
         weight=w.to(dtype=init.dtype, device=init.device),
         iterations=int(iterations),
@@ -297,17 +312,19 @@ def sum_in_order(values):
 
 
 class _KLTask:
-    """One task's exact-KL pieces: cached source log-probabilities per chunk."""
+    """One task's exact-KL pieces: cached source log-probabilities per chunk (this rank's shard;
+    loss and gradient are means over all ranks' tokens)."""
 
-    def __init__(self, chunks: TokenChunks, source: torch.Tensor):
+    def __init__(self, chunks: TokenChunks, source: torch.Tensor, reducer: Reducer = LOCAL):
         self.chunks = chunks
+        self.reducer = reducer
         self.log_r = []
         ws = None
         for x in chunks:
             if ws is None:
                 ws = source.to(dtype=x.dtype, device=x.device).T.contiguous()
             self.log_r.append(log_probs(x, ws))
-        self.num_tokens = sum(lr.shape[0] for lr in self.log_r)
+        self.num_tokens = reducer.sum_int(sum(lr.shape[0] for lr in self.log_r))
 
     def evaluate(self, w: torch.Tensor, with_gradient: bool):
         """Mean KL(r || softmax(w x)), its gradient (K, d) and softmax(w x) per chunk."""
@@ -326,10 +343,14 @@ class _KLTask:
                 grad += ((pm - r).to(x.dtype).T @ x).to(torch.float64)
                 probs.append(pm.to(x.dtype))
         n = self.num_tokens
+        loss = self.reducer.sum_float(loss)
+        if with_gradient:
+            grad = self.reducer.sum(grad)
         return loss / n, (grad / n if with_gradient else None), probs
 
 
-def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_factor, max_iter, max_steps, grad_tol):
+def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_factor, max_iter, max_steps, grad_tol,
+            reducer: Reducer = LOCAL):
     """Levenberg-Marquardt on sum_i E KL(r_i || softmax(W x)).
 
     Each step solves (Hess(W) + lambda diag(Hess(W))) dW = -grad. The loss is convex soft-label
@@ -338,7 +359,7 @@ def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_fa
     (1 - alpha) / alpha, the damping HARC's alpha itself applies, and adapts to the ratio of actual
     to predicted decrease, so the last steps are undamped Newton steps (fast local convergence).
     """
-    tasks = [_KLTask(c, s) for c, s in zip(chunks, sources)]
+    tasks = [_KLTask(c, s, reducer) for c, s in zip(chunks, sources)]
     lam = (1.0 - alpha) / alpha if alpha < 1.0 else 1e-3
     lam_min = 1e-9
     w = w_start.clone()
@@ -359,7 +380,8 @@ def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_fa
             break
         if steps >= max_steps:
             break
-        curvatures = [TaskCurvature.from_probs(c, e[2]) for c, e in zip(chunks, evaluations)]
+        curvatures = [TaskCurvature.from_probs(c, e[2], reducer=reducer, num_experts=w.shape[0])
+                      for c, e in zip(chunks, evaluations)]
         diagonal = sum_in_order(cv.diagonal() for cv in curvatures)
         expert_factor = (sum_in_order(cv.hessian_mean() for cv in curvatures)
                          if preconditioner == "kronecker" else None)

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from harc_hpc.math.distributed import as_reducer
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
 from harc_hpc.math.metrics import kl_sum, topk_common
 from harc_hpc.math.operator import TaskCurvature, check_hessian, hessian_diagonal, hessian_times, log_probs
@@ -63,7 +64,9 @@ class TaskStatistics:
 
 def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, merged_router: torch.Tensor,
                               *, top_k: Optional[int] = None, input_gram: bool = False) -> TaskStatistics:
-    """All statistics of one task in one pass over its inputs (plus one for the Gram if asked)."""
+    """All statistics of one task in one pass over its inputs (plus one for the Gram if asked).
+    With a distributed ``curv.reducer`` the inputs are this rank's shard and the statistics are
+    those of all ranks' tokens (the same on every rank)."""
     k, d = source_router.shape
     dev = merged_router.device
     sigma_w = torch.zeros(k, d, dtype=torch.float64, device=dev)
@@ -85,6 +88,11 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
         if top_k:
             missed += int(x.shape[0]) * top_k - topk_common(zs, lm, top_k)
             expert_tokens += torch.bincount(torch.topk(zs, top_k, dim=1).indices.flatten().cpu(), minlength=k)
+    red = curv.reducer
+    if red.distributed:
+        sigma_w, diag, kl = red.sum(sigma_w), red.sum(diag), red.sum_float(kl)
+        if top_k:
+            missed, expert_tokens = red.sum_int(missed), red.sum(expert_tokens)
     n = curv.num_tokens
     return TaskStatistics(
         num_tokens=n,
@@ -110,11 +118,14 @@ def compute_task_statistics(
     *,
     input_gram: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    process_group=None,
 ) -> TaskStatistics:
-    """Statistics of one task: ``inputs_i`` (N, d) tensor or re-iterable of chunks, routers (K, d)."""
+    """Statistics of one task: ``inputs_i`` (N, d) tensor or re-iterable of chunks, routers (K, d).
+    ``process_group`` (a torch.distributed group or a Reducer): ``inputs_i`` is this rank's shard of
+    the task's tokens and the result covers all ranks' tokens."""
     check_hessian(hessian)
     if source_router.shape != merged_router.shape:
         raise ValueError(f"source router {tuple(source_router.shape)} != merged {tuple(merged_router.shape)}")
     chunks = TokenChunks(inputs_i, dim=int(source_router.shape[1]), chunk_tokens=chunk_tokens)
-    curv = TaskCurvature(chunks, source_router, hessian)
+    curv = TaskCurvature(chunks, source_router, hessian, reducer=as_reducer(process_group))
     return statistics_from_curvature(curv, source_router, merged_router, top_k=top_k, input_gram=input_gram)
