@@ -173,9 +173,11 @@ class HarcSection(_Strict):
     inner_dtype: Optional[Literal["bfloat16", "float16"]] = None
     device: str = "auto"
     # How much of the solve device's memory a layer's router inputs may take to stay resident for
-    # every CG iteration (default: what the device has free, less 20 %); beyond it they are streamed
-    # from the store on every iteration, and the solve report and log say so.
+    # every CG iteration (default: what the device has free, less 20 %).
     memory_budget_gb: Optional[float] = Field(default=None, gt=0)
+    # Inputs over the budget are an error naming harc.max_tokens that fits, unless this is set: then
+    # they are read from the store on every CG iteration (slow; the log states the projected time).
+    stream_inputs: bool = False
     # Use at most this many tokens of each task per layer (a seeded, sequence-stratified subsample,
     # the same for statistics and solve): the paper's results plateau at ~40 % of the data.
     max_tokens: Optional[int] = Field(default=None, ge=1)

@@ -96,6 +96,26 @@ def test_chunked_iterable_inputs_give_the_same_answer():
         solve_router([iter(c) for c in chunked], ws, init)
 
 
+@pytest.mark.parametrize("inner", [None, torch.bfloat16])
+@pytest.mark.parametrize("objective", ["quadratic", "kl"])
+def test_inputs_kept_in_bfloat16_give_the_same_bytes_in_a_quarter_of_the_memory(inner, objective):
+    """bfloat16 store chunks kept resident as they are and widened per use = widened up front."""
+    xs, ws, init = make_problem(2, 6, 5, [70, 45], seed=13)
+    chunked = [[x[s : s + 16].to(torch.bfloat16) for s in range(0, x.shape[0], 16)] for x in xs]
+    widened = [[c.to(torch.float64) for c in cs] for cs in chunked]
+    kw = dict(solver="pcg", tol=1e-10, compute_dtype=torch.float64, inner_dtype=inner, objective=objective)
+    want = solve_router(widened, ws, init, **kw)
+    got = solve_router(chunked, ws, init, keep_input_dtype=True, **kw)
+    assert torch.equal(got.weight, want.weight) and got.iterations == want.iterations
+    kept = TokenChunks(chunked[0], dtype=torch.float64, cache_bytes=1 << 20, keep_input_dtype=True)
+    assert [c.dtype for c in kept] == [torch.float64] * 5  # the operator sees the compute dtype
+    assert {c.dtype for c in kept.resident_chunks()} == {torch.bfloat16}
+    assert sum(c.numel() * c.element_size() for c in kept.resident_chunks()) == 70 * 5 * 2
+    # float32 inputs given as a tensor are never narrowed
+    full = TokenChunks(xs[0].float(), dtype=torch.float64, keep_input_dtype=True)
+    assert {c.dtype for c in full.resident_chunks()} == {torch.float32}
+
+
 def test_cpu_result_is_bitwise_deterministic():
     xs, ws, init = make_problem(2, 8, 6, [90, 50], seed=5)
     a = solve_router(xs, ws, init, solver="pcg", preconditioner="kronecker", tol=1e-9)

@@ -506,21 +506,34 @@ def test_the_completion_record_says_what_a_resume_verifies(finished):
     assert v["files"] == len(files) and v["bytes"] == sum(p.stat().st_size for p in files)
 
 
-def test_memory_budget_streams_inputs_with_the_same_answer_and_says_so(damaged, caplog):
-    """harc.memory_budget_gb below a layer's inputs: streamed every iteration, same router bytes."""
+def test_memory_budget_too_small_is_an_error_unless_streaming_is_asked_for(damaged, caplog):
+    """harc.memory_budget_gb below a layer's inputs: a clear error naming the max_tokens that fits and
+    writing nothing; with harc.stream_inputs they are streamed every iteration, same router bytes."""
+    from harc_hpc.errors import InputDataError
     from harc_hpc.stages import solve_router
 
     config, run, _ = damaged
-    before = (run / "routers/layer-001.safetensors").read_bytes()
+    router = run / "routers/layer-001.safetensors"
+    before = router.read_bytes()
     rep = json.loads((run / "routers/layer-001.json").read_text())
-    assert rep["inputs_resident"] is True and rep["inputs_bytes"] > 0
-    cfg = load_config(config, {"harc.memory_budget_gb": 1e-9})
+    assert rep["inputs_resident"] is True and 0 < rep["inputs_bytes"] < rep["resident_bytes"]
+    tight = rep["resident_bytes"] / 2 / 2**30  # half of what the solve needs resident
+    router.unlink()
+    with pytest.raises(InputDataError) as err:
+        solve_router.run(load_config(config, {"harc.memory_budget_gb": tight}), run, layer=1)
+    msg = str(err.value)
+    assert msg.startswith("solve-router layer 1:") and "over the memory budget" in msg
+    fits = int(msg.split("harc.max_tokens <= ")[1].split(" ")[0])
+    assert 0 < fits < rep["tokens"]["math"] and "harc.stream_inputs: true" in msg and "s per iteration" in msg
+    assert not router.exists()
+
+    cfg = load_config(config, {"harc.memory_budget_gb": tight, "harc.stream_inputs": True})
     with caplog.at_level("WARNING"):
         solve_router.run(cfg, run, layer=1)
     rep = json.loads((run / "routers/layer-001.json").read_text())
     assert rep["inputs_resident"] is False
-    assert "streamed from the store on every CG iteration" in caplog.text and "memory budget" in caplog.text
-    assert (run / "routers/layer-001.safetensors").read_bytes() == before
+    assert "read from the store on every CG iteration" in caplog.text and "per iteration measured" in caplog.text
+    assert router.read_bytes() == before
 
 
 def test_max_tokens_subsamples_statistics_and_solve_alike_and_deterministically(damaged):

@@ -169,8 +169,9 @@ class ActivationWriter:
 
 
 class ActivationArray:
-    """One stored ``(num_tokens, d)`` array. Iterating yields float tensors chunk by chunk, and can be
-    repeated (the solver streams the inputs once per operator application)."""
+    """One stored ``(num_tokens, d)`` array. Iterating yields float tensors chunk by chunk (in
+    ``out_dtype``; None: the stored dtype, bfloat16 included), and can be repeated (the solver
+    streams the inputs once per operator application)."""
 
     def __init__(self, store: Path, name: str, chunk_tokens: Optional[int] = None, out_dtype=torch.float32,
                  rows: Optional[np.ndarray] = None):
@@ -206,7 +207,8 @@ class ActivationArray:
         except ValueError as exc:  # the crc32c codec's "Stored and computed checksum do not match"
             raise CorruptArtifactError(self.store, f"array {self.name}: rows {start}:{stop} fail their "
                                                    f"checksum ({exc})") from None
-        return from_storage(raw, self.dtype).to(self.out_dtype)
+        x = from_storage(raw, self.dtype)
+        return x if self.out_dtype is None else x.to(self.out_dtype)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         n = self._array.shape[0]

@@ -4,6 +4,12 @@ The solver applies its operator hundreds of times, so every pass must see the sa
 same order: that fixed order is what makes the float64 reductions (and so the result) reproducible
 bit for bit. An in-memory tensor is cut into fixed-size views; any other re-iterable (a Zarr chunk
 reader) is streamed, and kept in memory after the first pass when it fits in ``cache_bytes``.
+
+``keep_input_dtype`` keeps the resident copy in the dtype the chunks arrive in when that is
+narrower than the compute dtype (bfloat16 from the activation store) and converts one chunk at a
+time when it is used: a layer's inputs then take their storage size (half of float32, a quarter of
+float64) plus one chunk, and the operator sees the same values as with a compute-dtype copy (the
+widening conversion is exact).
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ class TokenChunks:
         device: Optional[torch.device] = None,
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         cache_bytes: int = 0,
+        keep_input_dtype: bool = False,
     ):
         if chunk_tokens < 1:
             raise ValueError("chunk_tokens must be >= 1")
         self.dim = dim
         self.dtype = dtype
         self.device = device
+        self.keep_input_dtype = keep_input_dtype
         self._stream: Optional[Iterable[torch.Tensor]] = None
         self._chunks: Optional[list[torch.Tensor]] = None
         self._cache_bytes = cache_bytes
@@ -40,7 +48,7 @@ class TokenChunks:
         if torch.is_tensor(source):
             if source.ndim != 2:
                 raise ValueError(f"router inputs must be (tokens, d), got shape {tuple(source.shape)}")
-            x = self._convert(source)
+            x = self._convert(source, keep=True)
             self._chunks = [x[s : s + chunk_tokens] for s in range(0, x.shape[0], chunk_tokens)]
             self.num_tokens = int(x.shape[0])
         else:
@@ -51,7 +59,8 @@ class TokenChunks:
                 )
             self._stream = source
 
-    def _convert(self, x: torch.Tensor) -> torch.Tensor:
+    def _convert(self, x: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        """``x`` on the device in the compute dtype; with ``keep``, in the dtype it is kept in."""
         if not torch.is_tensor(x) or x.ndim != 2:
             raise ValueError("every chunk of router inputs must be a 2-D tensor (n, d)")
         if self.dim is None:
@@ -60,17 +69,22 @@ class TokenChunks:
             raise ValueError(f"router input width {x.shape[1]} != router width {self.dim}")
         if self.dtype is None:
             self.dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        return x.to(device=self.device, dtype=self.dtype)
+        narrower = x.is_floating_point() and x.element_size() < torch.empty(0, dtype=self.dtype).element_size()
+        return x.to(device=self.device, dtype=x.dtype if keep and self.keep_input_dtype and narrower else self.dtype)
+
+    def _compute(self, kept: torch.Tensor) -> torch.Tensor:
+        return kept if kept.dtype == self.dtype else kept.to(self.dtype)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self._chunks is not None:
-            yield from self._chunks
+            for c in self._chunks:
+                yield self._compute(c)
             return
         kept: Optional[list[torch.Tensor]] = [] if self._cache_bytes > 0 else None
         size = 0
         count = 0
         for raw in self._stream:
-            x = self._convert(torch.as_tensor(raw))
+            x = self._convert(torch.as_tensor(raw), keep=True)
             if x.shape[0] == 0:
                 continue
             count += int(x.shape[0])
@@ -80,7 +94,7 @@ class TokenChunks:
                     kept.append(x)
                 else:
                     kept = None
-            yield x
+            yield self._compute(x)
         if self.num_tokens is None:
             self.num_tokens = count
         elif count != self.num_tokens:
@@ -88,6 +102,10 @@ class TokenChunks:
         if kept is not None:
             self._chunks = kept
             self._stream = None
+
+    def resident_chunks(self) -> Optional[list[torch.Tensor]]:
+        """The resident chunks as kept (possibly narrower than the compute dtype); None while streamed."""
+        return self._chunks
 
     def count_tokens(self) -> int:
         if self.num_tokens is None:

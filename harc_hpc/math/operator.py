@@ -211,7 +211,13 @@ class LowPrecisionCurvature:
         self.num_tokens = curvature.num_tokens
         self.reducer = curvature.reducer
         self.dtype = dtype
-        self.pairs = [(x.to(dtype), None if p is None else p.float()) for x, p in curvature.pairs()]
+        # Inputs already resident in this dtype (bfloat16 kept from the store) are shared, not copied.
+        kept = curvature.chunks.resident_chunks()
+        if kept is not None and len(kept) == len(curvature.probs) and all(c.dtype == dtype for c in kept):
+            xs = kept
+        else:  # one chunk widened/narrowed at a time
+            xs = [x.to(dtype) for x, _ in curvature.pairs()]
+        self.pairs = [(x, None if p is None else p.float()) for x, p in zip(xs, curvature.probs)]
 
     def matvec(self, w: torch.Tensor) -> torch.Tensor:
         acc = torch.zeros(w.shape, dtype=torch.float64, device=w.device)

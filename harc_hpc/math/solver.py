@@ -178,6 +178,7 @@ def solve_router(
     inner_dtype: Optional[torch.dtype] = None,
     inner_tol: float = 1e-2,
     process_group: ProcessGroupLike = None,
+    keep_input_dtype: bool = False,
 ) -> RouterSolution:
     """Calibrate one layer's router.
 
@@ -198,6 +199,10 @@ def solve_router(
     ``statistics``, if given, are the global ones). Every token sum is computed locally in float64,
     all-reduced and divided by the global token count; all ranks return the same router, equal to
     the one-process solve up to the rounding of the changed summation order. None: one process.
+
+    ``keep_input_dtype``: inputs that arrive narrower than ``compute_dtype`` (bfloat16 chunks from
+    the activation store) stay resident in that dtype and are widened one chunk at a time when used:
+    the same answer, bit for bit, in the storage size (a quarter of float64) plus one chunk.
     """
     t_start = time.perf_counter()
     reducer = as_reducer(process_group)
@@ -210,7 +215,7 @@ def solve_router(
     k, d = init.shape
     device = init.device
     chunks = [TokenChunks(x, dim=d, dtype=compute_dtype, device=device, chunk_tokens=chunk_tokens,
-                          cache_bytes=cache_bytes) for x in inputs]
+                          cache_bytes=cache_bytes, keep_input_dtype=keep_input_dtype) for x in inputs]
     sources = [w.detach().to(device=device, dtype=torch.float64) for w in source_routers]
     w0 = init.detach().to(dtype=torch.float64)
     if solver == "auto":

@@ -25,14 +25,16 @@ from harc_hpc.stages.routers import merged_router, source_router
 log = logging.getLogger(__name__)
 
 
-def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> ActivationArray:
-    """A layer's router inputs on one task; with ``harc.max_tokens`` a seeded, sequence-stratified
-    subsample of them (the same rows for the statistics and the solve)."""
+def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str,
+                 stored_dtype: bool = False) -> ActivationArray:
+    """A layer's router inputs on one task, in ``harc.dtype`` (``stored_dtype``: as stored, e.g.
+    bfloat16, for a solve that keeps them resident in that size); with ``harc.max_tokens`` a seeded,
+    sequence-stratified subsample of them (the same rows for the statistics and the solve)."""
     block_list = layout.blocks(cfg)
     block = next(b for b, blk in enumerate(block_list) if layer in blk)
     x = ActivationArray(
         layout.activation_store(run_dir, block), f"{layer_name(layer)}/{task}",
-        chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=torch_dtype(cfg.harc.dtype),
+        chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=None if stored_dtype else torch_dtype(cfg.harc.dtype),
     )
     seed = [cfg.run.seed, zlib.crc32(task.encode()), layer]
     if cfg.harc.max_tokens is not None:

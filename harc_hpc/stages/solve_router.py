@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Optional
 
 
 from harc_hpc.config import PipelineConfig
@@ -36,16 +37,30 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
         if not s.is_finite():
             raise InputDataError("the statistics hold NaN/Inf", where=str(layout.statistics_file(run_dir, layer, t)),
                                  hint=f"rerun compute-statistics for layer {layer}, task {t}")
-    inputs = [layer_inputs(cfg, run_dir, layer, t) for t in tasks]
-    # Resident inputs cost one read of the store; streamed ones a read and decode per CG iteration.
-    input_bytes = sum(len(x) * x.shape[1] for x in inputs) * dtype.itemsize
+    # The inputs stay resident in their stored dtype (bfloat16: a quarter of float64), widened one
+    # chunk at a time; streamed, they cost a read and decode of the store on every CG iteration.
+    inputs = [layer_inputs(cfg, run_dir, layer, t, stored_dtype=True) for t in tasks]
+    k, d = int(stats[0].sigma_w.shape[0]), int(inputs[0].shape[1])
+    n_tokens = sum(len(x) for x in inputs)
+    input_bytes = n_tokens * d * min(_ITEMSIZE[inputs[0].dtype], dtype.itemsize)
+    need = resident_bytes(n_tokens, d, k, inputs[0].dtype, h.dtype, h.inner_dtype, cfg.calibration.chunk_tokens)
     budget = int(h.memory_budget_gb * 2**30) if h.memory_budget_gb else int(0.8 * free_memory_bytes(device))
-    resident = input_bytes <= budget
+    resident = need <= budget
     if not resident:
-        log.warning("solve-router layer %d: the inputs (%s as %s) exceed the memory budget (%s): they are "
-                    "streamed from the store on every CG iteration, which is far slower; raise "
-                    "harc.memory_budget_gb or use a device with more memory", layer, format_bytes(input_bytes),
-                    h.dtype, format_bytes(budget))
+        per_iteration = _streamed_seconds_per_pass(inputs)
+        what = (f"the router inputs ({n_tokens} tokens x {d}) and the solve's per-token state need "
+                f"{format_bytes(need)}, over the memory budget of {format_bytes(budget)}")
+        if not h.stream_inputs:
+            fits = max(1, int(budget / max(1, need) * n_tokens / len(tasks)))
+            raise InputDataError(
+                what, where=f"solve-router layer {layer}",
+                hint=f"set harc.max_tokens <= {fits} (a seeded per-sequence subsample; the paper's results "
+                     f"plateau at ~40 % of the data), raise harc.memory_budget_gb, or set "
+                     f"harc.stream_inputs: true to read them from the store on every CG iteration "
+                     f"(~{per_iteration:.1f} s per iteration measured here, up to {h.max_iter} iterations)")
+        log.warning("solve-router layer %d: %s; harc.stream_inputs is set, so they are read from the store on "
+                    "every CG iteration: ~%.1f s per iteration measured, ~%.0f min for %d iterations (pcg "
+                    "typically needs a few hundred)", layer, what, per_iteration, per_iteration * 400 / 60, 400)
     sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
     with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
@@ -54,7 +69,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
             alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
             preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
             callback=lambda it, rel: bar.update(1, f"residual {rel:.1e}"),
-            inner_dtype=torch_dtype(h.inner_dtype), cache_bytes=budget,
+            inner_dtype=torch_dtype(h.inner_dtype), cache_bytes=budget if resident else 0,
+            compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=True,
         )
     where = f"solve-router layer {layer}"
     if not math.isfinite(float(sol.relative_residual)):
@@ -75,6 +91,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
         # the regularisation and the other tasks only.
         "unrouted_experts": {t: s.unrouted_experts() for t, s in zip(tasks, stats)},
         "inputs_bytes": int(input_bytes),
+        "inputs_dtype": inputs[0].dtype,
+        "resident_bytes": int(need),
         "inputs_resident": bool(resident),
         "iterations": int(sol.iterations),
         "relative_residual": float(sol.relative_residual),
@@ -88,3 +106,31 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
         report["warning"] = f"CG did not reach tol {h.tol} in {h.max_iter} iterations"
     save_router(run_dir, layer, sol.weight, report)
     return {k: report[k] for k in ("layer", "iterations", "relative_residual", "converged", "seconds")}
+
+
+_ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def resident_bytes(tokens: int, d: int, k: int, stored: str, compute: str, inner: Optional[str],
+                   chunk_tokens: int) -> int:
+    """Memory of a resident solve of one layer: the inputs kept in the narrower of their stored and
+    the compute dtype, one chunk widened to the compute dtype, the per-token router probabilities
+    (compute dtype) and, with ``inner`` (mixed precision), a 16-bit copy of the inputs unless they
+    are kept in that dtype already plus float32 probabilities. ``harc-hpc plan`` uses it too."""
+    kept = min(_ITEMSIZE[stored], _ITEMSIZE[compute])
+    need = tokens * d * kept + chunk_tokens * d * _ITEMSIZE[compute] + tokens * k * _ITEMSIZE[compute]
+    if inner:
+        if not (stored == inner and kept == _ITEMSIZE[inner]):
+            need += tokens * d * _ITEMSIZE[inner]
+        need += tokens * k * 4
+    return int(need)
+
+
+def _streamed_seconds_per_pass(inputs) -> float:
+    """Seconds one pass over the stored inputs takes (read, checksum, decode), timed on a chunk."""
+    x = inputs[0]
+    stop = min(x.num_stored, x.chunk_tokens)
+    t0 = time.perf_counter()
+    x.read(0, stop)
+    per_row = (time.perf_counter() - t0) / max(1, stop)
+    return per_row * sum(a.num_stored for a in inputs)
