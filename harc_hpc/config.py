@@ -209,6 +209,10 @@ class StageResources(_Strict):
     mem_gb: Optional[float] = Field(default=None, gt=0)
     gpus: Optional[int] = Field(default=None, ge=0)
     array_parallelism: Optional[int] = Field(default=None, ge=1)
+    # A stage that runs distributed (solve-router): each task becomes a job of nodes x tasks_per_node
+    # processes (default tasks_per_node: gpus when > 1, else 1) joined by torch.distributed.
+    nodes: Optional[int] = Field(default=None, ge=1)
+    tasks_per_node: Optional[int] = Field(default=None, ge=1)
     extra_sbatch: dict[str, OneLineAny] = Field(default_factory=dict)
 
     @field_validator("extra_sbatch")

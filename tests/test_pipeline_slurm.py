@@ -370,3 +370,37 @@ def test_alpha_change_after_retention_recaptures_before_the_solve(sources, tmp_p
     assert solve["depends_on"] == [capture["job_id"]], solve
     reference, _ = submit(load_config(config), executor="debug", run_dir=tmp_path / "reference")
     assert result_bytes(run) == result_bytes(reference.run_dir)
+
+
+def test_solve_router_as_two_processes_per_task_equals_one_process(sources, tmp_path):
+    """executor.stages.solve-router.tasks_per_node 2: each layer's solve is one SLURM job of two
+    processes (srun), joined by torch.distributed (gloo), each holding half of every task's tokens;
+    the router equals the one-process solve to 1e-6, and rank 0 alone writes it."""
+    from safetensors.torch import load_file
+
+    two = {"executor.stages": {"solve-router": {"tasks_per_node": 2, "cpus": 1}}}
+    config = config_file(tmp_path, sources, "ranks", block_size=3, extra=two)
+    cfg = load_config(config)
+    plan, _ = submit(cfg, executor="debug", select=lambda p: [t for t in p.tasks.values() if t.stage != "solve-router"
+                                                              and t.stage != "assemble-model"])
+    run = plan.run_dir
+    res = CliRunner().invoke(main, ["submit", str(config), "--wait"])
+    assert res.exit_code == 0, res.output
+    sub = next(s for s in read_submissions(run) if s.get("stage") == "solve-router")
+    assert sub["parameters"]["tasks_per_node"] == 2
+    reference, _ = submit(load_config(config_file(tmp_path, sources, "one", block_size=3)), executor="debug")
+    for layer in range(3):
+        name = f"routers/layer-{layer:03d}"
+        rep = json.loads((run / f"{name}.json").read_text())
+        assert rep["ranks"] == 2, rep
+        ref_rep = json.loads((reference.run_dir / f"{name}.json").read_text())
+        assert rep["tokens"] == ref_rep["tokens"] and rep["inputs_bytes"] < ref_rep["inputs_bytes"]
+        got = load_file(run / f"{name}.safetensors")
+        want = load_file(reference.run_dir / f"{name}.safetensors")
+        for k in want:
+            rel = float((got[k].double() - want[k].double()).norm() / want[k].double().norm())
+            assert rel < 1e-6, (name, k, rel)
+    # Both ranks ran (one SLURM log per rank), and only one wrote the task log and record.
+    logs = sorted(p.name for p in (run / "slurm" / "solve-router").glob(f"{sub['job_id']}_0_*_log.err"))
+    assert len(logs) == 2, logs
+    assert "rank 1 of 2 (gloo)" in (run / "slurm" / "solve-router" / logs[1]).read_text()

@@ -71,3 +71,22 @@ def test_shipped_configs_plan_to_fit_one_80gb_gpu_per_task(name, shape):
         assert e["gpu_bytes"] <= 80 * 2**30, (e["stage"], e["gpu_bytes"])
     by = {e["stage"]: e for e in est["stages"]}
     assert by["capture-activations"]["gpu_bytes"] > 0  # capture runs on the GPU, onloaded
+
+
+def test_a_distributed_solve_is_planned_per_rank_and_only_distributed_stages_take_ranks(config):
+    model = REPO / "configs/model-shapes/olmoe-1b-7b.json"
+    one = CliRunner().invoke(main, ["plan", str(REPO / "configs/olmoe.yaml"), "--model-config", str(model), "--json"])
+    four = CliRunner().invoke(main, ["plan", str(REPO / "configs/olmoe.yaml"), "--model-config", str(model), "--json",
+                                     "--set", "executor.stages.solve-router.tasks_per_node=4"])
+    assert one.exit_code == 0 and four.exit_code == 0, (one.output, four.output)
+    gpu = [{e["stage"]: e for e in json.loads(r.output)["stages"]}["solve-router"]["gpu_bytes"] for r in (one, four)]
+    assert 3.5 < gpu[0] / gpu[1] < 4.0  # the inputs are split four ways; a fixed allowance is not
+    dry = CliRunner().invoke(main, ["submit", str(config), "--dry-run",
+                                    "--set", "executor.stages.solve-router.tasks_per_node=2"])
+    assert dry.exit_code == 0, dry.output
+    solve = dry.output[dry.output.index("[solve-router"):]
+    assert "--ntasks-per-node=2" in solve.splitlines()[2]
+    bad = CliRunner().invoke(main, ["submit", str(config), "--dry-run",
+                                    "--set", "executor.stages.compute-statistics.tasks_per_node=2"])
+    assert bad.exit_code == 2
+    assert "executor.stages.compute-statistics: nodes 1 x tasks_per_node 2" in bad.output

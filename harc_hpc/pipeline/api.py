@@ -63,7 +63,7 @@ def stage_resources(cfg: PipelineConfig, plan: Plan) -> dict:
     for name, spec in plan.specs.items():
         r = resolve_resources(cfg, spec)
         out[name] = {"mem_bytes": float(r["mem_gb"]) * 2**30, "gpus": int(r["gpus"] or 0),
-                     "gpu_bytes": cfg.executor.gpu_memory_gb * 2**30}
+                     "gpu_bytes": cfg.executor.gpu_memory_gb * 2**30, "ranks": int(r["ranks"])}
     return out
 
 

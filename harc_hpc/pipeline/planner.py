@@ -83,6 +83,9 @@ class StageSpec(_Strict):
     # delete-intermediate once every task that reads them is complete.
     scratch: list[str] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
+    # The stage function takes ``process_group=`` and shards a task over the ranks of a multi-process
+    # job (executor.stages.<name>.{nodes, tasks_per_node}); others run one process per task.
+    distributed: bool = False
     # A config key (dotted); when it is false the stage is left out of the plan (e.g. report.enabled).
     enabled_if: Optional[str] = None
 

@@ -32,12 +32,13 @@ from harc_hpc.pipeline import records
 log = logging.getLogger("harc_hpc.pipeline")
 
 
-def task_payload(plan, task, threads: Optional[int] = None) -> dict:
+def task_payload(plan, task, threads: Optional[int] = None, ranks: int = 1) -> dict:
     """Everything a job needs to know about its task, fixed at submission (digest included).
 
     ``threads`` (the task's ``cpus``) pins torch's intra-op threads: the same config then computes
     with the same reduction order on any machine, and small models are not slowed by threads
-    fighting over cores the job was not given.
+    fighting over cores the job was not given. ``ranks`` > 1: the task runs as that many processes
+    of one job (a distributed stage).
     """
     from harc_hpc.pipeline.planner import format_templates
 
@@ -56,6 +57,7 @@ def task_payload(plan, task, threads: Optional[int] = None) -> dict:
         "files": task.inputs.get("files", {}),
         "config": str(plan.config_path) if plan.config_path else None,
         "threads": threads,
+        "ranks": int(ranks),
         "retire": _retire_entries(plan, task),
     }
 
@@ -182,17 +184,71 @@ def run_task(run_dir, payload: dict, force: bool = False, cfg=None) -> dict:
     """
     from harc_hpc.pipeline.lock import TaskLock
 
+    if int(payload.get("ranks", 1)) > 1:
+        return _run_task_distributed(Path(run_dir), payload, force, cfg)
     with TaskLock(run_dir, payload["stage"], payload["key"]) as lock:
         if lock.waited_s > 1.0:
             log.info("%s: waited %.1fs for another runner of this task", payload["id"], lock.waited_s)
         return _run_task_locked(Path(run_dir), payload, force, cfg)
 
 
-def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
+def _run_task_distributed(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
+    """One task as the ranks of a multi-process SLURM job (``srun`` started them; submitit's
+    TorchDistributedEnvironment gives the rendezvous). Rank 0 is the task as usual: it holds the
+    task lock, decides whether to run, writes every artifact and the record. It tells the other
+    ranks its decision, and they call the stage function with the same process group, holding
+    their shard of the data and writing nothing. A rank that dies makes the others fail in their
+    next collective, so the task fails as a whole and a resubmit runs it again."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from harc_hpc.pipeline.lock import TaskLock
+
+    ranks = int(payload["ranks"])
+    env = submitit.helpers.TorchDistributedEnvironment()
+    if env.world_size != ranks:
+        raise RuntimeError(f"{payload['id']}: planned as {ranks} processes, the job has {env.world_size} "
+                           f"(SLURM_NTASKS); submit it again")
+    env.export(set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    group = dist.group.WORLD
+    try:
+        if env.rank == 0:
+            def tell(run: bool) -> None:
+                dist.broadcast_object_list([run], src=0)
+
+            with TaskLock(run_dir, payload["stage"], payload["key"]) as lock:
+                if lock.waited_s > 1.0:
+                    log.info("%s: waited %.1fs for another runner of this task", payload["id"], lock.waited_s)
+                return _run_task_locked(run_dir, payload, force, cfg, process_group=group, decided=tell)
+        decision = [None]
+        dist.broadcast_object_list(decision, src=0)
+        if not decision[0]:
+            return {}
+        cfg = cfg if cfg is not None else load_run_config(run_dir, payload.get("config"))
+        if payload.get("threads"):
+            torch.set_num_threads(int(payload["threads"]))
+        from harc_hpc.pipeline.planner import StageSpec
+
+        fn = StageSpec.model_construct(function=payload["function"]).load_function()
+        log.info("%s: rank %d of %d (%s)", payload["id"], env.rank, ranks, backend)
+        return fn(cfg, run_dir, **payload["index"], process_group=group) or {}
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg, process_group=None, decided=None) -> dict:
+    """``process_group`` (a distributed task's rank 0): passed on to the stage function;
+    ``decided(run)`` is called once it is known whether the task runs (before running it)."""
     stage, key, digest = payload["stage"], payload["key"], payload["digest"]
     why = None if force else records.why_incomplete(run_dir, stage, key, digest)
     if not force and why is None:
         why = records.restore_reason(run_dir, stage, key, payload.get("retire", []))
+    if decided is not None:
+        decided(force or why is not None)
     if not force and why is None:
         rec = records.read_completion(run_dir, stage, key) or {}
         log.info("%s: already complete, skipping", payload["id"])
@@ -219,7 +275,8 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg) -> dict:
             from harc_hpc.pipeline.planner import StageSpec
 
             fn = StageSpec.model_construct(function=payload["function"]).load_function()
-            result = fn(cfg, run_dir, **payload["index"])
+            extra = {} if process_group is None else {"process_group": process_group}
+            result = fn(cfg, run_dir, **payload["index"], **extra)
             if result is None:
                 result = {}
             if not isinstance(result, dict):

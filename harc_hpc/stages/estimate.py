@@ -235,8 +235,9 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             from harc_hpc.stages.solve_router import resident_bytes
 
             item = min(_ITEM[cfg.harc.dtype], cal)  # kept in the narrower of stored and compute dtype
-            inputs = resident_bytes(n_solve, d, K, cfg.calibration.dtype, cfg.harc.dtype, cfg.harc.inner_dtype,
-                                    cfg.calibration.chunk_tokens)
+            ranks = int(resources.get(stage, {}).get("ranks", 1))  # tokens sharded over the job's processes
+            inputs = resident_bytes(-(-n_solve // ranks), d, K, cfg.calibration.dtype, cfg.harc.dtype,
+                                    cfg.harc.inner_dtype, cfg.calibration.chunk_tokens)
             need = int(PROCESS_BYTES + inputs + 12 * K * d * 8)
             if on_gpu:
                 # read chunk by chunk into the device-resident copy: a few chunks in host memory
@@ -247,10 +248,12 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             iters = min(cfg.harc.max_iter, SOLVE_ITERATIONS)
             # a matvec is two GEMMs over the inputs: compute- or memory-bound, whichever is slower
             bandwidth = 3.35e12 if on_gpu else 20e9  # H100 HBM3; a CPU socket, roughly
-            e.seconds = iters * max(4 * n_solve * d * K / (tflops(stage) * 1e12), 2 * n_solve * d * item / bandwidth)
+            n_rank = -(-n_solve // ranks)
+            e.seconds = iters * max(4 * n_rank * d * K / (tflops(stage) * 1e12), 2 * n_rank * d * item / bandwidth)
             e.notes.append(f"inputs resident: {format_bytes(inputs)} ({n_solve} tokens x {d} kept as "
                            f"{cfg.calibration.dtype if cal < _ITEM[cfg.harc.dtype] else cfg.harc.dtype}, "
-                           f"computed in {cfg.harc.dtype}); "
+                           f"computed in {cfg.harc.dtype}"
+                           + (f", per rank of {ranks}" if ranks > 1 else "") + "); "
                            f"~{iters} CG iterations assumed")
         elif stage == "assemble-model":
             e.host_bytes = PROCESS_BYTES + K * 2 * shape.expert_intermediate * d * 4

@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 
 from harc_hpc.config import PipelineConfig
 from harc_hpc.dtypes import torch_dtype
 from harc_hpc.io.statistics import load_statistics
 from harc_hpc.errors import InputDataError, format_bytes, require_finite
+from harc_hpc.math.distributed import shard_rows
 from harc_hpc.models.modeling import free_memory_bytes, pick_device
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
@@ -23,9 +26,17 @@ from harc_hpc.stages.routers import merged_router, save_router, source_router
 log = logging.getLogger(__name__)
 
 
-def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
+def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> dict:
+    """``process_group`` (a distributed task: executor.stages.solve-router.{nodes, tasks_per_node}):
+    every rank holds a contiguous shard of each task's tokens, the solve all-reduces its token sums,
+    every rank gets the same router, and rank 0 alone writes it."""
     from harc_hpc.math import solve_router
 
+    rank, world = 0, 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     h = cfg.harc
@@ -40,6 +51,10 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
     # The inputs stay resident in their stored dtype (bfloat16: a quarter of float64), widened one
     # chunk at a time; streamed, they cost a read and decode of the store on every CG iteration.
     inputs = [layer_inputs(cfg, run_dir, layer, t, stored_dtype=True) for t in tasks]
+    if world > 1:
+        for x in inputs:  # this rank's rows only: it reads and keeps 1/world of the layer
+            lo, hi = shard_rows(len(x), rank, world)
+            x.rows = np.arange(lo, hi, dtype=np.int64) if x.rows is None else x.rows[lo:hi]
     k, d = int(stats[0].sigma_w.shape[0]), int(inputs[0].shape[1])
     n_tokens = sum(len(x) for x in inputs)
     input_bytes = n_tokens * d * min(_ITEMSIZE[inputs[0].dtype], dtype.itemsize)
@@ -68,9 +83,10 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
             inputs, sources, init,
             alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
             preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
-            callback=lambda it, rel: bar.update(1, f"residual {rel:.1e}"),
+            callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
             inner_dtype=torch_dtype(h.inner_dtype), cache_bytes=budget if resident else 0,
             compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=True,
+            process_group=process_group,
         )
     where = f"solve-router layer {layer}"
     if not math.isfinite(float(sol.relative_residual)):
@@ -94,6 +110,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
         "inputs_dtype": inputs[0].dtype,
         "resident_bytes": int(need),
         "inputs_resident": bool(resident),
+        "ranks": world,  # processes the tokens were sharded over (inputs_bytes, resident_bytes: per rank)
         "iterations": int(sol.iterations),
         "relative_residual": float(sol.relative_residual),
         "converged": bool(sol.converged),
@@ -104,7 +121,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int) -> dict:
     if not sol.converged:
         # A non-converged solve is still the best iterate; the report says so and the run goes on.
         report["warning"] = f"CG did not reach tol {h.tol} in {h.max_iter} iterations"
-    save_router(run_dir, layer, sol.weight, report)
+    if rank == 0:
+        save_router(run_dir, layer, sol.weight, report)
     return {k: report[k] for k in ("layer", "iterations", "relative_residual", "converged", "seconds")}
 
 

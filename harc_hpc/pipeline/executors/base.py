@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from harc_hpc.config import PipelineConfig
+from harc_hpc.errors import UsageError
 from harc_hpc.pipeline import records
 from harc_hpc.pipeline.planner import Group, StageSpec
 
@@ -40,6 +41,16 @@ def resolve_resources(cfg: PipelineConfig, spec: StageSpec, explicit: Optional[I
     for key in ("partition", "account", "qos", "array_parallelism"):
         value = getattr(per_stage, key, None) if per_stage is not None else None
         out[key] = value if value is not None else getattr(ex, key)
+    nodes = getattr(per_stage, "nodes", None) or 1
+    per_node = getattr(per_stage, "tasks_per_node", None)
+    if per_node is None:
+        per_node = int(out["gpus"]) if spec.distributed and (out["gpus"] or 0) > 1 else 1
+    if (nodes > 1 or per_node > 1) and not spec.distributed:
+        raise UsageError(f"executor.stages.{spec.name}: nodes {nodes} x tasks_per_node {per_node}, but stage "
+                         f"{spec.name} runs one process per task (only stages with 'distributed: true' "
+                         f"in their spec shard a task over several processes)")
+    out["nodes"], out["tasks_per_node"] = nodes, per_node
+    out["ranks"] = nodes * per_node
     out["extra_sbatch"] = {**ex.extra_sbatch, **(per_stage.extra_sbatch if per_stage is not None else {})}
     out["setup"] = list(ex.setup)
     return out

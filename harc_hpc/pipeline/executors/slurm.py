@@ -27,6 +27,11 @@ def submitit_parameters(resources: dict, name: str, n_tasks: int, dependency: Op
     }
     if resources["gpus"]:
         params["gpus_per_node"] = int(resources["gpus"])
+    # One task as several processes (a distributed stage): srun starts them, torch.distributed joins them.
+    if resources.get("tasks_per_node", 1) > 1:
+        params["tasks_per_node"] = int(resources["tasks_per_node"])
+    if resources.get("nodes", 1) > 1:
+        params["nodes"] = int(resources["nodes"])
     for key in ("partition", "account", "qos"):
         if resources[key]:
             params[f"slurm_{key}"] = resources[key]
@@ -53,6 +58,10 @@ def sbatch_preview(params: dict) -> dict:
     }
     if "gpus_per_node" in params:
         out["--gpus-per-node"] = params["gpus_per_node"]
+    if "nodes" in params:
+        out["--nodes"] = params["nodes"]
+    if "tasks_per_node" in params:
+        out["--ntasks-per-node"] = params["tasks_per_node"]
     for key in ("partition", "account", "qos", "dependency"):
         if f"slurm_{key}" in params:
             out[f"--{key}"] = params[f"slurm_{key}"]
@@ -99,7 +108,8 @@ def submit(plan, cfg, todo, force, explicit, echo, outcome) -> Outcome:
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=cfg.executor.max_requeues,
                                    slurm_python=shlex.quote(sys.executable))
         ex.update_parameters(**params)
-        runner = StageRunner(str(run_dir), {t.key: task_payload(plan, t, res["cpus"]) for t in g.tasks},
+        runner = StageRunner(str(run_dir), {t.key: task_payload(plan, t, res["cpus"], res["ranks"])
+                                            for t in g.tasks},
                              force=force)
         keys = [t.key for t in g.tasks]
         jobs = ex.map_array(runner, keys)
