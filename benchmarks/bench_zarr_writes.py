@@ -1,6 +1,7 @@
 """Activation-store write throughput: slices buffered to whole chunks vs every slice written at once.
 
     python benchmarks/bench_zarr_writes.py [--tokens 65536] [--dim 2048] [--batch 4096] [--chunk 16384]
+                                           [--compression]
 
 Capture writes one batch of router inputs at a time (calibration.batch_size sequences) into arrays
 chunked along tokens (calibration.chunk_tokens). Written straight through, every batch that covers
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harc_hpc.io.activations import ActivationWriter  # noqa: E402
+from harc_hpc.io.activations import COMPRESSIONS, ActivationArray, ActivationWriter  # noqa: E402
 
 
 def write_store(root: Path, x: torch.Tensor, batch: int, chunk: int, buffered: bool) -> float:
@@ -49,6 +50,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compression", action="store_true", help="also measure each store compression")
     args = ap.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.tokens, args.dim).to(torch.bfloat16)
@@ -69,7 +71,67 @@ def main() -> int:
     print(f"written straight through : {best[False]:6.2f} s  {mb / best[False]:7.1f} MB/s")
     print(f"buffered to whole chunks : {best[True]:6.2f} s  {mb / best[True]:7.1f} MB/s")
     print(f"ratio (buffered / straight): {best[False] / best[True]:.2f}x; identical chunk files: {same}")
-    return 0 if same else 1
+    ok = compression_table(args, x) if args.compression else True
+    return 0 if same and ok else 1
+
+
+def store_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def read_pass(root: Path) -> tuple[float, torch.Tensor]:
+    """One pass over the array as a streamed solve makes it: chunk by chunk, checksummed, decoded."""
+    t0 = time.perf_counter()
+    last = None
+    for last in ActivationArray(root, "layer-000/task", out_dtype=None):
+        pass
+    return time.perf_counter() - t0, last
+
+
+def compression_table(args, gaussian: torch.Tensor) -> bool:
+    """Compression of the stores: ratio, write and read MB/s per codec, on two kinds of synthetic
+    bf16 inputs (i.i.d. Gaussian; Gaussian with 16 outlier channels x30, as LLM hidden states have)."""
+    g = torch.Generator().manual_seed(1)
+    scale = torch.ones(args.dim)
+    scale[torch.randperm(args.dim, generator=g)[:16]] = 30.0
+    kinds = {"gaussian": gaussian, "outlier channels": (gaussian.float() * scale).to(torch.bfloat16)}
+    mb = gaussian.numel() * 2 / 1e6
+    rows, identical = [], True
+    work = Path(tempfile.mkdtemp(prefix="bench-zarr-codec-"))
+    try:
+        for kind, x in kinds.items():
+            best: dict = {}
+            for r in range(args.repeats + 1):  # interleaved; the first round warms the page cache
+                for comp in COMPRESSIONS:
+                    root = work / f"{comp}-{r}.zarr"
+                    t0 = time.perf_counter()
+                    w = ActivationWriter(root, chunk_tokens=args.chunk, dtype="bfloat16", compression=comp)
+                    w.create("layer-000/task", x.shape[0], x.shape[1], np.array([0, x.shape[0]]))
+                    for start in range(0, x.shape[0], args.batch):
+                        w.write("layer-000/task", start, x[start:start + args.batch])
+                    w.close()
+                    wt = time.perf_counter() - t0
+                    rt, last = read_pass(root)
+                    identical &= torch.equal(last, x[-last.shape[0]:])
+                    if r:
+                        b = best.setdefault(comp, {"write": float("inf"), "read": float("inf")})
+                        b["write"], b["read"] = min(b["write"], wt), min(b["read"], rt)
+                        b["bytes"] = store_bytes(root)
+                    shutil.rmtree(root)
+            raw = best["none"]["bytes"]
+            for comp in COMPRESSIONS:
+                b = best[comp]
+                rows.append((kind, comp, raw / b["bytes"], mb / b["write"], mb / b["read"]))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\ncompression ({args.tokens} tokens x {args.dim} bf16, {args.batch}-token batches, "
+          f"{args.chunk}-token chunks, best of {args.repeats}; ratio = uncompressed / compressed bytes)")
+    print("| inputs | compression | ratio | write MB/s | read (one streamed pass) MB/s |")
+    print("|---|---|---|---|---|")
+    for kind, comp, ratio, w, r in rows:
+        print(f"| {kind} | {comp} | {ratio:.3f} | {w:.1f} | {r:.1f} |")
+    print(f"decoded values identical: {identical}")
+    return identical
 
 
 if __name__ == "__main__":

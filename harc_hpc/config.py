@@ -153,6 +153,11 @@ class CalibrationSection(_Strict):
     batch_size: int = Field(default=8, ge=1)
     chunk_tokens: int = Field(default=8192, ge=64)  # Zarr chunk length along tokens
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Compression of the hidden-state and router-input stores (every chunk keeps its CRC32C either
+    # way). Measured (benchmarks/bench_zarr_writes.py --compression): zstd stores bf16 inputs in
+    # 0.78x the bytes but writes 1.2-2x and reads 2.0-2.7x slower; worth it only where the disk, not
+    # the CPU, is the limit.
+    compression: Literal["none", "zstd"] = "none"
 
 
 LayerSelection = Union[Literal["all"], list[int], dict[str, int]]

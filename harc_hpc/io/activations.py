@@ -25,9 +25,15 @@ from harc_hpc.errors import CorruptArtifactError
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 
 
-def _codecs() -> list:
-    # Zarr's default compressor (zstd level 0), then a CRC32C of the encoded chunk.
-    return [ZstdCodec(level=0, checksum=False), Crc32cCodec()]
+COMPRESSIONS = ("none", "zstd")
+
+
+def _codecs(compression: str = "zstd") -> list:
+    """The chunk codecs: optionally Zarr's default compressor (zstd at its default level), then
+    always a CRC32C of the encoded chunk. Readers need no setting: the codecs are in the metadata."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+    return ([ZstdCodec(level=0, checksum=False)] if compression == "zstd" else []) + [Crc32cCodec()]
 
 
 def _storage_dtype(name: str):
@@ -103,11 +109,14 @@ class ActivationWriter:
     baseline).
     """
 
-    def __init__(self, root: Path, chunk_tokens: int, dtype: str, buffer_chunks: bool = True):
+    def __init__(self, root: Path, chunk_tokens: int, dtype: str, buffer_chunks: bool = True,
+                 compression: str = "zstd"):
         self.group = zarr.open_group(str(root), mode="w")
         self.chunk_tokens = chunk_tokens
         self.dtype = dtype
         self.buffer_chunks = buffer_chunks
+        self.compression = compression
+        _codecs(compression)  # refuse an unknown one before anything is written
         self.group.attrs["dtype"] = dtype
         self._arrays: dict = {}
         self._pending: dict[str, tuple[int, list]] = {}  # name -> (first row buffered, slices)
@@ -118,7 +127,7 @@ class ActivationWriter:
             shape=(num_tokens, dim),
             chunks=(max(1, min(self.chunk_tokens, num_tokens)), dim),
             dtype=_storage_dtype(self.dtype),
-            compressors=_codecs(),
+            compressors=_codecs(self.compression),
         )
         arr.attrs["offsets"] = [int(o) for o in offsets]
         arr.attrs["dtype"] = self.dtype

@@ -172,8 +172,9 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int) -> dict:
                 atomic_path(layout.activation_store(run_dir, block),
                             needed_bytes=n_tokens * d * item * len(layers)) as atmp:
             # The cached hidden states are stored in the calibration dtype, like the router inputs.
-            hidden_out = ActivationWriter(htmp, cfg.calibration.chunk_tokens, dtype)
-            acts = ActivationWriter(atmp, cfg.calibration.chunk_tokens, dtype)
+            hidden_out = ActivationWriter(htmp, cfg.calibration.chunk_tokens, dtype,
+                                          compression=cfg.calibration.compression)
+            acts = ActivationWriter(atmp, cfg.calibration.chunk_tokens, dtype, compression=cfg.calibration.compression)
             plan = {t: list(batches(s.num_sequences, bs)) for t, s in tokens.items()}
             shapes = {t: [(len(idx), int(max(s.offsets[i + 1] - s.offsets[i] for i in idx))) for idx in plan[t]]
                       for t, s in tokens.items()}
