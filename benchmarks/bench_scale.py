@@ -97,11 +97,44 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    ap.add_argument("--part", choices=("capture", "solve", "all"), default="all",
+                    help="capture (onloaded vs whole model), solve (resident / streamed / subsampled), or both")
+    ap.add_argument("--solve-tokens", type=int, default=16384, help="tokens per task of the solve part")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "PATH", "OUT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         child(a.child[0], a.child[1], a.tokens, a.seq, a.child[2])
         return 0
+    previous = json.loads((a.out / "scale.json").read_text()) if (a.out / "scale.json").is_file() else {}
+    ok = True
+    capture = previous.get("capture", previous if "whole" in previous else None)  # (the older flat layout)
+    if a.part in ("capture", "all"):
+        capture, lines_capture, ok = capture_part(a)
+    solve = previous.get("solve")
+    if a.part in ("solve", "all"):
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import scale_solve
+
+        solve = scale_solve.run(tokens=a.solve_tokens)
+        ok = ok and solve["same_answer"]["bf16_resident_vs_float32_resident_bitwise"] \
+            and solve["same_answer"]["streamed_vs_resident_at_same_iterations_bitwise"]
+    lines = ["## Capture", ""] + (capture_markdown(capture) if capture else ["(not run)"])
+    lines += ["", "## Solve", ""] + (scale_solve_markdown(solve) if solve else ["(not run)"])
+    print("\n".join(lines))
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "scale.json").write_text(json.dumps({"capture": capture, "solve": solve}, indent=2) + "\n")
+    (a.out / "scale.md").write_text("\n".join(lines) + "\n")
+    return 0 if ok else 1
+
+
+def scale_solve_markdown(solve: dict) -> list[str]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scale_solve
+
+    return scale_solve.markdown(solve)
+
+
+def capture_part(a):
     import torch
 
     with tempfile.TemporaryDirectory(prefix="harc-bench-scale-") as tmp:
@@ -120,7 +153,6 @@ def main() -> int:
         same = all(torch.equal(results["whole"]["records"][l], results["onload"]["records"][l])
                    for l in results["whole"]["records"])
     w, o = results["whole"], results["onload"]
-    layer_bytes = model_bytes / a.layers  # roughly: embeddings spread over the layers
     row = {
         "model": {"layers": a.layers, "hidden": a.hidden, "experts": a.experts, "intermediate": a.intermediate,
                   "bf16_bytes": model_bytes},
@@ -134,23 +166,26 @@ def main() -> int:
         "router_inputs_identical": same,
         "note": "CPU, float32 compute (a bf16 checkpoint is upcast on CPU), peak RSS of each child process",
     }
+    return row, capture_markdown(row), same
+
+
+def capture_markdown(row: dict) -> list[str]:
     gib = 2**30
-    lines = [
+    w, o, m = row["whole"], row["onload"], row["model"]
+    model_bytes = m["bf16_bytes"]
+    layer_bytes = model_bytes / m["layers"]  # roughly: embeddings spread over the layers
+    same = row["router_inputs_identical"]
+    return [
         "| path | peak RSS | x model (bf16) | tokens/s |",
         "|---|---|---|---|",
         f"| whole model | {w['peak_rss_bytes'] / gib:.2f} GiB | {w['peak_rss_bytes'] / model_bytes:.2f} | {row['whole']['tokens_per_s']} |",
         f"| onloaded, one layer at a time | {o['peak_rss_bytes'] / gib:.2f} GiB | {o['peak_rss_bytes'] / model_bytes:.2f} | {row['onload']['tokens_per_s']} |",
         "",
-        f"Model: {a.layers} layers, d {a.hidden}, {a.experts} experts, I {a.intermediate} "
-        f"({model_bytes / gib:.2f} GiB bf16, ~{layer_bytes / gib:.2f} GiB a layer); {w['tokens']} tokens. "
+        f"Model: {m['layers']} layers, d {m['hidden']}, {m['experts']} experts, I {m['intermediate']} "
+        f"({model_bytes / gib:.2f} GiB bf16, ~{layer_bytes / gib:.2f} GiB a layer); {row['tokens']} tokens. "
         f"Whole / onloaded peak RSS: {row['rss_ratio_whole_over_onload']}x; speed onloaded / whole: "
         f"{row['speed_ratio_onload_over_whole']}x; router inputs identical: {same}.",
     ]
-    print("\n".join(lines))
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "scale.json").write_text(json.dumps(row, indent=2) + "\n")
-    (a.out / "scale.md").write_text("\n".join(lines) + "\n")
-    return 0 if same else 1
 
 
 if __name__ == "__main__":

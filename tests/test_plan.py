@@ -90,3 +90,19 @@ def test_a_distributed_solve_is_planned_per_rank_and_only_distributed_stages_tak
                                     "--set", "executor.stages.compute-statistics.tasks_per_node=2"])
     assert bad.exit_code == 2
     assert "executor.stages.compute-statistics: nodes 1 x tasks_per_node 2" in bad.output
+
+
+def test_solve_inputs_are_widened_once_when_that_fits_and_kept_as_stored_otherwise():
+    from harc_hpc.stages.solve_router import choose_residency, resident_bytes
+
+    n, d, k, chunk = 1_000_000, 2048, 64, 8192
+    wide = resident_bytes(n, d, k, "bfloat16", "float32", None, chunk, keep_stored=False)
+    narrow = resident_bytes(n, d, k, "bfloat16", "float32", None, chunk, keep_stored=True)
+    assert wide == n * d * 4 + n * k * 4 and narrow == n * d * 2 + n * k * 4 + chunk * d * 4
+    assert choose_residency(n, d, k, "bfloat16", "float32", None, chunk, budget=wide) == (False, wide)
+    assert choose_residency(n, d, k, "bfloat16", "float32", None, chunk, budget=wide - 1) == (True, narrow)
+    # mixed precision in the stored dtype: one bfloat16 copy serves both operators, whatever the budget
+    keep, need = choose_residency(n, d, k, "bfloat16", "float32", "bfloat16", chunk, budget=10 * wide)
+    assert keep and need == narrow + n * k * 4
+    # float32 stored, float32 compute: nothing to narrow
+    assert choose_residency(n, d, k, "float32", "float32", None, chunk, budget=1)[0] is False

@@ -48,8 +48,9 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         if not s.is_finite():
             raise InputDataError("the statistics hold NaN/Inf", where=str(layout.statistics_file(run_dir, layer, t)),
                                  hint=f"rerun compute-statistics for layer {layer}, task {t}")
-    # The inputs stay resident in their stored dtype (bfloat16: a quarter of float64), widened one
-    # chunk at a time; streamed, they cost a read and decode of the store on every CG iteration.
+    # The inputs stay resident: widened once to the compute dtype when that fits the budget, else in
+    # their stored dtype (bfloat16: a quarter of float64) widened one chunk at a time; streamed, they
+    # would cost a read and decode of the store on every CG iteration.
     inputs = [layer_inputs(cfg, run_dir, layer, t, stored_dtype=True) for t in tasks]
     if world > 1:
         for x in inputs:  # this rank's rows only: it reads and keeps 1/world of the layer
@@ -57,9 +58,10 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             x.rows = np.arange(lo, hi, dtype=np.int64) if x.rows is None else x.rows[lo:hi]
     k, d = int(stats[0].sigma_w.shape[0]), int(inputs[0].shape[1])
     n_tokens = sum(len(x) for x in inputs)
-    input_bytes = n_tokens * d * min(_ITEMSIZE[inputs[0].dtype], dtype.itemsize)
-    need = resident_bytes(n_tokens, d, k, inputs[0].dtype, h.dtype, h.inner_dtype, cfg.calibration.chunk_tokens)
     budget = int(h.memory_budget_gb * 2**30) if h.memory_budget_gb else int(0.8 * free_memory_bytes(device))
+    keep_stored, need = choose_residency(n_tokens, d, k, inputs[0].dtype, h.dtype, h.inner_dtype,
+                                         cfg.calibration.chunk_tokens, budget)
+    input_bytes = n_tokens * d * (_ITEMSIZE[inputs[0].dtype] if keep_stored else dtype.itemsize)
     resident = need <= budget
     if not resident:
         per_iteration = _streamed_seconds_per_pass(inputs)
@@ -85,7 +87,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
             callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
             inner_dtype=torch_dtype(h.inner_dtype), cache_bytes=budget if resident else 0,
-            compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=True,
+            compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=keep_stored,
             process_group=process_group,
         )
     where = f"solve-router layer {layer}"
@@ -108,6 +110,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         "unrouted_experts": {t: s.unrouted_experts() for t, s in zip(tasks, stats)},
         "inputs_bytes": int(input_bytes),
         "inputs_dtype": inputs[0].dtype,
+        "inputs_kept_as": inputs[0].dtype if keep_stored else h.dtype,
         "resident_bytes": int(need),
         "inputs_resident": bool(resident),
         "ranks": world,  # processes the tokens were sharded over (inputs_bytes, resident_bytes: per rank)
@@ -130,18 +133,35 @@ _ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def resident_bytes(tokens: int, d: int, k: int, stored: str, compute: str, inner: Optional[str],
-                   chunk_tokens: int) -> int:
-    """Memory of a resident solve of one layer: the inputs kept in the narrower of their stored and
-    the compute dtype, one chunk widened to the compute dtype, the per-token router probabilities
-    (compute dtype) and, with ``inner`` (mixed precision), a 16-bit copy of the inputs unless they
-    are kept in that dtype already plus float32 probabilities. ``harc-hpc plan`` uses it too."""
-    kept = min(_ITEMSIZE[stored], _ITEMSIZE[compute])
-    need = tokens * d * kept + chunk_tokens * d * _ITEMSIZE[compute] + tokens * k * _ITEMSIZE[compute]
+                   chunk_tokens: int, keep_stored: bool = True) -> int:
+    """Memory of a resident solve of one layer: the inputs (kept in their stored dtype when
+    ``keep_stored`` and it is the narrower, plus one chunk widened to the compute dtype; else in the
+    compute dtype), the per-token router probabilities (compute dtype) and, with ``inner`` (mixed
+    precision), a 16-bit copy of the inputs unless they are kept in that dtype already, plus float32
+    probabilities. ``harc-hpc plan`` uses it too."""
+    narrow = keep_stored and _ITEMSIZE[stored] < _ITEMSIZE[compute]
+    kept = _ITEMSIZE[stored] if narrow else _ITEMSIZE[compute]
+    need = tokens * d * kept + tokens * k * _ITEMSIZE[compute]
+    if narrow:
+        need += chunk_tokens * d * _ITEMSIZE[compute]
     if inner:
-        if not (stored == inner and kept == _ITEMSIZE[inner]):
+        if not (narrow and stored == inner):
             need += tokens * d * _ITEMSIZE[inner]
         need += tokens * k * 4
     return int(need)
+
+
+def choose_residency(tokens: int, d: int, k: int, stored: str, compute: str, inner: Optional[str],
+                     chunk_tokens: int, budget: int) -> tuple[bool, int]:
+    """(keep the inputs in their stored dtype?, resident bytes). Kept as stored when a mixed-precision
+    solve computes in that very dtype (one copy serves both operators), or when a compute-dtype copy
+    would not fit ``budget``; otherwise widened once, because widening every chunk on every CG
+    iteration costs time (1.6x per iteration on a CPU, benchmarks/bench_scale.py). The answer is the
+    same bit for bit either way."""
+    wide = resident_bytes(tokens, d, k, stored, compute, inner, chunk_tokens, keep_stored=False)
+    narrow = resident_bytes(tokens, d, k, stored, compute, inner, chunk_tokens, keep_stored=True)
+    keep = narrow < wide and (inner == stored or wide > budget)
+    return keep, (narrow if keep else wide)
 
 
 def _streamed_seconds_per_pass(inputs) -> float:
