@@ -68,11 +68,12 @@ ALLOWED = {
     "io": {"io", "math"},
     "models": {"models", "io"},
     "merge": {"merge", "io", "models"},
+    "mergeme": {"mergeme", "merge", "io", "models"},
     "pipeline": {"pipeline", "io"},
     "report": {"report", "math", "io", "models", "stages", "demo"},
     "stages": {"stages", "math", "io", "models", "merge", "report", "demo", "progress"},
     "demo": {"demo", "io", "models"},
-    "cli": {"cli", "pipeline", "report", "stages", "io"},
+    "cli": {"cli", "pipeline", "report", "stages", "io", "mergeme"},
 }
 SHARED = {"errors", "dtypes", "config", "progress", ""}
 

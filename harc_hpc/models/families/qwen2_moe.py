@@ -19,5 +19,9 @@ class Qwen2MoeFamily(MoEFamily):
     def shared_expert_gate_key(self, layer: int) -> str:
         return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
 
+    def shared_expert_key(self, layer: int, proj: str) -> str:
+        """The shared expert's ``proj`` (gate, up or down) weight of ``layer``."""
+        return f"model.layers.{layer}.mlp.shared_expert.{self.proj_names[proj]}.weight"
+
     def is_router_key(self, key: str) -> bool:
         return super().is_router_key(key) and "shared_expert_gate" not in key
