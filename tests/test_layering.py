@@ -70,7 +70,7 @@ ALLOWED = {
     "merge": {"merge", "io", "models"},
     "mergeme": {"mergeme", "merge", "io", "models"},
     "pipeline": {"pipeline", "io"},
-    "report": {"report", "math", "io", "models", "stages", "demo"},
+    "report": {"report", "math", "io", "models", "stages", "demo", "pipeline"},  # pipeline: run records
     "stages": {"stages", "math", "io", "models", "merge", "report", "demo", "progress"},
     "demo": {"demo", "io", "models"},
     "cli": {"cli", "pipeline", "report", "stages", "io", "mergeme"},

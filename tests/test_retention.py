@@ -57,6 +57,14 @@ def test_delete_intermediate_frees_scratch_with_the_same_result(sources, tmp_pat
     assert all(r.state == "done" for r in rows)
     table = format_table(rows)
     assert "capture-activations: done 3; on disk" in table and "deleted after use" in table, table
+    # the report's stage table shows the same bytes as status
+    from harc_hpc.report.metrics import stage_statistics
+
+    stages = stage_statistics(run_dir)
+    cap = [r for r in rows if r.stage == "capture-activations"]
+    assert stages["capture-activations"]["retired_bytes"] == sum(r.retired_bytes for r in cap) > 0
+    assert stages["capture-activations"]["disk_bytes"] == sum(r.disk_bytes for r in cap) > 0
+    assert stages["solve-router"]["retired_bytes"] == 0 and stages["solve-router"]["disk_bytes"] > 0
     # nothing changed: nothing reruns, nothing is recomputed
     lines: list[str] = []
     submit_run(load_config(plan.run_dir / "config.yaml"), executor="debug", echo=lines.append)

@@ -1,8 +1,8 @@
 """Shared pieces for running transformers decoder-only MoE models: device choice, whole-model
-loading (the report's evaluations), padding, router-input hooks. The layer-at-a-time path that
-calibration uses is harc_hpc.models.onload; the decoder layers of OLMoE, Qwen2/3-MoE and Mixtral
-share one calling convention in transformers 5 (``layer(hidden, attention_mask=, position_ids=,
-position_embeddings=)``), which is all it relies on.
+loading (the tests' and benchmarks' references), padding, router-input hooks. The layer-at-a-time
+path that calibration and the report use is harc_hpc.models.onload; the decoder layers of OLMoE,
+Qwen2/3-MoE and Mixtral share one calling convention in transformers 5 (``layer(hidden,
+attention_mask=, position_ids=, position_embeddings=)``), which is all it relies on.
 """
 
 from __future__ import annotations

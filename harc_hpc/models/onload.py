@@ -2,10 +2,10 @@
 weights read straight from the safetensors shards onto the compute device when it runs, and freed
 after.
 
-Peak memory is one decoder layer, the embeddings while they are used, and the activations, whatever
-the number of layers (the sequential onloading of llm-compressor, Model-Optimizer's layerwise
-calibration and REAP's layerwise observer). Each layer is loaded once and every batch is pushed
-through it before the next one is loaded.
+Peak memory is one decoder layer, the embeddings (or the final norm and LM head) while they are
+used, and the activations, whatever the number of layers (the sequential onloading of
+llm-compressor, Model-Optimizer's layerwise calibration and REAP's layerwise observer). Each layer
+is loaded once and every batch is pushed through it before the next one is loaded.
 
 The skeleton is built by transformers itself (``from_config`` under ``torch.device("meta")``), so
 the layer code, the causal mask and the rotary embedding are the library's own; only the weights are
@@ -121,6 +121,7 @@ class OnloadedModel:
             self.backbone.rotary_emb = type(rotary)(config=self.config).to(self.device)
         self.num_layers = len(self.backbone.layers)
         self._embed: Optional[torch.nn.Module] = None
+        self._head_onloaded = False
 
     # -- weights -----------------------------------------------------------------------------------
     def layer(self, index: int) -> torch.nn.Module:
@@ -142,6 +143,20 @@ class OnloadedModel:
         module.load_state_dict(state, strict=True)
         return module
 
+    @torch.no_grad()
+    def swap(self, index: int, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Put ``value`` into parameter ``name`` of the onloaded decoder layer ``index`` in place (a
+        router, say, so that one onload serves several router sets) and return the value it held, to
+        put back. ``value`` is converted to the compute dtype exactly as an ``onload`` override is."""
+        param = self.layer(index).get_parameter(name)
+        if param.is_meta:
+            raise RuntimeError(f"decoder layer {index} is not onloaded")
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"layer {index}: {name} shape {tuple(value.shape)} != model's {tuple(param.shape)}")
+        held = param.detach().clone()
+        param.copy_(value.to(self.dtype).to(param.device))
+        return held
+
     def offload(self, index: int) -> None:
         """Free decoder layer ``index`` (back to the meta device)."""
         self.layer(index).to("meta")
@@ -162,6 +177,38 @@ class OnloadedModel:
 
     def release_embeddings(self) -> None:
         self._embed = None
+
+    def _onload_head(self) -> None:
+        """The final norm and the LM head on the device. A tied head (``tie_word_embeddings``; its
+        ``lm_head.weight`` is then usually not on disk) reads the embedding matrix, as transformers'
+        own tying does."""
+        tied = self.model.get_expanded_tied_weights_keys()  # {"lm_head.weight": "model.embed_tokens.weight"}
+        keys = set(self.ckpt.keys())
+        for prefix, module in (("model.norm.", self.backbone.norm), ("lm_head.", self.model.get_output_embeddings())):
+            state = {}
+            for name in [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]:
+                key = tied.get(prefix + name, prefix + name)
+                if key not in keys:
+                    raise CheckpointError(f"{self.ckpt.name}: tensor {key!r} of the model's head is missing")
+                state[name] = self.ckpt.get_tensor(key).to(self.dtype)
+            module.to_empty(device=self.device)
+            module.load_state_dict(state, strict=True)
+        self._head_onloaded = True
+
+    @torch.no_grad()
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of a batch leaving the last decoder layer: the final norm, then the LM
+        head, both onloaded on first use and kept until ``release_head``."""
+        if not self._head_onloaded:
+            self._onload_head()
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        return self.model.get_output_embeddings()(self.backbone.norm(hidden))
+
+    def release_head(self) -> None:
+        self.backbone.norm.to("meta")
+        self.model.get_output_embeddings().to("meta")
+        self._head_onloaded = False
+        _return_freed_memory()
 
     def context(self, hidden: torch.Tensor):
         """(causal mask, position ids, rotary embeddings) for a right-padded (B, T, d) batch."""

@@ -293,6 +293,16 @@ def artifact_bytes(manifest) -> int:
     return sum(int(e.get("size", 0)) for e in manifest.get("files", {}).values())
 
 
+def disk_bytes(rec: dict) -> int:
+    """What a completion record's artifacts occupy (as recorded; a retired one has left the list)."""
+    return sum(artifact_bytes(m) for m in (rec.get("artifacts") or {}).values())
+
+
+def retired_bytes(rec: dict) -> int:
+    """The bytes of a record's artifacts deleted after use (run.retention)."""
+    return sum(int(r.get("bytes", 0)) for r in (rec.get("retired") or {}).values())
+
+
 def restore_reason(run_dir: Path, stage: str, key: str, entries: list[dict]) -> Optional[str]:
     """Why a complete task must run again: an artifact of it was deleted after use and a task that
     reads it is not complete (``entries``: the payload's retire list)."""

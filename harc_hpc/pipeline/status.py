@@ -59,8 +59,7 @@ def collect(run_dir: Path, verify: bool = False) -> list[TaskStatus]:
         if why is None:
             st.state = "done"
             rec = records.read_completion(run_dir, t["stage"], t["key"]) or {}
-            st.disk_bytes = sum(records.artifact_bytes(m) for m in rec.get("artifacts", {}).values())
-            st.retired_bytes = sum(int(r.get("bytes", 0)) for r in (rec.get("retired") or {}).values())
+            st.disk_bytes, st.retired_bytes = records.disk_bytes(rec), records.retired_bytes(rec)
             out.append(st)
             continue
         if why.startswith("artifact"):

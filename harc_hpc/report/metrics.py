@@ -12,6 +12,10 @@ of every source, the merged, the calibrated model, the base when given, and the 
 (the merged model with source i's routers on task i: what a router that reproduced W_i exactly
 would reach). Solve statistics, stage timings and a manifest (versions, git revision, digests)
 complete ``report/metrics.json``; ``report.md`` and PNG plots present them.
+
+No model is loaded whole: each checkpoint is evaluated in one layer-wise pass (harc_hpc.models.onload,
+as the capture stage runs it) over the held-out text of every task, so a report of Mixtral or
+Qwen3-235B needs one decoder layer and the held-out hidden states in memory, not five models.
 """
 
 from __future__ import annotations
@@ -94,73 +98,167 @@ class TaskEval:
         return self.nll / self.tokens if self.tokens else float("nan")
 
 
-@torch.no_grad()
-def evaluate(model, fam, layers: list[int], seqs: list[list[int]], batch_size: int,
-             ref_routers: Optional[dict[int, torch.Tensor]] = None, keep_routing: bool = True) -> TaskEval:
-    """Held-out loss and (optionally) per-layer router logits of real tokens, in sequence order."""
-    from harc_hpc.models.modeling import pad_batch
+@dataclass
+class Evaluation:
+    """What to measure on one task's held-out sequences in a pass over a checkpoint.
 
-    device = next(model.parameters()).device
-    result = TaskEval()
-    parts: dict[int, list] = {l: [] for l in layers}
-    ref_parts: dict[int, list] = {l: [] for l in layers}
-    keep: dict[str, torch.Tensor] = {}
-    handles = []
+    ``keep_routing``: keep the router logits of real tokens at every MoE layer, under the model's
+    own router and, given ``ref_routers``, under those reference routers (same inputs x).
+    ``routers``: routers run in place of the checkpoint's at those layers (the oracle row).
+    """
 
-    def hook_for(layer: int, weight: torch.Tensor):
-        ref = None if ref_routers is None else ref_routers[layer].to(device=device, dtype=torch.float32)
+    seqs: list[list[int]]
+    keep_routing: bool = False
+    ref_routers: Optional[dict[int, torch.Tensor]] = None
+    routers: Optional[dict[int, torch.Tensor]] = None
 
+
+@dataclass
+class CheckpointEval:
+    results: list[TaskEval]  # one per Evaluation, in order
+    routers: dict[int, torch.Tensor]  # the checkpoint's own routers as the model holds them, float32, CPU
+
+
+class _RouterLogits:
+    """Forward hooks on the routers of the MoE layers that keep, for the batch running now, the
+    router logits of its real tokens under the module's weight as it is at that moment (the model's
+    own routing) and under the evaluation's reference routers."""
+
+    def __init__(self, model, fam, layers: list[int], num_evaluations: int):
+        self.batch: Optional[tuple[int, torch.Tensor, Optional[dict]]] = None  # (evaluation, mask, refs)
+        # per evaluation and layer: the own and the reference logits of each batch, in order
+        self.parts: list[dict[int, tuple[list, list]]] = [{} for _ in range(num_evaluations)]
+        self._handles = [fam.router_module(model, l).register_forward_hook(self._hook(l)) for l in layers]
+
+    def _hook(self, layer: int):
         def hook(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1])[keep["mask"]].float()
-            parts[layer].append(torch.nn.functional.linear(x, weight.float()).cpu())
-            if ref is not None:
-                ref_parts[layer].append(torch.nn.functional.linear(x, ref).cpu())
+            if self.batch is None:
+                return
+            index, mask, refs = self.batch
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])[mask].float()
+            own, ref = self.parts[index].setdefault(layer, ([], []))
+            own.append(torch.nn.functional.linear(x, module.weight.float()).cpu())
+            if refs is not None:
+                ref.append(torch.nn.functional.linear(x, refs[layer].to(device=x.device, dtype=torch.float32)).cpu())
 
         return hook
 
-    if keep_routing:
-        for l in layers:
-            module = fam.router_module(model, l)
-            handles.append(module.register_forward_hook(hook_for(l, module.weight)))
-    try:
-        for start in range(0, len(seqs), batch_size):
-            batch = [torch.tensor(s, dtype=torch.long) for s in seqs[start : start + batch_size]]
-            ids, lengths = pad_batch(batch, pad_value=0)
-            mask = torch.zeros(ids.shape, dtype=torch.bool)
-            for i, n in enumerate(lengths):
-                mask[i, :n] = True
-            keep["mask"] = mask.reshape(-1).to(device)
-            ids = ids.to(device)
-            logits = model(input_ids=ids).logits
-            # Next-token loss over real tokens only (right padding: pads come after every real
-            # token), one sequence at a time: a float32 copy of a whole batch's logits can be GBs.
-            for i, n in enumerate(lengths):
-                if n < 2:
-                    continue
-                nll = torch.nn.functional.cross_entropy(logits[i, : n - 1].float(), ids[i, 1:n], reduction="sum")
-                result.nll += float(nll)
-                result.tokens += n - 1
-            del logits
-    finally:
-        for h in handles:
+    def collect(self, index: int, result: TaskEval) -> None:
+        for layer, (own, ref) in self.parts[index].items():
+            if own:
+                result.own_logits[layer] = torch.cat(own)
+            if ref:
+                result.ref_logits[layer] = torch.cat(ref)
+        self.parts[index] = {}
+
+    def close(self) -> None:
+        for h in self._handles:
             h.remove()
-    for l in layers:
-        if parts[l]:
-            result.own_logits[l] = torch.cat(parts[l])
-        if ref_parts[l]:
-            result.ref_logits[l] = torch.cat(ref_parts[l])
-    return result
 
 
-def _router_weights(model, fam, layers) -> dict[int, torch.Tensor]:
-    return {l: fam.router_module(model, l).weight.detach().float().cpu().clone() for l in layers}
+@torch.no_grad()
+def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[Evaluation], batch_size: int,
+                        device: torch.device, trust_remote_code: bool = False,
+                        dtype: Optional[torch.dtype] = None) -> CheckpointEval:
+    """Held-out loss and (where asked) per-layer router logits of real tokens, in sequence order, of
+    several evaluations on one checkpoint, which is never loaded whole (harc_hpc.models.onload).
 
+    Every evaluation's batches are embedded; then each decoder layer is onloaded once, every batch
+    of every evaluation is pushed through it (an evaluation with its own ``routers`` has them put in
+    place of the layer's while its batches run) and it is freed; at the end the final norm and the
+    LM head are onloaded once and give each sequence's next-token NLL over its real tokens. Batches
+    are padded as a whole-model forward pads them, so the numbers are the whole model's (bit for bit
+    on CPU; tests/test_report_onload.py).
 
-def _set_routers(model, fam, weights: dict[int, torch.Tensor]) -> None:
-    for l, w in weights.items():
-        module = fam.router_module(model, l)
-        with torch.no_grad():
-            module.weight.copy_(w.to(device=module.weight.device, dtype=module.weight.dtype))
+    Peak memory: one decoder layer, or the embeddings, or the final norm and LM head with one batch's
+    logits (B, T, V); plus the hidden states of every evaluation of the pass, right-padded, in the
+    compute dtype: sum over batches of B * T * hidden_size * itemsize. Those are on the device when
+    they fit beside two decoder layers, else in host memory, else memory-mapped on node-local disk
+    (capture_activations.BatchStates), so host memory stays bounded whatever their size. Kept router
+    logits add float32 (tokens, experts) per MoE layer of the evaluations that keep routing.
+    """
+    from harc_hpc.models.modeling import pad_batch
+    from harc_hpc.models.onload import OnloadedModel
+    from harc_hpc.stages.capture_activations import BatchStates, placement_for
+
+    model = OnloadedModel(path, device, dtype=dtype, trust_remote_code=trust_remote_code)
+    fam = model.family
+    d = model.config.hidden_size
+    # Per evaluation and batch: the padded ids (the loss needs them at the end), the lengths and,
+    # where routing is kept, the mask of real tokens among the router's (B * T) rows.
+    plans: list[list[tuple[torch.Tensor, list[int], Optional[torch.Tensor]]]] = []
+    for ev in evaluations:
+        plan = []
+        for start in range(0, len(ev.seqs), batch_size):
+            ids, lengths = pad_batch([torch.tensor(s, dtype=torch.long) for s in ev.seqs[start : start + batch_size]],
+                                     pad_value=0)
+            mask = None
+            if ev.keep_routing:
+                mask = torch.zeros(ids.shape, dtype=torch.bool)
+                for i, n in enumerate(lengths):
+                    mask[i, :n] = True
+                mask = mask.reshape(-1).to(model.device)
+            plan.append((ids, lengths, mask))
+        plans.append(plan)
+    nbytes = sum(ids.numel() for plan in plans for ids, _, _ in plan) * d * model.dtype.itemsize
+    widest = max((model.layer_bytes(j) for j in range(model.num_layers)), default=0)
+    placement = placement_for(nbytes, model.device, widest)
+    results = [TaskEval() for _ in evaluations]
+    routers: dict[int, torch.Tensor] = {}
+    states: list[BatchStates] = []
+    recorder = _RouterLogits(model.model, fam, layers, len(evaluations))
+
+    try:
+        for plan in plans:
+            states.append(BatchStates([tuple(ids.shape) for ids, _, _ in plan], d, model.dtype, model.device,
+                                      placement))
+            for i, (ids, _, _) in enumerate(plan):
+                states[-1].set(i, model.embed(ids))
+        model.release_embeddings()
+
+        for j in range(model.num_layers):
+            model.onload(j)
+            router_name = None
+            if j in layers:
+                router = fam.router_module(model.model, j)
+                router_name = next(n for n, p in model.layer(j).named_parameters() if p is router.weight)
+                routers[j] = router.weight.detach().float().cpu().clone()
+            for e, (ev, plan, st) in enumerate(zip(evaluations, plans, states)):
+                held = None
+                if router_name is not None and ev.routers is not None and j in ev.routers:
+                    held = model.swap(j, router_name, ev.routers[j])
+                for i, (_, _, mask) in enumerate(plan):
+                    if mask is not None and j in layers:
+                        recorder.batch = (e, mask, ev.ref_routers)
+                    st.set(i, model.run_layer(j, st.get(i)))
+                    recorder.batch = None
+                if held is not None:
+                    model.swap(j, router_name, held)
+            model.offload(j)
+
+        for plan, st, result in zip(plans, states, results):
+            for i, (ids, lengths, _) in enumerate(plan):
+                logits = model.head_logits(st.get(i))
+                ids = ids.to(logits.device)
+                # Next-token loss over real tokens only (right padding: pads come after every real
+                # token), one sequence at a time: a float32 copy of a whole batch's logits can be GBs.
+                for b, n in enumerate(lengths):
+                    if n < 2:
+                        continue
+                    nll = torch.nn.functional.cross_entropy(logits[b, : n - 1].float(), ids[b, 1:n], reduction="sum")
+                    result.nll += float(nll)
+                    result.tokens += n - 1
+                del logits
+            st.close()
+        model.release_head()
+    finally:
+        recorder.close()
+        for st in states:
+            st.close()
+        model.close()
+    for e, result in enumerate(results):
+        recorder.collect(e, result)
+    return CheckpointEval(results, routers)
 
 
 # -- the metrics ------------------------------------------------------------------------------------
@@ -177,12 +275,18 @@ def _tokenized_heldout(cfg: PipelineConfig, tokenizer) -> dict[str, list[list[in
 
 
 def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
-    """Held-out losses and routing divergences of sources, base, merged, calibrated and oracle."""
+    """Held-out losses and routing divergences of sources, base, merged, calibrated and oracle.
+
+    One layer-wise pass (``evaluate_checkpoint``) per checkpoint, each layer read once: a source or
+    the base over every task's held-out text, the merged model over every task twice (its own
+    routers, and source t's routers on task t for the oracle), the calibrated model once. The
+    largest pass, the merged one, holds the hidden states of twice the held-out text.
+    """
     from transformers import AutoTokenizer
 
     from harc_hpc.io.checkpoint import resolve_model_path
     from harc_hpc.models.families import family_for_config
-    from harc_hpc.models.modeling import load_causal_lm, pick_device
+    from harc_hpc.models.modeling import pick_device
     from harc_hpc.stages import layout
 
     run_dir = Path(run_dir)
@@ -208,40 +312,41 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
         out["note"] = "no task has held-out data (models.sources[*].heldout): no losses or routing metrics"
         return out
 
-    def load(path):
-        return load_causal_lm(path, device, trust_remote_code=trust)
+    def run(path, evaluations: list[Evaluation]) -> CheckpointEval:
+        return evaluate_checkpoint(path, layers, evaluations, batch_size, device, trust_remote_code=trust)
 
     # Sources: losses on every task (forgetting shows), routing of source i on task i (e2e reference).
     source_routers: dict[str, dict[int, torch.Tensor]] = {}
     source_routing: dict[str, dict[int, torch.Tensor]] = {}
     for src in cfg.models.sources:
         t0 = time.perf_counter()
-        model = load(resolve_model_path(src.path, revision=cfg.models.revision))
-        source_routers[src.name] = _router_weights(model, fam, layers)
-        for t in tasks:
-            ev = evaluate(model, fam, layers, heldout[t], batch_size, keep_routing=(t == src.name))
-            out["loss"][t][f"source:{src.name}"] = ev.loss
+        ev = run(resolve_model_path(src.path, revision=cfg.models.revision),
+                 [Evaluation(heldout[t], keep_routing=(t == src.name)) for t in tasks])
+        source_routers[src.name] = ev.routers
+        for t, r in zip(tasks, ev.results):
+            out["loss"][t][f"source:{src.name}"] = r.loss
             if t == src.name:
-                source_routing[t] = ev.own_logits
-        del model
+                source_routing[t] = r.own_logits
         log.info("report: source %s evaluated (%.1fs)", src.name, time.perf_counter() - t0)
 
     if cfg.models.base:
-        model = load(resolve_model_path(cfg.models.base, revision=cfg.models.revision))
-        for t in tasks:
-            out["loss"][t]["base"] = evaluate(model, fam, layers, heldout[t], batch_size, keep_routing=False).loss
-        del model
+        ev = run(resolve_model_path(cfg.models.base, revision=cfg.models.revision),
+                 [Evaluation(heldout[t]) for t in tasks])
+        for t, r in zip(tasks, ev.results):
+            out["loss"][t]["base"] = r.loss
 
     router_level: dict = {}
     end_to_end: dict = {}
     for name, path in (("merged", merged_dir), ("calibrated", model_dir)):
         t0 = time.perf_counter()
-        model = load(path)
+        routed = [t for t in tasks if t in source_routers]
+        evaluations = [Evaluation(heldout[t], keep_routing=True, ref_routers=source_routers[t]) for t in routed]
+        if name == "merged":
+            # The oracle: the merged model with source t's routers on task t, swapped in layer by layer.
+            evaluations += [Evaluation(heldout[t], routers=source_routers[t]) for t in routed]
+        results = run(path, evaluations).results
         router_level[name], end_to_end[name] = {}, {}
-        for t in tasks:
-            if t not in source_routers:
-                continue
-            ev = evaluate(model, fam, layers, heldout[t], batch_size, ref_routers=source_routers[t])
+        for t, ev in zip(routed, results):
             out["loss"][t][name] = ev.loss
             rl = [routing_divergence(ev.ref_logits[l], ev.own_logits[l], top_k) for l in layers]
             router_level[name][t] = {"kl": [r[0] for r in rl], "topk_mismatch": [r[1] for r in rl]}
@@ -250,13 +355,8 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
                 end_to_end[name][t] = {"kl": [r[0] for r in ee], "topk_mismatch": [r[1] for r in ee],
                                        **token_deviation(source_routing[t], ev.own_logits, layers, top_k)}
         if name == "merged":
-            own = _router_weights(model, fam, layers)
-            for t in tasks:
-                _set_routers(model, fam, source_routers[t])
-                out["loss"][t]["oracle"] = evaluate(model, fam, layers, heldout[t], batch_size,
-                                                    keep_routing=False).loss
-            _set_routers(model, fam, own)
-        del model
+            for t, ev in zip(routed, results[len(routed):]):
+                out["loss"][t]["oracle"] = ev.loss
         log.info("report: %s model evaluated (%.1fs)", name, time.perf_counter() - t0)
     out["routing"] = {"router_level": router_level}
     if cfg.report.top_k_end_to_end:
@@ -301,7 +401,10 @@ def solve_statistics(run_dir: Path) -> dict:
 
 
 def stage_statistics(run_dir: Path) -> dict:
-    """Per stage: tasks done, summed and longest wall time, largest peak RSS (launcher records)."""
+    """Per stage: tasks done, summed and longest wall time, largest peak RSS, the bytes its artifacts
+    occupy and those deleted after use (run.retention), from the launcher's records."""
+    from harc_hpc.pipeline import records
+
     stages: dict = {}
     for path in sorted((Path(run_dir) / "completions").glob("**/*.json")):
         try:
@@ -313,6 +416,8 @@ def stage_statistics(run_dir: Path) -> dict:
         stage = rec.get("stage") or path.parent.name
         s = stages.setdefault(stage, {"tasks": 0, "wall_s_total": 0.0, "wall_s_max": None, "peak_rss_mb_max": None})
         s["tasks"] += 1
+        s["disk_bytes"] = s.get("disk_bytes", 0) + records.disk_bytes(rec)
+        s["retired_bytes"] = s.get("retired_bytes", 0) + records.retired_bytes(rec)
         wall = rec.get("wall_s")
         if isinstance(wall, (int, float)):
             s["wall_s_total"] = round(s["wall_s_total"] + wall, 3)

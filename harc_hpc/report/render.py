@@ -20,6 +20,12 @@ def layer_means(per_task: dict, metric: str) -> list[float]:
     return [mean_of(col) for col in zip(*rows)] if rows else []
 
 
+def _bytes(x) -> str:
+    from harc_hpc.errors import format_bytes
+
+    return format_bytes(x) if isinstance(x, (int, float)) else "-"
+
+
 def _fmt(x, spec: str = ".4f") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -219,12 +225,13 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
 
     stages = metrics.get("stages", {})
     if stages:
-        lines += ["## Stages", "", "| stage | tasks | wall s (sum) | wall s (max) | peak RSS MB (max) | peak GPU MB (max) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Stages", "", "| stage | tasks | wall s (sum) | wall s (max) | peak RSS MB (max) | peak GPU MB (max) "
+                  "| on disk | deleted after use |", "|---|---|---|---|---|---|---|---|"]
         for name, st in stages.items():
             lines.append(f"| {name} | {st['tasks']} | {_fmt(st.get('wall_s_total'), '.1f')} | "
                          f"{_fmt(st.get('wall_s_max'), '.1f')} | {_fmt(st.get('peak_rss_mb_max'), '.0f')} | "
-                         f"{_fmt(st.get('peak_gpu_mb_max'), '.0f')} |")
+                         f"{_fmt(st.get('peak_gpu_mb_max'), '.0f')} | {_bytes(st.get('disk_bytes'))} | "
+                         f"{_bytes(st.get('retired_bytes'))} |")
         lines.append("")
 
     if metrics.get("lm_eval"):

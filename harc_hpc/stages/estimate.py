@@ -262,13 +262,33 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             e.scratch_bytes = shape.total_params() * shape.dtype_bytes
             e.seconds = shape.total_params() * shape.dtype_bytes / 1e9
         elif stage == "report":
-            whole = shape.total_params() * compute
+            # Each checkpoint in one onloaded pass: one decoder layer, the embeddings or the head, one
+            # batch's logits, and the hidden states of the pass (the merged model's pass holds two
+            # sets: every task with its own routers and with the sources' routers, the oracle).
+            from harc_hpc.io.calibration_data import effective_settings
+
+            layer = max(shape.layer_params(l) for l in range(shape.layers)) * compute
+            held, longest = 0, 8
+            for src in cfg.models.sources:
+                if src.heldout is None or not src.heldout.files:
+                    continue
+                s = effective_settings(src.heldout, cfg.calibration)
+                longest = max(longest, int(s["max_length"]))
+                n = _tokens_from_files(src.heldout.files, s["num_samples"], s["max_length"])
+                held += n if n is not None else int(s["num_samples"] or 1000) * int(s["max_length"])
+            states = 2 * held * d * compute
+            fixed = layer + shape.vocab * d * compute + cfg.calibration.batch_size * longest * shape.vocab * 4
             if on_gpu:
-                e.gpu_bytes = int(1.0 * 2**30 + whole)
-                e.host_bytes = PROCESS_BYTES
+                e.gpu_bytes = int(1.0 * 2**30 + fixed)
+                if e.gpu_bytes + states <= 0.8 * resources[stage]["gpu_bytes"]:
+                    e.gpu_bytes += states
+                    e.host_bytes = PROCESS_BYTES
+                else:
+                    e.host_bytes = PROCESS_BYTES + states
             else:
-                e.host_bytes = PROCESS_BYTES + whole
-            e.notes.append("loads each evaluated model whole (not onloaded yet)")
+                e.host_bytes = PROCESS_BYTES + fixed + states
+            e.notes.append(f"each model onloaded one decoder layer at a time; hidden states of {held} held-out "
+                           f"tokens x 2 ({format_bytes(states)})")
         if on_gpu:
             e.host_bytes += CUDA_HOST_BYTES
         out.append(e)
