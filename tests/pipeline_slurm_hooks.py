@@ -48,3 +48,22 @@ def solve_router(cfg, run_dir, layer):
         return stage.run(cfg, run_dir, layer=layer)
     finally:
         routers.atomic_path = real_atomic_path
+
+
+def die_file(run_dir: Path, layer: int) -> Path:
+    return Path(run_dir) / f"die-solve-router-layer-{layer:03d}"
+
+
+def solve_router_rank_dies(cfg, run_dir, layer, process_group=None):
+    """The real solve-router; with ``die-solve-router-layer-LLL`` present, rank 1 of a distributed
+    task removes it and exits at once, as a lost node would, while rank 0 goes on into the solve's
+    first all-reduce."""
+    from harc_hpc.stages import solve_router as stage
+
+    if process_group is not None and die_file(run_dir, layer).exists():
+        import torch.distributed as dist
+
+        if dist.get_rank(process_group) == 1:
+            die_file(run_dir, layer).unlink()
+            os._exit(1)
+    return stage.run(cfg, run_dir, layer=layer, process_group=process_group)

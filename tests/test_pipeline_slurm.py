@@ -42,7 +42,7 @@ from harc_hpc.pipeline.status import active_jobs, collect
 from harc_hpc.pipeline.executors.base import read_submissions
 from harc_hpc.pipeline.executors.slurm import wait_for_jobs
 from pipeline_fixtures import build_tiny_sources, write_config
-from pipeline_slurm_hooks import pause_file, started_file
+from pipeline_slurm_hooks import die_file, pause_file, started_file
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -249,13 +249,13 @@ def test_corrupt_calibration_fails_capture_cancels_dependents_and_fixed_data_res
     assert status_cli(run).exit_code == 0
 
 
-def hooked_specs(tmp_path: Path) -> Path:
-    """The production specs, with solve-router run through its pausable test wrapper."""
+def hooked_specs(tmp_path: Path, hook: str = "solve_router") -> Path:
+    """The production specs, with solve-router run through a test wrapper (default: the pausable one)."""
     out = tmp_path / "stages"
     shutil.copytree(default_specs_dir(), out)
     spec = yaml.safe_load((out / "solve-router.yaml").read_text())
     assert spec["function"] == "harc_hpc.stages.solve_router:run"
-    spec["function"] = "pipeline_slurm_hooks:solve_router"
+    spec["function"] = f"pipeline_slurm_hooks:{hook}"
     (out / "solve-router.yaml").write_text(yaml.safe_dump(spec))
     return out
 
@@ -404,3 +404,35 @@ def test_solve_router_as_two_processes_per_task_equals_one_process(sources, tmp_
     logs = sorted(p.name for p in (run / "slurm" / "solve-router").glob(f"{sub['job_id']}_0_*_log.err"))
     assert len(logs) == 2, logs
     assert "rank 1 of 2 (gloo)" in (run / "slurm" / "solve-router" / logs[1]).read_text()
+
+
+def test_a_rank_lost_mid_solve_fails_the_task_and_a_resubmit_completes_it(sources, tmp_path):
+    """Rank 1 of layer 1's two-process solve dies: rank 0's all-reduce fails, so the task fails as a
+    whole (no router, no record), the other layers complete, and a resubmit runs only that layer
+    and what follows."""
+    from safetensors.torch import load_file
+
+    two = {"executor.stages": {"solve-router": {"tasks_per_node": 2, "cpus": 1}}}
+    config = config_file(tmp_path, sources, "lost", block_size=3, extra=two)
+    cfg = load_config(config)
+    specs = hooked_specs(tmp_path, "solve_router_rank_dies")
+    upstream = lambda p: [t for t in p.tasks.values() if t.stage not in ("solve-router", "assemble-model")]  # noqa: E731
+    plan, _ = submit(cfg, executor="debug", specs_dir=specs, select=upstream)
+    run = plan.run_dir
+    die_file(run, 1).write_text("")
+    plan, outcome = submit(cfg, specs_dir=specs, wait=True)
+    assert outcome.failed == ["solve-router/layer-001"], (outcome.failed, outcome.skipped)
+    assert "assemble-model/all" in outcome.skipped
+    assert not (run / "routers/layer-001.safetensors").exists()
+    assert records.read_completion(run, "solve-router", "layer-001") is None
+    done = {k: completion_texts(run)[f"solve-router/{k}"] for k in ("layer-000", "layer-002")}
+
+    plan, outcome = submit(cfg, specs_dir=specs, wait=True)
+    assert outcome.ok, (outcome.failed, outcome.skipped)
+    assert submitted_ids(outcome) == ["assemble-model/all", "solve-router/layer-001"]
+    assert {k: completion_texts(run)[f"solve-router/{k}"] for k in done} == done
+    reference, _ = submit(load_config(config_file(tmp_path, sources, "lost-ref", block_size=3)), executor="debug")
+    got = load_file(run / "routers/layer-001.safetensors")
+    want = load_file(reference.run_dir / "routers/layer-001.safetensors")
+    for k in want:
+        assert float((got[k].double() - want[k].double()).norm() / want[k].double().norm()) < 1e-6
