@@ -518,23 +518,40 @@ def test_memory_budget_too_small_is_an_error_unless_streaming_is_asked_for(damag
     rep = json.loads((run / "routers/layer-001.json").read_text())
     assert rep["inputs_resident"] is True and 0 < rep["inputs_bytes"] < rep["resident_bytes"]
     assert rep["inputs_kept_as"] == "float64"  # plenty of room: widened once to the compute dtype
-    tight = rep["resident_bytes"] / 10 / 2**30  # below even a copy in the stored float32
+    from safetensors.torch import load_file
+
+    k, d = next(iter(load_file(router).values())).shape
+    n = sum(rep["tokens"].values())
+    # over the budget resident, within it streamed 64 tokens at a time
+    small_chunks = {"calibration.chunk_tokens": 64}
+    tight = (rep["resident_bytes"] + solve_router.streamed_bytes(n, d, k, "float64", 64)) / 2 / 2**30
+    solve_router.run(load_config(config, small_chunks), run, layer=1)  # resident, chunked alike
+    before = router.read_bytes()
     router.unlink()
     with pytest.raises(InputDataError) as err:
-        solve_router.run(load_config(config, {"harc.memory_budget_gb": tight}), run, layer=1)
+        solve_router.run(load_config(config, {"harc.memory_budget_gb": tight, **small_chunks}), run, layer=1)
     msg = str(err.value)
     assert msg.startswith("solve-router layer 1:") and "over the memory budget" in msg
     fits = int(msg.split("harc.max_tokens <= ")[1].split(" ")[0])
-    assert 0 < fits < rep["tokens"]["math"] and "harc.stream_inputs: true" in msg and "s per iteration" in msg
+    assert 0 < fits < max(rep["tokens"].values()) and "harc.stream_inputs: true" in msg and "s per iteration" in msg
     assert not router.exists()
 
-    cfg = load_config(config, {"harc.memory_budget_gb": tight, "harc.stream_inputs": True})
+    cfg = load_config(config, {"harc.memory_budget_gb": tight, "harc.stream_inputs": True, **small_chunks})
     with caplog.at_level("WARNING"):
         solve_router.run(cfg, run, layer=1)
     rep = json.loads((run / "routers/layer-001.json").read_text())
     assert rep["inputs_resident"] is False
     assert "read from the store on every CG iteration" in caplog.text and "per iteration measured" in caplog.text
     assert router.read_bytes() == before
+
+    # a budget too small even to stream one chunk: an error whatever harc.stream_inputs says
+    router.unlink()
+    for stream in (False, True):
+        cfg = load_config(config, {"harc.memory_budget_gb": 1e-9, "harc.stream_inputs": stream})
+        with pytest.raises(InputDataError, match="too small even to stream them: one chunk of") as err:
+            solve_router.run(cfg, run, layer=1)
+        assert "harc.stream_inputs" not in str(err.value) and "calibration.chunk_tokens" in str(err.value)
+        assert not router.exists()
 
 
 def test_max_tokens_subsamples_statistics_and_solve_alike_and_deterministically(damaged):

@@ -67,14 +67,24 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         per_iteration = _streamed_seconds_per_pass(inputs)
         what = (f"the router inputs ({n_tokens} tokens x {d}) and the solve's per-token state need "
                 f"{format_bytes(need)}, over the memory budget of {format_bytes(budget)}")
-        if not h.stream_inputs:
-            fits = max(1, int(budget / max(1, need) * n_tokens / len(tasks)))
+        # Streamed, the solve still holds every token's probabilities and one chunk of inputs.
+        stream_need = streamed_bytes(n_tokens, d, k, h.dtype, cfg.calibration.chunk_tokens)
+        can_stream = stream_need <= budget
+        fits = int(budget / max(1, need) * n_tokens / len(tasks))
+        options = [f"set harc.max_tokens <= {fits} (a seeded per-sequence subsample; the paper's results "
+                   f"plateau at ~40 % of the data)"] if fits >= 1 else []
+        options.append("raise harc.memory_budget_gb")
+        if not can_stream:
+            chunk = min(cfg.calibration.chunk_tokens, n_tokens)
             raise InputDataError(
-                what, where=f"solve-router layer {layer}",
-                hint=f"set harc.max_tokens <= {fits} (a seeded per-sequence subsample; the paper's results "
-                     f"plateau at ~40 % of the data), raise harc.memory_budget_gb, or set "
-                     f"harc.stream_inputs: true to read them from the store on every CG iteration "
-                     f"(~{per_iteration:.1f} s per iteration measured here, up to {h.max_iter} iterations)")
+                f"{what}; it is too small even to stream them: one chunk of {chunk} tokens and the "
+                f"probabilities of every token need {format_bytes(stream_need)}",
+                where=f"solve-router layer {layer}",
+                hint=", or ".join(options + ["lower calibration.chunk_tokens"]))
+        if not h.stream_inputs:
+            options.append(f"set harc.stream_inputs: true to read them from the store on every CG iteration "
+                           f"(~{per_iteration:.1f} s per iteration measured here, up to {h.max_iter} iterations)")
+            raise InputDataError(what, where=f"solve-router layer {layer}", hint=", or ".join(options))
         log.warning("solve-router layer %d: %s; harc.stream_inputs is set, so they are read from the store on "
                     "every CG iteration: ~%.1f s per iteration measured, ~%.0f min for %d iterations (pcg "
                     "typically needs a few hundred)", layer, what, per_iteration, per_iteration * 400 / 60, 400)
@@ -149,6 +159,12 @@ def resident_bytes(tokens: int, d: int, k: int, stored: str, compute: str, inner
             need += tokens * d * _ITEMSIZE[inner]
         need += tokens * k * 4
     return int(need)
+
+
+def streamed_bytes(tokens: int, d: int, k: int, compute: str, chunk_tokens: int) -> int:
+    """Memory of a streamed solve of one layer: every token's probabilities and one chunk of inputs
+    in the compute dtype (the least any solve of this layer needs)."""
+    return int(tokens * k * _ITEMSIZE[compute] + min(chunk_tokens, tokens) * d * _ITEMSIZE[compute])
 
 
 def choose_residency(tokens: int, d: int, k: int, stored: str, compute: str, inner: Optional[str],
