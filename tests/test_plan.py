@@ -71,6 +71,15 @@ def test_shipped_configs_plan_to_fit_one_80gb_gpu_per_task(name, shape):
         assert e["gpu_bytes"] <= 80 * 2**30, (e["stage"], e["gpu_bytes"])
     by = {e["stage"]: e for e in est["stages"]}
     assert by["capture-activations"]["gpu_bytes"] > 0  # capture runs on the GPU, onloaded
+    # harc.inner_dtype: auto -> 16-bit products on the GPU solve
+    assert any("products in bfloat16" in n for n in by["solve-router"]["notes"]), by["solve-router"]["notes"]
+
+
+def test_inner_dtype_auto_is_16_bit_only_where_gemms_are_fast():
+    from harc_hpc.stages.solve_router import resolve_inner_dtype
+
+    assert resolve_inner_dtype("auto", True) == "bfloat16" and resolve_inner_dtype("auto", False) is None
+    assert resolve_inner_dtype("float16", False) == "float16" and resolve_inner_dtype(None, True) is None
 
 
 def test_a_distributed_solve_is_planned_per_rank_and_only_distributed_stages_take_ranks(config):

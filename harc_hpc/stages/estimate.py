@@ -232,13 +232,14 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             e.scratch_bytes = len(tasks) * (K * d * 8 * 3 + d * d * 8 + K * K * 8)
             e.seconds = 6 * max(per_task_solve.values()) * d * K / (tflops(stage) * 1e12)
         elif stage == "solve-router":
-            from harc_hpc.stages.solve_router import choose_residency
+            from harc_hpc.stages.solve_router import choose_residency, resolve_inner_dtype
 
             ranks = int(resources.get(stage, {}).get("ranks", 1))  # tokens sharded over the job's processes
             given = resources.get(stage, {})
             budget = 0.8 * (given.get("gpu_bytes", 0) if on_gpu else given.get("mem_bytes", 0))
+            inner = resolve_inner_dtype(cfg.harc.inner_dtype, on_gpu)
             keep_stored, inputs = choose_residency(-(-n_solve // ranks), d, K, cfg.calibration.dtype, cfg.harc.dtype,
-                                                   cfg.harc.inner_dtype, cfg.calibration.chunk_tokens, int(budget))
+                                                   inner, cfg.calibration.chunk_tokens, int(budget))
             item = cal if keep_stored else _ITEM[cfg.harc.dtype]
             need = int(PROCESS_BYTES + inputs + 12 * K * d * 8)
             if on_gpu:
@@ -255,6 +256,7 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             e.notes.append(f"inputs resident: {format_bytes(inputs)} ({n_solve} tokens x {d} kept as "
                            f"{cfg.calibration.dtype if keep_stored else cfg.harc.dtype}, "
                            f"computed in {cfg.harc.dtype}"
+                           + (f", products in {inner} with exact residuals" if inner else "")
                            + (f", per rank of {ranks}" if ranks > 1 else "") + "); "
                            f"~{iters} CG iterations assumed")
         elif stage == "assemble-model":

@@ -59,7 +59,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
     k, d = int(stats[0].sigma_w.shape[0]), int(inputs[0].shape[1])
     n_tokens = sum(len(x) for x in inputs)
     budget = int(h.memory_budget_gb * 2**30) if h.memory_budget_gb else int(0.8 * free_memory_bytes(device))
-    keep_stored, need = choose_residency(n_tokens, d, k, inputs[0].dtype, h.dtype, h.inner_dtype,
+    inner = resolve_inner_dtype(h.inner_dtype, device.type == "cuda" and _fast_16bit(device))
+    keep_stored, need = choose_residency(n_tokens, d, k, inputs[0].dtype, h.dtype, inner,
                                          cfg.calibration.chunk_tokens, budget)
     input_bytes = n_tokens * d * (_ITEMSIZE[inputs[0].dtype] if keep_stored else dtype.itemsize)
     resident = need <= budget
@@ -96,7 +97,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
             preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
             callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
-            inner_dtype=torch_dtype(h.inner_dtype), cache_bytes=budget if resident else 0,
+            inner_dtype=torch_dtype(inner), cache_bytes=budget if resident else 0,
             compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=keep_stored,
             process_group=process_group,
         )
@@ -114,7 +115,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         "solver": h.solver,
         "preconditioner": h.preconditioner,
         "objective": h.objective,
-        "inner_dtype": h.inner_dtype,
+        "inner_dtype": inner,
         # Experts the source router sends no calibration token of a task to: their rows are set by
         # the regularisation and the other tasks only.
         "unrouted_experts": {t: s.unrouted_experts() for t, s in zip(tasks, stats)},
@@ -159,6 +160,19 @@ def resident_bytes(tokens: int, d: int, k: int, stored: str, compute: str, inner
             need += tokens * d * _ITEMSIZE[inner]
         need += tokens * k * 4
     return int(need)
+
+
+def resolve_inner_dtype(setting: Optional[str], fast_16bit_gemms: bool) -> Optional[str]:
+    """harc.inner_dtype as used: ``auto`` is bfloat16 where the solve device has fast 16-bit GEMMs."""
+    if setting == "auto":
+        return "bfloat16" if fast_16bit_gemms else None
+    return setting
+
+
+def _fast_16bit(device) -> bool:
+    import torch
+
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def streamed_bytes(tokens: int, d: int, k: int, compute: str, chunk_tokens: int) -> int:
