@@ -175,6 +175,10 @@ def main(argv=None):
                          "bfloat16 corrections refined to tol),cg (cg is always run: the "
                          "reference extrapolation and the iteration ratios need it)")
     ap.add_argument("--anisotropic", action="store_true", help="steep spectrum, large mean, outlier channels")
+    ap.add_argument("--bf16-inputs", action="store_true",
+                    help="round the router inputs to bfloat16 values, as the activation store keeps them for a "
+                         "bf16 model; every solver sees the same values (the mixed-precision one shares a "
+                         "bf16 copy, the others widen to float32)")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args(argv)
     if args.threads:
@@ -186,8 +190,10 @@ def main(argv=None):
     print(f"layer: d={d} K={k} top-{top_k}, {args.tasks} tasks x {tokens} tokens in sequences of {args.seq_len}, "
           f"alpha={args.alpha} tol={args.tol}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     seqs, sources, merged = make_layer(d, k, tokens, args.tasks, args.seq_len, top_k, args.seed, args.anisotropic)
+    if args.bf16_inputs:
+        seqs = [[x.to(torch.bfloat16).float() for x in s] for s in seqs]
     xs_flat = [torch.cat(s) for s in seqs]
-    out = {"anisotropic": args.anisotropic, "d": d, "K": k, "tokens_per_task": tokens, "tasks": args.tasks, "alpha": args.alpha, "tol": args.tol,
+    out = {"bf16_inputs": args.bf16_inputs, "anisotropic": args.anisotropic, "d": d, "K": k, "tokens_per_task": tokens, "tasks": args.tasks, "alpha": args.alpha, "tol": args.tol,
            "threads": torch.get_num_threads()}
 
     runs = {}
@@ -196,9 +202,13 @@ def main(argv=None):
                                      ("pcg-jacobi-bf16", "pcg", "jacobi", torch.bfloat16), ("cg", "cg", "none", None)]:
         if name not in wanted:
             continue
+        # a bf16-valued layer reaches the mixed-precision solve as the store hands it over: bf16, kept
+        shared = inner is not None and args.bf16_inputs
+        xs_in = [x.to(torch.bfloat16) for x in xs_flat] if shared else xs_flat
         t = time.perf_counter()
-        sol = solve_router(xs_flat, sources, merged, alpha=args.alpha, solver=solver, preconditioner=pre,
-                           tol=args.tol, max_iter=args.max_iter, inner_dtype=inner)
+        sol = solve_router(xs_in, sources, merged, alpha=args.alpha, solver=solver, preconditioner=pre,
+                           tol=args.tol, max_iter=args.max_iter, inner_dtype=inner,
+                           compute_dtype=torch.float32, keep_input_dtype=shared)
         wall = time.perf_counter() - t
         runs[name] = sol
         out[name] = {"seconds": wall, "iterations": sol.iterations, "relative_residual": sol.relative_residual,

@@ -134,3 +134,79 @@ def test_onload_names_a_missing_tensor(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.self_attn\.q_proj\.weight.*layer 1"):
         om.onload(1)
+
+
+def _store_files(store):
+    return {p.relative_to(store): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("kill_after", [1, 2])
+def test_a_capture_killed_after_a_layer_resumes_there_with_the_same_bytes(tmp_path, monkeypatch, kill_after):
+    """block 1 of a 2-layer-block run replays decoder layers 0-1 and captures 2-3; a task killed after
+    its ``kill_after``-th layer resumes from the checkpoint (only the remaining layers are loaded)
+    and writes the same stores, byte for byte, as an uninterrupted run."""
+    src = build_tiny_sources(tmp_path / "src", family="olmoe", layers=4)
+    cfg = load_config(write_config(tmp_path, src, block_size=2))
+    run = cfg.run_dir
+    merge_experts.run(cfg, run)
+    capture_activations.run(cfg, run, block=0, task_digest="d0")
+    for l in (0, 1):
+        save_router(run, l, merged_router(cfg, run, l).float() * 1.1, {"layer": l})
+    capture_activations.run(cfg, run, block=1, task_digest="d1")
+    want = {s: _store_files(f(run, 1)) for s, f in (("h", layout.hidden_store), ("a", layout.activation_store))}
+    for f in (layout.hidden_store, layout.activation_store):
+        import shutil
+
+        shutil.rmtree(f(run, 1))
+
+    loaded = []
+    real_onload, real_checkpoint = OnloadedModel.onload, capture_activations._checkpoint
+
+    def onload(self, index, overrides=None):
+        loaded.append(index)
+        return real_onload(self, index, overrides)
+
+    def killed_after_checkpoint(*args):
+        real_checkpoint(*args)
+        if len(loaded) == kill_after:
+            raise KeyboardInterrupt("killed at the time limit")
+
+    monkeypatch.setattr(OnloadedModel, "onload", onload)
+    monkeypatch.setattr(capture_activations, "_checkpoint", killed_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        capture_activations.run(cfg, run, block=1, task_digest="d1")
+    partial = layout.capture_partial(run, 1)
+    assert json.loads((partial / "manifest.json").read_text())["next_layer"] == kill_after
+    assert not layout.activation_store(run, 1).exists()  # nothing published half-done
+
+    monkeypatch.setattr(capture_activations, "_checkpoint", real_checkpoint)
+    loaded.clear()
+    capture_activations.run(cfg, run, block=1, task_digest="d1")
+    assert loaded == list(range(kill_after, 4)), loaded
+    assert not partial.exists()
+    got = {s: _store_files(f(run, 1)) for s, f in (("h", layout.hidden_store), ("a", layout.activation_store))}
+    assert got == want
+
+
+def test_a_partial_capture_of_other_inputs_is_not_resumed(tmp_path, monkeypatch):
+    src = build_tiny_sources(tmp_path / "src", family="olmoe", layers=2)
+    cfg = load_config(write_config(tmp_path, src, block_size=2))
+    run = cfg.run_dir
+    merge_experts.run(cfg, run)
+    real_checkpoint = capture_activations._checkpoint
+
+    def killed_after_checkpoint(*args):
+        real_checkpoint(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(capture_activations, "_checkpoint", killed_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        capture_activations.run(cfg, run, block=0, task_digest="old")
+    assert (layout.capture_partial(run, 0) / "manifest.json").exists()
+    monkeypatch.setattr(capture_activations, "_checkpoint", real_checkpoint)
+    loaded = []
+    real_onload = OnloadedModel.onload
+    monkeypatch.setattr(OnloadedModel, "onload",
+                        lambda self, i, o=None: (loaded.append(i), real_onload(self, i, o))[1])
+    capture_activations.run(cfg, run, block=0, task_digest="new")
+    assert loaded == [0, 1]

@@ -110,8 +110,10 @@ class ActivationWriter:
     """
 
     def __init__(self, root: Path, chunk_tokens: int, dtype: str, buffer_chunks: bool = True,
-                 compression: str = "zstd"):
-        self.group = zarr.open_group(str(root), mode="w")
+                 compression: str = "zstd", append: bool = False):
+        """``append``: open an existing store (a resumed capture) and keep its arrays; ``create``
+        then replaces only the arrays it names."""
+        self.group = zarr.open_group(str(root), mode="a" if append else "w")
         self.chunk_tokens = chunk_tokens
         self.dtype = dtype
         self.buffer_chunks = buffer_chunks
@@ -124,6 +126,7 @@ class ActivationWriter:
     def create(self, name: str, num_tokens: int, dim: int, offsets: np.ndarray):
         arr = self.group.create_array(
             name,
+            overwrite=True,
             shape=(num_tokens, dim),
             chunks=(max(1, min(self.chunk_tokens, num_tokens)), dim),
             dtype=_storage_dtype(self.dtype),
@@ -170,6 +173,10 @@ class ActivationWriter:
             block = np.concatenate(slices) if len(slices) > 1 else slices[0]
             self._arrays[name][first : first + block.shape[0]] = block
             self._pending[name] = (first + block.shape[0], [])
+
+    def finish(self, name: str) -> None:
+        """Write every buffered row of one array (it is complete)."""
+        self._flush(name)
 
     def close(self) -> None:
         """Write every buffered row (call before the store is published)."""

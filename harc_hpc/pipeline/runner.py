@@ -10,6 +10,7 @@ and produces the same result; the completion record comes last.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
@@ -276,6 +277,8 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg, process_gro
 
             fn = StageSpec.model_construct(function=payload["function"]).load_function()
             extra = {} if process_group is None else {"process_group": process_group}
+            if "task_digest" in inspect.signature(fn).parameters:
+                extra["task_digest"] = digest  # lets a long task checkpoint and resume its own work
             result = fn(cfg, run_dir, **payload["index"], **extra)
             if result is None:
                 result = {}

@@ -18,11 +18,15 @@ size of the model.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
+import logging
 import os
 import resource
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -34,16 +38,17 @@ from harc_hpc.io.activations import (
     token_store_digest,
     write_token_store,
 )
-from harc_hpc.io.atomic import atomic_path
+from harc_hpc.io.atomic import atomic_path, free_bytes, fsync_tree, publish, remove_path, write_json_atomic
 from harc_hpc.io.calibration_data import data_digest, tokenize_task
 from harc_hpc.config import PipelineConfig
-from harc_hpc.errors import require_finite
+from harc_hpc.errors import DiskFullError, require_finite
 from harc_hpc.models.modeling import RouterInputRecorder, batches, free_memory_bytes, pad_batch, pick_device, unpad
 from harc_hpc.models.onload import OnloadedModel
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
 from harc_hpc.stages.routers import load_router
 
+log = logging.getLogger(__name__)
 
 def ensure_tokens(cfg: PipelineConfig, run_dir: Path, tokenizer_dir: Path) -> dict[str, TokenStore]:
     """Tokenise each task's calibration data once; a store is redone only when its inputs changed."""
@@ -106,6 +111,14 @@ class BatchStates:
     def set(self, i: int, value: torch.Tensor) -> None:
         self.flat[self.offsets[i]: self.offsets[i + 1]].view_as(value).copy_(value)
 
+    def save(self, path: Path) -> None:
+        """The raw bytes of every batch's states, padding included (a resume continues bit for bit)."""
+        self.flat.view(torch.uint8).cpu().numpy().tofile(str(path))
+
+    def load(self, path: Path) -> None:
+        raw = torch.from_file(str(path), shared=False, size=self.nbytes, dtype=torch.uint8)
+        self.flat.view(torch.uint8).copy_(raw)
+
     def close(self) -> None:
         self.flat = None
         if self._file:
@@ -137,8 +150,49 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-def run(cfg: PipelineConfig, run_dir: Path, block: int) -> dict:
-    """Capture block ``block``: one decoder layer on the device at a time, every batch through it."""
+def _read_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict]:
+    """The partial work a killed run of this very task left, or None (none, or another task's)."""
+    if not task_digest:
+        return None
+    try:
+        manifest = json.loads((partial / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("digest") != task_digest:
+        return None
+    needed = [partial / "activations.zarr"] + [partial / "states" / f"{t}.bin" for t in manifest.get("tasks", [])]
+    if manifest.get("hidden_complete"):
+        needed.append(partial / "hidden.zarr")
+    return manifest if all(p.exists() for p in needed) else None
+
+
+def _checkpoint(partial: Path, task_digest: str, next_layer: int, hidden_complete: bool,
+                states: dict[str, "BatchStates"]) -> None:
+    """After a finished decoder layer: the in-flight states (as computed, padding included, so a
+    resumed run continues bit for bit), then the stores made durable, then the manifest that makes
+    all of it count."""
+    for task, st in states.items():
+        with atomic_path(partial / "states" / f"{task}.bin", needed_bytes=st.nbytes) as tmp:
+            st.save(tmp)
+    fsync_tree(partial / "activations.zarr")
+    if hidden_complete:
+        fsync_tree(partial / "hidden.zarr")
+    write_json_atomic(partial / MANIFEST, {"format": MANIFEST_FORMAT, "digest": task_digest,
+                                           "next_layer": next_layer, "hidden_complete": hidden_complete,
+                                           "tasks": sorted(states)})
+
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "harc-capture-partial/1"
+
+
+def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[str] = None) -> dict:
+    """Capture block ``block``: one decoder layer on the device at a time, every batch through it.
+
+    ``task_digest`` (passed by the runner): after every decoder layer but the last the task's state
+    is checkpointed under ``partial/capture-block-NNN`` with a manifest carrying this digest, and a
+    rerun of the same task (killed at its time limit, preempted) resumes after the last finished
+    layer; without it every run starts from the embeddings or the previous block's cache."""
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
@@ -167,76 +221,113 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int) -> dict:
     recorder = RouterInputRecorder({l: fam.router_module(model.model, l) for l in layers})
     states: dict[str, BatchStates] = {}
     placement = None
+    partial = layout.capture_partial(run_dir, block)
+    manifest = _read_manifest(partial, task_digest)
+    if manifest is None:
+        remove_path(partial)
+        partial.mkdir(parents=True)
+    next_layer = int(manifest["next_layer"]) if manifest else prev_start
+    hidden_complete = bool(manifest and manifest["hidden_complete"])
+    if manifest:
+        log.info("capture-activations block %d: resuming after decoder layer %d (checkpoint in %s)",
+                 block, next_layer - 1, partial)
+    hidden_dir, acts_dir = partial / "hidden.zarr", partial / "activations.zarr"
+    needed = n_tokens * d * item * ((0 if hidden_complete else 1) + len([l for l in layers if l >= next_layer]))
+    free = free_bytes(partial)
+    if free is not None and free < needed:
+        raise DiskFullError(partial, needed, free)
     try:
-        with atomic_path(layout.hidden_store(run_dir, block), needed_bytes=n_tokens * d * item) as htmp, \
-                atomic_path(layout.activation_store(run_dir, block),
-                            needed_bytes=n_tokens * d * item * len(layers)) as atmp:
-            # The cached hidden states are stored in the calibration dtype, like the router inputs.
-            hidden_out = ActivationWriter(htmp, cfg.calibration.chunk_tokens, dtype,
-                                          compression=cfg.calibration.compression)
-            acts = ActivationWriter(atmp, cfg.calibration.chunk_tokens, dtype, compression=cfg.calibration.compression)
-            plan = {t: list(batches(s.num_sequences, bs)) for t, s in tokens.items()}
-            shapes = {t: [(len(idx), int(max(s.offsets[i + 1] - s.offsets[i] for i in idx))) for idx in plan[t]]
-                      for t, s in tokens.items()}
-            nbytes = sum(b * t for sh in shapes.values() for b, t in sh) * d * model.dtype.itemsize
-            placement = placement_for(nbytes, device, model.layer_bytes(start if start < stop else 0))
-            for task, store in tokens.items():
-                states[task] = BatchStates(shapes[task], d, model.dtype, device, placement)
+        # The cached hidden states are stored in the calibration dtype, like the router inputs.
+        hidden_out = None if hidden_complete else ActivationWriter(
+            hidden_dir, cfg.calibration.chunk_tokens, dtype, compression=cfg.calibration.compression)
+        acts = ActivationWriter(acts_dir, cfg.calibration.chunk_tokens, dtype,
+                                compression=cfg.calibration.compression, append=manifest is not None)
+        plan = {t: list(batches(s.num_sequences, bs)) for t, s in tokens.items()}
+        shapes = {t: [(len(idx), int(max(s.offsets[i + 1] - s.offsets[i] for i in idx))) for idx in plan[t]]
+                  for t, s in tokens.items()}
+        nbytes = sum(b * t for sh in shapes.values() for b, t in sh) * d * model.dtype.itemsize
+        placement = placement_for(nbytes, device, model.layer_bytes(start if start < stop else 0))
+        for task, store in tokens.items():
+            states[task] = BatchStates(shapes[task], d, model.dtype, device, placement)
+            if hidden_out is not None:
                 hidden_out.create(task, store.num_tokens, d, store.offsets)
-                for l in layers:
+            for l in layers:
+                if l >= next_layer:
                     acts.create(f"{layer_name(l)}/{task}", store.num_tokens, d, store.offsets)
-                # The states entering decoder layer prev_start: embeddings, or the previous cache.
-                prev = ActivationArray(layout.hidden_store(run_dir, block - 1), task,
-                                       out_dtype=model.dtype) if block > 0 else None
-                offsets = store.offsets
-                for i, idx in enumerate(plan[task]):
-                    if prev is None:
-                        ids, _ = pad_batch([torch.from_numpy(store.sequence(j)) for j in idx])
-                        h = model.embed(ids)
-                    else:
-                        lo, hi = int(offsets[idx.start]), int(offsets[idx.stop])
-                        flat = prev.read(lo, hi)
-                        h, _ = pad_batch([flat[int(offsets[j]) - lo: int(offsets[j + 1]) - lo] for j in idx])
-                    states[task].set(i, h)
-            model.release_embeddings()
+            if manifest:
+                states[task].load(partial / "states" / f"{task}.bin")
+                continue
+            # The states entering decoder layer prev_start: embeddings, or the previous cache.
+            prev = ActivationArray(layout.hidden_store(run_dir, block - 1), task,
+                                   out_dtype=model.dtype) if block > 0 else None
+            offsets = store.offsets
+            for i, idx in enumerate(plan[task]):
+                if prev is None:
+                    ids, _ = pad_batch([torch.from_numpy(store.sequence(j)) for j in idx])
+                    h = model.embed(ids)
+                else:
+                    lo, hi = int(offsets[idx.start]), int(offsets[idx.stop])
+                    flat = prev.read(lo, hi)
+                    h, _ = pad_batch([flat[int(offsets[j]) - lo: int(offsets[j + 1]) - lo] for j in idx])
+                states[task].set(i, h)
+        model.release_embeddings()
 
-            def where(task, idx):
-                o = tokens[task].offsets
-                return (f"capture-activations block {block}, task {task}, sequences {idx.start}-{idx.stop - 1} "
-                        f"(tokens {int(o[idx.start])}:{int(o[idx.stop])})")
+        def where(task, idx):
+            o = tokens[task].offsets
+            return (f"capture-activations block {block}, task {task}, sequences {idx.start}-{idx.stop - 1} "
+                    f"(tokens {int(o[idx.start])}:{int(o[idx.stop])})")
 
-            def lengths_of(task, idx):
-                o = tokens[task].offsets
-                return [int(o[j + 1] - o[j]) for j in idx]
+        def lengths_of(task, idx):
+            o = tokens[task].offsets
+            return [int(o[j + 1] - o[j]) for j in idx]
 
-            for j in range(prev_start, stop):
-                if j == start:
-                    # The states entering this block: the next block's capture starts from them.
-                    for task, store in tokens.items():
-                        for i, idx in enumerate(plan[task]):
-                            flat_h = unpad(states[task].get(i), lengths_of(task, idx))
-                            require_finite(flat_h, f"the hidden states entering decoder layer {start}",
-                                           where(task, idx),
-                                           hint="check the merged model and the calibrated routers of earlier blocks")
-                            hidden_out.write(task, int(store.offsets[idx.start]), flat_h)
-                    hidden_out.close()
-                model.onload(j, overrides.get(j))
+        for j in range(next_layer, stop):
+            if j == start and hidden_out is not None:
+                # The states entering this block: the next block's capture starts from them.
                 for task, store in tokens.items():
-                    bar = Progress(len(plan[task]), f"capture block {block} layer {j} task {task} (batches)")
                     for i, idx in enumerate(plan[task]):
-                        h = model.run_layer(j, states[task].get(i))
-                        states[task].set(i, h)
-                        if j in layers:
-                            B, T = h.shape[:2]
-                            x = unpad(recorder.pop(j).reshape(B, T, d), lengths_of(task, idx))
-                            require_finite(x, f"the router inputs of layer {j}", where(task, idx),
-                                           hint="the model overflows or holds NaN weights; "
-                                                "try calibration.dtype float32")
-                            acts.write(f"{layer_name(j)}/{task}", int(store.offsets[idx.start]), x)
-                        bar.update(1)
-                    bar.close()
-                model.offload(j)
-            acts.close()
+                        flat_h = unpad(states[task].get(i), lengths_of(task, idx))
+                        require_finite(flat_h, f"the hidden states entering decoder layer {start}",
+                                       where(task, idx),
+                                       hint="check the merged model and the calibrated routers of earlier blocks")
+                        hidden_out.write(task, int(store.offsets[idx.start]), flat_h)
+                hidden_out.close()
+                hidden_complete = True
+            model.onload(j, overrides.get(j))
+            for task, store in tokens.items():
+                bar = Progress(len(plan[task]), f"capture block {block} layer {j} task {task} (batches)")
+                for i, idx in enumerate(plan[task]):
+                    h = model.run_layer(j, states[task].get(i))
+                    states[task].set(i, h)
+                    if j in layers:
+                        B, T = h.shape[:2]
+                        x = unpad(recorder.pop(j).reshape(B, T, d), lengths_of(task, idx))
+                        require_finite(x, f"the router inputs of layer {j}", where(task, idx),
+                                       hint="the model overflows or holds NaN weights; "
+                                            "try calibration.dtype float32")
+                        acts.write(f"{layer_name(j)}/{task}", int(store.offsets[idx.start]), x)
+                    bar.update(1)
+                bar.close()
+            model.offload(j)
+            if j in layers:
+                for task in tokens:
+                    acts.finish(f"{layer_name(j)}/{task}")
+            if task_digest and j + 1 < stop:
+                _checkpoint(partial, task_digest, j + 1, hidden_complete, states)
+        acts.close()
+        if hidden_out is not None and not hidden_complete:  # an empty block span: nothing ran
+            hidden_out.close()
+        fsync_tree(hidden_dir)
+        fsync_tree(acts_dir)
+        for built, final in ((hidden_dir, layout.hidden_store(run_dir, block)),
+                             (acts_dir, layout.activation_store(run_dir, block))):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            publish(built, final)
+        remove_path(partial)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(partial, needed, free_bytes(partial)) from exc
+        raise
     finally:
         recorder.close()
         for s in states.values():

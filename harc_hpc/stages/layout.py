@@ -31,6 +31,12 @@ def hidden_store(run_dir: Path, block: int) -> Path:
     return Path(run_dir) / "hidden" / f"block-{block:03d}.zarr"
 
 
+def capture_partial(run_dir: Path, block: int) -> Path:
+    """A capture task's work in progress: the stores being filled, the in-flight hidden states after
+    the last finished decoder layer and a manifest, so a task killed at its time limit resumes there."""
+    return Path(run_dir) / "partial" / f"capture-block-{block:03d}"
+
+
 def activation_store(run_dir: Path, block: int) -> Path:
     return Path(run_dir) / "activations" / f"block-{block:03d}.zarr"
 
