@@ -174,8 +174,8 @@ class HarcSection(_Strict):
     layers: LayerSelection = "all"  # "all", [0, 3, 5] or {"last": N}
     block_size: int = Field(default=1, ge=1)
     dtype: Literal["float32", "float64"] = "float64"
-    # mixed precision: CG products with 16-bit GEMMs, the residual replaced by the exact (`dtype`)
-    # one per decade, same tol. auto: bfloat16 on GPUs with fast 16-bit GEMMs (CUDA compute
+    # mixed precision: CG corrections with 16-bit GEMMs, refined against the `dtype` operator to tol.
+    # auto: bfloat16 on GPUs with fast 16-bit GEMMs (CUDA compute
     # capability >= 8.0), none elsewhere (CPU solves stay exact and reproducible across CPUs)
     inner_dtype: Optional[Literal["auto", "bfloat16", "float16"]] = "auto"
     device: str = "auto"

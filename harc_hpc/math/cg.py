@@ -166,90 +166,45 @@ class KroneckerPreconditioner:
         return out * self.mask if self.mask is not None else out
 
 
-def mixed_precision_cg(
+def refine(
     apply: Operator,
-    apply_low: Operator,
+    apply_inner: Operator,
     b: torch.Tensor,
     x0: torch.Tensor,
     *,
     precondition: Optional[Operator] = None,
     tol: float = 1e-6,
     max_iter: int = 1000,
-    replace_drop: float = 0.1,
-    replace_every: int = 100,
+    inner_tol: float = 1e-2,
     callback: Optional[Callable[[int, float], None]] = None,
 ) -> CGResult:
-    """PCG whose products come from the cheap approximate operator ``apply_low`` (16-bit GEMMs), with
-    reliable updates: whenever the recurrence residual has dropped by ``replace_drop`` since the
-    last replacement (or after ``replace_every`` iterations without one) it is replaced by the true
-    residual b - A x from the exact operator ``apply``.
-
-    Unlike ``refine`` (which restarts CG for every correction and so rebuilds its Krylov space each
-    time), the search directions survive a replacement, so the iteration count stays close to that of
-    exact PCG while almost every product is a 16-bit one. Convergence is judged on the exact
-    residual, as in conjugate_gradient. If a whole replacement cycle makes no progress on the exact
-    residual (the approximation is too coarse for this system), the remaining iterations use the
-    exact operator. ``iterations`` counts both kinds of products after the first residual.
-    """
-    if not 0.0 < replace_drop < 1.0:
-        raise ValueError(f"replace_drop must be in (0, 1), got {replace_drop}")
+    """Iterative refinement: the residual b - A x with the exact operator ``apply``, each correction
+    by PCG on the cheap approximate operator ``apply_inner`` to ``inner_tol``. Converges while the
+    approximation is good to better than a factor of 2 in every direction; stops at ``tol`` on the
+    exact residual like conjugate_gradient. ``iterations`` counts the inner iterations (each costs a
+    cheap operator application) plus one exact application per refinement step."""
     x = x0.clone()
-    r = b - apply(x)
     b_norm = float(torch.linalg.vector_norm(b))
     scale = b_norm if b_norm > 0 else 1.0
-    rel = float(torch.linalg.vector_norm(r)) / scale
     history: list = []
-    if rel <= tol:
-        return CGResult(x, 0, rel, True, history)
-    z = precondition(r) if precondition is not None else r
-    p = z.clone()
-    rz = _dot(r, z)
-    true_rel = rel  # exact relative residual at the last replacement
-    low = apply_low
     iterations = 0
-    converged = False
-    since_replacement = 0
-    while iterations < max_iter:
-        # the directions shrink with the residual: hand the 16-bit operator a unit vector so that
-        # float16's narrow range neither underflows nor loses digits to subnormals
-        p_norm = float(torch.linalg.vector_norm(p))
-        q = low(p / p_norm) * p_norm if low is not apply and p_norm > 0 else low(p)
-        curvature = _dot(p, q)
-        if not (curvature > 0.0) or rz == 0.0:
-            break
-        step = rz / curvature
-        x.add_(p, alpha=step)
-        r.add_(q, alpha=-step)
-        iterations += 1
-        since_replacement += 1
+    previous = float("inf")
+    while True:
+        r = b - apply(x)
         rel = float(torch.linalg.vector_norm(r)) / scale
-        restart = False
-        if rel <= tol or rel <= replace_drop * true_rel or since_replacement >= replace_every:
-            since_replacement = 0
-            r = b - apply(x)
-            iterations += 1
-            rel = float(torch.linalg.vector_norm(r)) / scale
-            if rel <= tol:
-                history.append(rel)
-                if callback is not None:
-                    callback(iterations, rel)
-                converged = True
-                break
-            if rel > 0.9 * true_rel and low is not apply:
-                restart = True
-                # no progress over a whole cycle: the 16-bit operator is too coarse for this system;
-                # finish with exact products, restarting the directions (they were built with it)
-                low = apply
-            true_rel = rel
         history.append(rel)
-        if callback is not None:
-            callback(iterations, rel)
-        z = precondition(r) if precondition is not None else r
-        rz_new = _dot(r, z)
-        if restart:
-            p = z.clone()
-        else:
-            p.mul_(rz_new / rz).add_(z)
-        rz = rz_new
-    final = float(torch.linalg.vector_norm(b - apply(x))) / scale
-    return CGResult(x, iterations, final, converged or final <= tol, history)
+        if rel <= tol:
+            return CGResult(x, iterations, rel, True, history)
+        # no progress (the approximation is too coarse for this system) or out of budget
+        if iterations >= max_iter or rel > 0.5 * previous:
+            return CGResult(x, iterations, rel, False, history)
+        previous = rel
+        # a truncated inner solve is still a correction; the cap keeps a useless inner operator from
+        # spending the whole budget (the exact solve then finishes, see solve_router)
+        budget = min(max_iter - iterations, max(25, max_iter // 5))
+        step_cb = None if callback is None else (lambda i, res, done=iterations, r0=rel: callback(done + i, r0 * res))
+        inner = conjugate_gradient(apply_inner, r, torch.zeros_like(x), precondition=precondition,
+                                   tol=max(inner_tol, 0.5 * tol / rel), max_iter=budget, callback=step_cb)
+        x += inner.x
+        iterations += inner.iterations + 1
+

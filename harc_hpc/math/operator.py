@@ -201,17 +201,10 @@ class TaskCurvature:
 
 
 class LowPrecisionCurvature:
-    """Sigma_i W with its GEMMs in a 16-bit type (4x the float32 throughput on CPUs with AVX512-BF16,
-    tensor cores on GPUs): the inner operator of a mixed-precision solve.
-
-    The inputs X are used in that type (exact when they were stored in it, as the activation store
-    keeps them). The two per-application operands, the direction W and the per-token products
-    U = H(X W^T), are each split into a 16-bit head and a 16-bit tail (v = hi + lo, lo = v - hi) and
-    multiplied in one GEMM against [hi | lo]: X is still read once per GEMM, and the operands keep
-    ~16 significant bits instead of 8. With 16-bit inputs the operator is then accurate to ~1e-5
-    relative instead of ~4e-3, which keeps CG's directions conjugate: unsplit, the rounding of every
-    product is fresh noise and CG needed 2.4x the iterations on an OLMoE-shaped layer. The
-    probabilities stay float32 and every product is accumulated in float64 across chunks."""
+    """Sigma_i W with both GEMMs in a 16-bit type (4x the float32 throughput on CPUs with AVX512-BF16,
+    tensor cores on GPUs). The probabilities stay float32 and every product is accumulated in float64
+    across chunks; the 16-bit rounding of X, W and the per-chunk products (~4e-3 relative) makes this
+    an approximation of Sigma_i, used only inside iterative refinement against the exact operator."""
 
     def __init__(self, curvature: TaskCurvature, dtype: torch.dtype):
         self.hessian = curvature.hessian
@@ -226,24 +219,14 @@ class LowPrecisionCurvature:
             xs = [x.to(dtype) for x, _ in curvature.pairs()]
         self.pairs = [(x, None if p is None else p.float()) for x, p in zip(xs, curvature.probs)]
 
-    def _split(self, v: torch.Tensor) -> torch.Tensor:
-        """[hi | lo] along the last dimension, both in the 16-bit type: hi + lo = v to ~16 bits."""
-        hi = v.to(self.dtype)
-        lo = (v - hi.to(v.dtype)).to(self.dtype)
-        return torch.cat([hi, lo], dim=-1)
-
     def matvec(self, w: torch.Tensor) -> torch.Tensor:
         acc = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
-        k = w.shape[0]
         wt = None
         for x, p in self.pairs:
             if wt is None:
-                wt = self._split(w.to(device=x.device, dtype=torch.float32).T.contiguous())  # (d, 2K)
-            z2 = (x @ wt).float()
-            u = hessian_times(p, z2[:, :k] + z2[:, k:], self.hessian)
-            uu = self._split(u)  # (n, 2K)
-            part = (uu.T @ x).float()
-            acc += (part[:k] + part[k:]).to(device=acc.device, dtype=torch.float64)
+                wt = w.to(dtype=self.dtype, device=x.device).T.contiguous()
+            u = hessian_times(p, (x @ wt).float(), self.hessian)
+            acc += (u.to(self.dtype).T @ x).to(device=acc.device, dtype=torch.float64)
         return self.reducer.sum(acc) / self.num_tokens
 
 

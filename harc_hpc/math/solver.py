@@ -33,7 +33,7 @@ from harc_hpc.math.cg import (
     KroneckerPreconditioner,
     conjugate_gradient,
     jacobi_preconditioner,
-    mixed_precision_cg,
+    refine,
 )
 from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reducer
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
@@ -176,7 +176,7 @@ def solve_router(
     kronecker_tokens: Optional[int] = 8192,
     callback: Optional[Callable[[int, float], None]] = None,
     inner_dtype: Optional[torch.dtype] = None,
-    inner_tol: float = 0.1,
+    inner_tol: float = 1e-2,
     process_group: ProcessGroupLike = None,
     keep_input_dtype: bool = False,
 ) -> RouterSolution:
@@ -189,9 +189,9 @@ def solve_router(
     used to estimate E[x x^T] for the Kronecker preconditioner (None: all). ``callback(iteration,
     relative_residual)`` follows the quadratic solve's CG iterations (progress reporting).
     ``inner_dtype`` (torch.bfloat16 / torch.float16) solves the quadratic system by mixed-precision
-    PCG with reliable updates: every product with 16-bit GEMMs, and the residual replaced by the
-    exact one (``dtype`` operator) each time it has dropped by ``inner_tol``; same stopping rule on
-    the exact residual. If the 16-bit operator stops helping, the exact one finishes.
+    iterative refinement: residuals with the exact operator, corrections by PCG with 16-bit GEMMs to
+    ``inner_tol``; same stopping rule on the exact residual. If refinement stalls, plain PCG on the
+    exact operator finishes from where it got.
 
     ``process_group`` (a torch.distributed process group, e.g. ``dist.group.WORLD``, or a
     ``Reducer``): data-parallel solve. Every rank calls solve_router with the same routers and
@@ -261,9 +261,17 @@ def solve_router(
         pre = _preconditioner(precond, system, expert_factor, input_factor, project_null)
         if inner_dtype is not None:
             low = HarcSystem([c.lowered(inner_dtype) for c in curvatures], diagonal, alpha)
-            res = mixed_precision_cg(system.apply, low.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter,
-                                     replace_drop=inner_tol, callback=callback)
+            res = refine(system.apply, low.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter,
+                         inner_tol=inner_tol, callback=callback)
             del low
+            if not res.converged and res.iterations < max_iter:
+                done = res.iterations
+                rest = conjugate_gradient(system.apply, b, res.x, precondition=pre, tol=tol,
+                                          max_iter=max_iter - done,
+                                          callback=None if callback is None else (lambda i, r: callback(done + i, r)))
+                rest.iterations += done
+                rest.history = res.history + rest.history
+                res = rest
         else:
             res = conjugate_gradient(system.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter,
                                      callback=callback)
