@@ -224,6 +224,9 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             per_block = n_all * d * cal * (block_size + 1)
             e.scratch_bytes = per_block * len(tasks) if keep else per_block + n_all * d * cal
             layers_run = min(2 * block_size, shape.layers)
+            if layers_run > 1:  # the per-layer checkpoint of the in-flight states (a killed task resumes)
+                e.scratch_bytes += states
+                e.notes.append(f"checkpoints its in-flight states ({format_bytes(states)}) after every decoder layer")
             flops = 2 * n_all * sum(shape.active_params(l) for l in range(layers_run)) / max(1, layers_run) * layers_run
             e.seconds = flops / (tflops(stage) * 1e12)
             e.notes.append("one decoder layer on the device at a time (onloaded from the shards)")
