@@ -51,6 +51,15 @@ def test_plan_names_the_stage_and_resource_that_do_not_fit(config):
     assert "does not fit: solve-router: needs" in result.output and "executor.stages.solve-router.mem_gb" in result.output
 
 
+def test_dry_run_prints_the_plan_estimates_with_the_dag(config):
+    plan = CliRunner().invoke(main, ["plan", str(config)])
+    dry = CliRunner().invoke(main, ["submit", str(config), "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    table = plan.output.split("\n", 1)[1].split("does not fit")[0].strip()
+    assert "estimated per task (harc-hpc plan):" in dry.output
+    assert table.splitlines()[0] in dry.output and "--array=" in dry.output
+
+
 def test_submit_refuses_a_plan_that_does_not_fit(config):
     result = CliRunner().invoke(main, ["submit", str(config), "--dry-run",
                                        "--set", "executor.stages.capture-activations.mem_gb=0.001"])

@@ -134,6 +134,8 @@ def submit_run(
             raise PlanDoesNotFitError("the plan does not fit the executor's resources (see harc-hpc plan):\n  "
                                       + "\n  ".join(problems))
     if dry_run:
+        if executor == "slurm" and est:
+            echo("estimated per task (harc-hpc plan):\n" + est["table"])
         tasks = list(select(plan)) if select is not None else None
         return plan, execute(plan, cfg, executor, tasks=tasks, force=force, dry_run=True,
                              explicit_executor_keys=explicit, echo=echo)
