@@ -54,7 +54,8 @@ def make_run_dir(root: Path, family: str = "olmoe", layers: int = 2) -> tuple[Pa
             fam.router_module(merged, l).weight.copy_(w)
         save_file({"weight": w.contiguous()}, str(run_dir / "routers" / f"layer-{l:03d}.safetensors"))
         (run_dir / "routers" / f"layer-{l:03d}.json").write_text(json.dumps(
-            {"layer": l, "iterations": 10 + l, "relative_residual": 1e-7, "converged": True, "seconds": 0.5}))
+            {"layer": l, "iterations": 10 + l, "relative_residual": 1e-7, "converged": True, "seconds": 0.5,
+             "unrouted_experts": {"math": [], "code": [l]}}))
     _save(merged, sources["math"], run_dir / "model")
     (run_dir / "completions" / "solve-router").mkdir(parents=True)
     (run_dir / "completions" / "solve-router" / "layer-000.json").write_text(json.dumps(
@@ -83,6 +84,17 @@ def test_report_files(reported_run):
     md = (out / "report.md").read_text()
     assert "## Routing, router-level" in md and "## Held-out loss" in md and "![routing.png](routing.png)" in md
     assert set(result) >= {"kl_merged", "kl_calibrated", "loss_mean"}
+    # every solved layer says which experts no calibration token reached, per source
+    m = json.loads((out / "metrics.json").read_text())
+    assert all(r["unrouted_experts"] == {"math": [], "code": [int(l)]} for l, r in m["solve"].items())
+    assert "experts no calibration token reached" in md and "| code: 1 |" in md
+
+
+def test_unrouted_experts_are_named_per_source():
+    from harc_hpc.report.render import unrouted_text
+
+    assert unrouted_text({"math": [], "code": [3, 17]}) == "code: 3, 17"
+    assert unrouted_text({"math": [], "code": []}) == "none" and unrouted_text(None) == "-"
 
 
 def test_report_metrics_values(reported_run):

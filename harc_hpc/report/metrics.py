@@ -396,7 +396,8 @@ def solve_statistics(run_dir: Path) -> dict:
             continue
         layer = rec.get("layer", path.stem.split("-")[-1])
         out[str(int(layer))] = {k: rec.get(k) for k in ("iterations", "relative_residual", "converged", "seconds",
-                                                        "kl_before", "kl_after", "alpha", "objective", "solver")}
+                                                        "kl_before", "kl_after", "alpha", "objective", "solver",
+                                                        "unrouted_experts")}
     return out
 
 

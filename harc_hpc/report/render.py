@@ -26,6 +26,15 @@ def _bytes(x) -> str:
     return format_bytes(x) if isinstance(x, (int, float)) else "-"
 
 
+def unrouted_text(unrouted) -> str:
+    """Per source, the experts its router sends no calibration token to (their rows are set by the
+    regularisation and the other sources only), e.g. ``code: 3, 17``; ``none`` when every one is reached."""
+    if not isinstance(unrouted, dict):
+        return "-"
+    parts = [f"{task}: {', '.join(str(e) for e in experts)}" for task, experts in unrouted.items() if experts]
+    return "; ".join(parts) if parts else "none"
+
+
 def _fmt(x, spec: str = ".4f") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -214,13 +223,14 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
 
     solve = metrics.get("solve", {})
     if solve:
-        lines += ["## Router solves", "", "| layer | iterations | relative residual | converged | seconds |",
-                  "|---|---|---|---|---|"]
+        lines += ["## Router solves", "", "| layer | iterations | relative residual | converged | seconds "
+                  "| experts no calibration token reached |",
+                  "|---|---|---|---|---|---|"]
         for l in sorted(solve, key=int):
             r = solve[l]
             lines.append(f"| {l} | {_fmt(r.get('iterations'), 'd') if isinstance(r.get('iterations'), int) else _fmt(r.get('iterations'))} | "
                          f"{_fmt(r.get('relative_residual'), '.2e')} | {_fmt(r.get('converged'))} | "
-                         f"{_fmt(r.get('seconds'), '.2f')} |")
+                         f"{_fmt(r.get('seconds'), '.2f')} | {unrouted_text(r.get('unrouted_experts'))} |")
         lines.append("")
 
     stages = metrics.get("stages", {})
