@@ -82,6 +82,10 @@ class RunSection(_Strict):
     # that needs a deleted one recomputes it. The merged model, routers, final model and report are
     # never deleted.
     retention: Literal["keep", "delete-intermediate"] = "delete-intermediate"
+    # Where capture and report keep in-flight hidden states that fit neither the GPU nor host memory
+    # (memory-mapped, deleted when the task ends). Must be node-local (local SSD, /tmp): on a shared
+    # filesystem every layer would read and write them over the network. Default: $TMPDIR.
+    node_local_dir: Optional[OneLinePath] = None
 
     @property
     def run_dir(self) -> Path:

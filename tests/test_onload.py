@@ -79,17 +79,23 @@ def test_layerwise_capture_equals_the_whole_model_bit_for_bit(tmp_path, family):
 
 
 def test_layerwise_capture_with_blocks_and_spilled_states(tmp_path, monkeypatch):
-    """block_size 2 over 3 layers, hidden states memory-mapped on local disk: same bytes."""
+    """block_size 2 over 3 layers, hidden states memory-mapped on local disk (run.node_local_dir):
+    same bytes, and nothing left there."""
     src = build_tiny_sources(tmp_path / "src", family="olmoe", layers=3)
-    cfg = load_config(write_config(tmp_path, src, block_size=2))
+    cfg = load_config(write_config(tmp_path, src, block_size=2), {"run.node_local_dir": str(tmp_path / "local")})
     merge_experts.run(cfg, cfg.run_dir)
-    monkeypatch.setattr(capture_activations, "placement_for", lambda *a: "disk")
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "local"))
-    (tmp_path / "local").mkdir()
-    import tempfile
+    seen = []
+    real_init = capture_activations.BatchStates.__init__
 
-    monkeypatch.setattr(tempfile, "tempdir", None)
+    def spy(self, *a, **kw):
+        real_init(self, *a, **kw)
+        seen.append(self._file)
+
+    monkeypatch.setattr(capture_activations.BatchStates, "__init__", spy)
+    monkeypatch.setattr(capture_activations, "placement_for", lambda *a: "disk")
+    (tmp_path / "local").mkdir()
     _check_blocks(cfg, cfg.run_dir)
+    assert seen and all(str(f).startswith(str(tmp_path / "local")) for f in seen), seen
     assert list((tmp_path / "local").iterdir()) == [], "the spilled hidden states were not removed"
 
 

@@ -159,7 +159,7 @@ class _RouterLogits:
 @torch.no_grad()
 def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[Evaluation], batch_size: int,
                         device: torch.device, trust_remote_code: bool = False,
-                        dtype: Optional[torch.dtype] = None) -> CheckpointEval:
+                        dtype: Optional[torch.dtype] = None, scratch_dir: Optional[Path] = None) -> CheckpointEval:
     """Held-out loss and (where asked) per-layer router logits of real tokens, in sequence order, of
     several evaluations on one checkpoint, which is never loaded whole (harc_hpc.models.onload).
 
@@ -211,7 +211,7 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
     try:
         for plan in plans:
             states.append(BatchStates([tuple(ids.shape) for ids, _, _ in plan], d, model.dtype, model.device,
-                                      placement))
+                                      placement, scratch_dir=scratch_dir))
             for i, (ids, _, _) in enumerate(plan):
                 states[-1].set(i, model.embed(ids))
         model.release_embeddings()
@@ -313,7 +313,8 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
         return out
 
     def run(path, evaluations: list[Evaluation]) -> CheckpointEval:
-        return evaluate_checkpoint(path, layers, evaluations, batch_size, device, trust_remote_code=trust)
+        return evaluate_checkpoint(path, layers, evaluations, batch_size, device, trust_remote_code=trust,
+                                   scratch_dir=cfg.run.node_local_dir)
 
     # Sources: losses on every task (forgetting shows), routing of source i on task i (e2e reference).
     source_routers: dict[str, dict[int, torch.Tensor]] = {}

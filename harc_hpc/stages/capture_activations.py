@@ -77,8 +77,8 @@ class BatchStates:
     Keeping each batch padded exactly as the whole-model forward pads it is what makes a layer-wise
     pass equal to it bit for bit: the pads are routed to experts too, and an expert's GEMM over a
     different number of rows may round differently. They live on the compute device when they fit,
-    else in host memory (pinned for a GPU), else memory-mapped on node-local disk (``$TMPDIR``; a
-    shared filesystem would stall every layer).
+    else in host memory (pinned for a GPU), else memory-mapped on node-local disk (``run.node_local_dir``,
+    default ``$TMPDIR``; a shared filesystem would stall every layer).
     """
 
     def __init__(self, shapes: list[tuple[int, int]], dim: int, dtype: torch.dtype, device: torch.device,
@@ -248,7 +248,8 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
         nbytes = sum(b * t for sh in shapes.values() for b, t in sh) * d * model.dtype.itemsize
         placement = placement_for(nbytes, device, model.layer_bytes(start if start < stop else 0))
         for task, store in tokens.items():
-            states[task] = BatchStates(shapes[task], d, model.dtype, device, placement)
+            states[task] = BatchStates(shapes[task], d, model.dtype, device, placement,
+                                       scratch_dir=cfg.run.node_local_dir)
             if hidden_out is not None:
                 hidden_out.create(task, store.num_tokens, d, store.offsets)
             for l in layers:

@@ -217,7 +217,7 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
                         e.notes[-1] = f"in-flight hidden states ({format_bytes(states)}) on node-local disk"
                     else:
                         e.notes.append(f"in-flight hidden states ({format_bytes(states)}) on node-local disk")
-                    e.notes.append(f"needs {format_bytes(states)} free in $TMPDIR on the node")
+                    e.notes.append(f"needs {format_bytes(states)} free in run.node_local_dir ($TMPDIR by default) on the node")
             e.gpu_bytes, e.host_bytes = gpu_total, int(host)
             # while capture b runs: hidden b-1, hidden b, router inputs of block b
             keep = cfg.run.retention == "keep"
