@@ -192,6 +192,9 @@ class HarcSection(_Strict):
     # Use at most this many tokens of each task per layer (a seeded, sequence-stratified subsample,
     # the same for statistics and solve): the paper's results plateau at ~40 % of the data.
     max_tokens: Optional[int] = Field(default=None, ge=1)
+    # Also calibrate the sigmoid shared-expert gate of every MoE layer (Qwen2-MoE), from the same
+    # router inputs, with the Bernoulli-KL objective (docs/solver.md, sigmoid gates). Off: merged as is.
+    shared_expert_gate: bool = False
 
     @field_validator("alpha")
     @classmethod

@@ -17,6 +17,23 @@ def kl_sum(log_p_ref: torch.Tensor, log_p: torch.Tensor) -> float:
     return float((log_p_ref.exp() * (log_p_ref - log_p)).sum())
 
 
+def bernoulli_kl_sum(z_ref: torch.Tensor, z: torch.Tensor) -> float:
+    """sum over rows and outputs of KL(Bernoulli(sigmoid(z_ref)) || Bernoulli(sigmoid(z))), from
+    logits (float64 advised), with log-sigmoids so that saturated gates stay finite."""
+    p = torch.sigmoid(z_ref)
+    lp, lq = torch.nn.functional.logsigmoid(z_ref), torch.nn.functional.logsigmoid(z)
+    lp1, lq1 = torch.nn.functional.logsigmoid(-z_ref), torch.nn.functional.logsigmoid(-z)
+    return float((p * (lp - lq) + (1 - p) * (lp1 - lq1)).sum())
+
+
+def gate_kl_sum(x: torch.Tensor, w_ref_t: torch.Tensor, w_t: torch.Tensor, link: str = "softmax") -> float:
+    """sum over the rows of ``x`` of the gate's KL(reference || other) for weights given transposed
+    (d, K): categorical over experts for softmax, per-output Bernoulli summed over outputs for sigmoid."""
+    if link == "sigmoid":
+        return bernoulli_kl_sum((x @ w_ref_t).to(torch.float64), (x @ w_t).to(torch.float64))
+    return kl_sum(log_probs(x, w_ref_t), log_probs(x, w_t))
+
+
 def topk_common(scores_ref: torch.Tensor, scores: torch.Tensor, k: int) -> int:
     """Number of (row, expert) selections the two top-k choices share, summed over rows."""
     ref = torch.zeros(scores_ref.shape, dtype=torch.bool, device=scores_ref.device)
@@ -26,9 +43,10 @@ def topk_common(scores_ref: torch.Tensor, scores: torch.Tensor, k: int) -> int:
     return int((ref & got).sum())
 
 
-def mean_kl(chunks: TokenChunks, w_ref: torch.Tensor, w: torch.Tensor, reducer: Reducer = LOCAL) -> float:
+def mean_kl(chunks: TokenChunks, w_ref: torch.Tensor, w: torch.Tensor, reducer: Reducer = LOCAL,
+            link: str = "softmax") -> float:
     """E_x KL(softmax(w_ref x) || softmax(w x)) over the chunks, float64 (over all ranks' shards
-    with a distributed ``reducer``)."""
+    with a distributed ``reducer``); for ``link="sigmoid"`` the per-output Bernoulli KL summed."""
     total = 0.0
     n = 0
     wr = wt = None
@@ -36,7 +54,7 @@ def mean_kl(chunks: TokenChunks, w_ref: torch.Tensor, w: torch.Tensor, reducer: 
         if wt is None:
             wr = w_ref.to(dtype=x.dtype, device=x.device).T.contiguous()
             wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
-        total += kl_sum(log_probs(x, wr), log_probs(x, wt))
+        total += gate_kl_sum(x, wr, wt, link)
         n += x.shape[0]
     if reducer.distributed:
         total, n = reducer.sum_float(total), reducer.sum_int(int(n))

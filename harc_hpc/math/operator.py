@@ -22,12 +22,33 @@ from harc_hpc.math.distributed import LOCAL, Reducer
 from harc_hpc.math.inputs import TokenChunks
 
 HESSIANS = ("full", "diag", "identity")
+# How a gate turns logits into routing weights: "softmax" over the experts (the MoE router), or an
+# independent "sigmoid" per output (Qwen2-MoE's shared-expert gate, DeepSeek-V3-style routers). For a
+# sigmoid gate the objective is the per-output Bernoulli KL, whose exact Hessian is diagonal across
+# outputs, diag(s (1 - s)) kron x x^T: "full" and "diag" are then the same model (docs/solver.md).
+LINKS = ("softmax", "sigmoid")
 
 
 def check_hessian(hessian: str) -> str:
     if hessian not in HESSIANS:
         raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
     return hessian
+
+
+def check_link(link: str) -> str:
+    if link not in LINKS:
+        raise ValueError(f"link must be one of {LINKS}, got {link!r}")
+    return link
+
+
+def gate_probs(z: torch.Tensor, link: str = "softmax") -> torch.Tensor:
+    """Routing weights of logits ``z`` (n, K): softmax over K, or an independent sigmoid each."""
+    return torch.softmax(z, dim=1) if link == "softmax" else torch.sigmoid(z)
+
+
+def curvature_hessian(hessian: str, link: str) -> str:
+    """The Hessian form the operator applies: a sigmoid gate's exact ("full") Hessian is diagonal."""
+    return "diag" if link == "sigmoid" and hessian == "full" else hessian
 
 
 def hessian_times(probs: Optional[torch.Tensor], z: torch.Tensor, hessian: str) -> torch.Tensor:
@@ -55,9 +76,10 @@ class TaskCurvature:
     """
 
     def __init__(self, chunks: TokenChunks, weight: torch.Tensor, hessian: str = "full",
-                 reducer: Reducer = LOCAL):
+                 reducer: Reducer = LOCAL, link: str = "softmax"):
         self.chunks = chunks
-        self.hessian = check_hessian(hessian)
+        self.link = check_link(link)
+        self.hessian = curvature_hessian(check_hessian(hessian), link)
         self.reducer = reducer
         self.num_experts = int(weight.shape[0])
         self.dim = int(weight.shape[1])
@@ -68,7 +90,7 @@ class TaskCurvature:
         for x in chunks:
             if wt is None:
                 wt = weight.to(device=x.device, dtype=x.dtype).T.contiguous()
-            self.probs.append(None if hessian == "identity" else torch.softmax(x @ wt, dim=1))
+            self.probs.append(None if hessian == "identity" else gate_probs(x @ wt, link))
             self.sizes.append(int(x.shape[0]))
             n += x.shape[0]
         self.local_tokens = n
@@ -84,6 +106,7 @@ class TaskCurvature:
         ``num_experts`` is needed when this shard has no chunks."""
         cv = cls.__new__(cls)
         cv.chunks = chunks
+        cv.link = "softmax"
         cv.hessian = check_hessian(hessian)
         cv.reducer = reducer
         cv.num_experts = int(probs[0].shape[1]) if num_experts is None else int(num_experts)

@@ -38,7 +38,7 @@ from harc_hpc.math.cg import (
 from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reducer
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
 from harc_hpc.math.metrics import mean_kl
-from harc_hpc.math.operator import TaskCurvature, check_hessian, log_probs
+from harc_hpc.math.operator import TaskCurvature, check_hessian, check_link, curvature_hessian, log_probs
 from harc_hpc.math.statistics import TaskStatistics, router_digest, statistics_from_curvature
 
 SOLVERS = ("cg", "pcg", "direct", "auto")
@@ -179,6 +179,7 @@ def solve_router(
     inner_tol: float = 1e-2,
     process_group: ProcessGroupLike = None,
     keep_input_dtype: bool = False,
+    link: str = "softmax",
 ) -> RouterSolution:
     """Calibrate one layer's router.
 
@@ -203,9 +204,18 @@ def solve_router(
     ``keep_input_dtype``: inputs that arrive narrower than ``compute_dtype`` (bfloat16 chunks from
     the activation store) stay resident in that dtype and are widened one chunk at a time when used:
     the same answer, bit for bit, in the storage size (a quarter of float64) plus one chunk.
+
+    ``link="sigmoid"``: a gate of independent sigmoid outputs (Qwen2-MoE's shared-expert gate, a
+    DeepSeek-V3-style router's scores) instead of a softmax over experts. Each output's objective
+    is the Bernoulli KL to the sources' gate, its curvature E[s_i (1 - s_i) x x^T]; the outputs do not
+    couple, so ``hessian="full"`` is the diagonal-across-outputs operator, and the KLs reported are
+    per-output Bernoulli KLs summed. The exact-KL objective is not offered for sigmoid gates.
     """
     t_start = time.perf_counter()
     reducer = as_reducer(process_group)
+    check_link(link)
+    if link == "sigmoid" and objective == "kl":
+        raise ValueError("objective='kl' is not implemented for sigmoid gates (link='sigmoid'): use 'quadratic'")
     _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics)
     if inner_dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"inner_dtype must be None, torch.bfloat16, torch.float16 or torch.float32, got {inner_dtype}")
@@ -229,13 +239,13 @@ def solve_router(
     if solver == "direct":
         precond = "none"
 
-    curvatures = [TaskCurvature(c, w, hessian, reducer=reducer) for c, w in zip(chunks, sources)]
+    curvatures = [TaskCurvature(c, w, hessian, reducer=reducer, link=link) for c, w in zip(chunks, sources)]
     if statistics is not None:
         stats = []
         for i, (s, w, cv) in enumerate(zip(statistics, sources, curvatures)):
-            _check_statistics(s, i, hessian, w, cv.num_tokens)
+            _check_statistics(s, i, curvature_hessian(hessian, link), w, cv.num_tokens)
             stats.append(s.to(device))
-        kl_before = [mean_kl(c, w, w0, reducer) for c, w in zip(chunks, sources)]
+        kl_before = [mean_kl(c, w, w0, reducer, link) for c, w in zip(chunks, sources)]
     else:
         stats = [statistics_from_curvature(cv, w, w0) for cv, w in zip(curvatures, sources)]
         kl_before = [s.kl for s in stats]
@@ -243,7 +253,7 @@ def solve_router(
     diagonal = sum_in_order(s.sigma_diag for s in stats)
     b = sum_in_order(s.rhs(w, alpha) for s, w in zip(stats, sources))
     system = HarcSystem(curvatures, diagonal, alpha)
-    project_null = alpha == 1.0 and hessian == "full"
+    project_null = alpha == 1.0 and hessian == "full" and link == "softmax"
     expert_factor = input_factor = None
     if precond == "kronecker":
         expert_factor = sum_in_order(s.hessian_mean for s in stats)
@@ -285,7 +295,7 @@ def solve_router(
         w = fit["weight"]
         iterations += fit["iterations"]
         residual, converged, newton_steps = fit["relative_gradient"], fit["converged"], fit["steps"]
-    kl_after = [mean_kl(c, s, w, reducer) for c, s in zip(chunks, sources)]
+    kl_after = [mean_kl(c, s, w, reducer, link) for c, s in zip(chunks, sources)]
     reducer.check_replicated(w, "solved router")
     return RouterSolution(
         weight=w.to(dtype=init.dtype, device=init.device),

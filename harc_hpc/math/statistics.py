@@ -17,7 +17,7 @@ import torch
 
 from harc_hpc.math.distributed import as_reducer
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
-from harc_hpc.math.metrics import kl_sum, topk_common
+from harc_hpc.math.metrics import gate_kl_sum, topk_common
 from harc_hpc.math.operator import TaskCurvature, check_hessian, hessian_diagonal, hessian_times, log_probs
 
 
@@ -82,11 +82,9 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
         zs = x @ ws
         sigma_w += (hessian_times(p, zs, curv.hessian).T @ x).to(torch.float64)
         diag += (hessian_diagonal(p, curv.hessian, x, k).T @ (x * x)).to(torch.float64)
-        ls = torch.log_softmax(zs.to(torch.float64), dim=1)
-        lm = log_probs(x, wm)
-        kl += kl_sum(ls, lm)
+        kl += gate_kl_sum(x, ws, wm, curv.link)
         if top_k:
-            missed += int(x.shape[0]) * top_k - topk_common(zs, lm, top_k)
+            missed += int(x.shape[0]) * top_k - topk_common(zs, log_probs(x, wm), top_k)
             expert_tokens += torch.bincount(torch.topk(zs, top_k, dim=1).indices.flatten().cpu(), minlength=k)
     red = curv.reducer
     if red.distributed:
@@ -119,6 +117,7 @@ def compute_task_statistics(
     input_gram: bool = False,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     process_group=None,
+    link: str = "softmax",
 ) -> TaskStatistics:
     """Statistics of one task: ``inputs_i`` (N, d) tensor or re-iterable of chunks, routers (K, d).
     ``process_group`` (a torch.distributed group or a Reducer): ``inputs_i`` is this rank's shard of
@@ -127,5 +126,5 @@ def compute_task_statistics(
     if source_router.shape != merged_router.shape:
         raise ValueError(f"source router {tuple(source_router.shape)} != merged {tuple(merged_router.shape)}")
     chunks = TokenChunks(inputs_i, dim=int(source_router.shape[1]), chunk_tokens=chunk_tokens)
-    curv = TaskCurvature(chunks, source_router, hessian, reducer=as_reducer(process_group))
+    curv = TaskCurvature(chunks, source_router, hessian, reducer=as_reducer(process_group), link=link)
     return statistics_from_curvature(curv, source_router, merged_router, top_k=top_k, input_gram=input_gram)

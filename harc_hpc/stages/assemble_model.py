@@ -9,7 +9,7 @@ from pathlib import Path
 from harc_hpc.io.atomic import write_json_atomic
 from harc_hpc.config import PipelineConfig
 from harc_hpc.stages import layout
-from harc_hpc.stages.routers import load_router
+from harc_hpc.stages.routers import load_router, load_shared_expert_gate
 
 
 def run(cfg: PipelineConfig, run_dir: Path) -> dict:
@@ -26,6 +26,10 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     for l in layers:
         key = fam.find_router_key(l, merged.keys())
         replacements[key] = load_router(run_dir, l).to(merged.tensor_dtype(key))
+        gate = load_shared_expert_gate(run_dir, l)  # present when harc.shared_expert_gate calibrated it
+        if gate is not None:
+            gkey = fam.shared_expert_gate_key(l)
+            replacements[gkey] = gate.to(merged.tensor_dtype(gkey))
         rep = layout.router_report(run_dir, l)
         reports.append(json.loads(rep.read_text()) if rep.is_file() else {"layer": l})
     patch_tensors(layout.merged_dir(run_dir), layout.model_dir(run_dir), replacements,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,9 +37,17 @@ def router_of(ckpt, fam, layer: int) -> torch.Tensor:
     return ckpt.get_tensor(fam.find_router_key(layer, ckpt.keys()))
 
 
-def save_router(run_dir: Path, layer: int, weight: torch.Tensor, report: dict) -> None:
+SHARED_EXPERT_GATE = "shared_expert_gate"
+
+
+def save_router(run_dir: Path, layer: int, weight: torch.Tensor, report: dict,
+                shared_expert_gate: Optional[torch.Tensor] = None) -> None:
+    """The calibrated router of ``layer`` (and, when calibrated too, its sigmoid shared-expert gate)."""
+    tensors = {"weight": weight}
+    if shared_expert_gate is not None:
+        tensors[SHARED_EXPERT_GATE] = shared_expert_gate
     with atomic_path(layout.router_file(run_dir, layer)) as tmp:
-        save_file({"weight": weight.detach().to(torch.float32).contiguous().cpu()}, str(tmp))
+        save_file({k: v.detach().to(torch.float32).contiguous().cpu() for k, v in tensors.items()}, str(tmp))
     with atomic_path(layout.router_report(run_dir, layer)) as tmp:
         tmp.write_text(json_text(report))
 
@@ -48,6 +57,26 @@ def load_router(run_dir: Path, layer: int) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: calibrated router of layer {layer} is missing (run solve-router first)")
     return load_file(str(path))["weight"]
+
+
+def load_shared_expert_gate(run_dir: Path, layer: int) -> Optional[torch.Tensor]:
+    """The calibrated shared-expert gate of ``layer``, or None when only the router was calibrated."""
+    path = layout.router_file(run_dir, layer)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: calibrated router of layer {layer} is missing (run solve-router first)")
+    return load_file(str(path)).get(SHARED_EXPERT_GATE)
+
+
+def source_shared_expert_gate(cfg: PipelineConfig, task: str, layer: int) -> torch.Tensor:
+    from harc_hpc.io.checkpoint import resolve_model_path
+
+    fam = layout.family(cfg)
+    path = resolve_model_path(layout.source_path(cfg, task), revision=cfg.models.revision)
+    return _checkpoint(path, cfg.models.allow_pickle).get_tensor(fam.shared_expert_gate_key(layer))
+
+
+def merged_shared_expert_gate(cfg: PipelineConfig, run_dir: Path, layer: int) -> torch.Tensor:
+    return _checkpoint(layout.merged_dir(run_dir)).get_tensor(layout.family(cfg).shared_expert_gate_key(layer))
 
 
 def set_router_weights(model, fam, weights: dict[int, torch.Tensor]) -> None:

@@ -20,7 +20,13 @@ from harc_hpc.models.modeling import free_memory_bytes, pick_device
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
 from harc_hpc.stages.compute_statistics import layer_inputs
-from harc_hpc.stages.routers import merged_router, save_router, source_router
+from harc_hpc.stages.routers import (
+    merged_router,
+    merged_shared_expert_gate,
+    save_router,
+    source_router,
+    source_shared_expert_gate,
+)
 
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,10 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=keep_stored,
             process_group=process_group,
         )
+    gate = None
+    if h.shared_expert_gate:
+        gate = _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, budget if resident else 0,
+                                         keep_stored, dtype, device, process_group)
     where = f"solve-router layer {layer}"
     if not math.isfinite(float(sol.relative_residual)):
         raise InputDataError(f"the solve diverged (relative residual {sol.relative_residual})", where=where,
@@ -135,9 +145,38 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
     if not sol.converged:
         # A non-converged solve is still the best iterate; the report says so and the run goes on.
         report["warning"] = f"CG did not reach tol {h.tol} in {h.max_iter} iterations"
+    if gate is not None:
+        report["shared_expert_gate"] = gate["report"]
     if rank == 0:
-        save_router(run_dir, layer, sol.weight, report)
+        save_router(run_dir, layer, sol.weight, report,
+                    shared_expert_gate=None if gate is None else gate["weight"])
     return {k: report[k] for k in ("layer", "iterations", "relative_residual", "converged", "seconds")}
+
+
+def _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, cache_bytes, keep_stored, dtype, device,
+                              process_group) -> dict:
+    """harc.shared_expert_gate: the layer's sigmoid shared-expert gate (1, d) fitted like the router,
+    from the same inputs, with the Bernoulli-KL quadratic model (link="sigmoid")."""
+    from harc_hpc.errors import UsageError
+    from harc_hpc.math import solve_router
+
+    fam = layout.family(cfg)
+    if fam.shared_expert_gate_key(layer) is None:
+        raise UsageError(f"the {fam.name} family has no sigmoid shared-expert gate",
+                         where="harc.shared_expert_gate", hint="set it to false (Qwen2-MoE has one)")
+    h = cfg.harc
+    sources = [source_shared_expert_gate(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
+    init = merged_shared_expert_gate(cfg, run_dir, layer).to(device=device, dtype=dtype)
+    sol = solve_router(inputs, sources, init, alpha=h.alpha, hessian=h.hessian, solver=h.solver,
+                       preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, compute_dtype=dtype,
+                       chunk_tokens=cfg.calibration.chunk_tokens, cache_bytes=cache_bytes,
+                       keep_input_dtype=keep_stored, process_group=process_group, link="sigmoid")
+    require_finite(sol.weight, "the calibrated shared-expert gate", f"solve-router layer {layer}")
+    return {"weight": sol.weight, "report": {
+        "iterations": int(sol.iterations), "relative_residual": float(sol.relative_residual),
+        "converged": bool(sol.converged),
+        "kl_before": {t: float(v) for t, v in zip(tasks, sol.kl_before)},  # Bernoulli KL to the source gate
+        "kl_after": {t: float(v) for t, v in zip(tasks, sol.kl_after)}}}
 
 
 _ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}

@@ -97,6 +97,10 @@ class MoEFamily:
         """A layer's fused expert tensor in the transformers-5 in-memory layout."""
         return f"model.layers.{layer}.mlp.experts.{which}_proj"
 
+    def shared_expert_gate_key(self, layer: int) -> Optional[str]:
+        """The on-disk key of ``layer``'s sigmoid shared-expert gate; None for families without one."""
+        return None
+
     def find_router_key(self, layer: int, keys: Iterable[str]) -> str:
         keys = set(keys)
         for layout in ("per_expert", "fused"):

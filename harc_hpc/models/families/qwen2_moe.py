@@ -1,7 +1,8 @@
 """Qwen2-MoE (``model_type: qwen2_moe``): Qwen3-MoE's layer rule plus a shared expert per layer.
 
 The shared expert's ``shared_expert_gate`` (1, d) is a sigmoid scalar gate that scales the shared
-expert's output; it is not the softmax router and is merged like any other tensor, never calibrated.
+expert's output; it is not the softmax router: it is merged like any other tensor and calibrated
+only with ``harc.shared_expert_gate`` (a sigmoid gate's objective, docs/solver.md).
 """
 
 from harc_hpc.models.families.base import MoEFamily
