@@ -43,6 +43,15 @@ def tiny_config(family: str = "olmoe", layers: int = 3, hidden: int = 32, expert
 
         return Qwen2MoeConfig(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden,
                               shared_expert_intermediate_size=hidden, **common)
+    if family == "deepseek_v3":
+        from transformers import DeepseekV3Config
+
+        # 8 experts in 2 groups (the grouped, biased selection), MLA attention, a dense first layer
+        common = {**common, "num_key_value_heads": 4}
+        return DeepseekV3Config(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+                                n_shared_experts=1, first_k_dense_replace=1 if layers > 2 else 0,
+                                moe_intermediate_size=hidden, q_lora_rank=None, kv_lora_rank=16,
+                                qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **common)
     raise ValueError(family)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -62,11 +62,17 @@ class TaskStatistics:
                               move(self.input_gram), self.source_digest, self.expert_tokens)
 
 
+Selector = Callable[[torch.Tensor], torch.Tensor]  # router logits (n, K) -> selected experts (n, K) bool
+
+
 def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, merged_router: torch.Tensor,
-                              *, top_k: Optional[int] = None, input_gram: bool = False) -> TaskStatistics:
+                              *, top_k: Optional[int] = None, input_gram: bool = False,
+                              select: Optional[tuple[Selector, Selector]] = None) -> TaskStatistics:
     """All statistics of one task in one pass over its inputs (plus one for the Gram if asked).
     With a distributed ``curv.reducer`` the inputs are this rank's shard and the statistics are
-    those of all ranks' tokens (the same on every rank)."""
+    those of all ranks' tokens (the same on every rank). ``select`` (source's, merged's): the
+    model's own expert-selection rule for the top-k diagnostics (grouped, biased selection of a
+    DeepSeek-V3 router); default: the top-k logits."""
     k, d = source_router.shape
     dev = merged_router.device
     sigma_w = torch.zeros(k, d, dtype=torch.float64, device=dev)
@@ -83,7 +89,11 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
         sigma_w += (hessian_times(p, zs, curv.hessian).T @ x).to(torch.float64)
         diag += (hessian_diagonal(p, curv.hessian, x, k).T @ (x * x)).to(torch.float64)
         kl += gate_kl_sum(x, ws, wm, curv.link)
-        if top_k:
+        if top_k and select is not None:
+            chosen = select[0](zs)
+            missed += int(x.shape[0]) * top_k - int((chosen & select[1](x @ wm)).sum())
+            expert_tokens += chosen.sum(dim=0).cpu().to(torch.int64)
+        elif top_k:
             missed += int(x.shape[0]) * top_k - topk_common(zs, log_probs(x, wm), top_k)
             expert_tokens += torch.bincount(torch.topk(zs, top_k, dim=1).indices.flatten().cpu(), minlength=k)
     red = curv.reducer
@@ -118,6 +128,7 @@ def compute_task_statistics(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     process_group=None,
     link: str = "softmax",
+    select: Optional[tuple[Selector, Selector]] = None,
 ) -> TaskStatistics:
     """Statistics of one task: ``inputs_i`` (N, d) tensor or re-iterable of chunks, routers (K, d).
     ``process_group`` (a torch.distributed group or a Reducer): ``inputs_i`` is this rank's shard of
@@ -127,4 +138,5 @@ def compute_task_statistics(
         raise ValueError(f"source router {tuple(source_router.shape)} != merged {tuple(merged_router.shape)}")
     chunks = TokenChunks(inputs_i, dim=int(source_router.shape[1]), chunk_tokens=chunk_tokens)
     curv = TaskCurvature(chunks, source_router, hessian, reducer=as_reducer(process_group), link=link)
-    return statistics_from_curvature(curv, source_router, merged_router, top_k=top_k, input_gram=input_gram)
+    return statistics_from_curvature(curv, source_router, merged_router, top_k=top_k, input_gram=input_gram,
+                                     select=select)

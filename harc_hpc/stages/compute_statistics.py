@@ -20,7 +20,7 @@ from harc_hpc.dtypes import torch_dtype
 from harc_hpc.io.statistics import save_statistics
 from harc_hpc.errors import InputDataError, require_finite
 from harc_hpc.stages import layout
-from harc_hpc.stages.routers import merged_router, source_router
+from harc_hpc.stages.routers import merged_router, merged_router_bias, source_router, source_router_bias
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,12 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
     w_merged = merged_router(cfg, run_dir, layer).to(dtype)
     require_finite(w_source, f"the router of source {task!r} ({layout.source_path(cfg, task)})", where)
     require_finite(w_merged, f"the merged router ({layout.merged_dir(run_dir)})", where)
-    stats = compute_task_statistics(x, w_source, w_merged, hessian=cfg.harc.hessian, top_k=fam.top_k(conf))
+    select = None
+    if fam.router_bias_key(layer) is not None:  # the model's own (biased, grouped) selection rule
+        b_source, b_merged = source_router_bias(cfg, task, layer), merged_router_bias(cfg, run_dir, layer)
+        select = (lambda z: fam.selection_mask(conf, z, b_source), lambda z: fam.selection_mask(conf, z, b_merged))
+    stats = compute_task_statistics(x, w_source, w_merged, hessian=cfg.harc.hessian, top_k=fam.top_k(conf),
+                                     link=fam.router_link, select=select)
     if not stats.is_finite():
         raise InputDataError(f"the statistics came out NaN/Inf; {_first_bad_rows(x)}", where=where,
                              hint="rerun capture-activations for this block")

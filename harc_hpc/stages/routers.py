@@ -32,6 +32,23 @@ def merged_router(cfg: PipelineConfig, run_dir: Path, layer: int) -> torch.Tenso
     return router_of(_checkpoint(layout.merged_dir(run_dir)), fam, layer)
 
 
+def source_router_bias(cfg: PipelineConfig, task: str, layer: int) -> Optional[torch.Tensor]:
+    """The selection-only router bias of a source (DeepSeek-V3's e_score_correction_bias), or None."""
+    from harc_hpc.io.checkpoint import resolve_model_path
+
+    fam = layout.family(cfg)
+    key = fam.router_bias_key(layer)
+    if key is None:
+        return None
+    path = resolve_model_path(layout.source_path(cfg, task), revision=cfg.models.revision)
+    return _checkpoint(path, cfg.models.allow_pickle).get_tensor(key)
+
+
+def merged_router_bias(cfg: PipelineConfig, run_dir: Path, layer: int) -> Optional[torch.Tensor]:
+    key = layout.family(cfg).router_bias_key(layer)
+    return None if key is None else _checkpoint(layout.merged_dir(run_dir)).get_tensor(key)
+
+
 def router_of(ckpt, fam, layer: int) -> torch.Tensor:
     """The router tensor of ``layer`` whatever the checkpoint's on-disk layout."""
     return ckpt.get_tensor(fam.find_router_key(layer, ckpt.keys()))

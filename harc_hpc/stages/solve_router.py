@@ -105,7 +105,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
             inner_dtype=torch_dtype(inner), cache_bytes=budget if resident else 0,
             compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=keep_stored,
-            process_group=process_group,
+            process_group=process_group, link=layout.family(cfg).router_link,
         )
     gate = None
     if h.shared_expert_gate:
@@ -125,6 +125,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         "solver": h.solver,
         "preconditioner": h.preconditioner,
         "objective": h.objective,
+        "link": layout.family(cfg).router_link,  # softmax router, or sigmoid gates (Bernoulli-KL objective)
         "inner_dtype": inner,
         # Experts the source router sends no calibration token of a task to: their rows are set by
         # the regularisation and the other tasks only.

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Literal, Optional
 
+import torch
+
 from harc_hpc.errors import InputDataError
 
 Layout = Literal["per_expert", "fused"]
@@ -43,6 +45,9 @@ class MoEFamily:
     proj_names: dict = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     #: other gates of a MoE layer that are *not* the softmax router (see Qwen2-MoE)
     extra_gate_suffixes: tuple[str, ...] = ()
+    #: how the router turns logits into weights: "softmax" over experts, or "sigmoid" per expert
+    #: (harc_hpc.math.operator.LINKS); it selects the objective the router is calibrated with
+    router_link: str = "softmax"
 
     # -- config ---------------------------------------------------------------------------------
     def num_layers(self, cfg: dict) -> int:
@@ -96,6 +101,17 @@ class MoEFamily:
     def fused_key(self, layer: int, which: Literal["gate_up", "down"]) -> str:
         """A layer's fused expert tensor in the transformers-5 in-memory layout."""
         return f"model.layers.{layer}.mlp.experts.{which}_proj"
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        """A selection-only bias of the router (DeepSeek-V3's e_score_correction_bias), or None."""
+        return None
+
+    def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """(n, K) bool: the experts the model's own rule selects for router logits ``logits``
+        (default: the top-k logits; softmax is monotone)."""
+        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        mask.scatter_(1, torch.topk(logits, self.top_k(cfg), dim=1).indices, True)
+        return mask
 
     def shared_expert_gate_key(self, layer: int) -> Optional[str]:
         """The on-disk key of ``layer``'s sigmoid shared-expert gate; None for families without one."""
