@@ -57,7 +57,7 @@ def test_deepseek_v3_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM
 
     src = build_tiny_sources(tmp_path / "src", family="deepseek_v3", layers=3)
-    cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"}))
+    cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"}, extra={"report.enabled": True}))
     run = cfg.run_dir
     assert layout.moe_layers(cfg) == [1, 2]  # the first layer is dense
     run_pipeline(cfg, run)
@@ -88,3 +88,30 @@ def test_deepseek_v3_end_to_end(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 9, 3, 7]])).logits
     assert torch.isfinite(logits).all()
+
+    # the report measures the sigmoid router in its own terms: Bernoulli KL, the model's selection rule
+    from harc_hpc.stages import report
+
+    report.run(cfg, run)
+    m = json.loads((run / "report" / "metrics.json").read_text())
+    assert m["family"] == "deepseek_v3" and m["link"] == "sigmoid"
+    rl = m["summary"]["router_level"]
+    assert rl["calibrated"]["kl_mean"] < rl["merged"]["kl_mean"], rl
+    for name in ("merged", "calibrated"):
+        assert 0.0 <= rl[name]["topk_mismatch_mean"] <= 1.0
+
+
+def test_report_divergence_uses_the_bernoulli_kl_and_the_given_selection():
+    from harc_hpc.math.metrics import bernoulli_kl_sum
+    from harc_hpc.report.metrics import routing_divergence
+
+    conf = tiny_config("deepseek_v3", layers=3).to_dict()
+    fam = family_for_config(conf)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(50, 8, generator=g), torch.randn(50, 8, generator=g)
+    bias_a, bias_b = 0.5 * torch.randn(8, generator=g), 0.5 * torch.randn(8, generator=g)
+    sa = lambda z: fam.selection_mask(conf, z, bias_a)  # noqa: E731
+    sb = lambda z: fam.selection_mask(conf, z, bias_b)  # noqa: E731
+    kl, miss = routing_divergence(a, b, 2, link="sigmoid", select_ref=sa, select=sb)
+    assert abs(kl - bernoulli_kl_sum(a.double(), b.double()) / 50) < 1e-12
+    assert abs(miss - (1 - float((sa(a.double()) & sb(b.double())).sum()) / 100)) < 1e-12

@@ -25,13 +25,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from harc_hpc.config import PipelineConfig
 from harc_hpc.errors import RunStateError
-from harc_hpc.math.metrics import kl_sum, topk_common
+from harc_hpc.math.metrics import bernoulli_kl_sum, kl_sum, topk_common
 from harc_hpc.report.render import layer_means
 from harc_hpc.report.render import mean_of as _mean
 
@@ -46,9 +46,15 @@ class ReportError(RunStateError):
 
 # -- routing metrics on router logits ---------------------------------------------------------------
 
+Selection = Optional[Callable[[torch.Tensor], torch.Tensor]]  # logits (n, K) -> chosen experts (n, K) bool
+
+
 def routing_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int,
-                       chunk: int = 65536) -> tuple[float, float]:
-    """Mean KL(softmax(ref) || softmax(logits)) and mean top-k mismatch 1 - |S_ref ∩ S|/k over rows."""
+                       chunk: int = 65536, link: str = "softmax", select_ref: Selection = None,
+                       select: Selection = None) -> tuple[float, float]:
+    """Mean KL(softmax(ref) || softmax(logits)) (``link="sigmoid"``: the per-expert Bernoulli KLs
+    summed) and mean top-k mismatch 1 - |S_ref ∩ S|/k over rows, the sets chosen by ``select_ref`` /
+    ``select`` (the model's own rule, e.g. DeepSeek-V3's biased grouped top-k) or the top-k logits."""
     n = ref_logits.shape[0]
     if n == 0:
         return float("nan"), float("nan")
@@ -56,25 +62,34 @@ def routing_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: in
     for start in range(0, n, chunk):
         a = ref_logits[start : start + chunk].double()
         b = logits[start : start + chunk].double()
-        kl_total += kl_sum(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
-        missed += a.shape[0] * top_k - topk_common(a, b, top_k)
+        if link == "sigmoid":
+            kl_total += bernoulli_kl_sum(a, b)
+        else:
+            kl_total += kl_sum(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
+        if select_ref is not None and select is not None:
+            missed += a.shape[0] * top_k - int((select_ref(a) & select(b)).sum())
+        else:
+            missed += a.shape[0] * top_k - topk_common(a, b, top_k)
     return kl_total / n, missed / (top_k * n)
 
 
-def selection_differs(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Per row: whether the top-k expert sets differ (a deviating routing decision)."""
+def selection_differs(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int, select_ref: Selection = None,
+                      select: Selection = None) -> torch.Tensor:
+    """Per row: whether the chosen expert sets differ (a deviating routing decision)."""
+    if select_ref is not None and select is not None:
+        return (select_ref(ref_logits) != select(logits)).any(-1)
     sa = ref_logits.topk(top_k, -1).indices.sort(-1).values
     sb = logits.topk(top_k, -1).indices.sort(-1).values
     return (sa != sb).any(-1)
 
 
 def token_deviation(ref: dict[int, torch.Tensor], own: dict[int, torch.Tensor], layers: list[int],
-                    top_k: int) -> dict:
+                    top_k: int, select_ref: Optional[dict] = None, select: Optional[dict] = None) -> dict:
     """The paper's per-token view (Sec. 1): the share of tokens with at least one deviating layer
     and the mean number of layers whose expert set deviates, per token."""
     counts = None
     for l in layers:
-        d = selection_differs(ref[l], own[l], top_k).to(torch.int32)
+        d = selection_differs(ref[l], own[l], top_k, (select_ref or {}).get(l), (select or {}).get(l)).to(torch.int32)
         counts = d if counts is None else counts + d
     if counts is None or counts.numel() == 0:
         return {"tokens_with_deviation": float("nan"), "deviating_layers_per_token": float("nan")}
@@ -305,11 +320,27 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=trust)
     heldout = _tokenized_heldout(cfg, tokenizer)
     tasks = list(heldout)
-    out: dict = {"tasks": tasks, "layers": layers, "top_k": top_k, "family": fam.name,
+    out: dict = {"tasks": tasks, "layers": layers, "top_k": top_k, "family": fam.name, "link": fam.router_link,
                  "heldout_tokens": {t: sum(max(0, len(s) - 1) for s in heldout[t]) for t in tasks},
                  "loss": {t: {} for t in tasks}}
     if not tasks:
         out["note"] = "no task has held-out data (models.sources[*].heldout): no losses or routing metrics"
+        return out
+
+    link = fam.router_link
+
+    def selectors(path) -> dict:
+        """Per MoE layer, the expert choice of the checkpoint at ``path`` by the family's own rule
+        (with its selection bias, DeepSeek-V3); empty for plain top-k routers."""
+        if fam.router_bias_key(layers[0] if layers else 0) is None:
+            return {}
+        from harc_hpc.io.checkpoint import Checkpoint
+
+        ckpt = Checkpoint(path)
+        out = {}
+        for l in layers:
+            bias = ckpt.get_tensor(fam.router_bias_key(l))
+            out[l] = (lambda z, b=bias: fam.selection_mask(conf, z, b))
         return out
 
     def run(path, evaluations: list[Evaluation]) -> CheckpointEval:
@@ -319,10 +350,12 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     # Sources: losses on every task (forgetting shows), routing of source i on task i (e2e reference).
     source_routers: dict[str, dict[int, torch.Tensor]] = {}
     source_routing: dict[str, dict[int, torch.Tensor]] = {}
+    source_select: dict[str, dict] = {}
     for src in cfg.models.sources:
         t0 = time.perf_counter()
-        ev = run(resolve_model_path(src.path, revision=cfg.models.revision),
-                 [Evaluation(heldout[t], keep_routing=(t == src.name)) for t in tasks])
+        src_path = resolve_model_path(src.path, revision=cfg.models.revision)
+        source_select[src.name] = selectors(src_path)
+        ev = run(src_path, [Evaluation(heldout[t], keep_routing=(t == src.name)) for t in tasks])
         source_routers[src.name] = ev.routers
         for t, r in zip(tasks, ev.results):
             out["loss"][t][f"source:{src.name}"] = r.loss
@@ -346,15 +379,20 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
             # The oracle: the merged model with source t's routers on task t, swapped in layer by layer.
             evaluations += [Evaluation(heldout[t], routers=source_routers[t]) for t in routed]
         results = run(path, evaluations).results
+        own_select = selectors(path)
         router_level[name], end_to_end[name] = {}, {}
         for t, ev in zip(routed, results):
             out["loss"][t][name] = ev.loss
-            rl = [routing_divergence(ev.ref_logits[l], ev.own_logits[l], top_k) for l in layers]
+            ref_select = source_select.get(t, {})
+            rl = [routing_divergence(ev.ref_logits[l], ev.own_logits[l], top_k, link=link,
+                                     select_ref=ref_select.get(l), select=own_select.get(l)) for l in layers]
             router_level[name][t] = {"kl": [r[0] for r in rl], "topk_mismatch": [r[1] for r in rl]}
             if cfg.report.top_k_end_to_end:
-                ee = [routing_divergence(source_routing[t][l], ev.own_logits[l], top_k) for l in layers]
+                ee = [routing_divergence(source_routing[t][l], ev.own_logits[l], top_k, link=link,
+                                         select_ref=ref_select.get(l), select=own_select.get(l)) for l in layers]
                 end_to_end[name][t] = {"kl": [r[0] for r in ee], "topk_mismatch": [r[1] for r in ee],
-                                       **token_deviation(source_routing[t], ev.own_logits, layers, top_k)}
+                                       **token_deviation(source_routing[t], ev.own_logits, layers, top_k,
+                                                         ref_select, own_select)}
         if name == "merged":
             for t, ev in zip(routed, results[len(routed):]):
                 out["loss"][t]["oracle"] = ev.loss
