@@ -162,6 +162,10 @@ class CalibrationSection(_Strict):
     # 0.78x the bytes but writes 1.2-2x and reads 2.0-2.7x slower; worth it only where the disk, not
     # the CPU, is the limit.
     compression: Literal["none", "zstd"] = "none"
+    # capture-activations saves its in-flight states after every decoder layer so that a task killed
+    # at its time limit resumes there; each save writes tokens x d in the compute dtype to the run
+    # directory (harc-hpc plan shows how much). false: a killed capture task starts over.
+    layer_checkpoints: bool = True
 
 
 LayerSelection = Union[Literal["all"], list[int], dict[str, int]]

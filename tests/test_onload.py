@@ -216,3 +216,16 @@ def test_a_partial_capture_of_other_inputs_is_not_resumed(tmp_path, monkeypatch)
                         lambda self, i, o=None: (loaded.append(i), real_onload(self, i, o))[1])
     capture_activations.run(cfg, run, block=0, task_digest="new")
     assert loaded == [0, 1]
+
+
+def test_layer_checkpoints_off_writes_none(tmp_path, monkeypatch):
+    src = build_tiny_sources(tmp_path / "src", family="olmoe", layers=2)
+    cfg = load_config(write_config(tmp_path, src, block_size=2), {"calibration.layer_checkpoints": False})
+    merge_experts.run(cfg, cfg.run_dir)
+
+    def no_checkpoint(*args):
+        raise AssertionError("calibration.layer_checkpoints is false")
+
+    monkeypatch.setattr(capture_activations, "_checkpoint", no_checkpoint)
+    capture_activations.run(cfg, cfg.run_dir, block=0, task_digest="d")
+    assert layout.activation_store(cfg.run_dir, 0).exists() and not layout.capture_partial(cfg.run_dir, 0).exists()

@@ -69,7 +69,7 @@ def test_submit_refuses_a_plan_that_does_not_fit(config):
 
 @pytest.mark.parametrize("name,shape", [
     ("olmoe", "olmoe-1b-7b"), ("mixtral", "mixtral-8x7b"), ("qwen3-30b-a3b", "qwen3-30b-a3b"),
-    ("qwen3-235b-a22b", "qwen3-235b-a22b"),
+    ("qwen3-235b-a22b", "qwen3-235b-a22b"), ("moonlight-16b-a3b", "moonlight-16b-a3b"),
 ])
 def test_shipped_configs_plan_to_fit_one_80gb_gpu_per_task(name, shape):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
@@ -82,6 +82,28 @@ def test_shipped_configs_plan_to_fit_one_80gb_gpu_per_task(name, shape):
     assert by["capture-activations"]["gpu_bytes"] > 0  # capture runs on the GPU, onloaded
     # harc.inner_dtype: auto -> 16-bit products on the GPU solve
     assert any("products in bfloat16" in n for n in by["solve-router"]["notes"]), by["solve-router"]["notes"]
+
+
+def test_layer_checkpoints_are_planned_as_scratch_and_can_be_turned_off(config):
+    _, _, est, _ = plan_estimates(load_config(config, {"harc.block_size": 2}))
+    _, _, off, _ = plan_estimates(load_config(config, {"harc.block_size": 2, "calibration.layer_checkpoints": False}))
+    on_c = {e["stage"]: e for e in est["stages"]}["capture-activations"]
+    off_c = {e["stage"]: e for e in off["stages"]}["capture-activations"]
+    assert on_c["scratch_bytes"] > off_c["scratch_bytes"]
+    assert any("checkpoints its in-flight states" in n for n in on_c["notes"])
+
+
+def test_mla_attention_is_counted_from_its_ranks():
+    from harc_hpc.stages.estimate import ModelShape
+
+    conf = json.loads((REPO / "configs/model-shapes/moonlight-16b-a3b.json").read_text())
+    shape = ModelShape.from_config(conf)
+    d, h = 2048, 16
+    want = d * h * 192 + d * (512 + 64) + 512 * h * (128 + 128) + h * 128 * d
+    assert shape.attention_params() == want and shape.moe_layers == list(range(1, 27))
+    assert shape.shared_intermediate == 2 * 1408
+    # Moonlight-16B-A3B: ~16 B parameters in all
+    assert 14e9 < shape.total_params() < 17e9, shape.total_params()
 
 
 def test_inner_dtype_auto_is_16_bit_only_where_gemms_are_fast():

@@ -317,7 +317,7 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
             if j in layers:
                 for task in tokens:
                     acts.finish(f"{layer_name(j)}/{task}")
-            if task_digest and j + 1 < stop:
+            if task_digest and cfg.calibration.layer_checkpoints and j + 1 < stop:
                 _checkpoint(partial, task_digest, j + 1, hidden_complete, states)
         acts.close()
         if hidden_out is not None and not hidden_complete:  # an empty block span: nothing ran

@@ -53,6 +53,7 @@ class ModelShape:
     head_dim: int
     vocab: int
     dtype_bytes: int
+    mla: Optional[dict] = None  # DeepSeek-V3's multi-head latent attention ranks and head widths
 
     @classmethod
     def from_config(cls, conf: dict) -> "ModelShape":
@@ -62,19 +63,32 @@ class ModelShape:
         d = fam.hidden_size(conf)
         heads = int(conf.get("num_attention_heads", 1))
         dtype = str(conf.get("dtype") or conf.get("torch_dtype") or "bfloat16")
+        mla = None
+        if conf.get("kv_lora_rank"):
+            mla = {k: int(conf.get(k) or 0) for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                                                       "qk_rope_head_dim", "v_head_dim")}
+        shared = int(conf.get("shared_expert_intermediate_size") or 0)
+        if not shared and conf.get("n_shared_experts"):
+            shared = int(conf["n_shared_experts"]) * fam.expert_intermediate_size(conf)
         return cls(
             layers=fam.num_layers(conf), moe_layers=list(fam.moe_layers(conf)), hidden=d,
             experts=fam.num_experts(conf), top_k=fam.top_k(conf),
             expert_intermediate=fam.expert_intermediate_size(conf),
             dense_intermediate=int(conf.get("intermediate_size") or 0),
-            shared_intermediate=int(conf.get("shared_expert_intermediate_size") or 0),
+            shared_intermediate=shared,
             heads=heads, kv_heads=int(conf.get("num_key_value_heads") or heads),
             head_dim=int(conf.get("head_dim") or d // heads), vocab=int(conf.get("vocab_size", 0)),
-            dtype_bytes=_ITEM.get(dtype, 2),
+            dtype_bytes=_ITEM.get(dtype, 2), mla=mla,
         )
 
     def attention_params(self) -> int:
         d, hd = self.hidden, self.head_dim
+        if self.mla:
+            m, h = self.mla, self.heads
+            qk = m["qk_nope_head_dim"] + m["qk_rope_head_dim"]
+            q = d * h * qk if not m["q_lora_rank"] else d * m["q_lora_rank"] + m["q_lora_rank"] * h * qk
+            kv = d * (m["kv_lora_rank"] + m["qk_rope_head_dim"]) + m["kv_lora_rank"] * h * (m["qk_nope_head_dim"] + m["v_head_dim"])
+            return q + kv + h * m["v_head_dim"] * d
         return d * hd * (2 * self.heads + 2 * self.kv_heads)
 
     def layer_params(self, layer: int) -> int:
@@ -224,9 +238,10 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             per_block = n_all * d * cal * (block_size + 1)
             e.scratch_bytes = per_block * len(tasks) if keep else per_block + n_all * d * cal
             layers_run = min(2 * block_size, shape.layers)
-            if layers_run > 1:  # the per-layer checkpoint of the in-flight states (a killed task resumes)
+            if layers_run > 1 and cfg.calibration.layer_checkpoints:  # a killed task resumes from it
                 e.scratch_bytes += states
-                e.notes.append(f"checkpoints its in-flight states ({format_bytes(states)}) after every decoder layer")
+                e.notes.append(f"checkpoints its in-flight states ({format_bytes(states)}) after every decoder layer "
+                               f"(calibration.layer_checkpoints: false to skip; a killed task then starts over)")
             flops = 2 * n_all * sum(shape.active_params(l) for l in range(layers_run)) / max(1, layers_run) * layers_run
             e.seconds = flops / (tflops(stage) * 1e12)
             e.notes.append("one decoder layer on the device at a time (onloaded from the shards)")
