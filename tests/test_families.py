@@ -120,5 +120,6 @@ def test_unknown_architecture_lists_supported():
         family_for_config({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     msg = str(err.value)
     assert "llama" in msg
-    for name in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe"):
+    for name in ("deepseek_v3", "mixtral", "olmoe", "qwen2_moe", "qwen3_moe"):
         assert name in msg
+    assert "docs/extending.md" in msg  # how to add one

@@ -28,7 +28,9 @@ def family_for_config(config: dict) -> MoEFamily:
         arch = ", ".join(config.get("architectures") or []) or "unknown"
         raise UnsupportedModelError(
             f"unsupported architecture: model_type={model_type!r} (architectures: {arch}). "
-            f"Supported MoE families: {', '.join(supported_model_types())}")
+            f"Supported MoE families: {', '.join(supported_model_types())}",
+            hint="a new family is one file under harc_hpc/models/families/ and one registry line: "
+                 "docs/extending.md, 'A model family'")
     return fam
 
 
