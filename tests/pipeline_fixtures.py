@@ -52,6 +52,12 @@ def tiny_config(family: str = "olmoe", layers: int = 3, hidden: int = 32, expert
                                 n_shared_experts=1, first_k_dense_replace=1 if layers > 2 else 0,
                                 moe_intermediate_size=hidden, q_lora_rank=None, kv_lora_rank=16,
                                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **common)
+    if family == "glm4_moe":
+        from transformers import Glm4MoeConfig
+
+        return Glm4MoeConfig(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+                             n_shared_experts=1, first_k_dense_replace=1 if layers > 2 else 0,
+                             moe_intermediate_size=hidden, head_dim=hidden // 4, **common)
     raise ValueError(family)
 
 

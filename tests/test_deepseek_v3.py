@@ -18,15 +18,19 @@ from harc_hpc.stages import solve_router as solve_router_stage
 from pipeline_fixtures import build_tiny_sources, tiny_config, write_config
 
 
-def test_selection_rule_matches_the_transformers_router():
-    """Groups, the correction bias and top-k chosen exactly as DeepseekV3TopkRouter chooses them."""
+FAMILIES = ("deepseek_v3", "glm4_moe")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_selection_rule_matches_the_transformers_router(family):
+    """Groups, the correction bias and top-k chosen exactly as the transformers router chooses them."""
     from transformers import AutoModelForCausalLM
 
-    conf = tiny_config("deepseek_v3", layers=3)
+    conf = tiny_config(family, layers=3)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(conf).eval()
     fam = family_for_config(conf.to_dict())
-    assert fam.name == "deepseek_v3" and fam.moe_layers(conf.to_dict()) == [1, 2]
+    assert fam.name == family and fam.moe_layers(conf.to_dict()) == [1, 2]
     router = model.model.layers[1].mlp.gate
     with torch.no_grad():
         router.weight.normal_(0, 1.0)
@@ -53,10 +57,11 @@ def run_pipeline(cfg, run_dir):
     assemble_model.run(cfg, run_dir)
 
 
-def test_deepseek_v3_end_to_end(tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_end_to_end(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
-    src = build_tiny_sources(tmp_path / "src", family="deepseek_v3", layers=3)
+    src = build_tiny_sources(tmp_path / "src", family=family, layers=3)
     cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"}, extra={"report.enabled": True}))
     run = cfg.run_dir
     assert layout.moe_layers(cfg) == [1, 2]  # the first layer is dense
@@ -94,7 +99,7 @@ def test_deepseek_v3_end_to_end(tmp_path):
 
     report.run(cfg, run)
     m = json.loads((run / "report" / "metrics.json").read_text())
-    assert m["family"] == "deepseek_v3" and m["link"] == "sigmoid"
+    assert m["family"] == family and m["link"] == "sigmoid"
     rl = m["summary"]["router_level"]
     assert rl["calibrated"]["kl_mean"] < rl["merged"]["kl_mean"], rl
     for name in ("merged", "calibrated"):

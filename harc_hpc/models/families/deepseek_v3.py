@@ -58,3 +58,11 @@ class DeepseekV3Family(MoEFamily):
         bias = torch.zeros(k) if bias is None else bias
         return grouped_topk_mask(logits, bias.to(logits.device), self.top_k(cfg), int(cfg.get("n_group") or 1),
                                  int(cfg.get("topk_group") or 1))
+
+
+class Glm4MoeFamily(DeepseekV3Family):
+    """GLM-4.5 / GLM-4.6 (``model_type: glm4_moe``): the same sigmoid router with correction bias and
+    grouped top-k, shared experts and dense first layers as DeepSeek-V3, with grouped-query attention."""
+
+    name = "glm4_moe"
+    model_types = ("glm4_moe",)
