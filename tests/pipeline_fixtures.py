@@ -58,6 +58,12 @@ def tiny_config(family: str = "olmoe", layers: int = 3, hidden: int = 32, expert
         return Glm4MoeConfig(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
                              n_shared_experts=1, first_k_dense_replace=1 if layers > 2 else 0,
                              moe_intermediate_size=hidden, head_dim=hidden // 4, **common)
+    if family == "gpt_oss":
+        from transformers import GptOssConfig
+
+        return GptOssConfig(num_local_experts=experts, num_experts_per_tok=top_k, head_dim=hidden // 4,
+                            layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
+                            sliding_window=16, **common)
     raise ValueError(family)
 
 
@@ -92,7 +98,8 @@ def build_tiny_sources(root: Path, family: str = "olmoe", seed: int = 0, layers:
         src.load_state_dict(base.state_dict())
         with torch.no_grad():
             for name, p in src.named_parameters():
-                scale = router_noise if name.endswith("gate.weight") and p.dim() == 2 and p.shape[0] < 16 else 0.02
+                is_router = name.endswith(("gate.weight", "router.weight")) and p.dim() == 2 and p.shape[0] < 16
+                scale = router_noise if is_router else 0.02
                 p.add_(scale * torch.randn(p.shape, generator=g) * (p.std() if p.numel() > 1 else 1.0))
         paths[task] = root / task
         src.save_pretrained(paths[task])

@@ -10,6 +10,10 @@ narrower than the compute dtype (bfloat16 from the activation store) and convert
 time when it is used: a layer's inputs then take their storage size (half of float32, a quarter of
 float64) plus one chunk, and the operator sees the same values as with a compute-dtype copy (the
 widening conversion is exact).
+
+``intercept`` appends a column of ones to every chunk, so that a router with a bias (GPT-OSS) is
+calibrated as the (K, d + 1) matrix [W | b] on inputs [x, 1]: the bias is one more input column of
+the same system, with no other change to the operator, the statistics or the solver.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ class TokenChunks:
         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         cache_bytes: int = 0,
         keep_input_dtype: bool = False,
+        intercept: bool = False,
     ):
         if chunk_tokens < 1:
             raise ValueError("chunk_tokens must be >= 1")
+        self.intercept = intercept
         self.dim = dim
         self.dtype = dtype
         self.device = device
@@ -63,10 +69,13 @@ class TokenChunks:
         """``x`` on the device in the compute dtype; with ``keep``, in the dtype it is kept in."""
         if not torch.is_tensor(x) or x.ndim != 2:
             raise ValueError("every chunk of router inputs must be a 2-D tensor (n, d)")
+        if self.intercept:
+            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
         if self.dim is None:
             self.dim = int(x.shape[1])
         elif x.shape[1] != self.dim:
-            raise ValueError(f"router input width {x.shape[1]} != router width {self.dim}")
+            extra = " (+1: the bias column)" if self.intercept else ""
+            raise ValueError(f"router input width {x.shape[1] - self.intercept}{extra} != router width {self.dim}")
         if self.dtype is None:
             self.dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         narrower = x.is_floating_point() and x.element_size() < torch.empty(0, dtype=self.dtype).element_size()

@@ -180,6 +180,7 @@ def solve_router(
     process_group: ProcessGroupLike = None,
     keep_input_dtype: bool = False,
     link: str = "softmax",
+    intercept: bool = False,
 ) -> RouterSolution:
     """Calibrate one layer's router.
 
@@ -210,6 +211,9 @@ def solve_router(
     is the Bernoulli KL to the sources' gate, its curvature E[s_i (1 - s_i) x x^T]; the outputs do not
     couple, so ``hessian="full"`` is the diagonal-across-outputs operator, and the KLs reported are
     per-output Bernoulli KLs summed. The exact-KL objective is not offered for sigmoid gates.
+
+    ``intercept``: the routers carry a bias in their last column, (K, d + 1) = [W | b], and the
+    inputs (n, d) are extended by a column of ones: the bias is fitted as one more input column.
     """
     t_start = time.perf_counter()
     reducer = as_reducer(process_group)
@@ -225,7 +229,8 @@ def solve_router(
     k, d = init.shape
     device = init.device
     chunks = [TokenChunks(x, dim=d, dtype=compute_dtype, device=device, chunk_tokens=chunk_tokens,
-                          cache_bytes=cache_bytes, keep_input_dtype=keep_input_dtype) for x in inputs]
+                          cache_bytes=cache_bytes, keep_input_dtype=keep_input_dtype, intercept=intercept)
+              for x in inputs]
     sources = [w.detach().to(device=device, dtype=torch.float64) for w in source_routers]
     w0 = init.detach().to(dtype=torch.float64)
     if solver == "auto":

@@ -129,6 +129,7 @@ def compute_task_statistics(
     process_group=None,
     link: str = "softmax",
     select: Optional[tuple[Selector, Selector]] = None,
+    intercept: bool = False,
 ) -> TaskStatistics:
     """Statistics of one task: ``inputs_i`` (N, d) tensor or re-iterable of chunks, routers (K, d).
     ``process_group`` (a torch.distributed group or a Reducer): ``inputs_i`` is this rank's shard of
@@ -136,7 +137,7 @@ def compute_task_statistics(
     check_hessian(hessian)
     if source_router.shape != merged_router.shape:
         raise ValueError(f"source router {tuple(source_router.shape)} != merged {tuple(merged_router.shape)}")
-    chunks = TokenChunks(inputs_i, dim=int(source_router.shape[1]), chunk_tokens=chunk_tokens)
+    chunks = TokenChunks(inputs_i, dim=int(source_router.shape[1]), chunk_tokens=chunk_tokens, intercept=intercept)
     curv = TaskCurvature(chunks, source_router, hessian, reducer=as_reducer(process_group), link=link)
     return statistics_from_curvature(curv, source_router, merged_router, top_k=top_k, input_gram=input_gram,
                                      select=select)

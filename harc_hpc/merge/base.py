@@ -48,6 +48,9 @@ class MergeUnit:
     pieces: tuple[Piece, ...]
     role: str
     layer: Optional[int] = None
+    # an (in, out) matrix of a linear map (GPT-OSS experts): methods that reason about the map (WUDI)
+    # work on its transpose
+    transposed: bool = False
 
     @property
     def numel(self) -> int:

@@ -65,6 +65,8 @@ def check_compatible(inputs: Sequence[MergeInput]) -> MoEFamily:
                     f"models {ref.name!r} and {other.name!r} have different {what}: "
                     f"{field}={a!r} in {ref.ckpt.path / 'config.json'} but {b!r} in "
                     f"{other.ckpt.path / 'config.json'}")
+    for i in inputs:  # what this family cannot read as stored (MXFP4 experts), before any comparison
+        fam.check_keys(i.ckpt.keys(), f"model {i.name!r} ({i.ckpt.path})")
     ref_keys = set(ref.ckpt.keys())
     for other in inputs[1:]:
         keys = set(other.ckpt.keys())
@@ -160,7 +162,7 @@ def plan_units(ckpt: Checkpoint, fam: MoEFamily, granularity: Granularity) -> li
     for k in keys:
         e = fam.parse_expert_key(k)
         if granularity == "per_expert" and e is not None and e.expert is None:
-            units.extend(_split_fused(ckpt, k, e))
+            units.extend(_split_fused(ckpt, k, e, fam.fused_orientation))
         else:
             units.append(_whole_unit(ckpt, fam, k))
     return units
@@ -179,14 +181,20 @@ def _layer_of(key: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def _split_fused(ckpt: Checkpoint, key: str, e) -> list[MergeUnit]:
-    """A fused (E, 2I, d) gate_up tensor -> 2E matrices (gate_e, up_e); (E, d, I) down -> E."""
+def _split_fused(ckpt: Checkpoint, key: str, e, orientation: str = "out_in") -> list[MergeUnit]:
+    """A fused (E, 2I, d) gate_up tensor -> 2E matrices (gate_e, up_e); (E, d, I) down -> E.
+    ``in_out`` (GPT-OSS: (E, d, 2I) with gate and up columns interleaved, (E, I, d) down): one
+    (in, out) matrix per expert and tensor, marked ``transposed``."""
     shape = ckpt.tensor_shape(key)
     E = shape[0]
     per = _numel(shape[1:])
     units = []
     for x in range(E):
-        if e.proj == "gate_up":
+        if orientation == "in_out":
+            units.append(MergeUnit(f"{key}[{x}]", tuple(shape[1:]),
+                                   (Piece(key, x * per, per, tuple(shape[1:]), False),),
+                                   "expert", e.layer, transposed=True))
+        elif e.proj == "gate_up":
             two_i, d = shape[1], shape[2]
             half = (two_i // 2) * d
             for j, proj in enumerate(("gate", "up")):

@@ -84,7 +84,7 @@ class WudiMerge(MergeMethod):
         return "per_expert"  # one 2-D matrix per expert projection, never a fused 3-D tensor
 
     def is_linear(self, unit, params) -> bool:
-        if len(unit.shape) != 2:
+        if len(unit.shape) != 2 or unit.name.endswith("_bias"):  # GPT-OSS's (E, out) expert biases
             return False
         return not any(re.search(p, unit.name) for p in params.skip)
 
@@ -107,5 +107,8 @@ class WudiMerge(MergeMethod):
         dev = ctx.device
         b = base.to(dev, torch.float32)
         taus = torch.stack([x.to(dev, torch.float32) - b for x in sources])
-        tau_m = wudi_solve(taus, params.lr, params.steps)
+        if unit.transposed:  # stored (in, out): WUDI's objective is about the map's input space
+            tau_m = wudi_solve(taus.transpose(1, 2), params.lr, params.steps).T
+        else:
+            tau_m = wudi_solve(taus, params.lr, params.steps)
         return (b + tau_m).to("cpu", base.dtype)

@@ -42,14 +42,22 @@ def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch
     On CPU the default compute dtype is float32 (bf16 matmuls on CPU are slow and not reproducible
     across thread counts); on GPU the checkpoint's own dtype.
     """
+    import json
+
     from transformers import AutoModelForCausalLM
+
+    from harc_hpc.models.families import family_for_config
 
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
+    attention = "sdpa"
+    config_file = Path(str(path)) / "config.json"
+    if config_file.is_file():
+        attention = family_for_config(json.loads(config_file.read_text())).attn_implementation
     model = AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=dtype if dtype is not None else "auto",
-        attn_implementation="sdpa",
+        attn_implementation=attention,
         trust_remote_code=trust_remote_code,
         local_files_only=Path(str(path)).exists(),
     )

@@ -111,7 +111,8 @@ class OnloadedModel:
         self.dtype = dtype or compute_dtype_for(self.device, _config_dtype(config))
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(
-                config, dtype=self.dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code)
+                config, dtype=self.dtype, attn_implementation=self.family.attn_implementation,
+                trust_remote_code=trust_remote_code)
         self.model.eval()
         self.config = self.model.config
         self.backbone = decoder(self.model)

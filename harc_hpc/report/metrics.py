@@ -134,6 +134,21 @@ class CheckpointEval:
     routers: dict[int, torch.Tensor]  # the checkpoint's own routers as the model holds them, float32, CPU
 
 
+def router_matrix(module) -> torch.Tensor:
+    """A router module's weight (K, d), or [W | b] (K, d + 1) when it has a bias (GPT-OSS)."""
+    w = module.weight.detach().float()
+    bias = getattr(module, "bias", None)
+    return w if bias is None else torch.cat([w, bias.detach().float()[:, None]], dim=1)
+
+
+def affine_logits(x: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """Router logits of inputs x (n, d) for a (K, d) or (K, d + 1) = [W | b] router, float32."""
+    r = router.to(device=x.device, dtype=torch.float32)
+    if r.shape[1] == x.shape[1] + 1:
+        return torch.nn.functional.linear(x, r[:, :-1], r[:, -1])
+    return torch.nn.functional.linear(x, r)
+
+
 class _RouterLogits:
     """Forward hooks on the routers of the MoE layers that keep, for the batch running now, the
     router logits of its real tokens under the module's weight as it is at that moment (the model's
@@ -152,9 +167,9 @@ class _RouterLogits:
             index, mask, refs = self.batch
             x = inputs[0].reshape(-1, inputs[0].shape[-1])[mask].float()
             own, ref = self.parts[index].setdefault(layer, ([], []))
-            own.append(torch.nn.functional.linear(x, module.weight.float()).cpu())
+            own.append(affine_logits(x, router_matrix(module)).cpu())
             if refs is not None:
-                ref.append(torch.nn.functional.linear(x, refs[layer].to(device=x.device, dtype=torch.float32)).cpu())
+                ref.append(affine_logits(x, refs[layer]).cpu())
 
         return hook
 
@@ -233,15 +248,21 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
 
         for j in range(model.num_layers):
             model.onload(j)
-            router_name = None
+            router_name = bias_name = None
             if j in layers:
                 router = fam.router_module(model.model, j)
                 router_name = next(n for n, p in model.layer(j).named_parameters() if p is router.weight)
-                routers[j] = router.weight.detach().float().cpu().clone()
+                if getattr(router, "bias", None) is not None:
+                    bias_name = next(n for n, p in model.layer(j).named_parameters() if p is router.bias)
+                routers[j] = router_matrix(router).cpu().clone()
             for e, (ev, plan, st) in enumerate(zip(evaluations, plans, states)):
-                held = None
+                held = held_bias = None
                 if router_name is not None and ev.routers is not None and j in ev.routers:
-                    held = model.swap(j, router_name, ev.routers[j])
+                    swap_in = ev.routers[j]
+                    if bias_name is not None:  # [W | b]: both go in
+                        held_bias = model.swap(j, bias_name, swap_in[:, -1])
+                        swap_in = swap_in[:, :-1]
+                    held = model.swap(j, router_name, swap_in)
                 for i, (_, _, mask) in enumerate(plan):
                     if mask is not None and j in layers:
                         recorder.batch = (e, mask, ev.ref_routers)
@@ -249,6 +270,8 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
                     recorder.batch = None
                 if held is not None:
                     model.swap(j, router_name, held)
+                if held_bias is not None:
+                    model.swap(j, bias_name, held_bias)
             model.offload(j)
 
         for plan, st, result in zip(plans, states, results):

@@ -9,7 +9,7 @@ from pathlib import Path
 from harc_hpc.io.atomic import write_json_atomic
 from harc_hpc.config import PipelineConfig
 from harc_hpc.stages import layout
-from harc_hpc.stages.routers import load_router, load_shared_expert_gate
+from harc_hpc.stages.routers import load_router, load_router_bias, load_shared_expert_gate
 
 
 def run(cfg: PipelineConfig, run_dir: Path) -> dict:
@@ -26,6 +26,9 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     for l in layers:
         key = fam.find_router_key(l, merged.keys())
         replacements[key] = load_router(run_dir, l).to(merged.tensor_dtype(key))
+        bias_key = fam.router_intercept_key(l)
+        if bias_key is not None:  # a router with a bias (GPT-OSS): fitted with its weight
+            replacements[bias_key] = load_router_bias(run_dir, l).to(merged.tensor_dtype(bias_key))
         gate = load_shared_expert_gate(run_dir, l)  # present when harc.shared_expert_gate calibrated it
         if gate is not None:
             gkey = fam.shared_expert_gate_key(l)

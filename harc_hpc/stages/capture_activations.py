@@ -46,7 +46,7 @@ from harc_hpc.models.modeling import RouterInputRecorder, batches, free_memory_b
 from harc_hpc.models.onload import OnloadedModel
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
-from harc_hpc.stages.routers import load_router, load_shared_expert_gate
+from harc_hpc.stages.routers import load_router, load_router_bias, load_shared_expert_gate
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +207,10 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
     fam = model.family
     # Routers of every earlier block are replaced by their calibrated solutions.
     earlier = [l for blk in block_list[:block] for l in blk]
-    router_name = "mlp.gate.weight"
-    overrides = {l: {router_name: load_router(run_dir, l)} for l in earlier}
-    for l in earlier:  # calibrated shared-expert gates (harc.shared_expert_gate) go in with their routers
+    overrides = {l: {fam.router_param: load_router(run_dir, l)} for l in earlier}
+    for l in earlier:  # calibrated biases and shared-expert gates go in with their routers
+        if fam.router_intercept_param is not None:
+            overrides[l][fam.router_intercept_param] = load_router_bias(run_dir, l)
         gate = load_shared_expert_gate(run_dir, l)
         if gate is not None:
             overrides[l]["mlp.shared_expert_gate.weight"] = gate

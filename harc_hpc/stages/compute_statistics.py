@@ -73,7 +73,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
         b_source, b_merged = source_router_bias(cfg, task, layer), merged_router_bias(cfg, run_dir, layer)
         select = (lambda z: fam.selection_mask(conf, z, b_source), lambda z: fam.selection_mask(conf, z, b_merged))
     stats = compute_task_statistics(x, w_source, w_merged, hessian=cfg.harc.hessian, top_k=fam.top_k(conf),
-                                     link=fam.router_link, select=select)
+                                     link=fam.router_link, select=select,
+                                     intercept=fam.router_intercept_key(layer) is not None)
     if not stats.is_finite():
         raise InputDataError(f"the statistics came out NaN/Inf; {_first_bad_rows(x)}", where=where,
                              hint="rerun capture-activations for this block")

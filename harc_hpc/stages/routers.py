@@ -28,6 +28,7 @@ def source_router(cfg: PipelineConfig, task: str, layer: int) -> torch.Tensor:
 
 
 def merged_router(cfg: PipelineConfig, run_dir: Path, layer: int) -> torch.Tensor:
+    """The merged router of ``layer``: (K, d), or (K, d + 1) = [W | b] for a router with a bias."""
     fam = layout.family(cfg)
     return router_of(_checkpoint(layout.merged_dir(run_dir)), fam, layer)
 
@@ -50,17 +51,25 @@ def merged_router_bias(cfg: PipelineConfig, run_dir: Path, layer: int) -> Option
 
 
 def router_of(ckpt, fam, layer: int) -> torch.Tensor:
-    """The router tensor of ``layer`` whatever the checkpoint's on-disk layout."""
-    return ckpt.get_tensor(fam.find_router_key(layer, ckpt.keys()))
+    """The router of ``layer`` whatever the checkpoint's on-disk layout: its weight (K, d), or for a
+    router with a bias (GPT-OSS) [W | b] (K, d + 1), the bias fitted as one more input column."""
+    w = ckpt.get_tensor(fam.find_router_key(layer, ckpt.keys()))
+    key = fam.router_intercept_key(layer)
+    if key is None:
+        return w
+    return torch.cat([w, ckpt.get_tensor(key).to(w.dtype)[:, None]], dim=1)
 
 
 SHARED_EXPERT_GATE = "shared_expert_gate"
 
 
 def save_router(run_dir: Path, layer: int, weight: torch.Tensor, report: dict,
-                shared_expert_gate: Optional[torch.Tensor] = None) -> None:
-    """The calibrated router of ``layer`` (and, when calibrated too, its sigmoid shared-expert gate)."""
+                shared_expert_gate: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
+    """The calibrated router of ``layer``: its weight, its bias when it has one (GPT-OSS) and, when
+    calibrated too, its sigmoid shared-expert gate."""
     tensors = {"weight": weight}
+    if bias is not None:
+        tensors["bias"] = bias
     if shared_expert_gate is not None:
         tensors[SHARED_EXPERT_GATE] = shared_expert_gate
     with atomic_path(layout.router_file(run_dir, layer)) as tmp:
@@ -74,6 +83,14 @@ def load_router(run_dir: Path, layer: int) -> torch.Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: calibrated router of layer {layer} is missing (run solve-router first)")
     return load_file(str(path))["weight"]
+
+
+def load_router_bias(run_dir: Path, layer: int) -> Optional[torch.Tensor]:
+    """The calibrated bias of ``layer``'s router, or None for routers without one."""
+    path = layout.router_file(run_dir, layer)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: calibrated router of layer {layer} is missing (run solve-router first)")
+    return load_file(str(path)).get("bias")
 
 
 def load_shared_expert_gate(run_dir: Path, layer: int) -> Optional[torch.Tensor]:

@@ -95,6 +95,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         log.warning("solve-router layer %d: %s; harc.stream_inputs is set, so they are read from the store on "
                     "every CG iteration: ~%.1f s per iteration measured, ~%.0f min for %d iterations (pcg "
                     "typically needs a few hundred)", layer, what, per_iteration, per_iteration * 400 / 60, 400)
+    # a router with a bias (GPT-OSS) is fitted as [W | b] on inputs [x, 1]
+    intercept = layout.family(cfg).router_intercept_key(layer) is not None
     sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
     with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
@@ -105,7 +107,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
             inner_dtype=torch_dtype(inner), cache_bytes=budget if resident else 0,
             compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=keep_stored,
-            process_group=process_group, link=layout.family(cfg).router_link,
+            process_group=process_group, link=layout.family(cfg).router_link, intercept=intercept,
         )
     gate = None
     if h.shared_expert_gate:
@@ -149,7 +151,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
     if gate is not None:
         report["shared_expert_gate"] = gate["report"]
     if rank == 0:
-        save_router(run_dir, layer, sol.weight, report,
+        weight, bias = (sol.weight[:, :-1], sol.weight[:, -1]) if intercept else (sol.weight, None)
+        save_router(run_dir, layer, weight, report, bias=bias,
                     shared_expert_gate=None if gate is None else gate["weight"])
     return {k: report[k] for k in ("layer", "iterations", "relative_residual", "converged", "seconds")}
 

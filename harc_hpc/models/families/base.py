@@ -48,6 +48,13 @@ class MoEFamily:
     #: how the router turns logits into weights: "softmax" over experts, or "sigmoid" per expert
     #: (harc_hpc.math.operator.LINKS); it selects the objective the router is calibrated with
     router_link: str = "softmax"
+    #: the router's weight (and, for a router with a bias, that bias) as named inside a decoder layer
+    router_param: str = "mlp.gate.weight"
+    router_intercept_param: Optional[str] = None
+    #: fused expert tensors: (E, out, in) as transformers 5 keeps them, or (E, in, out) (GPT-OSS)
+    fused_orientation: str = "out_in"
+    #: transformers attention for calibration and evaluation (SDPA: causal without a mask tensor)
+    attn_implementation: str = "sdpa"
 
     # -- config ---------------------------------------------------------------------------------
     def num_layers(self, cfg: dict) -> int:
@@ -101,6 +108,14 @@ class MoEFamily:
     def fused_key(self, layer: int, which: Literal["gate_up", "down"]) -> str:
         """A layer's fused expert tensor in the transformers-5 in-memory layout."""
         return f"model.layers.{layer}.mlp.experts.{which}_proj"
+
+    def router_intercept_key(self, layer: int) -> Optional[str]:
+        """The bias of the router's linear map (GPT-OSS), fitted with it as one more input column; None
+        for routers without one."""
+        return None
+
+    def check_keys(self, keys: Iterable[str], where: str) -> None:
+        """Refuse a checkpoint this family cannot read as it is (a clear error naming a tensor)."""
 
     def router_bias_key(self, layer: int) -> Optional[str]:
         """A selection-only bias of the router (DeepSeek-V3's e_score_correction_bias), or None."""

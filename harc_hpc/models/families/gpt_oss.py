@@ -1,0 +1,58 @@
+"""GPT-OSS (``model_type: gpt_oss``).
+
+The router is ``mlp.router``: a linear map *with a bias*, logits = W x + b; the top-k logits are
+chosen and the routing weights are the softmax over those k only. HARC fits [W | b] as one (K, d + 1)
+matrix on inputs [x, 1] (``intercept``), with the full-softmax objective: the softmax over the chosen
+k is the full softmax renormalised on them, so matching the full distribution matches both the
+choice and the weights (an approximation where the tail mass is large; docs/solver.md).
+
+The experts are stored fused, ``mlp.experts.gate_up_proj`` (E, d, 2I) with gate and up columns
+interleaved and ``down_proj`` (E, I, d), each with a bias: the *input* dimension comes first, the
+transpose of transformers' other MoE families. Per-expert merges take each expert's (d, 2I) and
+(I, d) matrices whole (gate and up are not separated) and WUDI transposes them to (out, in).
+
+The released checkpoints store the experts in MXFP4 (``*_blocks`` / ``*_scales``); harc-hpc reads
+bf16/fp32 checkpoints: dequantize first (transformers: ``Mxfp4Config(dequantize=True)``, then
+``save_pretrained``), as fine-tuned GPT-OSS checkpoints usually are already.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional
+
+from harc_hpc.models.families.base import MoEFamily
+
+
+class GptOssFamily(MoEFamily):
+    name = "gpt_oss"
+    model_types = ("gpt_oss",)
+    router_param = "mlp.router.weight"
+    router_intercept_param = "mlp.router.bias"
+    fused_orientation = "in_out"
+    attn_implementation = "eager"  # attention sinks: transformers has no SDPA path for them
+
+    def router_key(self, layer: int, layout="per_expert") -> str:
+        return f"model.layers.{layer}.mlp.router.weight"
+
+    def router_intercept_key(self, layer: int) -> Optional[str]:
+        return f"model.layers.{layer}.mlp.router.bias"
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(r"model\.layers\.\d+\.mlp\.router\.weight", key) is not None
+
+    def router_module(self, model, layer: int):
+        return self.decoder_layers(model)[layer].mlp.router
+
+    def expert_intermediate_size(self, cfg: dict) -> int:
+        return int(cfg["intermediate_size"])
+
+    def check_keys(self, keys: Iterable[str], where: str) -> None:
+        quantized = sorted(k for k in keys if k.endswith(("_blocks", "_scales")))
+        if quantized:
+            from harc_hpc.errors import InputDataError
+
+            raise InputDataError(
+                f"the experts are stored in MXFP4 ({quantized[0]} and {len(quantized) - 1} more)", where=where,
+                hint="dequantize the checkpoint first (transformers: load with "
+                     "quantization_config=Mxfp4Config(dequantize=True), then save_pretrained)")
