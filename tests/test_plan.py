@@ -70,6 +70,7 @@ def test_submit_refuses_a_plan_that_does_not_fit(config):
 @pytest.mark.parametrize("name,shape", [
     ("olmoe", "olmoe-1b-7b"), ("mixtral", "mixtral-8x7b"), ("qwen3-30b-a3b", "qwen3-30b-a3b"),
     ("qwen3-235b-a22b", "qwen3-235b-a22b"), ("moonlight-16b-a3b", "moonlight-16b-a3b"),
+    ("gpt-oss-20b", "gpt-oss-20b"),
 ])
 def test_shipped_configs_plan_to_fit_one_80gb_gpu_per_task(name, shape):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
