@@ -64,6 +64,12 @@ def tiny_config(family: str = "olmoe", layers: int = 3, hidden: int = 32, expert
         return GptOssConfig(num_local_experts=experts, num_experts_per_tok=top_k, head_dim=hidden // 4,
                             layer_types=(["sliding_attention", "full_attention"] * layers)[:layers],
                             sliding_window=16, **common)
+    if family == "llama4_text":
+        from transformers import Llama4TextConfig
+
+        return Llama4TextConfig(num_local_experts=experts, num_experts_per_tok=1,
+                                intermediate_size_mlp=hidden, head_dim=hidden // 4, interleave_moe_layer_step=1,
+                                attention_chunk_size=16, **common)
     raise ValueError(family)
 
 

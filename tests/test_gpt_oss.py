@@ -91,3 +91,23 @@ def test_an_mxfp4_checkpoint_is_refused_naming_a_tensor(sources, tmp_path):
     cfg = load_config(write_config(root, {**src, "math": bad}, name="mxfp4"))
     with pytest.raises(HarcHpcError, match=r"MXFP4 \(model.layers.0.mlp.experts.gate_up_proj_blocks"):
         merge_experts.run(cfg, cfg.run_dir)
+
+
+def test_the_selection_is_the_top_k_of_the_biased_logits_as_the_model_does():
+    from transformers import AutoModelForCausalLM
+
+    conf = tiny_config("gpt_oss", layers=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conf).eval()
+    fam = family_for_config(conf.to_dict())
+    router = fam.router_module(model, 0)
+    with torch.no_grad():
+        router.bias.copy_(torch.randn(router.bias.shape) * 2.0)  # a bias that changes the choice
+        x = torch.randn(300, conf.hidden_size)
+        logits, _, idx = router(x)
+    want = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, idx, True)
+    # the statistics and the report score [x, 1] against [W | b]: the biased logits
+    x1 = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)
+    w1 = torch.cat([router.weight.detach(), router.bias.detach()[:, None]], dim=1)
+    assert torch.equal(fam.selection_mask(conf.to_dict(), x1 @ w1.T, None), want)
+    assert not torch.equal(fam.selection_mask(conf.to_dict(), x @ router.weight.detach().T, None), want)

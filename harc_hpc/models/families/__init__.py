@@ -5,6 +5,7 @@ from __future__ import annotations
 from harc_hpc.models.families.base import ExpertTensor, Layout, MoEFamily, UnsupportedModelError
 from harc_hpc.models.families.deepseek_v3 import DeepseekV3Family, Glm4MoeFamily
 from harc_hpc.models.families.gpt_oss import GptOssFamily
+from harc_hpc.models.families.llama4 import Llama4TextFamily
 from harc_hpc.models.families.mixtral import MixtralFamily
 from harc_hpc.models.families.olmoe import OlmoeFamily
 from harc_hpc.models.families.qwen2_moe import Qwen2MoeFamily
@@ -12,7 +13,7 @@ from harc_hpc.models.families.qwen3_moe import Qwen3MoeFamily
 
 FAMILIES: dict[str, MoEFamily] = {}
 for _fam in (OlmoeFamily(), Qwen3MoeFamily(), MixtralFamily(), Qwen2MoeFamily(), DeepseekV3Family(),
-             Glm4MoeFamily(), GptOssFamily()):
+             Glm4MoeFamily(), GptOssFamily(), Llama4TextFamily()):
     FAMILIES[_fam.name] = _fam
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES.values() for mt in fam.model_types}
