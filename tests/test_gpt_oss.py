@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harc_hpc.config import load_config
-from harc_hpc.errors import HarcHpcError
 from harc_hpc.merge.engine import plan_units
 from harc_hpc.io.checkpoint import Checkpoint
 from harc_hpc.models.families import family_for_config
@@ -76,21 +75,63 @@ def test_wudi_merges_the_in_out_experts_transposed(sources):
     assert all(torch.isfinite(v).all() for v in merged.values())
 
 
-def test_an_mxfp4_checkpoint_is_refused_naming_a_tensor(sources, tmp_path):
+def random_mxfp4(e, rows, cols, gen):
+    """Random MXFP4 data as GPT-OSS stores it: blocks (e, rows, cols / 32, 16), scales (e, rows, cols / 32)."""
+    blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=gen, dtype=torch.int64).to(torch.uint8)
+    scales = torch.randint(118, 123, (e, rows, cols // 32), generator=gen, dtype=torch.int64).to(torch.uint8)
+    return blocks, scales
+
+
+def test_mxfp4_dequantizes_as_transformers_does():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from harc_hpc.io.checkpoint import dequantize_mxfp4
+
+    blocks, scales = random_mxfp4(3, 8, 64, torch.Generator().manual_seed(0))
+    ours = dequantize_mxfp4(blocks, scales)
+    theirs = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+    assert ours.shape == (3, 64, 8) and ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+
+
+def test_an_mxfp4_source_is_read_as_bfloat16_and_merged(sources, tmp_path):
+    """The released GPT-OSS format: experts as *_blocks / *_scales and a quantization_config."""
+    from transformers import AutoModelForCausalLM
+
+    from harc_hpc.io.checkpoint import dequantize_mxfp4
+
     root, src = sources
-    bad = tmp_path / "mxfp4"
-    bad.mkdir()
+    q = tmp_path / "mxfp4"
+    q.mkdir()
     state = load_file(str(src["math"] / "model.safetensors"))
-    w = state.pop("model.layers.0.mlp.experts.gate_up_proj")
-    state["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(w.shape[0], 4, 16, dtype=torch.uint8)
-    state["model.layers.0.mlp.experts.gate_up_proj_scales"] = torch.zeros(w.shape[0], 4, dtype=torch.uint8)
-    save_file(state, str(bad / "model.safetensors"))
-    (bad / "config.json").write_text((src["math"] / "config.json").read_text())
+    gen = torch.Generator().manual_seed(1)
+    expected = {}
+    for key in [k for k in state if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, cols, rows = state.pop(key).shape  # (E, in, out) in memory; stored (E, out, in / 32, 16)
+        blocks, scales = random_mxfp4(e, rows, cols, gen)
+        state[key + "_blocks"], state[key + "_scales"] = blocks, scales
+        expected[key] = dequantize_mxfp4(blocks, scales)
+    save_file(state, str(q / "model.safetensors"))
+    conf = json.loads((src["math"] / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "lm_head"]}
+    (q / "config.json").write_text(json.dumps(conf))
     for f in ("tokenizer.json", "tokenizer_config.json"):
-        (bad / f).write_text((src["math"] / f).read_text())
-    cfg = load_config(write_config(root, {**src, "math": bad}, name="mxfp4"))
-    with pytest.raises(HarcHpcError, match=r"MXFP4 \(model.layers.0.mlp.experts.gate_up_proj_blocks"):
-        merge_experts.run(cfg, cfg.run_dir)
+        (q / f).write_text((src["math"] / f).read_text())
+    ck = Checkpoint(q)
+    for key, want in expected.items():
+        assert key in ck.keys() and key + "_blocks" not in ck.keys()
+        assert ck.tensor_dtype(key) == torch.bfloat16 and torch.equal(ck.get_tensor(key), want)
+        flat = want.reshape(-1)  # one expert read alone, as per-expert merges read them
+        assert torch.equal(ck.read_part(key, flat.numel() // 4, flat.numel() // 4), flat[flat.numel() // 4: flat.numel() // 2])
+    cfg = load_config(write_config(root, {**src, "math": q}, name="mxfp4"))
+    merge_experts.run(cfg, cfg.run_dir)
+    merged_dir = layout.merged_dir(cfg.run_dir)
+    out_conf = json.loads((merged_dir / "config.json").read_text())
+    assert "quantization_config" not in out_conf
+    record = json.loads((merged_dir / "harc_merge.json").read_text())
+    assert sorted(record["dequantized_from_mxfp4"]) == sorted(expected)  # said, not silent
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()  # a plain bfloat16 model
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9]])).logits).all()
 
 
 def test_the_selection_is_the_top_k_of_the_biased_logits_as_the_model_does():

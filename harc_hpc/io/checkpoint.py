@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
     if hasattr(torch, _attr):
         _DTYPES[_name] = getattr(torch, _attr)
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(InputDataError):
@@ -297,6 +301,22 @@ def read_safetensors_header(path: Path, label: str = "") -> tuple[dict, int, dic
     return header, data_start, meta
 
 
+# E2M1 (MXFP4's 4-bit element): sign bit, then the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (OCP MX spec)
+_FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks (E, rows, groups, 16) uint8 (two 4-bit elements a byte, the low nibble first) and
+    scales (E, rows, groups) uint8 (an E8M0 exponent, bias 127) -> bfloat16 (E, groups * 32, rows):
+    each group of 32 elements times 2^(scale - 127), then (rows, cols) transposed to (cols, rows)."""
+    lut = torch.tensor(_FP4_E2M1, dtype=torch.float32)
+    e, rows, groups, nbytes = blocks.shape
+    b = blocks.to(torch.int64)
+    values = torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1).reshape(e, rows, groups, nbytes * 2)
+    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None].to(torch.float32))
+    return values.reshape(e, rows, groups * nbytes * 2).to(torch.bfloat16).transpose(1, 2).contiguous()
+
+
 class Checkpoint:
     """A model directory opened for tensor-by-tensor reading.
 
@@ -322,6 +342,53 @@ class Checkpoint:
         self.weight_files: list[Path] = []
         self.is_pickle = False
         self._discover()
+        self._mxfp4: dict[str, tuple[str, str]] = {}
+        self._mxfp4_raw: dict[str, TensorInfo] = {}
+        self._dequantized: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+        self._find_mxfp4()
+
+    # -- MXFP4 (GPT-OSS's released experts) ----------------------------------------------------------
+    def _find_mxfp4(self) -> None:
+        """``X_blocks`` + ``X_scales`` pairs (MXFP4) are read as one bfloat16 tensor ``X``, dequantized
+        on read, in the layout transformers gives the dequantized model: (E, in, out)."""
+        for key in list(self._infos):
+            if not key.endswith("_blocks") or key[:-7] + "_scales" not in self._infos:
+                continue
+            base, scales = key[:-7], key[:-7] + "_scales"
+            b, sc = self._infos[key], self._infos[scales]
+            if b.dtype != torch.uint8 or len(b.shape) != 4 or tuple(b.shape[:-1]) != tuple(sc.shape):
+                raise CheckpointError(f"{self.name}: {b.file}: tensors {key} {b.shape} and {scales} {sc.shape} "
+                                      f"are not an MXFP4 pair (uint8 blocks (E, rows, groups, 16), scales "
+                                      f"(E, rows, groups))")
+            e, rows, groups, nbytes = b.shape
+            shape = (e, groups * nbytes * 2, rows)
+            self._mxfp4[base] = (key, scales)
+            self._mxfp4_raw[key], self._mxfp4_raw[scales] = self._infos.pop(key), self._infos.pop(scales)
+            self._infos[base] = TensorInfo(b.file, torch.bfloat16, shape, -2, e * rows * groups * nbytes * 4)
+        if self._mxfp4:
+            log.warning("%s: %d MXFP4 tensors (e.g. %s) are dequantized to bfloat16 on read; what is "
+                        "written from them is bfloat16", self.name, len(self._mxfp4), next(iter(self._mxfp4)))
+
+    @property
+    def dequantized(self) -> list[str]:
+        """The tensors read from MXFP4 blocks and scales (dequantized to bfloat16)."""
+        return sorted(self._mxfp4)
+
+    def _dequantize(self, key: str) -> torch.Tensor:
+        cached_key, cached = self._dequantized
+        if cached_key == key:
+            return cached
+        blocks_key, scales_key = self._mxfp4[key]
+        self._mxfp4, pairs = {}, self._mxfp4  # read the raw tensors under their own names
+        self._infos[blocks_key] = self._mxfp4_raw[blocks_key]
+        self._infos[scales_key] = self._mxfp4_raw[scales_key]
+        try:
+            out = dequantize_mxfp4(self.get_tensor(blocks_key), self.get_tensor(scales_key))
+        finally:
+            del self._infos[blocks_key], self._infos[scales_key]
+            self._mxfp4 = pairs
+        self._dequantized = (key, out)
+        return out
 
     # -- discovery -----------------------------------------------------------------------------
     def _discover(self) -> None:
@@ -450,6 +517,8 @@ class Checkpoint:
         return self.info(key).file
 
     def get_tensor(self, key: str) -> torch.Tensor:
+        if key in self._mxfp4:
+            return self._dequantize(key).clone()
         info = self.info(key)
         numel = 1
         for s in info.shape:
@@ -467,6 +536,9 @@ class Checkpoint:
         if out is not None and (out.dtype != info.dtype or out.numel() != numel
                                 or not out.is_contiguous()):
             raise ValueError(f"{key}: out must be a contiguous {info.dtype} tensor of {numel} elements")
+        if key in self._mxfp4:
+            part = self._dequantize(key).reshape(-1)[start:start + numel]
+            return out.copy_(part) if out is not None else part.clone()
         if info.begin < 0:
             t = self._load_pickle(info.file)[key].reshape(-1)[start:start + numel]
             return out.copy_(t) if out is not None else t.clone()

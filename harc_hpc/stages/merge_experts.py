@@ -85,8 +85,12 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
             model_src = (base or sources[0]).ckpt.path
             copy_model_files(model_src, tmp)
             _set_config_dtype(tmp / "config.json", m.out_dtype or m.dtype)
+            dequantized = sorted({k for i in inputs for k in i.ckpt.dequantized})
+            if dequantized:  # MXFP4 read as bfloat16: the merged model is a plain bfloat16 checkpoint
+                _drop_quantization(tmp / "config.json")
             record = {
                 "format": 1,
+                "dequantized_from_mxfp4": dequantized,
                 "method": method.name,
                 "preset": m.preset,
                 "parameters": params.model_dump(mode="json", by_alias=True),
@@ -116,6 +120,12 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
 
 def _describe(inp: MergeInput, digests: dict) -> dict:
     return {"name": inp.name, "path": str(inp.ckpt.path), "digest": digests[inp.name].result()}
+
+
+def _drop_quantization(path: Path) -> None:
+    cfg = json.loads(path.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _set_config_dtype(path: Path, dtype: Optional[str]) -> None:

@@ -114,9 +114,6 @@ class MoEFamily:
         for routers without one."""
         return None
 
-    def check_keys(self, keys: Iterable[str], where: str) -> None:
-        """Refuse a checkpoint this family cannot read as it is (a clear error naming a tensor)."""
-
     def router_bias_key(self, layer: int) -> Optional[str]:
         """A selection-only bias of the router (DeepSeek-V3's e_score_correction_bias), or None."""
         return None

@@ -11,15 +11,16 @@ interleaved and ``down_proj`` (E, I, d), each with a bias: the *input* dimension
 transpose of transformers' other MoE families. Per-expert merges take each expert's (d, 2I) and
 (I, d) matrices whole (gate and up are not separated) and WUDI transposes them to (out, in).
 
-The released checkpoints store the experts in MXFP4 (``*_blocks`` / ``*_scales``); harc-hpc reads
-bf16/fp32 checkpoints: dequantize first (transformers: ``Mxfp4Config(dequantize=True)``, then
-``save_pretrained``), as fine-tuned GPT-OSS checkpoints usually are already.
+The released checkpoints store the experts in MXFP4 (``*_blocks`` / ``*_scales``): the checkpoint
+reader dequantizes them to bfloat16 on read (harc_hpc.io.checkpoint.dequantize_mxfp4, the layout
+transformers gives a dequantized model) and everything written from them is bfloat16; the merged
+model's config.json loses its ``quantization_config`` and the merge record lists them.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from typing import Optional
 
 from harc_hpc.models.families.base import MoEFamily
 
@@ -46,13 +47,3 @@ class GptOssFamily(MoEFamily):
 
     def expert_intermediate_size(self, cfg: dict) -> int:
         return int(cfg["intermediate_size"])
-
-    def check_keys(self, keys: Iterable[str], where: str) -> None:
-        quantized = sorted(k for k in keys if k.endswith(("_blocks", "_scales")))
-        if quantized:
-            from harc_hpc.errors import InputDataError
-
-            raise InputDataError(
-                f"the experts are stored in MXFP4 ({quantized[0]} and {len(quantized) - 1} more)", where=where,
-                hint="dequantize the checkpoint first (transformers: load with "
-                     "quantization_config=Mxfp4Config(dequantize=True), then save_pretrained)")
