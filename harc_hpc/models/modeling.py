@@ -46,14 +46,17 @@ def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch
 
     from transformers import AutoModelForCausalLM
 
-    from harc_hpc.models.families import family_for_config
+    from harc_hpc.models.families import UnsupportedModelError, family_for_config
 
     if dtype is None and device.type == "cpu":
         dtype = torch.float32
     attention = "sdpa"
     config_file = Path(str(path)) / "config.json"
-    if config_file.is_file():
-        attention = family_for_config(json.loads(config_file.read_text())).attn_implementation
+    if config_file.is_file():  # a family may need another attention (GPT-OSS's sinks: eager)
+        try:
+            attention = family_for_config(json.loads(config_file.read_text())).attn_implementation
+        except UnsupportedModelError:  # a dense model (MergeME's experts): SDPA
+            pass
     model = AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=dtype if dtype is not None else "auto",
