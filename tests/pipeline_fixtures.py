@@ -148,3 +148,19 @@ def write_config(root: Path, sources: dict, *, name="run", method="linear", bloc
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def run_pipeline(cfg, run_dir):
+    """Every stage body in dependency order, in-process: merge, then per block capture, statistics
+    and solves, then assembly (what the launcher runs, without its machinery)."""
+    from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts
+    from harc_hpc.stages import solve_router as solve_router_stage
+
+    merge_experts.run(cfg, run_dir)
+    for b, blk in enumerate(layout.blocks(cfg)):
+        capture_activations.run(cfg, run_dir, block=b)
+        for l in blk:
+            for t in cfg.task_names:
+                compute_statistics.run(cfg, run_dir, layer=l, task=t)
+            solve_router_stage.run(cfg, run_dir, layer=l)
+    assemble_model.run(cfg, run_dir)

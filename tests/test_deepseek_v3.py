@@ -15,7 +15,7 @@ from harc_hpc.io.activations import ActivationArray, layer_name
 from harc_hpc.models.families import family_for_config
 from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts
 from harc_hpc.stages import solve_router as solve_router_stage
-from pipeline_fixtures import build_tiny_sources, tiny_config, write_config
+from pipeline_fixtures import build_tiny_sources, run_pipeline, tiny_config, write_config
 
 
 FAMILIES = ("deepseek_v3", "glm4_moe")
@@ -44,17 +44,6 @@ def test_selection_rule_matches_the_transformers_router(family):
     # without the bias (or the groups) the choice differs somewhere: the rule is not plain top-k
     plain = fam.__class__.__mro__[1].selection_mask(fam, conf.to_dict(), x @ router.weight.T, None)
     assert not torch.equal(plain, want)
-
-
-def run_pipeline(cfg, run_dir):
-    merge_experts.run(cfg, run_dir)
-    for b, blk in enumerate(layout.blocks(cfg)):
-        capture_activations.run(cfg, run_dir, block=b)
-        for l in blk:
-            for t in cfg.task_names:
-                compute_statistics.run(cfg, run_dir, layer=l, task=t)
-            solve_router_stage.run(cfg, run_dir, layer=l)
-    assemble_model.run(cfg, run_dir)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

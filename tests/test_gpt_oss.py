@@ -16,24 +16,13 @@ from harc_hpc.io.checkpoint import Checkpoint
 from harc_hpc.models.families import family_for_config
 from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts, report
 from harc_hpc.stages import solve_router as solve_router_stage
-from pipeline_fixtures import build_tiny_sources, tiny_config, write_config
+from pipeline_fixtures import build_tiny_sources, run_pipeline, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt-oss")
     return root, build_tiny_sources(root / "src", family="gpt_oss", layers=2)
-
-
-def run_pipeline(cfg, run_dir):
-    merge_experts.run(cfg, run_dir)
-    for b, blk in enumerate(layout.blocks(cfg)):
-        capture_activations.run(cfg, run_dir, block=b)
-        for l in blk:
-            for t in cfg.task_names:
-                compute_statistics.run(cfg, run_dir, layer=l, task=t)
-            solve_router_stage.run(cfg, run_dir, layer=l)
-    assemble_model.run(cfg, run_dir)
 
 
 def test_the_router_and_its_bias_are_fitted_and_assembled(sources):

@@ -13,7 +13,7 @@ from harc_hpc.config import load_config
 from harc_hpc.models.families import family_for_config
 from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts, report
 from harc_hpc.stages import solve_router as solve_router_stage
-from pipeline_fixtures import build_tiny_sources, tiny_config, write_config
+from pipeline_fixtures import build_tiny_sources, run_pipeline, tiny_config, write_config
 
 
 def test_the_router_is_found_and_selects_as_the_model_does():
@@ -38,14 +38,7 @@ def test_end_to_end(tmp_path):
     src = build_tiny_sources(tmp_path / "src", family="llama4_text", layers=2)
     cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"}, extra={"report.enabled": True}))
     run = cfg.run_dir
-    merge_experts.run(cfg, run)
-    for b, blk in enumerate(layout.blocks(cfg)):
-        capture_activations.run(cfg, run, block=b)
-        for l in blk:
-            for t in cfg.task_names:
-                compute_statistics.run(cfg, run, layer=l, task=t)
-            solve_router_stage.run(cfg, run, layer=l)
-    assemble_model.run(cfg, run)
+    run_pipeline(cfg, run)
     model = AutoModelForCausalLM.from_pretrained(str(layout.model_dir(run))).eval()
     for l in layout.moe_layers(cfg):
         rep = json.loads(layout.router_report(run, l).read_text())

@@ -16,18 +16,7 @@ from safetensors.torch import load_file
 from harc_hpc.config import load_config
 from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts
 from harc_hpc.stages import solve_router as solve_router_stage
-from pipeline_fixtures import build_tiny_sources, write_config
-
-
-def run_pipeline(cfg, run_dir):
-    merge_experts.run(cfg, run_dir)
-    for b, blk in enumerate(layout.blocks(cfg)):
-        capture_activations.run(cfg, run_dir, block=b)
-        for l in blk:
-            for t in cfg.task_names:
-                compute_statistics.run(cfg, run_dir, layer=l, task=t)
-            solve_router_stage.run(cfg, run_dir, layer=l)
-    assemble_model.run(cfg, run_dir)
+from pipeline_fixtures import build_tiny_sources, run_pipeline, write_config
 
 
 def algorithm1_reference(cfg, run_dir):
