@@ -41,6 +41,10 @@ def test_selection_rule_matches_the_transformers_router(family):
     want = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, idx, True)
     got = fam.selection_mask(conf.to_dict(), x @ router.weight.T, router.e_score_correction_bias)
     assert torch.equal(got, want)
+    # the report's router logits are the module's own
+    from harc_hpc.report.metrics import affine_logits, router_matrix
+
+    assert torch.allclose(affine_logits(x, router_matrix(router)), logits, atol=1e-6)
     # without the bias (or the groups) the choice differs somewhere: the rule is not plain top-k
     plain = fam.__class__.__mro__[1].selection_mask(fam, conf.to_dict(), x @ router.weight.T, None)
     assert not torch.equal(plain, want)

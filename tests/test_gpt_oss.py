@@ -141,3 +141,6 @@ def test_the_selection_is_the_top_k_of_the_biased_logits_as_the_model_does():
     w1 = torch.cat([router.weight.detach(), router.bias.detach()[:, None]], dim=1)
     assert torch.equal(fam.selection_mask(conf.to_dict(), x1 @ w1.T, None), want)
     assert not torch.equal(fam.selection_mask(conf.to_dict(), x @ router.weight.detach().T, None), want)
+    from harc_hpc.report.metrics import affine_logits, router_matrix
+
+    assert torch.allclose(affine_logits(x, router_matrix(router)), logits, atol=1e-6)  # the bias included

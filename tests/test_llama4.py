@@ -30,6 +30,9 @@ def test_the_router_is_found_and_selects_as_the_model_does():
         scores, logits = router(x)
     want = scores > 0  # the chosen experts get sigmoid(logit) > 0, the others exactly 0
     assert torch.equal(fam.selection_mask(conf.to_dict(), logits, None), want)
+    from harc_hpc.report.metrics import affine_logits, router_matrix
+
+    assert torch.allclose(affine_logits(x, router_matrix(router)), logits, atol=1e-6)
 
 
 def test_end_to_end(tmp_path):
