@@ -113,3 +113,15 @@ def test_report_divergence_uses_the_bernoulli_kl_and_the_given_selection():
     kl, miss = routing_divergence(a, b, 2, link="sigmoid", select_ref=sa, select=sb)
     assert abs(kl - bernoulli_kl_sum(a.double(), b.double()) / 50) < 1e-12
     assert abs(miss - (1 - float((sa(a.double()) & sb(b.double())).sum()) / 100)) < 1e-12
+
+
+def test_an_fp8_quantized_checkpoint_is_refused_not_merged_as_stored(tmp_path):
+    """DeepSeek-V3's released weights are FP8 blocks with scales: merged as stored they would be wrong."""
+    from harc_hpc.io.checkpoint import Checkpoint, CheckpointError
+
+    src = build_tiny_sources(tmp_path / "src", family="deepseek_v3", layers=2)
+    conf = json.loads((src["math"] / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (src["math"] / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(CheckpointError, match="fp8-quantized checkpoint.*dequantize it to bfloat16 first"):
+        Checkpoint(src["math"])

@@ -346,6 +346,14 @@ class Checkpoint:
         self._mxfp4_raw: dict[str, TensorInfo] = {}
         self._dequantized: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
         self._find_mxfp4()
+        quant = (self.config.get("quantization_config") or {}).get("quant_method")
+        if quant and quant != "mxfp4":
+            # e.g. DeepSeek-V3's and Kimi-K2's released FP8 blocks with their weight_scale_inv: read as
+            # stored they would be merged without their scales, silently wrong
+            raise CheckpointError(
+                f"{self.name}: {cfg_file}: a {quant}-quantized checkpoint; its tensors cannot be merged or "
+                f"calibrated as stored", hint="dequantize it to bfloat16 first (load it with transformers and "
+                                                "save_pretrained without the quantization), then give that directory")
 
     # -- MXFP4 (GPT-OSS's released experts) ----------------------------------------------------------
     def _find_mxfp4(self) -> None:

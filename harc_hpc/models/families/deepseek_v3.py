@@ -8,6 +8,10 @@ normalised (``norm_topk_prob``) and scaled by ``routed_scaling_factor``. The fir
 ``first_k_dense_replace`` layers are dense MLPs; every MoE layer also has shared experts (merged like
 any other tensor). HARC calibrates W with the sigmoid gates' Bernoulli-KL objective (docs/solver.md);
 the correction bias is merged like any other tensor and never calibrated.
+
+DeepSeek-V3's and Kimi-K2's released weights are FP8 blocks with scales (``quantization_config``):
+the checkpoint reader refuses them (dequantize to bfloat16 first); bf16 checkpoints of this
+architecture (Moonlight, fine-tunes saved in bf16) are read as they are.
 """
 
 from __future__ import annotations
