@@ -125,3 +125,9 @@ def test_an_fp8_quantized_checkpoint_is_refused_not_merged_as_stored(tmp_path):
     (src["math"] / "config.json").write_text(json.dumps(conf))
     with pytest.raises(CheckpointError, match="fp8-quantized checkpoint.*dequantize it to bfloat16 first"):
         Checkpoint(src["math"])
+
+
+def test_kimi_k2_checkpoints_are_the_deepseek_v3_family():
+    conf = {**tiny_config("deepseek_v3", layers=3).to_dict(), "model_type": "kimi_k2"}
+    fam = family_for_config(conf)
+    assert fam.name == "deepseek_v3" and fam.router_link == "sigmoid" and fam.moe_layers(conf) == [1, 2]
