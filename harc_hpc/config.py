@@ -275,6 +275,10 @@ class ReportSection(_Strict):
     enabled: bool = True
     top_k_end_to_end: bool = True
     lm_eval_tasks: list[str] = Field(default_factory=list)
+    # Extra lm-eval HF model arguments, comma-separated, passed through as they are: for a model
+    # larger than one GPU, e.g. "parallelize=True" (accelerate's device_map over the node's GPUs) or
+    # "parallelize=True,max_cpu_memory=400GB,offload_folder=/local/offload" (CPU/disk offload).
+    lm_eval_model_args: OneLine = ""
 
 
 class PipelineConfig(_Strict):

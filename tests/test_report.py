@@ -160,6 +160,14 @@ def test_routing_divergence_basics():
     assert kl > 0 and miss == 1.0  # the top-2 of -z are the bottom-2 of z
 
 
+def test_lm_eval_model_args_pass_through(reported_run):
+    cfg, run_dir, _ = reported_run
+    plain = lm_eval.lm_eval_model_args(cfg, run_dir / "model")
+    assert plain == f"pretrained={run_dir / 'model'},trust_remote_code=False"
+    cfg2 = cfg.model_copy(update={"report": cfg.report.model_copy(update={"lm_eval_model_args": "parallelize=True,"})})
+    assert lm_eval.lm_eval_model_args(cfg2, run_dir / "model") == plain + ",parallelize=True"
+
+
 def test_missing_lm_eval_is_a_clear_error(reported_run, monkeypatch):
     cfg, run_dir, _ = reported_run
     cfg = cfg.model_copy(deep=True)

@@ -24,6 +24,14 @@ def check_lm_eval(cfg: PipelineConfig) -> None:
             "is not installed: `pip install lm-eval`, or remove report.lm_eval_tasks from the config")
 
 
+def lm_eval_model_args(cfg: PipelineConfig, model_dir: Path) -> str:
+    """lm-eval's HF model arguments: the assembled model, and ``report.lm_eval_model_args`` as given
+    (lm-eval loads the whole model through transformers; these choose how it is placed)."""
+    args = f"pretrained={model_dir},trust_remote_code={cfg.models.trust_remote_code}"
+    extra = cfg.report.lm_eval_model_args.strip().strip(",")
+    return f"{args},{extra}" if extra else args
+
+
 def run_lm_eval(cfg: PipelineConfig, model_dir: Path) -> dict:
     check_lm_eval(cfg)
     import lm_eval
@@ -32,7 +40,7 @@ def run_lm_eval(cfg: PipelineConfig, model_dir: Path) -> dict:
     device = pick_device(cfg.harc.device)
     results = lm_eval.simple_evaluate(
         model="hf",
-        model_args=f"pretrained={model_dir},trust_remote_code={cfg.models.trust_remote_code}",
+        model_args=lm_eval_model_args(cfg, model_dir),
         tasks=list(cfg.report.lm_eval_tasks),
         batch_size=cfg.calibration.batch_size,
         device=str(device),
