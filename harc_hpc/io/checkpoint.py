@@ -387,14 +387,8 @@ class Checkpoint:
         if cached_key == key:
             return cached
         blocks_key, scales_key = self._mxfp4[key]
-        self._mxfp4, pairs = {}, self._mxfp4  # read the raw tensors under their own names
-        self._infos[blocks_key] = self._mxfp4_raw[blocks_key]
-        self._infos[scales_key] = self._mxfp4_raw[scales_key]
-        try:
-            out = dequantize_mxfp4(self.get_tensor(blocks_key), self.get_tensor(scales_key))
-        finally:
-            del self._infos[blocks_key], self._infos[scales_key]
-            self._mxfp4 = pairs
+        blocks, scales = (self._read(k, self._mxfp4_raw[k]) for k in (blocks_key, scales_key))
+        out = dequantize_mxfp4(blocks, scales)
         self._dequantized = (key, out)
         return out
 
@@ -547,9 +541,21 @@ class Checkpoint:
         if key in self._mxfp4:
             part = self._dequantize(key).reshape(-1)[start:start + numel]
             return out.copy_(part) if out is not None else part.clone()
+        return self._read(key, info, start, numel, out)
+
+    def _read(self, key: str, info: TensorInfo, start: int = 0, numel: Optional[int] = None,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` (default: all) of the tensor stored as ``info``, 1-D
+        except for a whole tensor, which keeps its shape."""
+        whole = numel is None
+        if whole:
+            numel = 1
+            for s in info.shape:
+                numel *= s
         if info.begin < 0:
             t = self._load_pickle(info.file)[key].reshape(-1)[start:start + numel]
-            return out.copy_(t) if out is not None else t.clone()
+            t = out.copy_(t) if out is not None else t.clone()
+            return t.reshape(info.shape) if whole else t
         itemsize = torch.empty((), dtype=info.dtype).element_size()
         nbytes = numel * itemsize
         if (start + numel) * itemsize > info.nbytes:
@@ -566,7 +572,8 @@ class Checkpoint:
                 raise CheckpointError(f"{self.name}: {info.file}: tensor {key}: file ended early "
                                       f"(truncated while reading?)")
             done += n
-        return out if out is not None else buf.view(info.dtype)
+        t = out if out is not None else buf.view(info.dtype)
+        return t.reshape(info.shape) if whole else t
 
     def _fd(self, f: Path) -> int:
         fd = self._fds.get(f)

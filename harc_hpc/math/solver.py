@@ -212,6 +212,9 @@ def solve_router(
     couple, so ``hessian="full"`` is the diagonal-across-outputs operator, and the KLs reported are
     per-output Bernoulli KLs summed. The exact-KL objective is not offered for sigmoid gates.
 
+    An input that is already a ``TokenChunks`` is used as it is (its own dtype, device, chunking and
+    residency): two solves on the same inputs (a router and its shared-expert gate) then read them once.
+
     ``intercept``: the routers carry a bias in their last column, (K, d + 1) = [W | b], and the
     inputs (n, d) are extended by a column of ones: the bias is fitted as one more input column.
     """
@@ -228,9 +231,14 @@ def solve_router(
     alpha = float(alpha)
     k, d = init.shape
     device = init.device
-    chunks = [TokenChunks(x, dim=d, dtype=compute_dtype, device=device, chunk_tokens=chunk_tokens,
+    chunks = [x if isinstance(x, TokenChunks) else
+              TokenChunks(x, dim=d, dtype=compute_dtype, device=device, chunk_tokens=chunk_tokens,
                           cache_bytes=cache_bytes, keep_input_dtype=keep_input_dtype, intercept=intercept)
               for x in inputs]
+    for c in chunks:
+        if c.dim is not None and c.dim != d or c.intercept != intercept:
+            raise ValueError(f"TokenChunks of width {c.dim} (intercept={c.intercept}) given for a ({k}, {d}) "
+                             f"router with intercept={intercept}")
     sources = [w.detach().to(device=device, dtype=torch.float64) for w in source_routers]
     w0 = init.detach().to(dtype=torch.float64)
     if solver == "auto":

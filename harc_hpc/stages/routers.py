@@ -19,12 +19,16 @@ def _checkpoint(path, allow_pickle: bool = False):
     return Checkpoint(path, allow_pickle=allow_pickle)
 
 
-def source_router(cfg: PipelineConfig, task: str, layer: int) -> torch.Tensor:
-    fam = layout.family(cfg)
+def _source_checkpoint(cfg: PipelineConfig, task: str):
     from harc_hpc.io.checkpoint import resolve_model_path
 
     path = resolve_model_path(layout.source_path(cfg, task), revision=cfg.models.revision)
-    return router_of(_checkpoint(path, cfg.models.allow_pickle), fam, layer)
+    return _checkpoint(path, cfg.models.allow_pickle)
+
+
+def source_router(cfg: PipelineConfig, task: str, layer: int) -> torch.Tensor:
+    """A source's router of ``layer``: (K, d), or (K, d + 1) = [W | b] for a router with a bias."""
+    return router_of(_source_checkpoint(cfg, task), layout.family(cfg), layer)
 
 
 def merged_router(cfg: PipelineConfig, run_dir: Path, layer: int) -> torch.Tensor:
@@ -35,14 +39,8 @@ def merged_router(cfg: PipelineConfig, run_dir: Path, layer: int) -> torch.Tenso
 
 def source_router_bias(cfg: PipelineConfig, task: str, layer: int) -> Optional[torch.Tensor]:
     """The selection-only router bias of a source (DeepSeek-V3's e_score_correction_bias), or None."""
-    from harc_hpc.io.checkpoint import resolve_model_path
-
-    fam = layout.family(cfg)
-    key = fam.router_bias_key(layer)
-    if key is None:
-        return None
-    path = resolve_model_path(layout.source_path(cfg, task), revision=cfg.models.revision)
-    return _checkpoint(path, cfg.models.allow_pickle).get_tensor(key)
+    key = layout.family(cfg).router_bias_key(layer)
+    return None if key is None else _source_checkpoint(cfg, task).get_tensor(key)
 
 
 def merged_router_bias(cfg: PipelineConfig, run_dir: Path, layer: int) -> Optional[torch.Tensor]:
@@ -78,35 +76,29 @@ def save_router(run_dir: Path, layer: int, weight: torch.Tensor, report: dict,
         tmp.write_text(json_text(report))
 
 
-def load_router(run_dir: Path, layer: int) -> torch.Tensor:
+def _router_file(run_dir: Path, layer: int) -> dict:
     path = layout.router_file(run_dir, layer)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: calibrated router of layer {layer} is missing (run solve-router first)")
-    return load_file(str(path))["weight"]
+    return load_file(str(path))
+
+
+def load_router(run_dir: Path, layer: int) -> torch.Tensor:
+    return _router_file(run_dir, layer)["weight"]
 
 
 def load_router_bias(run_dir: Path, layer: int) -> Optional[torch.Tensor]:
     """The calibrated bias of ``layer``'s router, or None for routers without one."""
-    path = layout.router_file(run_dir, layer)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: calibrated router of layer {layer} is missing (run solve-router first)")
-    return load_file(str(path)).get("bias")
+    return _router_file(run_dir, layer).get("bias")
 
 
 def load_shared_expert_gate(run_dir: Path, layer: int) -> Optional[torch.Tensor]:
     """The calibrated shared-expert gate of ``layer``, or None when only the router was calibrated."""
-    path = layout.router_file(run_dir, layer)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: calibrated router of layer {layer} is missing (run solve-router first)")
-    return load_file(str(path)).get(SHARED_EXPERT_GATE)
+    return _router_file(run_dir, layer).get(SHARED_EXPERT_GATE)
 
 
 def source_shared_expert_gate(cfg: PipelineConfig, task: str, layer: int) -> torch.Tensor:
-    from harc_hpc.io.checkpoint import resolve_model_path
-
-    fam = layout.family(cfg)
-    path = resolve_model_path(layout.source_path(cfg, task), revision=cfg.models.revision)
-    return _checkpoint(path, cfg.models.allow_pickle).get_tensor(fam.shared_expert_gate_key(layer))
+    return _source_checkpoint(cfg, task).get_tensor(layout.family(cfg).shared_expert_gate_key(layer))
 
 
 def merged_shared_expert_gate(cfg: PipelineConfig, run_dir: Path, layer: int) -> torch.Tensor:

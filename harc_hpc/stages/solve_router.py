@@ -16,6 +16,7 @@ from harc_hpc.dtypes import torch_dtype
 from harc_hpc.io.statistics import load_statistics
 from harc_hpc.errors import InputDataError, format_bytes, require_finite
 from harc_hpc.math.distributed import shard_rows
+from harc_hpc.math.inputs import TokenChunks
 from harc_hpc.models.modeling import free_memory_bytes, pick_device
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
@@ -95,8 +96,13 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         log.warning("solve-router layer %d: %s; harc.stream_inputs is set, so they are read from the store on "
                     "every CG iteration: ~%.1f s per iteration measured, ~%.0f min for %d iterations (pcg "
                     "typically needs a few hundred)", layer, what, per_iteration, per_iteration * 400 / 60, 400)
+    fam = layout.family(cfg)
     # a router with a bias (GPT-OSS) is fitted as [W | b] on inputs [x, 1]
-    intercept = layout.family(cfg).router_intercept_key(layer) is not None
+    intercept = fam.router_intercept_key(layer) is not None
+    if h.shared_expert_gate and not intercept:
+        # the gate is fitted on the same inputs: read (and keep) them once for both solves
+        inputs = [TokenChunks(x, dim=d, dtype=dtype, device=device, chunk_tokens=cfg.calibration.chunk_tokens,
+                              cache_bytes=budget if resident else 0, keep_input_dtype=keep_stored) for x in inputs]
     sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
     with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
@@ -107,7 +113,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
             inner_dtype=torch_dtype(inner), cache_bytes=budget if resident else 0,
             compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=keep_stored,
-            process_group=process_group, link=layout.family(cfg).router_link, intercept=intercept,
+            process_group=process_group, link=fam.router_link, intercept=intercept,
         )
     gate = None
     if h.shared_expert_gate:
@@ -127,7 +133,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         "solver": h.solver,
         "preconditioner": h.preconditioner,
         "objective": h.objective,
-        "link": layout.family(cfg).router_link,  # softmax router, or sigmoid gates (Bernoulli-KL objective)
+        "link": fam.router_link,  # softmax router, or sigmoid gates (Bernoulli-KL objective)
         "inner_dtype": inner,
         # Experts the source router sends no calibration token of a task to: their rows are set by
         # the regularisation and the other tasks only.
