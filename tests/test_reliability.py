@@ -374,6 +374,24 @@ def test_temporaries_of_dead_tasks_are_removed_on_resume(damaged):
     assert sweep_stale_temporaries(run) == [alive]
 
 
+def test_a_killed_writer_not_yet_reaped_counts_as_dead(tmp_path):
+    """A writer killed with its process group stays a zombie until reaped; a resubmit sweeping in
+    that window must still remove its temporary (seen once in CI: a retire write cut by the kill)."""
+    host = socket.gethostname()
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    tmp = tmp_path / f".block-000.json.tmp-{host}-{writer.pid}-0759e5b4"
+    tmp.write_text("{partial")
+    try:
+        writer.kill()
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{writer.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert sweep_stale_temporaries(tmp_path) == [tmp]  # a zombie: not reaped, yet dead
+    finally:
+        writer.wait()
+
+
 def test_a_failing_write_leaves_no_temporary(tmp_path):
     with pytest.raises(RuntimeError):
         with atomic_dir(tmp_path / "out.zarr") as tmp:

@@ -209,13 +209,21 @@ def write_json_atomic(path: PathLike, data: Any) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (on this host) can still write. A zombie cannot: a writer killed a
+    moment ago stays one until its parent (or init) reaps it, and a sweep in that window must not
+    take its temporary for one still being written."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): os.kill's answer stands
+    return state not in ("Z", "X")
 
 
 def sweep_stale_temporaries(root: PathLike, other_hosts_stale: bool = False) -> list[Path]:
