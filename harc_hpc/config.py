@@ -271,6 +271,12 @@ class DemoSection(_Strict):
     cache_dir: Optional[Path] = None
 
 
+#: ``lm_eval.simple_evaluate`` options a config may set in ``report.lm_eval_options``
+LM_EVAL_OPTIONS = ("limit", "num_fewshot", "batch_size", "max_batch_size", "gen_kwargs", "apply_chat_template",
+                   "fewshot_as_multiturn", "system_instruction", "bootstrap_iters", "random_seed",
+                   "numpy_random_seed", "torch_random_seed", "fewshot_random_seed", "confirm_run_unsafe_code")
+
+
 class ReportSection(_Strict):
     enabled: bool = True
     top_k_end_to_end: bool = True
@@ -279,6 +285,23 @@ class ReportSection(_Strict):
     # larger than one GPU, e.g. "parallelize=True" (accelerate's device_map over the node's GPUs) or
     # "parallelize=True,max_cpu_memory=400GB,offload_folder=/local/offload" (CPU/disk offload).
     lm_eval_model_args: OneLine = ""
+    # Which models lm-eval scores: base, sources (each), merged, calibrated, oracle (the merged model
+    # with the task's source routers; see lm_eval_task_sources).
+    lm_eval_models: list[Literal["base", "sources", "merged", "calibrated", "oracle"]] = Field(
+        default_factory=lambda: ["merged", "calibrated"])
+    # lm-eval's own evaluation options, passed to lm_eval.simple_evaluate (limit, num_fewshot,
+    # batch_size, gen_kwargs, ...); batch_size defaults to calibration.batch_size.
+    lm_eval_options: dict[str, Any] = Field(default_factory=dict)
+    # task -> the source whose routers the oracle uses on it (harc-hpc's own tasks know theirs).
+    lm_eval_task_sources: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("lm_eval_options")
+    @classmethod
+    def _known_lm_eval_options(cls, v: dict) -> dict:
+        unknown = sorted(set(v) - set(LM_EVAL_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown lm-eval option(s) {unknown}; allowed: {', '.join(LM_EVAL_OPTIONS)}")
+        return v
 
 
 class PipelineConfig(_Strict):

@@ -245,7 +245,17 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
         lines.append("")
 
     if metrics.get("lm_eval"):
-        lines += ["## lm-evaluation-harness", "", "```", _json(metrics["lm_eval"]), "```", ""]
+        from harc_hpc.report.lm_eval import score_table
+
+        header, rows = score_table(metrics["lm_eval"])
+        lines += ["## Task scores (lm-evaluation-harness)", "", "| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        oracle = metrics["lm_eval"].get("oracle_sources")
+        if oracle:
+            lines.append("")
+            lines.append("oracle: the merged model with " + ", ".join(f"{s}'s routers on {t}" for t, s in sorted(oracle.items())))
+        lines.append("")
 
     for p in plots:
         lines += [f"![{p}]({p})", ""]
@@ -263,8 +273,3 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
             lines.append("")
     path.write_text("\n".join(lines))
 
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)

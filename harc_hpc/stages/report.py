@@ -33,7 +33,7 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     metrics["solve"] = solve_statistics(run_dir)
     metrics["stages"] = stage_statistics(run_dir)
     if cfg.report.lm_eval_tasks:
-        metrics["lm_eval"] = run_lm_eval(cfg, layout.model_dir(run_dir))
+        metrics["lm_eval"] = run_lm_eval(cfg, run_dir)
     metrics["manifest"] = manifest(cfg, run_dir)
     metrics["report_seconds"] = round(time.perf_counter() - t0, 2)
     with atomic_dir(run_dir / "report") as tmp:
