@@ -4,7 +4,7 @@ Each item is a prompt cut from a sample of the demo corpus (harc_hpc.demo.corpus
 that the sample's own rule determines: the sum after ``23+45=``, the ``x`` of ``Solve x+4=9. x=``,
 the name a function body must return. A model that has learnt the domain completes them; one whose
 routing is broken loses them. The items are generated from fixed seeds that no demo build uses for
-training (those are "<seed>/train/...") and shipped as JSONL in harc_hpc/eval_tasks/, so an
+training (those are "<seed>/pretrain" and "<seed>/finetune/<domain>") and shipped as JSONL in harc_hpc/eval_tasks/, so an
 evaluation needs no download; ``tests/test_lm_eval.py`` checks the shipped files equal this code's
 output.
 """
