@@ -129,7 +129,7 @@ def spec(models, out: Path, **kw) -> HeteroMoESpec:
              "lr": 3e-3, "checkpoint_every": 2, **kw.pop("train", {})}
     return HeteroMoESpec(experts=[{"name": "small", "path": str(models["small"])},
                                   {"name": "wide", "path": str(models["wide"])}],
-                         output=out, top_k=kw.pop("top_k", 1), train=train, **kw)
+                         output=out, top_k=kw.pop("top_k", 2), train=train, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 
 def test_finetune_lowers_the_loss_and_freezes_the_experts(models, tmp_path):
-    s = spec(models, tmp_path / "moe", top_k=2, train={"steps": 8})
+    s = spec(models, tmp_path / "moe", train={"steps": 8})
     before = HeteroMoE.from_experts(["small", "wide"], [models["small"], models["wide"]], top_k=2).eval()
     summary = build_hetero_moe(s)
     after = HeteroMoE.from_pretrained(tmp_path / "moe")
@@ -307,6 +307,15 @@ def test_finetune_lowers_the_loss_and_freezes_the_experts(models, tmp_path):
     assert all(torch.equal(p, hf.model.state_dict()[k]) for k, p in after.experts["small"].state_dict().items())
     assert not (tmp_path / "moe.train").exists()  # the checkpoint directory is gone
     assert (tmp_path / "moe" / "tokenizer.json").is_file()
+
+
+def test_trainable_selects_what_moves(models, tmp_path):
+    s = spec(models, tmp_path / "moe", train={"steps": 2, "trainable": ["embedding", "head"]})
+    before = HeteroMoE.from_experts(["small", "wide"], [models["small"], models["wide"]], top_k=2).wrapper_state_dict()
+    build_hetero_moe(s)
+    after = HeteroMoE.from_pretrained(tmp_path / "moe").wrapper_state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"embed.weight", "head.weight"}
 
 
 class Killed(Exception):
@@ -331,6 +340,12 @@ def test_kill_and_resume_gives_the_same_bytes(models, tmp_path):
     for f in (HETERO_WEIGHTS, HETERO_RECORD):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert not (tmp_path / "b.train").exists()
+    # killed after the last step's checkpoint, before the output: the rerun only writes it
+    s_last = spec(models, tmp_path / "b2")
+    with pytest.raises(Killed):
+        build_hetero_moe(s_last, after_step=lambda step: (_ for _ in ()).throw(Killed()) if step == 6 else None)
+    assert build_hetero_moe(s_last)["resumed_from_step"] == 6
+    assert (tmp_path / "b2" / HETERO_WEIGHTS).read_bytes() == (tmp_path / "a" / HETERO_WEIGHTS).read_bytes()
     # a leftover checkpoint of other settings is refused, before anything is written
     with pytest.raises(Killed):
         build_hetero_moe(spec(models, tmp_path / "c"), after_step=kill_after_3)

@@ -291,6 +291,10 @@ def train_hetero(model: HeteroMoE, plan: HeteroPlan,
     spec = plan.spec
     t = spec.train
     names = trainable_names(model, t.trainable)
+    if spec.top_k == 1 and "router" in t.trainable:
+        # alpha = softmax of a single logit = 1 whatever the router: cross-entropy gives it no gradient
+        log.warning("top_k 1: the router receives no gradient (the softmax of one logit is 1); it keeps "
+                    "its initialisation and only selects the expert")
     for n, p in model.wrapper_parameters().items():
         p.requires_grad_(n in names)
     params = model.wrapper_parameters()
