@@ -304,6 +304,7 @@ def test_finetune_lowers_the_loss_and_freezes_the_experts(models, tmp_path):
     assert not torch.equal(b["router.weight"], a["router.weight"])
     assert not torch.equal(b["proj_out.wide.2.weight"], a["proj_out.wide.2.weight"])
     hf = load_hf(models["small"])
+    assert not any("embed_tokens" in k for k in after.experts["small"].state_dict())  # not kept
     assert all(torch.equal(p, hf.model.state_dict()[k]) for k, p in after.experts["small"].state_dict().items())
     assert not (tmp_path / "moe.train").exists()  # the checkpoint directory is gone
     assert (tmp_path / "moe" / "tokenizer.json").is_file()

@@ -14,11 +14,11 @@ MergeME joins whole experts:
   alpha = softmax(top-K(theta_r avg(e_1..e_t))), theta_r an (E, d_m) matrix;
 * the output is M_h(sum over the K selected experts of alpha_i r_i), r_i the Proj-out output.
 
-The experts' own embeddings and heads are not used (the expert's backbone module is kept whole,
-its embedding table included, frozen). Because the routing weights depend on the whole sequence,
-the logits at position j depend on the tokens after j as well (the paper's design); ``generate``
-decodes greedily with exactly these semantics: the next token is the argmax of ``forward`` on the
-sequence so far. Expert outputs themselves are causal, so ``generate`` keeps a KV cache per expert
+The experts' own embeddings and heads are not used and not kept (each expert is its frozen
+backbone module: decoder layers, rotary embedding, final norm). Because the routing weights
+depend on the whole sequence, the logits at position j depend on the tokens after j as well (the
+paper's design); ``generate`` decodes greedily with exactly these semantics: the next token is the
+argmax of ``forward`` on the sequence so far. Expert outputs themselves are causal, so ``generate`` keeps a KV cache per expert
 and runs every expert on each new token (the selected set may change as the sequence grows).
 
 On disk (``save_pretrained``): ``hetero_moe.json`` (layout, expert sources with their sha256
@@ -300,6 +300,8 @@ class HeteroMoE(nn.Module):
                          [m.get_output_embeddings().weight for m in models],
                          projector_init=projector_init, router_init=router_init,
                          router_std=router_std, seed=seed)
+        for body in model.experts.values():
+            _drop_embedding(body)
         return model
 
     @torch.no_grad()
@@ -358,9 +360,8 @@ class HeteroMoE(nn.Module):
         save_file(self.wrapper_state_dict(), str(directory / HETERO_WEIGHTS), metadata={"format": "pt"})
         tokenizer_files = []
         if tokenizer_from is not None:
-            tokenizer_files = copy_model_files(tokenizer_from, directory,
-                                               [n for n in MODEL_FILES if n.startswith(("tokenizer", "special_tokens",
-                                                                                       "added_tokens", "vocab", "merges"))])
+            names = [n for n in MODEL_FILES if n not in ("config.json", "generation_config.json")]
+            tokenizer_files = copy_model_files(tokenizer_from, directory, names)
         layout = {**self.layout.to_json(), "experts": experts}
         record = {"format": HETERO_FORMAT, "kind": "mergeme-heterogeneous-moe", "experts_storage": experts_storage,
                   "layout": layout, "tokenizer_files": tokenizer_files, **(extra_record or {})}
@@ -398,7 +399,8 @@ class HeteroMoE(nn.Module):
         # absolute from here on: a re-save (copy or reference) finds the experts wherever they are
         layout.experts = [ExpertSource(**{**asdict(s), "path": str(p)}) for s, p in zip(layout.experts, paths)]
         tdtype = torch_dtype(layout.dtype)
-        experts = {s.name: _load_expert(p, tdtype).get_decoder() for s, p in zip(layout.experts, paths)}
+        experts = {s.name: _drop_embedding(_load_expert(p, tdtype).get_decoder())
+                   for s, p in zip(layout.experts, paths)}
         model = cls(layout, experts)
         model.load_wrapper_state(load_file(str(directory / HETERO_WEIGHTS)), where=str(directory / HETERO_WEIGHTS))
         model.record = record
@@ -422,6 +424,16 @@ def _mask(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> to
 def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count only real tokens (left padding keeps the first token at 0)."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _drop_embedding(body: nn.Module) -> nn.Module:
+    """The expert's own embedding table is never used (the shared embedding and Proj-in feed it
+    ``inputs_embeds``); at scale it is V x d_i parameters per expert, so it is not kept."""
+    if getattr(body, "embed_tokens", None) is None:
+        raise MergeInputError(f"{type(body).__name__}: the expert's backbone has no embed_tokens; not a "
+                              f"supported decoder layout")
+    body.embed_tokens = None
+    return body
 
 
 def _load_expert(path: Union[str, Path], dtype: torch.dtype):
