@@ -18,8 +18,9 @@ The experts' own embeddings and heads are not used and not kept (each expert is 
 backbone module: decoder layers, rotary embedding, final norm). Because the routing weights
 depend on the whole sequence, the logits at position j depend on the tokens after j as well (the
 paper's design); ``generate`` decodes greedily with exactly these semantics: the next token is the
-argmax of ``forward`` on the sequence so far. Expert outputs themselves are causal, so ``generate`` keeps a KV cache per expert
-and runs every expert on each new token (the selected set may change as the sequence grows).
+argmax of ``forward`` on the sequence so far. Expert outputs themselves are causal, so
+``generate`` keeps a KV cache per expert and runs every expert on each new token (the selected set
+may change as the sequence grows).
 
 On disk (``save_pretrained``): ``hetero_moe.json`` (layout, expert sources with their sha256
 digests, projector settings, training record), ``model.safetensors`` (embedding, head, router,
