@@ -42,6 +42,8 @@ def config(kind: str, **kw):
                                         tie_word_embeddings=True, **common)
     if kind == "mid":
         return transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, **common)
+    if kind == "gpt2":  # a dense family whose head / embedding layout is not supported here
+        return transformers.GPT2Config(vocab_size=128, n_embd=24, n_layer=1, n_head=4, n_positions=64)
     if kind == "mixtral":
         return transformers.MixtralConfig(hidden_size=24, intermediate_size=40, num_hidden_layers=1,
                                           num_local_experts=2, num_experts_per_tok=1, **common)
@@ -92,6 +94,7 @@ def models(tmp_path_factory):
         "vocab130": save_model(root / "vocab130", config("small", vocab_size=130), 4),
         "othertok": save_model(root / "othertok", config("small"), 5, tokenizer=shuffled_char_tokenizer()),
         "moe": save_model(root / "moe", config("mixtral"), 6),
+        "gpt2": save_model(root / "gpt2", config("gpt2"), 7),
     }
     data = root / "calib.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
@@ -399,6 +402,7 @@ def test_save_load_round_trip_is_bit_exact(models, tmp_path):
     ("vocab130", "'small' and 'bad' have different vocabularies: vocab_size 128 vs 130"),
     ("othertok", "'small' and 'bad' have different tokenizers"),
     ("moe", "expert 'bad' is already a Mixture-of-Experts model"),
+    ("gpt2", "expert 'bad': model_type 'gpt2' is not supported as a heterogeneous expert"),
 ])
 def test_bad_experts_are_refused_before_anything_is_written(models, tmp_path, bad, message):
     s = HeteroMoESpec(experts=[{"name": "small", "path": str(models["small"])},
@@ -408,6 +412,14 @@ def test_bad_experts_are_refused_before_anything_is_written(models, tmp_path, ba
     with pytest.raises(MergeInputError, match=message) as exc:
         build_hetero_moe(s)
     assert str(models[bad]) in str(exc.value)  # names the source's directory
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_expert_directory_is_named(models, tmp_path):
+    s = spec(models, tmp_path / "out")
+    s = s.model_copy(update={"experts": [*s.experts[:1], s.experts[1].model_copy(update={"path": str(tmp_path / "gone")})]})
+    with pytest.raises(MergeInputError, match="expert 'wide': model directory not found"):
+        build_hetero_moe(s)
     assert list(tmp_path.iterdir()) == []
 
 

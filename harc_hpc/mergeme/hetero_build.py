@@ -173,8 +173,6 @@ def plan_hetero(spec: HeteroMoESpec) -> HeteroPlan:
     for e in spec.experts:
         try:
             path = resolve_model_path(e.path, revision=spec.revision)
-        except MergeInputError:
-            raise
         except Exception as exc:  # CheckpointError and hub errors: name the expert
             raise MergeInputError(f"expert {e.name!r}: {exc}", where=e.path) from None
         cfg = _config(e.name, path)
