@@ -59,7 +59,7 @@ def main(verbose: int, debug: bool) -> None:
 
 
 from harc_hpc.cli.launch import plan_cmd, stage_alias, stage_cmd, status_cmd, submit_cmd  # noqa: E402
-from harc_hpc.cli.mergeme import build_moe_command  # noqa: E402
+from harc_hpc.cli.mergeme import build_hetero_moe_command, build_moe_command  # noqa: E402
 from harc_hpc.cli.report import compare_command, report_command  # noqa: E402
 from harc_hpc.stages.merge_experts import merge_experts_command  # noqa: E402
 
@@ -74,6 +74,7 @@ main.add_command(compare_command)
 main.add_command(merge_experts_command)
 # build-moe (issue 15): an MoE from dense experts, standalone like merge-experts
 main.add_command(build_moe_command)
+main.add_command(build_hetero_moe_command)  # MergeME §3.2 heterogeneous experts
 
 
 def _add_stage_aliases() -> None:

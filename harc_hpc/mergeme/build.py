@@ -155,7 +155,7 @@ def _check_same_architecture(base: DenseInput, sources: list[DenseInput]) -> Non
             raise MergeInputError(
                 f"models {base.name!r} and {other.name!r} have different architectures: "
                 f"model_type {a!r} in {base.where} but {b!r} in {other.where}; an MoE of "
-                f"heterogeneous experts (MergeME §3.2) is not supported yet", where=other.where)
+                f"heterogeneous experts (MergeME §3.2) is built by build-hetero-moe", where=other.where)
         for fname in SAME_FIELDS:
             x, y = base.config.get(fname), other.config.get(fname)
             if x != y:
