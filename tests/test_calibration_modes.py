@@ -265,3 +265,157 @@ def test_shipped_configs_still_load():
     for path in sorted(root.glob("*.yaml")):
         cfg = load_config(path)
         assert "mode" not in cfg.model_dump(mode="json")["calibration"], path
+
+
+# -- capture and held-out loss on selected tokens ----------------------------------------------------
+
+TASKS = ("math", "code")
+
+
+@pytest.fixture(scope="module")
+def chat_sources(tmp_path_factory):
+    """Tiny 2-layer OLMoE sources whose calibration and held-out data are chat records."""
+    import random
+
+    from pipeline_fixtures import build_tiny_sources
+
+    src = build_tiny_sources(tmp_path_factory.mktemp("src"), layers=2, tasks=TASKS)
+    for t_i, task in enumerate(TASKS):
+        for split, n in (("calib", 10), ("heldout", 5)):
+            rng = random.Random(f"{task}-{split}")
+            records = []
+            for _ in range(n):
+                a, b = rng.randint(1, 99), rng.randint(1, 99)
+                turns = [f"what is {a}+{b}?", f"{a}+{b}={a + b}"] if task == "math" else \
+                    [f"square {a}", f"def f(x):\n    return x * x  # {a * a}"]
+                if rng.random() < 0.4:
+                    turns += ["and again?", turns[1][::-1]]
+                records.append(chat(*turns))
+            jsonl(Path(src["data"]) / f"{task}-{split}.jsonl", records)
+    return src
+
+
+def chat_config(root, sources, mode, block_size):
+    from pipeline_fixtures import write_config
+
+    extra = {"calibration.max_length": 40}
+    if mode is not None:
+        extra["calibration.mode"] = mode
+    return load_config(write_config(root, sources, name=f"run-{mode}-{block_size}", block_size=block_size,
+                                    tasks=TASKS, extra=extra))
+
+
+def stored_inputs(cfg, layer, task):
+    from harc_hpc.io.activations import ActivationArray, layer_name
+    from harc_hpc.stages import layout
+
+    block = next(b for b, blk in enumerate(layout.blocks(cfg)) if layer in blk)
+    return ActivationArray(layout.activation_store(cfg.run_dir, block), f"{layer_name(layer)}/{task}", out_dtype=None)
+
+
+def test_response_capture_is_the_full_capture_at_the_response_tokens(chat_sources, tmp_path):
+    """One block of both layers, captured from the same merged model in mode full and in mode
+    response: the response store is the full store's rows at the selected tokens, bit for bit."""
+    from harc_hpc.io.activations import TokenStore
+    from harc_hpc.stages import capture_activations, layout, merge_experts
+
+    cfgs = {mode: chat_config(tmp_path, chat_sources, mode, block_size=2) for mode in (None, "response")}
+    for cfg in cfgs.values():
+        merge_experts.run(cfg, cfg.run_dir)
+        capture_activations.run(cfg, cfg.run_dir, block=0)
+    full, resp = cfgs[None], cfgs["response"]
+    for task in TASKS:
+        all_tokens, chosen = (TokenStore(layout.token_store(c.run_dir, task)) for c in (full, resp))
+        assert all_tokens.selected is None and chosen.selected is not None
+        # the same sequences are fed in both modes; fewer tokens are selected in mode response
+        assert all_tokens.ids.tolist() == chosen.ids.tolist()
+        assert 0 < chosen.num_selected < chosen.num_tokens
+        mask = torch.from_numpy(chosen.selected)
+        for layer in layout.moe_layers(full):
+            x_full, x_resp = stored_inputs(full, layer, task), stored_inputs(resp, layer, task)
+            assert x_resp.offsets.tolist() == chosen.selected_offsets.tolist()
+            assert torch.equal(x_resp.load(), x_full.load()[mask]), (task, layer)
+
+
+def test_response_mode_pipeline_uses_exactly_the_response_router_inputs(chat_sources, tmp_path):
+    """The whole pipeline in mode response, one layer per block: each layer's stored router inputs
+    equal a whole-model forward (routers of earlier layers calibrated) indexed by the mask, bit for
+    bit; the statistics count exactly the selected tokens."""
+    from harc_hpc.io.calibration_data import tokenize_task_masked
+    from harc_hpc.io.statistics import load_statistics
+    from harc_hpc.models.modeling import RouterInputRecorder, batches, load_causal_lm, pad_batch, unpad
+    from harc_hpc.stages import layout
+    from harc_hpc.stages.routers import load_router
+    from pipeline_fixtures import run_pipeline
+    from transformers import AutoTokenizer
+
+    cfg = chat_config(tmp_path, chat_sources, "response", block_size=1)
+    run_pipeline(cfg, cfg.run_dir)
+    merged = layout.merged_dir(cfg.run_dir)
+    tok = AutoTokenizer.from_pretrained(str(merged))
+    model = load_causal_lm(merged, torch.device("cpu"))
+    fam = layout.family(cfg)
+    for layer in layout.moe_layers(cfg):
+        for task in TASKS:
+            seqs, masks = tokenize_task_masked(cfg.calibration_for(task), cfg.calibration, tok)
+            parts = []
+            with RouterInputRecorder({layer: fam.router_module(model, layer)}) as rec, torch.no_grad():
+                for idx in batches(len(seqs), cfg.calibration.batch_size):
+                    ids, lengths = pad_batch([torch.tensor(seqs[i]) for i in idx])
+                    model(input_ids=ids)
+                    parts.append(unpad(rec.pop(layer).reshape(ids.shape[0], ids.shape[1], -1), lengths))
+            mask = torch.tensor([b for m in masks for b in m])
+            expected = torch.cat(parts)[mask]
+            assert torch.equal(stored_inputs(cfg, layer, task).load(), expected), (layer, task)
+            stats = load_statistics(layout.statistics_file(cfg.run_dir, layer, task))
+            assert stats.num_tokens == int(mask.sum())
+        with torch.no_grad():  # the next layer's inputs come through this layer's calibrated router
+            fam.router_module(model, layer).weight.copy_(load_router(cfg.run_dir, layer))
+
+
+def test_heldout_loss_counts_the_selected_predictions(chat_sources):
+    """evaluate_checkpoint with masks: the NLL of the predictions of selected tokens only, equal to
+    a whole-model forward's per-token losses summed over the mask; routing rows of selected tokens."""
+    from harc_hpc.models.families import family_for_config
+    from harc_hpc.models.modeling import pad_batch
+    from harc_hpc.report import metrics
+    from transformers import AutoModelForCausalLM
+
+    path = chat_sources["math"]
+    data = CalibrationData(files=[Path(chat_sources["data"]) / "math-heldout.jsonl"], mode="response", max_length=40)
+    seqs, masks = tokenize_task_masked(data, CalibrationSection(), char_tokenizer(), heldout=True)
+    conf = json.loads((path / "config.json").read_text())
+    fam = family_for_config(conf)
+    layers = list(fam.moe_layers(conf))
+    got = metrics.evaluate_checkpoint(path, layers, [metrics.Evaluation(seqs, masks=masks, keep_routing=True),
+                                                     metrics.Evaluation(seqs)], 2, torch.device("cpu"))
+    masked_eval, plain_eval = got.results
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    nll = torch.zeros((), dtype=torch.float64)
+    all_nll, count, rows = 0.0, 0, {l: [] for l in layers}
+    hooks = [fam.router_module(model, l).register_forward_hook(
+        lambda m, i, o, l=l: rows[l].append(i[0].reshape(-1, i[0].shape[-1]))) for l in layers]
+    with torch.no_grad():
+        for start in range(0, len(seqs), 2):
+            ids, lengths = pad_batch([torch.tensor(s) for s in seqs[start:start + 2]])
+            logits = model(input_ids=ids).logits
+            keep = torch.zeros(ids.shape, dtype=torch.bool)
+            for b, n in enumerate(lengths):
+                per_token = torch.nn.functional.cross_entropy(logits[b, : n - 1], ids[b, 1:n], reduction="none")
+                m = torch.tensor(masks[start + b][1:n])
+                nll += per_token[m].double().sum()
+                count += int(m.sum())
+                all_nll += float(per_token.sum())
+                keep[b, :n] = torch.tensor(masks[start + b])
+            for l in layers:
+                rows[l][-1] = rows[l][-1][keep.reshape(-1)]
+    for h in hooks:
+        h.remove()
+    assert masked_eval.tokens == count == sum(sum(m[1:]) for m in masks) > 0
+    assert plain_eval.tokens == sum(len(s) - 1 for s in seqs) > count
+    assert masked_eval.loss == pytest.approx(float(nll) / count, rel=1e-6)
+    assert plain_eval.loss == pytest.approx(all_nll / plain_eval.tokens, rel=1e-6)
+    assert masked_eval.loss != pytest.approx(plain_eval.loss, rel=1e-3)
+    for l in layers:
+        x = torch.cat(rows[l])
+        assert torch.allclose(masked_eval.own_logits[l], metrics.affine_logits(x, got.routers[l]), atol=1e-6)
