@@ -419,3 +419,19 @@ def test_heldout_loss_counts_the_selected_predictions(chat_sources):
     for l in layers:
         x = torch.cat(rows[l])
         assert torch.allclose(masked_eval.own_logits[l], metrics.affine_logits(x, got.routers[l]), atol=1e-6)
+
+
+def test_plan_estimate_takes_fractions_and_gzip(tmp_path):
+    from harc_hpc.stages.estimate import _samples_bound, tokens_per_task
+
+    line = json.dumps({"text": "x" * 27}) + "\n"  # 40 bytes: 10 tokens at ~4 bytes a token
+    assert len(line) == 40
+    (tmp_path / "c.jsonl").write_text(line * 10)
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as fh:
+        fh.write(line * 10)
+    for name in ("c.jsonl", "c.jsonl.gz"):
+        for num_samples, tokens in ((None, 100), (4, 40), (0.5, 50), (0.25, 30)):
+            cfg = parse_config({"models": {"sources": [{"name": "a", "path": str(tmp_path), "calibration": {
+                "files": [str(tmp_path / name)], "num_samples": num_samples}}]}})
+            assert tokens_per_task(cfg, None) == {"a": (tokens, "file sizes")}, (name, num_samples)
+    assert (_samples_bound(None), _samples_bound(7), _samples_bound(0.1), _samples_bound(1.0)) == (1000, 7, 100, 1000)
