@@ -144,7 +144,7 @@ def render_with_responses(messages: list[dict], tokenizer, use_chat_template: bo
     turn's content found in the text instead, searching forward from the previous turn.
     """
     if not (use_chat_template and getattr(tokenizer, "chat_template", None)):
-        text, spans, pos = "", [], 0
+        spans, pos = [], 0
         for i, m in enumerate(messages):
             content = str(m["content"])
             if i:
@@ -171,7 +171,9 @@ def render_with_responses(messages: list[dict], tokenizer, use_chat_template: bo
             span = None
         if span is None:
             content = str(m["content"]).strip()
-            at = full.find(content, cursor) if content else -1
+            if not content:  # an empty turn: nothing of it to find or select
+                continue
+            at = full.find(content, cursor)
             if at < 0:
                 raise CalibrationDataError(
                     f"an assistant turn ({content[:40]!r}...) is not found in the chat template's rendering "
