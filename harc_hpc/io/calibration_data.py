@@ -27,7 +27,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 from harc_hpc.errors import InputDataError
 from harc_hpc.config import CalibrationData, CalibrationSection
@@ -40,7 +40,8 @@ class CalibrationDataError(InputDataError):
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
-def _normalise_messages(record: dict, where: str) -> list[dict]:
+def chat_messages(record: dict, where: str) -> list[dict]:
+    """A chat record's messages as ``[{"role", "content"}, ...]`` (ShareGPT ``conversations`` mapped)."""
     if "messages" in record:
         msgs = record["messages"]
     else:
@@ -53,6 +54,28 @@ def _normalise_messages(record: dict, where: str) -> list[dict]:
     return msgs
 
 
+def _open_text(path: Path):
+    """A data file opened for reading text (through gzip when its name ends in ``.gz``)."""
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """``("file:line", record)`` for every non-empty line of a JSONL file (gzip'd or not)."""
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationDataError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise CalibrationDataError(f"{where}: a record must be a JSON object")
+            yield where, rec
+
+
 def read_samples(data: CalibrationData) -> list[dict]:
     """All records of a task's files, in file order, as ``{"text": ...}`` or ``{"messages": [...]}``."""
     if not data.files:
@@ -63,41 +86,27 @@ def read_samples(data: CalibrationData) -> list[dict]:
         if not path.is_file():
             raise CalibrationDataError(f"{path}: calibration file not found")
         fmt = data.format
-        compressed = path.suffix == ".gz"
-        opener = (lambda: gzip.open(path, "rt", encoding="utf-8")) if compressed else (
-            lambda: path.open(encoding="utf-8"))
         if fmt == "auto":
-            suffix = Path(path.stem).suffix if compressed else path.suffix
+            suffix = Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
             fmt = "plain" if suffix in (".txt", ".md") else "jsonl"
         if fmt == "plain":
-            with opener() as fh:
+            with _open_text(path) as fh:
                 paragraphs = [p.strip() for p in fh.read().split("\n\n")]
             out.extend({"text": p} for p in paragraphs if p)
             continue
-        with opener() as fh:
-            for lineno, line in enumerate(fh, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CalibrationDataError(f"{where}: not valid JSON ({exc.msg})") from None
-                if not isinstance(rec, dict):
-                    raise CalibrationDataError(f"{where}: a record must be a JSON object")
-                if "messages" in rec or "conversations" in rec:
-                    if fmt == "text":
-                        raise CalibrationDataError(f"{where}: chat record in a file declared format 'text'")
-                    out.append({"messages": _normalise_messages(rec, where)})
-                elif "text" in rec:
-                    if fmt == "chat":
-                        raise CalibrationDataError(f"{where}: text record in a file declared format 'chat'")
-                    if not isinstance(rec["text"], str):
-                        raise CalibrationDataError(f"{where}: 'text' must be a string")
-                    out.append({"text": rec["text"]})
-                else:
-                    raise CalibrationDataError(f"{where}: record has neither 'messages' nor 'text'")
+        for where, rec in jsonl_records(path):
+            if "messages" in rec or "conversations" in rec:
+                if fmt == "text":
+                    raise CalibrationDataError(f"{where}: chat record in a file declared format 'text'")
+                out.append({"messages": chat_messages(rec, where)})
+            elif "text" in rec:
+                if fmt == "chat":
+                    raise CalibrationDataError(f"{where}: text record in a file declared format 'chat'")
+                if not isinstance(rec["text"], str):
+                    raise CalibrationDataError(f"{where}: 'text' must be a string")
+                out.append({"text": rec["text"]})
+            else:
+                raise CalibrationDataError(f"{where}: record has neither 'messages' nor 'text'")
     if not out:
         raise CalibrationDataError(f"{', '.join(map(str, data.files))}: no samples found")
     return out
