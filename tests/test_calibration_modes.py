@@ -372,6 +372,27 @@ def test_response_mode_pipeline_uses_exactly_the_response_router_inputs(chat_sou
         with torch.no_grad():  # the next layer's inputs come through this layer's calibrated router
             fam.router_module(model, layer).weight.copy_(load_router(cfg.run_dir, layer))
 
+    # The report: held-out data keeps its own mode (full here, though calibration.mode is response)
+    # unless it states one; then the loss counts the selected predictions only.
+    from harc_hpc.report import metrics
+    from harc_hpc.report.render import write_markdown
+
+    math_src = next(s for s in cfg.models.sources if s.name == "math")
+    math_src.heldout.mode = "response"
+    m = metrics.model_metrics(cfg, cfg.run_dir)
+    assert m["heldout_mode"] == {"math": "response", "code": "full"}
+    held = {t: tokenize_task_masked(s.heldout, cfg.calibration, tok, heldout=True) for t, s in
+            ((s.name, s) for s in cfg.models.sources)}
+    assert m["heldout_tokens"] == {"math": sum(sum(k[1:]) for k in held["math"][1]),
+                                   "code": sum(len(q) - 1 for q in held["code"][0])}
+    assert not all(map(all, held["math"][1])) and all(map(all, held["code"][1]))
+    ev = metrics.evaluate_checkpoint(layout.model_dir(cfg.run_dir), list(layout.moe_layers(cfg)),
+                                     [metrics.Evaluation(held["math"][0], masks=held["math"][1])], 4,
+                                     torch.device("cpu"))
+    assert m["loss"]["math"]["calibrated"] == ev.results[0].loss
+    write_markdown(m, tmp_path / "report.md", [])
+    assert f"| math | {m['heldout_tokens']['math']} (response) |" in (tmp_path / "report.md").read_text()
+
 
 def test_heldout_loss_counts_the_selected_predictions(chat_sources):
     """evaluate_checkpoint with masks: the NLL of the predictions of selected tokens only, equal to

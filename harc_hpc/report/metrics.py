@@ -368,8 +368,12 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     trust = cfg.models.trust_remote_code
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=trust)
+    from harc_hpc.io.calibration_data import effective_settings
+
     tokenized = _tokenized_heldout(cfg, tokenizer)
     tasks = list(tokenized)
+    modes = {s.name: effective_settings(s.heldout, cfg.calibration, heldout=True)["mode"]
+             for s in cfg.models.sources if s.name in tokenized}
 
     def heldout(t: str, **kw) -> Evaluation:
         seqs, masks = tokenized[t]
@@ -382,6 +386,7 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
 
     out: dict = {"tasks": tasks, "layers": layers, "top_k": top_k, "family": fam.name, "link": fam.router_link,
                  "heldout_tokens": {t: predicted(*tokenized[t]) for t in tasks},
+                 "heldout_mode": {t: modes[t] for t in tasks},
                  "loss": {t: {} for t in tasks}}
     if not tasks:
         out["note"] = "no task has held-out data (models.sources[*].heldout): no losses or routing metrics"
