@@ -295,14 +295,22 @@ def chat_sources(tmp_path_factory):
     return src
 
 
-def chat_config(root, sources, mode, block_size):
+def chat_config(root, sources, mode, block_size, source_modes=None):
+    import yaml
+
     from pipeline_fixtures import write_config
 
     extra = {"calibration.max_length": 40}
     if mode is not None:
         extra["calibration.mode"] = mode
-    return load_config(write_config(root, sources, name=f"run-{mode}-{block_size}", block_size=block_size,
-                                    tasks=TASKS, extra=extra))
+    path = write_config(root, sources, name=f"run-{mode}-{block_size}", block_size=block_size, tasks=TASKS,
+                        extra=extra)
+    raw = yaml.safe_load(path.read_text())
+    for src in raw["models"]["sources"]:
+        if src["name"] in (source_modes or {}):
+            src["calibration"]["mode"] = source_modes[src["name"]]
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return load_config(path)
 
 
 def stored_inputs(cfg, layer, task):
@@ -315,16 +323,23 @@ def stored_inputs(cfg, layer, task):
 
 def test_response_capture_is_the_full_capture_at_the_response_tokens(chat_sources, tmp_path):
     """One block of both layers, captured from the same merged model in mode full and in mode
-    response: the response store is the full store's rows at the selected tokens, bit for bit."""
+    response: the response store is the full store's rows at the selected tokens, bit for bit. A
+    source that states mode full in the response run is captured whole, as in the full run."""
     from harc_hpc.io.activations import TokenStore
     from harc_hpc.stages import capture_activations, layout, merge_experts
 
-    cfgs = {mode: chat_config(tmp_path, chat_sources, mode, block_size=2) for mode in (None, "response")}
+    cfgs = {None: chat_config(tmp_path, chat_sources, None, block_size=2),
+            "response": chat_config(tmp_path, chat_sources, "response", block_size=2,
+                                    source_modes={"code": "full"})}
     for cfg in cfgs.values():
         merge_experts.run(cfg, cfg.run_dir)
         capture_activations.run(cfg, cfg.run_dir, block=0)
     full, resp = cfgs[None], cfgs["response"]
-    for task in TASKS:
+    code = TokenStore(layout.token_store(resp.run_dir, "code"))
+    assert code.selected is None
+    for layer in layout.moe_layers(full):
+        assert torch.equal(stored_inputs(resp, layer, "code").load(), stored_inputs(full, layer, "code").load())
+    for task in ("math",):
         all_tokens, chosen = (TokenStore(layout.token_store(c.run_dir, task)) for c in (full, resp))
         assert all_tokens.selected is None and chosen.selected is not None
         # the same sequences are fed in both modes; fewer tokens are selected in mode response
