@@ -281,9 +281,9 @@ def tokenize_task(data: CalibrationData, defaults: CalibrationSection, tokenizer
     return tokenize_task_masked(data, defaults, tokenizer, heldout)[0]
 
 
-def data_digest(data: CalibrationData, defaults: CalibrationSection, heldout: bool = False) -> str:
+def data_digest(data: CalibrationData, defaults: CalibrationSection) -> str:
     """Digest of the settings and the bytes of the files: what the tokenised cache depends on."""
-    settings = effective_settings(data, defaults, heldout)
+    settings = effective_settings(data, defaults)
     if settings["mode"] != "response":  # full and prompt are told apart by prompts_only, as before modes
         del settings["mode"]
     h = hashlib.sha256()
