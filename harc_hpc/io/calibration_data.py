@@ -142,7 +142,8 @@ def render_sample(sample: dict, tokenizer, prompts_only: bool, use_chat_template
     return "\n".join(str(m["content"]) for m in msgs)
 
 
-def render_with_responses(messages: list[dict], tokenizer, use_chat_template: bool) -> tuple[str, list[tuple[int, int]]]:
+def render_with_responses(messages: list[dict], tokenizer,
+                          use_chat_template: bool) -> tuple[str, list[tuple[int, int]]]:
     """The whole conversation as ``render_sample`` renders it, and the character spans [start, end)
     of its assistant turns.
 

@@ -174,7 +174,8 @@ def tokens_per_task(cfg: PipelineConfig, run_dir: Optional[Path]) -> dict[str, t
             s = effective_settings(data, cfg.calibration)
             n, source = _tokens_from_files(data.files, s["num_samples"], s["max_length"]), "file sizes"
             if n is None:  # the data is not here: the upper bound
-                n, source = _samples_bound(s["num_samples"]) * int(s["max_length"]), "upper bound num_samples x max_length"
+                n = _samples_bound(s["num_samples"]) * int(s["max_length"])
+                source = "upper bound num_samples x max_length"
         out[task] = (n, source)
     return out
 
