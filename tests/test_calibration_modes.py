@@ -472,3 +472,25 @@ def test_plan_estimate_takes_fractions_and_gzip(tmp_path):
                 "files": [str(tmp_path / name)], "num_samples": num_samples}}]}})
             assert tokens_per_task(cfg, None) == {"a": (tokens, "file sizes")}, (name, num_samples)
     assert (_samples_bound(None), _samples_bound(7), _samples_bound(0.1), _samples_bound(1.0)) == (1000, 7, 100, 1000)
+
+
+def test_plan_digests_follow_the_mode(tmp_path):
+    """Changing the mode reruns the capture and everything after it, not the merge; stating the
+    default changes no digest; a held-out mode reruns only the report."""
+    from harc_hpc.pipeline.planner import build_plan
+
+    def digests(**kw):
+        cfg = parse_config(base_config(tmp_path, **{"heldout": {}, **kw}))
+        cfg.report.enabled = True
+        return {t.id: t.digest for t in build_plan(cfg, layers=[0, 1]).tasks.values()}
+
+    plain, stated = digests(), digests(calibration={"mode": "full"})
+    response, per_source = digests(calibration={"mode": "response"}), digests(source_calibration={"mode": "response"})
+    scored = digests(heldout={"mode": "response"})
+    assert plain == stated
+    for other in (response, per_source):
+        assert other["merge-experts/all"] == plain["merge-experts/all"]
+        downstream = [t for t in plain if t.split("/")[0] in ("capture-activations", "compute-statistics",
+                                                                  "solve-router", "assemble-model", "report")]
+        assert len(downstream) == 2 + 2 + 2 + 1 + 1 and all(other[t] != plain[t] for t in downstream)
+    assert [t for t in plain if scored[t] != plain[t]] == ["report/all"]
