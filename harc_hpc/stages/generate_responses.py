@@ -196,10 +196,10 @@ def generate_answers(model_path: str, prompts: list[list[dict]], *, max_new_toke
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=pad_id)
         for row in out[:, width:]:
-            ids = row.tolist()
-            if tok.eos_token_id is not None and tok.eos_token_id in ids:
-                ids = ids[: ids.index(tok.eos_token_id)]
-            answers.append(tok.decode(ids, skip_special_tokens=True))
+            generated = row.tolist()
+            if tok.eos_token_id is not None and tok.eos_token_id in generated:
+                generated = generated[: generated.index(tok.eos_token_id)]
+            answers.append(tok.decode(generated, skip_special_tokens=True))
         log.info("generate-responses: %d/%d prompts answered", len(answers), len(texts))
     return answers
 
