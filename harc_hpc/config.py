@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
 from harc_hpc.errors import UsageError
 
@@ -92,16 +92,59 @@ class RunSection(_Strict):
         return Path(self.output_dir) / self.name
 
 
+# -- calibration data ---------------------------------------------------------------------------
+
+def _num_samples(value):
+    """A count (an integer >= 1) or a share of the samples (a float in (0, 1]); None: all of them.
+    The type decides: 1 is one sample, 1.0 is all of them."""
+    if value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of samples (an integer >= 1) or a fraction of them in (0, 1], "
+                         f"got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"a number of samples must be >= 1, got {value} (a share of them is a fraction "
+                             "in (0, 1], e.g. 0.5)")
+        return value
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"a fraction of the samples must be in (0, 1], got {value} (a number of samples is "
+                         "an integer, e.g. 100)")
+    return value
+
+
+NumSamples = Annotated[Optional[Union[int, float]], BeforeValidator(_num_samples)]
+
+# Which tokens of a sample are fed and which are selected (docs/configuration.md, calibration modes):
+# full: the whole sample fed, every token selected; prompt: only the non-assistant messages fed, every
+# token selected; response: the whole conversation fed, only the assistant turns' tokens selected.
+# None: not stated here (inherited; in the end "full", or "prompt" from the deprecated prompts_only).
+# Left out of the dump when None, so that configs without the key keep their digests.
+CalibrationMode = Optional[Literal["full", "prompt", "response"]]
+
+
+def _check_mode_against_prompts_only(data) -> None:
+    if data.prompts_only and data.mode not in (None, "prompt"):
+        raise ValueError(f"prompts_only: true (deprecated; it means mode: prompt) contradicts mode: {data.mode}; "
+                         "set mode alone")
+
+
 class CalibrationData(_Strict):
     """Calibration text of one task: JSONL with ``messages`` (chat) or ``text`` records, or plain text."""
 
     files: list[Path] = Field(default_factory=list)
     format: Literal["auto", "chat", "text", "plain"] = "auto"
-    num_samples: Optional[int] = Field(default=None, ge=1)
+    num_samples: NumSamples = None
     max_length: int = Field(default=512, ge=8)
     seed: int = 42
-    prompts_only: bool = False
+    mode: CalibrationMode = Field(default=None, exclude_if=lambda v: v is None)
+    prompts_only: bool = False  # deprecated: mode: prompt
     use_chat_template: bool = True
+
+    @model_validator(mode="after")
+    def _mode_agrees(self) -> "CalibrationData":
+        _check_mode_against_prompts_only(self)
+        return self
 
 
 class SourceModel(_Strict):
@@ -150,10 +193,13 @@ class MergeSection(_Strict):
 class CalibrationSection(_Strict):
     """Defaults applied to every task's calibration data unless the source overrides them."""
 
-    num_samples: Optional[int] = Field(default=None, ge=1)
+    num_samples: NumSamples = None
     max_length: int = Field(default=512, ge=8)
     seed: int = 42
-    prompts_only: bool = False
+    # Not inherited by held-out data (it has its own). "full" is what None means here, so both are
+    # left out of the dump: stating the default changes no digest.
+    mode: CalibrationMode = Field(default=None, exclude_if=lambda v: v in (None, "full"))
+    prompts_only: bool = False  # deprecated: mode: prompt
     batch_size: int = Field(default=8, ge=1)
     chunk_tokens: int = Field(default=8192, ge=64)  # Zarr chunk length along tokens
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -166,6 +212,11 @@ class CalibrationSection(_Strict):
     # at its time limit resumes there; each save writes tokens x d in the compute dtype to the run
     # directory (harc-hpc plan shows how much). false: a killed capture task starts over.
     layer_checkpoints: bool = True
+
+    @model_validator(mode="after")
+    def _mode_agrees(self) -> "CalibrationSection":
+        _check_mode_against_prompts_only(self)
+        return self
 
 
 LayerSelection = Union[Literal["all"], list[int], dict[str, int]]

@@ -62,6 +62,7 @@ from harc_hpc.cli.launch import plan_cmd, stage_alias, stage_cmd, status_cmd, su
 from harc_hpc.cli.mergeme import build_hetero_moe_command, build_moe_command  # noqa: E402
 from harc_hpc.cli.report import compare_command, report_command  # noqa: E402
 from harc_hpc.stages.merge_experts import merge_experts_command  # noqa: E402
+from harc_hpc.stages.generate_responses import generate_responses_command  # noqa: E402
 
 main.add_command(submit_cmd)
 main.add_command(plan_cmd)
@@ -75,6 +76,7 @@ main.add_command(merge_experts_command)
 # build-moe (issue 15): an MoE from dense experts, standalone like merge-experts
 main.add_command(build_moe_command)
 main.add_command(build_hetero_moe_command)  # MergeME §3.2 heterogeneous experts
+main.add_command(generate_responses_command)  # on-policy calibration data (SrcCrt / SrcAll)
 
 
 def _add_stage_aliases() -> None:

@@ -58,24 +58,45 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
 # -- tokens ---------------------------------------------------------------
 
 
-def write_token_store(path: Path, seqs: Sequence[Sequence[int]], digest: str) -> None:
+def write_token_store(path: Path, seqs: Sequence[Sequence[int]], digest: str,
+                      masks: Optional[Sequence[Sequence[bool]]] = None) -> None:
+    """Token ids of every sequence, flat, with their offsets; ``masks``: per token whether the
+    calibration mode selects it (stored only when some token is not selected)."""
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(s) for s in seqs])
     ids = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(offsets[-1]))
+    selected = None
+    if masks is not None:
+        if [len(m) for m in masks] != [len(s) for s in seqs]:
+            raise ValueError("write_token_store: every sequence needs a mask of its own length")
+        selected = np.fromiter((bool(b) for m in masks for b in m), dtype=np.bool_, count=int(offsets[-1]))
+        if selected.all():
+            selected = None
     with atomic_path(path) as tmp:
         g = zarr.open_group(str(tmp), mode="w")
         g.create_array("ids", data=ids, chunks=(max(1, min(len(ids), 1 << 20)),), compressors=_codecs())
         g.create_array("offsets", data=offsets, chunks=(max(1, len(offsets)),), compressors=_codecs())
+        if selected is not None:
+            g.create_array("selected", data=selected.astype(np.uint8), chunks=(max(1, min(len(ids), 1 << 20)),),
+                           compressors=_codecs())
         g.attrs["digest"] = digest
 
 
 class TokenStore:
+    """The tokenised calibration data of one task. ``selected``: per token whether the calibration
+    mode selects it (None: every token, modes full and prompt); all tokens are fed to the model,
+    only the selected ones' router inputs are captured."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
         g = zarr.open_group(str(self.path), mode="r")
         self.digest = g.attrs.get("digest")
         self.offsets = np.asarray(g["offsets"][:], dtype=np.int64)
         self.ids = np.asarray(g["ids"][:], dtype=np.int64)
+        self.selected = np.asarray(g["selected"][:], dtype=np.bool_) if "selected" in g else None
+        # Sequence boundaries counted in selected tokens: the offsets of the router-input arrays.
+        self.selected_offsets = self.offsets if self.selected is None else \
+            np.concatenate([[0], np.cumsum(self.selected, dtype=np.int64)])[self.offsets]
 
     @property
     def num_sequences(self) -> int:
@@ -84,6 +105,10 @@ class TokenStore:
     @property
     def num_tokens(self) -> int:
         return int(self.offsets[-1])
+
+    @property
+    def num_selected(self) -> int:
+        return int(self.selected_offsets[-1])
 
     def sequence(self, i: int) -> np.ndarray:
         return self.ids[self.offsets[i] : self.offsets[i + 1]]

@@ -120,9 +120,12 @@ class Evaluation:
     ``keep_routing``: keep the router logits of real tokens at every MoE layer, under the model's
     own router and, given ``ref_routers``, under those reference routers (same inputs x).
     ``routers``: routers run in place of the checkpoint's at those layers (the oracle row).
+    ``masks``: per token whether the held-out data's calibration mode selects it (None: every token);
+    the loss counts the predictions of selected tokens, the routing the selected tokens' rows.
     """
 
     seqs: list[list[int]]
+    masks: Optional[list[list[bool]]] = None
     keep_routing: bool = False
     ref_routers: Optional[dict[int, torch.Tensor]] = None
     routers: Optional[dict[int, torch.Tensor]] = None
@@ -214,23 +217,31 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
     model = OnloadedModel(path, device, dtype=dtype, trust_remote_code=trust_remote_code)
     fam = model.family
     d = model.config.hidden_size
-    # Per evaluation and batch: the padded ids (the loss needs them at the end), the lengths and,
-    # where routing is kept, the mask of real tokens among the router's (B * T) rows.
-    plans: list[list[tuple[torch.Tensor, list[int], Optional[torch.Tensor]]]] = []
+    # Per evaluation and batch: the padded ids (the loss needs them at the end), the lengths, where
+    # routing is kept the mask of real (and selected) tokens among the router's (B * T) rows, and
+    # with ``masks`` the selected tokens (B, T).
+    plans: list[list[tuple[torch.Tensor, list[int], Optional[torch.Tensor], Optional[torch.Tensor]]]] = []
     for ev in evaluations:
         plan = []
         for start in range(0, len(ev.seqs), batch_size):
             ids, lengths = pad_batch([torch.tensor(s, dtype=torch.long) for s in ev.seqs[start : start + batch_size]],
                                      pad_value=0)
+            selected = None
+            if ev.masks is not None:
+                selected = torch.zeros(ids.shape, dtype=torch.bool)
+                for i, m in enumerate(ev.masks[start : start + batch_size]):
+                    selected[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
             mask = None
             if ev.keep_routing:
                 mask = torch.zeros(ids.shape, dtype=torch.bool)
                 for i, n in enumerate(lengths):
                     mask[i, :n] = True
+                if selected is not None:
+                    mask &= selected
                 mask = mask.reshape(-1).to(model.device)
-            plan.append((ids, lengths, mask))
+            plan.append((ids, lengths, mask, selected))
         plans.append(plan)
-    nbytes = sum(ids.numel() for plan in plans for ids, _, _ in plan) * d * model.dtype.itemsize
+    nbytes = sum(ids.numel() for plan in plans for ids, *_ in plan) * d * model.dtype.itemsize
     widest = max((model.layer_bytes(j) for j in range(model.num_layers)), default=0)
     placement = placement_for(nbytes, model.device, widest)
     results = [TaskEval() for _ in evaluations]
@@ -240,9 +251,9 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
 
     try:
         for plan in plans:
-            states.append(BatchStates([tuple(ids.shape) for ids, _, _ in plan], d, model.dtype, model.device,
+            states.append(BatchStates([tuple(ids.shape) for ids, *_ in plan], d, model.dtype, model.device,
                                       placement, scratch_dir=scratch_dir))
-            for i, (ids, _, _) in enumerate(plan):
+            for i, (ids, *_) in enumerate(plan):
                 states[-1].set(i, model.embed(ids))
         model.release_embeddings()
 
@@ -263,7 +274,7 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
                         held_bias = model.swap(j, bias_name, swap_in[:, -1])
                         swap_in = swap_in[:, :-1]
                     held = model.swap(j, router_name, swap_in)
-                for i, (_, _, mask) in enumerate(plan):
+                for i, (_, _, mask, _) in enumerate(plan):
                     if mask is not None and j in layers:
                         recorder.batch = (e, mask, ev.ref_routers)
                     st.set(i, model.run_layer(j, st.get(i)))
@@ -275,7 +286,7 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
             model.offload(j)
 
         for plan, st, result in zip(plans, states, results):
-            for i, (ids, lengths, _) in enumerate(plan):
+            for i, (ids, lengths, _, selected) in enumerate(plan):
                 logits = model.head_logits(st.get(i))
                 ids = ids.to(logits.device)
                 # Next-token loss over real tokens only (right padding: pads come after every real
@@ -283,9 +294,19 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
                 for b, n in enumerate(lengths):
                     if n < 2:
                         continue
-                    nll = torch.nn.functional.cross_entropy(logits[b, : n - 1].float(), ids[b, 1:n], reduction="sum")
-                    result.nll += float(nll)
-                    result.tokens += n - 1
+                    if selected is None:
+                        nll = torch.nn.functional.cross_entropy(logits[b, : n - 1].float(), ids[b, 1:n],
+                                                                reduction="sum")
+                        result.nll += float(nll)
+                        result.tokens += n - 1
+                        continue
+                    # Only the predictions of selected tokens (position t predicts token t + 1).
+                    keep = selected[b, 1:n].to(logits.device)
+                    if bool(keep.any()):
+                        nll = torch.nn.functional.cross_entropy(logits[b, : n - 1][keep].float(), ids[b, 1:n][keep],
+                                                                reduction="sum")
+                        result.nll += float(nll)
+                        result.tokens += int(keep.sum())
                 del logits
             st.close()
         model.release_head()
@@ -305,11 +326,17 @@ def _heldout_tasks(cfg: PipelineConfig) -> list[str]:
     return [s.name for s in cfg.models.sources if s.heldout is not None and s.heldout.files]
 
 
-def _tokenized_heldout(cfg: PipelineConfig, tokenizer) -> dict[str, list[list[int]]]:
-    from harc_hpc.io.calibration_data import tokenize_task
+def _tokenized_heldout(cfg: PipelineConfig, tokenizer) -> dict[str, tuple[list[list[int]], Optional[list]]]:
+    """Per task with held-out data: its sequences and, when its mode leaves tokens out (response),
+    which tokens are selected (None: all of them)."""
+    from harc_hpc.io.calibration_data import tokenize_task_masked
 
-    return {s.name: tokenize_task(s.heldout, cfg.calibration, tokenizer)
-            for s in cfg.models.sources if s.heldout is not None and s.heldout.files}
+    out = {}
+    for s in cfg.models.sources:
+        if s.heldout is not None and s.heldout.files:
+            seqs, masks = tokenize_task_masked(s.heldout, cfg.calibration, tokenizer, heldout=True)
+            out[s.name] = (seqs, None if all(map(all, masks)) else masks)
+    return out
 
 
 def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
@@ -341,10 +368,25 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     trust = cfg.models.trust_remote_code
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=trust)
-    heldout = _tokenized_heldout(cfg, tokenizer)
-    tasks = list(heldout)
+    from harc_hpc.io.calibration_data import effective_settings
+
+    tokenized = _tokenized_heldout(cfg, tokenizer)
+    tasks = list(tokenized)
+    modes = {s.name: effective_settings(s.heldout, cfg.calibration, heldout=True)["mode"]
+             for s in cfg.models.sources if s.name in tokenized}
+
+    def heldout(t: str, **kw) -> Evaluation:
+        seqs, masks = tokenized[t]
+        return Evaluation(seqs, masks=masks, **kw)
+
+    def predicted(seqs, masks) -> int:  # the tokens the loss counts
+        if masks is None:
+            return sum(max(0, len(s) - 1) for s in seqs)
+        return sum(sum(m[1:]) for m in masks)
+
     out: dict = {"tasks": tasks, "layers": layers, "top_k": top_k, "family": fam.name, "link": fam.router_link,
-                 "heldout_tokens": {t: sum(max(0, len(s) - 1) for s in heldout[t]) for t in tasks},
+                 "heldout_tokens": {t: predicted(*tokenized[t]) for t in tasks},
+                 "heldout_mode": {t: modes[t] for t in tasks},
                  "loss": {t: {} for t in tasks}}
     if not tasks:
         out["note"] = "no task has held-out data (models.sources[*].heldout): no losses or routing metrics"
@@ -378,7 +420,7 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
         t0 = time.perf_counter()
         src_path = resolve_model_path(src.path, revision=cfg.models.revision)
         source_select[src.name] = selectors(src_path)
-        ev = run(src_path, [Evaluation(heldout[t], keep_routing=(t == src.name)) for t in tasks])
+        ev = run(src_path, [heldout(t, keep_routing=(t == src.name)) for t in tasks])
         source_routers[src.name] = ev.routers
         for t, r in zip(tasks, ev.results):
             out["loss"][t][f"source:{src.name}"] = r.loss
@@ -388,7 +430,7 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
 
     if cfg.models.base:
         ev = run(resolve_model_path(cfg.models.base, revision=cfg.models.revision),
-                 [Evaluation(heldout[t]) for t in tasks])
+                 [heldout(t) for t in tasks])
         for t, r in zip(tasks, ev.results):
             out["loss"][t]["base"] = r.loss
 
@@ -397,10 +439,10 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     for name, path in (("merged", merged_dir), ("calibrated", model_dir)):
         t0 = time.perf_counter()
         routed = [t for t in tasks if t in source_routers]
-        evaluations = [Evaluation(heldout[t], keep_routing=True, ref_routers=source_routers[t]) for t in routed]
+        evaluations = [heldout(t, keep_routing=True, ref_routers=source_routers[t]) for t in routed]
         if name == "merged":
             # The oracle: the merged model with source t's routers on task t, swapped in layer by layer.
-            evaluations += [Evaluation(heldout[t], routers=source_routers[t]) for t in routed]
+            evaluations += [heldout(t, routers=source_routers[t]) for t in routed]
         results = run(path, evaluations).results
         own_select = selectors(path)
         router_level[name], end_to_end[name] = {}, {}

@@ -215,7 +215,9 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
                   "oracle: the merged model with source i's routers on task i.", "",
                   "| task | tokens | " + " | ".join(columns) + " |", "|" + "---|" * (2 + len(columns))]
         for t in tasks:
-            lines.append(f"| {t} | {metrics.get('heldout_tokens', {}).get(t, '')} | "
+            mode = metrics.get("heldout_mode", {}).get(t, "full")
+            scored = "" if mode == "full" else f" ({mode})"  # only the selected tokens' predictions count
+            lines.append(f"| {t} | {metrics.get('heldout_tokens', {}).get(t, '')}{scored} | "
                          + " | ".join(_fmt(losses[t].get(c)) for c in columns) + " |")
         lm = s.get("loss_mean", {})
         lines.append("| mean | | " + " | ".join(_fmt(lm.get(c)) for c in columns) + " |")

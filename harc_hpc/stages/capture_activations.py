@@ -39,7 +39,7 @@ from harc_hpc.io.activations import (
     write_token_store,
 )
 from harc_hpc.io.atomic import atomic_path, free_bytes, fsync_tree, publish, remove_path, write_json_atomic
-from harc_hpc.io.calibration_data import data_digest, tokenize_task
+from harc_hpc.io.calibration_data import data_digest, tokenize_task_masked
 from harc_hpc.config import PipelineConfig
 from harc_hpc.errors import DiskFullError, require_finite
 from harc_hpc.models.modeling import RouterInputRecorder, batches, free_memory_bytes, pad_batch, pick_device, unpad
@@ -51,7 +51,8 @@ from harc_hpc.stages.routers import load_router, load_router_bias, load_shared_e
 log = logging.getLogger(__name__)
 
 def ensure_tokens(cfg: PipelineConfig, run_dir: Path, tokenizer_dir: Path) -> dict[str, TokenStore]:
-    """Tokenise each task's calibration data once; a store is redone only when its inputs changed."""
+    """Tokenise each task's calibration data once; a store is redone only when its inputs changed.
+    The stores keep which tokens the calibration mode selects (``TokenStore.selected``)."""
     stores = {}
     tokenizer = None
     for task in cfg.task_names:
@@ -65,7 +66,8 @@ def ensure_tokens(cfg: PipelineConfig, run_dir: Path, tokenizer_dir: Path) -> di
                 tokenizer = AutoTokenizer.from_pretrained(
                     str(tokenizer_dir), trust_remote_code=cfg.models.trust_remote_code
                 )
-            write_token_store(path, tokenize_task(data, cfg.calibration, tokenizer), digest)
+            seqs, masks = tokenize_task_masked(data, cfg.calibration, tokenizer)
+            write_token_store(path, seqs, digest, masks=masks)
         stores[task] = TokenStore(path)
     return stores
 
@@ -222,6 +224,9 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
     bs = cfg.calibration.batch_size
     dtype = cfg.calibration.dtype
     n_tokens = sum(s.num_tokens for s in tokens.values())
+    # Every token is pushed through the layers (context); only the tokens the calibration mode selects
+    # (all of them in modes full and prompt) have their router inputs stored.
+    n_selected = sum(s.num_selected for s in tokens.values())
     item = {"float32": 4, "float64": 8}.get(dtype, 2)
     recorder = RouterInputRecorder({l: fam.router_module(model.model, l) for l in layers})
     states: dict[str, BatchStates] = {}
@@ -237,7 +242,8 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
         log.info("capture-activations block %d: resuming after decoder layer %d (checkpoint in %s)",
                  block, next_layer - 1, partial)
     hidden_dir, acts_dir = partial / "hidden.zarr", partial / "activations.zarr"
-    needed = n_tokens * d * item * ((0 if hidden_complete else 1) + len([l for l in layers if l >= next_layer]))
+    needed = d * item * ((0 if hidden_complete else n_tokens)
+                         + n_selected * len([l for l in layers if l >= next_layer]))
     free = free_bytes(partial)
     if free is not None and free < needed:
         raise DiskFullError(partial, needed, free)
@@ -259,7 +265,7 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
                 hidden_out.create(task, store.num_tokens, d, store.offsets)
             for l in layers:
                 if l >= next_layer:
-                    acts.create(f"{layer_name(l)}/{task}", store.num_tokens, d, store.offsets)
+                    acts.create(f"{layer_name(l)}/{task}", store.num_selected, d, store.selected_offsets)
             if manifest:
                 states[task].load(partial / "states" / f"{task}.bin")
                 continue
@@ -311,7 +317,10 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
                         require_finite(x, f"the router inputs of layer {j}", where(task, idx),
                                        hint="the model overflows or holds NaN weights; "
                                             "try calibration.dtype float32")
-                        acts.write(f"{layer_name(j)}/{task}", int(store.offsets[idx.start]), x)
+                        if store.selected is not None:
+                            rows = store.selected[int(store.offsets[idx.start]): int(store.offsets[idx.stop])]
+                            x = x[torch.from_numpy(rows).to(x.device)]
+                        acts.write(f"{layer_name(j)}/{task}", int(store.selected_offsets[idx.start]), x)
                     bar.update(1)
                 bar.close()
             model.offload(j)
@@ -343,6 +352,7 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
         "block": block,
         "layers": layers,
         "tokens": {t: s.num_tokens for t, s in tokens.items()},
+        "selected_tokens": {t: s.num_selected for t, s in tokens.items()},
         "decoder_layers_run": [prev_start, stop],
         "hidden_states_in": placement,
         **peak_memory(device),

@@ -119,20 +119,38 @@ class ModelShape:
 BYTES_PER_TOKEN = 4.0  # BPE on English text and code, roughly
 
 
+UNKNOWN_SAMPLES = 1000  # samples assumed for the upper bound when the files are not readable here
+
+
+def _samples_bound(num_samples) -> int:
+    """Samples kept when the files cannot be counted: the count, or its share of UNKNOWN_SAMPLES."""
+    from harc_hpc.io.calibration_data import sample_count
+
+    return sample_count(num_samples, UNKNOWN_SAMPLES) if isinstance(num_samples, float) else int(
+        num_samples or UNKNOWN_SAMPLES)
+
+
 def _tokens_from_files(files, num_samples, max_length) -> Optional[int]:
     """Tokens a task's JSONL/text files will give, from their size (~4 bytes a token), capped at
-    max_length per sample; None when a file is not readable here."""
+    max_length per sample; None when a file is not readable here. A ``.gz`` file is counted
+    uncompressed. Records are lines (a plain text file's paragraphs are undercounted: an upper
+    bound on tokens per record)."""
+    import gzip
+
+    from harc_hpc.io.calibration_data import sample_count
+
     records = size = 0
     for f in files:
         p = Path(f)
         if not p.is_file():
             return None
-        size += p.stat().st_size
-        with open(p, "rb") as fh:
-            records += sum(1 for _ in fh)
+        with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as fh:
+            for line in fh:
+                records += 1
+                size += len(line)
     if records == 0:
         return None
-    kept = min(records, num_samples or records)
+    kept = sample_count(num_samples, records)
     return int(kept * min(max_length, size / records / BYTES_PER_TOKEN))
 
 
@@ -156,7 +174,8 @@ def tokens_per_task(cfg: PipelineConfig, run_dir: Optional[Path]) -> dict[str, t
             s = effective_settings(data, cfg.calibration)
             n, source = _tokens_from_files(data.files, s["num_samples"], s["max_length"]), "file sizes"
             if n is None:  # the data is not here: the upper bound
-                n, source = int(s["num_samples"] or 1000) * int(s["max_length"]), "upper bound num_samples x max_length"
+                n = _samples_bound(s["num_samples"]) * int(s["max_length"])
+                source = "upper bound num_samples x max_length"
         out[task] = (n, source)
     return out
 
@@ -292,10 +311,10 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             for src in cfg.models.sources:
                 if src.heldout is None or not src.heldout.files:
                     continue
-                s = effective_settings(src.heldout, cfg.calibration)
+                s = effective_settings(src.heldout, cfg.calibration, heldout=True)
                 longest = max(longest, int(s["max_length"]))
                 n = _tokens_from_files(src.heldout.files, s["num_samples"], s["max_length"])
-                held += n if n is not None else int(s["num_samples"] or 1000) * int(s["max_length"])
+                held += n if n is not None else _samples_bound(s["num_samples"]) * int(s["max_length"])
             states = 2 * held * d * compute
             fixed = layer + shape.vocab * d * compute + cfg.calibration.batch_size * longest * shape.vocab * 4
             if on_gpu:
