@@ -164,6 +164,29 @@ def test_separate_attention_top1_is_exactly_the_chosen_expert_model(built):
         assert torch.equal(w(ids, routing=w.fixed_routing({name: 1.0})), models[e](input_ids=ids[None]).logits[0])
 
 
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])
+def test_other_families_identical_experts_and_separate_top1(tmp_path, family):
+    """Qwen3 (Qwen3-MoE) and Qwen2 with tied embeddings (Qwen2-MoE with the base as shared expert)."""
+    cfg = dense_config(family, tie_word_embeddings=(family == "qwen2"))
+    base = save_dense(tmp_path / "base", cfg, seed=0)
+    save_dense(tmp_path / "ft", cfg, seed=11, base_state=base, noise_ffn=0.05, noise_other=0.05)
+    for i in (1, 2):
+        save_dense(tmp_path / f"same{i}", cfg, seed=11 + i, base_state=base)
+    for out, experts in (("moe-same", ["same1", "same2"]), ("moe-ft", ["ft", "same1"])):
+        build_moe(MoEBuildSpec(base=str(tmp_path / "base"), output=tmp_path / out, top_k=2,
+                               experts=[{"name": n, "path": str(tmp_path / n)} for n in experts],
+                               include_base_expert=True))
+    ids = seqs(1, seed=10)[0]
+    with torch.no_grad():
+        ref = {n: load_dense(tmp_path / n)(input_ids=ids[None]).logits[0] for n in ("base", "ft")}
+    for attention in ("merged", "separate"):
+        w = SequenceRoutedLM.from_build(tmp_path / "moe-same", router="task_vector", attention=attention)
+        assert w.route(ids).scores == (0.0, 0.0, 0.0)  # zero task vectors score 0
+        assert torch.allclose(w(ids), ref["base"], atol=1e-5), (family, attention)
+    w = SequenceRoutedLM.from_build(tmp_path / "moe-ft", attention="separate", top_k=1)
+    assert torch.equal(w(ids, routing=w.fixed_routing({"ft": 1.0})), ref["ft"])
+
+
 def causal_mask(t: int) -> torch.Tensor:
     return torch.full((t, t), float("-inf")).triu(1)[None, None]
 
