@@ -390,5 +390,10 @@ def test_bad_input_is_named(built, tmp_path):
         w(torch.tensor([1, 2, 3]), routing=SequenceRouting((7,), (1.0,)))
     with pytest.raises(UsageError, match="evaluation set 'x' is empty"):
         routing_table(w, {"x": []})
+    from transformers import AutoModelForCausalLM
+
+    deeper = AutoModelForCausalLM.from_config(dense_config("llama", num_hidden_layers=3))
+    with pytest.raises(UsageError, match="expert 'b' has num_hidden_layers 3 but 'a' has 2"):
+        SequenceRoutedLM([load_dense(built["base"]), deeper], ["a", "b"], attention="separate")
     with pytest.raises(UsageError, match="task_vector routing needs the base model"):
         SequenceRoutedLM([load_dense(built["base"])] * 2, ["a", "b"], router="task_vector", attention="separate")

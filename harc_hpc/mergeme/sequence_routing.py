@@ -178,6 +178,17 @@ def _separate_attention_model(experts: Sequence[nn.Module], active: _Active) -> 
 # The wrapper
 # ---------------------------------------------------------------------------------------------
 
+def check_options(router: str, attention: str, top_k: int, names: Sequence[str]) -> None:
+    if router not in ROUTERS:
+        raise UsageError(f"router {router!r} is not a sequence-level rule; choose one of {ROUTERS}")
+    if attention not in ATTENTIONS:
+        raise UsageError(f"attention {attention!r}: choose one of {ATTENTIONS}")
+    if not names:
+        raise UsageError("no experts")
+    if not 1 <= int(top_k) <= len(names):
+        raise UsageError(f"top_k {top_k} must be between 1 and the {len(names)} experts {list(names)}")
+
+
 class SequenceRoutedLM(nn.Module):
     """An MoE from dense experts with MergeME's sequence-level routing (module docstring).
 
@@ -193,18 +204,18 @@ class SequenceRoutedLM(nn.Module):
                  base_expert: Optional[int] = None, moe_experts: Optional[Sequence[int]] = None):
         super().__init__()
         names = list(expert_names)
-        if router not in ROUTERS:
-            raise UsageError(f"router {router!r} is not a sequence-level rule; choose one of {ROUTERS}")
-        if attention not in ATTENTIONS:
-            raise UsageError(f"attention {attention!r}: choose one of {ATTENTIONS}")
+        check_options(router, attention, top_k, names)
         if len(experts) != len(names):
             raise UsageError(f"{len(experts)} expert models but {len(names)} names {names}")
         if len(set(names)) != len(names):
             raise UsageError(f"expert names must be unique: {names}")
-        if not names:
-            raise UsageError("no experts")
-        if not 1 <= int(top_k) <= len(names):
-            raise UsageError(f"top_k {top_k} must be between 1 and the {len(names)} experts {names}")
+        shape = ("model_type", "num_hidden_layers", "hidden_size", "vocab_size")
+        for name, m in zip(names, experts):
+            for f in shape:
+                a, b = getattr(experts[0].config, f, None), getattr(m.config, f, None)
+                if a != b:
+                    raise UsageError(f"expert {name!r} has {f} {b!r} but {names[0]!r} has {a!r}; "
+                                     f"the experts must share one architecture")
         if router == "task_vector" and base is None:
             raise UsageError("task_vector routing needs the base model (its gradient on the input)")
         if attention == "merged" and moe is None:
@@ -249,12 +260,7 @@ class SequenceRoutedLM(nn.Module):
         if unknown:
             raise UsageError(f"unknown expert(s) {unknown}; the build has {all_names}", where=str(record_file))
         k = int(top_k if top_k is not None else record["top_k"])
-        if not 1 <= k <= len(chosen):
-            raise UsageError(f"top_k {k} must be between 1 and the {len(chosen)} experts {chosen}")
-        if router not in ROUTERS:
-            raise UsageError(f"router {router!r} is not a sequence-level rule; choose one of {ROUTERS}")
-        if attention not in ATTENTIONS:
-            raise UsageError(f"attention {attention!r}: choose one of {ATTENTIONS}")
+        check_options(router, attention, k, chosen)  # before any model is loaded
         paths = {i["name"]: Path(i["path"]) for i in record["inputs"]}
         device = torch.device(device)
         loaded: dict[str, nn.Module] = {}
@@ -270,9 +276,8 @@ class SequenceRoutedLM(nn.Module):
 
         by_name = {e["name"]: e for e in record["experts"]}
         models = [dense(by_name[n]["ffn_from"]) for n in chosen]
-        base_name = BASE_NAME
-        base_expert = next((j for j, n in enumerate(chosen) if by_name[n]["ffn_from"] == base_name), None)
-        base = dense(base_name) if router == "task_vector" else None
+        base_expert = next((j for j, n in enumerate(chosen) if by_name[n]["ffn_from"] == BASE_NAME), None)
+        base = dense(BASE_NAME) if router == "task_vector" else None
         moe = load_causal_lm(moe_dir, device, dtype=dtype) if attention == "merged" else None
         return cls(models, chosen, router=router, attention=attention, top_k=k, base=base, moe=moe,
                    base_expert=base_expert, moe_experts=[by_name[n]["index"] for n in chosen])
