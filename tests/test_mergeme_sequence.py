@@ -18,7 +18,8 @@ import torch
 
 from harc_hpc.errors import InputDataError, UsageError
 from harc_hpc.mergeme import MoEBuildSpec, build_moe
-from harc_hpc.mergeme.routing_analysis import plot_routing, routing_markdown, routing_table, write_routing_report
+from harc_hpc.mergeme.routing_analysis import (heldout_loss, plot_routing, routing_markdown, routing_table,
+                                               write_routing_report)
 from harc_hpc.mergeme.sequence_routing import SequenceRoutedLM, SequenceRouting, lm_eval_model
 from test_mergeme import dense_config, save_dense
 
@@ -359,6 +360,39 @@ def test_routing_table_of_the_built_moe_is_a_per_token_count(built, tmp_path):
     first = Path(paths["png"]).read_bytes()
     plot_routing(tables, tmp_path / "again.png")
     assert (tmp_path / "again.png").read_bytes() == first  # deterministic bytes
+
+
+def test_heldout_loss_scores_the_tokens_after_the_prompt_routed_on_the_prompt(built):
+    from transformers import AutoModelForCausalLM
+
+    sets = {"a": seqs(2, seed=11), "b": seqs(2, length=9, seed=12)}
+    P = 4
+
+    def reference(model_for, ss):  # transformers' own loss with the prompt's labels masked
+        total = n = 0
+        for ids in ss:
+            labels = ids.clone()
+            labels[:P] = -100
+            with torch.no_grad():
+                total += float(model_for(ids)(input_ids=ids[None], labels=labels[None]).loss) * (len(ids) - P)
+            n += len(ids) - P
+        return total / n
+
+    moe = AutoModelForCausalLM.from_pretrained(str(built["ft"]), dtype=torch.float32).eval()
+    got = heldout_loss(moe, sets, prompt_tokens=P)
+    for name, ss in sets.items():
+        assert got[name]["tokens"] == sum(len(i) - P for i in ss)
+        assert got[name]["loss"] == pytest.approx(reference(lambda ids: moe, ss), rel=1e-5)
+    w = SequenceRoutedLM.from_build(built["ft"], router="ppl", attention="separate", top_k=1)
+    models = [load_dense(p) for p in dense_paths(built, "ft")]
+    got = heldout_loss(w, sets, prompt_tokens=P)
+    for name, ss in sets.items():  # top-1 separate attention: the expert chosen on the prompt
+        ref = reference(lambda ids: models[w.route(ids[:P]).experts[0]], ss)
+        assert got[name]["loss"] == pytest.approx(ref, rel=1e-5)
+    with pytest.raises(UsageError, match="prompt_tokens=0"):
+        heldout_loss(w, sets)
+    with pytest.raises(UsageError, match="sequence 0 has no token after the first 12"):
+        heldout_loss(moe, sets, prompt_tokens=12)
 
 
 # ---------------------------------------------------------------------------------------------

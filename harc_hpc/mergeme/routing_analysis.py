@@ -18,6 +18,11 @@ Each share sums to 1 over the experts. ``routing_markdown(tables)`` renders seve
 tables (option name -> table) as one markdown table per measure; ``plot_routing(tables, path)``
 draws one panel per evaluation set with one bar group per expert and one bar per option (PNG).
 ``write_routing_report(tables, out_dir)`` writes all three (json, md, png).
+
+``heldout_loss(model_or_wrapper, eval_sets, prompt_tokens=P)`` is the loss to put next to a table:
+mean next-token NLL of every token after the first P of each sequence, the same tokens for every
+option. A sequence-routed model is routed on those first P tokens only: routing on the scored tokens
+themselves would let PPL routing pick the expert by the very loss being measured.
 """
 
 from __future__ import annotations
@@ -251,3 +256,36 @@ def write_routing_report(tables: Mapping[str, dict], out_dir: Union[str, Path],
     with atomic_path(paths["png"]) as tmp:
         plot_routing(tables, tmp)
     return {k: str(v) for k, v in paths.items()}
+
+
+def heldout_loss(model_or_wrapper, eval_sets: Mapping[str, Sequence[TokenIds]], *,
+                 prompt_tokens: int = 0) -> dict[str, dict]:
+    """{set: {"loss": mean NLL in nats per scored token, "tokens": scored tokens}}: every token at
+    position >= max(prompt_tokens, 1) of each sequence, given its prefix. A ``SequenceRoutedLM`` is
+    routed on the first ``prompt_tokens`` tokens (at least 2 are needed); a transformers model is
+    run as it is."""
+    sets = _check_sets(eval_sets)
+    wrapper = model_or_wrapper if isinstance(model_or_wrapper, SequenceRoutedLM) else None
+    if wrapper is not None and prompt_tokens < 2:
+        raise UsageError(f"heldout_loss: a sequence-routed model is routed on the first prompt_tokens "
+                         f"tokens, which are then not scored; prompt_tokens={prompt_tokens} (at least 2)")
+    start = max(int(prompt_tokens), 1)
+    out = {}
+    for name, seqs in sets.items():
+        too_short = [i for i, s in enumerate(seqs) if s.numel() <= start]
+        if too_short:
+            raise UsageError(f"heldout_loss: evaluation set {name!r}: sequence {too_short[0]} has no "
+                             f"token after the first {start}")
+        total, count = 0.0, 0
+        for ids in seqs:
+            with torch.no_grad():
+                if wrapper is not None:
+                    logits = wrapper(ids, routing=wrapper.route(ids[:prompt_tokens]))
+                else:
+                    device = next(model_or_wrapper.parameters()).device
+                    logits = model_or_wrapper(input_ids=ids[None].to(device), use_cache=False).logits[0]
+            logp = torch.log_softmax(logits[start - 1:-1].double().cpu(), dim=-1)
+            total -= float(logp.gather(1, ids[start:, None]).sum())
+            count += ids.numel() - start
+        out[name] = {"loss": total / count, "tokens": count}
+    return out
