@@ -330,7 +330,7 @@ class SequenceRoutedLM(nn.Module):
             if name not in params[e]:
                 raise InputDataError(f"expert {self.expert_names[e]!r} has no parameter {name} (the "
                                      f"base has it); experts must share the base's architecture")
-            return params[e][name].detach()
+            return params[e][name].detach().cpu()  # task_vector_scores sums in float64 on the CPU
 
         s, self._tau_sq_norms = task_vector_scores(self.base, ids[None], expert_tensor, len(self.experts),
                                                    self._tau_sq_norms)
