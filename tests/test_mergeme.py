@@ -414,7 +414,8 @@ def test_task_vector_router_reproduces_app_c_scores_at_each_prompt(dense, tmp_pa
     base_state = dense(family)[1]
     experts = [dense(family, "ft-1")[1], dense(family, "ft-2")[1], None]  # None: the base expert
     names = [n for n, _ in base.named_parameters()]
-    taus = [None if s is None else torch.cat([(s[n] - base_state[n]).double().flatten() for n in names])
+    # App. C with MergeME's task vector tau = theta_base - theta_expert (§3.1.2)
+    taus = [None if s is None else torch.cat([(base_state[n] - s[n]).double().flatten() for n in names])
             for s in experts]
     prompts = PROMPTS["math"] + PROMPTS["code"]
     for text in prompts:

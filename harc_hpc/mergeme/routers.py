@@ -9,8 +9,11 @@
   prompts, of the per-prompt mean over tokens of the base model's hidden state entering decoder
   layer l (``output_hidden_states[l]``), scaled to unit L2 norm.
 * ``task_vector``: MergeME App. C scores an input x by the cosine similarity between the base's
-  gradient on x, g = grad_theta_b L(x), and each expert's task vector tau_e = theta_e - theta_b
-  (all parameters), and routes by softmax(top-k(similarities)). That rule is per sequence and needs
+  gradient on x, g = grad_theta_b L(x), and each expert's task vector tau_e = theta_b - theta_e
+  (all parameters; the paper's §3.1.2 definition, base minus expert: fine-tuning moves the weights
+  against the gradient, so this is the sign for which "the task vector represents the cumulative
+  gradient on the expert's data" and in-domain inputs score high), and routes by
+  softmax(top-k(similarities)). That rule is per sequence and needs
   a backward pass at inference; a token-level linear router cannot compute it. Here it becomes a
   router by fitting: for every prompt p (all experts' prompts pooled; no labels are needed),
   s_p[e] = cos(g_p, tau_e) is computed exactly as App. C says, and layer l's router R is the
@@ -75,7 +78,8 @@ def task_vector_scores(model, ids: torch.Tensor,
                        expert_tensor: Callable[[int, str], Optional[torch.Tensor]],
                        num_experts: int, tau_sq_norms: Optional[list[float]] = None
                        ) -> tuple[torch.Tensor, list[float]]:
-    """(E,) float64: cos(grad_theta_b L(ids), tau_e) over all base parameters, App. C's similarity.
+    """(E,) float64: cos(grad_theta_b L(ids), tau_e) over all base parameters, App. C's similarity,
+    with tau_e = theta_b - theta_e (module docstring: the sign that scores in-domain inputs high).
 
     ``expert_tensor(e, name)`` reads expert e's tensor ``name`` (None for the base as an expert,
     whose task vector is zero). Task vectors are formed tensor by tensor, never as a whole."""
@@ -95,7 +99,7 @@ def task_vector_scores(model, ids: torch.Tensor,
             t = expert_tensor(e, name)
             if t is None:
                 continue
-            tau = t.double() - base
+            tau = base - t.double()
             dots[e] += float((g * tau).sum())
             if compute_norms:
                 norms[e] += float((tau * tau).sum())
