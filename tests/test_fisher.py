@@ -243,6 +243,21 @@ def test_checkpoint_layout_maps_the_model_back_to_its_own_checkpoint(family, tmp
         assert torch.equal(mapped[key].to(ckpt.tensor_dtype(key)), ckpt.get_tensor(key)), key
 
 
+def test_buffers_in_the_checkpoint_get_a_zero_fisher(tmp_path):
+    """DeepSeek-V3's e_score_correction_bias is a buffer (no gradient): zero, and listed."""
+    from harc_hpc.stages.fisher_statistics import fisher_checkpoint
+
+    model = tiny_model("deepseek_v3", layers=3)
+    model.save_pretrained(tmp_path)
+    ckpt = Checkpoint(tmp_path)
+    res = diagonal_fisher(model, calibration()[0][:2])
+    tensors, zero = fisher_checkpoint(model, res.fisher, ckpt, family_for_config(ckpt.config))
+    assert set(tensors) == set(ckpt.keys())
+    assert zero == [f"model.layers.{l}.mlp.gate.e_score_correction_bias" for l in (1, 2)]
+    assert all(not tensors[k].any() for k in zero)
+    assert tensors["model.layers.1.mlp.gate.weight"].any()
+
+
 @pytest.fixture(scope="module")
 def tiny_sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("fisher")
