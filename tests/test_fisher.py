@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harc_hpc.config import ConfigError, load_config
+from harc_hpc.errors import InputDataError
 from harc_hpc.io.checkpoint import Checkpoint
 from harc_hpc.math.fisher import diagonal_fisher
 from harc_hpc.merge import MergeConfigError, MergeContext, MergeInputError, MergeUnit, Piece, resolve_settings
@@ -283,11 +284,20 @@ def test_buffers_in_the_checkpoint_get_a_zero_fisher(tmp_path):
     model.save_pretrained(tmp_path)
     ckpt = Checkpoint(tmp_path)
     res = diagonal_fisher(model, calibration()[0][:2])
-    tensors, zero = fisher_checkpoint(model, res.fisher, ckpt, family_for_config(ckpt.config))
+    fam = family_for_config(ckpt.config)
+    tensors, zero = fisher_checkpoint(model, res.fisher, ckpt, fam)
     assert set(tensors) == set(ckpt.keys())
     assert zero == [f"model.layers.{l}.mlp.gate.e_score_correction_bias" for l in (1, 2)]
     assert all(not tensors[k].any() for k in zero)
     assert tensors["model.layers.1.mlp.gate.weight"].any()
+    with pytest.raises(InputDataError, match=r"parameters \['model.extra.weight'\].*no tensor in the checkpoint"):
+        fisher_checkpoint(model, {**res.fisher, "model.extra.weight": torch.zeros(2)}, ckpt, fam)
+    fewer = {n: t for n, t in res.fisher.items() if n != "model.norm.weight"}
+    with pytest.raises(InputDataError, match=r"tensors \['model.norm.weight'\] are neither parameters"):
+        fisher_checkpoint(model, fewer, ckpt, fam)
+    wrong = {**res.fisher, "model.norm.weight": torch.zeros(3)}
+    with pytest.raises(InputDataError, match="model.norm.weight: the model's parameter has shape"):
+        fisher_checkpoint(model, wrong, ckpt, fam)
 
 
 @pytest.fixture(scope="module")

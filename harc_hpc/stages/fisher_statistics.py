@@ -43,10 +43,11 @@ from harc_hpc.io.atomic import atomic_dir, json_text
 from harc_hpc.io.calibration_data import data_digest, tokenize_task
 from harc_hpc.io.checkpoint import Checkpoint, resolve_model_path
 from harc_hpc.io.checkpoint_writer import CheckpointWriter
-from harc_hpc.math.distributed import ProcessGroupLike, as_reducer
+from harc_hpc.math.distributed import ProcessGroupLike, as_reducer, shard_rows
 from harc_hpc.math.fisher import FisherResult, diagonal_fisher
 from harc_hpc.merge.engine import natural_key
 from harc_hpc.models.families import MoEFamily, family_for_config
+from harc_hpc.progress import Progress
 
 FISHER_DIR = "fisher"
 META_FILE = "meta.json"
@@ -160,30 +161,28 @@ def compute_source_fisher(cfg: PipelineConfig, source_name: str, out_dir: Union[
         sequences = tokenize_task(data, cfg.calibration, tokenizer)
         model = load_causal_lm(local, device, trust_remote_code=cfg.models.trust_remote_code)
         compute_dtype = next(model.parameters()).dtype
+        # every parameter must have a checkpoint tensor to hold its Fisher: checked before the work
+        fisher_checkpoint(model, dict(model.named_parameters(remove_duplicate=False)), ckpt, fam)
         if accumulate_on == "auto":
             acc_bytes = 4 * sum(p.numel() for p in model.parameters())
             accumulate_on = ("device" if device.type == "cpu" or acc_bytes <= 0.8 * free_memory_bytes(device)
                              else "cpu")
-        result: FisherResult = diagonal_fisher(model, sequences, accumulate_on=accumulate_on,
-                                               gradient_checkpointing=gradient_checkpointing,
-                                               process_group=reducer)
-        samples, tokens, normalization = result.samples, result.tokens, result.normalization
-        on_host: dict[int, torch.Tensor] = {}  # one host copy per tensor: tied names stay one tensor
-        fisher = {}
-        for n, t in result.fisher.items():
-            if id(t) not in on_host:
-                on_host[id(t)] = t.to("cpu")
-            fisher[n] = on_host[id(t)]
-        del result
-        tensors, zero_buffers = fisher_checkpoint(model, fisher, ckpt, fam)
+        start, stop = shard_rows(len(sequences), reducer.rank, reducer.world_size)
+        with Progress(stop - start, f"fisher {source_name} rank {reducer.rank} (sequences)") as bar:
+            result: FisherResult = diagonal_fisher(model, sequences, accumulate_on=accumulate_on,
+                                                   gradient_checkpointing=gradient_checkpointing,
+                                                   process_group=reducer,
+                                                   progress=lambda done, total: bar.update(1))
+        # written tensor by tensor straight from where the accumulators are (device or host)
+        tensors, zero_buffers = fisher_checkpoint(model, result.fisher, ckpt, fam)
         del model
         meta = {
             "source": source_name,
             "model": str(src.path),
-            "samples": samples,
-            "tokens": tokens,
+            "samples": result.samples,
+            "tokens": result.tokens,
             "sequences": len(sequences),
-            "normalization": normalization,
+            "normalization": result.normalization,
             "dtype": "float32",
             "compute_dtype": str(compute_dtype).removeprefix("torch."),
             "world_size": reducer.world_size,
