@@ -19,7 +19,7 @@ from harc_hpc.io.checkpoint import Checkpoint
 from harc_hpc.math.fisher import diagonal_fisher
 from harc_hpc.merge import MergeConfigError, MergeContext, MergeInputError, MergeUnit, Piece, resolve_settings
 from harc_hpc.merge.base import MergeMethod
-from harc_hpc.merge.engine import split_unit
+from harc_hpc.merge.engine import plan_units, split_unit
 from harc_hpc.models.families import family_for_config
 from harc_hpc.stages.fisher_statistics import compute_source_fisher, to_checkpoint_layout
 
@@ -280,14 +280,14 @@ def test_buffers_in_the_checkpoint_get_a_zero_fisher(tmp_path):
     """DeepSeek-V3's e_score_correction_bias is a buffer (no gradient): zero, and listed."""
     from harc_hpc.stages.fisher_statistics import fisher_checkpoint
 
-    model = tiny_model("deepseek_v3", layers=3)
+    model = tiny_model("deepseek_v3", layers=2)
     model.save_pretrained(tmp_path)
     ckpt = Checkpoint(tmp_path)
-    res = diagonal_fisher(model, calibration()[0][:2])
+    res = diagonal_fisher(model, calibration()[0][:1])
     fam = family_for_config(ckpt.config)
     tensors, zero = fisher_checkpoint(model, res.fisher, ckpt, fam)
     assert set(tensors) == set(ckpt.keys())
-    assert zero == [f"model.layers.{l}.mlp.gate.e_score_correction_bias" for l in (1, 2)]
+    assert zero == [f"model.layers.{l}.mlp.gate.e_score_correction_bias" for l in (0, 1)]
     assert all(not tensors[k].any() for k in zero)
     assert tensors["model.layers.1.mlp.gate.weight"].any()
     with pytest.raises(InputDataError, match=r"parameters \['model.extra.weight'\].*no tensor in the checkpoint"):
@@ -334,11 +334,51 @@ def test_compute_source_fisher_writes_the_sources_keys(tiny_sources, tmp_path):
     assert torch.equal(fisher.get_tensor("model.layers.1.mlp.experts.3.down_proj.weight"),
                        direct["model.layers.1.mlp.experts.down_proj"][3])
     assert torch.equal(fisher.get_tensor("lm_head.weight"), direct["lm_head.weight"])
+    # read by a merge unit's pieces (the contract's ctx.fisher), a fused unit built from the per-expert
+    # keys is the model's own fused Fisher
+    units = {u.name: u for u in plan_units(src, family_for_config(src.config), "fused")}
+    gate_up = units["model.layers.1.mlp.experts.gate_up_proj"]
+    assert torch.equal(read_unit(fisher, gate_up), fused)
     # deterministic on CPU: the same bytes again
     compute_source_fisher(cfg, "math", tmp_path / "b", device="cpu", gradient_checkpointing=False)
     for f in sorted(p.name for p in out.iterdir()):
         assert (out / f).read_bytes() == (tmp_path / "b" / "fisher" / f).read_bytes() or f == "meta.json", f
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["fisher"]  # no temporaries left
+
+
+def read_unit(ckpt: Checkpoint, unit: MergeUnit) -> torch.Tensor:
+    return torch.cat([ckpt.read_part(p.key, p.start, p.numel) for p in unit.pieces]).reshape(unit.shape)
+
+
+def test_fisher_merge_of_two_written_fishers_unit_by_unit(tiny_sources, tmp_path):
+    """Both sources' Fishers from compute_source_fisher, read per merge unit (in slices, as the engine
+    plans them) and merged by the method, equal the formula applied to whole tensors."""
+    root, sources = tiny_sources
+    cfg = load_config(write_config(root, sources, method="fisher", extra={"calibration.num_samples": 2}))
+    names = ["math", "code"]
+    for name in names:
+        compute_source_fisher(cfg, name, tmp_path / name, device="cpu")
+    models = [Checkpoint(sources[n]) for n in names]
+    fishers = [Checkpoint(tmp_path / n / "fisher") for n in names]
+    method, params = resolve_settings("fisher", None, {"weights": [0.3, 0.7]}, names)
+    ctx = MergeContext(fisher=lambda unit, i: read_unit(fishers[i], unit))
+    merged = {k: torch.empty(models[0].tensor_shape(k)).reshape(-1) for k in models[0].keys()}
+    for whole_unit in plan_units(models[0], family_for_config(models[0].config), "per_expert"):
+        for unit in split_unit(whole_unit, 1000):
+            out = method.merge(None, [read_unit(m, unit) for m in models], unit, params, names, ctx).reshape(-1)
+            pos = 0
+            for p in unit.pieces:
+                merged[p.key][p.start:p.start + p.numel] = out[pos:pos + p.numel]
+                pos += p.numel
+    moved = 0
+    for key, got in merged.items():
+        f = [fi.get_tensor(key).clamp_min(1e-10) * w for fi, w in zip(fishers, (0.3, 0.7))]
+        x = [m.get_tensor(key).float() for m in models]
+        want = (f[0] * x[0] + f[1] * x[1]) / (f[0] + f[1])
+        assert torch.allclose(got.reshape(want.shape), want, rtol=1e-5, atol=1e-7), key
+        average = 0.3 * x[0] + 0.7 * x[1]
+        moved += int(not torch.allclose(want, average, rtol=1e-3, atol=1e-5))
+    assert moved > len(merged) // 2  # the Fishers differ, so the result is not the plain average
 
 
 def test_compute_source_fisher_without_calibration_data_names_the_key(tiny_sources, tmp_path):
