@@ -42,12 +42,15 @@ of both uses and the result lists it under every name. Buffers have no gradient 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence, Union
 
 import torch
 
 from harc_hpc.math.distributed import ProcessGroupLike, as_reducer, shard_rows
+
+log = logging.getLogger(__name__)
 
 TokenSequence = Union[torch.Tensor, Sequence[int]]
 
@@ -63,7 +66,6 @@ class FisherResult:
     tokens: int
     accumulator_bytes: int
     normalization: str = "mean over sequences of the squared gradient of the sequence log-likelihood"
-    extra: dict = field(default_factory=dict)
 
 
 def _as_ids(seq: TokenSequence) -> torch.Tensor:
@@ -96,7 +98,10 @@ def _gradient_checkpointing(model, enabled: bool):
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+        log.warning("%s does not support gradient checkpointing; the Fisher pass keeps every "
+                    "activation of a sequence", type(model).__name__)
+        yield
+        return
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]

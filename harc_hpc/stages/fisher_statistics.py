@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterable, Literal, Mapping, Optional, Union
+from typing import Iterable, Literal, Mapping, Union
 
 import torch
 
