@@ -87,6 +87,22 @@ def test_fisher_equals_brute_force_per_example_reference(family, tied):
         assert got.fisher["lm_head.weight"] is got.fisher["model.embed_tokens.weight"]
 
 
+def test_a_bfloat16_model_accumulates_float32_squares():
+    model = tiny_model("olmoe", layers=1).to(torch.bfloat16)
+    seqs, _ = calibration(3)
+    got = diagonal_fisher(model, seqs[:2])
+    params = dict(model.named_parameters())
+    want = {n: torch.zeros(p.shape) for n, p in params.items()}
+    for ids in seqs[:2]:
+        logits = model(input_ids=ids[None]).logits[0, :-1].float()
+        ll = torch.log_softmax(logits, dim=-1).gather(1, ids[1:, None]).sum()
+        for n, g in zip(params, torch.autograd.grad(ll, list(params.values()))):
+            want[n] += g.float() ** 2  # squared in float32, not bfloat16
+    for n, w in want.items():
+        assert got.fisher[n].dtype == torch.float32
+        assert torch.allclose(got.fisher[n], w / 2, rtol=1e-6, atol=0), n
+
+
 def test_checkpointing_and_host_accumulators_change_nothing_and_the_model_is_left_as_it_was():
     model = tiny_model("olmoe")
     seqs, masks = calibration(2)
