@@ -372,8 +372,9 @@ def test_fisher_merge_of_two_written_fishers_unit_by_unit(tiny_sources, tmp_path
     root, sources = tiny_sources
     cfg = load_config(write_config(root, sources, method="fisher", extra={"calibration.num_samples": 2}))
     names = ["math", "code"]
-    for name in names:
-        compute_source_fisher(cfg, name, tmp_path / name, device="cpu")
+    for name, shard in zip(names, ("5GB", 50_000)):  # the second sharded, read through its index
+        compute_source_fisher(cfg, name, tmp_path / name, device="cpu", max_shard_size=shard)
+    assert len(list((tmp_path / "code" / "fisher").glob("model-*-of-*.safetensors"))) > 2
     models = [Checkpoint(sources[n]) for n in names]
     fishers = [Checkpoint(tmp_path / n / "fisher") for n in names]
     method, params = resolve_settings("fisher", None, {"weights": [0.3, 0.7]}, names)

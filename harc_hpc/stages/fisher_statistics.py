@@ -2,7 +2,7 @@
 ``fisher`` merge method (the merge-statistics stage calls ``compute_source_fisher`` per source).
 
 Output, ``OUT_DIR/fisher/`` (atomic: a temporary sibling renamed when complete): safetensors shards
-laid out like a model (``merge.max_shard_size``) whose tensor keys and shapes are exactly the
+laid out like a model (5 GB shards by default) whose tensor keys and shapes are exactly the
 source checkpoint's, all float32, plus ``meta.json`` (samples, tokens, normalisation, ...) and the
 source's ``config.json`` (so harc_hpc.io.checkpoint.Checkpoint opens it like a model). The math
 is harc_hpc.math.fisher: the mean over calibration sequences of the squared gradient of each
@@ -139,10 +139,17 @@ def compute_source_fisher(cfg: PipelineConfig, source_name: str, out_dir: Union[
                           device: Union[None, str, torch.device] = None, *,
                           accumulate_on: Literal["auto", "device", "cpu"] = "auto",
                           gradient_checkpointing: bool = True,
-                          process_group: ProcessGroupLike = None) -> dict:
+                          process_group: ProcessGroupLike = None,
+                          max_shard_size: Union[int, str] = "5GB") -> dict:
     """Write ``out_dir/fisher/`` for source ``source_name`` (module docstring) and return its
     ``meta.json`` content. ``device``: where the model runs (default "auto": CUDA when present).
-    With ``process_group`` every rank calls this; rank 0 writes."""
+    With ``process_group`` every rank calls this; rank 0 writes.
+
+    Config keys read (what a digest of the result must cover): ``models.sources.<name>.path`` and
+    ``.calibration``, ``models.revision``, ``models.allow_pickle``, ``models.trust_remote_code`` and
+    the calibration defaults ``calibration.{num_samples, max_length, seed, prompts_only}``; not
+    ``calibration.batch_size`` (one sequence per pass by definition) and nothing of ``merge`` (the
+    merge weights and epsilon apply later, so changing them reuses the Fishers)."""
     from transformers import AutoTokenizer
 
     from harc_hpc.models.modeling import free_memory_bytes, load_causal_lm, pick_device
@@ -192,14 +199,14 @@ def compute_source_fisher(cfg: PipelineConfig, source_name: str, out_dir: Union[
             "tensors": len(tensors),
         }
         if reducer.rank == 0:
-            _write(Path(out_dir) / FISHER_DIR, ckpt, tensors, meta, cfg.merge.max_shard_size, ckpt.config)
+            _write(Path(out_dir) / FISHER_DIR, ckpt, tensors, meta, max_shard_size, ckpt.config)
         return meta
     finally:
         ckpt.close()
 
 
 def _write(final: Path, ckpt: Checkpoint, tensors: Mapping[str, torch.Tensor], meta: dict,
-           max_shard_size: str, config: dict) -> None:
+           max_shard_size: Union[int, str], config: dict) -> None:
     keys = sorted(ckpt.keys(), key=natural_key)
     nbytes = sum(4 * tensors[k].numel() for k in keys)
     with atomic_dir(final, needed_bytes=nbytes) as tmp:
