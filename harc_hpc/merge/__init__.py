@@ -1,4 +1,4 @@
-"""Data-free merge methods, registered by name, and the streaming merge of checkpoints."""
+"""Merge methods, registered by name, and the streaming merge of checkpoints."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from harc_hpc.merge.base import (Granularity, MergeConfigError, MergeContext, Me
                                  MergeMethod, MergeUnit, MethodParams, Piece)
 from harc_hpc.merge.dare_linear import DareLinearMerge
 from harc_hpc.merge.dare_ties import DareTiesMerge
+from harc_hpc.merge.fisher import FisherMerge
 from harc_hpc.merge.linear import LinearMerge
 from harc_hpc.merge.presets import PRESETS
 from harc_hpc.merge.task_arithmetic import TaskArithmeticMerge
@@ -25,7 +26,7 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 for _m in (LinearMerge(), TaskArithmeticMerge(), TiesMerge(), DareLinearMerge(), DareTiesMerge(),
-           WudiMerge()):
+           WudiMerge(), FisherMerge()):
     register(_m)
 
 

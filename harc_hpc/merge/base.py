@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Literal, Optional, Sequence, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -69,6 +69,10 @@ class MergeContext:
     #: the caller keeps no other reference to the ``sources`` list it passes: a method may set its
     #: entries to None once used, to free memory early
     consume_inputs: bool = False
+    #: ``fisher(unit, i)``: source i's diagonal Fisher for exactly ``unit`` (the concatenation of its
+    #: pieces, reshaped to ``unit.shape``, float32); set by the engine for methods whose
+    #: ``statistics`` is "fisher"
+    fisher: Optional[Callable[[MergeUnit, int], torch.Tensor]] = None
 
     def generator(self, unit_name: str, model_index: int) -> torch.Generator:
         """A CPU generator seeded from (seed, unit name, model index): a rerun, a resumed run or a
@@ -115,6 +119,9 @@ class MergeMethod:
     #: the result at each element depends only on the inputs at that element, so large tensors can
     #: be merged in slices (bounded memory); methods that rank or normalise a whole tensor cannot
     elementwise: ClassVar[bool] = False
+    #: the per-source statistics the method needs from the merge-statistics stage ("gram",
+    #: "fisher"); None: data-free
+    statistics: ClassVar[Optional[str]] = None
     Params: ClassVar[type[MethodParams]] = MethodParams
 
     def parse_params(self, parameters: dict[str, Any], sources: Sequence[str]) -> MethodParams:
