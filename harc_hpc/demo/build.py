@@ -65,6 +65,13 @@ class DemoRecipe:
     # Fine-tuning moves the routers this many times faster than the rest: the routing breakdown
     # after averaging is only clearly visible when the routers of the sources drift apart.
     router_lr_mult: float = 10.0
+    # What a domain fine-tune may change. "own_experts": its own share of the experts (the domains
+    # split them in order: math 0..3, code 4..7 of 8) and the routers; attention, norms, embeddings and
+    # the other experts stay the base's. Real domain fine-tunes of an MoE concentrate their change in
+    # the experts the domain uses; making that exact means a task-arithmetic merge keeps every
+    # source's experts unchanged and the routers are what conflicts (the paper's routing breakdown:
+    # docs/demo.md has the measured figures). "all": every parameter (the first demo).
+    finetune_scope: str = "own_experts"
     warmup_frac: float = 0.05
     threads: int = 1
     # shipped data
@@ -209,9 +216,12 @@ def build_into(out: Path, recipe: DemoRecipe, progress: Optional[Callable[[str],
             model = training.new_model(recipe, seed=s)
             model.load_state_dict(base_state)
             windows = corpus.packed_windows(d, recipe.finetune_steps * B, L, f"{s}/finetune/{d}")
+            trainable = training.restrict_finetune(model, recipe, d)
             info["finetune"][d] = dataclasses.asdict(training.train(
                 model, training.windows_to_batches(windows, B), recipe.finetune_lr, recipe.router_lr_mult,
                 recipe.warmup_frac, progress=say, label=f"finetune {d}"))
+            info["finetune"][d]["trainable"] = trainable
+            training.release_restrictions(model)
             _save(model, tok, out / d)
             info["heldout_ce"][d] = {e: round(training.mean_ce(model, heldout[e]), 4) for e in recipe.domains}
             del model

@@ -54,6 +54,50 @@ def is_router_param(name: str) -> bool:
     return name.endswith("mlp.gate.weight")
 
 
+def expert_share(recipe, domain: str) -> list[int]:
+    """The experts a domain's fine-tune owns under ``finetune_scope: own_experts``: the domains split
+    the experts into equal consecutive blocks, in the recipe's domain order."""
+    n = len(recipe.domains)
+    i = list(recipe.domains).index(domain)
+    per = recipe.num_experts // n
+    if per < 1:
+        raise ValueError(f"{recipe.num_experts} experts cannot be shared among {n} domains")
+    return list(range(i * per, (i + 1) * per))
+
+
+def restrict_finetune(model, recipe, domain: str) -> dict:
+    """Freeze what a domain fine-tune must not change (``recipe.finetune_scope``); returns what stays
+    trainable. Expert tensors are fused (E, ...) in transformers 5, so the other experts' slices are
+    held by zeroing their gradient rows: with AdamW and no weight decay a slice whose gradient is
+    always zero never moves (its moments stay zero)."""
+    if recipe.finetune_scope == "all":
+        return {"scope": "all"}
+    if recipe.finetune_scope != "own_experts":
+        raise ValueError(f"unknown finetune_scope {recipe.finetune_scope!r} (all, own_experts)")
+    own = expert_share(recipe, domain)
+    keep = torch.zeros(recipe.num_experts, dtype=torch.bool)
+    keep[own] = True
+    handles = []
+    for name, p in model.named_parameters():
+        if ".mlp.experts." in name:
+            if p.shape[0] != recipe.num_experts:
+                raise ValueError(f"{name}: expected the experts on dim 0, shape {tuple(p.shape)}")
+            mask = keep.view(-1, *([1] * (p.dim() - 1)))
+            handles.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
+        elif not is_router_param(name):
+            p.requires_grad_(False)
+    model._finetune_hooks = handles
+    return {"scope": "own_experts", "experts": own}
+
+
+def release_restrictions(model) -> None:
+    for h in getattr(model, "_finetune_hooks", []):
+        h.remove()
+    model._finetune_hooks = []
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
 def windows_to_batches(windows: list[str], batch_size: int) -> list[torch.Tensor]:
     ids = torch.tensor([encode(w) for w in windows], dtype=torch.long)
     return [ids[i : i + batch_size] for i in range(0, len(ids) - batch_size + 1, batch_size)]
@@ -82,8 +126,8 @@ def train(model, batches: list[torch.Tensor], lr: float, router_lr_mult: float, 
     """AdamW (0.9, 0.95), no weight decay, grad clip 1.0, CE + aux load-balancing loss."""
     model.train()
     model.config.output_router_logits = True
-    routers = [p for n, p in model.named_parameters() if is_router_param(n)]
-    others = [p for n, p in model.named_parameters() if not is_router_param(n)]
+    routers = [p for n, p in model.named_parameters() if is_router_param(n) and p.requires_grad]
+    others = [p for n, p in model.named_parameters() if not is_router_param(n) and p.requires_grad]
     opt = torch.optim.AdamW(
         [{"params": others, "lr": lr}, {"params": routers, "lr": lr * router_lr_mult}],
         lr=lr, betas=(0.9, 0.95), weight_decay=0.0, eps=1e-8, foreach=False,
@@ -98,7 +142,7 @@ def train(model, batches: list[torch.Tensor], lr: float, router_lr_mult: float, 
         ce_hist.append(float(out.loss.detach()) - model.config.router_aux_loss_coef * aux)
         aux_hist.append(aux)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
