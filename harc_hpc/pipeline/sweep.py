@@ -160,7 +160,7 @@ def load_sweep(path: os.PathLike) -> Sweep:
 
     combos: list[dict] = []
     keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
+    for values in (itertools.product(*(grid[k] for k in keys)) if keys else ()):  # no grid: the cells alone
         cell = dict(zip(keys, values))
         if any(all(_same(cell[k], v) for k, v in e.items()) for e in exclude):
             continue
