@@ -212,6 +212,26 @@ def test_tiny_sweep_status_and_resume(tiny_sweep):
     assert sum(map(len, _run_tasks(sweep_dir).values())) == sum(map(len, before.values()))
 
 
+
+def test_tiny_sweep_recovers_a_killed_shared_task_and_a_lost_link(tiny_sweep):
+    """A shared task killed before its record (here: its record removed) runs again once, in its
+    owner; the cells linking it see it complete again and nothing downstream reruns (same digests).
+    A link that went missing is made again without running anything."""
+    path, outcome, _ = tiny_sweep
+    sweep_dir = outcome.plan.sweep.dir
+    a, b = sweep_dir / "cells" / "method-linear+alpha-0.5", sweep_dir / "cells" / "method-linear+alpha-0.9"
+    (a / "completions" / "compute-statistics" / "layer-001" / "task-code.json").unlink()
+    (b / "merged").unlink()
+    states = {c.name: c.state for c in sweep_status(sweep_dir)}
+    assert states["method-linear+alpha-0.5"] == "pending" and states["method-linear+alpha-0.9"] == "pending"
+    again = submit_sweep(path, echo=lambda _: None)
+    ran = [(c.name, t) for c in again.cells for t in c.ran]
+    assert ran == [("method-linear+alpha-0.5", "compute-statistics/layer-001/task-code")]
+    assert (b / "merged").is_symlink()
+    states = {c.name: c.state for c in sweep_status(sweep_dir)}
+    assert states["method-linear+alpha-0.5"] == "done" and states["method-linear+alpha-0.9"] == "done"
+
+
 def test_tiny_sweep_table(tiny_sweep):
     _, outcome, _ = tiny_sweep
     sweep_dir = outcome.plan.sweep.dir

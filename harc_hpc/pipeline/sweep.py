@@ -389,7 +389,7 @@ def link_cell(plan: SweepPlan, cell: Cell) -> int:
             mine = cell.run_dir / rel.rstrip("/")
             # A folder several tasks write (capture's tokens/, content-addressed inside) is linked
             # only when absent: this cell's own tasks may have filled it.
-            if writers[rel] > 1 and (mine.exists() or mine.is_symlink()) and not mine.is_symlink():
+            if writers[rel] > 1 and mine.exists() and not mine.is_symlink():
                 continue
             symlink_atomic(mine, owner_dir / rel.rstrip("/"))
         # The record last: the task counts as complete here only once everything it lists is linked.
@@ -470,7 +470,8 @@ def submit_sweep(path: os.PathLike, executor: Optional[str] = None, specs_dir: O
             co = CellOutcome(cell.name)
             outcome.cells.append(co)
             with RunLock(cell.run_dir):
-                sweep_temporaries(cell.run_dir, other_hosts_stale=executor != "slurm", echo=echo)
+                # (as submit does: another host's temporaries are stale once no job of the run is alive)
+                sweep_temporaries(cell.run_dir, other_hosts_stale=not status_mod.active_jobs(cell.run_dir), echo=echo)
                 cell.plan.config_path = save_run_config(cell.cfg, cell.run_dir)
                 cell.plan.save()
                 co.linked = link_cell(plan, cell)
