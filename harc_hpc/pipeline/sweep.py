@@ -441,6 +441,14 @@ def submit_sweep(path: os.PathLike, executor: Optional[str] = None, specs_dir: O
     sweep = load_sweep(path)
     plan = plan_sweep(sweep, specs_dir)
     executor = executor or sweep.cells[0].cfg.executor.kind
+    if executor == "slurm":  # every cell fits its jobs, or nothing is submitted
+        from harc_hpc.pipeline.api import check_slurm_fits
+
+        for cell in plan.cells:
+            try:
+                check_slurm_fits(cell.cfg, cell.plan, specs_dir, echo)
+            except HarcHpcError as exc:
+                raise SweepError(f"{sweep.source}: cell {cell.name}: {_indent(exc)}") from None
     total = sum(len(c.plan.tasks) for c in plan.cells)
     echo(f"sweep {sweep.name}: {len(plan.cells)} cell(s), {total} task(s), {plan.distinct_tasks()} distinct "
          f"(the rest shared between cells); directory {sweep.dir}")
