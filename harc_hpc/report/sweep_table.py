@@ -148,7 +148,8 @@ def _plot(columns: list[str], rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     losses = [c for c in columns if c.startswith("loss:")]
-    labels = [f"{r['cell']} [{r['repair']}]" for r in rows]
+    # a none row is its merge: label it by its (merge) settings, not by the cell that measured it
+    labels = [f"{r['settings'] or r['cell']} [none]" if r["repair"] == "none" else f"{r['cell']} [harc]" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(rows) + 4), 4.5))
     width = 0.8 / max(len(losses), 1)
     for i, col in enumerate(losses):
@@ -166,7 +167,7 @@ def _plot(columns: list[str], rows: list[dict], path: Path) -> None:
         axes[0].legend(fontsize=7)
     kl = [r.get("router_kl") if r.get("router_kl") is not None else float("nan") for r in rows]
     axes[1].bar(range(len(rows)), kl, color=["tab:gray" if r["repair"] == "none" else "tab:green" for r in rows])
-    axes[1].set_title("router KL(source || model), mean over layers")
+    axes[1].set_title("router KL(source || model), mean over layers and tasks")
     axes[1].set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
