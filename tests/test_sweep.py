@@ -312,3 +312,34 @@ def test_shipped_sweeps_expand_and_validate():
         cfg = sweep_mod.cell_config(table1, cell.values, cell.name)
         assert cfg.merge.method == cell.values["merge.method"] and cfg.harc.alpha == 0.9
         assert cfg.merge.preset == cell.values.get("merge.preset")
+
+
+def test_tiny_sweep_cli_table_only_and_exit_code(tiny_sweep):
+    path, outcome, _ = tiny_sweep
+    result = CliRunner().invoke(main, ["sweep", str(path), "--table-only"])
+    assert result.exit_code == 1  # a cell failed (the table is written all the same)
+    assert "table: " in result.output and "1 of 3 cell(s) failed" in result.output
+    assert (outcome.plan.sweep.dir / "table.csv").is_file()
+
+
+def test_symlink_atomic_replaces_whatever_is_there(tmp_path):
+    from harc_hpc.io.atomic import symlink_atomic
+
+    target = tmp_path / "owner" / "merged"
+    for kind in ("none", "file", "dir", "link"):
+        link = tmp_path / kind / "merged"
+        link.parent.mkdir()
+        if kind == "file":
+            link.write_text("old")
+        elif kind == "dir":
+            (link / "sub").mkdir(parents=True)
+            (link / "sub" / "f").write_text("old")
+        elif kind == "link":
+            link.symlink_to(tmp_path / "elsewhere")
+        symlink_atomic(link, target)  # the target need not exist yet
+        assert link.is_symlink() and not link.exists()
+        assert (link.parent / __import__("os").readlink(link)).resolve() == target.resolve()
+        assert [p.name for p in link.parent.iterdir()] == ["merged"]  # no temporary left
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    assert (tmp_path / "dir" / "merged" / "config.json").read_text() == "{}"
