@@ -110,14 +110,6 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
-def is_sweep_config(path: os.PathLike) -> bool:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return False
-    return isinstance(data, dict) and "sweep" in data
-
-
 def load_sweep(path: os.PathLike) -> Sweep:
     """Read a sweep config and expand its cells (names and values; configs not yet validated)."""
     path = Path(path).resolve()
