@@ -418,6 +418,9 @@ def _resolve_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
 def parse_config(data: dict, source: str = "<config>", base_dir: Optional[Path] = None) -> PipelineConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    if "sweep" in data:
+        raise ConfigError(f"{source}: a sweep config (it has a `sweep:` section): run it with "
+                          f"`harc-hpc sweep {source}` (docs/sweep.md)")
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:

@@ -61,6 +61,7 @@ def main(verbose: int, debug: bool) -> None:
 from harc_hpc.cli.launch import plan_cmd, stage_alias, stage_cmd, status_cmd, submit_cmd  # noqa: E402
 from harc_hpc.cli.mergeme import build_hetero_moe_command, build_moe_command  # noqa: E402
 from harc_hpc.cli.report import compare_command, report_command  # noqa: E402
+from harc_hpc.cli.sweep import sweep_cmd  # noqa: E402
 from harc_hpc.stages.merge_experts import merge_experts_command  # noqa: E402
 from harc_hpc.stages.generate_responses import generate_responses_command  # noqa: E402
 
@@ -68,6 +69,7 @@ main.add_command(submit_cmd)
 main.add_command(plan_cmd)
 main.add_command(stage_cmd)
 main.add_command(status_cmd)
+main.add_command(sweep_cmd)
 main.add_command(report_command)
 main.add_command(compare_command)
 # merge-experts also works standalone (a merge with no pipeline around it, like mergekit-yaml);

@@ -219,8 +219,19 @@ def _upstream_error(name, config, run_dir, stages_dir, plan, missing, shown) -> 
                    "whose artifacts fail is marked invalid and reruns on the next submit")
 def status_cmd(run_dir, failed_only, verify):
     """Per stage and layer/task: done / pending / running / failed / cancelled, SLURM state, job id,
-    and the log of each failure. Exits 1 if anything failed or was cancelled."""
+    and the log of each failure. Exits 1 if anything failed or was cancelled. On a sweep directory:
+    per cell, its state and each failed task (a shared task in the cell that ran it)."""
     from harc_hpc.pipeline import status
+    from harc_hpc.pipeline.sweep import format_sweep_status, is_sweep_dir, sweep_status
+
+    if is_sweep_dir(run_dir):
+        cells = sweep_status(Path(run_dir))
+        click.echo(format_sweep_status(cells, failed_only=failed_only))
+        counts: dict = {}
+        for c in cells:
+            counts[c.state] = counts.get(c.state, 0) + 1
+        click.echo("cells: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        sys.exit(1 if counts.get("failed") else 0)
 
     try:
         rows = status.collect(Path(run_dir), verify=verify)

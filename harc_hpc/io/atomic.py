@@ -208,6 +208,25 @@ def write_json_atomic(path: PathLike, data: Any) -> None:
     write_text_atomic(path, json_text(data))
 
 
+def symlink_atomic(link: PathLike, target: PathLike) -> None:
+    """Make ``link`` a relative symbolic link to ``target`` (which need not exist yet), replacing
+    whatever is at ``link`` (a file, a directory, another link) in one rename: a reader sees the old
+    entry or the new link, never neither. Used by sweeps, whose cells link the artifacts and records
+    of tasks another cell runs."""
+    link, target = Path(link), Path(target)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(target, link.parent)
+    if link.is_symlink() and os.readlink(link) == rel:
+        return
+    tmp = temp_sibling(link)
+    os.symlink(rel, tmp)
+    try:
+        publish(tmp, link)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
 def _pid_alive(pid: int) -> bool:
     """Whether process ``pid`` (on this host) can still write. A zombie cannot: a writer killed a
     moment ago stays one until its parent (or init) reaps it, and a sweep in that window must not

@@ -97,6 +97,24 @@ def plan_estimates(cfg: PipelineConfig, run_dir: Optional[os.PathLike] = None,
     return cfg, plan, est, check_fits(est, resources)
 
 
+def check_slurm_fits(cfg: PipelineConfig, plan: Plan, specs_dir: Optional[os.PathLike] = None,
+                     echo: Callable[[str], None] = print) -> Optional[dict]:
+    """Refuse before spending anything when a task cannot fit what its SLURM job is given; the
+    estimates (None when there is nothing to estimate from)."""
+    # Without a readable config.json (sources a stage of this run produces, or not there yet) there
+    # is nothing to estimate from: say so and go on; the task that reads them fails with this error.
+    try:
+        est = load_hooks(specs_dir).call("estimate", cfg, plan, stage_resources(cfg, plan), None, None)
+    except InputDataError as exc:
+        echo(f"warning: resources not checked against the plan (harc-hpc plan --model-config): {exc}")
+        est = None
+    problems = check_fits(est or {}, stage_resources(cfg, plan))
+    if problems:
+        raise PlanDoesNotFitError("the plan does not fit the executor's resources (see harc-hpc plan):\n  "
+                                  + "\n  ".join(problems))
+    return est
+
+
 def submit_run(
     cfg: PipelineConfig,
     executor: Optional[str] = None,
@@ -121,18 +139,7 @@ def submit_run(
     cfg, plan = plan_run(cfg, run_dir, specs_dir, layers)
     executor = executor or cfg.executor.kind
     if executor == "slurm":
-        # Refuse before spending anything when a task cannot fit what its job is given. Without a
-        # readable config.json (sources a stage of this run produces, or not there yet) there is
-        # nothing to estimate from: say so and go on; the task that reads them fails with this error.
-        try:
-            est = load_hooks(specs_dir).call("estimate", cfg, plan, stage_resources(cfg, plan), None, None)
-        except InputDataError as exc:
-            echo(f"warning: resources not checked against the plan (harc-hpc plan --model-config): {exc}")
-            est = None
-        problems = check_fits(est or {}, stage_resources(cfg, plan))
-        if problems:
-            raise PlanDoesNotFitError("the plan does not fit the executor's resources (see harc-hpc plan):\n  "
-                                      + "\n  ".join(problems))
+        est = check_slurm_fits(cfg, plan, specs_dir, echo)
     if dry_run:
         if executor == "slurm" and est:
             echo("estimated per task (harc-hpc plan):\n" + est["table"])

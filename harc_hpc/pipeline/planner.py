@@ -124,6 +124,7 @@ class PipelineHooks(_Strict):
     layers: Optional[str] = None  # cfg -> the calibrated layers
     headline: Optional[str] = None  # run_dir -> lines, after a waited run
     estimate: Optional[str] = None  # (cfg, plan, resources, config.json, tflops) -> estimates
+    check_config: Optional[str] = None  # cfg -> None; raises a UsageError naming the key (sweeps check every cell)
 
     def call(self, hook: str, *args):
         name = getattr(self, hook)
@@ -288,6 +289,9 @@ class Plan:
     tasks: dict[str, Task]  # id -> task, in a dependency order
     config_path: Optional[Path] = None  # the config snapshot jobs load (set by save_run_config)
     retention: str = "keep"  # run.retention
+    # Tasks of this plan that another run directory runs (a sweep cell's task that an earlier cell
+    # owns), id -> the SLURM job that runs it there: its dependents wait for that job too.
+    external_jobs: dict[str, str] = field(default_factory=dict)
 
     # -- intermediate artifacts -------------------------------------------------------------------
     def scratch_of(self, task: Task) -> dict[str, list[Task]]:
@@ -371,6 +375,19 @@ class Plan:
                 if g is not group and all(g is not s for s in seen):
                     seen.append(g)
         return seen
+
+    def external_needs(self, group: Group, submitted: Iterable[Group]) -> list[str]:
+        """The jobs of ``external_jobs`` this group waits for (directly, or through complete tasks)."""
+        if not self.external_jobs:
+            return []
+        pending = {t.id for g in submitted for t in g.tasks} | set(self.external_jobs)
+        out: list[str] = []
+        for t in group.tasks:
+            for up in self.waits_for(t, pending):
+                job = self.external_jobs.get(up)
+                if job and job not in out:
+                    out.append(job)
+        return out
 
     def downstream(self, task_ids: Iterable[str]) -> set[str]:
         """Every task that needs one of these, directly or not."""

@@ -46,8 +46,9 @@ def _open(name: str, path: str, cfg: PipelineConfig) -> MergeInput:
     return MergeInput(name, Checkpoint(local, allow_pickle=cfg.models.allow_pickle, name=name))
 
 
-def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
-    run_dir = Path(run_dir)
+def check_config(cfg: PipelineConfig):
+    """The merge settings of a config, validated (the pipeline's ``validate`` hook, so a sweep
+    refuses a bad cell before any job runs): (method, parameters)."""
     m = cfg.merge
     names = [s.name for s in cfg.models.sources]
     method, params = resolve_settings(m.method, m.preset, m.parameters, names,
@@ -55,6 +56,13 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     if method.needs_base and cfg.models.base is None:
         raise MergeConfigError(f"merge method {method.name!r} works on task vectors and needs a base "
                                f"model: set models.base")
+    return method, params
+
+
+def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
+    run_dir = Path(run_dir)
+    m = cfg.merge
+    method, params = check_config(cfg)
     base = _open("base", cfg.models.base, cfg) if cfg.models.base is not None else None
     sources = [_open(s.name, s.path, cfg) for s in cfg.models.sources]
     inputs = ([base] if base else []) + sources

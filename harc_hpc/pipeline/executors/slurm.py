@@ -70,8 +70,10 @@ def sbatch_preview(params: dict) -> dict:
     return out
 
 
-def _dependency(groups: list[SubmittedGroup]) -> Optional[str]:
-    return "afterok:" + ":".join(g.job_id for g in groups) if groups else None
+def _dependency(groups: list[SubmittedGroup], external: Optional[list[str]] = None) -> Optional[str]:
+    """``afterok`` on these groups' jobs and on ``external`` job ids (another sweep cell's tasks)."""
+    ids = [g.job_id for g in groups] + [j for j in (external or []) if j not in {g.job_id for g in groups}]
+    return "afterok:" + ":".join(ids) if ids else None
 
 
 def print_dry_run(plan, cfg, todo, explicit, echo) -> None:
@@ -80,11 +82,13 @@ def print_dry_run(plan, cfg, todo, explicit, echo) -> None:
          f"blocks {plan.blocks})")
     for g in groups:
         needs = plan.group_needs(g, groups)
+        external = plan.external_needs(g, groups)
+        after = [f"<{n.name}>" for n in needs] + external
         res = resolve_resources(cfg, plan.specs[g.stage], explicit)
         params = submitit_parameters(res, f"harc-{g.name.replace('/', '.')}", len(g.tasks),
-                                     "afterok:" + ":".join(f"<{n.name}>" for n in needs) if needs else None)
+                                     "afterok:" + ":".join(after) if after else None)
         echo(f"[{g.name}] {len(g.tasks)} task(s): {', '.join(t.key for t in g.tasks)}")
-        echo(f"    after: {', '.join(n.name for n in needs) or '-'}")
+        echo(f"    after: {', '.join([n.name for n in needs] + external) or '-'}")
         echo("    sbatch: " + " ".join(f"{k}={v}" for k, v in sbatch_preview(params).items())
              + (f" --array=0-{len(g.tasks) - 1}%{params['slurm_array_parallelism']}" if len(g.tasks) > 1 else ""))
         if res["setup"]:
@@ -99,7 +103,7 @@ def submit(plan, cfg, todo, force, explicit, echo, outcome) -> Outcome:
     for g in plan.groups(todo):
         needs_groups = plan.group_needs(g, [s.group for s in submitted])
         needs = [s for s in submitted if any(s.group is n for n in needs_groups)]
-        dependency = _dependency(needs)
+        dependency = _dependency(needs, plan.external_needs(g, [s.group for s in submitted]))
         res = resolve_resources(cfg, plan.specs[g.stage], explicit)
         params = submitit_parameters(res, f"harc-{g.name.replace('/', '.')}", len(g.tasks), dependency,
                                      cfg.executor.signal_delay_s)
@@ -119,7 +123,7 @@ def submit(plan, cfg, todo, force, explicit, echo, outcome) -> Outcome:
                 "log": str(records.log_path(run_dir, g.stage, k))}
             for k, j in zip(keys, jobs)
         }
-        sg = SubmittedGroup(g, master, tasks, [s.job_id for s in needs], params)
+        sg = SubmittedGroup(g, master, tasks, dependency[len("afterok:"):].split(":") if dependency else [], params)
         submitted.append(sg)
         append_submission(run_dir, {
             "time": datetime.now(timezone.utc).isoformat(), "executor": "slurm", "group": g.name,
