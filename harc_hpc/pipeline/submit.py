@@ -81,11 +81,14 @@ def execute(
 
 
 def apply_prepare_hook(cfg: PipelineConfig, specs_dir=None) -> PipelineConfig:
-    """Fill in what the config leaves to be built (the pipeline's ``prepare`` hook: ``demo:``
-    sources are trained, or reused, here)."""
+    """Check the config's settings that no schema can (the ``check_config`` hook: an unknown merge
+    method or preset is refused here, before any job or demo build), then fill in what it leaves to
+    be built (the ``prepare`` hook: ``demo:`` sources are trained, or reused, here)."""
     from harc_hpc.pipeline.planner import load_hooks
 
-    out = load_hooks(specs_dir).call("prepare", cfg)
+    hooks = load_hooks(specs_dir)
+    hooks.call("check_config", cfg)
+    out = hooks.call("prepare", cfg)
     return cfg if out is None else out
 
 
