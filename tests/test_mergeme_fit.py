@@ -104,6 +104,22 @@ def test_fit_routes_each_domain_to_its_expert_and_chunking_does_not_matter():
     assert all(a < b for a, b in zip(sol.kl_after, sol.kl_before))
 
 
+def test_statistics_at_the_built_router_give_the_same_fit():
+    from harc_hpc.math import compute_task_statistics
+
+    xs = _tasks()
+    qs = domain_targets(3, [0, 1, 2], 0.1)
+    w0 = 0.2 * torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    stats = [compute_task_statistics(x, w0, w0) for x in xs]
+    a = fit_router_to_targets(xs, qs, w0, alpha=0.9, solver="direct", statistics=stats)
+    b = fit_router_to_targets(xs, qs, w0, alpha=0.9, solver="direct")
+    torch.testing.assert_close(a.weight, b.weight, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="another source router"):
+        fit_router_to_targets(xs, qs, torch.zeros(3, 5, dtype=torch.float64), statistics=stats)
+    with pytest.raises(ValueError, match="counted 40 tokens"):
+        fit_router_to_targets([xs[0][:20], xs[1], xs[2]], qs, w0, statistics=stats)
+
+
 def test_target_kl_matches_per_token_loop():
     x = _tasks()[0]
     q = domain_targets(3, [1], 0.0)[0]
@@ -128,3 +144,112 @@ def test_bad_targets_are_refused():
         fit_router_to_targets(xs, domain_targets(3, [0, 1], 0.1), w0)
     with pytest.raises(ValueError, match="needs every target probability > 0"):
         fit_router_to_targets(xs, domain_targets(3, [0, 1, 2], 0.0), w0, objective="kl")
+
+
+# -- the pipeline: build-moe as merge-experts, fit, assemble, report ---------------------------------
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import yaml  # noqa: E402
+
+DOMAINS = ("math", "code", "text")
+
+
+@pytest.fixture(scope="module")
+def dense_demo(tmp_path_factory):
+    """The MergeME demo's dense base and experts at the quick recipe (seconds)."""
+    from harc_hpc.mergeme.demo import QUICK_DENSE_RECIPE
+
+    root = tmp_path_factory.mktemp("dense-demo") / "build"
+    root.mkdir()
+    QUICK_DENSE_RECIPE.build_into(root)
+    return root
+
+
+def _mergeme_config(root: Path, demo: Path, *, name="fit", mergeme=None, harc=None, report=False) -> Path:
+    cfg = {
+        "run": {"name": name, "output_dir": str(root / "runs"), "seed": 0},
+        "models": {"base": str(demo / "base"), "sources": [
+            {"name": d, "path": str(demo / d), "calibration": {"files": [str(demo / "data" / f"{d}-calib.jsonl")]},
+             "heldout": {"files": [str(demo / "data" / f"{d}-heldout.jsonl")]}} for d in DOMAINS]},
+        "merge": {"method": "linear"},
+        "mergeme": {"top_k": 2, "router_init": "uniform", "smoothing": 0.1, **(mergeme or {})},
+        "calibration": {"max_length": 32, "batch_size": 4, "chunk_tokens": 128},
+        "harc": {"solver": "pcg", "tol": 1e-8, "alpha": 0.9, "dtype": "float64", "device": "cpu", **(harc or {})},
+        "executor": {"kind": "debug"},
+        "report": {"enabled": report},
+    }
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_pipeline_fit_routes_each_domain_to_its_expert(dense_demo, tmp_path):
+    from harc_hpc.config import load_config
+    from harc_hpc.stages import layout
+    from harc_hpc.stages import report as report_stage
+    from pipeline_fixtures import run_pipeline
+
+    cfg = load_config(_mergeme_config(tmp_path, dense_demo, mergeme={"compare": ["random"]}, report=True))
+    assert layout.reference_config(cfg)["model_type"] == "mixtral"
+    assert layout.moe_layers(cfg) == [0, 1]
+    run_dir = tmp_path / "runs" / "fit"
+    run_pipeline(cfg, run_dir)
+    print({l: json.loads(layout.router_report(run_dir, l).read_text())["expert_share"] for l in (0, 1)})
+    assert json.loads((run_dir / "merged" / "harc_mergeme.json").read_text())["router_init"] == "uniform"
+    for layer in (0, 1):
+        rep = json.loads(layout.router_report(run_dir, layer).read_text())
+        assert rep["converged"] and rep["target"] == "domain"
+        for d in DOMAINS:
+            assert rep["kl_after"][d] < rep["kl_before"][d]
+            # a uniform router sends a token to each expert with probability 1/3 (its logits all tie)
+            assert rep["expert_share"]["fitted"][d]["top1"] > 0.5
+    # the assembled model holds the fitted routers and loads in transformers
+    from transformers import AutoModelForCausalLM
+    from harc_hpc.stages.routers import load_router
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    torch.testing.assert_close(model.model.layers[1].mlp.gate.weight, load_router(run_dir, 1).to(torch.float32))
+    report_stage.run(cfg, run_dir)
+    metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+    assert set(metrics["options"]) == {"built (uniform)", "random", "fitted"}
+    for d in DOMAINS:
+        fitted, random_ = metrics["options"]["fitted"][d], metrics["options"]["random"][d]
+        assert fitted["expert_share_top1"] > max(0.5, random_["expert_share_top1"])
+        assert fitted["expert_share_top2"] > random_["expert_share_top2"]
+        assert sum(fitted["top1_distribution"]) == pytest.approx(1.0)
+    assert "PPL routing" in (run_dir / "report" / "report.md").read_text()
+
+
+def test_digests_of_configs_without_mergeme_are_unchanged(tmp_path):
+    """The optional ``mergeme?`` entry of the stage specs adds nothing to a HARC run's digests."""
+    from harc_hpc.config import load_config
+    from harc_hpc.pipeline.planner import build_plan, load_specs
+    from pipeline_fixtures import build_tiny_sources, write_config
+
+    sources = build_tiny_sources(tmp_path / "src", layers=2)
+    cfg = load_config(write_config(tmp_path, sources))
+    specs = load_specs()
+    stripped = {n: s.model_copy(update={"config_sections": [c for c in s.config_sections if c != "mergeme?"]})
+                for n, s in specs.items()}
+    assert any("mergeme?" in s.config_sections for s in specs.values())
+    a = build_plan(cfg, specs=specs, layers=[0, 1])
+    b = build_plan(cfg, specs=stripped, layers=[0, 1])
+    assert {t: x.digest for t, x in a.tasks.items()} == {t: x.digest for t, x in b.tasks.items()}
+
+
+def test_bad_mergeme_configs_are_refused_before_work(dense_demo, tmp_path):
+    from harc_hpc.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="mergeme.smoothing > 0"):
+        load_config(_mergeme_config(tmp_path, dense_demo, mergeme={"smoothing": 0.0}, harc={"objective": "kl"}))
+    with pytest.raises(ConfigError, match=r"mergeme.prompts: \['maths'\] are not source names"):
+        load_config(_mergeme_config(tmp_path, dense_demo, mergeme={"prompts": {"maths": ["1+1"]}}))
+    with pytest.raises(ConfigError, match="kronecker"):
+        load_config(_mergeme_config(tmp_path, dense_demo, harc={"preconditioner": "kronecker"}))
+    data = yaml.safe_load(_mergeme_config(tmp_path, dense_demo).read_text())
+    del data["models"]["base"]
+    (tmp_path / "nobase.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="models.base must be the dense base"):
+        load_config(tmp_path / "nobase.yaml")

@@ -40,7 +40,9 @@ from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reduc
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
 from harc_hpc.math.operator import TaskCurvature, check_hessian
 from harc_hpc.math.solver import (DIRECT_MAX_BYTES, OBJECTIVES, SOLVERS, HarcSystem, RouterSolution,
-                                  _fit_kl, _min_change_dense_solve, _preconditioner, sum_in_order)
+                                  _check_statistics, _fit_kl, _min_change_dense_solve, _preconditioner,
+                                  sum_in_order)
+from harc_hpc.math.statistics import TaskStatistics
 from harc_hpc.math.cg import PRECONDITIONERS, conjugate_gradient
 
 
@@ -133,6 +135,7 @@ def fit_router_to_targets(
     callback: Optional[Callable[[int, float], None]] = None,
     process_group: ProcessGroupLike = None,
     keep_input_dtype: bool = False,
+    statistics: Optional[Sequence[TaskStatistics]] = None,
 ) -> RouterSolution:
     """The router (K, d) minimising sum_i E_{x in task i} KL(q_i || softmax(W x)) (module docstring).
 
@@ -140,6 +143,9 @@ def fit_router_to_targets(
     targets[i]: q_i, a probability vector (K,) (``domain_targets``); init: W0 (K, d), the point of
     the quadratic model and the starting point. The other arguments are ``solve_router``'s.
     ``kl_before`` / ``kl_after`` are the per-task mean KL(q_i || softmax(W x)) at W0 and at the fit.
+    ``statistics``: each task's ``TaskStatistics`` computed with W0 as the source router (the
+    curvature at W0: diag(Sigma_i) and Sigma_i W0, as compute-statistics stores them); they replace
+    a pass over the inputs and must belong to W0 and these inputs.
     """
     t_start = time.perf_counter()
     reducer = as_reducer(process_group)
@@ -183,11 +189,22 @@ def fit_router_to_targets(
 
     # The curvature of the quadratic model is taken at W0 (HARC takes it at each source router).
     curvatures = [TaskCurvature(c, w0, hessian, reducer=reducer) for c in chunks]
-    diagonal = sum_in_order(cv.diagonal() for cv in curvatures)
     gradient = sum_in_order(target_gradient(c, q, w0, reducer) for c, q in zip(chunks, qs))
     kl_before = [target_kl(c, q, w0, reducer) for c, q in zip(chunks, qs)]
-    system = HarcSystem(curvatures, diagonal, alpha)
-    b = system.apply(w0) - gradient
+    if statistics is not None:
+        if len(statistics) != len(chunks):
+            raise ValueError(f"{len(statistics)} statistics for {len(chunks)} tasks")
+        for i, (st, cv) in enumerate(zip(statistics, curvatures)):
+            _check_statistics(st, i, cv.hessian, w0, cv.num_tokens)
+        stats = [st.to(device) for st in statistics]
+        diagonal = sum_in_order(st.sigma_diag for st in stats)
+        system = HarcSystem(curvatures, diagonal, alpha)
+        # Sigma_reg,i W0 = alpha Sigma_i W0 + (1 - alpha) diag(Sigma_i) W0, from the statistics
+        b = sum_in_order(st.rhs(w0, alpha) for st in stats) - gradient
+    else:
+        diagonal = sum_in_order(cv.diagonal() for cv in curvatures)
+        system = HarcSystem(curvatures, diagonal, alpha)
+        b = system.apply(w0) - gradient
     history: list = []
     if solver == "direct":
         w = _min_change_dense_solve(system.dense(), b, w0, positive_definite=alpha < 1.0)

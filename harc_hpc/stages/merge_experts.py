@@ -48,6 +48,10 @@ def _open(name: str, path: str, cfg: PipelineConfig) -> MergeInput:
 
 def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     run_dir = Path(run_dir)
+    if cfg.mergeme is not None:  # dense experts: build-moe makes the MoE (docs/mergeme.md)
+        from harc_hpc.mergeme.pipeline import build_merged
+
+        return build_merged(cfg, run_dir / MERGED_DIR)
     m = cfg.merge
     names = [s.name for s in cfg.models.sources]
     method, params = resolve_settings(m.method, m.preset, m.parameters, names,
