@@ -257,3 +257,45 @@ def test_bad_mergeme_configs_are_refused_before_work(dense_demo, tmp_path):
     (tmp_path / "nobase.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="models.base must be the dense base"):
         load_config(tmp_path / "nobase.yaml")
+
+
+# -- the demo's dense models --------------------------------------------------------------------
+
+def test_dense_demo_build_is_deterministic_and_loads(dense_demo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from harc_hpc.mergeme.demo import QUICK_DENSE_RECIPE
+
+    again = tmp_path / "again"
+    again.mkdir()
+    QUICK_DENSE_RECIPE.build_into(again)
+    for name in ("base", *DOMAINS):
+        assert (again / name / "model.safetensors").read_bytes() == (dense_demo / name / "model.safetensors").read_bytes()
+        assert json.loads((dense_demo / name / "config.json").read_text())["model_type"] == "llama"
+    for d in DOMAINS:
+        for split in ("calib", "heldout"):
+            assert (again / "data" / f"{d}-{split}.jsonl").read_bytes() == \
+                (dense_demo / "data" / f"{d}-{split}.jsonl").read_bytes()
+    model = AutoModelForCausalLM.from_pretrained(str(dense_demo / "code"), local_files_only=True)
+    assert model.config.hidden_size == QUICK_DENSE_RECIPE.hidden_size
+    # continued pretraining specialises: each expert is better than the base on its own domain
+    ce = json.loads((dense_demo / "build.json").read_text())["heldout_ce"]
+    assert sum(ce[d][d] < ce["base"][d] for d in DOMAINS) >= 2
+
+
+def test_mergeme_tiny_config_resolves_to_the_dense_demo(tmp_path, monkeypatch):
+    from harc_hpc.config import load_config
+    from harc_hpc.demo import build as demo_build
+    from harc_hpc.demo.placeholders import has_placeholders, prepare_config, recipe_for_config
+    from harc_hpc.mergeme.demo import QUICK_DENSE_RECIPE, DenseDemoRecipe
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "mergeme-tiny.yaml",
+                      overrides={"demo.cache_dir": str(tmp_path)})
+    assert cfg.mergeme is not None and cfg.demo.kind == "dense"
+    assert recipe_for_config(cfg) == DenseDemoRecipe(seed=0)
+    assert cfg.mergeme.compare == ["random", "hidden_state", "task_vector"]
+    out = prepare_config(cfg, recipe=QUICK_DENSE_RECIPE)
+    assert not has_placeholders(out)
+    assert Path(out.models.base).name == "base"
+    assert [Path(s.path).name for s in out.models.sources] == list(DOMAINS)
+    assert demo_build.is_complete(demo_build.demo_dir(QUICK_DENSE_RECIPE, tmp_path), QUICK_DENSE_RECIPE)

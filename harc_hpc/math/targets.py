@@ -101,8 +101,9 @@ def target_gradient(chunks: TokenChunks, q: torch.Tensor, w: torch.Tensor, reduc
     return reducer.sum(acc) / reducer.sum_int(n)
 
 
-def target_share(chunks: TokenChunks, expert: int, w: torch.Tensor, top_k: int = 1) -> float:
-    """The share of the tokens whose top-``top_k`` experts under router ``w`` include ``expert``."""
+def target_share(chunks: TokenChunks, expert: int, w: torch.Tensor, top_k: int = 1, reducer: Reducer = LOCAL) -> float:
+    """The share of the tokens whose top-``top_k`` experts under router ``w`` include ``expert``
+    (over all ranks' shards with a distributed ``reducer``)."""
     hit, n = 0, 0
     wt = None
     for x in chunks:
@@ -111,7 +112,7 @@ def target_share(chunks: TokenChunks, expert: int, w: torch.Tensor, top_k: int =
         chosen = torch.topk(x @ wt, top_k, dim=1).indices
         hit += int((chosen == expert).any(dim=1).sum())
         n += int(x.shape[0])
-    return hit / max(1, n)
+    return reducer.sum_int(hit) / max(1, reducer.sum_int(n))
 
 
 def fit_router_to_targets(

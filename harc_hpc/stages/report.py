@@ -78,6 +78,11 @@ def headline(run_dir: Path) -> list[str]:
     m = json.loads(path.read_text())
     s = m.get("summary", {})
     lines = [f"report: {path.parent / 'report.md'}"]
+    if m.get("kind") == "mergeme":  # router options of an MoE built from dense experts
+        for task, v in m.get("options", {}).get("fitted", {}).items():
+            lines.append(f"fitted router [{task}]: held-out loss {v['loss']:.4f}, "
+                         f"{100 * v['expert_share_top1']:.1f}% of tokens to its expert (top-1)")
+        return lines
     rl = s.get("router_level", {})
     if rl.get("merged") and rl.get("calibrated"):
         lines.append(

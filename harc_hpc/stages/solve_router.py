@@ -199,10 +199,13 @@ def _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, cache_bytes, keep_
         raise InputDataError(f"the fit diverged (relative residual {sol.relative_residual})", where=where,
                              hint="check harc.alpha / harc.dtype")
     require_finite(sol.weight, "the fitted router", where)
+    from harc_hpc.math.distributed import as_reducer
+
+    reducer = as_reducer(process_group)
     top_k = layout.family(cfg).top_k(layout.reference_config(cfg))
     share = {}
     for name, w in (("built", init), ("fitted", sol.weight)):
-        share[name] = {t: {"top1": target_share(c, e, w, 1), f"top{top_k}": target_share(c, e, w, top_k)}
+        share[name] = {t: {"top1": target_share(c, e, w, 1, reducer), f"top{top_k}": target_share(c, e, w, top_k, reducer)}
                        for t, c, e in zip(tasks, chunks, experts)}
     report = {
         "layer": layer, "tasks": tasks, "target": "domain", "experts": dict(zip(tasks, experts)),
