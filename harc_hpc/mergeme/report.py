@@ -168,6 +168,9 @@ def write_report(metrics: dict, out_dir: Path) -> None:
                   head.rstrip("\n")]
         for name, per in opts.items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * per[t][measure]:.1f} %" for t in tasks) + " |")
+    if "built (uniform)" in opts:
+        lines += ["", "(The uniform router's logits all tie: its top-1 \"choice\" is the lowest expert index, "
+                  "its top-k the k lowest; not a routing decision.)"]
     lines += ["", "## Targets (issue 15)", ""]
     for t, v in metrics["targets"].items():
         beats = ", ".join(f"{n}: {'yes' if b else 'NO'}" for n, b in v["beats"].items())
