@@ -172,6 +172,7 @@ def _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, cache_bytes, keep_
                     t0, memory: dict) -> dict:
     """mergeme: the router that sends each source's calibration tokens to that source's expert
     (harc_hpc.math.targets; the harc settings as for HARC, no mixed precision)."""
+    from harc_hpc.math.distributed import as_reducer
     from harc_hpc.math.inputs import TokenChunks
     from harc_hpc.math.targets import domain_targets, fit_router_to_targets, target_share
     from harc_hpc.mergeme.pipeline import expert_of_task
@@ -199,8 +200,6 @@ def _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, cache_bytes, keep_
         raise InputDataError(f"the fit diverged (relative residual {sol.relative_residual})", where=where,
                              hint="check harc.alpha / harc.dtype")
     require_finite(sol.weight, "the fitted router", where)
-    from harc_hpc.math.distributed import as_reducer
-
     reducer = as_reducer(process_group)
     top_k = layout.family(cfg).top_k(layout.reference_config(cfg))
     share = {}
