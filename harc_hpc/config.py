@@ -320,6 +320,32 @@ class DemoSection(_Strict):
     enabled: bool = False
     seed: int = 0
     cache_dir: Optional[Path] = None
+    # moe: the HARC demo's tiny OLMoE sources; dense: the MergeME demo's dense Llama base and experts
+    # (harc_hpc.mergeme.demo)
+    kind: Literal["moe", "dense"] = "moe"
+
+
+MERGEME_ROUTER_RULES = ("uniform", "random", "hidden_state", "task_vector")
+
+
+class MergeMESection(_Strict):
+    """An MoE built from dense experts (docs/mergeme.md): merge-experts runs build-moe on models.base
+    and the dense models.sources (each source one expert), and the routers are fitted so that each
+    source's calibration tokens go to that source's expert (harc.* settings; harc_hpc.math.targets)."""
+
+    top_k: int = Field(default=2, ge=1)
+    include_base_expert: bool = False
+    shared_expert: Optional[Literal["base", "none"]] = None  # Qwen2 -> Qwen2-MoE only
+    # the router the MoE is built with: the fit's starting point and the point of its quadratic model
+    router_init: Literal["uniform", "random", "hidden_state", "task_vector"] = "uniform"
+    # the target of source i's tokens: (1 - smoothing) onehot(expert i) + smoothing / K
+    smoothing: float = Field(default=0.1, ge=0.0, lt=1.0)
+    # prompts of each source (by name) for the hidden_state / task_vector rules; a source without
+    # any takes the first ``prompt_samples`` records of its calibration data
+    prompts: dict[str, list[str]] = Field(default_factory=dict)
+    prompt_samples: int = Field(default=8, ge=1)
+    # router rules the report also measures, beside the built and the fitted routers
+    compare: list[Literal["uniform", "random", "hidden_state", "task_vector"]] = Field(default_factory=list)
 
 
 #: ``lm_eval.simple_evaluate`` options a config may set in ``report.lm_eval_options``
@@ -364,6 +390,30 @@ class PipelineConfig(_Strict):
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     demo: DemoSection = Field(default_factory=DemoSection)
     report: ReportSection = Field(default_factory=ReportSection)
+    # set: a MergeME build from dense experts with routers fitted to the sources' domains
+    mergeme: Optional[MergeMESection] = None
+
+    @model_validator(mode="after")
+    def _mergeme_settings(self):
+        m = self.mergeme
+        if m is None:
+            return self
+        if self.models.base is None:
+            raise ValueError("mergeme: models.base must be the dense base model the sources were continued from")
+        unknown = sorted(set(m.prompts) - {s.name for s in self.models.sources})
+        if unknown:
+            raise ValueError(f"mergeme.prompts: {unknown} are not source names")
+        missing = [s.name for s in self.models.sources if s.calibration is None]
+        if missing:
+            raise ValueError(f"mergeme: the router fit needs calibration data of every source; none for {missing}")
+        if self.harc.shared_expert_gate:
+            raise ValueError("mergeme: harc.shared_expert_gate is not fitted for built MoEs (the built gate is kept)")
+        if self.harc.objective == "kl" and m.smoothing == 0:
+            raise ValueError("mergeme: harc.objective kl needs mergeme.smoothing > 0 (with one-hot targets and "
+                             "separable domains the exact fit has no finite minimiser); or use objective quadratic")
+        if self.harc.preconditioner == "kronecker":
+            raise ValueError("mergeme: harc.preconditioner kronecker is not offered for the domain fit; use jacobi")
+        return self
 
     # -- derived helpers -------------------------------------------------
     @property

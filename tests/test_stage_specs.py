@@ -65,7 +65,7 @@ class _ModelProxy:
 
 
 def _norm(key: str, tasks) -> str:
-    parts = key.split(".")
+    parts = key.removesuffix("?").split(".")  # "mergeme?": an optional section
     return ".".join("*" if p in tasks or p == "{task}" else p for p in parts)
 
 

@@ -23,7 +23,11 @@ def _placeholder_name(value) -> Optional[str]:
     return None
 
 
-def recipe_for_config(cfg: PipelineConfig) -> DemoRecipe:
+def recipe_for_config(cfg: PipelineConfig):
+    if cfg.demo.kind == "dense":  # the MergeME demo's dense base and experts
+        from harc_hpc.mergeme.demo import DenseDemoRecipe
+
+        return DenseDemoRecipe(seed=cfg.demo.seed)
     return DemoRecipe(seed=cfg.demo.seed)
 
 

@@ -125,7 +125,10 @@ def train(model, batches: list[torch.Tensor], lr: float, router_lr_mult: float, 
           progress: Optional[Callable[[str], None]] = None, label: str = "") -> TrainLog:
     """AdamW (0.9, 0.95), no weight decay, grad clip 1.0, CE + aux load-balancing loss."""
     model.train()
-    model.config.output_router_logits = True
+    # a dense model (the MergeME demo's experts) has no routers and no auxiliary loss
+    moe = hasattr(model.config, "router_aux_loss_coef")
+    if moe:
+        model.config.output_router_logits = True
     routers = [p for n, p in model.named_parameters() if is_router_param(n) and p.requires_grad]
     others = [p for n, p in model.named_parameters() if not is_router_param(n) and p.requires_grad]
     opt = torch.optim.AdamW(
@@ -136,10 +139,10 @@ def train(model, batches: list[torch.Tensor], lr: float, router_lr_mult: float, 
     t0 = time.perf_counter()
     ce_hist, aux_hist = [], []
     for step, ids in enumerate(batches):
-        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+        out = model(input_ids=ids, labels=ids, **({"output_router_logits": True} if moe else {}))
         # out.loss already holds router_aux_loss_coef * aux_loss; keep the parts apart for the log.
-        aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
-        ce_hist.append(float(out.loss.detach()) - model.config.router_aux_loss_coef * aux)
+        aux = float(out.aux_loss.detach()) if moe and out.aux_loss is not None else 0.0
+        ce_hist.append(float(out.loss.detach()) - (model.config.router_aux_loss_coef * aux if moe else 0.0))
         aux_hist.append(aux)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -150,7 +153,8 @@ def train(model, batches: list[torch.Tensor], lr: float, router_lr_mult: float, 
             progress(f"{label} step {step + 1}/{len(batches)} ce {ce_hist[-1]:.3f} aux {aux:.3f} "
                      f"({time.perf_counter() - t0:.0f}s)")
     model.eval()
-    model.config.output_router_logits = False
+    if moe:
+        model.config.output_router_logits = False
     tail = max(1, len(ce_hist) // 10)
     return TrainLog(len(batches), round(time.perf_counter() - t0, 2), round(ce_hist[0], 4) if ce_hist else 0.0,
                     round(sum(ce_hist[-tail:]) / tail, 4) if ce_hist else 0.0,

@@ -340,15 +340,22 @@ def sum_in_order(values):
 
 
 class _KLTask:
-    """One task's exact-KL pieces: cached source log-probabilities per chunk (this rank's shard;
-    loss and gradient are means over all ranks' tokens)."""
+    """One task's exact-KL pieces: cached target log-probabilities per chunk (this rank's shard;
+    loss and gradient are means over all ranks' tokens). The target of every token is the source
+    router's distribution softmax(W_i x), or, with ``target`` (K,), one fixed distribution q_i for
+    all of the task's tokens (harc_hpc.math.targets: a domain's expert, smoothed)."""
 
-    def __init__(self, chunks: TokenChunks, source: torch.Tensor, reducer: Reducer = LOCAL):
+    def __init__(self, chunks: TokenChunks, source: Optional[torch.Tensor], reducer: Reducer = LOCAL,
+                 target: Optional[torch.Tensor] = None):
         self.chunks = chunks
         self.reducer = reducer
         self.log_r = []
         ws = None
         for x in chunks:
+            if target is not None:
+                log_q = torch.log(target.to(device=x.device, dtype=torch.float64))
+                self.log_r.append(log_q.expand(x.shape[0], -1))
+                continue
             if ws is None:
                 ws = source.to(dtype=x.dtype, device=x.device).T.contiguous()
             self.log_r.append(log_probs(x, ws))
@@ -378,7 +385,7 @@ class _KLTask:
 
 
 def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_factor, max_iter, max_steps, grad_tol,
-            reducer: Reducer = LOCAL):
+            reducer: Reducer = LOCAL, targets=None):
     """Levenberg-Marquardt on sum_i E KL(r_i || softmax(W x)).
 
     Each step solves (Hess(W) + lambda diag(Hess(W))) dW = -grad. The loss is convex soft-label
@@ -387,7 +394,10 @@ def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_fa
     (1 - alpha) / alpha, the damping HARC's alpha itself applies, and adapts to the ratio of actual
     to predicted decrease, so the last steps are undamped Newton steps (fast local convergence).
     """
-    tasks = [_KLTask(c, s, reducer) for c, s in zip(chunks, sources)]
+    if targets is None:
+        tasks = [_KLTask(c, s, reducer) for c, s in zip(chunks, sources)]
+    else:  # fixed per-task target distributions instead of source routers
+        tasks = [_KLTask(c, None, reducer, target=q) for c, q in zip(chunks, targets)]
     lam = (1.0 - alpha) / alpha if alpha < 1.0 else 1e-3
     lam_min = 1e-9
     w = w_start.clone()

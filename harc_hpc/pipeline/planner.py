@@ -539,7 +539,15 @@ def build_plan(
     for t in ordered.values():
         spec = specs[t.stage]
         values = t.template_values()
-        config_slice = {p: config_slice_of(dump, p, values) for p in spec.config_sections}
+        config_slice = {}
+        for p in spec.config_sections:
+            # "key?": in the digest only when set, so that adding an optional section to a spec
+            # leaves the digests of every config without it unchanged
+            optional = p.endswith("?")
+            key = p[:-1] if optional else p
+            value = config_slice_of(dump, key, values)
+            if not (optional and value is None):
+                config_slice[key] = value
         files = {}
         for p in spec.file_inputs:
             for f in _flatten(config_slice_of(dump, p, values)):

@@ -64,8 +64,12 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
     dtype = torch_dtype(cfg.harc.dtype)
     x = layer_inputs(cfg, run_dir, layer, task)
     where = f"compute-statistics layer {layer}, task {task}"
-    w_source = source_router(cfg, task, layer).to(dtype)
     w_merged = merged_router(cfg, run_dir, layer).to(dtype)
+    if cfg.mergeme is not None:
+        # A MoE built from dense experts has no source routers: the domain fit's quadratic model is
+        # taken at the built router, so its curvature there is what the solve needs.
+        return _built_router_statistics(cfg, run_dir, layer, task, x, w_merged, fam.top_k(conf), t0)
+    w_source = source_router(cfg, task, layer).to(dtype)
     require_finite(w_source, f"the router of source {task!r} ({layout.source_path(cfg, task)})", where)
     require_finite(w_merged, f"the merged router ({layout.merged_dir(run_dir)})", where)
     select = None
@@ -90,5 +94,39 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
         "kl_merged": float(stats.kl),
         "topk_mismatch_merged": None if stats.topk_mismatch is None else float(stats.topk_mismatch),
         "unrouted_experts": stats.unrouted_experts(),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _built_router_statistics(cfg: PipelineConfig, run_dir: Path, layer: int, task: str, x, w_built, top_k: int,
+                             t0: float) -> dict:
+    """mergeme: the statistics at the built router W0 (as its own source: diag(Sigma_i), Sigma_i W0),
+    and how the built router routes this domain: KL to the target and the share of tokens sent to
+    the domain's expert."""
+    from harc_hpc.math import compute_task_statistics
+    from harc_hpc.math.inputs import TokenChunks
+    from harc_hpc.math.targets import domain_targets, target_kl, target_share
+    from harc_hpc.mergeme.pipeline import expert_of_task
+
+    where = f"compute-statistics layer {layer}, task {task}"
+    require_finite(w_built, f"the built router ({layout.merged_dir(run_dir)})", where)
+    stats = compute_task_statistics(x, w_built, w_built, hessian=cfg.harc.hessian,
+                                    chunk_tokens=cfg.calibration.chunk_tokens)
+    if not stats.is_finite():
+        raise InputDataError(f"the statistics came out NaN/Inf; {_first_bad_rows(x)}", where=where,
+                             hint="rerun capture-activations for this block")
+    with atomic_path(layout.statistics_file(run_dir, layer, task)) as tmp:
+        save_statistics(stats, tmp)
+    expert = expert_of_task(cfg)[task]
+    chunks = TokenChunks(x, dim=int(w_built.shape[1]), chunk_tokens=cfg.calibration.chunk_tokens)
+    q = domain_targets(int(w_built.shape[0]), [expert], cfg.mergeme.smoothing)[0]
+    return {
+        "layer": layer,
+        "task": task,
+        "tokens": int(stats.num_tokens),
+        "expert": expert,
+        "target_kl_built": target_kl(chunks, q, w_built),
+        "expert_share_top1_built": target_share(chunks, expert, w_built, 1),
+        f"expert_share_top{top_k}_built": target_share(chunks, expert, w_built, top_k),
         "seconds": round(time.perf_counter() - t0, 3),
     }

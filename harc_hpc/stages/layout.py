@@ -75,7 +75,12 @@ def model_config(path_or_id: str, revision=None) -> dict:
 
 
 def reference_config(cfg: PipelineConfig) -> dict:
-    """The architecture every source shares (merge-experts checks that they do)."""
+    """The architecture every source shares (merge-experts checks that they do); for a ``mergeme``
+    config (dense sources), the MoE that merge-experts builds from them."""
+    if cfg.mergeme is not None:
+        from harc_hpc.mergeme.pipeline import moe_config
+
+        return moe_config(cfg)
     return model_config(cfg.models.sources[0].path, cfg.models.revision)
 
 

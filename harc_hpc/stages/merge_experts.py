@@ -61,6 +61,10 @@ def check_config(cfg: PipelineConfig):
 
 def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     run_dir = Path(run_dir)
+    if cfg.mergeme is not None:  # dense experts: build-moe makes the MoE (docs/mergeme.md)
+        from harc_hpc.mergeme.pipeline import build_merged
+
+        return build_merged(cfg, run_dir / MERGED_DIR)
     m = cfg.merge
     method, params = check_config(cfg)
     base = _open("base", cfg.models.base, cfg) if cfg.models.base is not None else None

@@ -28,6 +28,15 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     if has_placeholders(cfg):
         cfg = prepare_config(cfg)
     t0 = time.perf_counter()
+    if cfg.mergeme is not None:  # an MoE built from dense experts: router options per domain
+        from harc_hpc.mergeme.report import mergeme_metrics, write_report
+
+        metrics = mergeme_metrics(cfg, run_dir)
+        metrics["report_seconds"] = round(time.perf_counter() - t0, 2)
+        with atomic_dir(run_dir / "report") as tmp:
+            write_report(metrics, tmp)
+        return {"tasks": metrics["tasks"], "seconds": metrics["report_seconds"],
+                "loss_fitted": {t: v["loss"] for t, v in metrics["options"]["fitted"].items()}}
     metrics = {"version": METRICS_VERSION, "run": cfg.run.name}
     metrics.update(model_metrics(cfg, run_dir))
     metrics["solve"] = solve_statistics(run_dir)
@@ -69,6 +78,11 @@ def headline(run_dir: Path) -> list[str]:
     m = json.loads(path.read_text())
     s = m.get("summary", {})
     lines = [f"report: {path.parent / 'report.md'}"]
+    if m.get("kind") == "mergeme":  # router options of an MoE built from dense experts
+        for task, v in m.get("options", {}).get("fitted", {}).items():
+            lines.append(f"fitted router [{task}]: held-out loss {v['loss']:.4f}, "
+                         f"{100 * v['expert_share_top1']:.1f}% of tokens to its expert (top-1)")
+        return lines
     rl = s.get("router_level", {})
     if rl.get("merged") and rl.get("calibrated"):
         lines.append(

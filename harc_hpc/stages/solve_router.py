@@ -103,8 +103,13 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         # the gate is fitted on the same inputs: read (and keep) them once for both solves
         inputs = [TokenChunks(x, dim=d, dtype=dtype, device=device, chunk_tokens=cfg.calibration.chunk_tokens,
                               cache_bytes=budget if resident else 0, keep_input_dtype=keep_stored) for x in inputs]
-    sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
+    if cfg.mergeme is not None:
+        return _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, budget if resident else 0, keep_stored,
+                               dtype, process_group, rank, t0, {"inputs_bytes": int(input_bytes),
+                                                                "resident_bytes": int(need),
+                                                                "inputs_resident": bool(resident)})
+    sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
         sol = solve_router(
             inputs, sources, init,
@@ -161,6 +166,72 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         save_router(run_dir, layer, weight, report, bias=bias,
                     shared_expert_gate=None if gate is None else gate["weight"])
     return {k: report[k] for k in ("layer", "iterations", "relative_residual", "converged", "seconds")}
+
+
+def _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, cache_bytes, keep_stored, dtype, process_group, rank,
+                    t0, memory: dict) -> dict:
+    """mergeme: the router that sends each source's calibration tokens to that source's expert
+    (harc_hpc.math.targets; the harc settings as for HARC, no mixed precision)."""
+    from harc_hpc.math.distributed import as_reducer
+    from harc_hpc.math.inputs import TokenChunks
+    from harc_hpc.math.targets import domain_targets, fit_router_to_targets, target_share
+    from harc_hpc.mergeme.pipeline import expert_of_task
+
+    h = cfg.harc
+    tasks = cfg.task_names
+    k, d = int(init.shape[0]), int(init.shape[1])
+    experts = [expert_of_task(cfg)[t] for t in tasks]
+    targets = domain_targets(k, experts, cfg.mergeme.smoothing)
+    chunks = [TokenChunks(x, dim=d, dtype=dtype, device=init.device, chunk_tokens=cfg.calibration.chunk_tokens,
+                          cache_bytes=cache_bytes, keep_input_dtype=keep_stored) for x in inputs]
+    where = f"solve-router layer {layer}"
+    try:
+        with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
+            sol = fit_router_to_targets(
+                chunks, targets, init, alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
+                tol=h.tol, max_iter=h.max_iter, preconditioner=h.preconditioner, statistics=stats,
+                callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
+                process_group=process_group)
+    except ValueError as exc:  # settings the domain fit does not take (e.g. kl with unsmoothed targets)
+        from harc_hpc.errors import UsageError
+
+        raise UsageError(str(exc), where=where, hint="see docs/mergeme.md (router fit)") from None
+    if not math.isfinite(float(sol.relative_residual)):
+        raise InputDataError(f"the fit diverged (relative residual {sol.relative_residual})", where=where,
+                             hint="check harc.alpha / harc.dtype")
+    require_finite(sol.weight, "the fitted router", where)
+    reducer = as_reducer(process_group)
+    top_k = layout.family(cfg).top_k(layout.reference_config(cfg))
+    share = {}
+    for name, w in (("built", init), ("fitted", sol.weight)):
+        share[name] = {t: {"top1": target_share(c, e, w, 1, reducer), f"top{top_k}": target_share(c, e, w, top_k, reducer)}
+                       for t, c, e in zip(tasks, chunks, experts)}
+    report = {
+        "layer": layer, "tasks": tasks, "target": "domain", "experts": dict(zip(tasks, experts)),
+        "smoothing": cfg.mergeme.smoothing,
+        "tokens": {t: int(s.num_tokens) for t, s in zip(tasks, stats)},
+        "alpha": h.alpha, "hessian": h.hessian, "solver": sol.solver, "preconditioner": sol.preconditioner,
+        "objective": h.objective, "iterations": int(sol.iterations), "newton_steps": int(sol.newton_steps),
+        "relative_residual": float(sol.relative_residual), "converged": bool(sol.converged),
+        # mean KL(q_task || softmax(W x)) on the task's calibration tokens
+        "kl_before": {t: float(v) for t, v in zip(tasks, sol.kl_before)},
+        "kl_after": {t: float(v) for t, v in zip(tasks, sol.kl_after)},
+        "expert_share": share,
+        "ranks": 1 if process_group is None else _world_size(process_group),
+        **memory,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if not sol.converged:
+        report["warning"] = f"the fit did not reach tol {h.tol} in {h.max_iter} iterations"
+    if rank == 0:
+        save_router(run_dir, layer, sol.weight, report)
+    return {k: report[k] for k in ("layer", "iterations", "relative_residual", "converged", "seconds")}
+
+
+def _world_size(process_group) -> int:
+    import torch.distributed as dist
+
+    return int(dist.get_world_size(process_group))
 
 
 def _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, cache_bytes, keep_stored, dtype, device,
