@@ -357,6 +357,9 @@ LM_EVAL_OPTIONS = ("limit", "num_fewshot", "batch_size", "max_batch_size", "gen_
 class ReportSection(_Strict):
     enabled: bool = True
     top_k_end_to_end: bool = True
+    # Fig. 1 of the paper: the merged model run with every source's routers on every task (the
+    # diagonal is the oracle row); N x (N - 1) more held-out passes over the merged model.
+    router_swap: bool = True
     lm_eval_tasks: list[str] = Field(default_factory=list)
     # Extra lm-eval HF model arguments, comma-separated, passed through as they are: for a model
     # larger than one GPU, e.g. "parallelize=True" (accelerate's device_map over the node's GPUs) or

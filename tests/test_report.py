@@ -90,6 +90,53 @@ def test_report_files(reported_run):
     assert "experts no calibration token reached" in md and "| code: 1 |" in md
 
 
+def test_router_swap_usage_and_gap_shares(reported_run):
+    """Fig. 1's matrix, expert usage and the story's shares, on the run whose "calibrated" model is
+    the merged one with math's routers: on every task, math's routers in the merged model are it."""
+    _, run_dir, _ = reported_run
+    m = json.loads((run_dir / "report" / "metrics.json").read_text())
+    swap, loss = m["router_swap"], m["loss"]
+    assert set(swap) == set(TASKS) and all(set(swap[t]) == {"merged", *TASKS} for t in TASKS)
+    for t in TASKS:
+        assert swap[t]["merged"] == loss[t]["merged"] and swap[t][t] == loss[t]["oracle"]
+        assert swap[t]["math"] == pytest.approx(loss[t]["calibrated"], rel=1e-6)
+    usage = m["expert_usage"]
+    assert set(usage) == {"source:math", "source:code", "merged", "calibrated"}
+    assert set(usage["source:math"]) == {"math"} and set(usage["merged"]) == set(TASKS)
+    for per in usage.values():
+        for layers in per.values():
+            assert len(layers) == 2 and all(sum(u) == pytest.approx(1.0) and len(u) == 4 for u in layers)
+    s = m["summary"]
+    want = metrics.gap_shares(loss["code"], "code")
+    assert s["gap_shares"]["code"] == pytest.approx(want)
+    assert want["oracle_recovers"] == pytest.approx(
+        (loss["code"]["merged"] - loss["code"]["oracle"]) / (loss["code"]["merged"] - loss["code"]["source:code"]))
+    assert s["expert_usage_overlap"] == pytest.approx(
+        [metrics.usage_overlap(a, b) for a, b in zip(usage["source:math"]["math"], usage["source:code"]["code"])])
+    md = (run_dir / "report" / "report.md").read_text()
+    assert md.index("## The story") < md.index("## Summary") and "## Router swap" in md
+    assert "| router-swap oracle |" in md and (run_dir / "report" / "usage.png").is_file()
+
+
+def test_expert_usage_and_shares_against_loops():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 6)
+    counts = [0] * 6
+    for row in logits:
+        for e in row.topk(2).indices.tolist():
+            counts[e] += 1
+    assert metrics.expert_usage(logits, 2) == pytest.approx([c / 100 for c in counts])
+    first = lambda z: torch.nn.functional.one_hot(z.argmax(-1), 6).bool()  # noqa: E731
+    assert metrics.expert_usage(logits, 1, select=first) == pytest.approx(
+        [float((logits.argmax(-1) == e).double().mean()) for e in range(6)])
+    assert metrics.usage_overlap([0.5, 0.5, 0.0], [0.0, 0.5, 0.5]) == pytest.approx(0.5)
+    shares = metrics.gap_shares({"base": 1.0, "source:a": 0.8, "merged": 1.1, "oracle": 0.85,
+                                 "calibrated": 0.9}, "a")
+    assert shares == pytest.approx({"merge_keeps_gain": -0.5, "oracle_recovers": 0.25 / 0.3,
+                                    "harc_recovers_of_oracle": 0.2 / 0.25, "harc_recovers": 0.2 / 0.3})
+    assert metrics.gap_shares({"merged": 1.0, "calibrated": 0.9}, "a") == {}
+
+
 def test_unrouted_experts_are_named_per_source():
     from harc_hpc.report.render import unrouted_text
 

@@ -97,6 +97,50 @@ def token_deviation(ref: dict[int, torch.Tensor], own: dict[int, torch.Tensor], 
             "deviating_layers_per_token": float(counts.double().mean())}
 
 
+def expert_usage(logits: torch.Tensor, top_k: int, select: Selection = None) -> list[float]:
+    """Share of the top-k selections that go to each expert, over the rows (tokens) of ``logits``
+    (n, E), the set chosen by ``select`` (the family's own rule) or the top-k logits; sums to 1."""
+    n, e = logits.shape
+    if n == 0:
+        return [float("nan")] * e
+    if select is not None:
+        counts = select(logits.double()).double().sum(0)
+    else:
+        counts = torch.zeros(e, dtype=torch.float64).index_add_(
+            0, logits.topk(top_k, -1).indices.reshape(-1), torch.ones(n * top_k, dtype=torch.float64))
+    return (counts / counts.sum()).tolist()
+
+
+def usage_overlap(a: list[float], b: list[float]) -> float:
+    """sum_e min(a_e, b_e): 1 when two usage distributions are equal, 0 when disjoint."""
+    return float(sum(min(x, y) for x, y in zip(a, b)))
+
+
+def gap_shares(losses: dict, source: str) -> dict:
+    """The paper's story on one task, from held-out losses (lower is better):
+
+    - ``merge_keeps_gain``: (base - merged) / (base - source), the share of the fine-tune's gain over
+      the base that the merged model keeps (negative: worse than the base);
+    - ``oracle_recovers``: (merged - oracle) / (merged - source), the share of what the merge lost
+      that the source's own routers win back (high: routing is the failure);
+    - ``harc_recovers_of_oracle``: (merged - calibrated) / (merged - oracle), the share of the
+      oracle's gain that the calibrated routers reach;
+    - ``harc_recovers``: (merged - calibrated) / (merged - source).
+    A share whose denominator is 0 or whose losses are missing is left out."""
+    def ratio(num, den):
+        return None if num is None or den is None or den == 0 else num / den
+
+    def diff(a, b):
+        return None if losses.get(a) is None or losses.get(b) is None else losses[a] - losses[b]
+
+    src = f"source:{source}"
+    out = {"merge_keeps_gain": ratio(diff("base", "merged"), diff("base", src)),
+           "oracle_recovers": ratio(diff("merged", "oracle"), diff("merged", src)),
+           "harc_recovers_of_oracle": ratio(diff("merged", "calibrated"), diff("merged", "oracle")),
+           "harc_recovers": ratio(diff("merged", "calibrated"), diff("merged", src))}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 # -- evaluation -------------------------------------------------------------------------------------
 
 @dataclass
@@ -436,16 +480,24 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
 
     router_level: dict = {}
     end_to_end: dict = {}
+    # Expert usage per layer: each source on its own task, the merged and calibrated models on every task.
+    usage: dict = {f"source:{t}": {t: [expert_usage(source_routing[t][l], top_k, source_select.get(t, {}).get(l))
+                                       for l in layers]} for t in source_routing}
     for name, path in (("merged", merged_dir), ("calibrated", model_dir)):
         t0 = time.perf_counter()
         routed = [t for t in tasks if t in source_routers]
         evaluations = [heldout(t, keep_routing=True, ref_routers=source_routers[t]) for t in routed]
+        swaps: list[tuple[str, str]] = []
         if name == "merged":
             # The oracle: the merged model with source t's routers on task t, swapped in layer by layer.
             evaluations += [heldout(t, routers=source_routers[t]) for t in routed]
+            if cfg.report.router_swap:
+                # Fig. 1: every other source's routers on every task too.
+                swaps = [(t, r) for t in routed for r in source_routers if r != t]
+                evaluations += [heldout(t, routers=source_routers[r]) for t, r in swaps]
         results = run(path, evaluations).results
         own_select = selectors(path)
-        router_level[name], end_to_end[name] = {}, {}
+        router_level[name], end_to_end[name], usage[name] = {}, {}, {}
         for t, ev in zip(routed, results):
             out["loss"][t][name] = ev.loss
             ref_select = source_select.get(t, {})
@@ -458,10 +510,17 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
                 end_to_end[name][t] = {"kl": [r[0] for r in ee], "topk_mismatch": [r[1] for r in ee],
                                        **token_deviation(source_routing[t], ev.own_logits, layers, top_k,
                                                          ref_select, own_select)}
+            usage[name][t] = [expert_usage(ev.own_logits[l], top_k, own_select.get(l)) for l in layers]
         if name == "merged":
-            for t, ev in zip(routed, results[len(routed):]):
+            for t, ev in zip(routed, results[len(routed):2 * len(routed)]):
                 out["loss"][t]["oracle"] = ev.loss
+            if swaps:
+                swap = {t: {"merged": out["loss"][t]["merged"], t: out["loss"][t]["oracle"]} for t in routed}
+                for (t, r), ev in zip(swaps, results[2 * len(routed):]):
+                    swap[t][r] = ev.loss
+                out["router_swap"] = swap
         log.info("report: %s model evaluated (%.1fs)", name, time.perf_counter() - t0)
+    out["expert_usage"] = usage
     out["routing"] = {"router_level": router_level}
     if cfg.report.top_k_end_to_end:
         out["routing"]["end_to_end"] = end_to_end
@@ -486,6 +545,16 @@ def summarize(m: dict) -> dict:
             s[view]["kl_reduction"] = 1.0 - after / before if before > 0 else float("nan")
     names = sorted({k for per in m.get("loss", {}).values() for k in per})
     s["loss_mean"] = {n: _mean([m["loss"][t].get(n) for t in m["loss"]]) for n in names}
+    shares = {t: gap_shares(losses, t) for t, losses in m.get("loss", {}).items()}
+    if any(shares.values()):
+        s["gap_shares"] = shares
+    # How specialised the sources are: per layer, the overlap of two sources' expert usage, each on
+    # its own task (mean over pairs of sources).
+    own = [per_layer for name, per in m.get("expert_usage", {}).items() if name.startswith("source:")
+           for per_layer in per.values()]
+    if len(own) >= 2:
+        pairs = [(a, b) for i, a in enumerate(own) for b in own[i + 1:]]
+        s["expert_usage_overlap"] = [_mean([usage_overlap(a[l], b[l]) for a, b in pairs]) for l in range(len(own[0]))]
     return s
 
 

@@ -125,6 +125,35 @@ def write_plots(metrics: dict, out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append("loss.png")
 
+    usage = metrics.get("expert_usage", {})
+    tasks = [t for t in metrics.get("tasks", []) if f"source:{t}" in usage]
+    if usage and tasks and layers:
+        fig, axes = plt.subplots(len(tasks), len(layers), figsize=(2.6 * len(layers), 2.3 * len(tasks)),
+                                 squeeze=False, sharey=True)
+        rows = {"source": "tab:green", "merged": "tab:red", "calibrated": "tab:blue"}
+        for i, t in enumerate(tasks):
+            series = {"source": usage[f"source:{t}"][t], "merged": usage.get("merged", {}).get(t),
+                      "calibrated": usage.get("calibrated", {}).get(t)}
+            series = {k: v for k, v in series.items() if v}
+            width = 0.8 / len(series)
+            for j, l in enumerate(layers):
+                ax = axes[i][j]
+                for k, (name, per_layer) in enumerate(series.items()):
+                    shares = per_layer[j]
+                    xs = [e + (k - (len(series) - 1) / 2) * width for e in range(len(shares))]
+                    ax.bar(xs, [100 * v for v in shares], width, color=rows[name], label=name)
+                ax.set_title(f"{t}, layer {l}", fontsize=9)
+                ax.set_xticks(range(len(series["source"][j])))
+                ax.tick_params(labelsize=7)
+                if j == 0:
+                    ax.set_ylabel("% of selections")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle("Expert usage on each task's held-out text: its source, merged, calibrated")
+        fig.tight_layout()
+        fig.savefig(out_dir / "usage.png", dpi=100)
+        plt.close(fig)
+        written.append("usage.png")
+
     solve = metrics.get("solve", {})
     if solve:
         ls = sorted(solve, key=int)
@@ -168,6 +197,7 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
     layers = metrics.get("layers", [])
     if metrics.get("note"):
         lines += [f"> {metrics['note']}", ""]
+    lines += _story(metrics)
     if s:
         lines += ["## Summary", "", "| | merged | calibrated | change |", "|---|---|---|---|"]
         for view in ("router_level", "end_to_end"):
@@ -223,6 +253,17 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
         lines.append("| mean | | " + " | ".join(_fmt(lm.get(c)) for c in columns) + " |")
         lines.append("")
 
+    swap = metrics.get("router_swap")
+    if swap:
+        routers = ["merged"] + [t for t in tasks if any(t in swap[u] for u in swap)]
+        lines += ["## Router swap (the paper's Fig. 1)", "",
+                  "Held-out loss of the merged model run with each source's routers (rows) on each task "
+                  "(columns); the diagonal is the oracle.", "",
+                  "| routers | " + " | ".join(swap) + " |", "|" + "---|" * (1 + len(swap))]
+        for r in routers:
+            lines.append(f"| {r} | " + " | ".join(_fmt(swap[t].get(r)) for t in swap) + " |")
+        lines.append("")
+
     solve = metrics.get("solve", {})
     if solve:
         lines += ["## Router solves", "", "| layer | iterations | relative residual | converged | seconds "
@@ -275,3 +316,53 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
             lines.append("")
     path.write_text("\n".join(lines))
 
+
+
+def _story(metrics: dict) -> list[str]:
+    """The report's first screen: per task, the losses (and task scores) of base, source, merged,
+    calibrated and oracle, and the share of each gap that a repair closes."""
+    losses = metrics.get("loss", {})
+    shares = metrics.get("summary", {}).get("gap_shares", {})
+    if not shares:
+        return []
+    tasks = [t for t in metrics.get("tasks", []) if t in shares]
+    lm = metrics.get("lm_eval") or {}
+    # task scores per domain: lm-eval tasks mapped to a source (harc-hpc's own tasks know theirs)
+    scored = {t: [task for task, src in lm.get("oracle_sources", {}).items() if src == t] for t in tasks}
+    rows = [("base", "base"), ("source (own task)", "source"), ("merged", "merged"),
+            ("merged + HARC", "calibrated"), ("router-swap oracle", "oracle")]
+    header = []
+    for t in tasks:
+        header.append(f"{t} loss")
+        header += [f"{t}: {task}" for task in scored[t]]
+    out = ["## The story", "",
+           "Held-out loss (nats/token; lower is better)" + (" and task scores (higher is better)" if any(scored.values()) else "")
+           + " on each task. The oracle is the merged model with that task's source routers.", "",
+           "| model | " + " | ".join(header) + " |", "|" + "---|" * (1 + len(header))]
+    for label, key in rows:
+        cells = []
+        for t in tasks:
+            name = f"source:{t}" if key == "source" else key
+            cells.append(_fmt(losses[t].get(name)))
+            lm_name = {"source": f"source:{t}", "calibrated": "calibrated"}.get(key, key)
+            for task in scored[t]:
+                score = lm.get("models", {}).get(lm_name, {}).get(task, {})
+                value = next((v for k, v in sorted(score.items()) if "," in k and "stderr" not in k), None)
+                cells.append(_fmt(value))
+        if any(c != "–" for c in cells):
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out.append("")
+    labels = {"merge_keeps_gain": "the merged model keeps of the fine-tune's gain over the base",
+              "oracle_recovers": "the source's own routers win back of what the merge lost (high: routing is the failure)",
+              "harc_recovers_of_oracle": "HARC reaches of the oracle's gain",
+              "harc_recovers": "HARC wins back of what the merge lost"}
+    out += ["| share of the gap | " + " | ".join(tasks) + " |", "|" + "---|" * (1 + len(tasks))]
+    for key, text in labels.items():
+        if any(key in shares[t] for t in tasks):
+            out.append(f"| {text} | " + " | ".join(_pct(shares[t].get(key)) for t in tasks) + " |")
+    overlap = metrics.get("summary", {}).get("expert_usage_overlap")
+    if overlap:
+        out += ["", "Expert-usage overlap of the sources, each on its own task, per layer (1 = same experts, "
+                "0 = disjoint): " + ", ".join(_fmt(v, ".2f") for v in overlap) + "."]
+    out.append("")
+    return out
