@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from harc_hpc.config import ConfigError, load_config
@@ -80,6 +81,28 @@ def test_quick_build_layout(quick_build):
 
     model = AutoModelForCausalLM.from_pretrained(str(root / "math"), local_files_only=True)
     assert model.config.num_experts_per_tok == QUICK_RECIPE.top_k
+
+
+def test_finetunes_change_only_their_own_experts_and_the_routers(quick_build):
+    """finetune_scope own_experts: math owns experts 0-1 of 4, code 2-3; everything else but the
+    routers stays the base's, bit for bit, so task arithmetic keeps every source's experts."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(quick_build / "base" / "model.safetensors"))
+    for domain, own in (("math", [0, 1]), ("code", [2, 3])):
+        src = load_file(str(quick_build / domain / "model.safetensors"))
+        assert set(src) == set(base)
+        moved_experts = set()
+        for key, value in src.items():
+            if key.endswith("mlp.gate.weight"):
+                continue  # the routers are fine-tuned
+            if ".mlp.experts." in key:  # saved one matrix per expert: ...mlp.experts.<e>.<proj>.weight
+                if not torch.equal(value, base[key]):
+                    moved_experts.add(int(key.split(".mlp.experts.")[1].split(".")[0]))
+            else:
+                assert torch.equal(value, base[key]), (domain, key)
+        assert moved_experts == set(own), domain
+        assert any(not torch.equal(src[k], base[k]) for k in src if k.endswith("mlp.gate.weight"))
 
 
 def test_same_seed_gives_byte_identical_sources(quick_build, tmp_path):
@@ -207,7 +230,7 @@ def test_prepare_config_is_a_no_op_without_demo(tmp_path):
 
 def test_tiny_config_uses_only_known_placeholders(quick_build, tmp_path):
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides={"demo.cache_dir": str(quick_build.parents[1])})
-    assert cfg.demo.enabled and cfg.executor.kind == "local" and cfg.merge.method == "linear"
+    assert cfg.demo.enabled and cfg.executor.kind == "local" and cfg.merge.method == "task_arithmetic"
     assert cfg.harc.block_size == 1
     out = prepare_config(cfg, recipe=QUICK_RECIPE)
     assert not has_placeholders(out)
@@ -250,10 +273,16 @@ def test_the_demo_shows_breakdown_and_repair_deterministically(tmp_path):
     merged, calibrated = m["summary"]["router_level"]["merged"], m["summary"]["router_level"]["calibrated"]
     # routing breakdown: on its worst layer the merged router picks other experts for >= 15 % of selections
     assert merged["topk_mismatch_worst_layer"] >= 0.15
+    # issue 14's targets on seed 0 (benchmarks/bench_demo_seeds.py has seeds 0-2; docs/demo.md):
+    # router KL down >= 50 %, and on both domains the merge keeps <= 70 % of the fine-tune's gain,
+    # the router-swap oracle wins back >= 50 % of what the merge lost (routing is the failure), and
+    # HARC reaches >= 50 % of the oracle's gain.
+    assert m["summary"]["router_level"]["kl_reduction"] >= 0.5
     assert calibrated["kl_mean"] < merged["kl_mean"]
-    # the demo's solver settings lower the held-out loss of both domains below the merged model's
-    for task, loss in m["loss"].items():
-        assert loss["calibrated"] < loss["merged"], (task, loss)
+    for task, share in m["summary"]["gap_shares"].items():
+        assert share["merge_keeps_gain"] <= 0.7, (task, share)
+        assert share["oracle_recovers"] >= 0.5, (task, share)
+        assert share["harc_recovers_of_oracle"] >= 0.5, (task, share)
     assert "nothing to do" in submit(config("tiny"))  # a rerun reuses everything
 
     submit(config("tiny-again"))
