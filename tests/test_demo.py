@@ -250,11 +250,16 @@ def test_the_demo_shows_breakdown_and_repair_deterministically(tmp_path):
     cache = tmp_path / "cache"
     harc_hpc = Path(sys.executable).with_name("harc-hpc")
 
-    def config(name: str, **harc) -> Path:
+    def config(name: str, lm_eval: bool = True, **harc) -> Path:
         raw = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
         raw["run"].update(name=name, output_dir=str(tmp_path / "runs"))
         raw["demo"]["cache_dir"] = str(cache)
         raw["harc"].update(harc)
+        # lm-eval on 40 items per task keeps the test's time down (tests/test_lm_eval.py checks
+        # the scores themselves); the alpha-0.9 run needs none.
+        raw["report"]["lm_eval_options"] = {"limit": 40}
+        if not lm_eval:
+            raw["report"]["lm_eval_tasks"] = []
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
         return path
@@ -283,6 +288,9 @@ def test_the_demo_shows_breakdown_and_repair_deterministically(tmp_path):
         assert share["merge_keeps_gain"] <= 0.7, (task, share)
         assert share["oracle_recovers"] >= 0.5, (task, share)
         assert share["harc_recovers_of_oracle"] >= 0.5, (task, share)
+    lm = m["lm_eval"]["models"]
+    assert set(lm) == {"base", "source:math", "source:code", "merged", "calibrated", "oracle"}
+    assert all(0.0 <= lm[name][task]["exact_match,none"] <= 1.0 for name in lm for task in lm[name])
     assert "nothing to do" in submit(config("tiny"))  # a rerun reuses everything
 
     submit(config("tiny-again"))
@@ -295,5 +303,5 @@ def test_the_demo_shows_breakdown_and_repair_deterministically(tmp_path):
         assert r.read_bytes() == (tmp_path / "runs" / "tiny-again" / "routers" / r.name).read_bytes(), r.name
 
     # HARC with the paper's settings (alpha 0.9): mean router-level KL down by >= 30 % against the merge
-    submit(config("tiny-paper", alpha=0.9, max_iter=1000))
+    submit(config("tiny-paper", lm_eval=False, alpha=0.9, max_iter=1000))
     assert metrics("tiny-paper")["summary"]["router_level"]["kl_reduction"] >= 0.30

@@ -20,7 +20,8 @@ from typing import Optional
 
 from harc_hpc.errors import UsageError
 
-CHECKED_SECTIONS = ("loss", "routing")
+# held-out losses, routing per layer, the router-swap matrix, expert usage and lm-eval task scores
+CHECKED_SECTIONS = ("loss", "routing", "router_swap", "expert_usage", "lm_eval")
 _VERSION_KEYS = ("torch", "transformers", "harc-hpc")
 
 
