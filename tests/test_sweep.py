@@ -249,6 +249,7 @@ def test_tiny_sweep_table(tiny_sweep):
     row = rows[2]
     assert row["loss:code"] == m["loss"]["code"]["calibrated"]
     assert row["router_kl"] == m["summary"]["router_level"]["calibrated"]["kl_mean"]
+    assert row["harc_of_oracle:code"] == m["summary"]["gap_shares"]["code"]["harc_recovers_of_oracle"]
     assert rows[0]["router_kl"] == m["summary"]["router_level"]["merged"]["kl_mean"]
     assert rows[3]["state"] == "failed" and rows[3].get("router_kl") is None
     with open(paths["csv"]) as fh:
@@ -292,8 +293,9 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def test_shipped_sweeps_expand_and_validate():
     tiny = load_sweep(CONFIGS / "sweep-tiny.yaml")
-    assert [c.name for c in tiny.cells] == ["method-linear+alpha-0.9", "method-linear+alpha-0.99",
-                                            "method-ties+alpha-0.9", "method-ties+alpha-0.99"]
+    assert [c.name for c in tiny.cells] == [
+        "method-task_arithmetic+objective-quadratic", "method-task_arithmetic+objective-kl",
+        "method-ties+objective-quadratic", "method-ties+objective-kl"]
     sweep_mod.validate(tiny)
     assert all(c.cfg.harc.block_size == 4 and c.cfg.demo.enabled for c in tiny.cells)
     table1 = load_sweep(CONFIGS / "sweep-table1.yaml")

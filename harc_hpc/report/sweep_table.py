@@ -63,13 +63,22 @@ def _figures(m: dict, model: str, tasks: list[str]) -> dict[str, Any]:
     return out
 
 
-def _lm_eval(m: dict) -> dict[str, Any]:
+def _lm_eval(m: dict, model: str) -> dict[str, Any]:
+    """lm-eval's scores of one model of the report (``lm_eval.models.<model>``)."""
     out = {}
-    for task, scores in sorted((m.get("lm_eval") or {}).items()):
+    per_task = ((m.get("lm_eval") or {}).get("models") or {}).get(model) or {}
+    for task, scores in sorted(per_task.items()):
         for metric, value in sorted((scores or {}).items()):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+            if "," in metric and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and "stderr" not in metric:
                 out[f"lm_eval:{task}:{metric}"] = value
     return out
+
+
+def _oracle_shares(m: dict, tasks: list[str]) -> dict[str, Any]:
+    """Per task, the share of the router-swap oracle's gain that the calibrated routers reach."""
+    shares = m.get("summary", {}).get("gap_shares", {})
+    return {f"harc_of_oracle:{t}": shares.get(t, {}).get("harc_recovers_of_oracle") for t in tasks}
 
 
 def _settings(values: dict, merge_only: bool) -> str:
@@ -98,15 +107,16 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[str], list[dict]]:
                 seen_merged[key] = name
                 rows.append({"cell": name, "method": method, "repair": "none",
                              "settings": _settings(values, merge_only=True), "state": states.get(name, ""),
-                             **merged})
+                             **merged, **_lm_eval(m, "merged")})
         row = {"cell": name, "method": method, "repair": "harc", "settings": _settings(values, merge_only=False),
                "state": states.get(name, "")}
         if m is not None:
             row.update(_figures(m, "calibrated", tasks))
-            row.update(_lm_eval(m))
+            row.update(_oracle_shares(m, tasks))
+            row.update(_lm_eval(m, "calibrated"))
         rows.append(row)
     columns = ["cell", "method", "repair", "settings", "state"] + [f"loss:{t}" for t in tasks] + [
-        "loss_mean", "router_kl", "topk_mismatch"]
+        "loss_mean", "router_kl", "topk_mismatch"] + [f"harc_of_oracle:{t}" for t in tasks]
     for r in rows:
         columns += [k for k in r if k.startswith("lm_eval:") and k not in columns]
     return columns, rows
