@@ -1,4 +1,7 @@
-"""merge-experts: merge the source checkpoints (data-free) into ``run_dir/merged``.
+"""merge-experts: merge the source checkpoints into ``run_dir/merged``.
+
+Data-free methods read the checkpoints only; a method with ``statistics`` (RegMean's Grams, Fisher)
+also reads what the merge-statistics stage wrote for every source (``merge-statistics/<source>/``).
 
 The output directory appears only when complete (written to a temporary directory beside it and
 renamed), and holds the merged shards, the base's (or first source's) config and tokenizer files,
@@ -52,13 +55,14 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     names = [s.name for s in cfg.models.sources]
     method, params = resolve_settings(m.method, m.preset, m.parameters, names,
                                       method_explicit="method" in m.model_fields_set)
-    if method.needs_base and cfg.models.base is None:
+    if method.base_needed(params) and cfg.models.base is None:
         raise MergeConfigError(f"merge method {method.name!r} works on task vectors and needs a base "
                                f"model: set models.base")
     base = _open("base", cfg.models.base, cfg) if cfg.models.base is not None else None
     sources = [_open(s.name, s.path, cfg) for s in cfg.models.sources]
     inputs = ([base] if base else []) + sources
     out_dir = run_dir / MERGED_DIR
+    readers, stat_kw, stat_record = _statistics(method, run_dir, names, pick_device(m.device))
 
     # Digests read every weight file once more; doing it beside the merge hides most of that time.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -78,7 +82,7 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
                 stats = merge_checkpoints(
                     tmp, sources, base, method, params, exclude=m.exclude, dtype=m.dtype,
                     out_dtype=m.out_dtype, max_shard_size=m.max_shard_size, seed=cfg.run.seed,
-                    device=pick_device(m.device), progress=progress)
+                    device=pick_device(m.device), progress=progress, **stat_kw)
             finally:
                 if bar is not None:
                     bar.close()
@@ -104,6 +108,8 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
                 "tensors": stats["tensors"],
                 "merged_by_role": stats["merged_by_role"],
                 "not_merged_by_method": stats["not_merged_by_method"],
+                "method_notes": stats["method_notes"],
+                "statistics": stat_record,
                 "excluded_tensors": stats["excluded_tensors"],
                 "model_files_from": str(model_src),
                 "base": _describe(base, digests) if base else None,
@@ -113,9 +119,40 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
             (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     for i in inputs:
         i.ckpt.close()
+    for r in readers:
+        getattr(r, "close", lambda: None)()
     return {"method": method.name, "output": str(out_dir), "tensors": stats["tensors"],
             "units": stats["units"], "merged_tensors": stats["merged_tensors"],
             "copied_tensors": stats["copied_tensors"], "seconds": stats["seconds"]}
+
+
+def _statistics(method, run_dir: Path, names: list[str], device) -> tuple[list, dict, Optional[dict]]:
+    """The readers of every source's merge statistics, the merge's keyword arguments that hand them
+    to the method, and what the record says of them (None for a data-free method)."""
+    from harc_hpc.io import merge_statistics as ms
+    from harc_hpc.merge import GramStatistic
+
+    if method.statistics is None:
+        return [], {}, None
+    folders = [ms.source_dir(run_dir, n) for n in names]
+    if method.statistics == "gram":
+        readers = [ms.GramReader(f, n) for f, n in zip(folders, names)]
+
+        def gram(unit, i):
+            hit = readers[i].gram(unit.name, device)
+            return None if hit is None else GramStatistic(*hit)
+
+        kw = {"gram": gram}
+    elif method.statistics == "fisher":
+        readers = [ms.FisherReader(f, n) for f, n in zip(folders, names)]
+        kw = {"fisher": lambda unit, i: readers[i].fisher(unit)}
+    else:
+        raise MergeConfigError(f"merge method {method.name!r} asks for {method.statistics!r} statistics, "
+                               f"which no stage produces")
+    record = {"kind": method.statistics,
+              "sources": {n: ms.read_meta(f if method.statistics == "gram" else f / "fisher")
+                          for n, f in zip(names, folders)}}
+    return readers, kw, record
 
 
 def _describe(inp: MergeInput, digests: dict) -> dict:

@@ -1,0 +1,384 @@
+"""merge-statistics: what a data-driven merge method needs from each source's own calibration data.
+
+Planned only when the configured merge method has ``statistics`` (``needed``). For RegMean
+("gram"), each source model runs over its calibration data (``models.sources.*.calibration``,
+tokenised with that source's tokenizer) one decoder layer at a time (harc_hpc.models.onload: a
+layer is read onto the device, every batch goes through it, it is freed), and forward hooks
+accumulate the Gram X^T X of the input of every linear map of the layer, over real tokens only
+(padding excluded):
+
+* every ``nn.Linear`` of the layer (attention, shared experts, shared-expert gate, dense MLPs): its
+  input; maps that take the same input tensor (q, k, v; a shared expert's gate and up) share one Gram;
+* the router: its input (all tokens);
+* every routed expert: the tokens that source's own router sends to it (the ``top_k_index`` the
+  model hands its experts module, i.e. the family's own selection rule) for gate/up, and the
+  intermediate activations act(x W_gate^T) * (x W_up^T) of those tokens for down.
+
+Precision: each batch's X^T X is a float32 product on the device (of float32-cast inputs), added into
+float64 sums on the device; the files store float32. Per layer the sums take
+E (d^2 + I^2) + (a few) d^2 values in float64 on the device (OLMoE: ~2.7 GB).
+
+Each finished layer is written at once (``layer-NNN.safetensors`` + ``.json``, atomically) under
+``partial/merge-statistics/<source>/`` together with the in-flight hidden states and a manifest that
+carries the task digest, so a task killed at its time limit resumes after the last finished layer;
+the folder is published as ``merge-statistics/<source>/`` with its ``meta.json`` when complete.
+
+For Fisher ("fisher") it calls ``harc_hpc.stages.fisher_statistics:compute_source_fisher``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from harc_hpc.config import ConfigError, PipelineConfig
+from harc_hpc.errors import UsageError, require_finite
+from harc_hpc.io import merge_statistics as ms
+from harc_hpc.io.atomic import atomic_path, publish, remove_path, write_json_atomic
+from harc_hpc.io.calibration_data import tokenize_task
+from harc_hpc.models.modeling import batches, pad_batch, pick_device
+from harc_hpc.progress import Progress
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "harc-merge-statistics-partial/1"
+#: families whose experts the Gram pass does not model yet (their experts compute differently:
+#: GPT-OSS (E, in, out) with biases and a clamped SwiGLU; Llama 4 scores the inputs before the experts)
+UNSUPPORTED_FAMILIES = ("gpt_oss", "llama4_text")
+
+
+# -- planning ------------------------------------------------------------------------------------
+
+def statistics_kind(cfg: PipelineConfig) -> Optional[str]:
+    """What the configured merge method needs ("gram", "fisher") or None (a data-free method). A
+    preset decides the method, as in merge-experts."""
+    from harc_hpc.merge import PRESETS, get_method
+
+    name = cfg.merge.method
+    if cfg.merge.preset is not None and cfg.merge.preset in PRESETS:
+        name = PRESETS[cfg.merge.preset]["method"]
+    return get_method(name).statistics
+
+
+def needed(cfg: PipelineConfig) -> bool:
+    """The stage's ``enabled_if``: the merge method has statistics. Then every source must have
+    calibration data, checked here, at planning, before any job runs."""
+    kind = statistics_kind(cfg)
+    if kind is None:
+        return False
+    for src in cfg.models.sources:
+        if src.calibration is None or not src.calibration.files:
+            raise ConfigError(f"models.sources[{src.name}].calibration: merge method {cfg.merge.method!r} merges "
+                              f"with {kind} statistics of each source's own calibration data, and source "
+                              f"{src.name!r} has none (give it calibration.files)")
+    return True
+
+
+# -- the Gram pass of one decoder layer ----------------------------------------------------------
+
+def _experts_module(layer_module: torch.nn.Module):
+    """(qualified name, module) of the routed experts of a decoder layer (fused 3-D gate_up_proj and
+    down_proj), or (None, None) for a dense layer."""
+    for name, mod in layer_module.named_modules():
+        p = getattr(mod, "gate_up_proj", None)
+        if isinstance(p, torch.Tensor) and p.dim() == 3 and isinstance(getattr(mod, "down_proj", None), torch.Tensor):
+            return name, mod
+    return None, None
+
+
+class LayerGrams:
+    """Forward hooks on one onloaded decoder layer that accumulate its Grams.
+
+    ``begin(valid)`` before each batch (``valid``: (B*T,) bool, the real tokens), ``end()`` after it;
+    ``result()`` at the end. ``disk_key(param name)`` maps a parameter of the layer to its on-disk key
+    (None when the checkpoint has none)."""
+
+    def __init__(self, layer_module: torch.nn.Module, router_module: Optional[torch.nn.Module], disk_key,
+                 expert_names, num_experts: int):
+        self.layer = layer_module
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self.weights: dict[str, str] = {}  # unit name -> Gram name
+        self.expert_tokens = [0] * num_experts
+        self.num_experts = num_experts
+        self._valid: Optional[torch.Tensor] = None
+        self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, Gram name), one batch
+        self._share: dict[str, str] = {}  # module name -> Gram name (fixed by the first batch)
+        self._handles = []
+        self.experts = None
+        modules = dict(layer_module.named_modules())
+        if router_module is not None and not any(m is router_module for m in modules.values()):
+            raise ValueError("the router of this layer is not one of its modules")
+        _, experts = _experts_module(layer_module)
+        for name, mod in modules.items():
+            # the router is a plain module with a weight in most families: hooked like a linear map
+            if isinstance(mod, torch.nn.Linear) or mod is router_module:
+                key = disk_key(f"{name}.weight")
+                if key is None:
+                    log.warning("merge-statistics: %s.weight is not in the checkpoint; no Gram kept", name)
+                    continue
+                self._handles.append(mod.register_forward_pre_hook(self._linear_hook(name, key)))
+        if experts is not None:
+            self.experts = experts
+            self.expert_names = expert_names  # expert -> {"gate", "up", "down"} -> unit name
+            self._handles.append(experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
+
+    # -- accumulation ------------------------------------------------------------------------------
+    def _add(self, name: str, x: torch.Tensor) -> None:
+        """Add X^T X of (n, in) rows: a float32 product, summed in float64."""
+        x = x.to(torch.float32)
+        g = (x.T @ x).to(torch.float64)
+        if name in self.sums:
+            self.sums[name].add_(g)
+        else:
+            self.sums[name] = g
+        self.tokens[name] = self.tokens.get(name, 0) + int(x.shape[0])
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] != self._valid.shape[0]:
+            raise RuntimeError(f"a linear input has {flat.shape[0]} rows for a batch of {self._valid.shape[0]} "
+                               f"token positions")
+        return flat[self._valid]
+
+    def _linear_hook(self, module_name: str, unit: str):
+        def hook(module, args):
+            x = args[0]
+            seen = self._seen.get(id(x))
+            if module_name not in self._share:  # first batch: share a Gram between maps of one input
+                gname = seen[1] if seen is not None else module_name
+                self._share[module_name] = gname
+                self.weights[unit] = gname
+                if seen is None:
+                    self._seen[id(x)] = (x, gname)
+                    self._add(gname, self._rows(x))
+                return
+            gname = self._share[module_name]
+            if gname != module_name:  # shares the Gram of an earlier map: same input tensor again?
+                if seen is None or seen[1] != gname:
+                    raise RuntimeError(f"{module_name}: its input was shared with {gname} in the first batch "
+                                       f"but not in a later one")
+                return
+            self._seen[id(x)] = (x, gname)
+            self._add(gname, self._rows(x))
+
+        return hook
+
+    def _experts_hook(self, module, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        vals = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+        hidden, top_k_index = vals[0], vals[1]
+        x = self._rows(hidden)
+        index = top_k_index.reshape(hidden.reshape(-1, hidden.shape[-1]).shape[0], -1)[self._valid]
+        inter = module.gate_up_proj.shape[1] // 2
+        for e in range(self.num_experts):
+            rows = (index == e).any(dim=1)
+            n = int(rows.sum())
+            names_e = self.expert_names(e)
+            gin, gmid = f"experts.{e}.in", f"experts.{e}.mid"
+            if gin not in self.sums:  # every expert has its Grams, zero when never routed to
+                d, i_dim = x.shape[1], module.down_proj.shape[2]
+                self.sums[gin] = torch.zeros(d, d, dtype=torch.float64, device=x.device)
+                self.sums[gmid] = torch.zeros(i_dim, i_dim, dtype=torch.float64, device=x.device)
+                self.tokens[gin] = self.tokens[gmid] = 0
+                self.weights.update({names_e["gate"]: gin, names_e["up"]: gin, names_e["down"]: gmid})
+            if n == 0:
+                continue
+            xe = x[rows]
+            self._add(gin, xe)
+            # the expert's own intermediate activations, as its forward computes them
+            gate_up = torch.nn.functional.linear(xe, module.gate_up_proj[e])
+            mid = module.act_fn(gate_up[:, :inter]) * gate_up[:, inter:]
+            self._add(gmid, mid)
+            self.expert_tokens[e] += n
+
+    # -- per batch ---------------------------------------------------------------------------------
+    def begin(self, valid: torch.Tensor) -> None:
+        self._valid = valid
+        self._seen.clear()
+
+    def end(self) -> None:
+        self._seen.clear()  # drop the references to this batch's inputs
+        self._valid = None
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+# -- one source ----------------------------------------------------------------------------------
+
+def _disk_key_fn(ckpt, fam, layer: int):
+    keys = set(ckpt.keys())
+    prefix = f"model.layers.{layer}."
+
+    def disk_key(name: str) -> Optional[str]:
+        # as harc_hpc.models.onload.layer_state_dict maps in-memory names to on-disk ones
+        k = prefix + name
+        if k in keys:
+            return k
+        if name.startswith("mlp."):
+            alt = f"{prefix}{fam.moe_module}.{name[4:]}"
+            if alt in keys:
+                return alt
+        return None
+
+    return disk_key
+
+
+def _read_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict]:
+    if not task_digest:
+        return None
+    try:
+        manifest = json.loads((partial / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("digest") != task_digest:
+        return None
+    done = all(ms.layer_file(partial, l, s).is_file() for l in range(manifest["next_layer"])
+               for s in ("safetensors", "json"))
+    return manifest if done and (partial / "states.bin").is_file() else None
+
+
+def compute_source_grams(cfg: PipelineConfig, source: str, out_dir: Path, partial: Path,
+                         task_digest: Optional[str] = None, device: Optional[torch.device] = None) -> dict:
+    """The Grams of every decoder layer of source ``source`` on its calibration data, published as
+    ``out_dir`` (a folder of per-layer files, meta.json last)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from harc_hpc.io.checkpoint import resolve_model_path
+    from harc_hpc.models.onload import OnloadedModel
+    from harc_hpc.stages.capture_activations import BatchStates, placement_for
+
+    src = next(s for s in cfg.models.sources if s.name == source)
+    local = resolve_model_path(src.path, revision=cfg.models.revision)
+    device = device or pick_device(cfg.harc.device)
+    model = OnloadedModel(local, device, trust_remote_code=cfg.models.trust_remote_code)
+    fam = model.family
+    if fam.name in UNSUPPORTED_FAMILIES:
+        raise UsageError(f"merge method {cfg.merge.method!r}: the {fam.name} family's experts are not supported by "
+                         f"the Gram pass yet", where=f"models.sources[{source}].path")
+    conf = model.ckpt.config
+    layout_name = fam.detect_layout(model.ckpt.keys())
+    num_experts = fam.num_experts(conf)
+    moe_layers = set(fam.moe_layers(conf))
+    tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=cfg.models.trust_remote_code)
+    seqs = tokenize_task(cfg.calibration_for(source), cfg.calibration, tokenizer)
+    n_tokens = sum(len(s) for s in seqs)
+    bs = cfg.calibration.batch_size
+    plan = list(batches(len(seqs), bs))
+    shapes = [(len(idx), max(len(seqs[j]) for j in idx)) for idx in plan]
+    d = model.config.hidden_size
+    valid = []
+    for idx, (b, t) in zip(plan, shapes):
+        m = torch.zeros(b, t, dtype=torch.bool)
+        for r, j in enumerate(idx):
+            m[r, :len(seqs[j])] = True
+        valid.append(m.reshape(-1).to(device))
+
+    manifest = _read_manifest(partial, task_digest)
+    if manifest is None:
+        remove_path(partial)
+        partial.mkdir(parents=True)
+    next_layer = int(manifest["next_layer"]) if manifest else 0
+    nbytes = sum(b * t for b, t in shapes) * d * model.dtype.itemsize
+    states = BatchStates(shapes, d, model.dtype, device, placement_for(nbytes, device, model.layer_bytes(0)),
+                         scratch_dir=cfg.run.node_local_dir)
+    t0 = time.perf_counter()
+    peak_layer_bytes = 0
+    try:
+        if manifest:
+            log.info("merge-statistics %s: resuming after decoder layer %d", source, next_layer - 1)
+            states.load(partial / "states.bin")
+        else:
+            for i, idx in enumerate(plan):
+                ids, _ = pad_batch([torch.tensor(seqs[j]) for j in idx])
+                states.set(i, model.embed(ids))
+        model.release_embeddings()
+        for j in range(next_layer, model.num_layers):
+            module = model.onload(j)
+            grams = LayerGrams(module, fam.router_module(model.model, j) if j in moe_layers else None,
+                               _disk_key_fn(model.ckpt, fam, j),
+                               lambda e, j=j: ms.expert_unit_names(fam, j, e, layout_name), num_experts)
+            bar = Progress(len(plan), f"merge-statistics {source} layer {j} (batches)")
+            try:
+                for i in range(len(plan)):
+                    grams.begin(valid[i])
+                    h = model.run_layer(j, states.get(i))
+                    grams.end()
+                    states.set(i, h)
+                    bar.update(1)
+            finally:
+                grams.close()
+                bar.close()
+            model.offload(j)
+            for name, g in grams.sums.items():
+                require_finite(g, f"the Gram {name}", f"merge-statistics, source {source}, decoder layer {j}",
+                               hint="the source model overflows on its calibration data")
+            peak_layer_bytes = max(peak_layer_bytes, sum(g.numel() * g.element_size() for g in grams.sums.values()))
+            tensors = {n: g.to(device="cpu", dtype=torch.float32).contiguous() for n, g in sorted(grams.sums.items())}
+            del grams.sums
+            with atomic_path(ms.layer_file(partial, j, "safetensors")) as tmp:
+                save_file(tensors, str(tmp))
+            write_json_atomic(ms.layer_file(partial, j, "json"), {
+                "layer": j, "tokens": n_tokens, "weights": dict(sorted(grams.weights.items())),
+                "grams": {n: grams.tokens[n] for n in sorted(grams.tokens)},
+                "expert_tokens": grams.expert_tokens if grams.experts is not None else None})
+            del tensors
+            if task_digest and cfg.calibration.layer_checkpoints and j + 1 < model.num_layers:
+                with atomic_path(partial / "states.bin", needed_bytes=states.nbytes) as tmp:
+                    states.save(tmp)
+                write_json_atomic(partial / MANIFEST, {"format": MANIFEST_FORMAT, "digest": task_digest,
+                                                       "next_layer": j + 1})
+        meta = {"kind": "gram", "source": source, "digest": task_digest, "tokens": n_tokens, "sequences": len(seqs),
+                "layers": model.num_layers, "layout": layout_name, "stored_dtype": "float32",
+                "accumulated_in": "float64 sums of float32 per-batch products"}
+        remove_path(partial / MANIFEST)
+        remove_path(partial / "states.bin")
+        write_json_atomic(partial / ms.META, meta)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        publish(partial, out_dir)
+    finally:
+        states.close()
+        model.close()
+    return {"tokens": n_tokens, "layers": model.num_layers, "peak_gram_bytes_per_layer": peak_layer_bytes,
+            "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None) -> dict:
+    run_dir = Path(run_dir)
+    kind = statistics_kind(cfg)
+    if kind is None:
+        return {"kind": None, "sources": {}}
+    needed(cfg)
+    out: dict = {"kind": kind, "sources": {}}
+    for src in cfg.models.sources:
+        final = ms.source_dir(run_dir, src.name)
+        if kind == "gram":
+            done = ms.read_meta(final)
+            if task_digest and done is not None and done.get("digest") == task_digest:
+                out["sources"][src.name] = {"tokens": done["tokens"], "reused": True}  # a resumed task
+                continue
+            partial = run_dir / "partial" / "merge-statistics" / src.name
+            out["sources"][src.name] = compute_source_grams(cfg, src.name, final, partial, task_digest)
+        elif kind == "fisher":
+            try:
+                from harc_hpc.stages.fisher_statistics import compute_source_fisher
+            except ImportError:
+                raise UsageError(f"merge.method {cfg.merge.method!r}: Fisher statistics are not available on this "
+                                 f"branch (harc_hpc.stages.fisher_statistics is missing)") from None
+            with atomic_path(final, make_dir=True) as tmp:
+                out["sources"][src.name] = compute_source_fisher(cfg, src.name, tmp, task_digest=task_digest)
+        else:
+            raise UsageError(f"merge.method {cfg.merge.method!r} asks for {kind!r} statistics, which no stage produces")
+    return out
