@@ -12,11 +12,15 @@ accumulate the Gram X^T X of the input of every linear map of the layer, over re
 * the router: its input (all tokens);
 * every routed expert: the tokens that source's own router sends to it (the ``top_k_index`` the
   model hands its experts module, i.e. the family's own selection rule) for gate/up, and the
-  intermediate activations act(x W_gate^T) * (x W_up^T) of those tokens for down.
+  intermediate activations act(x W_gate^T) * (x W_up^T) of those tokens for down. For this the
+  experts module runs the gated-MLP loop of transformers' eager experts here (``_experts_forward``),
+  which takes both Grams on the way instead of computing the experts twice.
 
-Precision: each batch's X^T X is a float32 product on the device (of float32-cast inputs), added into
-float64 sums on the device; the files store float32. Per layer the sums take
-E (d^2 + I^2) + (a few) d^2 values in float64 on the device (OLMoE: ~2.7 GB).
+Precision: each batch's X^T X is a float32 product on the device (of float32-cast inputs) added in
+place into a float32 partial sum, which is added into a float64 total every ``FLUSH_ROWS`` rows; the
+files store float32. Per layer that is E (d^2 + I^2) + (a few) d^2 Gram entries on the device, 12
+bytes each (float64 total + float32 partial; OLMoE: ~4 GB, Qwen3-30B-A3B: ~7 GB), whatever the
+number of sources (one source at a time) or tokens.
 
 Each finished layer is written at once (``layer-NNN.safetensors`` + ``.json``, atomically) under
 ``partial/merge-statistics/<source>/`` together with the in-flight hidden states and a manifest that
@@ -47,6 +51,8 @@ from harc_hpc.progress import Progress
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+#: a Gram's float32 partial sum is added into its float64 total after this many rows
+FLUSH_ROWS = 16384
 MANIFEST_FORMAT = "harc-merge-statistics-partial/1"
 #: families whose experts the Gram pass does not model yet (their experts compute differently:
 #: GPT-OSS (E, in, out) with biases and a clamped SwiGLU; Llama 4 scores the inputs before the experts)
@@ -107,6 +113,8 @@ class LayerGrams:
         self.weights: dict[str, str] = {}  # unit name -> Gram name
         self.expert_tokens = [0] * num_experts
         self.num_experts = num_experts
+        self._partial: dict[str, torch.Tensor] = {}
+        self._unflushed: dict[str, int] = {}
         self._valid: Optional[torch.Tensor] = None
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, Gram name), one batch
         self._share: dict[str, str] = {}  # module name -> Gram name (fixed by the first batch)
@@ -127,18 +135,46 @@ class LayerGrams:
         if experts is not None:
             self.experts = experts
             self.expert_names = expert_names  # expert -> {"gate", "up", "down"} -> unit name
-            self._handles.append(experts.register_forward_pre_hook(self._experts_hook, with_kwargs=True))
+            if not hasattr(experts, "act_fn"):
+                raise UsageError(f"the experts module {type(experts).__name__} has no act_fn: its forward is not "
+                                 f"the gated-MLP loop the Gram pass reproduces")
+            # an instance attribute shadows the class's forward (and a transformers experts
+            # implementation chosen by config) for this layer only; close() removes it
+            experts.forward = self._experts_forward
 
     # -- accumulation ------------------------------------------------------------------------------
     def _add(self, name: str, x: torch.Tensor) -> None:
-        """Add X^T X of (n, in) rows: a float32 product, summed in float64."""
+        """Add X^T X of (n, in) rows: float32 products summed in place into a float32 partial sum,
+        flushed into the float64 total every FLUSH_ROWS rows (and at the end)."""
         x = x.to(torch.float32)
-        g = (x.T @ x).to(torch.float64)
-        if name in self.sums:
-            self.sums[name].add_(g)
-        else:
-            self.sums[name] = g
-        self.tokens[name] = self.tokens.get(name, 0) + int(x.shape[0])
+        part = self._partial.get(name)
+        if part is None:
+            part = self._partial[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self.tokens[name] = 0
+            self._unflushed[name] = 0
+        part.addmm_(x.T, x)
+        self.tokens[name] += int(x.shape[0])
+        self._unflushed[name] += int(x.shape[0])
+        if self._unflushed[name] >= FLUSH_ROWS:
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        if self._unflushed.get(name):
+            self.sums[name].add_(self._partial[name].to(torch.float64))
+            self._partial[name].zero_()
+            self._unflushed[name] = 0
+
+    def nbytes(self) -> int:
+        """Device bytes held by the accumulators (totals and partial sums)."""
+        return sum(t.numel() * t.element_size() for d in (self.sums, self._partial) for t in d.values())
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The float64 Gram sums, every partial sum flushed (the float32 ones are freed)."""
+        for name in list(self._partial):
+            self._flush(name)
+        self._partial.clear()
+        return self.sums
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -170,33 +206,55 @@ class LayerGrams:
 
         return hook
 
-    def _experts_hook(self, module, args, kwargs):
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        vals = list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
-        hidden, top_k_index = vals[0], vals[1]
-        x = self._rows(hidden)
-        index = top_k_index.reshape(hidden.reshape(-1, hidden.shape[-1]).shape[0], -1)[self._valid]
+    def _experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' forward (transformers' eager loop: per expert, act(x W_gate^T) *
+        (x W_up^T) W_down^T, weighted by the routing weight, summed per token) taking the Grams of
+        each expert's inputs and intermediate activations on the way, so that nothing is computed
+        twice. Same math as the model's own experts; rounding may differ from a grouped GEMM."""
+        module = self.experts
         inter = module.gate_up_proj.shape[1] // 2
+        n_tok, d = hidden_states.shape
+        k = top_k_index.shape[1]
+        out = torch.zeros_like(hidden_states)
+        # the (token, slot) pairs grouped by expert once
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token_of = torch.div(order, k, rounding_mode="floor")
+        slot_of = order % k
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)[:self.num_experts].tolist()
+        start = 0
         for e in range(self.num_experts):
-            rows = (index == e).any(dim=1)
-            n = int(rows.sum())
-            names_e = self.expert_names(e)
-            gin, gmid = f"experts.{e}.in", f"experts.{e}.mid"
-            if gin not in self.sums:  # every expert has its Grams, zero when never routed to
-                d, i_dim = x.shape[1], module.down_proj.shape[2]
-                self.sums[gin] = torch.zeros(d, d, dtype=torch.float64, device=x.device)
-                self.sums[gmid] = torch.zeros(i_dim, i_dim, dtype=torch.float64, device=x.device)
-                self.tokens[gin] = self.tokens[gmid] = 0
-                self.weights.update({names_e["gate"]: gin, names_e["up"]: gin, names_e["down"]: gmid})
+            n = counts[e]
+            self._expert_grams(e, d, module.down_proj.shape[2], hidden_states.device)
             if n == 0:
                 continue
-            xe = x[rows]
-            self._add(gin, xe)
-            # the expert's own intermediate activations, as its forward computes them
+            tok, slot = token_of[start:start + n], slot_of[start:start + n]
+            start += n
+            xe = hidden_states[tok]
             gate_up = torch.nn.functional.linear(xe, module.gate_up_proj[e])
             mid = module.act_fn(gate_up[:, :inter]) * gate_up[:, inter:]
-            self._add(gmid, mid)
-            self.expert_tokens[e] += n
+            y = torch.nn.functional.linear(mid, module.down_proj[e]) * top_k_weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+            real = self._valid[tok]  # padding is routed too, but is no calibration data
+            n_real = int(real.sum())
+            if n_real:
+                self._add(f"experts.{e}.in", xe[real])
+                self._add(f"experts.{e}.mid", mid[real])
+                self.expert_tokens[e] += n_real
+        return out
+
+    def _expert_grams(self, e: int, d: int, inter: int, device) -> None:
+        """Every expert has its Grams, zero when never routed to."""
+        gin, gmid = f"experts.{e}.in", f"experts.{e}.mid"
+        if gin in self.sums:
+            return
+        names_e = self.expert_names(e)
+        for g, dim in ((gin, d), (gmid, inter)):
+            self.sums[g] = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+            self._partial[g] = torch.zeros(dim, dim, dtype=torch.float32, device=device)
+            self.tokens[g] = self._unflushed[g] = 0
+        self.weights.update({names_e["gate"]: gin, names_e["up"]: gin, names_e["down"]: gmid})
 
     # -- per batch ---------------------------------------------------------------------------------
     def begin(self, valid: torch.Tensor) -> None:
@@ -211,6 +269,8 @@ class LayerGrams:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.experts is not None and "forward" in vars(self.experts):
+            del self.experts.forward
 
 
 # -- one source ----------------------------------------------------------------------------------
@@ -320,10 +380,10 @@ def compute_source_grams(cfg: PipelineConfig, source: str, out_dir: Path, partia
                 grams.close()
                 bar.close()
             model.offload(j)
-            for name, g in grams.sums.items():
+            peak_layer_bytes = max(peak_layer_bytes, grams.nbytes())
+            for name, g in grams.finish().items():
                 require_finite(g, f"the Gram {name}", f"merge-statistics, source {source}, decoder layer {j}",
                                hint="the source model overflows on its calibration data")
-            peak_layer_bytes = max(peak_layer_bytes, sum(g.numel() * g.element_size() for g in grams.sums.values()))
             tensors = {n: g.to(device="cpu", dtype=torch.float32).contiguous() for n, g in sorted(grams.sums.items())}
             del grams.sums
             with atomic_path(ms.layer_file(partial, j, "safetensors")) as tmp:
