@@ -116,6 +116,7 @@ class LayerGrams:
         self._partial: dict[str, torch.Tensor] = {}
         self._unflushed: dict[str, int] = {}
         self._valid: Optional[torch.Tensor] = None
+        self._all_valid = False
         self._seen: dict[int, tuple[torch.Tensor, str]] = {}  # id(input) -> (input, Gram name), one batch
         self._share: dict[str, str] = {}  # module name -> Gram name (fixed by the first batch)
         self._handles = []
@@ -181,7 +182,7 @@ class LayerGrams:
         if flat.shape[0] != self._valid.shape[0]:
             raise RuntimeError(f"a linear input has {flat.shape[0]} rows for a batch of {self._valid.shape[0]} "
                                f"token positions")
-        return flat[self._valid]
+        return flat if self._all_valid else flat[self._valid]
 
     def _linear_hook(self, module_name: str, unit: str):
         def hook(module, args):
@@ -216,33 +217,41 @@ class LayerGrams:
         inter = module.gate_up_proj.shape[1] // 2
         n_tok, d = hidden_states.shape
         k = top_k_index.shape[1]
-        out = torch.zeros_like(hidden_states)
-        # the (token, slot) pairs grouped by expert once
+        # the (token, slot) pairs grouped by expert once; each expert's outputs are written to its
+        # run of a pair-ordered buffer, un-permuted by one gather and summed over the k slots (a
+        # scatter-add per expert is many times slower on CPU)
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token_of = torch.div(order, k, rounding_mode="floor")
-        slot_of = order % k
         counts = torch.bincount(flat, minlength=self.num_experts + 1)[:self.num_experts].tolist()
+        weights = top_k_weights.reshape(-1)[order].unsqueeze(1)
+        by_expert = hidden_states.new_zeros(flat.shape[0], d)
         start = 0
         for e in range(self.num_experts):
             n = counts[e]
             self._expert_grams(e, d, module.down_proj.shape[2], hidden_states.device)
             if n == 0:
                 continue
-            tok, slot = token_of[start:start + n], slot_of[start:start + n]
-            start += n
+            tok = token_of[start:start + n]
             xe = hidden_states[tok]
             gate_up = torch.nn.functional.linear(xe, module.gate_up_proj[e])
             mid = module.act_fn(gate_up[:, :inter]) * gate_up[:, inter:]
-            y = torch.nn.functional.linear(mid, module.down_proj[e]) * top_k_weights[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-            real = self._valid[tok]  # padding is routed too, but is no calibration data
-            n_real = int(real.sum())
+            y = torch.nn.functional.linear(mid, module.down_proj[e])
+            torch.mul(y, weights[start:start + n].to(y.dtype), out=by_expert[start:start + n])
+            start += n
+            if self._all_valid:
+                n_real = n
+            else:  # padding is routed too, but is no calibration data
+                real = self._valid[tok]
+                n_real = int(real.sum())
+                xe, mid = xe[real], mid[real]
             if n_real:
-                self._add(f"experts.{e}.in", xe[real])
-                self._add(f"experts.{e}.mid", mid[real])
+                self._add(f"experts.{e}.in", xe)
+                self._add(f"experts.{e}.mid", mid)
                 self.expert_tokens[e] += n_real
-        return out
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return by_expert[inverse].view(n_tok, k, d).sum(dim=1).to(hidden_states.dtype)
 
     def _expert_grams(self, e: int, d: int, inter: int, device) -> None:
         """Every expert has its Grams, zero when never routed to."""
@@ -259,6 +268,7 @@ class LayerGrams:
     # -- per batch ---------------------------------------------------------------------------------
     def begin(self, valid: torch.Tensor) -> None:
         self._valid = valid
+        self._all_valid = bool(valid.all())
         self._seen.clear()
 
     def end(self) -> None:
