@@ -180,7 +180,7 @@ def _set_config_dtype(path: Path, dtype: Optional[str]) -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: run.output_dir/run.name from the config).")
 def merge_experts_command(config: Path, run_dir: Optional[Path]) -> None:
-    """Merge the source models of CONFIG into RUN_DIR/merged (data-free merge methods)."""
+    """Merge the source models of CONFIG into RUN_DIR/merged (RegMean: after merge-statistics)."""
     try:
         cfg = load_config(config)
         stats = run(cfg, run_dir if run_dir is not None else cfg.run_dir)
