@@ -446,3 +446,20 @@ def test_fisher_reader_returns_a_units_pieces(tmp_path):
         reader.fisher(MergeUnit("nope", (1,), (Piece("nope", 0, 1, (1,)),), "vector"))
     with pytest.raises(Exception, match="run the merge-statistics stage first"):
         ms.FisherReader(tmp_path / "missing", "b")
+
+
+def test_plan_estimates_the_gram_accumulators(tmp_path):
+    """harc-hpc plan: merge-statistics holds 12 bytes per Gram entry of the largest layer (OLMoE-1B-7B:
+    64 experts, d 2048, I 1024: 64 (d^2 + I^2) + 4 d^2 entries)."""
+    from transformers import OlmoeConfig
+
+    from harc_hpc.pipeline.api import plan_estimates
+
+    conf = {**OlmoeConfig(intermediate_size=1024, num_hidden_layers=2).to_dict(), "architectures": ["OlmoeForCausalLM"]}
+    cfg = _toy(tmp_path, {"merge.method": "regmean"})
+    est = plan_estimates(cfg, model_config=conf)[2]
+    (stats,) = [s for s in est["stages"] if s["stage"] == "merge-statistics"]
+    entries = 64 * (2048 ** 2 + 1024 ** 2) + 4 * 2048 ** 2
+    assert stats["host_bytes"] > 12 * entries  # on CPU (the spec's default: no GPU)
+    assert stats["scratch_bytes"] == 4 * entries * 2 * 2  # float32 files, 2 layers, 2 sources
+    assert "Gram accumulators 3.9 GiB" in stats["notes"][0]
