@@ -463,3 +463,53 @@ def test_plan_estimates_the_gram_accumulators(tmp_path):
     assert stats["host_bytes"] > 12 * entries  # on CPU (the spec's default: no GPU)
     assert stats["scratch_bytes"] == 4 * entries * 2 * 2  # float32 files, 2 layers, 2 sources
     assert "Gram accumulators 3.9 GiB" in stats["notes"][0]
+
+
+def test_the_engine_hands_each_unit_its_grams_and_records_what_was_done(tmp_path, tiny):
+    """merge_checkpoints with a gram reader: a singular Gram sum and a unit without a Gram are merged
+    by the stated rules and listed in the stats that go into harc_merge.json."""
+    from harc_hpc.io.checkpoint import Checkpoint
+    from harc_hpc.merge.engine import MergeInput, merge_checkpoints
+
+    sources = tiny("olmoe", 2)
+    inputs = [MergeInput(n, Checkpoint(sources[n], name=n)) for n in ("math", "code")]
+    singular = "model.layers.0.self_attn.o_proj.weight"
+    skipped = "model.layers.1.self_attn.q_proj.weight"
+    asked = []
+
+    def gram(unit, i):
+        asked.append((unit.name, i))
+        d = unit.shape[0 if unit.transposed else 1]
+        if unit.name == skipped:
+            return None
+        if unit.name == singular:
+            v = torch.ones(d, 1, dtype=torch.float64)
+            return GramStatistic(v @ v.T, 5)
+        return GramStatistic(torch.eye(d, dtype=torch.float64) * (i + 1), 5)
+
+    method, params = resolve_settings("regmean", None, {"alpha": 1.0}, ["math", "code"])
+    with pytest.raises(MergeConfigError, match="statistics, and none were given"):
+        merge_checkpoints(tmp_path / "none", inputs, None, method, params)
+    stats = merge_checkpoints(tmp_path / "out", inputs, None, method, params, gram=gram)
+    notes = stats["method_notes"]
+    assert notes["fallback linear: no Gram recorded"] == [skipped]
+    (kind,) = [k for k in notes if k.startswith("singular")]
+    assert notes[kind] == [singular]
+    assert {u for u, _ in asked} >= {singular, skipped, "model.layers.0.mlp.gate.weight"}
+    assert not any("norm" in u or "embed" in u for u, _ in asked)  # non-linear units: no Gram asked
+    # identity Grams scaled 1 and 2: the weighted average 1/3, 2/3
+    shutil.copy(Path(sources["math"]) / "config.json", tmp_path / "out" / "config.json")
+    out = Checkpoint(tmp_path / "out")
+    key = "model.layers.0.mlp.experts.1.down_proj.weight"
+    expected = (inputs[0].ckpt.get_tensor(key).double() + 2 * inputs[1].ckpt.get_tensor(key).double()) / 3
+    torch.testing.assert_close(out.get_tensor(key).double(), expected, rtol=0, atol=1e-6)
+
+
+def test_merge_experts_without_statistics_says_to_run_merge_statistics(tmp_path, tiny):
+    from harc_hpc.errors import RunStateError
+    from harc_hpc.stages import merge_experts
+
+    cfg = _regmean_cfg(tmp_path, tiny("olmoe", 2))
+    with pytest.raises(RunStateError, match="no merge statistics for source 'math'.*run the merge-statistics stage"):
+        merge_experts.run(cfg, cfg.run_dir)
+    assert not (cfg.run_dir / "merged").exists()
