@@ -237,7 +237,7 @@ def _stored(folder: Path) -> dict[int, tuple[dict, dict]]:
     return out
 
 
-@pytest.mark.parametrize("family,layers", [("olmoe", 2), ("qwen3_moe", 3), ("qwen2_moe", 2)])
+@pytest.mark.parametrize("family,layers", [("olmoe", 2), ("qwen3_moe", 3), ("qwen2_moe", 2), ("deepseek_v3", 3)])
 def test_grams_equal_per_token_loops_over_the_sources_own_routing(tmp_path, tiny, family, layers):
     sources = tiny(family, layers)
     cfg = _regmean_cfg(tmp_path, sources, num_samples=3, **{"calibration.batch_size": 2})
@@ -267,10 +267,14 @@ def test_grams_equal_per_token_loops_over_the_sources_own_routing(tmp_path, tiny
                 assert info["expert_tokens"] == counts and sum(counts) == n_tokens * cfg_top_k(sources)
         infos = {l: info for l, (info, _) in stored.items()}
         assert checked > 0
-        # q, k and v read one input: one Gram; o_proj its own
-        first = infos[0]["weights"]
-        assert first["model.layers.0.self_attn.q_proj.weight"] == first["model.layers.0.self_attn.k_proj.weight"] \
-            == first["model.layers.0.self_attn.v_proj.weight"] != first["model.layers.0.self_attn.o_proj.weight"]
+        # q, k and v read one input: one Gram; o_proj its own (MLA: q and the compressed kv read one input)
+        first = {k.removeprefix("model.layers.0.self_attn.").removesuffix("_proj.weight"): v
+                 for k, v in infos[0]["weights"].items()}
+        qkv = ("q", "kv_a_proj_with_mqa.weight") if family == "deepseek_v3" else ("q", "k", "v")
+        assert all(p in first for p in qkv), sorted(first)
+        assert len({first[p] for p in qkv}) == 1 and first["q"] != first["o"]
+    if family == "deepseek_v3":  # layer 0 is dense; the MoE layers' routing is the grouped, biased top-k
+        assert infos[0]["expert_tokens"] is None and infos[1]["expert_tokens"] is not None
     if family == "qwen3_moe":  # layer 1 is a dense MLP: its projections have Grams, there are no experts
         assert infos[1]["expert_tokens"] is None and "model.layers.1.mlp.down_proj.weight" in infos[1]["weights"]
     if family == "qwen2_moe":  # the shared expert and its gate read the router's input
@@ -491,6 +495,10 @@ def test_the_engine_hands_each_unit_its_grams_and_records_what_was_done(tmp_path
     with pytest.raises(MergeConfigError, match="statistics, and none were given"):
         merge_checkpoints(tmp_path / "none", inputs, None, method, params)
     stats = merge_checkpoints(tmp_path / "out", inputs, None, method, params, gram=gram)
+    again = merge_checkpoints(tmp_path / "again", inputs, None, method, params, gram=gram)
+    assert again["method_notes"] == stats["method_notes"]
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):  # same inputs, same bytes
+        assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes()
     notes = stats["method_notes"]
     assert notes["fallback linear: no Gram recorded"] == [skipped]
     (kind,) = [k for k in notes if k.startswith("singular")]
