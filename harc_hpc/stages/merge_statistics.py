@@ -303,6 +303,47 @@ def _disk_key_fn(ckpt, fam, layer: int):
     return disk_key
 
 
+def layer_pass(model, j: int, states, valid: list, layout_name: str, moe_layers, label: str,
+               update_states: bool) -> LayerGrams:
+    """Onload decoder layer ``j`` of ``model``, push every batch of ``states`` through it while its
+    Grams are taken, offload it; the layer's outputs replace ``states`` when ``update_states``."""
+    fam = model.family
+    module = model.onload(j)
+    grams = LayerGrams(module, fam.router_module(model.model, j) if j in moe_layers else None,
+                       _disk_key_fn(model.ckpt, fam, j),
+                       lambda e: ms.expert_unit_names(fam, j, e, layout_name), fam.num_experts(model.ckpt.config))
+    bar = Progress(len(valid), f"{label} layer {j} (batches)")
+    try:
+        for i in range(len(valid)):
+            grams.begin(valid[i])
+            h = model.run_layer(j, states.get(i))
+            grams.end()
+            if update_states:
+                states.set(i, h)
+            bar.update(1)
+    finally:
+        grams.close()
+        bar.close()
+    model.offload(j)
+    return grams
+
+
+def write_layer(folder: Path, j: int, grams: LayerGrams, n_tokens: int, where: str) -> None:
+    """Layer ``j``'s Grams (float32) and their json, each written atomically."""
+    from safetensors.torch import save_file
+
+    for name, g in grams.finish().items():
+        require_finite(g, f"the Gram {name}", where, hint="the source model overflows on its calibration data")
+    tensors = {n: g.to(device="cpu", dtype=torch.float32).contiguous() for n, g in sorted(grams.sums.items())}
+    grams.sums = {}
+    with atomic_path(ms.layer_file(folder, j, "safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    write_json_atomic(ms.layer_file(folder, j, "json"), {
+        "layer": j, "tokens": n_tokens, "weights": dict(sorted(grams.weights.items())),
+        "grams": {n: grams.tokens[n] for n in sorted(grams.tokens)},
+        "expert_tokens": grams.expert_tokens if grams.experts is not None else None})
+
+
 def _read_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict]:
     if not task_digest:
         return None
@@ -321,7 +362,6 @@ def compute_source_grams(cfg: PipelineConfig, source: str, out_dir: Path, partia
                          task_digest: Optional[str] = None, device: Optional[torch.device] = None) -> dict:
     """The Grams of every decoder layer of source ``source`` on its calibration data, published as
     ``out_dir`` (a folder of per-layer files, meta.json last)."""
-    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
     from harc_hpc.io.checkpoint import resolve_model_path
@@ -374,35 +414,10 @@ def compute_source_grams(cfg: PipelineConfig, source: str, out_dir: Path, partia
                 states.set(i, model.embed(ids))
         model.release_embeddings()
         for j in range(next_layer, model.num_layers):
-            module = model.onload(j)
-            grams = LayerGrams(module, fam.router_module(model.model, j) if j in moe_layers else None,
-                               _disk_key_fn(model.ckpt, fam, j),
-                               lambda e, j=j: ms.expert_unit_names(fam, j, e, layout_name), num_experts)
-            bar = Progress(len(plan), f"merge-statistics {source} layer {j} (batches)")
-            try:
-                for i in range(len(plan)):
-                    grams.begin(valid[i])
-                    h = model.run_layer(j, states.get(i))
-                    grams.end()
-                    states.set(i, h)
-                    bar.update(1)
-            finally:
-                grams.close()
-                bar.close()
-            model.offload(j)
+            grams = layer_pass(model, j, states, valid, layout_name, moe_layers, f"merge-statistics {source}",
+                               update_states=True)
             peak_layer_bytes = max(peak_layer_bytes, grams.nbytes())
-            for name, g in grams.finish().items():
-                require_finite(g, f"the Gram {name}", f"merge-statistics, source {source}, decoder layer {j}",
-                               hint="the source model overflows on its calibration data")
-            tensors = {n: g.to(device="cpu", dtype=torch.float32).contiguous() for n, g in sorted(grams.sums.items())}
-            del grams.sums
-            with atomic_path(ms.layer_file(partial, j, "safetensors")) as tmp:
-                save_file(tensors, str(tmp))
-            write_json_atomic(ms.layer_file(partial, j, "json"), {
-                "layer": j, "tokens": n_tokens, "weights": dict(sorted(grams.weights.items())),
-                "grams": {n: grams.tokens[n] for n in sorted(grams.tokens)},
-                "expert_tokens": grams.expert_tokens if grams.experts is not None else None})
-            del tensors
+            write_layer(partial, j, grams, n_tokens, f"merge-statistics, source {source}, decoder layer {j}")
             if task_digest and cfg.calibration.layer_checkpoints and j + 1 < model.num_layers:
                 with atomic_path(partial / "states.bin", needed_bytes=states.nbytes) as tmp:
                     states.save(tmp)
@@ -410,7 +425,7 @@ def compute_source_grams(cfg: PipelineConfig, source: str, out_dir: Path, partia
                                                        "next_layer": j + 1})
         meta = {"kind": "gram", "source": source, "digest": task_digest, "tokens": n_tokens, "sequences": len(seqs),
                 "layers": model.num_layers, "layout": layout_name, "stored_dtype": "float32",
-                "accumulated_in": "float64 sums of float32 per-batch products"}
+                "accumulated_in": f"float32 partial sums added into float64 every {FLUSH_ROWS} rows"}
         remove_path(partial / MANIFEST)
         remove_path(partial / "states.bin")
         write_json_atomic(partial / ms.META, meta)
