@@ -70,17 +70,22 @@ def _require(folder: Path, source: str, kind: str) -> dict:
 class GramReader:
     """One source's Grams, read a unit at a time (one per-layer file open at a time)."""
 
-    def __init__(self, folder: Path, source: str):
+    def __init__(self, folder: Path, source: str, require_meta: bool = True):
         self.folder = Path(folder)
         self.source = source
-        self.meta = _require(self.folder, source, "gram")
+        self.meta = _require(self.folder, source, "gram") if require_meta else None
         self.index: dict[str, tuple[int, str, int]] = {}  # unit name -> (layer, Gram name, tokens)
+        self._open_layer: Optional[int] = None
+        self._file = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Index the layer files present now (a sequential pass adds them one layer at a time)."""
         for path in sorted(self.folder.glob("layer-*.json")):
             info = json.loads(path.read_text())
             for unit, g in info["weights"].items():
                 self.index[unit] = (int(info["layer"]), g, int(info["grams"][g]))
-        self._open_layer: Optional[int] = None
-        self._file = None
+        self._open_layer, self._file = None, None
 
     def gram(self, unit_name: str, device: torch.device) -> Optional[tuple[torch.Tensor, int]]:
         hit = self.index.get(unit_name)

@@ -11,7 +11,7 @@ from harc_hpc.merge.dare_linear import DareLinearMerge
 from harc_hpc.merge.dare_ties import DareTiesMerge
 from harc_hpc.merge.linear import LinearMerge
 from harc_hpc.merge.presets import PRESETS
-from harc_hpc.merge.regmean import RegMeanMerge
+from harc_hpc.merge.regmean import RegMeanMerge, RegMeanPlusPlusMerge
 from harc_hpc.merge.task_arithmetic import TaskArithmeticMerge
 from harc_hpc.merge.ties import TiesMerge
 from harc_hpc.merge.wudi import WudiMerge
@@ -27,7 +27,7 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 for _m in (LinearMerge(), TaskArithmeticMerge(), TiesMerge(), DareLinearMerge(), DareTiesMerge(),
-           WudiMerge(), RegMeanMerge()):
+           WudiMerge(), RegMeanMerge(), RegMeanPlusPlusMerge()):
     register(_m)
 
 

@@ -276,7 +276,7 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
     t0 = time.perf_counter()
     if not sources:
         raise MergeConfigError("models.sources: at least one source model is needed")
-    if method.statistics == "gram" and gram is None or method.statistics == "fisher" and fisher is None:
+    if method.statistics is not None and gram is None and fisher is None:
         raise MergeConfigError(f"merge method {method.name!r} merges with per-source {method.statistics} "
                                f"statistics, and none were given (the merge-statistics stage writes them)")
     if method.base_needed(params) and base is None:

@@ -127,3 +127,14 @@ class RegMeanMerge(MergeMethod):
             ctx.note(f"singular Gram sum: {sol.method} toward the {params.fallback} merge", unit.name)
         w = sol.weight.T if unit.transposed else sol.weight
         return w.to(device=sources[0].device, dtype=dtype).contiguous()
+
+
+class RegMeanPlusPlusMerge(RegMeanMerge):
+    """RegMean++: the same rule, with each layer's Grams taken on the partially merged model's own
+    activations (harc_hpc.stages.regmean_sequential). A method of its own rather than an option of
+    ``regmean``: its statistics depend on the merge, so they are computed by merge-experts, while
+    RegMean's are reused across changes of the merge parameters."""
+
+    name = "regmean_plusplus"
+    description = "RegMean++: RegMean with Grams taken layer by layer through the partially merged model"
+    statistics = "gram_sequential"

@@ -62,7 +62,7 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     sources = [_open(s.name, s.path, cfg) for s in cfg.models.sources]
     inputs = ([base] if base else []) + sources
     out_dir = run_dir / MERGED_DIR
-    readers, stat_kw, stat_record = _statistics(method, run_dir, names, pick_device(m.device))
+    readers, stat_kw, stat_record = _statistics(method, params, cfg, run_dir, names, pick_device(m.device))
 
     # Digests read every weight file once more; doing it beside the merge hides most of that time.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -121,21 +121,36 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
         i.ckpt.close()
     for r in readers:
         getattr(r, "close", lambda: None)()
+    if method.statistics == "gram_sequential":
+        from harc_hpc.io.atomic import remove_path
+
+        remove_path(sequential_scratch(run_dir))
     return {"method": method.name, "output": str(out_dir), "tensors": stats["tensors"],
             "units": stats["units"], "merged_tensors": stats["merged_tensors"],
             "copied_tensors": stats["copied_tensors"], "seconds": stats["seconds"]}
 
 
-def _statistics(method, run_dir: Path, names: list[str], device) -> tuple[list, dict, Optional[dict]]:
+def _statistics(method, params, cfg, run_dir: Path, names: list[str], device) -> tuple[list, dict, Optional[dict]]:
     """The readers of every source's merge statistics, the merge's keyword arguments that hand them
-    to the method, and what the record says of them (None for a data-free method)."""
+    to the method, and what the record says of them (None for a data-free method). RegMean++'s Grams
+    depend on the merge: they are computed here, into a scratch folder removed after the merge."""
     from harc_hpc.io import merge_statistics as ms
+    from harc_hpc.io.atomic import remove_path
     from harc_hpc.merge import GramStatistic
 
     if method.statistics is None:
         return [], {}, None
     folders = [ms.source_dir(run_dir, n) for n in names]
-    if method.statistics == "gram":
+    if method.statistics == "gram_sequential":
+        from harc_hpc.stages.regmean_sequential import sequential_grams
+
+        for f, n in zip(folders, names):  # merge-statistics checked the data (and carries its digest)
+            _check_meta(f, n, "gram_sequential")
+        scratch = sequential_scratch(run_dir)
+        remove_path(scratch)
+        sequential_grams(cfg, scratch, method, params)
+        folders = [scratch / n for n in names]
+    if method.statistics in ("gram", "gram_sequential"):
         readers = [ms.GramReader(f, n) for f, n in zip(folders, names)]
 
         def gram(unit, i):
@@ -153,6 +168,20 @@ def _statistics(method, run_dir: Path, names: list[str], device) -> tuple[list, 
               "sources": {n: ms.read_meta(f if method.statistics == "gram" else f / "fisher")
                           for n, f in zip(names, folders)}}
     return readers, kw, record
+
+
+def sequential_scratch(run_dir: Path) -> Path:
+    return Path(run_dir) / "partial" / "regmean-sequential"
+
+
+def _check_meta(folder: Path, source: str, kind: str) -> None:
+    from harc_hpc.errors import RunStateError
+    from harc_hpc.io import merge_statistics as ms
+
+    meta = ms.read_meta(folder)
+    if meta is None or meta.get("kind") != kind:
+        raise RunStateError(f"no {kind} merge statistics for source {source!r}", where=str(folder),
+                            hint="run the merge-statistics stage first (harc-hpc submit runs it)")
 
 
 def _describe(inp: MergeInput, digests: dict) -> dict:

@@ -358,12 +358,28 @@ def _read_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict]:
     return manifest if done and (partial / "states.bin").is_file() else None
 
 
+def source_batches(cfg: PipelineConfig, source: str, local: Path, device) -> tuple[list, list, list, list]:
+    """(token id sequences, batches of sequence indices, (B, T) of each batch, each batch's (B*T,)
+    mask of real tokens) of a source's calibration data, tokenised with its own tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=cfg.models.trust_remote_code)
+    seqs = tokenize_task(cfg.calibration_for(source), cfg.calibration, tokenizer)
+    plan = list(batches(len(seqs), cfg.calibration.batch_size))
+    shapes = [(len(idx), max(len(seqs[j]) for j in idx)) for idx in plan]
+    valid = []
+    for idx, (b, t) in zip(plan, shapes):
+        m = torch.zeros(b, t, dtype=torch.bool)
+        for r, j in enumerate(idx):
+            m[r, :len(seqs[j])] = True
+        valid.append(m.reshape(-1).to(device))
+    return seqs, plan, shapes, valid
+
+
 def compute_source_grams(cfg: PipelineConfig, source: str, out_dir: Path, partial: Path,
                          task_digest: Optional[str] = None, device: Optional[torch.device] = None) -> dict:
     """The Grams of every decoder layer of source ``source`` on its calibration data, published as
     ``out_dir`` (a folder of per-layer files, meta.json last)."""
-    from transformers import AutoTokenizer
-
     from harc_hpc.io.checkpoint import resolve_model_path
     from harc_hpc.models.onload import OnloadedModel
     from harc_hpc.stages.capture_activations import BatchStates, placement_for
@@ -380,19 +396,9 @@ def compute_source_grams(cfg: PipelineConfig, source: str, out_dir: Path, partia
     layout_name = fam.detect_layout(model.ckpt.keys())
     num_experts = fam.num_experts(conf)
     moe_layers = set(fam.moe_layers(conf))
-    tokenizer = AutoTokenizer.from_pretrained(str(local), trust_remote_code=cfg.models.trust_remote_code)
-    seqs = tokenize_task(cfg.calibration_for(source), cfg.calibration, tokenizer)
+    seqs, plan, shapes, valid = source_batches(cfg, source, local, device)
     n_tokens = sum(len(s) for s in seqs)
-    bs = cfg.calibration.batch_size
-    plan = list(batches(len(seqs), bs))
-    shapes = [(len(idx), max(len(seqs[j]) for j in idx)) for idx in plan]
     d = model.config.hidden_size
-    valid = []
-    for idx, (b, t) in zip(plan, shapes):
-        m = torch.zeros(b, t, dtype=torch.bool)
-        for r, j in enumerate(idx):
-            m[r, :len(seqs[j])] = True
-        valid.append(m.reshape(-1).to(device))
 
     manifest = _read_manifest(partial, task_digest)
     if manifest is None:
@@ -456,6 +462,17 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None) -
                 continue
             partial = run_dir / "partial" / "merge-statistics" / src.name
             out["sources"][src.name] = compute_source_grams(cfg, src.name, final, partial, task_digest)
+        elif kind == "gram_sequential":
+            # RegMean++'s Grams depend on the merge and are taken by merge-experts; here the data are
+            # checked (tokenised with each source's tokenizer) and the stage's digest carries them
+            from harc_hpc.io.checkpoint import resolve_model_path
+
+            seqs = source_batches(cfg, src.name, resolve_model_path(src.path, revision=cfg.models.revision),
+                                  torch.device("cpu"))[0]
+            info = {"kind": kind, "source": src.name, "tokens": sum(len(s) for s in seqs), "sequences": len(seqs)}
+            with atomic_path(final, make_dir=True) as tmp:
+                write_json_atomic(tmp / ms.META, info)
+            out["sources"][src.name] = info
         elif kind == "fisher":
             try:
                 from harc_hpc.stages.fisher_statistics import compute_source_fisher
