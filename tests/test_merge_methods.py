@@ -31,7 +31,7 @@ T = torch.tensor
 
 
 def test_registry_has_all_methods():
-    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "wudi", "regmean"}
+    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "wudi", "regmean", "regmean_plusplus"}
     with pytest.raises(MergeConfigError, match="available"):
         get_method("slerp")
 

@@ -181,9 +181,12 @@ def _reference_grams(cfg, source):
 
     path = Path(next(s.path for s in cfg.models.sources if s.name == source))
     conf = json.loads((path / "config.json").read_text())
-    fam = family_for_config(conf)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     seqs = tokenize_task(cfg.calibration_for(source), cfg.calibration, AutoTokenizer.from_pretrained(path))
+    return _model_grams(model, conf, family_for_config(conf), seqs), len(sum(seqs, []))
+
+
+def _model_grams(model, conf, fam, seqs):
     inputs: dict[str, list] = {}
     hooks = []
     for name, mod in model.named_modules():
@@ -224,7 +227,7 @@ def _reference_grams(cfg, source):
                 g_mid += torch.outer(mid.double(), mid.double())
             out[f"{prefix}.experts.{e}.in"], out[f"{prefix}.experts.{e}.mid"] = g_in, g_mid
             out[f"{prefix}.experts.{e}.count"] = count
-    return out, len(sum(seqs, []))
+    return out
 
 
 def _stored(folder: Path) -> dict[int, tuple[dict, dict]]:
@@ -521,3 +524,95 @@ def test_merge_experts_without_statistics_says_to_run_merge_statistics(tmp_path,
     with pytest.raises(RunStateError, match="no merge statistics for source 'math'.*run the merge-statistics stage"):
         merge_experts.run(cfg, cfg.run_dir)
     assert not (cfg.run_dir / "merged").exists()
+
+
+def _plusplus_reference(cfg, alpha):
+    """RegMean++ the slow, obvious way, with whole transformers models: everything starts as the
+    average (what has no Gram keeps it); for each layer l and source n, a copy of the merged model
+    with source n's layer l put in runs n's data (so layer l sees the merged layers < l), the Grams
+    of its layer l come from per-token loops, and layer l's linear weights are set to the dense
+    closed form over the sources."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harc_hpc.io.calibration_data import tokenize_task
+    from harc_hpc.models.families import family_for_config
+
+    names = [s.name for s in cfg.models.sources]
+    paths = {s.name: Path(s.path) for s in cfg.models.sources}
+    conf = json.loads((paths[names[0]] / "config.json").read_text())
+    fam = family_for_config(conf)
+    models = {n: AutoModelForCausalLM.from_pretrained(paths[n], dtype=torch.float32).eval() for n in names}
+    seqs = {n: tokenize_task(cfg.calibration_for(n), cfg.calibration, AutoTokenizer.from_pretrained(paths[n]))
+            for n in names}
+    merged = copy.deepcopy(models[names[0]])
+    states = {n: m.state_dict() for n, m in models.items()}
+    with torch.no_grad():
+        for k, v in merged.state_dict().items():
+            v.copy_(sum(states[n][k] for n in names) / len(names))
+
+    def solve(grams, weights):
+        lhs = sum(alpha * g + (1 - alpha) * torch.diag(torch.diag(g)) for g in grams)
+        rhs = sum((alpha * g + (1 - alpha) * torch.diag(torch.diag(g))) @ w.double().T for g, w in zip(grams, weights))
+        return torch.linalg.solve(lhs, rhs).T
+
+    for layer in range(conf["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        grams = []
+        for n in names:
+            hybrid = copy.deepcopy(merged)
+            hybrid.model.layers[layer].load_state_dict(models[n].model.layers[layer].state_dict())
+            grams.append(_model_grams(hybrid, conf, fam, seqs[n]))
+        new = {}
+        for key in states[names[0]]:
+            if not key.startswith(prefix + ".") or not key.endswith(".weight"):
+                continue
+            module = key.removesuffix(".weight")
+            if module in grams[0]:
+                new[key] = solve([g[module] for g in grams], [states[n][key] for n in names])
+        gu, dn = f"{prefix}.mlp.experts.gate_up_proj", f"{prefix}.mlp.experts.down_proj"
+        if gu in states[names[0]]:
+            gate_up, down = states[names[0]][gu].clone(), states[names[0]][dn].clone()
+            for e in range(gate_up.shape[0]):
+                if sum(g[f"{prefix}.mlp.experts.{e}.count"] for g in grams) == 0:
+                    gate_up[e] = sum(states[n][gu][e] for n in names) / len(names)
+                    down[e] = sum(states[n][dn][e] for n in names) / len(names)
+                    continue
+                gate_up[e] = solve([g[f"{prefix}.mlp.experts.{e}.in"] for g in grams], [states[n][gu][e] for n in names])
+                down[e] = solve([g[f"{prefix}.mlp.experts.{e}.mid"] for g in grams], [states[n][dn][e] for n in names])
+            new[gu], new[dn] = gate_up, down
+        with torch.no_grad():
+            sd = merged.state_dict()
+            for k, v in new.items():
+                sd[k].copy_(v.to(sd[k].dtype))
+    return merged
+
+
+def test_regmean_plusplus_equals_the_layer_by_layer_reference(tmp_path, tiny):
+    from transformers import AutoModelForCausalLM
+
+    sources = tiny("olmoe", 2)
+    cfg = _regmean_cfg(tmp_path, sources, **{"merge.method": "regmean_plusplus", "merge.parameters": {"alpha": 0.8}})
+    assert merge_statistics.needed(cfg)
+    merge_statistics.run(cfg, cfg.run_dir)
+    assert ms.read_meta(ms.source_dir(cfg.run_dir, "math"))["kind"] == "gram_sequential"
+    from harc_hpc.stages import merge_experts
+
+    merge_experts.run(cfg, cfg.run_dir)
+    assert not (cfg.run_dir / "partial" / "regmean-sequential").exists()  # its scratch Grams are gone
+    rec = json.loads((cfg.run_dir / "merged" / "harc_merge.json").read_text())
+    assert rec["method"] == "regmean_plusplus" and rec["statistics"]["sources"]["code"]["sequential"] is True
+    got = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "merged", dtype=torch.float32).state_dict()
+    expected = _plusplus_reference(cfg, 0.8).state_dict()
+    assert set(got) == set(expected)
+    for k in sorted(expected):
+        scale = float(expected[k].abs().max()) or 1.0
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=2e-5 * scale, msg=k)
+    # and it is not plain RegMean: layer 1's Grams were taken through the merged layer 0
+    plain = _regmean_cfg(tmp_path / "plain", sources, **{"merge.parameters": {"alpha": 0.8}})
+    merge_statistics.run(plain, plain.run_dir)
+    merge_experts.run(plain, plain.run_dir)
+    other = AutoModelForCausalLM.from_pretrained(plain.run_dir / "merged", dtype=torch.float32).state_dict()
+    key = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.allclose(other[key], got[key], atol=1e-6)

@@ -165,7 +165,7 @@ def _statistics(method, params, cfg, run_dir: Path, names: list[str], device) ->
         raise MergeConfigError(f"merge method {method.name!r} asks for {method.statistics!r} statistics, "
                                f"which no stage produces")
     record = {"kind": method.statistics,
-              "sources": {n: ms.read_meta(f if method.statistics == "gram" else f / "fisher")
+              "sources": {n: ms.read_meta(f / "fisher" if method.statistics == "fisher" else f)
                           for n, f in zip(names, folders)}}
     return readers, kw, record
 
