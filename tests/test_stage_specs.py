@@ -105,6 +105,10 @@ def stage_reads(tmp_path_factory):
     regmean = load_config(write_config(root, sources, name="regmean", executor="debug", method="regmean"))
     reads["merge-statistics"] = _Reads()
     merge_statistics.run(_ModelProxy(regmean, "", reads["merge-statistics"]), root / "runs" / "regmean")
+    # RegMean++ takes its Grams in merge-experts: what it reads there must be in a digest too
+    plusplus = load_config(write_config(root, sources, name="plusplus", executor="debug", method="regmean_plusplus"))
+    merge_statistics.run(plusplus, root / "runs" / "plusplus")
+    merge_experts.run(_ModelProxy(plusplus, "", reads["merge-experts"]), root / "runs" / "plusplus")
     tasks = set(cfg.task_names)
     return {name: {_norm(k, tasks) for k in r.keys} for name, r in reads.items()}, tasks
 

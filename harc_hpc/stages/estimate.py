@@ -161,6 +161,12 @@ def tokens_per_task(cfg: PipelineConfig, run_dir: Optional[Path]) -> dict[str, t
     return out
 
 
+def _statistics_kind(cfg: PipelineConfig):
+    from harc_hpc.stages.merge_statistics import statistics_kind
+
+    return statistics_kind(cfg)
+
+
 def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = None,
              throughput_tflops: Optional[float] = None) -> list[StageEstimate]:
     """Per-stage estimates for ``plan``; ``resources[stage]``: what a task of it is given
@@ -195,7 +201,11 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
         on_gpu = gpus_of(stage) > 0
         compute = shape.dtype_bytes if on_gpu else 4
         e = StageEstimate(stage, len(tasks))
-        if stage == "merge-statistics":
+        if stage == "merge-statistics" and _statistics_kind(cfg) == "gram_sequential":
+            e.host_bytes = PROCESS_BYTES
+            e.notes.append("RegMean++: only tokenises each source's data here; the layer-by-layer Gram pass "
+                           "runs in merge-experts (memory as capture's, plus one layer's Gram accumulators)")
+        elif stage == "merge-statistics":
             # one source at a time: one decoder layer, its in-flight hidden states, the layer's Gram
             # accumulators (float64 totals + float32 partial sums, 12 bytes an entry)
             from harc_hpc.io.calibration_data import effective_settings
