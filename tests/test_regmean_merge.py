@@ -593,7 +593,8 @@ def test_regmean_plusplus_equals_the_layer_by_layer_reference(tmp_path, tiny):
     from transformers import AutoModelForCausalLM
 
     sources = tiny("olmoe", 2)
-    cfg = _regmean_cfg(tmp_path, sources, **{"merge.method": "regmean_plusplus", "merge.parameters": {"alpha": 0.8}})
+    cfg = _regmean_cfg(tmp_path, sources, num_samples=2,
+                       **{"merge.method": "regmean_plusplus", "merge.parameters": {"alpha": 0.8}})
     assert merge_statistics.needed(cfg)
     merge_statistics.run(cfg, cfg.run_dir)
     assert ms.read_meta(ms.source_dir(cfg.run_dir, "math"))["kind"] == "gram_sequential"
@@ -610,9 +611,26 @@ def test_regmean_plusplus_equals_the_layer_by_layer_reference(tmp_path, tiny):
         scale = float(expected[k].abs().max()) or 1.0
         torch.testing.assert_close(got[k], expected[k], rtol=0, atol=2e-5 * scale, msg=k)
     # and it is not plain RegMean: layer 1's Grams were taken through the merged layer 0
-    plain = _regmean_cfg(tmp_path / "plain", sources, **{"merge.parameters": {"alpha": 0.8}})
+    plain = _regmean_cfg(tmp_path / "plain", sources, num_samples=2, **{"merge.parameters": {"alpha": 0.8}})
     merge_statistics.run(plain, plain.run_dir)
     merge_experts.run(plain, plain.run_dir)
     other = AutoModelForCausalLM.from_pretrained(plain.run_dir / "merged", dtype=torch.float32).state_dict()
     key = "model.layers.1.self_attn.q_proj.weight"
     assert not torch.allclose(other[key], got[key], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_real_stages_regmean_run_and_a_harc_change_rerun(tmp_path, tiny):
+    """The launcher with the real stages (debug executor, in-process): a RegMean run completes with its
+    merge-statistics task; after a change of harc.alpha neither it nor merge-experts runs again."""
+    sources = tiny("olmoe", 2)
+    cfg = _regmean_cfg(tmp_path, sources, **{"harc.block_size": 2})
+    plan, first = submit_run(cfg, executor="debug", echo=lambda m: None)
+    assert first.ok and "merge-statistics/all" in first.completed and "merge-experts/all" in first.completed
+    assert (cfg.run_dir / "merge-statistics" / "math" / "layer-001.safetensors").is_file()
+    assert ms.read_meta(ms.source_dir(cfg.run_dir, "code"))["digest"] == plan.tasks["merge-statistics/all"].digest
+    again = _regmean_cfg(tmp_path, sources, **{"harc.block_size": 2, "harc.alpha": 0.5})
+    _, second = submit_run(again, executor="debug", echo=lambda m: None)
+    assert second.ok and second.completed
+    assert not {"merge-statistics/all", "merge-experts/all"} & set(second.completed)
+    assert {"merge-statistics/all", "merge-experts/all"} <= set(second.already_complete)
