@@ -102,7 +102,7 @@ class LayerGrams:
     """Forward hooks on one onloaded decoder layer that accumulate its Grams.
 
     ``begin(valid)`` before each batch (``valid``: (B*T,) bool, the real tokens), ``end()`` after it;
-    ``result()`` at the end. ``disk_key(param name)`` maps a parameter of the layer to its on-disk key
+    ``finish()`` at the end (the float64 sums). ``disk_key(param name)`` maps a parameter of the layer to its on-disk key
     (None when the checkpoint has none)."""
 
     def __init__(self, layer_module: torch.nn.Module, router_module: Optional[torch.nn.Module], disk_key,
