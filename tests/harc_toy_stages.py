@@ -62,10 +62,18 @@ def _emit(run_dir: Path, stage: str, index: dict, rel: str, payload: dict) -> di
     return {"digest": hashlib.sha256(text.encode()).hexdigest()[:12]}
 
 
+def merge_statistics(cfg, run_dir, **index):
+    run_dir = Path(run_dir)
+    data = {t: [str(f) for f in cfg.calibration_for(t).files] for t in cfg.task_names}
+    return _emit(run_dir, "merge_statistics", index, "merge-statistics/stats.json",
+                 {"sources": [s.path for s in cfg.models.sources], "data": data})
+
+
 def merge(cfg, run_dir, **index):
     run_dir = Path(run_dir)
     return _emit(run_dir, "merge", index, "merged/model.json",
-                 {"sources": [s.path for s in cfg.models.sources], "method": cfg.merge.method})
+                 {"sources": [s.path for s in cfg.models.sources], "method": cfg.merge.method,
+                  "statistics": _read(run_dir / "merge-statistics/stats.json")})
 
 
 def capture(cfg, run_dir, block):

@@ -151,11 +151,15 @@ def write_config(root: Path, sources: dict, *, name="run", method="linear", bloc
 
 
 def run_pipeline(cfg, run_dir):
-    """Every stage body in dependency order, in-process: merge, then per block capture, statistics
-    and solves, then assembly (what the launcher runs, without its machinery)."""
+    """Every stage body in dependency order, in-process: the merge statistics of a data-driven method,
+    merge, then per block capture, statistics and solves, then assembly (what the launcher runs,
+    without its machinery)."""
     from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts
+    from harc_hpc.stages import merge_statistics
     from harc_hpc.stages import solve_router as solve_router_stage
 
+    if merge_statistics.needed(cfg):
+        merge_statistics.run(cfg, run_dir)
     merge_experts.run(cfg, run_dir)
     for b, blk in enumerate(layout.blocks(cfg)):
         capture_activations.run(cfg, run_dir, block=b)

@@ -408,3 +408,49 @@ def test_compute_source_fisher_without_calibration_data_names_the_key(tiny_sourc
     with pytest.raises(ConfigError, match="no source named 'chat'"):
         compute_source_fisher(cfg, "chat", tmp_path, device="cpu")
     assert not any(tmp_path.iterdir())
+
+
+# -- the pipeline: merge-statistics computes each source's Fisher, merge-experts merges with it -----
+
+def test_end_to_end_fisher_pipeline(tmp_path):
+    """merge.method fisher through the real stages: the merged tensors equal the formula on the
+    Fishers the merge-statistics stage stored, the models load, and a harc.* change reruns neither
+    the Fisher pass nor the merge."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from harc_hpc.config import load_config
+    from harc_hpc.io import merge_statistics as ms
+    from harc_hpc.io.checkpoint import Checkpoint
+    from harc_hpc.pipeline.api import submit_run
+    from pipeline_fixtures import build_tiny_sources, write_config
+
+    sources = build_tiny_sources(tmp_path, family="olmoe", layers=2)
+    path = write_config(tmp_path, sources, name="fisher", extra={"merge.method": "fisher",
+                                                                "merge.parameters": {"weights": [0.3, 0.7]}})
+    cfg = load_config(path, overrides={"harc.block_size": 2})
+    plan, first = submit_run(cfg, executor="debug", echo=lambda m: None)
+    assert first.ok and {"merge-statistics/all", "merge-experts/all"} <= set(first.completed)
+    assert ms.read_meta(ms.source_dir(cfg.run_dir, "code") / "fisher")["digest"] == plan.tasks["merge-statistics/all"].digest
+    for folder in ("merged", "model"):
+        model = AutoModelForCausalLM.from_pretrained(cfg.run_dir / folder).eval()
+        with torch.no_grad():
+            assert torch.isfinite(model(torch.randint(0, 128, (2, 9))).logits).all()
+    rec = json.loads((cfg.run_dir / "merged" / "harc_merge.json").read_text())
+    assert rec["method"] == "fisher" and rec["statistics"]["kind"] == "fisher"
+    key = "model.layers.1.self_attn.o_proj.weight"
+    num = den = 0
+    for w, s in zip((0.3, 0.7), ("math", "code")):
+        folder = ms.source_dir(cfg.run_dir, s) / "fisher"
+        assert json.loads((folder / "meta.json").read_text())["tokens"] > 0
+        f = Checkpoint(folder).get_tensor(key).double().clamp_min(1e-10)
+        x = Checkpoint(sources[s]).get_tensor(key).double()
+        num, den = num + w * f * x, den + w * f
+    got = Checkpoint(cfg.run_dir / "merged").get_tensor(key).double()
+    torch.testing.assert_close(got, num / den, rtol=1e-5, atol=1e-7)
+
+    again = load_config(path, overrides={"harc.block_size": 2, "harc.alpha": 0.5})
+    _, second = submit_run(again, executor="debug", echo=lambda m: None)
+    assert second.ok and second.completed
+    assert not {"merge-statistics/all", "merge-experts/all"} & set(second.completed)
+    assert {"merge-statistics/all", "merge-experts/all"} <= set(second.already_complete)

@@ -31,7 +31,8 @@ T = torch.tensor
 
 
 def test_registry_has_all_methods():
-    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "wudi", "fisher"}
+    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "wudi", "regmean",
+                            "regmean_plusplus", "fisher"}
     with pytest.raises(MergeConfigError, match="available"):
         get_method("slerp")
 

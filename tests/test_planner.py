@@ -22,6 +22,7 @@ from harc_hpc.pipeline.status import collect
 from harc_hpc.pipeline.executors.base import resolve_resources
 
 REAL_STAGES = {
+    "merge-statistics": ("harc_hpc.stages.merge_statistics:run", "none"),
     "merge-experts": ("harc_hpc.stages.merge_experts:run", "none"),
     "capture-activations": ("harc_hpc.stages.capture_activations:run", "block"),
     "compute-statistics": ("harc_hpc.stages.compute_statistics:run", "layer_task"),

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from harc_hpc.config import load_config
 from harc_hpc.pipeline.planner import RUNTIME_ONLY_KEYS, load_specs
 from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts
+from harc_hpc.stages import merge_statistics
 from harc_hpc.stages import solve_router as solve_router_stage
 from pipeline_fixtures import build_tiny_sources, write_config
 
@@ -100,6 +101,14 @@ def stage_reads(tmp_path_factory):
                 calls["compute-statistics"](proxied("compute-statistics"), l, t)
             calls["solve-router"](proxied("solve-router"), l)
     calls["assemble-model"](proxied("assemble-model"))
+    # merge-statistics runs for a data-driven method only: RegMean, in a run of its own
+    regmean = load_config(write_config(root, sources, name="regmean", executor="debug", method="regmean"))
+    reads["merge-statistics"] = _Reads()
+    merge_statistics.run(_ModelProxy(regmean, "", reads["merge-statistics"]), root / "runs" / "regmean")
+    # RegMean++ takes its Grams in merge-experts: what it reads there must be in a digest too
+    plusplus = load_config(write_config(root, sources, name="plusplus", executor="debug", method="regmean_plusplus"))
+    merge_statistics.run(plusplus, root / "runs" / "plusplus")
+    merge_experts.run(_ModelProxy(plusplus, "", reads["merge-experts"]), root / "runs" / "plusplus")
     tasks = set(cfg.task_names)
     return {name: {_norm(k, tasks) for k in r.keys} for name, r in reads.items()}, tasks
 
@@ -114,8 +123,11 @@ def _upstream(specs, name) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("stage", ["merge-experts", "capture-activations", "compute-statistics", "solve-router",
-                                   "assemble-model"])
+STAGES = ["merge-statistics", "merge-experts", "capture-activations", "compute-statistics", "solve-router",
+          "assemble-model"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_key_a_stage_reads_is_in_a_digest(stage, stage_reads):
     reads, tasks = stage_reads
     specs = load_specs()
@@ -127,8 +139,7 @@ def test_every_key_a_stage_reads_is_in_a_digest(stage, stage_reads):
     assert not missing, f"{stage} reads {missing}, which no digest of it or its upstream covers"
 
 
-@pytest.mark.parametrize("stage", ["merge-experts", "capture-activations", "compute-statistics", "solve-router",
-                                   "assemble-model"])
+@pytest.mark.parametrize("stage", STAGES)
 def test_every_key_a_spec_lists_is_read_by_its_stage(stage, stage_reads):
     reads, tasks = stage_reads
     unread = [s for s in load_specs()[stage].config_sections

@@ -1,16 +1,18 @@
-"""Merge methods, registered by name, and the streaming merge of checkpoints."""
+"""Merge methods, registered by name (data-free ones; RegMean and Fisher, which read merge
+statistics), and the streaming merge of checkpoints."""
 
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from harc_hpc.merge.base import (Granularity, MergeConfigError, MergeContext, MergeInputError,
+from harc_hpc.merge.base import (Granularity, GramStatistic, MergeConfigError, MergeContext, MergeInputError,
                                  MergeMethod, MergeUnit, MethodParams, Piece)
 from harc_hpc.merge.dare_linear import DareLinearMerge
 from harc_hpc.merge.dare_ties import DareTiesMerge
 from harc_hpc.merge.fisher import FisherMerge
 from harc_hpc.merge.linear import LinearMerge
 from harc_hpc.merge.presets import PRESETS
+from harc_hpc.merge.regmean import RegMeanMerge, RegMeanPlusPlusMerge
 from harc_hpc.merge.task_arithmetic import TaskArithmeticMerge
 from harc_hpc.merge.ties import TiesMerge
 from harc_hpc.merge.wudi import WudiMerge
@@ -26,7 +28,7 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 for _m in (LinearMerge(), TaskArithmeticMerge(), TiesMerge(), DareLinearMerge(), DareTiesMerge(),
-           WudiMerge(), FisherMerge()):
+           WudiMerge(), RegMeanMerge(), RegMeanPlusPlusMerge(), FisherMerge()):
     register(_m)
 
 
@@ -60,6 +62,6 @@ def resolve_settings(method: Optional[str], preset: Optional[str], parameters: d
     return m, m.parse_params(params, sources)
 
 
-__all__ = ["METHODS", "PRESETS", "Granularity", "MergeConfigError", "MergeContext",
+__all__ = ["METHODS", "PRESETS", "Granularity", "GramStatistic", "MergeConfigError", "MergeContext",
            "MergeInputError", "MergeMethod", "MergeUnit", "MethodParams", "Piece", "get_method",
            "register", "resolve_settings"]

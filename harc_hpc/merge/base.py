@@ -61,18 +61,37 @@ class MergeUnit:
 
 
 @dataclass
+class GramStatistic:
+    """Source i's Gram X^T X (in, in) of the inputs of one linear unit over its calibration tokens
+    (for an expert: only the tokens that source's router sent to it), and the number of tokens."""
+
+    gram: torch.Tensor
+    tokens: int
+
+
+@dataclass
 class MergeContext:
-    """Run-wide settings a method may use: the seed (for DARE's masks) and the compute device."""
+    """Run-wide settings a method may use: the seed (for DARE's masks), the compute device, and the
+    per-source statistics of data-driven methods (``MergeMethod.statistics``)."""
 
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: the caller keeps no other reference to the ``sources`` list it passes: a method may set its
     #: entries to None once used, to free memory early
     consume_inputs: bool = False
+    #: ``gram(unit, i)``: source i's GramStatistic for ``unit`` (float64 on ``device``), or None when
+    #: no Gram was recorded for it (not the weight of a linear map the statistics pass saw). Read on
+    #: demand, so a method can hold one source's Gram at a time.
+    gram: Optional[Callable[[MergeUnit, int], Optional[GramStatistic]]] = None
     #: ``fisher(unit, i)``: source i's diagonal Fisher for exactly ``unit`` (the concatenation of its
-    #: pieces, reshaped to ``unit.shape``, float32); set by the engine for methods whose
-    #: ``statistics`` is "fisher"
+    #: pieces, reshaped to ``unit.shape``, float32)
     fisher: Optional[Callable[[MergeUnit, int], torch.Tensor]] = None
+    #: what a method did to a unit beyond its plain rule (a fallback, a ridge), by kind -> unit names;
+    #: written to the merge record
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+    def note(self, kind: str, unit_name: str) -> None:
+        self.notes.setdefault(kind, []).append(unit_name)
 
     def generator(self, unit_name: str, model_index: int) -> torch.Generator:
         """A CPU generator seeded from (seed, unit name, model index): a rerun, a resumed run or a
@@ -119,10 +138,14 @@ class MergeMethod:
     #: the result at each element depends only on the inputs at that element, so large tensors can
     #: be merged in slices (bounded memory); methods that rank or normalise a whole tensor cannot
     elementwise: ClassVar[bool] = False
-    #: the per-source statistics the method needs from the merge-statistics stage ("gram",
-    #: "fisher"); None: data-free
+    #: the per-source statistics the method merges with, produced by the merge-statistics stage
+    #: from each source's calibration data: None (data-free), "gram" (RegMean) or "fisher"
     statistics: ClassVar[Optional[str]] = None
     Params: ClassVar[type[MethodParams]] = MethodParams
+
+    def base_needed(self, params: MethodParams) -> bool:
+        """Whether these settings need models.base (a method may need it only for some options)."""
+        return self.needs_base
 
     def parse_params(self, parameters: dict[str, Any], sources: Sequence[str]) -> MethodParams:
         try:

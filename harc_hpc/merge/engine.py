@@ -264,17 +264,22 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
                       out_dtype: Optional[str] = None, max_shard_size: Union[int, str] = "5GB",
                       seed: int = 0, device: Union[str, torch.device] = "cpu",
                       check_finite: bool = True,
-                      progress: Optional[Callable[[int, int, MergeUnit], None]] = None) -> dict:
+                      progress: Optional[Callable[[int, int, MergeUnit], None]] = None,
+                      gram: Optional[Callable] = None, fisher: Optional[Callable] = None) -> dict:
     """Merge ``sources`` (and ``base``) into safetensors shards in ``out_dir`` (weights only).
 
     ``dtype``: compute dtype (default: the promoted dtype of the inputs of each tensor);
     ``out_dtype``: stored dtype (default: the compute dtype). ``exclude``: regexes of on-disk tensor
-    names taken unchanged from the base (or the first source without a base).
+    names taken unchanged from the base (or the first source without a base). ``gram`` / ``fisher``:
+    the per-source statistics of a method that has them (``MergeContext.gram`` / ``.fisher``).
     """
     t0 = time.perf_counter()
     if not sources:
         raise MergeConfigError("models.sources: at least one source model is needed")
-    if method.needs_base and base is None:
+    if method.statistics is not None and gram is None and fisher is None:
+        raise MergeConfigError(f"merge method {method.name!r} merges with per-source {method.statistics} "
+                               f"statistics, and none were given (the merge-statistics stage writes them)")
+    if method.base_needed(params) and base is None:
         raise MergeConfigError(f"merge method {method.name!r} works on task vectors and needs a "
                                f"base model: set models.base")
     inputs = ([base] if base is not None else []) + list(sources)
@@ -290,7 +295,7 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
     patterns = [re.compile(p) for p in exclude]
     excluded = {k for k in ref.ckpt.keys() if any(p.search(k) for p in patterns)}
     names = [s.name for s in sources]
-    ctx = MergeContext(seed=seed, device=torch.device(device), consume_inputs=True)
+    ctx = MergeContext(seed=seed, device=torch.device(device), consume_inputs=True, gram=gram, fisher=fisher)
 
     def unit_dtypes(unit: MergeUnit) -> tuple[torch.dtype, torch.dtype]:
         dts = [i.ckpt.tensor_dtype(unit.pieces[0].key) for i in inputs]
@@ -411,6 +416,7 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
         "not_merged_by_method": {t: sorted(k, key=natural_key) for t, k in sorted(passthrough.items())},
         "tensors": len(entries),
         "excluded_tensors": sorted(excluded, key=natural_key),
+        "method_notes": {k: list(v) for k, v in sorted(ctx.notes.items())},
         "seconds": round(time.perf_counter() - t0, 3),
     }
 

@@ -56,10 +56,14 @@ class Need(_Strict):
 
     ``where`` maps an index key (block, layer, task) to ``same`` (equal to this task's) or
     ``previous`` (one less; block only: no upstream for block 0). Empty: every task of the stage.
+    ``optional``: when ``stage`` is left out of the plan (its ``enabled_if`` is false) the need is
+    dropped instead of being an error (merge-experts needs merge-statistics only for a method with
+    statistics); the digest then has no such upstream, as if the need had never been declared.
     """
 
     stage: str
     where: dict[Literal["block", "layer", "task"], Literal["same", "previous"]] = Field(default_factory=dict)
+    optional: bool = False
 
 
 class Resources(_Strict):
@@ -87,7 +91,9 @@ class StageSpec(_Strict):
     # The stage function takes ``process_group=`` and shards a task over the ranks of a multi-process
     # job (executor.stages.<name>.{nodes, tasks_per_node}); others run one process per task.
     distributed: bool = False
-    # A config key (dotted); when it is false the stage is left out of the plan (e.g. report.enabled).
+    # When false the stage is left out of the plan: a config key (dotted, e.g. report.enabled), or a
+    # callable ``package.module:function`` of the validated config, for a condition no single key
+    # holds (merge-statistics: "the merge method has statistics").
     enabled_if: Optional[str] = None
 
     @field_validator("function")
@@ -464,7 +470,7 @@ def build_plan(
     specs_path = Path(specs_dir) if specs_dir is not None else default_specs_dir()
     specs = specs if specs is not None else load_specs(specs_path)
     dump = cfg.model_dump(mode="json")
-    specs = _enabled_specs(specs, dump)
+    specs = _enabled_specs(specs, dump, cfg)
     if layers is None:
         try:
             layers = default_layers(cfg)
@@ -579,12 +585,32 @@ def build_plan(
     )
 
 
-def _enabled_specs(specs: dict[str, StageSpec], dump: dict) -> dict[str, StageSpec]:
-    kept = {n: s for n, s in specs.items() if s.enabled_if is None or config_slice_of(dump, s.enabled_if)}
-    for name, spec in kept.items():
+def is_enabled(spec: StageSpec, cfg: PipelineConfig, dump: Optional[dict] = None) -> bool:
+    """Whether ``spec``'s ``enabled_if`` (a dotted config key or a ``module:function`` of the config)
+    holds for ``cfg``."""
+    cond = spec.enabled_if
+    if cond is None:
+        return True
+    if ":" in cond:
+        try:
+            fn = load_callable(cond)
+        except (ImportError, AttributeError) as exc:
+            raise PlanError(f"stage {spec.name}: enabled_if {cond!r} cannot be loaded: {exc}") from None
+        return bool(fn(cfg))
+    return bool(config_slice_of(dump if dump is not None else cfg.model_dump(mode="json"), cond))
+
+
+def _enabled_specs(specs: dict[str, StageSpec], dump: dict, cfg: PipelineConfig) -> dict[str, StageSpec]:
+    kept = {n: s for n, s in specs.items() if is_enabled(s, cfg, dump)}
+    for name, spec in list(kept.items()):
+        needs = []
         for need in spec.needs:
-            if need.stage not in kept:
+            if need.stage in kept:
+                needs.append(need)
+            elif not need.optional:
                 raise PlanError(f"stage {name} needs {need.stage}, which is disabled ({specs[need.stage].enabled_if})")
+        if len(needs) != len(spec.needs):
+            kept[name] = spec.model_copy(update={"needs": needs})
     return kept
 
 

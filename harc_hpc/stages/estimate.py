@@ -180,6 +180,12 @@ def tokens_per_task(cfg: PipelineConfig, run_dir: Optional[Path]) -> dict[str, t
     return out
 
 
+def _statistics_kind(cfg: PipelineConfig):
+    from harc_hpc.stages.merge_statistics import statistics_kind
+
+    return statistics_kind(cfg)
+
+
 def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = None,
              throughput_tflops: Optional[float] = None) -> list[StageEstimate]:
     """Per-stage estimates for ``plan``; ``resources[stage]``: what a task of it is given
@@ -214,7 +220,41 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
         on_gpu = gpus_of(stage) > 0
         compute = shape.dtype_bytes if on_gpu else 4
         e = StageEstimate(stage, len(tasks))
-        if stage == "merge-experts":
+        if stage == "merge-statistics" and _statistics_kind(cfg) == "gram_sequential":
+            e.host_bytes = PROCESS_BYTES
+            e.notes.append("RegMean++: only tokenises each source's data here; the layer-by-layer Gram pass "
+                           "runs in merge-experts (memory as capture's, plus one layer's Gram accumulators)")
+        elif stage == "merge-statistics":
+            # one source at a time: one decoder layer, its in-flight hidden states, the layer's Gram
+            # accumulators (float64 totals + float32 partial sums, 12 bytes an entry)
+            from harc_hpc.io.calibration_data import effective_settings
+
+            attn_out = shape.heads * shape.head_dim if shape.mla is None else d
+            dense = max(shape.dense_intermediate, shape.shared_intermediate)
+            moe_entries = K * (d * d + shape.expert_intermediate ** 2) + 3 * d * d + attn_out ** 2 \
+                + (shape.shared_intermediate ** 2 if shape.shared_intermediate else 0)
+            dense_entries = 2 * d * d + attn_out ** 2 + dense ** 2
+            entries = [moe_entries if l in shape.moe_layers else dense_entries for l in range(shape.layers)]
+            accumulators = 12 * max(entries)
+            layer = max(shape.layer_params(l) for l in range(shape.layers)) * compute
+            states = max(tokens.values()) * d * compute
+            longest = max(effective_settings(cfg.calibration_for(t), cfg.calibration)["max_length"]
+                          for t in cfg.task_names)
+            work = cfg.calibration.batch_size * longest * (8 * d + 4 * shape.top_k * shape.expert_intermediate) * 4
+            if on_gpu:
+                e.gpu_bytes = int(1.0 * 2**30 + layer + accumulators + work + states)
+                e.host_bytes = PROCESS_BYTES + states
+            else:
+                e.host_bytes = int(PROCESS_BYTES + layer + accumulators + work + states)
+            e.scratch_bytes = 4 * sum(entries) * len(cfg.models.sources)  # the Gram files (float32, kept)
+            gram_flops = 2 * sum(tokens.values()) * (
+                3 * d * d + attn_out ** 2 + shape.top_k * (d * d + shape.expert_intermediate ** 2))
+            flops = 2 * sum(tokens.values()) * sum(shape.active_params(l) for l in range(shape.layers))
+            e.seconds = (flops + gram_flops * len(shape.moe_layers) / max(1, shape.layers) * shape.layers) / (
+                tflops(stage) * 1e12)
+            e.notes.append(f"Gram accumulators {format_bytes(accumulators)} per decoder layer on the device; "
+                           f"Gram files {format_bytes(e.scratch_bytes)} (float32, kept)")
+        elif stage == "merge-experts":
             biggest = K * 2 * shape.expert_intermediate * d * 4
             e.host_bytes = PROCESS_BYTES + (len(cfg.models.sources) + 3) * biggest
             e.scratch_bytes = shape.total_params() * shape.dtype_bytes

@@ -1,4 +1,7 @@
-"""merge-experts: merge the source checkpoints (data-free) into ``run_dir/merged``.
+"""merge-experts: merge the source checkpoints into ``run_dir/merged``.
+
+Data-free methods read the checkpoints only; a method with ``statistics`` (RegMean's Grams, Fisher)
+also reads what the merge-statistics stage wrote for every source (``merge-statistics/<source>/``).
 
 The output directory appears only when complete (written to a temporary directory beside it and
 renamed), and holds the merged shards, the base's (or first source's) config and tokenizer files,
@@ -53,7 +56,7 @@ def check_config(cfg: PipelineConfig):
     names = [s.name for s in cfg.models.sources]
     method, params = resolve_settings(m.method, m.preset, m.parameters, names,
                                       method_explicit="method" in m.model_fields_set)
-    if method.needs_base and cfg.models.base is None:
+    if method.base_needed(params) and cfg.models.base is None:
         raise MergeConfigError(f"merge method {method.name!r} works on task vectors and needs a base "
                                f"model: set models.base")
     return method, params
@@ -66,11 +69,13 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
 
         return build_merged(cfg, run_dir / MERGED_DIR)
     m = cfg.merge
+    names = [s.name for s in cfg.models.sources]
     method, params = check_config(cfg)
     base = _open("base", cfg.models.base, cfg) if cfg.models.base is not None else None
     sources = [_open(s.name, s.path, cfg) for s in cfg.models.sources]
     inputs = ([base] if base else []) + sources
     out_dir = run_dir / MERGED_DIR
+    readers, stat_kw, stat_record = _statistics(method, params, cfg, run_dir, names, pick_device(m.device))
 
     # Digests read every weight file once more; doing it beside the merge hides most of that time.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -90,7 +95,7 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
                 stats = merge_checkpoints(
                     tmp, sources, base, method, params, exclude=m.exclude, dtype=m.dtype,
                     out_dtype=m.out_dtype, max_shard_size=m.max_shard_size, seed=cfg.run.seed,
-                    device=pick_device(m.device), progress=progress)
+                    device=pick_device(m.device), progress=progress, **stat_kw)
             finally:
                 if bar is not None:
                     bar.close()
@@ -116,6 +121,8 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
                 "tensors": stats["tensors"],
                 "merged_by_role": stats["merged_by_role"],
                 "not_merged_by_method": stats["not_merged_by_method"],
+                "method_notes": stats["method_notes"],
+                "statistics": stat_record,
                 "excluded_tensors": stats["excluded_tensors"],
                 "model_files_from": str(model_src),
                 "base": _describe(base, digests) if base else None,
@@ -125,9 +132,69 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
             (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
     for i in inputs:
         i.ckpt.close()
+    for r in readers:
+        getattr(r, "close", lambda: None)()
+    if method.statistics == "gram_sequential":
+        from harc_hpc.io.atomic import remove_path
+
+        remove_path(sequential_scratch(run_dir))
     return {"method": method.name, "output": str(out_dir), "tensors": stats["tensors"],
             "units": stats["units"], "merged_tensors": stats["merged_tensors"],
             "copied_tensors": stats["copied_tensors"], "seconds": stats["seconds"]}
+
+
+def _statistics(method, params, cfg, run_dir: Path, names: list[str], device) -> tuple[list, dict, Optional[dict]]:
+    """The readers of every source's merge statistics, the merge's keyword arguments that hand them
+    to the method, and what the record says of them (None for a data-free method). RegMean++'s Grams
+    depend on the merge: they are computed here, into a scratch folder removed after the merge."""
+    from harc_hpc.io import merge_statistics as ms
+    from harc_hpc.io.atomic import remove_path
+    from harc_hpc.merge import GramStatistic
+
+    if method.statistics is None:
+        return [], {}, None
+    folders = [ms.source_dir(run_dir, n) for n in names]
+    if method.statistics == "gram_sequential":
+        from harc_hpc.stages.regmean_sequential import sequential_grams
+
+        for f, n in zip(folders, names):  # merge-statistics checked the data (and carries its digest)
+            _check_meta(f, n, "gram_sequential")
+        scratch = sequential_scratch(run_dir)
+        remove_path(scratch)
+        sequential_grams(cfg, scratch, method, params)
+        folders = [scratch / n for n in names]
+    if method.statistics in ("gram", "gram_sequential"):
+        readers = [ms.GramReader(f, n) for f, n in zip(folders, names)]
+
+        def gram(unit, i):
+            hit = readers[i].gram(unit.name, device)
+            return None if hit is None else GramStatistic(*hit)
+
+        kw = {"gram": gram}
+    elif method.statistics == "fisher":
+        readers = [ms.FisherReader(f, n) for f, n in zip(folders, names)]
+        kw = {"fisher": lambda unit, i: readers[i].fisher(unit)}
+    else:
+        raise MergeConfigError(f"merge method {method.name!r} asks for {method.statistics!r} statistics, "
+                               f"which no stage produces")
+    record = {"kind": method.statistics,
+              "sources": {n: ms.read_meta(f / "fisher" if method.statistics == "fisher" else f)
+                          for n, f in zip(names, folders)}}
+    return readers, kw, record
+
+
+def sequential_scratch(run_dir: Path) -> Path:
+    return Path(run_dir) / "partial" / "regmean-sequential"
+
+
+def _check_meta(folder: Path, source: str, kind: str) -> None:
+    from harc_hpc.errors import RunStateError
+    from harc_hpc.io import merge_statistics as ms
+
+    meta = ms.read_meta(folder)
+    if meta is None or meta.get("kind") != kind:
+        raise RunStateError(f"no {kind} merge statistics for source {source!r}", where=str(folder),
+                            hint="run the merge-statistics stage first (harc-hpc submit runs it)")
 
 
 def _describe(inp: MergeInput, digests: dict) -> dict:
@@ -155,7 +222,7 @@ def _set_config_dtype(path: Path, dtype: Optional[str]) -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory (default: run.output_dir/run.name from the config).")
 def merge_experts_command(config: Path, run_dir: Optional[Path]) -> None:
-    """Merge the source models of CONFIG into RUN_DIR/merged (data-free merge methods)."""
+    """Merge the source models of CONFIG into RUN_DIR/merged (RegMean: after merge-statistics)."""
     try:
         cfg = load_config(config)
         stats = run(cfg, run_dir if run_dir is not None else cfg.run_dir)
