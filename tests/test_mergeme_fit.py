@@ -237,6 +237,7 @@ def test_pipeline_fit_routes_each_domain_to_its_expert(dense_demo, tmp_path):
     assert "| PPL routing, separate attention |" in md and "after the first 16 of each sequence" in md
     assert "| PPL routing (sequences, first 16 tokens) |" in md
     assert (run_dir / "report" / "sequence_routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(line.startswith("PPL routing [math]: ") for line in report_stage.headline(run_dir))
 
 
 def test_report_sequence_routing_shares_are_a_per_sequence_loop_over_route(dense_demo, tmp_path):
