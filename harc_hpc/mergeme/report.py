@@ -25,7 +25,7 @@ import torch
 
 from harc_hpc.config import PipelineConfig
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: sequence_routing filled, loss_after_prefix, dense_references_after_prefix
 
 
 def option_routers(cfg: PipelineConfig, rule: str) -> dict[int, torch.Tensor]:
