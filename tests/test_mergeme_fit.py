@@ -226,7 +226,69 @@ def test_pipeline_fit_routes_each_domain_to_its_expert(dense_demo, tmp_path):
         fitted = opts["fitted"][d]
         assert fitted["tokens"] == 4 * 31 and fitted["expert"] == DOMAINS.index(d)
         assert sum(fitted["top1_distribution"]) == pytest.approx(1.0)
-    assert "PPL routing" in (run_dir / "report" / "report.md").read_text()
+    # the sequence routers' rows (values: test_report_sequence_routing_shares_...): the report scores
+    # every option on the tokens after their routing prefix too
+    seq = metrics["sequence_routing"]
+    assert seq["prefix_tokens"] == 16 and set(seq["routers"]) == {"ppl", "task_vector"}
+    for d in DOMAINS:
+        assert opts["fitted"][d]["loss_after_prefix"] > 0 and "ppl_share_top1_at_least_0.9" in metrics["targets"][d]
+        assert set(metrics["dense_references_after_prefix"]["base"]) == set(DOMAINS)
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "| PPL routing, separate attention |" in md and "after the first 16 of each sequence" in md
+    assert "| PPL routing (sequences, first 16 tokens) |" in md
+    assert (run_dir / "report" / "sequence_routing.png").read_bytes()[:4] == b"\x89PNG"
+    assert any(line.startswith("PPL routing [math]: ") for line in report_stage.headline(run_dir))
+
+
+def test_report_sequence_routing_shares_are_a_per_sequence_loop_over_route(dense_demo, tmp_path):
+    """report_metrics (the report's PPL / task-vector rows) against routing each held-out sequence's
+    prefix by hand with SequenceRoutedLM.route, on the MoE merge-experts builds (no fit needed)."""
+    from transformers import AutoTokenizer
+
+    from harc_hpc.config import load_config
+    from harc_hpc.io.calibration_data import tokenize_task
+    from harc_hpc.mergeme.pipeline import build_merged
+    from harc_hpc.mergeme.routing_analysis import heldout_loss
+    from harc_hpc.mergeme.sequence_routing import SequenceRoutedLM, report_metrics
+
+    cfg = load_config(_mergeme_config(tmp_path, dense_demo, name="seq"))
+    run_dir = tmp_path / "runs" / "seq"
+    build_merged(cfg, run_dir / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(str(run_dir / "merged"))
+    heldout = {s.name: tokenize_task(s.heldout, cfg.calibration, tokenizer) for s in cfg.models.sources}
+    got = report_metrics(cfg, run_dir, heldout)
+    P = got["prefix_tokens"]
+    assert P == 16 and all(len(x) == 32 for d in DOMAINS for x in heldout[d])  # half the 32-token windows
+    assert got["top_k"] == 2 and set(got["routers"]) == {"ppl", "task_vector"}
+    json.dumps(got)
+    for router in ("ppl", "task_vector"):
+        w = SequenceRoutedLM.from_build(run_dir / "merged", router=router, attention="separate")
+        for d in DOMAINS:
+            e = w.expert_index(d)  # the record's expert of source d
+            routes = [w.route(x[:P]) for x in heldout[d]]
+            row = got["routers"][router][d]
+            assert row["expert"] == d and row["sequences"] == len(heldout[d]) == 4
+            assert row["share_top1"] == pytest.approx(sum(r.experts[0] == e for r in routes) / 4, abs=1e-12)
+            assert row["share_topk"] == pytest.approx(sum(e in r.experts for r in routes) / 4, abs=1e-12)
+            if router == "ppl":  # (the cheap rule: one forward per expert and sequence)
+                assert row["share_top1_whole_sequence"] == pytest.approx(
+                    sum(w.route(x).experts[0] == e for x in heldout[d]) / 4, abs=1e-12)
+            assert row["tokens"] == 4 * (32 - P)
+        if router == "ppl":  # separate attention's loss: the wrapper routed on the same prefixes
+            ref = heldout_loss(w, {d: heldout[d] for d in DOMAINS}, prompt_tokens=P)
+            for d in DOMAINS:
+                assert got["routers"][router][d]["loss"]["separate"] == pytest.approx(ref[d]["loss"], rel=1e-9)
+        assert got["tables"][router]["level"] == "sequence"
+        assert got["tables"][router]["sets"]["math"]["sequences"] == 4
+    # the report's dense references after the prefix score the same tokens as heldout_loss
+    from transformers import AutoModelForCausalLM
+
+    from harc_hpc.mergeme.report import dense_loss
+
+    model = AutoModelForCausalLM.from_pretrained(str(dense_demo / "code")).eval()
+    ref = heldout_loss(model, {"code": heldout["code"]}, prompt_tokens=P)["code"]["loss"]
+    assert dense_loss(str(dense_demo / "code"), heldout["code"], 3, torch.device("cpu"), first=P) == \
+        pytest.approx(ref, rel=1e-5)
 
 
 def test_digests_of_configs_without_mergeme_are_unchanged(tmp_path):

@@ -8,8 +8,10 @@ top-k (mean over layers, and per layer). Beside them, each dense expert and the 
 domain, as references. All options of the MoE run in one layer-wise pass over its checkpoint
 (harc_hpc.report.metrics.evaluate_checkpoint: the routers are swapped in per evaluation).
 
-Sequence-level routing (MergeME's perplexity routing, issue 15 item 3) is not a token router and
-is measured by its own module when present: ``sequence_routing_metrics`` is the hook.
+Sequence-level routing (MergeME's PPL and task-vector routing, issue 15 item 3) is not a token
+router: each held-out sequence is routed on its first P tokens (``sequence_routing_metrics``), and
+its loss is scored on the tokens after them. So that its rows compare with the token-level options,
+every option (and the dense references) is also scored on those same tokens (``loss_after_prefix``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 
 from harc_hpc.config import PipelineConfig
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: sequence_routing filled, loss_after_prefix, dense_references_after_prefix
 
 
 def option_routers(cfg: PipelineConfig, rule: str) -> dict[int, torch.Tensor]:
@@ -41,8 +43,9 @@ def option_routers(cfg: PipelineConfig, rule: str) -> dict[int, torch.Tensor]:
 
 
 @torch.no_grad()
-def dense_loss(path: str, seqs: list[list[int]], batch_size: int, device) -> float:
-    """Mean next-token cross-entropy of a dense model on some sequences (real tokens only)."""
+def dense_loss(path: str, seqs: list[list[int]], batch_size: int, device, first: int = 1) -> float:
+    """Mean next-token cross-entropy of a dense model on some sequences: the real tokens at
+    positions >= ``first`` (default every predicted token)."""
     from harc_hpc.models.modeling import load_causal_lm, pad_batch
 
     model = load_causal_lm(path, device)
@@ -54,26 +57,22 @@ def dense_loss(path: str, seqs: list[list[int]], batch_size: int, device) -> flo
             mask[i, :n] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         for b, n in enumerate(lengths):
-            if n >= 2:
-                nll += float(torch.nn.functional.cross_entropy(logits[b, : n - 1], ids[b, 1:n].to(device),
-                                                               reduction="sum"))
-                count += n - 1
+            if n > first:
+                nll += float(torch.nn.functional.cross_entropy(logits[b, first - 1: n - 1],
+                                                               ids[b, first:n].to(device), reduction="sum"))
+                count += n - first
     del model
     return nll / max(1, count)
 
 
-def sequence_routing_metrics(cfg: PipelineConfig, run_dir: Path, heldout: dict[str, list[list[int]]]) -> Optional[dict]:
-    """Hook for sequence-level routing (issue 15 item 3: PPL routing). When a module
-    ``harc_hpc.mergeme.sequence_routing`` exists and has ``report_metrics(cfg, run_dir, heldout)``,
-    its result (e.g. per domain, the share of held-out sequences each sequence router sends to the
-    domain's expert, and their loss) goes into the report under ``sequence_routing``; without it the
-    report says that it is not measured."""
-    try:
-        from harc_hpc.mergeme import sequence_routing  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    fn = getattr(sequence_routing, "report_metrics", None)
-    return None if fn is None else fn(cfg, run_dir, heldout)
+def sequence_routing_metrics(cfg: PipelineConfig, run_dir: Path, heldout: dict[str, list[list[int]]]) -> dict:
+    """Sequence-level routing (MergeME's PPL and task-vector routing) on the held-out data:
+    harc_hpc.mergeme.sequence_routing.report_metrics (per domain, the share of held-out sequences
+    each rule sends to the domain's expert when routed on their first P tokens, and the loss of the
+    tokens after them)."""
+    from harc_hpc.mergeme.sequence_routing import report_metrics
+
+    return report_metrics(cfg, run_dir, heldout)
 
 
 def mergeme_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
@@ -104,14 +103,22 @@ def mergeme_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
             options[rule] = option_routers(cfg, rule)
     options["fitted"] = {l: load_router(run_dir, l) for l in layers}
     domains = sorted(heldout, key=list(experts).index)
+    seq = sequence_routing_metrics(cfg, run_dir, heldout)
+    prefix = seq["prefix_tokens"]
+    after_prefix = {t: [[False] * prefix + [True] * (len(s) - prefix) for s in heldout[t]] for t in domains}
     evals, keys = [], []
     for name, routers in options.items():
         for t in domains:
             evals.append(Evaluation(heldout[t], keep_routing=True, routers=routers))
             keys.append((name, t))
+    for name, routers in options.items():  # the sequence routers' scored tokens
+        for t in domains:
+            evals.append(Evaluation(heldout[t], masks=after_prefix[t], routers=routers))
     res = evaluate_checkpoint(merged, layers, evals, cfg.calibration.batch_size, device,
                               trust_remote_code=cfg.models.trust_remote_code)
     table: dict = {name: {} for name in options}
+    for (name, t), r in zip(keys, res.results[len(keys):]):
+        table[name][t] = {"loss_after_prefix": r.loss}
     for (name, t), r in zip(keys, res.results):
         e = experts[t]
         top1 = {l: float((r.own_logits[l].argmax(dim=1) == e).double().mean()) for l in layers}
@@ -119,35 +126,39 @@ def mergeme_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
                 for l in layers}
         load = {l: torch.bincount(r.own_logits[l].argmax(dim=1), minlength=r.own_logits[l].shape[1]).double()
                 for l in layers}
-        table[name][t] = {
+        table[name][t].update({
             "loss": r.loss, "tokens": r.tokens, "expert": e,
             "expert_share_top1": sum(top1.values()) / len(layers),
             f"expert_share_top{top_k}": sum(topk.values()) / len(layers),
             "expert_share_top1_per_layer": top1,
             # top-1 share of every expert, mean over layers (MergeME Table 2's view)
             "top1_distribution": (sum(v / v.sum() for v in load.values()) / len(layers)).tolist(),
-        }
-    references = {"base": {t: dense_loss(cfg.models.base, heldout[t], cfg.calibration.batch_size, device)
-                           for t in domains}}
-    for s in cfg.models.sources:
-        references[f"dense {s.name}"] = {t: dense_loss(s.path, heldout[t], cfg.calibration.batch_size, device)
-                                         for t in domains}
+        })
+    dense = {"base": cfg.models.base, **{f"dense {s.name}": s.path for s in cfg.models.sources}}
+    references = {name: {t: dense_loss(path, heldout[t], cfg.calibration.batch_size, device) for t in domains}
+                  for name, path in dense.items()}
+    references_after_prefix = {name: {t: dense_loss(path, heldout[t], cfg.calibration.batch_size, device,
+                                                    first=prefix) for t in domains}
+                               for name, path in dense.items()}
     fitted = table["fitted"]
     targets = {t: {"share_top1_at_least_0.8": fitted[t]["expert_share_top1"] >= 0.8,
                    "beats": {name: fitted[t]["loss"] < table[name][t]["loss"]
-                             for name in options if name != "fitted"}} for t in domains}
+                             for name in options if name != "fitted"},
+                   "ppl_share_top1_at_least_0.9": seq["routers"]["ppl"][t]["share_top1"] >= 0.9}
+               for t in domains}
     return {
         "version": REPORT_VERSION, "run": cfg.run.name, "kind": "mergeme", "tasks": domains, "top_k": top_k,
         "layers": layers, "experts": {t: experts[t] for t in domains}, "smoothing": m.smoothing,
         "harc": {k: getattr(cfg.harc, k) for k in ("alpha", "hessian", "objective", "solver", "tol")},
-        "options": table, "dense_references": references, "targets": targets,
-        "sequence_routing": sequence_routing_metrics(cfg, run_dir, heldout),
+        "options": table, "dense_references": references,
+        "dense_references_after_prefix": references_after_prefix, "targets": targets, "sequence_routing": seq,
     }
 
 
 def write_report(metrics: dict, out_dir: Path) -> None:
     """metrics.json and report.md (a table per measure: options x domains)."""
     from harc_hpc.io.atomic import finite_json
+    from harc_hpc.mergeme.routing_analysis import routing_markdown, write_routing_report
 
     out_dir = Path(out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(finite_json(metrics), indent=2, sort_keys=True,
@@ -155,19 +166,46 @@ def write_report(metrics: dict, out_dir: Path) -> None:
     tasks, k = metrics["tasks"], metrics["top_k"]
     opts = metrics["options"]
     head = "| router | " + " | ".join(tasks) + " |\n|---|" + "---|" * len(tasks) + "\n"
+    seq = metrics["sequence_routing"]
+    prefix, seq_routers = seq["prefix_tokens"], seq["routers"]
+    rule_names = {"ppl": "PPL routing", "task_vector": "task-vector routing"}
     lines = [f"# MergeME run {metrics['run']}: router options", "",
              f"Experts: {', '.join(f'{t} = expert {e}' for t, e in metrics['experts'].items())}; top-{k}; "
              f"fit: target smoothing {metrics['smoothing']}, harc {metrics['harc']}.", "",
+             "Token-level options: the MoE with that router in every layer. Sequence-level options "
+             f"(MergeME's PPL and task-vector routing, top-{seq['top_k']}): each held-out sequence routed on its "
+             f"first {prefix} tokens, all its tokens sent to the chosen experts with merged attention (the MoE's) "
+             "or separate attention (each expert's own).", "",
              "## Held-out loss (mean next-token cross-entropy, nats per token)", "", head.rstrip("\n")]
     for name, per in opts.items():
         lines.append(f"| {name} | " + " | ".join(f"{per[t]['loss']:.4f}" for t in tasks) + " |")
     for name, per in metrics["dense_references"].items():
         lines.append(f"| *{name} (dense)* | " + " | ".join(f"{per[t]:.4f}" for t in tasks) + " |")
-    for measure, title in (("expert_share_top1", "top-1 choice"), (f"expert_share_top{k}", f"within the top-{k}")):
-        lines += ["", f"## Share of each domain's tokens routed to its expert ({title}, mean over layers)", "",
-                  head.rstrip("\n")]
+    lines += ["", f"## Held-out loss of the tokens after the first {prefix} of each sequence (nats per token)", "",
+              f"The sequence routers see the first {prefix} tokens only, so no option is scored on what a "
+              "router saw; every row is scored on the same tokens.", "", head.rstrip("\n")]
+    for name, per in opts.items():
+        lines.append(f"| {name} | " + " | ".join(f"{per[t]['loss_after_prefix']:.4f}" for t in tasks) + " |")
+    for rule, per in seq_routers.items():
+        for attention in seq["attentions"]:
+            lines.append(f"| {rule_names.get(rule, rule)}, {attention} attention | "
+                         + " | ".join(f"{per[t]['loss'][attention]:.4f}" for t in tasks) + " |")
+    for name, per in metrics["dense_references_after_prefix"].items():
+        lines.append(f"| *{name} (dense)* | " + " | ".join(f"{per[t]:.4f}" for t in tasks) + " |")
+    for measure, seq_measure, title in (("expert_share_top1", "share_top1", "top-1 choice"),
+                                        (f"expert_share_top{k}", "share_topk", f"within the top-{k}")):
+        lines += ["", f"## Share of each domain's tokens (token-level, mean over layers) or sequences "
+                  f"(sequence-level) routed to its expert ({title})", "", head.rstrip("\n")]
         for name, per in opts.items():
             lines.append(f"| {name} | " + " | ".join(f"{100 * per[t][measure]:.1f} %" for t in tasks) + " |")
+        for rule, per in seq_routers.items():
+            lines.append(f"| {rule_names.get(rule, rule)} (sequences, first {prefix} tokens) | "
+                         + " | ".join(f"{100 * per[t][seq_measure]:.1f} %" for t in tasks) + " |")
+    lines += ["", "Sequence-level, routed on the whole sequence instead (top-1; it sees the scored tokens, "
+              "so it is not the routing of the loss above):", "", head.rstrip("\n")]
+    for rule, per in seq_routers.items():
+        lines.append(f"| {rule_names.get(rule, rule)} | "
+                     + " | ".join(f"{100 * per[t]['share_top1_whole_sequence']:.1f} %" for t in tasks) + " |")
     if "built (uniform)" in opts:
         lines += ["", "(The uniform router's logits all tie: its top-1 \"choice\" is the lowest expert index, "
                   "its top-k the k lowest; not a routing decision.)"]
@@ -175,9 +213,10 @@ def write_report(metrics: dict, out_dir: Path) -> None:
     for t, v in metrics["targets"].items():
         beats = ", ".join(f"{n}: {'yes' if b else 'NO'}" for n, b in v["beats"].items())
         lines.append(f"* {t}: fitted top-1 share >= 80 %: {'yes' if v['share_top1_at_least_0.8'] else 'NO'}; "
-                     f"fitted loss lower than {beats}")
-    seq = metrics.get("sequence_routing")
-    lines += ["", "## Sequence-level routing (PPL routing)", "",
-              "not measured in this build (harc_hpc.mergeme.sequence_routing is not installed)" if seq is None
-              else "```json\n" + json.dumps(seq, indent=2, sort_keys=True) + "\n```", ""]
+                     f"fitted loss lower than {beats}; PPL routing picks the domain's expert first for >= 90 % "
+                     f"of sequences: {'yes' if v['ppl_share_top1_at_least_0.9'] else 'NO'}")
+    lines += ["", f"## Sequence-level routing tables (routed on the first {prefix} tokens)", "",
+              routing_markdown(seq["tables"], ("top1", "selection")),
+              "![sequence routing](sequence_routing.png) (also sequence_routing.json / .md)", ""]
+    write_routing_report(seq["tables"], out_dir, stem="sequence_routing")
     (out_dir / "report.md").write_text("\n".join(lines))

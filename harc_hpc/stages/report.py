@@ -82,6 +82,10 @@ def headline(run_dir: Path) -> list[str]:
         for task, v in m.get("options", {}).get("fitted", {}).items():
             lines.append(f"fitted router [{task}]: held-out loss {v['loss']:.4f}, "
                          f"{100 * v['expert_share_top1']:.1f}% of tokens to its expert (top-1)")
+        seq = m.get("sequence_routing") or {}
+        for task, v in seq.get("routers", {}).get("ppl", {}).items():
+            lines.append(f"PPL routing [{task}]: {100 * v['share_top1']:.1f}% of sequences to its expert "
+                         f"(routed on the first {seq['prefix_tokens']} tokens)")
         return lines
     rl = s.get("router_level", {})
     if rl.get("merged") and rl.get("calibrated"):
