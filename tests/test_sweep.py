@@ -301,14 +301,10 @@ def test_shipped_sweeps_expand_and_validate():
     table1 = load_sweep(CONFIGS / "sweep-table1.yaml")
     assert [c.values["merge.method"] for c in table1.cells] == ["linear", "ties", "dare_ties", "wudi", "fisher",
                                                                 "regmean"]
-    from harc_hpc.merge import METHODS
-
-    missing = [m for m in ("fisher", "regmean") if m not in METHODS]
-    if missing:  # the data-driven methods come with their own change: until then a clear refusal
-        with pytest.raises(SweepError, match=f"merge.method: value '{missing[0]}' is not valid: unknown merge method"):
-            sweep_mod.validate(table1)
-    else:
-        sweep_mod.validate(table1)
+    sweep_mod.validate(table1)
+    fisher, regmean = table1.cells[4], table1.cells[5]
+    assert sweep_mod.cell_config(table1, fisher.values, fisher.name).merge.parameters == {"weights": [0.5, 0.5]}
+    assert sweep_mod.cell_config(table1, regmean.values, regmean.name).merge.parameters["alpha"] == 0.9
     data_free = [c for c in table1.cells if c.values["merge.method"] not in ("fisher", "regmean")]
     for cell in data_free:
         cfg = sweep_mod.cell_config(table1, cell.values, cell.name)
