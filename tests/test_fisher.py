@@ -454,3 +454,46 @@ def test_end_to_end_fisher_pipeline(tmp_path):
     assert second.ok and second.completed
     assert not {"merge-statistics/all", "merge-experts/all"} & set(second.completed)
     assert {"merge-statistics/all", "merge-experts/all"} <= set(second.already_complete)
+
+
+def _stage_worker(rank, world, init_file, cfg_path, run_dir):
+    from harc_hpc.config import load_config
+    from harc_hpc.stages import merge_statistics
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        merge_statistics.run(load_config(cfg_path), Path(run_dir), task_digest="d", process_group=dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_merge_statistics_fisher_as_two_ranks_equals_one_process(tmp_path):
+    """The stage as a distributed task (executor.stages.merge-statistics.tasks_per_node): two gloo
+    ranks share every source's sequences, rank 0 writes what one process writes."""
+    from harc_hpc.config import load_config
+    from harc_hpc.io import merge_statistics as ms
+    from harc_hpc.io.checkpoint import Checkpoint
+    from harc_hpc.stages import merge_statistics
+    from pipeline_fixtures import build_tiny_sources, write_config
+
+    sources = build_tiny_sources(tmp_path, family="olmoe", layers=2)
+    path = write_config(tmp_path, sources, name="dp", extra={"merge.method": "fisher"})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        merge_statistics.run(load_config(path), tmp_path / "one", task_digest="d")
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_stage_worker, args=(2, str(tmp_path / "rendezvous"), str(path), str(tmp_path / "two")), nprocs=2,
+             join=True)
+    for s in ("math", "code"):
+        one = Checkpoint(ms.source_dir(tmp_path / "one", s) / "fisher")
+        two = Checkpoint(ms.source_dir(tmp_path / "two", s) / "fisher")
+        assert sorted(one.keys()) == sorted(two.keys())
+        for key in one.keys():
+            torch.testing.assert_close(two.get_tensor(key), one.get_tensor(key), rtol=1e-5, atol=1e-12)
+        a = json.loads((ms.source_dir(tmp_path / "one", s) / "fisher" / "meta.json").read_text())
+        b = json.loads((ms.source_dir(tmp_path / "two", s) / "fisher" / "meta.json").read_text())
+        assert a["tokens"] == b["tokens"] and a["digest"] == b["digest"] == "d"

@@ -446,12 +446,22 @@ def compute_source_grams(cfg: PipelineConfig, source: str, out_dir: Path, partia
 
 # -- the stage -----------------------------------------------------------------------------------
 
-def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None) -> dict:
+def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, process_group=None) -> dict:
+    """``process_group`` (a distributed task: executor.stages.merge-statistics.{nodes, tasks_per_node}):
+    the Fisher pass is data-parallel, each rank taking its share of every source's sequences and the
+    sums all-reduced, rank 0 writing; the Gram passes run on rank 0 alone (the other ranks return)."""
     run_dir = Path(run_dir)
     kind = statistics_kind(cfg)
     if kind is None:
         return {"kind": None, "sources": {}}
     needed(cfg)
+    rank = 0
+    if process_group is not None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank(process_group)
+        if kind != "fisher" and rank != 0:
+            return {}
     out: dict = {"kind": kind, "sources": {}}
     for src in cfg.models.sources:
         final = ms.source_dir(run_dir, src.name)
@@ -480,8 +490,15 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None) -
             if task_digest and done is not None and done.get("digest") == task_digest:
                 out["sources"][src.name] = {"tokens": done.get("tokens"), "reused": True}  # a resumed task
                 continue
+            device = pick_device(cfg.harc.device)
+            if rank != 0:  # its share of the sequences into the all-reduce; rank 0 writes
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as unused:
+                    compute_source_fisher(cfg, src.name, unused, device=device, process_group=process_group)
+                continue
             with atomic_path(final, make_dir=True) as tmp:
-                meta = compute_source_fisher(cfg, src.name, tmp, device=pick_device(cfg.harc.device))
+                meta = compute_source_fisher(cfg, src.name, tmp, device=device, process_group=process_group)
                 # the digest the Fisher was computed under: a resumed task reuses only a matching one
                 meta["digest"] = task_digest
                 write_json_atomic(tmp / "fisher" / ms.META, meta)
