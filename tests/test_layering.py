@@ -67,12 +67,14 @@ ALLOWED = {
     "math": {"math"},
     "io": {"io", "math"},
     "models": {"models", "io"},
-    "merge": {"merge", "io", "models"},
+    "merge": {"merge", "io", "models", "math"},  # math: RegMean's closed form
     "mergeme": {"mergeme", "merge", "io", "models"},
     "pipeline": {"pipeline", "io"},
-    "report": {"report", "math", "io", "models", "stages", "demo", "pipeline"},  # pipeline: run records
-    "stages": {"stages", "math", "io", "models", "merge", "report", "demo", "progress"},
-    "demo": {"demo", "io", "models"},
+    # pipeline: run records; mergeme: the MergeME run's report; eval_tasks: lm-eval's local tasks
+    "report": {"report", "math", "io", "models", "stages", "demo", "pipeline", "mergeme", "eval_tasks"},
+    "stages": {"stages", "math", "io", "models", "merge", "mergeme", "report", "demo", "progress"},
+    "demo": {"demo", "io", "models", "eval_tasks"},  # eval_tasks: where the demo's task items are shipped
+    "eval_tasks": {"eval_tasks"},
     "cli": {"cli", "pipeline", "report", "stages", "io", "mergeme"},
 }
 SHARED = {"errors", "dtypes", "config", "progress", ""}

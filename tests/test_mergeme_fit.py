@@ -249,7 +249,8 @@ def test_report_sequence_routing_shares_are_a_per_sequence_loop_over_route(dense
     from harc_hpc.io.calibration_data import tokenize_task
     from harc_hpc.mergeme.pipeline import build_merged
     from harc_hpc.mergeme.routing_analysis import heldout_loss
-    from harc_hpc.mergeme.sequence_routing import SequenceRoutedLM, report_metrics
+    from harc_hpc.mergeme.sequence_routing import SequenceRoutedLM
+    from harc_hpc.report.mergeme import sequence_routing_metrics as report_metrics
 
     cfg = load_config(_mergeme_config(tmp_path, dense_demo, name="seq"))
     run_dir = tmp_path / "runs" / "seq"
@@ -283,7 +284,7 @@ def test_report_sequence_routing_shares_are_a_per_sequence_loop_over_route(dense
     # the report's dense references after the prefix score the same tokens as heldout_loss
     from transformers import AutoModelForCausalLM
 
-    from harc_hpc.mergeme.report import dense_loss
+    from harc_hpc.report.mergeme import dense_loss
 
     model = AutoModelForCausalLM.from_pretrained(str(dense_demo / "code")).eval()
     ref = heldout_loss(model, {"code": heldout["code"]}, prompt_tokens=P)["code"]["loss"]

@@ -40,7 +40,7 @@ tokens; ``SequenceRoutedLM.from_build(moe_dir, ...)`` loads everything from a ``
 and its record (``harc_mergeme.json``: experts, and the paths of the dense models they came from).
 ``lm_eval_model(wrapper, tokenizer)`` is an ``lm_eval.api.model.LM`` that lm-eval's
 ``simple_evaluate`` drives (loglikelihood, rolling loglikelihood, greedy ``generate_until``).
-``report_metrics(cfg, run_dir, heldout)`` measures both rules for the report of a ``mergeme`` run.
+The report of a ``mergeme`` run measures both rules (harc_hpc.report.mergeme.sequence_routing_metrics).
 """
 
 from __future__ import annotations
@@ -535,82 +535,3 @@ def lm_eval_model(wrapper: SequenceRoutedLM, tokenizer):
             return out
 
     return SequenceRoutedEvalLM()
-
-
-# ---------------------------------------------------------------------------------------------
-# The MergeME demo report (harc_hpc.mergeme.report)
-# ---------------------------------------------------------------------------------------------
-
-#: The report routes each held-out sequence on its first tokens and scores the loss on the rest
-#: (routing_analysis.heldout_loss): at most this many tokens, and at most half the shortest sequence.
-REPORT_PREFIX_TOKENS = 64
-
-
-def report_prefix_tokens(heldout: Mapping[str, Sequence[Sequence[int]]]) -> int:
-    """The routing prefix P of the report: min(REPORT_PREFIX_TOKENS, shortest sequence // 2), so every
-    sequence keeps at least half of its tokens to score; at least 2 (a perplexity needs one
-    predicted token)."""
-    lengths = [len(s) for seqs in heldout.values() for s in seqs]
-    if not lengths:
-        raise UsageError("sequence routing report: no held-out sequences")
-    prefix = min(REPORT_PREFIX_TOKENS, min(lengths) // 2)
-    if prefix < 2:
-        raise InputDataError(f"sequence routing report: the shortest held-out sequence has {min(lengths)} "
-                             f"tokens; routing on a prefix and scoring the rest needs at least 4")
-    return prefix
-
-
-def report_metrics(cfg, run_dir: Union[str, Path], heldout: Mapping[str, Sequence[Sequence[int]]]) -> dict:
-    """Sequence-level routing in the report of a ``mergeme`` run (harc_hpc.mergeme.report's hook).
-
-    The wrapper is built from the run's ``merged/`` (build-moe's output: its record names the dense
-    models, which the pipeline passed to build-moe as the config's resolved ``models``), with the
-    build's top-k. Every held-out sequence of each domain (``heldout``: domain -> token ids, the
-    report's tokenisation) is routed on its first P tokens (``report_prefix_tokens``); per router
-    rule (``ROUTERS``) and domain: the share of sequences whose first choice (``top1``) is the
-    domain's expert (``share_top1``) and the share with it among the K chosen (``share_topk``), the same top-1 share when routing on
-    the whole sequence (for comparison only: that routing sees the scored tokens), and the held-out
-    loss of the tokens after the first P with either attention (``ATTENTIONS``). ``tables``: the
-    routing tables (routing_analysis.routing_table) of the prefixes, one per rule."""
-    from harc_hpc.mergeme.pipeline import expert_of_task
-    from harc_hpc.mergeme.routing_analysis import heldout_loss, routing_table
-    from harc_hpc.models.modeling import pick_device
-    from harc_hpc.stages import layout
-
-    moe_dir = layout.merged_dir(Path(run_dir))
-    device = pick_device(cfg.harc.device)
-    moe_index = expert_of_task(cfg)
-    unknown = [t for t in heldout if t not in moe_index]
-    if unknown:
-        raise UsageError(f"sequence routing report: held-out set(s) {unknown} are no source of the config "
-                         f"(sources: {list(moe_index)})")
-    domains = [t for t in moe_index if t in heldout]
-    sets = {t: [list(s) for s in heldout[t]] for t in domains}
-    prefix = report_prefix_tokens(sets)
-    prefixes = {t: [s[:prefix] for s in sets[t]] for t in domains}
-    out: dict = {"prefix_tokens": prefix, "attentions": list(ATTENTIONS), "routers": {}, "tables": {}}
-    for router in ROUTERS:
-        per: dict = {}
-        for attention in ATTENTIONS:
-            wrapper = SequenceRoutedLM.from_build(moe_dir, router=router, attention=attention, device=device)
-            if attention == ATTENTIONS[0]:  # the routing does not depend on the attention
-                out["top_k"] = wrapper.top_k
-                table = routing_table(wrapper, prefixes)
-                whole = routing_table(wrapper, sets)
-                out["tables"][router] = table
-                for t in domains:
-                    name = wrapper.expert_names[wrapper.moe_experts.index(moe_index[t])]
-                    s = table["sets"][t]
-                    per[t] = {"expert": name, "sequences": s["sequences"],
-                              "share_top1": s["top1"][name],
-                              # each sequence selects K distinct experts: selection share * K
-                              "share_topk": s["selection"][name] * wrapper.top_k,
-                              "share_top1_whole_sequence": whole["sets"][t]["top1"][name],
-                              "loss": {}}
-            losses = heldout_loss(wrapper, sets, prompt_tokens=prefix)
-            for t in domains:
-                per[t]["loss"][attention] = losses[t]["loss"]
-                per[t]["tokens"] = losses[t]["tokens"]
-            del wrapper
-        out["routers"][router] = per
-    return out

@@ -288,8 +288,6 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
         lines.append("")
 
     if metrics.get("lm_eval"):
-        from harc_hpc.report.lm_eval import score_table
-
         header, rows = score_table(metrics["lm_eval"])
         lines += ["## Task scores (lm-evaluation-harness)", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
@@ -366,3 +364,25 @@ def _story(metrics: dict) -> list[str]:
                 "0 = disjoint): " + ", ".join(_fmt(v, ".2f") for v in overlap) + "."]
     out.append("")
     return out
+
+
+def score_table(lm: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the report's task-score table: one row per model, one column per task and
+    metric (lm-eval's "<metric>,<filter>" names), "-" where a model was not scored on a task."""
+    models = lm.get("models", {})
+    columns: list[tuple[str, str]] = []
+    for task in lm.get("tasks", []):
+        # lm-eval names a score "<metric>,<filter>"; its other keys (name, alias, sample_len) and the
+        # "<metric>_stderr,<filter>" entries are not scores
+        metrics = sorted({m for per in models.values() for m in per.get(task, {})
+                          if "," in m and not m.split(",")[0].endswith("_stderr")})
+        columns += [(task, m) for m in metrics]
+    header = ["model"] + [f"{t} {m}" for t, m in columns]
+    rows = []
+    for name, per in models.items():
+        row = [name]
+        for task, metric in columns:
+            v = per.get(task, {}).get(metric)
+            row.append(f"{v:.4f}" if isinstance(v, (int, float)) else "-")
+        rows.append(row)
+    return header, rows

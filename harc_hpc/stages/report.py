@@ -29,7 +29,7 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
         cfg = prepare_config(cfg)
     t0 = time.perf_counter()
     if cfg.mergeme is not None:  # an MoE built from dense experts: router options per domain
-        from harc_hpc.mergeme.report import mergeme_metrics, write_report
+        from harc_hpc.report.mergeme import mergeme_metrics, write_report
 
         metrics = mergeme_metrics(cfg, run_dir)
         metrics["report_seconds"] = round(time.perf_counter() - t0, 2)
