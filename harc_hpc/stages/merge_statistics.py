@@ -32,7 +32,6 @@ For Fisher ("fisher") it calls ``harc_hpc.stages.fisher_statistics:compute_sourc
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -345,13 +344,11 @@ def write_layer(folder: Path, j: int, grams: LayerGrams, n_tokens: int, where: s
 
 
 def _read_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict]:
-    if not task_digest:
-        return None
-    try:
-        manifest = json.loads((partial / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("digest") != task_digest:
+    """The partial work a killed run of this very task left, or None (none, or another task's)."""
+    from harc_hpc.stages.capture_activations import task_manifest
+
+    manifest = task_manifest(partial, task_digest, MANIFEST_FORMAT)
+    if manifest is None:
         return None
     done = all(ms.layer_file(partial, l, s).is_file() for l in range(manifest["next_layer"])
                for s in ("safetensors", "json"))
