@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -79,18 +79,30 @@ class DemoRecipe:
     heldout_samples: int = 128
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["domains"] = list(self.domains)
-        d["pretrain_mix"] = {k: v for k, v in self.pretrain_mix}
-        return d
+        return recipe_json(self)
 
     def digest(self) -> str:
-        import transformers
+        return recipe_digest(self.to_json(), DEMO_FORMAT)
 
-        payload = {"recipe": self.to_json(), "format": DEMO_FORMAT,
-                   "torch": torch.__version__, "transformers": transformers.__version__}
-        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+def recipe_json(recipe) -> dict:
+    """A demo recipe (any kind, a dataclass) as JSON: its fields, tuples as lists and the pretraining
+    mix as a mapping."""
+    d = dataclasses.asdict(recipe)
+    d["domains"] = list(recipe.domains)
+    d["pretrain_mix"] = {k: v for k, v in recipe.pretrain_mix}
+    return d
+
+
+def recipe_digest(recipe_json: dict, fmt: int) -> str:
+    """The cache key of a demo recipe (any kind): its JSON, the format version of the code that builds
+    it and the torch/transformers versions, because all of them decide the bytes."""
+    import transformers
+
+    payload = {"recipe": recipe_json, "format": fmt,
+               "torch": torch.__version__, "transformers": transformers.__version__}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 #: A recipe small enough for unit tests (seconds); not a useful demo.
@@ -174,14 +186,38 @@ def _save(model, tokenizer, out: Path) -> None:
 
 def build_into(out: Path, recipe: DemoRecipe, progress: Optional[Callable[[str], None]] = None) -> dict:
     """Train and write everything of one build into ``out`` (an empty directory)."""
+
+    def finetune(model, domain: str, batches: list[torch.Tensor], say: Callable[[str], None]) -> dict:
+        trainable = training.restrict_finetune(model, recipe, domain)
+        record = dataclasses.asdict(training.train(
+            model, batches, recipe.finetune_lr, recipe.router_lr_mult, recipe.warmup_frac,
+            progress=say, label=f"finetune {domain}"))
+        record["trainable"] = trainable
+        training.release_restrictions(model)
+        return record
+
+    return build_sources_into(Path(out), recipe, fmt=DEMO_FORMAT, new_model=lambda seed: training.new_model(recipe, seed),
+                              finetune=finetune, progress=progress)
+
+
+def build_sources_into(out: Path, recipe, *, fmt: int, new_model: Callable[[int], Any],
+                       finetune: Callable[[Any, str, list[torch.Tensor], Callable[[str], None]], dict],
+                       progress: Optional[Callable[[str], None]] = None, name: str = "demo",
+                       model_desc: str = "") -> dict:
+    """Train and write one demo build into ``out`` (an empty directory): each domain's calibration and
+    held-out text, a base pretrained on ``recipe.pretrain_mix``, one fine-tune of the base per domain,
+    ``build.json`` and (last) ``recipe.json``. Shared by every kind of demo (this MoE one and
+    harc_hpc.mergeme.demo's dense one); what differs is ``new_model(seed)`` (a fresh, seeded model) and
+    ``finetune(model, domain, batches, say)``, which trains a copy of the base on its domain and returns
+    that fine-tune's ``build.json`` record. ``name`` and ``model_desc`` only word the progress lines.
+    Deterministic for a fixed recipe and thread count (harc_hpc.demo.training)."""
+    from transformers.utils import logging as hf_logging
+
     say = progress or (lambda msg: log.info("%s", msg))
-    out = Path(out)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     old_det = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    from transformers.utils import logging as hf_logging
-
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     t_start = time.perf_counter()
@@ -202,8 +238,8 @@ def build_into(out: Path, recipe: DemoRecipe, progress: Optional[Callable[[str],
         pre_windows = corpus.mixed_windows(dict(recipe.pretrain_mix), recipe.pretrain_steps * B, L, f"{s}/pretrain")
         info["data_seconds"] = round(time.perf_counter() - t0, 2)
 
-        base = training.new_model(recipe, seed=s)
-        say(f"demo: pretraining {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, "
+        base = new_model(s)
+        say(f"{name}: pretraining {model_desc}{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, "
             f"{recipe.pretrain_steps} steps x {B} x {L} tokens")
         info["pretrain"] = dataclasses.asdict(training.train(
             base, training.windows_to_batches(pre_windows, B), recipe.pretrain_lr, 1.0, recipe.warmup_frac,
@@ -216,15 +252,10 @@ def build_into(out: Path, recipe: DemoRecipe, progress: Optional[Callable[[str],
 
         info["finetune"] = {}
         for d in recipe.domains:
-            model = training.new_model(recipe, seed=s)
+            model = new_model(s)
             model.load_state_dict(base_state)
             windows = corpus.packed_windows(d, recipe.finetune_steps * B, L, f"{s}/finetune/{d}")
-            trainable = training.restrict_finetune(model, recipe, d)
-            info["finetune"][d] = dataclasses.asdict(training.train(
-                model, training.windows_to_batches(windows, B), recipe.finetune_lr, recipe.router_lr_mult,
-                recipe.warmup_frac, progress=say, label=f"finetune {d}"))
-            info["finetune"][d]["trainable"] = trainable
-            training.release_restrictions(model)
+            info["finetune"][d] = finetune(model, d, training.windows_to_batches(windows, B), say)
             _save(model, tok, out / d)
             info["heldout_ce"][d] = {e: round(training.mean_ce(model, heldout[e]), 4) for e in recipe.domains}
             del model
@@ -233,8 +264,8 @@ def build_into(out: Path, recipe: DemoRecipe, progress: Optional[Callable[[str],
         (out / "build.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         # Written last: its presence (plus the files it lists) marks a complete build.
         (out / "recipe.json").write_text(json.dumps({"recipe": recipe.to_json(), "digest": recipe.digest(),
-                                                     "format": DEMO_FORMAT}, indent=2, sort_keys=True) + "\n")
-        say(f"demo: built in {info['seconds']:.0f}s -> {out}")
+                                                     "format": fmt}, indent=2, sort_keys=True) + "\n")
+        say(f"{name}: built in {info['seconds']:.0f}s -> {out}")
         return info
     finally:
         torch.set_num_threads(old_threads)

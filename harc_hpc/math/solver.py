@@ -111,7 +111,8 @@ def _min_change_dense_solve(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, 
     return w0 + (q[:, keep] @ coef).reshape(shape)
 
 
-def _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics):
+def check_settings(init: torch.Tensor, alpha: float, hessian: str, solver: str, objective: str, preconditioner: str):
+    """The settings every router fit takes (solve_router, harc_hpc.math.targets.fit_router_to_targets)."""
     check_hessian(hessian)
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
@@ -123,6 +124,31 @@ def _check_args(inputs, source_routers, init, alpha, hessian, solver, objective,
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if init.ndim != 2:
         raise ValueError(f"init must be (K, d), got {tuple(init.shape)}")
+
+
+def choose_solver(solver: str, preconditioner: str, k: int, d: int, direct_max_size: int) -> tuple[str, str]:
+    """The solver (``auto``: ``direct`` up to ``direct_max_size`` unknowns, else ``pcg``) and the
+    preconditioner it uses for a (k, d) router; a dense system over DIRECT_MAX_BYTES is refused."""
+    if solver == "auto":
+        solver = "direct" if k * d <= direct_max_size else "pcg"
+    if solver == "direct" and (k * d) ** 2 * 8 > DIRECT_MAX_BYTES:
+        raise ValueError(
+            f"solver='direct' would materialise a ({k * d})^2 float64 system "
+            f"({(k * d) ** 2 * 8 / 2**30:.1f} GiB > {DIRECT_MAX_BYTES / 2**30:.0f} GiB) for a "
+            f"({k}, {d}) router: use solver='pcg' (or 'auto')")
+    return solver, ("none" if solver in ("cg", "direct") else preconditioner)
+
+
+def solve_direct(system: "HarcSystem", b: torch.Tensor, w0: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
+    """The quadratic system solved densely, the solution nearest ``w0`` where it is singular:
+    (w, relative residual, converged)."""
+    w = _min_change_dense_solve(system.dense(), b, w0, positive_definite=system.alpha < 1.0)
+    residual = float(torch.linalg.vector_norm(b - system.apply(w)) / torch.linalg.vector_norm(b).clamp(min=1e-300))
+    return w, residual, bool(torch.isfinite(w).all())
+
+
+def _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics):
+    check_settings(init, alpha, hessian, solver, objective, preconditioner)
     if len(inputs) != len(source_routers) or len(inputs) == 0:
         raise ValueError(f"need one input set per source router, got {len(inputs)} and {len(source_routers)}")
     for i, w in enumerate(source_routers):
@@ -241,16 +267,7 @@ def solve_router(
                              f"router with intercept={intercept}")
     sources = [w.detach().to(device=device, dtype=torch.float64) for w in source_routers]
     w0 = init.detach().to(dtype=torch.float64)
-    if solver == "auto":
-        solver = "direct" if k * d <= direct_max_size else "pcg"
-    if solver == "direct" and (k * d) ** 2 * 8 > DIRECT_MAX_BYTES:
-        raise ValueError(
-            f"solver='direct' would materialise a ({k * d})^2 float64 system "
-            f"({(k * d) ** 2 * 8 / 2**30:.1f} GiB > {DIRECT_MAX_BYTES / 2**30:.0f} GiB) for a "
-            f"({k}, {d}) router: use solver='pcg' (or 'auto')")
-    precond = "none" if solver == "cg" else preconditioner
-    if solver == "direct":
-        precond = "none"
+    solver, precond = choose_solver(solver, preconditioner, k, d, direct_max_size)
 
     curvatures = [TaskCurvature(c, w, hessian, reducer=reducer, link=link) for c, w in zip(chunks, sources)]
     if statistics is not None:
@@ -276,10 +293,8 @@ def solve_router(
 
     history: list = []
     if solver == "direct":
-        w = _min_change_dense_solve(system.dense(), b, w0, positive_definite=alpha < 1.0)
+        w, residual, converged = solve_direct(system, b, w0)
         iterations = 0
-        residual = float(torch.linalg.vector_norm(b - system.apply(w)) / torch.linalg.vector_norm(b).clamp(min=1e-300))
-        converged = bool(torch.isfinite(w).all())
     else:
         pre = _preconditioner(precond, system, expert_factor, input_factor, project_null)
         if inner_dtype is not None:

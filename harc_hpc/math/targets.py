@@ -38,12 +38,11 @@ import torch
 
 from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reducer
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
-from harc_hpc.math.operator import TaskCurvature, check_hessian
-from harc_hpc.math.solver import (DIRECT_MAX_BYTES, OBJECTIVES, SOLVERS, HarcSystem, RouterSolution,
-                                  _check_statistics, _fit_kl, _min_change_dense_solve, _preconditioner,
-                                  sum_in_order)
+from harc_hpc.math.operator import TaskCurvature
+from harc_hpc.math.solver import (HarcSystem, RouterSolution, _check_statistics, _fit_kl, _preconditioner,
+                                  check_settings, choose_solver, solve_direct, sum_in_order)
 from harc_hpc.math.statistics import TaskStatistics
-from harc_hpc.math.cg import PRECONDITIONERS, conjugate_gradient
+from harc_hpc.math.cg import conjugate_gradient
 
 
 def domain_targets(num_experts: int, experts: Sequence[int], smoothing: float = 0.0) -> list[torch.Tensor]:
@@ -150,19 +149,9 @@ def fit_router_to_targets(
     """
     t_start = time.perf_counter()
     reducer = as_reducer(process_group)
-    check_hessian(hessian)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if preconditioner not in PRECONDITIONERS:
-        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
+    check_settings(init, alpha, hessian, solver, objective, preconditioner)
     if preconditioner == "kronecker":
         raise ValueError("preconditioner 'kronecker' is not offered for target fits: use 'jacobi'")
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    if init.ndim != 2:
-        raise ValueError(f"init must be (K, d), got {tuple(init.shape)}")
     k, d = init.shape
     if len(inputs) != len(targets) or not inputs:
         raise ValueError(f"need one input set per target, got {len(inputs)} and {len(targets)}")
@@ -181,12 +170,7 @@ def fit_router_to_targets(
               for x in inputs]
     w0 = init.detach().to(dtype=torch.float64)
     qs = [q.to(device) for q in qs]
-    if solver == "auto":
-        solver = "direct" if k * d <= direct_max_size else "pcg"
-    if solver == "direct" and (k * d) ** 2 * 8 > DIRECT_MAX_BYTES:
-        raise ValueError(f"solver='direct' would materialise a ({k * d})^2 float64 system for a ({k}, {d}) "
-                         f"router: use solver='pcg' (or 'auto')")
-    precond = "none" if solver in ("cg", "direct") else preconditioner
+    solver, precond = choose_solver(solver, preconditioner, k, d, direct_max_size)
 
     # The curvature of the quadratic model is taken at W0 (HARC takes it at each source router).
     curvatures = [TaskCurvature(c, w0, hessian, reducer=reducer) for c in chunks]
@@ -208,10 +192,8 @@ def fit_router_to_targets(
         b = system.apply(w0) - gradient
     history: list = []
     if solver == "direct":
-        w = _min_change_dense_solve(system.dense(), b, w0, positive_definite=alpha < 1.0)
+        w, residual, converged = solve_direct(system, b, w0)
         iterations = 0
-        residual = float(torch.linalg.vector_norm(b - system.apply(w)) / torch.linalg.vector_norm(b).clamp(min=1e-300))
-        converged = bool(torch.isfinite(w).all())
     else:
         pre = _preconditioner(precond, system, None, None, alpha == 1.0 and hessian == "full")
         res = conjugate_gradient(system.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter, callback=callback)

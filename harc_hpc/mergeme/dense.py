@@ -96,6 +96,16 @@ _BY_MODEL_TYPE = {mt: f for f in DENSE_FAMILIES for mt in f.model_types}
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
+def moe_evidence(config: dict) -> Optional[str]:
+    """What in a raw ``config.json`` shows it is a Mixture-of-Experts model (its expert-count field,
+    e.g. ``num_experts=8``, or "an MoE family"), for an error; None for a dense model."""
+    model_type = config.get("model_type")
+    moe_field = next((k for k in _MOE_FIELDS if config.get(k)), None)
+    if model_type in supported_model_types() or moe_field is not None or "moe" in str(model_type):
+        return f"{moe_field}={config[moe_field]}" if moe_field else "an MoE family"
+    return None
+
+
 def supported_dense_types() -> str:
     return ", ".join(f"{'/'.join(f.model_types)} -> {f.moe_family}" for f in DENSE_FAMILIES)
 
@@ -104,9 +114,8 @@ def dense_family_for(name: str, config: dict, where: str) -> DenseFamily:
     """The dense family of a source's raw ``config.json``; a clear error for an MoE or a family
     without an MoE counterpart."""
     model_type = config.get("model_type")
-    moe_field = next((k for k in _MOE_FIELDS if config.get(k)), None)
-    if model_type in supported_model_types() or moe_field is not None or "moe" in str(model_type):
-        what = f"{moe_field}={config[moe_field]}" if moe_field else "an MoE family"
+    what = moe_evidence(config)
+    if what is not None:
         raise MergeInputError(f"model {name!r} is already a Mixture-of-Experts model "
                               f"(model_type {model_type!r}, {what}); an MoE is built from dense "
                               f"models (supported: {supported_dense_types()})", where=where)

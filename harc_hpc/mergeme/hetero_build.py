@@ -37,10 +37,9 @@ from harc_hpc.errors import RunStateError
 from harc_hpc.io.atomic import atomic_dir, json_text, remove_path, sweep_stale_temporaries
 from harc_hpc.io.checkpoint import Checkpoint, resolve_model_path
 from harc_hpc.merge.base import MergeConfigError, MergeContext, MergeInputError
-from harc_hpc.mergeme.dense import _MOE_FIELDS
+from harc_hpc.mergeme.dense import moe_evidence
 from harc_hpc.mergeme.hetero_spec import HeteroMoESpec
 from harc_hpc.mergeme.heterogeneous import HeteroMoE, ProjectorLayout
-from harc_hpc.models.families import supported_model_types
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +79,8 @@ def _config(name: str, path: Path) -> dict:
 def check_expert_config(name: str, config: dict, where: str) -> None:
     """A clear error for an MoE, an unsupported family or a quantized checkpoint."""
     model_type = config.get("model_type")
-    moe_field = next((k for k in _MOE_FIELDS if config.get(k)), None)
-    if model_type in supported_model_types() or moe_field is not None or "moe" in str(model_type):
-        what = f"{moe_field}={config[moe_field]}" if moe_field else "an MoE family"
+    what = moe_evidence(config)
+    if what is not None:
         raise MergeInputError(f"expert {name!r} is already a Mixture-of-Experts model (model_type "
                               f"{model_type!r}, {what}); heterogeneous experts are dense models "
                               f"({', '.join(HETERO_MODEL_TYPES)})", where=where)

@@ -9,16 +9,14 @@ code 2) naming every bad key; unknown keys are errors.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harc_hpc.config import CalibrationData
-from harc_hpc.merge.base import MergeConfigError
-from harc_hpc.mergeme.spec import validation_message
+from harc_hpc.mergeme.spec import (path_from, read_spec_yaml, resolve_expert_and_output_paths, unique_expert_names,
+                                   validate_spec)
 
 Trainable = Literal["projectors", "router", "embedding", "head"]
 
@@ -126,11 +124,7 @@ class HeteroMoESpec(_Strict):
     @field_validator("experts")
     @classmethod
     def _unique_names(cls, experts):
-        names = [e.name for e in experts]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"expert names must be unique; repeated: {dup}")
-        return experts
+        return unique_expert_names(experts)
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -156,40 +150,19 @@ class HeteroMoESpec(_Strict):
 
 
 def parse_hetero_spec(data: dict, where: str = "heterogeneous MoE spec") -> HeteroMoESpec:
-    try:
-        return HeteroMoESpec.model_validate(data)
-    except ValidationError as exc:
-        raise MergeConfigError(validation_message(exc, f"{where} is invalid:")) from None
+    return validate_spec(HeteroMoESpec, data, where)
 
 
 def load_hetero_spec(path: Union[str, Path]) -> HeteroMoESpec:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise MergeConfigError(f"cannot read the spec: {exc}", where=str(path)) from None
-    if not isinstance(data, dict):
-        raise MergeConfigError("a spec is a mapping (experts, output, train, ...)", where=str(path))
+    data = read_spec_yaml(path, "spec", "experts, output, train, ...")
     here = path.resolve().parent
-
-    def absolute(p: str) -> str:
-        q = Path(os.path.expandvars(p)).expanduser()
-        return str(q if q.is_absolute() else (here / q).resolve())
-
-    for e in data.get("experts") or []:
-        if isinstance(e, dict) and isinstance(e.get("path"), str):
-            # local if it exists relative to the file or can only be a path; else maybe a hub id
-            p = e["path"]
-            cand = Path(absolute(p))
-            if cand.exists() or p.startswith((".", "/", "~", "$")):
-                e["path"] = str(cand)
-    if isinstance(data.get("output"), str):
-        data["output"] = absolute(data["output"])
+    resolve_expert_and_output_paths(data, here)
     train = data.get("train")
     if isinstance(train, dict):
         if isinstance(train.get("checkpoint_dir"), str):
-            train["checkpoint_dir"] = absolute(train["checkpoint_dir"])
+            train["checkpoint_dir"] = str(path_from(here, train["checkpoint_dir"]))
         d = train.get("data")
         if isinstance(d, dict) and isinstance(d.get("files"), list):
-            d["files"] = [absolute(f) if isinstance(f, str) else f for f in d["files"]]
+            d["files"] = [str(path_from(here, f)) if isinstance(f, str) else f for f in d["files"]]
     return parse_hetero_spec(data, where=str(path))

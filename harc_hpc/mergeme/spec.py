@@ -79,10 +79,7 @@ class MoEBuildSpec(_Strict):
     @field_validator("experts")
     @classmethod
     def _unique_names(cls, experts):
-        names = [e.name for e in experts]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"expert names must be unique; repeated: {dup}")
+        names = [e.name for e in unique_expert_names(experts)]
         if BASE_NAME in names:
             raise ValueError(f"{BASE_NAME!r} is the base model's name; give the expert another one")
         return experts
@@ -105,6 +102,15 @@ class MoEBuildSpec(_Strict):
         return [e.name for e in self.experts]
 
 
+def unique_expert_names(experts: list) -> list:
+    """``experts`` (anything with a ``name``), checked to have unique names; for a spec's validator."""
+    names = [e.name for e in experts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"expert names must be unique; repeated: {dup}")
+    return experts
+
+
 def validation_message(exc: ValidationError, title: str) -> str:
     lines = [title]
     for err in exc.errors():
@@ -113,41 +119,61 @@ def validation_message(exc: ValidationError, title: str) -> str:
     return "\n".join(lines)
 
 
-def parse_spec(data: dict, where: str = "build spec") -> MoEBuildSpec:
+def validate_spec(spec_class: type[BaseModel], data: dict, where: str):
+    """``data`` as a ``spec_class``; a bad setting is a ``MergeConfigError`` naming every bad key."""
     try:
-        return MoEBuildSpec.model_validate(data)
+        return spec_class.model_validate(data)
     except ValidationError as exc:
         raise MergeConfigError(validation_message(exc, f"{where} is invalid:")) from None
+
+
+def read_spec_yaml(path: Path, what: str, keys: str) -> dict:
+    """The mapping in the YAML file ``path`` (a ``what``, whose top-level ``keys`` an error names)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise MergeConfigError(f"cannot read the {what}: {exc}", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise MergeConfigError(f"a {what} is a mapping ({keys})", where=str(path))
+    return data
+
+
+def path_from(here: Path, p: str) -> Path:
+    """``p`` (``$VARS`` and ``~`` expanded) as an absolute path, relative to ``here`` unless absolute."""
+    q = Path(os.path.expandvars(p)).expanduser()
+    return q if q.is_absolute() else (here / q).resolve()
+
+
+def model_path_from(here: Path, p: Any) -> Any:
+    """A model reference in a spec file: the pipeline config's rule, a path that exists relative to the
+    file (``here``) or that can only be a path is local (made absolute); anything else may be a hub
+    id and stays as written."""
+    if not isinstance(p, str):
+        return p
+    candidate = path_from(here, p)
+    return str(candidate) if candidate.exists() or p.startswith((".", "/", "~", "$")) else p
+
+
+def resolve_expert_and_output_paths(data: dict, here: Path) -> None:
+    """In a spec file's mapping (from the file in ``here``), in place: ``experts[].path`` by the
+    model rule (``model_path_from``), ``output`` made absolute."""
+    for e in data.get("experts") or []:
+        if isinstance(e, dict) and "path" in e:
+            e["path"] = model_path_from(here, e["path"])
+    if isinstance(data.get("output"), str):
+        data["output"] = str(path_from(here, data["output"]))
+
+
+def parse_spec(data: dict, where: str = "build spec") -> MoEBuildSpec:
+    return validate_spec(MoEBuildSpec, data, where)
 
 
 def load_spec(path: Union[str, Path]) -> MoEBuildSpec:
     """A YAML build spec; ``base``, ``experts[].path`` and ``output`` relative to its directory."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise MergeConfigError(f"cannot read the build spec: {exc}", where=str(path)) from None
-    if not isinstance(data, dict):
-        raise MergeConfigError("a build spec is a mapping (base, experts, output, ...)", where=str(path))
+    data = read_spec_yaml(path, "build spec", "base, experts, output, ...")
     here = path.resolve().parent
-
-    def absolute(p: str) -> Path:
-        q = Path(os.path.expandvars(p)).expanduser()
-        return q if q.is_absolute() else (here / q).resolve()
-
-    def model(p):
-        # the pipeline config's rule: a path that exists relative to the file, or that can only be
-        # a path, is local; anything else may be a hub id and stays as written
-        if not isinstance(p, str):
-            return p
-        candidate = absolute(p)
-        return str(candidate) if candidate.exists() or p.startswith((".", "/", "~", "$")) else p
-
     if "base" in data:
-        data["base"] = model(data["base"])
-    for e in data.get("experts") or []:
-        if isinstance(e, dict) and "path" in e:
-            e["path"] = model(e["path"])
-    if isinstance(data.get("output"), str):
-        data["output"] = str(absolute(data["output"]))
+        data["base"] = model_path_from(here, data["base"])
+    resolve_expert_and_output_paths(data, here)
     return parse_spec(data, where=str(path))

@@ -152,15 +152,25 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
-def _read_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict]:
-    """The partial work a killed run of this very task left, or None (none, or another task's)."""
+def task_manifest(partial: Path, task_digest: Optional[str], manifest_format: str) -> Optional[dict]:
+    """The manifest in ``partial`` if a killed run of this very task (``task_digest``, a stage's
+    ``manifest_format``) wrote it, else None (no digest, none, unreadable, or another task's); the
+    caller still checks the files it lists."""
     if not task_digest:
         return None
     try:
         manifest = json.loads((partial / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("digest") != task_digest:
+    if manifest.get("format") != manifest_format or manifest.get("digest") != task_digest:
+        return None
+    return manifest
+
+
+def _read_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict]:
+    """The partial work a killed run of this very task left, or None (none, or another task's)."""
+    manifest = task_manifest(partial, task_digest, MANIFEST_FORMAT)
+    if manifest is None:
         return None
     needed = [partial / "activations.zarr"] + [partial / "states" / f"{t}.bin" for t in manifest.get("tasks", [])]
     if manifest.get("hidden_complete"):

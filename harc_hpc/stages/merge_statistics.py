@@ -32,7 +32,6 @@ For Fisher ("fisher") it calls ``harc_hpc.stages.fisher_statistics:compute_sourc
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -328,6 +327,14 @@ def layer_pass(model, j: int, states, valid: list, layout_name: str, moe_layers,
     return grams
 
 
+def require_gram_support(fam, method: str, source: str) -> None:
+    """Refuse (naming the merge ``method`` and ``source``) a family whose experts the Gram pass
+    does not model (UNSUPPORTED_FAMILIES)."""
+    if fam.name in UNSUPPORTED_FAMILIES:
+        raise UsageError(f"merge method {method!r}: the {fam.name} family's experts are not supported by "
+                         f"the Gram pass yet", where=f"models.sources[{source}].path")
+
+
 def write_layer(folder: Path, j: int, grams: LayerGrams, n_tokens: int, where: str) -> None:
     """Layer ``j``'s Grams (float32) and their json, each written atomically."""
     from safetensors.torch import save_file
@@ -345,13 +352,11 @@ def write_layer(folder: Path, j: int, grams: LayerGrams, n_tokens: int, where: s
 
 
 def _read_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict]:
-    if not task_digest:
-        return None
-    try:
-        manifest = json.loads((partial / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("format") != MANIFEST_FORMAT or manifest.get("digest") != task_digest:
+    """The partial work a killed run of this very task left, or None (none, or another task's)."""
+    from harc_hpc.stages.capture_activations import task_manifest
+
+    manifest = task_manifest(partial, task_digest, MANIFEST_FORMAT)
+    if manifest is None:
         return None
     done = all(ms.layer_file(partial, l, s).is_file() for l in range(manifest["next_layer"])
                for s in ("safetensors", "json"))
@@ -389,9 +394,7 @@ def compute_source_grams(cfg: PipelineConfig, source: str, out_dir: Path, partia
     device = device or pick_device(cfg.harc.device)
     model = OnloadedModel(local, device, trust_remote_code=cfg.models.trust_remote_code)
     fam = model.family
-    if fam.name in UNSUPPORTED_FAMILIES:
-        raise UsageError(f"merge method {cfg.merge.method!r}: the {fam.name} family's experts are not supported by "
-                         f"the Gram pass yet", where=f"models.sources[{source}].path")
+    require_gram_support(fam, cfg.merge.method, source)
     conf = model.ckpt.config
     layout_name = fam.detect_layout(model.ckpt.keys())
     num_experts = fam.num_experts(conf)

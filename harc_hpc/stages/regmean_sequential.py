@@ -52,7 +52,7 @@ def sequential_grams(cfg: PipelineConfig, out_root: Path, method, params) -> dic
     from harc_hpc.dtypes import torch_dtype
     from harc_hpc.models.onload import OnloadedModel, layer_state_dict
     from harc_hpc.stages.capture_activations import BatchStates, placement_for
-    from harc_hpc.stages.merge_statistics import UNSUPPORTED_FAMILIES, layer_pass, source_batches, write_layer
+    from harc_hpc.stages.merge_statistics import layer_pass, require_gram_support, source_batches, write_layer
 
     names = [s.name for s in cfg.models.sources]
     device = pick_device(cfg.harc.device)
@@ -60,9 +60,7 @@ def sequential_grams(cfg: PipelineConfig, out_root: Path, method, params) -> dic
     models = {n: OnloadedModel(local[n], device, trust_remote_code=cfg.models.trust_remote_code) for n in names}
     ref = models[names[0]]
     fam = ref.family
-    if fam.name in UNSUPPORTED_FAMILIES:
-        raise UsageError(f"merge method {method.name!r}: the {fam.name} family's experts are not supported by the "
-                         f"Gram pass yet", where=f"models.sources[{names[0]}].path")
+    require_gram_support(fam, method.name, names[0])
     conf = ref.ckpt.config
     layout_name = fam.detect_layout(ref.ckpt.keys())
     moe_layers = set(fam.moe_layers(conf))
