@@ -321,7 +321,7 @@ class DemoSection(_Strict):
     seed: int = 0
     cache_dir: Optional[Path] = None
     # moe: the HARC demo's tiny OLMoE sources; dense: the MergeME demo's dense Llama base and experts
-    # (harc_hpc.mergeme.demo)
+    # (harc_hpc.demo.dense)
     kind: Literal["moe", "dense"] = "moe"
 
 

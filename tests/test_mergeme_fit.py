@@ -162,7 +162,7 @@ DOMAINS = ("math", "code", "text")
 @pytest.fixture(scope="module")
 def dense_demo(tmp_path_factory):
     """The MergeME demo's dense base and experts at the quick recipe (seconds)."""
-    from harc_hpc.mergeme.demo import QUICK_DENSE_RECIPE
+    from harc_hpc.demo.dense import QUICK_DENSE_RECIPE
 
     root = tmp_path_factory.mktemp("dense-demo") / "build"
     root.mkdir()
@@ -330,7 +330,7 @@ def test_bad_mergeme_configs_are_refused_before_work(dense_demo, tmp_path):
 def test_dense_demo_build_is_deterministic_and_loads(dense_demo, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from harc_hpc.mergeme.demo import QUICK_DENSE_RECIPE
+    from harc_hpc.demo.dense import QUICK_DENSE_RECIPE
 
     again = tmp_path / "again"
     again.mkdir()
@@ -353,7 +353,7 @@ def test_mergeme_tiny_config_resolves_to_the_dense_demo(tmp_path, monkeypatch):
     from harc_hpc.config import load_config
     from harc_hpc.demo import build as demo_build
     from harc_hpc.demo.placeholders import has_placeholders, prepare_config, recipe_for_config
-    from harc_hpc.mergeme.demo import QUICK_DENSE_RECIPE, DenseDemoRecipe
+    from harc_hpc.demo.dense import QUICK_DENSE_RECIPE, DenseDemoRecipe
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "mergeme-tiny.yaml",
                       overrides={"demo.cache_dir": str(tmp_path)})

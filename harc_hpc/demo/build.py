@@ -153,7 +153,7 @@ def ensure_demo(recipe: DemoRecipe = DemoRecipe(), cache_dir: Optional[os.PathLi
     sweep_stale_temporaries(final.parent)
     try:
         with atomic_dir(final) as tmp:
-            if hasattr(recipe, "build_into"):  # another kind of demo (harc_hpc.mergeme.demo's dense models)
+            if hasattr(recipe, "build_into"):  # another kind of demo (harc_hpc.demo.dense's dense models)
                 recipe.build_into(tmp, progress=progress)
             else:
                 build_into(tmp, recipe, progress=progress)
@@ -207,7 +207,7 @@ def build_sources_into(out: Path, recipe, *, fmt: int, new_model: Callable[[int]
     """Train and write one demo build into ``out`` (an empty directory): each domain's calibration and
     held-out text, a base pretrained on ``recipe.pretrain_mix``, one fine-tune of the base per domain,
     ``build.json`` and (last) ``recipe.json``. Shared by every kind of demo (this MoE one and
-    harc_hpc.mergeme.demo's dense one); what differs is ``new_model(seed)`` (a fresh, seeded model) and
+    harc_hpc.demo.dense's dense one); what differs is ``new_model(seed)`` (a fresh, seeded model) and
     ``finetune(model, domain, batches, say)``, which trains a copy of the base on its domain and returns
     that fine-tune's ``build.json`` record. ``name`` and ``model_desc`` only word the progress lines.
     Deterministic for a fixed recipe and thread count (harc_hpc.demo.training)."""

@@ -25,7 +25,7 @@ def _placeholder_name(value) -> Optional[str]:
 
 def recipe_for_config(cfg: PipelineConfig):
     if cfg.demo.kind == "dense":  # the MergeME demo's dense base and experts
-        from harc_hpc.mergeme.demo import DenseDemoRecipe
+        from harc_hpc.demo.dense import DenseDemoRecipe
 
         return DenseDemoRecipe(seed=cfg.demo.seed)
     return DemoRecipe(seed=cfg.demo.seed)
