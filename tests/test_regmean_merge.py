@@ -445,6 +445,7 @@ def test_fisher_reader_returns_a_units_pieces(tmp_path):
     save_file({"model.layers.0.mlp.experts.gate_up_proj": fused, "w": torch.ones(2, 2)},
               str(folder / "fisher" / "model.safetensors"))
     (folder / "fisher" / "meta.json").write_text('{"tokens": 5, "samples": 1}')
+    (folder / "fisher" / "config.json").write_text("{}")  # compute_source_fisher copies the source's
     key = "model.layers.0.mlp.experts.gate_up_proj"
     unit = MergeUnit(f"{key}[1].up", (3, 3), (Piece(key, 18 + 9, 9, (3, 3), False),), "expert", 0)
     reader = ms.FisherReader(folder, "a")

@@ -110,42 +110,30 @@ class GramReader:
 
 
 class FisherReader:
-    """One source's diagonal Fisher (``<folder>/fisher/``: safetensors shards keyed by the source's
-    own tensor names), read by a unit's pieces."""
+    """One source's diagonal Fisher (``<folder>/fisher/``: a checkpoint directory of float32 shards
+    keyed by the source's own tensor names), read by a unit's pieces with the checkpoint reader's
+    positional reads (a slice of a fused tensor reads only that slice)."""
 
     def __init__(self, folder: Path, source: str):
-        from safetensors import safe_open
+        from harc_hpc.io.checkpoint import Checkpoint
 
         self.folder = Path(folder) / "fisher"
         self.source = source
         if read_meta(self.folder) is None:
             raise RunStateError(f"no Fisher statistics for source {source!r}", where=str(self.folder),
                                 hint="run the merge-statistics stage first (harc-hpc submit runs it)")
-        self._files = {}
-        self._where: dict[str, Path] = {}
-        for path in sorted(self.folder.glob("*.safetensors")):
-            f = self._files[path] = safe_open(str(path), framework="pt")
-            for key in f.keys():
-                self._where[key] = path
-        self._last: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
-
-    def _tensor(self, key: str) -> torch.Tensor:
-        if self._last[0] != key:  # the pieces of a fused unit come from one tensor in a row
-            path = self._where.get(key)
-            if path is None:
-                raise InputDataError(f"no Fisher for tensor {key} of source {self.source!r}", where=str(self.folder),
-                                     hint="rerun the merge-statistics stage")
-            self._last = (key, self._files[path].get_tensor(key).reshape(-1))
-        return self._last[1]
+        self.ckpt = Checkpoint(self.folder, name=f"Fisher of {source}")
 
     def fisher(self, unit) -> torch.Tensor:
         flat = torch.empty(unit.numel, dtype=torch.float32)
         pos = 0
         for p in unit.pieces:
-            flat[pos:pos + p.numel] = self._tensor(p.key)[p.start:p.start + p.numel].to(torch.float32)
+            if p.key not in self.ckpt:
+                raise InputDataError(f"no Fisher for tensor {p.key} of source {self.source!r}", where=str(self.folder),
+                                     hint="rerun the merge-statistics stage")
+            self.ckpt.read_part(p.key, p.start, p.numel, out=flat[pos:pos + p.numel])
             pos += p.numel
         return flat.reshape(unit.shape)
 
     def close(self) -> None:
-        self._files.clear()
-        self._last = (None, None)
+        self.ckpt.close()

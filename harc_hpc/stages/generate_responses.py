@@ -48,7 +48,7 @@ VERIFIERS = ("math", "code", "none")
 
 
 class GenerationInputError(InputDataError):
-    pass
+    """A prompts file or record generate-responses cannot use (the message names the file and line)."""
 
 
 # -- verification ---------------------------------------------------------------------------------
