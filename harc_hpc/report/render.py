@@ -345,7 +345,7 @@ def _story(metrics: dict) -> list[str]:
             lm_name = {"source": f"source:{t}", "calibrated": "calibrated"}.get(key, key)
             for task in scored[t]:
                 score = lm.get("models", {}).get(lm_name, {}).get(task, {})
-                value = next((v for k, v in sorted(score.items()) if "," in k and "stderr" not in k), None)
+                value = next(iter(lm_eval_scores(score).values()), None)
                 cells.append(_fmt(value))
         if any(c != "–" for c in cells):
             out.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -366,16 +366,21 @@ def _story(metrics: dict) -> list[str]:
     return out
 
 
+def lm_eval_scores(scores: dict) -> dict[str, float]:
+    """The scores among lm-eval's result keys of one task: lm-eval names a score "<metric>,<filter>";
+    its other keys (name, alias, sample_len) and the "<metric>_stderr,<filter>" entries are not."""
+    return {k: v for k, v in sorted((scores or {}).items())
+            if "," in k and not k.split(",")[0].endswith("_stderr")
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def score_table(lm: dict) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the report's task-score table: one row per model, one column per task and
     metric (lm-eval's "<metric>,<filter>" names), "-" where a model was not scored on a task."""
     models = lm.get("models", {})
     columns: list[tuple[str, str]] = []
     for task in lm.get("tasks", []):
-        # lm-eval names a score "<metric>,<filter>"; its other keys (name, alias, sample_len) and the
-        # "<metric>_stderr,<filter>" entries are not scores
-        metrics = sorted({m for per in models.values() for m in per.get(task, {})
-                          if "," in m and not m.split(",")[0].endswith("_stderr")})
+        metrics = sorted({m for per in models.values() for m in lm_eval_scores(per.get(task, {}))})
         columns += [(task, m) for m in metrics]
     header = ["model"] + [f"{t} {m}" for t, m in columns]
     rows = []

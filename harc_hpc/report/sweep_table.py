@@ -26,6 +26,7 @@ import yaml
 
 from harc_hpc.io.atomic import atomic_path, write_text_atomic
 from harc_hpc.pipeline import sweep as sweep_mod
+from harc_hpc.report.render import lm_eval_scores
 
 TABLE_MD, TABLE_CSV, PLOT = "table.md", "table.csv", "plot.png"
 
@@ -68,10 +69,8 @@ def _lm_eval(m: dict, model: str) -> dict[str, Any]:
     out = {}
     per_task = ((m.get("lm_eval") or {}).get("models") or {}).get(model) or {}
     for task, scores in sorted(per_task.items()):
-        for metric, value in sorted((scores or {}).items()):
-            if "," in metric and isinstance(value, (int, float)) and not isinstance(value, bool) \
-                    and "stderr" not in metric:
-                out[f"lm_eval:{task}:{metric}"] = value
+        for metric, value in lm_eval_scores(scores).items():
+            out[f"lm_eval:{task}:{metric}"] = value
     return out
 
 
