@@ -144,6 +144,16 @@ class OnloadedModel:
         module.load_state_dict(state, strict=True)
         return module
 
+    def onload_module(self, index: int, name: str) -> torch.nn.Module:
+        """Materialise only submodule ``name`` (e.g. ``post_attention_layernorm``) of decoder layer
+        ``index`` with its checkpoint weights: what a reader of a stored residual needs."""
+        module = self.layer(index).get_submodule(name)
+        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        state = layer_state_dict(self.ckpt, self.family, index, [f"{name}.{n}" for n in names], self.dtype)
+        module.to_empty(device=self.device)
+        module.load_state_dict({n: state[f"{name}.{n}"] for n in names}, strict=True)
+        return module
+
     @torch.no_grad()
     def swap(self, index: int, name: str, value: torch.Tensor) -> torch.Tensor:
         """Put ``value`` into parameter ``name`` of the onloaded decoder layer ``index`` in place (a
@@ -229,6 +239,20 @@ class OnloadedModel:
         out = self.layer(index)(hidden, attention_mask=mask, position_ids=position_ids,
                                 position_embeddings=pos_emb)
         return out[0] if isinstance(out, tuple) else out
+
+    @torch.no_grad()
+    def run_attention_half(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering the feed-forward half of the (onloaded) decoder layer
+        ``index`` for a right-padded (B, T, d) batch (the family's ``attention_half``)."""
+        hidden = hidden.to(device=self.device, dtype=self.dtype)
+        mask, position_ids, pos_emb = self.context(hidden)
+        return self.family.attention_half(self.layer(index), hidden, attention_mask=mask,
+                                          position_ids=position_ids, position_embeddings=pos_emb)
+
+    @torch.no_grad()
+    def run_moe_half(self, index: int, residual: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``index``'s output from the residual entering its feed-forward half."""
+        return self.family.moe_half(self.layer(index), residual.to(device=self.device, dtype=self.dtype))
 
     def close(self) -> None:
         self.ckpt.close()

@@ -55,6 +55,13 @@ class MoEFamily:
     fused_orientation: str = "out_in"
     #: transformers attention for calibration and evaluation (SDPA: causal without a mask tensor)
     attn_implementation: str = "sdpa"
+    #: the feed-forward (MoE) module of a decoder layer, as named in memory
+    ffn_module: str = "mlp"
+    #: the decoder layer is the standard pre-norm pair ``r = h + attn(input_layernorm(h))``,
+    #: ``h' = r + ffn(post_attention_layernorm(r))`` and the router reads ``post_attention_layernorm(r)``:
+    #: capture then stores the residual r once per calibrated layer and derives the router inputs on
+    #: read (``attention_half`` / ``moe_half``; docs/pipeline.md). False: the layer-wise capture only.
+    residual_capture: bool = True
 
     # -- config ---------------------------------------------------------------------------------
     def num_layers(self, cfg: dict) -> int:
@@ -186,3 +193,35 @@ class MoEFamily:
         if gate is None or not hasattr(gate, "weight"):
             raise ValueError(f"{self.name}: layer {layer} has no router (a dense layer?)")
         return gate
+
+    # -- the two halves of a pre-norm decoder layer (residual_capture) ------------------------------
+    def _check_halves(self, layer) -> None:
+        missing = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", self.ffn_module)
+                   if not hasattr(layer, n)]
+        if missing:
+            raise TypeError(f"{self.name}: {type(layer).__name__} has no {missing}: not the pre-norm decoder "
+                            f"layer that residual capture splits (set residual_capture = False)")
+
+    def router_input_norm(self, layer) -> torch.nn.Module:
+        """The norm whose output the router reads: router input = ``norm(r)`` for the residual ``r``
+        entering the layer's feed-forward half."""
+        self._check_halves(layer)
+        return layer.post_attention_layernorm
+
+    def attention_half(self, layer, hidden: torch.Tensor, **attention_kwargs) -> torch.Tensor:
+        """The residual stream entering the feed-forward half of decoder layer ``layer``:
+        ``hidden + self_attn(input_layernorm(hidden))``, the same operations, in the same order, as
+        the layer's own forward (tested bit for bit against it per family)."""
+        self._check_halves(layer)
+        attn = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **attention_kwargs)
+        return hidden + attn[0]
+
+    def moe_half(self, layer, residual: torch.Tensor) -> torch.Tensor:
+        """The layer's output from the residual ``r`` entering its feed-forward half:
+        ``r + ffn(post_attention_layernorm(r))`` (GPT-OSS's and Llama 4's MoE also return router scores)."""
+        self._check_halves(layer)
+        out = getattr(layer, self.ffn_module)(layer.post_attention_layernorm(residual))
+        if isinstance(out, tuple):
+            out = out[0]
+        return residual + out.view(residual.shape)
+

@@ -21,6 +21,7 @@ class Llama4TextFamily(MoEFamily):
     name = "llama4_text"
     model_types = ("llama4_text",)
     moe_module = "feed_forward"
+    ffn_module = "feed_forward"
     router_link = "sigmoid"
     router_param = "feed_forward.router.weight"
     fused_orientation = "in_out"
