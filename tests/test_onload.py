@@ -19,10 +19,11 @@ from harc_hpc.io.calibration_data import tokenize_task
 from harc_hpc.models.modeling import RouterInputRecorder, batches, load_causal_lm, pad_batch, unpad
 from harc_hpc.models.onload import OnloadedModel
 from harc_hpc.stages import capture_activations, layout, merge_experts
+from harc_hpc.stages.compute_statistics import layer_inputs
 from harc_hpc.stages.routers import merged_router, save_router
 from pipeline_fixtures import build_tiny_sources, write_config
 
-FAMILIES = ("olmoe", "qwen3_moe", "mixtral", "qwen2_moe")
+FAMILIES = ("olmoe", "qwen3_moe", "mixtral", "qwen2_moe")  # block size 1: the streamed capture
 
 
 def whole_model_captures(cfg, run_dir, routers: dict, layers: list[int]):
@@ -56,11 +57,13 @@ def _check_blocks(cfg, run_dir):
     routers = {}
     for b, blk in enumerate(layout.blocks(cfg)):
         result = capture_activations.run(cfg, run_dir, block=b)
-        assert result["hidden_states_in"] in ("device", "host", "disk")
+        assert result.get("hidden_states_in", "device") in ("device", "host", "disk")
+        assert ("stored" in result) == capture_activations.streamed(cfg)
         assert result["peak_rss_bytes"] > 0
         ref = whole_model_captures(cfg, run_dir, routers, blk)
         for (l, t), x_ref in ref.items():
-            x = ActivationArray(layout.activation_store(run_dir, b), f"{layer_name(l)}/{t}").load()
+            # the one reader of router inputs (derived from the stored residual with block size 1)
+            x = layer_inputs(cfg, run_dir, l, t, stored_dtype=True).load()
             assert x.dtype == x_ref.dtype and torch.equal(x, x_ref), f"block {b} layer {l} task {t}"
         # stand-in "calibrated" routers for this block, so the next block replays through them
         g = torch.Generator().manual_seed(b)

@@ -199,6 +199,11 @@ class ActivationWriter:
             self._arrays[name][first : first + block.shape[0]] = block
             self._pending[name] = (first + block.shape[0], [])
 
+    def flushed_rows(self, name: str) -> int:
+        """Rows of array ``name`` handed to the store so far (the rest is buffered in memory): with
+        slices written in order from row 0, every chunk below this row is written."""
+        return int(self._pending[name][0])
+
     def finish(self, name: str) -> None:
         """Write every buffered row of one array (it is complete)."""
         self._flush(name)
@@ -215,13 +220,16 @@ class ActivationArray:
     streams the inputs once per operator application)."""
 
     def __init__(self, store: Path, name: str, chunk_tokens: Optional[int] = None, out_dtype=torch.float32,
-                 rows: Optional[np.ndarray] = None):
-        """``rows``: sorted row indices to keep (a token subsample); iteration and ``len`` see only them."""
+                 rows: Optional[np.ndarray] = None, consumed_rows: int = 0):
+        """``rows``: sorted row indices to keep (a token subsample); iteration and ``len`` see only them.
+        ``consumed_rows``: the chunks lying wholly below this row may be gone (a streamed capture
+        deletes what it has consumed; it reads only above that row)."""
         self.store = Path(store)
         self.name = name
         self._array = zarr.open_group(str(self.store), mode="r")[name]
-        missing = self._array.nchunks - self._array.nchunks_initialized
-        if missing:
+        gone = consumed_rows // self._array.chunks[0]
+        missing = self._array.nchunks - gone - self._array.nchunks_initialized
+        if missing > 0:
             raise CorruptArtifactError(self.store, f"array {name}: {missing} of {self._array.nchunks} chunks are "
                                                    f"missing (they would read as zeros)")
         self.dtype = self._array.attrs.get("dtype", "float32")
@@ -242,17 +250,21 @@ class ActivationArray:
         """Rows in the store (all of them, subsample or not)."""
         return int(self._array.shape[0])
 
-    def read(self, start: int, stop: int) -> torch.Tensor:
+    def read_stored(self, start: int, stop: int) -> torch.Tensor:
+        """Stored rows ``start:stop`` in the stored dtype (bfloat16 included)."""
         try:
             raw = self._array[start:stop]
         except ValueError as exc:  # the crc32c codec's "Stored and computed checksum do not match"
             raise CorruptArtifactError(self.store, f"array {self.name}: rows {start}:{stop} fail their "
                                                    f"checksum ({exc})") from None
-        x = from_storage(raw, self.dtype)
+        return from_storage(raw, self.dtype)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        x = self.read_stored(start, stop)
         return x if self.out_dtype is None else x.to(self.out_dtype)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        n = self._array.shape[0]
+        n = self.num_stored
         for start in range(0, n, self.chunk_tokens):
             stop = min(n, start + self.chunk_tokens)
             if self.rows is None:
@@ -263,7 +275,70 @@ class ActivationArray:
                 yield self.read(start, stop)[torch.from_numpy(self.rows[lo:hi] - start)]
 
     def load(self) -> torch.Tensor:
-        return self.read(0, self._array.shape[0])
+        return self.read(0, self.num_stored)
+
+
+RESIDUAL_KIND = "residual"
+
+
+def stored_attr(store: Path, name: str, attr: str, default=None):
+    """An attribute of array ``name`` of a Zarr store (a missing array: CorruptArtifactError)."""
+    try:
+        return zarr.open_group(str(store), mode="r")[name].attrs.get(attr, default)
+    except (KeyError, FileNotFoundError) as exc:
+        raise CorruptArtifactError(Path(store), f"array {name} is missing ({exc})") from None
+
+
+def stored_kind(store: Path, name: str) -> str:
+    """What an array of an activation store holds: ``router_inputs`` (captured as the router saw
+    them) or ``residual`` (the residual stream they are derived from: RouterInputsFromResidual)."""
+    return stored_attr(store, name, "kind", "router_inputs")
+
+
+class RouterInputsFromResidual(ActivationArray):
+    """A layer's router inputs derived on read from its stored residual stream (streamed capture).
+
+    The store holds ``r``, the residual entering the layer's feed-forward half, for *every* token
+    (``offsets``: the token offsets); the router input of a token is ``norm(r)`` (the layer's
+    ``post_attention_layernorm``, given by the caller) computed in ``compute_dtype`` (the dtype the
+    capture ran the layer in), rounded to the stored dtype exactly as a captured router input was
+    stored, and kept only for the tokens the calibration mode selects (``selected``). Rows, offsets,
+    ``len`` and ``read`` are in selected-token coordinates, like a store of captured router inputs.
+    """
+
+    def __init__(self, store: Path, name: str, norm: torch.nn.Module, compute_dtype: torch.dtype,
+                 selected: Optional[np.ndarray] = None, chunk_tokens: Optional[int] = None,
+                 out_dtype=torch.float32, rows: Optional[np.ndarray] = None):
+        super().__init__(store, name, chunk_tokens=chunk_tokens, out_dtype=out_dtype, rows=rows)
+        self.norm = norm
+        self.compute_dtype = compute_dtype
+        self.token_offsets = self.offsets
+        self.selected_tokens = None if selected is None else np.flatnonzero(np.asarray(selected, dtype=np.bool_))
+        if self.selected_tokens is not None:
+            if len(selected) != self._array.shape[0]:
+                raise CorruptArtifactError(self.store, f"array {name}: {self._array.shape[0]} tokens stored, the "
+                                                       f"token store's selection has {len(selected)}")
+            counts = np.concatenate([[0], np.cumsum(selected, dtype=np.int64)])
+            self.offsets = counts[self.token_offsets]
+
+    @property
+    def num_stored(self) -> int:
+        return int(self._array.shape[0]) if self.selected_tokens is None else int(len(self.selected_tokens))
+
+    @torch.no_grad()
+    def read_stored(self, start: int, stop: int) -> torch.Tensor:
+        stop = max(start, min(stop, self.num_stored))
+        if self.selected_tokens is None:
+            lo, hi = start, stop
+        elif stop > start:
+            lo, hi = int(self.selected_tokens[start]), int(self.selected_tokens[stop - 1]) + 1
+        else:
+            lo = hi = 0
+        r = super().read_stored(lo, hi).to(self.compute_dtype)
+        x = from_storage(to_storage(self.norm(r), self.dtype), self.dtype)
+        if self.selected_tokens is not None:
+            x = x[torch.from_numpy(self.selected_tokens[start:stop] - lo)]
+        return x
 
 
 def token_subsample(offsets: np.ndarray, max_tokens: int, seed: int) -> Optional[np.ndarray]:

@@ -131,6 +131,7 @@ class PipelineHooks(_Strict):
     headline: Optional[str] = None  # run_dir -> lines, after a waited run
     estimate: Optional[str] = None  # (cfg, plan, resources, config.json, tflops) -> estimates
     check_config: Optional[str] = None  # cfg -> None; raises a UsageError naming the key (sweeps check every cell)
+    template_values: Optional[str] = None  # cfg -> values the specs' path templates may name beyond an index
 
     def call(self, hook: str, *args):
         name = getattr(self, hook)
@@ -253,6 +254,8 @@ class Task:
     needs: list[str] = field(default_factory=list)  # upstream task ids
     digest: str = ""
     inputs: dict[str, Any] = field(default_factory=dict)  # what the digest was computed from
+    extra_values: dict[str, Any] = field(default_factory=dict)  # the pipeline's template_values
+
 
     @property
     def id(self) -> str:
@@ -263,7 +266,7 @@ class Task:
         return (self.stage, self.block)
 
     def template_values(self) -> dict[str, Any]:
-        values = dict(self.index)
+        values = {**self.extra_values, **self.index}
         if self.block is not None:
             values["block"] = self.block
             if self.block > 0:
@@ -325,6 +328,8 @@ class Plan:
             if rel not in retired:
                 continue
             for r in readers:
+                if records.resumes_consumption(self.run_dir, retired[rel], r.stage, r.key, r.digest):
+                    continue  # it resumes from its partial work and needs only what is still there
                 if (r.id in todo) if todo is not None else not self.is_complete(r):
                     return f"{r.id} needs {rel}, which was deleted after use (run.retention)"
         return None
@@ -485,6 +490,7 @@ def build_plan(
     block_of = {l: b for b, blk in enumerate(blocks) for l in blk}
     task_names = cfg.task_names
 
+    extra_values = _extra_template_values(specs, specs_dir, cfg)
     by_stage: dict[str, list[Task]] = {}
     for name in _stage_order(specs):
         spec = specs[name]
@@ -500,6 +506,8 @@ def build_plan(
                 for t in task_names:
                     idx = {"layer": l, "task": t}
                     tasks.append(Task(name, task_key("layer_task", idx), idx, block_of[l]))
+        for t in tasks:
+            t.extra_values = extra_values
         by_stage[name] = tasks
 
     def matches(need: Need, down: Task, up: Task) -> bool:
@@ -583,6 +591,28 @@ def build_plan(
         tasks=ordered,
         retention=cfg.run.retention,
     )
+
+
+_INDEX_VALUES = {"block", "prev_block", "layer", "task"}
+
+
+def _extra_template_values(specs: dict[str, StageSpec], specs_dir, cfg: PipelineConfig) -> dict[str, Any]:
+    """The values the specs' path templates name beyond a task's index, from the pipeline's
+    ``template_values`` hook (called only when some template names one)."""
+    import string
+
+    names = {field_name.split(".")[0].split("[")[0] for spec in specs.values()
+             for tpl in (*spec.reads, *spec.writes, *spec.scratch)
+             for _, field_name, _, _ in string.Formatter().parse(tpl) if field_name}
+    if not names - _INDEX_VALUES:
+        return {}
+    try:
+        return dict(load_hooks(specs_dir).call("template_values", cfg) or {})
+    except UsageError:
+        raise
+    except Exception as exc:  # the model config is unreadable from here: say so, plainly
+        raise PlanError(f"cannot fill the stage specs' path templates {sorted(names - _INDEX_VALUES)}: "
+                        f"{type(exc).__name__}: {exc}") from exc
 
 
 def is_enabled(spec: StageSpec, cfg: PipelineConfig, dump: Optional[dict] = None) -> bool:

@@ -303,18 +303,68 @@ def retired_bytes(rec: dict) -> int:
     return sum(int(r.get("bytes", 0)) for r in (rec.get("retired") or {}).values())
 
 
+def resumes_consumption(run_dir: Path, retired_entry: dict, r_stage: str, r_key: str, r_digest: str) -> bool:
+    """Whether reader ``r_stage/r_key`` (digest ``r_digest``) is the task that was consuming this
+    retired artifact while deleting it, with these same inputs, and its partial work is still there
+    to resume from: it needs only what it has not consumed yet, which is still on disk, so the
+    producer need not run again."""
+    consumer = (retired_entry or {}).get("consumed_by")
+    if not consumer or [consumer.get("stage"), consumer.get("key"), consumer.get("digest")] != [r_stage, r_key, r_digest]:
+        return False
+    manifest = read_json(Path(run_dir) / consumer.get("partial", "") / "manifest.json") or {}
+    return manifest.get("digest") == r_digest
+
+
 def restore_reason(run_dir: Path, stage: str, key: str, entries: list[dict]) -> Optional[str]:
     """Why a complete task must run again: an artifact of it was deleted after use and a task that
-    reads it is not complete (``entries``: the payload's retire list)."""
+    reads it is not complete (``entries``: the payload's retire list), unless that task is resuming
+    its consumption of it (``resumes_consumption``)."""
     rec = read_completion(run_dir, stage, key) or {}
     retired = rec.get("retired") or {}
     for e in entries:
         if (e["stage"], e["key"]) != (stage, key) or e["artifact"] not in retired:
             continue
         for r_stage, r_key, r_digest in e["readers"]:
-            if not is_complete(run_dir, r_stage, r_key, r_digest):
+            if not is_complete(run_dir, r_stage, r_key, r_digest) and \
+                    not resumes_consumption(run_dir, retired[e["artifact"]], r_stage, r_key, r_digest):
                 return f"{r_stage}/{r_key} needs {e['artifact']}, which was deleted after use (run.retention)"
     return None
+
+
+def claim_for_consumption(run_dir: Path, entry: dict, consumer: tuple[str, str, str], partial: Path) -> bool:
+    """Before a task (``consumer``: stage, key, digest) that reads an intermediate artifact last
+    starts deleting it piece by piece as it goes: record the artifact in its producer's completion
+    record as retired, consumed by that task (``partial``: where it keeps its resumable progress),
+    so no later submit trusts the half-deleted artifact. Only when every *other* reader is complete
+    and the producer's record still lists the artifact (or already names this consumer: a resume).
+    Returns whether the consumer may delete."""
+    from harc_hpc.io.atomic import write_json_atomic
+    from harc_hpc.pipeline.lock import TaskLock
+
+    run_dir = Path(run_dir)
+    for r_stage, r_key, r_digest in entry["readers"]:
+        if [r_stage, r_key, r_digest] != list(consumer) and not is_complete(run_dir, r_stage, r_key, r_digest):
+            return False
+    with TaskLock(run_dir, entry["stage"], entry["key"]):
+        rec = read_completion(run_dir, entry["stage"], entry["key"])
+        rel = entry["artifact"]
+        if not rec or rec.get("digest") != entry["digest"]:
+            return False
+        claimed = {"stage": consumer[0], "key": consumer[1], "digest": consumer[2],
+                   "partial": Path(partial).resolve().relative_to(run_dir.resolve()).as_posix()}
+        retired = rec.get("retired") or {}
+        if rel in retired:
+            return retired[rel].get("consumed_by") == claimed
+        if rel not in rec.get("artifacts", {}):
+            return False
+        manifest = rec["artifacts"].pop(rel)
+        rec.setdefault("retired", {})[rel] = {
+            "bytes": artifact_bytes(manifest), "retired_at": datetime.now(timezone.utc).isoformat(),
+            "readers": [f"{s}/{k}" for s, k, _ in entry["readers"]], "consumed_by": claimed,
+        }
+        rec["verification"] = verification_summary(rec["artifacts"])
+        write_json_atomic(completion_path(run_dir, entry["stage"], entry["key"]), rec)
+    return True
 
 
 def retire_if_consumed(run_dir: Path, entry: dict, holding_lock: bool = False) -> Optional[int]:
@@ -336,7 +386,18 @@ def retire_if_consumed(run_dir: Path, entry: dict, holding_lock: bool = False) -
     with lock:
         rec = read_completion(run_dir, entry["stage"], entry["key"])
         rel = entry["artifact"]
-        if not rec or rec.get("digest") != entry["digest"] or rel not in rec.get("artifacts", {}):
+        if not rec or rec.get("digest") != entry["digest"]:
+            return None
+        consumed = (rec.get("retired") or {}).get(rel, {}).get("consumed_by")
+        if consumed and rel not in rec.get("artifacts", {}):
+            # Retired when its last reader began consuming it: delete what that reader left.
+            path = run_dir / rel
+            if path.exists():
+                doomed = temp_sibling(path)
+                os.replace(path, doomed)
+                remove_path(doomed)
+            return int(rec["retired"][rel].get("bytes", 0))
+        if rel not in rec.get("artifacts", {}):
             return None
         manifest = rec["artifacts"].pop(rel)
         size = artifact_bytes(manifest)

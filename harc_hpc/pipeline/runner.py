@@ -279,6 +279,9 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg, process_gro
             extra = {} if process_group is None else {"process_group": process_group}
             if "task_digest" in inspect.signature(fn).parameters:
                 extra["task_digest"] = digest  # lets a long task checkpoint and resume its own work
+            if "retire" in inspect.signature(fn).parameters:
+                # the intermediate artifacts it reads: one it reads last it may consume as it goes
+                extra["retire"] = payload.get("retire", [])
             result = fn(cfg, run_dir, **payload["index"], **extra)
             if result is None:
                 result = {}

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from harc_hpc.io.activations import (
+    RESIDUAL_KIND,
     ActivationArray,
     ActivationWriter,
     TokenStore,
@@ -198,7 +199,46 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "harc-capture-partial/1"
 
 
-def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[str] = None) -> dict:
+def calibrated_overrides(run_dir: Path, fam, block_list: list[list[int]], block: int) -> dict:
+    """The routers of every block before ``block``, replaced by their calibrated solutions (with
+    their calibrated biases and shared-expert gates): ``{layer: {parameter: tensor}}``."""
+    earlier = [l for blk in block_list[:block] for l in blk]
+    overrides = {l: {fam.router_param: load_router(run_dir, l)} for l in earlier}
+    for l in earlier:
+        if fam.router_intercept_param is not None:
+            overrides[l][fam.router_intercept_param] = load_router_bias(run_dir, l)
+        gate = load_shared_expert_gate(run_dir, l)
+        if gate is not None:
+            overrides[l]["mlp.shared_expert_gate.weight"] = gate
+    return overrides
+
+
+def streamed(cfg: PipelineConfig) -> bool:
+    """Whether capture stores one residual per calibrated layer and streams batch by batch
+    (``run_streamed``): the paper's Algorithm 1 (``harc.block_size`` 1) on a family whose decoder
+    layer is the standard pre-norm pair; else the layer-wise capture of router inputs and hidden
+    states."""
+    return cfg.harc.block_size == 1 and layout.family(cfg).residual_capture
+
+
+def template_values(cfg: PipelineConfig) -> dict:
+    """The pipeline's ``template_values`` hook: which of capture's paths (stages/capture-activations.yaml)
+    this config's capture reads and writes. A path naming a value absent here is dropped."""
+    return {"if_streamed": ""} if streamed(cfg) else {"if_layerwise": ""}
+
+
+def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[str] = None,
+        retire: Optional[list] = None) -> dict:
+    """Capture block ``block``: streamed (``streamed(cfg)``: run_streamed) or layer-wise.
+
+    ``retire`` (passed by the runner): the run.retention entries of the intermediate artifacts the
+    task reads; a streamed capture deletes the residual store it reads last as it consumes it."""
+    if streamed(cfg):
+        return run_streamed(cfg, run_dir, block, task_digest=task_digest, retire=retire)
+    return run_layerwise(cfg, run_dir, block, task_digest=task_digest)
+
+
+def run_layerwise(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[str] = None) -> dict:
     """Capture block ``block``: one decoder layer on the device at a time, every batch through it.
 
     ``task_digest`` (passed by the runner): after every decoder layer but the last the task's state
@@ -217,15 +257,7 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
     device = pick_device(cfg.harc.device)
     model = OnloadedModel(merged, device, trust_remote_code=cfg.models.trust_remote_code)
     fam = model.family
-    # Routers of every earlier block are replaced by their calibrated solutions.
-    earlier = [l for blk in block_list[:block] for l in blk]
-    overrides = {l: {fam.router_param: load_router(run_dir, l)} for l in earlier}
-    for l in earlier:  # calibrated biases and shared-expert gates go in with their routers
-        if fam.router_intercept_param is not None:
-            overrides[l][fam.router_intercept_param] = load_router_bias(run_dir, l)
-        gate = load_shared_expert_gate(run_dir, l)
-        if gate is not None:
-            overrides[l]["mlp.shared_expert_gate.weight"] = gate
+    overrides = calibrated_overrides(run_dir, fam, block_list, block)
 
     start, stop = layout.block_decoder_span(block_list, block)
     prev_start = layout.block_decoder_span(block_list, block - 1)[0] if block > 0 else 0
@@ -368,3 +400,210 @@ def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[st
         **peak_memory(device),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+# -- streamed capture (harc.block_size 1) ----------------------------------------------------------
+
+STREAM_MANIFEST_FORMAT = "harc-capture-stream/1"
+
+
+def _stream_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict]:
+    """The progress a killed streamed capture of this very task left (with its store), or None."""
+    manifest = task_manifest(partial, task_digest, STREAM_MANIFEST_FORMAT)
+    if manifest is None or not (partial / "activations.zarr").is_dir():
+        return None
+    return manifest
+
+
+def _chunk_file(array_dir: Path, index: int) -> Path:
+    # Zarr v3's default chunk key for a (rows, d) array chunked (chunk_tokens, d): c/<row chunk>/0
+    return array_dir / "c" / str(index) / "0"
+
+
+def _fsync_chunks(array_dir: Path, first: int, stop: int) -> None:
+    """Flush the chunks [first, stop) of one array (and their folders) to stable storage."""
+    from harc_hpc.io.atomic import _fsync_path
+
+    for i in range(first, stop):
+        f = _chunk_file(array_dir, i)
+        if f.exists():
+            _fsync_path(f)
+            _fsync_path(f.parent)
+    if (array_dir / "c").is_dir():
+        _fsync_path(array_dir / "c")
+
+
+def _consume_entry(retire: Optional[list], run_dir: Path, block: int, task_digest: Optional[str]) -> Optional[dict]:
+    """The run.retention entry of the residual store this capture reads, if this task is one of its
+    readers (it is the last: statistics and solve of the previous block come before it)."""
+    rel = layout.activation_store(run_dir, block - 1).relative_to(run_dir).as_posix()
+    for entry in retire or []:
+        if entry["artifact"] == rel and any(r[:2] == ["capture-activations", f"block-{block:03d}"] and
+                                            r[2] == task_digest for r in entry["readers"]):
+            return entry
+    return None
+
+
+def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[str] = None,
+                 retire: Optional[list] = None) -> dict:
+    """Capture calibrated layer l_b (block ``block`` of one layer) batch by batch.
+
+    What is stored for layer l is ``r_l``, the residual stream entering its feed-forward half (the
+    input of its post-attention norm), for every token, in the calibration dtype: the router inputs
+    are ``post_attention_layernorm(r_l)`` and are derived on read (compute_statistics.layer_inputs).
+    Capture b reads ``r_{l_{b-1}}`` one batch of sequences at a time, runs layer l_{b-1}'s
+    feed-forward half with its calibrated router, the decoder layers between the two in full, and
+    layer l_b's attention half, and writes ``r_{l_b}``; block 0 starts from the embeddings. Every
+    decoder layer of the span stays onloaded (one layer's worth when every MoE layer is calibrated).
+
+    Under ``run.retention: delete-intermediate`` this task, the last reader of the store it reads,
+    deletes that store's chunks as it goes: once its own output up to a row is durable (fsync) and a
+    manifest in ``partial/`` says so, the input chunks lying wholly below the first row a resume
+    would read again are deleted, so the scratch of a run stays about one residual store (plus a
+    batch and a chunk per task). Before the first deletion the producer's record retires the store
+    as consumed by this task, so no submit trusts the half-deleted store, and a resubmit resumes
+    this task from its manifest instead of rerunning the producer. A resumed run writes the same
+    bytes as an uninterrupted one: batches are the same, and rows already written are skipped.
+    """
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.run.seed)
+    block_list = layout.blocks(cfg)
+    if not 0 <= block < len(block_list):
+        raise ValueError(f"capture-activations: block {block} does not exist (blocks: 0..{len(block_list) - 1})")
+    layer = block_list[block][0]
+    prev_layer = block_list[block - 1][0] if block > 0 else None
+    merged = layout.merged_dir(run_dir)
+    tokens = ensure_tokens(cfg, run_dir, merged)
+    device = pick_device(cfg.harc.device)
+    model = OnloadedModel(merged, device, trust_remote_code=cfg.models.trust_remote_code)
+    fam = model.family
+    overrides = calibrated_overrides(run_dir, fam, block_list, block)
+    between = list(range(0 if prev_layer is None else prev_layer + 1, layer))
+    d = model.config.hidden_size
+    bs = cfg.calibration.batch_size
+    dtype = cfg.calibration.dtype
+    chunk = cfg.calibration.chunk_tokens
+    in_store = layout.activation_store(run_dir, block - 1) if block > 0 else None
+    partial = layout.capture_partial(run_dir, block)
+    manifest = _stream_manifest(partial, task_digest)
+    if manifest is None:
+        remove_path(partial)
+        partial.mkdir(parents=True)
+    else:
+        log.info("capture-activations block %d: resuming the streamed capture (rows written: %s)", block,
+                 manifest["flushed"])
+    out_dir = partial / "activations.zarr"
+    item = {"float32": 4, "float64": 8}.get(dtype, 2)
+    needed = d * item * sum(s.num_tokens - (manifest["flushed"].get(t, 0) if manifest else 0)
+                            for t, s in tokens.items())
+    free = free_bytes(partial)
+    if free is not None and free < needed:
+        raise DiskFullError(partial, needed, free)
+    consume = None
+    if in_store is not None and task_digest and cfg.run.retention == "delete-intermediate":
+        entry = _consume_entry(retire, run_dir, block, task_digest)
+        if entry is not None:
+            from harc_hpc.pipeline import records
+
+            consume = entry if records.claim_for_consumption(
+                run_dir, entry, ("capture-activations", f"block-{block:03d}", task_digest), partial) else None
+    flushed = dict(manifest["flushed"]) if manifest else {t: 0 for t in tokens}
+    deleted_below = {t: 0 for t in tokens}  # input chunks of each task known to be deleted
+    try:
+        for j in ([prev_layer] if prev_layer is not None else []) + between + [layer]:
+            model.onload(j, overrides.get(j))
+        writer = ActivationWriter(out_dir, chunk, dtype, compression=cfg.calibration.compression,
+                                  append=manifest is not None)
+        name_of = {t: f"{layer_name(layer)}/{t}" for t in tokens}
+        if manifest is None:
+            for task, store in tokens.items():
+                arr = writer.create(name_of[task], store.num_tokens, d, store.offsets)
+                # How a reader turns the stored residual into this layer's router inputs.
+                arr.attrs.update({"kind": RESIDUAL_KIND, "layer": layer, "compute_dtype": str(model.dtype)[6:]})
+            write_json_atomic(partial / MANIFEST, {"format": STREAM_MANIFEST_FORMAT, "digest": task_digest,
+                                                   "flushed": flushed})
+        for task, store in tokens.items():
+            offsets = store.offsets
+            plan = list(batches(store.num_sequences, bs))
+            done = int(flushed.get(task, 0))
+            if done >= store.num_tokens:
+                continue
+            # Resume at the batch holding the first row not yet durable (the same batches as an
+            # uninterrupted run: padding changes bits), skipping the rows before it.
+            first = max(i for i, idx in enumerate(plan) if int(offsets[idx.start]) <= done) if done else 0
+            prev = None
+            if in_store is not None:
+                prev = ActivationArray(in_store, f"{layer_name(prev_layer)}/{task}", out_dtype=model.dtype,
+                                       consumed_rows=int(offsets[plan[first].start]))
+            bar = Progress(len(plan) - first, f"capture block {block} layer {layer} task {task} (batches)")
+            for i in range(first, len(plan)):
+                idx = plan[i]
+                lo, hi = int(offsets[idx.start]), int(offsets[idx.stop])
+                lengths = [int(offsets[j + 1] - offsets[j]) for j in idx]
+                if prev is None:
+                    ids, _ = pad_batch([torch.from_numpy(store.sequence(j)) for j in idx])
+                    h = model.embed(ids)
+                else:
+                    flat = prev.read(lo, hi)
+                    r, _ = pad_batch([flat[int(offsets[j]) - lo: int(offsets[j + 1]) - lo] for j in idx])
+                    h = model.run_moe_half(prev_layer, r)
+                for j in between:
+                    h = model.run_layer(j, h)
+                out = unpad(model.run_attention_half(layer, h), lengths)
+                require_finite(out, f"the residual stream entering the feed-forward half of layer {layer}",
+                               f"capture-activations block {block}, task {task}, sequences {idx.start}-{idx.stop - 1} "
+                               f"(tokens {lo}:{hi})",
+                               hint="the model overflows or holds NaN weights; try calibration.dtype float32")
+                if hi > done:
+                    start = max(lo, done)
+                    writer.write(name_of[task], start, out[start - lo:])
+                if i + 1 == len(plan):
+                    writer.finish(name_of[task])
+                now = writer.flushed_rows(name_of[task])
+                if now // chunk > done // chunk or now == store.num_tokens:
+                    # New whole chunks are written: make them durable, then the progress that says so.
+                    _fsync_chunks(out_dir / name_of[task], done // chunk, -(-now // chunk))
+                    done = flushed[task] = now
+                    write_json_atomic(partial / MANIFEST, {"format": STREAM_MANIFEST_FORMAT,
+                                                           "digest": task_digest, "flushed": flushed})
+                    if consume is not None:
+                        # A resume restarts at the batch holding row `done`: keep every chunk from it.
+                        resume = next((int(offsets[b.start]) for b in reversed(plan) if int(offsets[b.start]) <= done), 0)
+                        keep = store.num_tokens if done >= store.num_tokens else resume
+                        deleted_below[task] = _delete_chunks(in_store / prev.name, deleted_below[task],
+                                                             keep // prev._array.chunks[0])
+                bar.update(1)
+            bar.close()
+        model.release_embeddings()
+        writer.close()
+        fsync_tree(out_dir)
+        final = layout.activation_store(run_dir, block)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        publish(out_dir, final)
+        remove_path(partial)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(partial, needed, free_bytes(partial)) from exc
+        raise
+    finally:
+        model.close()
+    return {
+        "block": block,
+        "layers": [layer],
+        "stored": "residual",
+        "tokens": {t: s.num_tokens for t, s in tokens.items()},
+        "selected_tokens": {t: s.num_selected for t, s in tokens.items()},
+        "decoder_layers_run": [prev_layer if prev_layer is not None else 0, layer + 1],
+        "input_consumed": consume is not None,
+        **peak_memory(device),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def _delete_chunks(array_dir: Path, first: int, stop: int) -> int:
+    """Delete chunks [first, stop) of a consumed input array; returns ``stop`` (now all deleted below)."""
+    for i in range(first, stop):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_chunk_file(array_dir, i))
+    return max(first, stop)

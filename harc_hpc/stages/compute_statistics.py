@@ -13,7 +13,18 @@ import zlib
 from pathlib import Path
 
 
-from harc_hpc.io.activations import ActivationArray, layer_name, token_subsample
+import torch
+
+from harc_hpc.io.activations import (
+    RESIDUAL_KIND,
+    ActivationArray,
+    RouterInputsFromResidual,
+    TokenStore,
+    layer_name,
+    stored_attr,
+    stored_kind,
+    token_subsample,
+)
 from harc_hpc.io.atomic import atomic_path
 from harc_hpc.config import PipelineConfig
 from harc_hpc.dtypes import torch_dtype
@@ -32,10 +43,17 @@ def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str,
     sequence-stratified subsample of them (the same rows for the statistics and the solve)."""
     block_list = layout.blocks(cfg)
     block = next(b for b, blk in enumerate(block_list) if layer in blk)
-    x = ActivationArray(
-        layout.activation_store(run_dir, block), f"{layer_name(layer)}/{task}",
-        chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=None if stored_dtype else torch_dtype(cfg.harc.dtype),
-    )
+    store, name = layout.activation_store(run_dir, block), f"{layer_name(layer)}/{task}"
+    out_dtype = None if stored_dtype else torch_dtype(cfg.harc.dtype)
+    if stored_kind(store, name) == RESIDUAL_KIND:
+        # A streamed capture stored the residual entering the layer's feed-forward half: the router
+        # inputs are its post-attention norm, computed here by the model's own norm module.
+        x = RouterInputsFromResidual(store, name, residual_norm(run_dir, store, name, layer),
+                                     compute_dtype=getattr(torch, stored_attr(store, name, "compute_dtype")),
+                                     selected=TokenStore(layout.token_store(run_dir, task)).selected,
+                                     chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=out_dtype)
+    else:
+        x = ActivationArray(store, name, chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=out_dtype)
     seed = [cfg.run.seed, zlib.crc32(task.encode()), layer]
     if cfg.harc.max_tokens is not None:
         x.rows = token_subsample(x.offsets, cfg.harc.max_tokens, seed)
@@ -43,6 +61,21 @@ def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str,
             log.info("layer %d, task %s: harc.max_tokens %d >= its %d tokens: all are used", layer, task,
                      cfg.harc.max_tokens, len(x))
     return x
+
+
+def residual_norm(run_dir: Path, store: Path, name: str, layer: int) -> torch.nn.Module:
+    """Layer ``layer``'s post-attention norm of the merged model, on the CPU in the dtype the
+    capture computed in (the family's own module, so the op is the one the forward ran)."""
+    from harc_hpc.models.onload import OnloadedModel
+
+    dtype = getattr(torch, stored_attr(store, name, "compute_dtype"))
+    model = OnloadedModel(layout.merged_dir(run_dir), torch.device("cpu"), dtype=dtype)
+    try:
+        norm = model.family.router_input_norm(model.layer(layer))
+        model.onload_module(layer, next(n for n, m in model.layer(layer).named_children() if m is norm))
+    finally:
+        model.close()
+    return norm
 
 
 def _first_bad_rows(x: ActivationArray) -> str:
