@@ -316,11 +316,10 @@ def chat_config(root, sources, mode, block_size, source_modes=None):
 
 
 def stored_inputs(cfg, layer, task):
-    from harc_hpc.io.activations import ActivationArray, layer_name
-    from harc_hpc.stages import layout
+    from harc_hpc.stages.compute_statistics import layer_inputs
 
-    block = next(b for b, blk in enumerate(layout.blocks(cfg)) if layer in blk)
-    return ActivationArray(layout.activation_store(cfg.run_dir, block), f"{layer_name(layer)}/{task}", out_dtype=None)
+    # the one reader of router inputs: with block size 1 derived from the stored residual
+    return layer_inputs(cfg, cfg.run_dir, layer, task, stored_dtype=True)
 
 
 def test_response_capture_is_the_full_capture_at_the_response_tokens(chat_sources, tmp_path):

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from harc_hpc.config import load_config
-from harc_hpc.io.activations import ActivationArray, layer_name
 from harc_hpc.models.families import family_for_config
 from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts
 from harc_hpc.stages import solve_router as solve_router_stage
+from harc_hpc.stages.compute_statistics import layer_inputs
 from pipeline_fixtures import build_tiny_sources, run_pipeline, tiny_config, write_config
 
 
@@ -73,8 +73,7 @@ def test_end_to_end(tmp_path, family):
                            merged.model.layers[l].mlp.gate.e_score_correction_bias)
         # top-k mismatch of the merged router, by the model's own selection rule on the stored inputs
         result = compute_statistics.run(cfg, run, layer=l, task="math")
-        block = next(b for b, blk in enumerate(layout.blocks(cfg)) if l in blk)
-        x = ActivationArray(layout.activation_store(run, block), f"{layer_name(l)}/math", out_dtype=torch.float64).load()
+        x = layer_inputs(cfg, run, l, "math").load()  # harc.dtype float64
         conf = layout.reference_config(cfg)
         fam = layout.family(cfg)
         src_model = AutoModelForCausalLM.from_pretrained(str(src["math"])).eval()

@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 from harc_hpc.config import load_config
 from harc_hpc.errors import UsageError
-from harc_hpc.io.activations import ActivationArray, layer_name
+
 from harc_hpc.math import solve_router
 from harc_hpc.stages import assemble_model, capture_activations, compute_statistics, layout, merge_experts
 from harc_hpc.stages import solve_router as solve_router_stage
+from harc_hpc.stages.compute_statistics import layer_inputs
 from harc_hpc.stages.routers import merged_shared_expert_gate, source_shared_expert_gate
 from pipeline_fixtures import build_tiny_sources, run_pipeline, write_config
 
@@ -39,8 +40,7 @@ def test_shared_expert_gates_are_calibrated_and_assembled(qwen2_sources):
         report = json.loads(layout.router_report(run, l).read_text())["shared_expert_gate"]
         assert report["converged"]
         # the same fit from the stored inputs, solved densely here: the stage solved what it says
-        block = next(b for b, blk in enumerate(layout.blocks(cfg)) if l in blk)
-        xs = [ActivationArray(layout.activation_store(run, block), f"{layer_name(l)}/{t}", out_dtype=torch.float64).load()
+        xs = [layer_inputs(cfg, run, l, t).load()  # harc.dtype float64
               for t in cfg.task_names]
         ref = solve_router(xs, [source_shared_expert_gate(cfg, t, l).double() for t in cfg.task_names],
                            merged_shared_expert_gate(cfg, run, l).double(), alpha=cfg.harc.alpha,

@@ -218,7 +218,19 @@ def streamed(cfg: PipelineConfig) -> bool:
     (``run_streamed``): the paper's Algorithm 1 (``harc.block_size`` 1) on a family whose decoder
     layer is the standard pre-norm pair; else the layer-wise capture of router inputs and hidden
     states."""
-    return cfg.harc.block_size == 1 and layout.family(cfg).residual_capture
+    if cfg.harc.block_size != 1:
+        return False
+    try:
+        return layout.family(cfg).residual_capture
+    except (OSError, ValueError, KeyError):
+        # No readable config.json here (a plan made before the weights are on disk, with its
+        # layers given): what every registered family answers, when they agree.
+        from harc_hpc.models.families import FAMILIES
+
+        answers = {f.residual_capture for f in FAMILIES.values()}
+        if len(answers) == 1:
+            return answers.pop()
+        raise
 
 
 def template_values(cfg: PipelineConfig) -> dict:
