@@ -163,13 +163,13 @@ def test_status_verify_decodes_every_chunk_and_marks_the_task_invalid(damaged):
     _, run, _ = damaged
     result = CliRunner().invoke(main, ["status", str(run)])
     assert result.exit_code == 0, result.output
-    store = run / "hidden/block-000.zarr"
+    store = run / "activations/block-000.zarr"
     chunk = next(p for p in sorted(store.rglob("*")) if p.is_file() and p.name != "zarr.json")
     _flip_bytes(chunk, offset_from_end=8)  # same size: only decoding sees it
     assert CliRunner().invoke(main, ["status", str(run)]).exit_code == 0
     result = CliRunner().invoke(main, ["status", str(run), "--verify"])
     assert result.exit_code == 1
-    assert "invalid" in result.output and "hidden/block-000.zarr" in result.output, result.output
+    assert "invalid" in result.output and "activations/block-000.zarr" in result.output, result.output
     assert records.read_completion(run, "capture-activations", "block-000") is None
 
 
@@ -184,9 +184,9 @@ def test_nan_router_inputs_stop_capture_naming_layer_task_and_rows(sources, tmp_
     def poisoned(x, lengths):
         out = real_unpad(x, lengths)
         calls["n"] += 1
-        # capture unpads the hidden states of all 2 x 3 batches, then layer 0's router inputs batch by
-        # batch: call 8 is block 0, task math, the router inputs of its second batch
-        if calls["n"] == 8:
+        # the streamed capture (block size 1) unpads one batch at a time: call 2 is block 0, task
+        # math, the residual its second batch's router inputs derive from
+        if calls["n"] == 2:
             out = out.clone()
             out[3, 1] = float("nan")
         return out

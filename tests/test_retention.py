@@ -40,18 +40,28 @@ def kept(sources, tmp_path_factory):
 def test_keep_leaves_the_intermediate_stores(kept):
     run_dir, _ = kept
     assert sorted(p.name for p in (run_dir / "activations").iterdir()) == [f"block-00{b}.zarr" for b in range(3)]
-    assert sorted(p.name for p in (run_dir / "hidden").iterdir()) == [f"block-00{b}.zarr" for b in range(3)]
+    # block size 1: the streamed capture keeps one store per block (the residual), no hidden states
+    assert not (run_dir / "hidden").exists()
+    for b in range(3):  # nothing of an input store was consumed
+        assert records.verify_artifacts(run_dir, records.read_completion(
+            run_dir, "capture-activations", f"block-00{b}")["artifacts"], deep=True) is None
 
 
 def test_delete_intermediate_frees_scratch_with_the_same_result(sources, tmp_path, kept):
     plan = run(write_config(tmp_path, sources, name="del"))  # the default
     run_dir = plan.run_dir
-    assert list((run_dir / "activations").iterdir()) == [] and list((run_dir / "hidden").iterdir()) == []
+    assert list((run_dir / "activations").iterdir()) == [] and not (run_dir / "hidden").exists()
+    assert not any((run_dir / "partial").iterdir())
     assert final_bytes(run_dir) == kept[1]
     rec = records.read_completion(run_dir, "capture-activations", "block-001")
-    assert set(rec["retired"]) == {"activations/block-001.zarr", "hidden/block-001.zarr"}
-    assert rec["retired"]["activations/block-001.zarr"]["bytes"] > 0
-    assert rec["retired"]["hidden/block-001.zarr"]["readers"] == ["capture-activations/block-002"]
+    assert set(rec["retired"]) == {"activations/block-001.zarr"}
+    retired = rec["retired"]["activations/block-001.zarr"]
+    assert retired["bytes"] > 0
+    assert retired["readers"] == ["compute-statistics/layer-001/task-math", "compute-statistics/layer-001/task-code",
+                                  "solve-router/layer-001", "capture-activations/block-002"]
+    # retired when capture 2 began consuming it chunk by chunk
+    assert retired["consumed_by"]["key"] == "block-002" and retired["consumed_by"]["partial"] == \
+        "partial/capture-block-002"
     assert "activations/block-001.zarr" not in rec["artifacts"]
     rows = collect(run_dir)
     assert all(r.state == "done" for r in rows)
@@ -79,9 +89,10 @@ def test_a_rerun_that_needs_a_deleted_store_recomputes_it(sources, tmp_path, kep
     lines: list[str] = []
     run(config, lines)
     text = "\n".join(lines)
-    # solve 2 reads activations 2 -> capture 2 reads hidden 1 -> capture 1 reads hidden 0 -> capture 0
+    # solve 2 reads activations 2 -> capture 2 reads activations 1 -> capture 1 reads activations 0
     assert "rerunning capture-activations/block-002: solve-router/layer-002 needs activations/block-002.zarr" in text
-    assert "rerunning capture-activations/block-000: capture-activations/block-001 needs hidden/block-000.zarr" in text
+    assert "rerunning capture-activations/block-000: capture-activations/block-001 needs activations/block-000.zarr" \
+        in text
     ran = [l.split()[1] for l in lines if l.startswith("running ")]
     assert ran == ["capture-activations/block-000", "capture-activations/block-001",
                    "capture-activations/block-002", "solve-router/layer-002"], ran

@@ -563,7 +563,7 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
                 for j in between:
                     h = model.run_layer(j, h)
                 out = unpad(model.run_attention_half(layer, h), lengths)
-                require_finite(out, f"the residual stream entering the feed-forward half of layer {layer}",
+                require_finite(out, f"the router inputs of layer {layer} (the residual they derive from)",
                                f"capture-activations block {block}, task {task}, sequences {idx.start}-{idx.stop - 1} "
                                f"(tokens {lo}:{hi})",
                                hint="the model overflows or holds NaN weights; try calibration.dtype float32")
