@@ -186,6 +186,49 @@ def _statistics_kind(cfg: PipelineConfig):
     return statistics_kind(cfg)
 
 
+def _streamed_capture(cfg: PipelineConfig, conf: dict) -> bool:
+    """capture_activations.streamed for the model of ``conf``."""
+    from harc_hpc.models.families import family_for_config
+
+    return cfg.harc.block_size == 1 and family_for_config(conf).residual_capture
+
+
+def _estimate_streamed_capture(e: "StageEstimate", cfg: PipelineConfig, plan, shape: "ModelShape", tasks: list,
+                               n_all: int, compute: int, cal: int, gpu: bool, throughput: float) -> None:
+    """capture_activations.run_streamed: every decoder layer between two calibrated ones onloaded
+    (block 0: those before the first), one batch in flight; on disk one residual store (the next
+    one grows as the previous is consumed) plus a batch and a chunk per task in flux."""
+    from harc_hpc.io.calibration_data import effective_settings
+
+    d = shape.hidden
+    firsts = [blk[0] for blk in plan.blocks]
+    spans = [range(0, firsts[0] + 1)] + [range(a, b + 1) for a, b in zip(firsts, firsts[1:])]
+    resident = max(sum(shape.layer_params(l) for l in span) for span in spans) * compute
+    longest = max(effective_settings(cfg.calibration_for(t), cfg.calibration)["max_length"] for t in cfg.task_names)
+    batch_tokens = cfg.calibration.batch_size * longest
+    work = batch_tokens * (8 * d + 3 * shape.top_k * shape.expert_intermediate + shape.experts) * compute
+    embed = shape.vocab * d * compute
+    writers = len(cfg.task_names) * cfg.calibration.chunk_tokens * d * cal
+    if gpu:
+        e.gpu_bytes = int(1.0 * 2**30 + resident + work + embed)
+        e.host_bytes = int(PROCESS_BYTES + writers)
+    else:
+        e.host_bytes = int(PROCESS_BYTES + writers + resident + work + embed)
+    store = n_all * d * cal
+    if cfg.run.retention == "keep":
+        e.scratch_bytes = store * len(tasks)
+    else:
+        # the task in flight keeps its input from the batch a resume would restart at (one batch
+        # and a chunk behind its durable output); every task may keep a partial last chunk
+        e.scratch_bytes = store + (batch_tokens + len(cfg.task_names) * cfg.calibration.chunk_tokens) * d * cal
+        e.notes.append("consumes the previous block's store chunk by chunk as it writes its own: about one "
+                       "block's store on disk at a time")
+    widest = max(spans, key=len)
+    e.seconds = 2 * n_all * sum(shape.active_params(l) for l in widest) / (throughput * 1e12)
+    e.notes.append(f"streamed batch by batch; {len(widest)} decoder layer(s) onloaded at once (a calibrated "
+                   f"layer's feed-forward half, the layers up to the next, its attention half)")
+
+
 def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = None,
              throughput_tflops: Optional[float] = None) -> list[StageEstimate]:
     """Per-stage estimates for ``plan``; ``resources[stage]``: what a task of it is given
@@ -260,6 +303,9 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             e.scratch_bytes = shape.total_params() * shape.dtype_bytes
             e.seconds = shape.total_params() * shape.dtype_bytes * (len(cfg.models.sources) + 1) / 1e9  # ~1 GB/s
             e.notes.append("streams tensor by tensor; output = the merged checkpoint (kept)")
+        elif stage == "capture-activations" and _streamed_capture(cfg, conf):
+            _estimate_streamed_capture(e, cfg, plan, shape, tasks, n_all, compute, cal,
+                                       gpu=on_gpu, throughput=tflops(stage))
         elif stage == "capture-activations":
             layer = max(shape.layer_params(l) for l in range(shape.layers)) * compute
             states = n_all * d * compute
