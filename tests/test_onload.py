@@ -34,8 +34,10 @@ def whole_model_captures(cfg, run_dir, routers: dict, layers: list[int]):
     model = load_causal_lm(merged, torch.device("cpu"))
     fam = layout.family(cfg)
     with torch.no_grad():
-        for l, w in routers.items():
+        for l, (w, b) in routers.items():
             fam.router_module(model, l).weight.copy_(w)
+            if b is not None:  # a router with a bias (GPT-OSS)
+                fam.router_module(model, l).bias.copy_(b)
     tok = AutoTokenizer.from_pretrained(str(merged))
     out = {}
     with RouterInputRecorder({l: fam.router_module(model, l) for l in layers}) as rec:
@@ -67,10 +69,12 @@ def _check_blocks(cfg, run_dir):
             assert x.dtype == x_ref.dtype and torch.equal(x, x_ref), f"block {b} layer {l} task {t}"
         # stand-in "calibrated" routers for this block, so the next block replays through them
         g = torch.Generator().manual_seed(b)
+        d = layout.reference_config(cfg)["hidden_size"]
         for l in blk:
-            w = merged_router(cfg, run_dir, l).float()
-            routers[l] = w + 0.5 * w.std() * torch.randn(w.shape, generator=g)
-            save_router(run_dir, l, routers[l], {"layer": l})
+            w = merged_router(cfg, run_dir, l).float()  # [W | b] for a router with a bias
+            w = w + 0.5 * w.std() * torch.randn(w.shape, generator=g)
+            routers[l] = (w[:, :d], w[:, d] if w.shape[1] > d else None)
+            save_router(run_dir, l, routers[l][0], {"layer": l}, bias=routers[l][1])
 
 
 @pytest.mark.parametrize("family", FAMILIES)

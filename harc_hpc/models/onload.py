@@ -221,21 +221,38 @@ class OnloadedModel:
         self._head_onloaded = False
         _return_freed_memory()
 
-    def context(self, hidden: torch.Tensor):
-        """(causal mask, position ids, rotary embeddings) for a right-padded (B, T, d) batch."""
-        from transformers.masking_utils import create_causal_mask
+    def attention_kind(self, index: Optional[int]) -> str:
+        """The attention of decoder layer ``index`` as the whole-model forward masks it: the config's
+        ``layer_types`` (GPT-OSS's and Qwen2-MoE's sliding windows, Llama 4's chunks), else a
+        sliding window on every layer when the config sets one (Mixtral, Qwen3-MoE), else causal."""
+        types = getattr(self.config, "layer_types", None)
+        if types and index is not None:
+            return types[index]
+        return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
 
+    def context(self, hidden: torch.Tensor, index: Optional[int] = None):
+        """(attention mask, position ids, rotary embeddings) for a right-padded (B, T, d) batch entering
+        decoder layer ``index``: the mask the whole-model forward gives that layer."""
+        from transformers import masking_utils
+
+        makers = {"full_attention": masking_utils.create_causal_mask,
+                  "sliding_attention": masking_utils.create_sliding_window_causal_mask,
+                  "chunked_attention": masking_utils.create_chunked_causal_mask}
+        kind = self.attention_kind(index)
+        if kind not in makers:
+            raise ValueError(f"decoder layer {index}: attention type {kind!r} is not one the layer-wise forward "
+                             f"masks ({', '.join(makers)})")
         B, T = hidden.shape[:2]
         position_ids = torch.arange(T, device=hidden.device).unsqueeze(0).expand(B, -1)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
-                                  cache=None, position_ids=position_ids)
+        mask = makers[kind](config=self.config, inputs_embeds=hidden, attention_mask=None,
+                            cache=None, position_ids=position_ids)
         return mask, position_ids, self.backbone.rotary_emb(hidden, position_ids)
 
     @torch.no_grad()
     def run_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """Push a (B, T, d) batch through the (onloaded) decoder layer ``index``."""
         hidden = hidden.to(device=self.device, dtype=self.dtype)
-        mask, position_ids, pos_emb = self.context(hidden)
+        mask, position_ids, pos_emb = self.context(hidden, index)
         out = self.layer(index)(hidden, attention_mask=mask, position_ids=position_ids,
                                 position_embeddings=pos_emb)
         return out[0] if isinstance(out, tuple) else out
@@ -245,7 +262,7 @@ class OnloadedModel:
         """The residual stream entering the feed-forward half of the (onloaded) decoder layer
         ``index`` for a right-padded (B, T, d) batch (the family's ``attention_half``)."""
         hidden = hidden.to(device=self.device, dtype=self.dtype)
-        mask, position_ids, pos_emb = self.context(hidden)
+        mask, position_ids, pos_emb = self.context(hidden, index)
         return self.family.attention_half(self.layer(index), hidden, attention_mask=mask,
                                           position_ids=position_ids, position_embeddings=pos_emb)
 
