@@ -1,18 +1,25 @@
 """capture-activations: router inputs of one block of layers, from the partially calibrated model.
 
-For block b the merged model gets the calibrated routers of every earlier block. The hidden states
-entering block b-1 (cached by the previous capture) are pushed through block b-1's decoder layers,
-now with its calibrated routers, and cached as the hidden states entering block b; they are then
-pushed through block b's layers while hooks record each calibrated layer's router inputs. Every
-decoder layer is therefore run at most twice over a whole run (O(L), not O(L^2)), and with
-``block_size = 1`` layer l's inputs come from the model whose routers < l are calibrated, which is
-the paper's Algorithm 1.
+For block b the merged model gets the calibrated routers of every earlier block. Two captures:
+
+* ``harc.block_size`` 1 (``run_streamed``, the paper's Algorithm 1): the block's one store holds the
+  residual stream entering layer l_b's feed-forward half; its router inputs are that residual's
+  post-attention norm, derived on read (compute_statistics.layer_inputs). Capture b streams block
+  b-1's residual batch by batch through layer l_{b-1}'s feed-forward half (calibrated router), the
+  layers between, and layer l_b's attention half, consuming (deleting) the store it reads as its
+  own output becomes durable, so a run's scratch stays about one block's store.
+* larger blocks (``run_layerwise``): the hidden states entering block b-1 (cached by the previous
+  capture) are pushed through block b-1's decoder layers, now with its calibrated routers, and
+  cached as the hidden states entering block b; they are then pushed through block b's layers while
+  hooks record each calibrated layer's router inputs.
+
+Either way every decoder layer is run at most twice over a whole run (O(L), not O(L^2)).
 
 The model is never loaded whole (harc_hpc.models.onload): its skeleton lives on the meta device and
-one decoder layer at a time is read from the shards onto the device, every batch of every task is
-pushed through it, and it is freed. Peak memory is one decoder layer plus the block's in-flight
-hidden states (on the device when they fit, else host memory, else node-local disk), whatever the
-size of the model.
+decoder layers are read from the shards onto the device when they run, and freed. Peak memory is
+one decoder layer (streamed: the layers from one calibrated layer to the next) plus the in-flight
+hidden states (layer-wise: the block's, on the device when they fit, else host memory, else
+node-local disk; streamed: one batch), whatever the size of the model.
 """
 
 from __future__ import annotations
