@@ -49,7 +49,7 @@ from harc_hpc.io.activations import (
 from harc_hpc.io.atomic import atomic_path, free_bytes, fsync_tree, publish, remove_path, write_json_atomic
 from harc_hpc.io.calibration_data import data_digest, tokenize_task_masked
 from harc_hpc.config import PipelineConfig
-from harc_hpc.errors import DiskFullError, require_finite
+from harc_hpc.errors import CorruptArtifactError, DiskFullError, require_finite
 from harc_hpc.models.modeling import RouterInputRecorder, batches, free_memory_bytes, pad_batch, pick_device, unpad
 from harc_hpc.models.onload import OnloadedModel
 from harc_hpc.progress import Progress
@@ -555,6 +555,9 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
             if in_store is not None:
                 prev = ActivationArray(in_store, f"{layer_name(prev_layer)}/{task}", out_dtype=model.dtype,
                                        consumed_rows=int(offsets[plan[first].start]))
+                if prev._array.attrs.get("kind") != RESIDUAL_KIND:
+                    raise CorruptArtifactError(in_store, f"array {prev.name} holds router inputs, not the residual "
+                                                         f"a streamed capture continues from (an older capture?)")
             bar = Progress(len(plan) - first, f"capture block {block} layer {layer} task {task} (batches)")
             for i in range(first, len(plan)):
                 idx = plan[i]
