@@ -283,3 +283,25 @@ def test_a_config_change_after_the_kill_reruns_the_producer(sources, tmp_path, m
     assert not any(l.startswith("FAILED") for l in lines), text
     assert records.read_completion(run_dir, "assemble-model", "all") is not None
     assert scratch_bytes(run_dir) == 0
+
+
+def test_a_corrupt_chunk_of_a_store_being_consumed_reruns_its_producer(sources, tmp_path, monkeypatch, reference):
+    """A chunk not yet consumed fails its checksum when the resumed capture reads it: its producer's
+    record (which retired the store) is dropped, so the next submit reruns capture 0 and capture 1
+    resumes on the recomputed, byte-identical store."""
+    config, run_dir = killed_mid_capture_1(sources, tmp_path, monkeypatch, "corrupt")
+    last = max((p for p in (layout.activation_store(run_dir, 0) / "layer-000" / "code" / "c").rglob("*")
+                if p.is_file()), key=lambda p: int(p.parent.name))
+    data = bytearray(last.read_bytes())
+    data[-8] ^= 0xFF  # same size: only decoding sees it
+    last.write_bytes(bytes(data))
+    lines: list[str] = []
+    plan, outcome = submit_run(load_config(config), executor="debug", echo=lines.append)
+    assert outcome.failed == ["capture-activations/block-001"], (outcome.failed, lines)
+    assert "CorruptArtifactError" in records.failure_line(run_dir, "capture-activations", "block-001")
+    assert records.read_completion(run_dir, "capture-activations", "block-000") is None
+    lines.clear()
+    submit(config, lines)
+    ran = [l.split()[1] for l in lines if l.startswith("running ")]
+    assert ran[:2] == ["capture-activations/block-000", "capture-activations/block-001"], ran
+    assert final_bytes(run_dir) == reference[1]

@@ -114,7 +114,9 @@ def invalidate_producers(run_dir: Path, path: Path) -> list[str]:
     removed = []
     for rec_path in sorted((run_dir / "completions").glob("*/*.json")):
         rec = read_json(rec_path) or {}
-        for art in rec.get("artifacts", {}):
+        # an artifact being consumed (retired, its remainder still read) counts as the producer's too
+        consumed = [a for a, r in (rec.get("retired") or {}).items() if isinstance(r, dict) and r.get("consumed_by")]
+        for art in [*rec.get("artifacts", {}), *consumed]:
             art = art.rstrip("/")
             if rel == art or rel.startswith(art + "/"):
                 rec_path.unlink(missing_ok=True)
