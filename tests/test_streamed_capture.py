@@ -259,13 +259,17 @@ def test_a_resumed_streamed_capture_writes_the_same_store(sources, tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         capture_activations.run(cfg, run, block=1, task_digest="d1")
     monkeypatch.setattr(capture_activations, "_fsync_chunks", real)
-    written = []
-    real_write = ActivationWriter.write
+    written, onloaded = [], []
+    real_write, real_onload = ActivationWriter.write, OnloadedModel.onload
     monkeypatch.setattr(ActivationWriter, "write",
                         lambda self, name, start, values: (written.append((name, start)),
                                                            real_write(self, name, start, values))[1])
+    monkeypatch.setattr(OnloadedModel, "onload", lambda self, index, overrides=None, parts=None: (
+        onloaded.append((index, parts)), real_onload(self, index, overrides, parts))[1])
     capture_activations.run(cfg, run, block=1, task_digest="d1")
     assert written and written[0][1] > 0 and written[0][1] % CHUNK == 0, written[:3]  # resumed, not restarted
+    # only the halves that run: layer 0's feed-forward half (calibrated router), layer 1's attention
+    assert onloaded == [(0, ("post_attention_layernorm", "mlp")), (1, ("input_layernorm", "self_attn"))]
     got = {p.relative_to(layout.activation_store(run, 1)): p.read_bytes()
            for p in sorted(layout.activation_store(run, 1).rglob("*")) if p.is_file()}
     assert got == want

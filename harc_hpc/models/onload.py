@@ -128,31 +128,36 @@ class OnloadedModel:
     def layer(self, index: int) -> torch.nn.Module:
         return self.backbone.layers[index]
 
-    def onload(self, index: int, overrides: Optional[dict] = None) -> torch.nn.Module:
-        """Materialise decoder layer ``index`` on the device with its checkpoint weights."""
+    def onload(self, index: int, overrides: Optional[dict] = None,
+               parts: Optional[tuple[str, ...]] = None) -> torch.nn.Module:
+        """Materialise decoder layer ``index`` on the device with its checkpoint weights; ``parts``:
+        only these submodules (a half of the layer, ``MoEFamily.half_modules``), the rest stays on
+        the meta device."""
         module = self.layer(index)
-        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        prefixes = [""] if parts is None else [f"{p}." for p in parts]
+        targets = [module] if parts is None else [module.get_submodule(p) for p in parts]
+        names = [prefix + n for prefix, target in zip(prefixes, targets)
+                 for n, _ in [*target.named_parameters(), *target.named_buffers()]]
         state = layer_state_dict(self.ckpt, self.family, index, names, self.dtype)
         for name, value in (overrides or {}).items():
             if name not in state:
-                raise KeyError(f"decoder layer {index} has no parameter {name!r}")
+                raise KeyError(f"decoder layer {index} has no parameter {name!r}"
+                               + ("" if parts is None else f" in the parts onloaded ({', '.join(parts)})"))
             if tuple(value.shape) != tuple(state[name].shape):
                 raise ValueError(f"layer {index}: {name} shape {tuple(value.shape)} != model's "
                                  f"{tuple(state[name].shape)}")
             state[name] = value.to(self.dtype)
-        module.to_empty(device=self.device)
-        module.load_state_dict(state, strict=True)
+        for prefix, target in zip(prefixes, targets):
+            target.to_empty(device=self.device)
+            target.load_state_dict({n[len(prefix):]: v for n, v in state.items() if n.startswith(prefix)},
+                                   strict=True)
         return module
 
     def onload_module(self, index: int, name: str) -> torch.nn.Module:
         """Materialise only submodule ``name`` (e.g. ``post_attention_layernorm``) of decoder layer
-        ``index`` with its checkpoint weights: what a reader of a stored residual needs."""
-        module = self.layer(index).get_submodule(name)
-        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
-        state = layer_state_dict(self.ckpt, self.family, index, [f"{name}.{n}" for n in names], self.dtype)
-        module.to_empty(device=self.device)
-        module.load_state_dict({n: state[f"{name}.{n}"] for n in names}, strict=True)
-        return module
+        ``index``: what a reader of a stored residual needs."""
+        self.onload(index, parts=(name,))
+        return self.layer(index).get_submodule(name)
 
     @torch.no_grad()
     def swap(self, index: int, name: str, value: torch.Tensor) -> torch.Tensor:

@@ -472,8 +472,9 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
     are ``post_attention_layernorm(r_l)`` and are derived on read (compute_statistics.layer_inputs).
     Capture b reads ``r_{l_{b-1}}`` one batch of sequences at a time, runs layer l_{b-1}'s
     feed-forward half with its calibrated router, the decoder layers between the two in full, and
-    layer l_b's attention half, and writes ``r_{l_b}``; block 0 starts from the embeddings. Every
-    decoder layer of the span stays onloaded (one layer's worth when every MoE layer is calibrated).
+    layer l_b's attention half, and writes ``r_{l_b}``; block 0 starts from the embeddings. The span
+    stays onloaded, and of its end layers only the half that runs: about one decoder layer when
+    every MoE layer is calibrated.
 
     Under ``run.retention: delete-intermediate`` this task, the last reader of the store it reads,
     deletes that store's chunks as it goes: once its own output up to a row is durable (fsync) and a
@@ -530,8 +531,12 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
     flushed = dict(manifest["flushed"]) if manifest else {t: 0 for t in tokens}
     deleted_below = {t: 0 for t in tokens}  # input chunks of each task known to be deleted
     try:
-        for j in ([prev_layer] if prev_layer is not None else []) + between + [layer]:
+        # Of the layers at the span's ends only the half that runs: about one decoder layer in all.
+        if prev_layer is not None:
+            model.onload(prev_layer, overrides.get(prev_layer), parts=fam.half_modules("moe"))
+        for j in between:
             model.onload(j, overrides.get(j))
+        model.onload(layer, overrides.get(layer), parts=fam.half_modules("attention"))
         writer = ActivationWriter(out_dir, chunk, dtype, compression=cfg.calibration.compression,
                                   append=manifest is not None)
         name_of = {t: f"{layer_name(layer)}/{t}" for t in tokens}

@@ -203,7 +203,16 @@ def _estimate_streamed_capture(e: "StageEstimate", cfg: PipelineConfig, plan, sh
     d = shape.hidden
     firsts = [blk[0] for blk in plan.blocks]
     spans = [range(0, firsts[0] + 1)] + [range(a, b + 1) for a, b in zip(firsts, firsts[1:])]
-    resident = max(sum(shape.layer_params(l) for l in span) for span in spans) * compute
+    attention = shape.attention_params()
+
+    def onloaded(span: range, first_block: bool) -> int:
+        # the first layer's feed-forward half (block 0: none, it starts at the embeddings), the
+        # layers between in full, the last one's attention half
+        inner = span if first_block else span[1:]
+        head = 0 if first_block else shape.layer_params(span[0]) - attention
+        return head + sum(shape.layer_params(l) for l in inner[:-1]) + attention
+
+    resident = max(onloaded(span, i == 0) for i, span in enumerate(spans)) * compute
     longest = max(effective_settings(cfg.calibration_for(t), cfg.calibration)["max_length"] for t in cfg.task_names)
     batch_tokens = cfg.calibration.batch_size * longest
     work = batch_tokens * (8 * d + 3 * shape.top_k * shape.expert_intermediate + shape.experts) * compute
@@ -225,8 +234,9 @@ def _estimate_streamed_capture(e: "StageEstimate", cfg: PipelineConfig, plan, sh
                        "block's store on disk at a time")
     widest = max(spans, key=len)
     e.seconds = 2 * n_all * sum(shape.active_params(l) for l in widest) / (throughput * 1e12)
-    e.notes.append(f"streamed batch by batch; {len(widest)} decoder layer(s) onloaded at once (a calibrated "
-                   f"layer's feed-forward half, the layers up to the next, its attention half)")
+    between = f", the {len(widest) - 2} decoder layer(s) between" if len(widest) > 2 else ""
+    e.notes.append(f"streamed batch by batch; onloaded at once: a calibrated layer's feed-forward half{between} "
+                   f"and the next one's attention half")
 
 
 def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = None,

@@ -202,6 +202,12 @@ class MoEFamily:
             raise TypeError(f"{self.name}: {type(layer).__name__} has no {missing}: not the pre-norm decoder "
                             f"layer that residual capture splits (set residual_capture = False)")
 
+    def half_modules(self, half: str) -> tuple[str, ...]:
+        """The submodules of a decoder layer that ``attention_half`` (``half="attention"``) or
+        ``moe_half`` (``"moe"``) uses: all a streamed capture onloads of the layers at its ends."""
+        return {"attention": ("input_layernorm", "self_attn"),
+                "moe": ("post_attention_layernorm", self.ffn_module)}[half]
+
     def router_input_norm(self, layer) -> torch.nn.Module:
         """The norm whose output the router reads: router input = ``norm(r)`` for the residual ``r``
         entering the layer's feed-forward half."""
