@@ -71,6 +71,12 @@ def _fsync_path(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
+def fsync_one(path: PathLike) -> None:
+    """Flush one file, or one folder's entries (not what lies under it), to stable storage."""
+    path = Path(path)
+    _fsync_path(path, directory=path.is_dir())
+
+
 def fsync_tree(path: PathLike) -> None:
     """Flush a file, or every file and folder under a directory, to stable storage."""
     path = Path(path)

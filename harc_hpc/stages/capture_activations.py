@@ -46,7 +46,7 @@ from harc_hpc.io.activations import (
     token_store_digest,
     write_token_store,
 )
-from harc_hpc.io.atomic import atomic_path, free_bytes, fsync_tree, publish, remove_path, write_json_atomic
+from harc_hpc.io.atomic import atomic_path, free_bytes, fsync_one, fsync_tree, publish, remove_path, write_json_atomic
 from harc_hpc.io.calibration_data import data_digest, tokenize_task_masked
 from harc_hpc.config import PipelineConfig
 from harc_hpc.errors import CorruptArtifactError, DiskFullError, require_finite
@@ -440,25 +440,26 @@ def _chunk_file(array_dir: Path, index: int) -> Path:
 
 
 def _fsync_chunks(array_dir: Path, first: int, stop: int) -> None:
-    """Flush the chunks [first, stop) of one array (and their folders) to stable storage."""
-    from harc_hpc.io.atomic import _fsync_path
-
+    """Flush the chunks [first, stop) of one array and the folders listing them to stable storage:
+    not the whole store, whose earlier chunks are durable already."""
     for i in range(first, stop):
         f = _chunk_file(array_dir, i)
         if f.exists():
-            _fsync_path(f)
-            _fsync_path(f.parent)
+            fsync_one(f)
+            fsync_one(f.parent)
     if (array_dir / "c").is_dir():
-        _fsync_path(array_dir / "c")
+        fsync_one(array_dir / "c")
 
 
 def _consume_entry(retire: Optional[list], run_dir: Path, block: int, task_digest: Optional[str]) -> Optional[dict]:
     """The run.retention entry of the residual store this capture reads, if this task is one of its
     readers (it is the last: statistics and solve of the previous block come before it)."""
     rel = layout.activation_store(run_dir, block - 1).relative_to(run_dir).as_posix()
+    from harc_hpc.pipeline.planner import task_key
+
+    me = ["capture-activations", task_key("block", {"block": block}), task_digest]
     for entry in retire or []:
-        if entry["artifact"] == rel and any(r[:2] == ["capture-activations", f"block-{block:03d}"] and
-                                            r[2] == task_digest for r in entry["readers"]):
+        if entry["artifact"] == rel and any(list(r) == me for r in entry["readers"]):
             return entry
     return None
 
@@ -526,8 +527,11 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
         if entry is not None:
             from harc_hpc.pipeline import records
 
+            from harc_hpc.pipeline.planner import task_key
+
             consume = entry if records.claim_for_consumption(
-                run_dir, entry, ("capture-activations", f"block-{block:03d}", task_digest), partial) else None
+                run_dir, entry, ("capture-activations", task_key("block", {"block": block}), task_digest),
+                partial) else None
     flushed = dict(manifest["flushed"]) if manifest else {t: 0 for t in tokens}
     deleted_below = {t: 0 for t in tokens}  # input chunks of each task known to be deleted
     try:
