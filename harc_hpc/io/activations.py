@@ -199,6 +199,11 @@ class ActivationWriter:
             self._arrays[name][first : first + block.shape[0]] = block
             self._pending[name] = (first + block.shape[0], [])
 
+    def chunk_rows(self, name: str) -> int:
+        """Rows per chunk of array ``name``."""
+        arr = self._arrays.get(name)
+        return int((arr if arr is not None else self.group[name]).chunks[0])
+
     def flushed_rows(self, name: str) -> int:
         """Rows of array ``name`` handed to the store so far (the rest is buffered in memory): with
         slices written in order from row 0, every chunk below this row is written."""
@@ -227,7 +232,7 @@ class ActivationArray:
         self.store = Path(store)
         self.name = name
         self._array = zarr.open_group(str(self.store), mode="r")[name]
-        gone = consumed_rows // self._array.chunks[0]
+        gone = consumed_rows // self.stored_chunk_rows
         missing = self._array.nchunks - gone - self._array.nchunks_initialized
         if missing > 0:
             raise CorruptArtifactError(self.store, f"array {name}: {missing} of {self._array.nchunks} chunks are "
@@ -244,6 +249,11 @@ class ActivationArray:
 
     def __len__(self) -> int:
         return self.num_stored if self.rows is None else int(self.rows.shape[0])
+
+    @property
+    def stored_chunk_rows(self) -> int:
+        """Rows per chunk of the stored array (``chunk_tokens`` is the reading step)."""
+        return int(self._array.chunks[0])
 
     @property
     def num_stored(self) -> int:

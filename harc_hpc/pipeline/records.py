@@ -311,7 +311,7 @@ def resumes_consumption(run_dir: Path, retired_entry: dict, r_stage: str, r_key:
     to resume from: it needs only what it has not consumed yet, which is still on disk, so the
     producer need not run again."""
     consumer = (retired_entry or {}).get("consumed_by")
-    if not consumer or [consumer.get("stage"), consumer.get("key"), consumer.get("digest")] != [r_stage, r_key, r_digest]:
+    if not consumer or [consumer.get(k) for k in ("stage", "key", "digest")] != [r_stage, r_key, r_digest]:
         return False
     manifest = read_json(Path(run_dir) / consumer.get("partial", "") / "manifest.json") or {}
     return manifest.get("digest") == r_digest

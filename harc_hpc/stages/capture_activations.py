@@ -43,6 +43,7 @@ from harc_hpc.io.activations import (
     ActivationWriter,
     TokenStore,
     layer_name,
+    stored_kind,
     token_store_digest,
     write_token_store,
 )
@@ -434,6 +435,12 @@ def _stream_manifest(partial: Path, task_digest: Optional[str]) -> Optional[dict
     return manifest
 
 
+def _resume_batch(plan: list[range], offsets, done: int) -> int:
+    """The batch a resume restarts at when rows [0, done) are durable: the last one starting at or
+    before row ``done`` (the same batches as an uninterrupted run: padding changes bits)."""
+    return max(i for i, idx in enumerate(plan) if int(offsets[idx.start]) <= done)
+
+
 def _chunk_file(array_dir: Path, index: int) -> Path:
     # Zarr v3's default chunk key for a (rows, d) array chunked (chunk_tokens, d): c/<row chunk>/0
     return array_dir / "c" / str(index) / "0"
@@ -557,16 +564,16 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
             done = int(flushed.get(task, 0))
             if done >= store.num_tokens:
                 continue
-            # Resume at the batch holding the first row not yet durable (the same batches as an
-            # uninterrupted run: padding changes bits), skipping the rows before it.
-            first = max(i for i, idx in enumerate(plan) if int(offsets[idx.start]) <= done) if done else 0
+            # Resume at the batch holding the first row not yet durable, skipping the rows before it.
+            first = _resume_batch(plan, offsets, done)
             prev = None
             if in_store is not None:
-                prev = ActivationArray(in_store, f"{layer_name(prev_layer)}/{task}", out_dtype=model.dtype,
-                                       consumed_rows=int(offsets[plan[first].start]))
-                if prev._array.attrs.get("kind") != RESIDUAL_KIND:
-                    raise CorruptArtifactError(in_store, f"array {prev.name} holds router inputs, not the residual "
+                prev_name = f"{layer_name(prev_layer)}/{task}"
+                if stored_kind(in_store, prev_name) != RESIDUAL_KIND:
+                    raise CorruptArtifactError(in_store, f"array {prev_name} holds router inputs, not the residual "
                                                          f"a streamed capture continues from (an older capture?)")
+                prev = ActivationArray(in_store, prev_name, out_dtype=model.dtype,
+                                       consumed_rows=int(offsets[plan[first].start]))
             bar = Progress(len(plan) - first, f"capture block {block} layer {layer} task {task} (batches)")
             for i in range(first, len(plan)):
                 idx = plan[i]
@@ -592,18 +599,19 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
                 if i + 1 == len(plan):
                     writer.finish(name_of[task])
                 now = writer.flushed_rows(name_of[task])
-                if now // chunk > done // chunk or now == store.num_tokens:
+                step = writer.chunk_rows(name_of[task])
+                if now // step > done // step or now == store.num_tokens:
                     # New whole chunks are written: make them durable, then the progress that says so.
-                    _fsync_chunks(out_dir / name_of[task], done // chunk, -(-now // chunk))
+                    _fsync_chunks(out_dir / name_of[task], done // step, -(-now // step))
                     done = flushed[task] = now
                     write_json_atomic(partial / MANIFEST, {"format": STREAM_MANIFEST_FORMAT,
                                                            "digest": task_digest, "flushed": flushed})
                     if consume is not None:
                         # A resume restarts at the batch holding row `done`: keep every chunk from it.
-                        resume = next((int(offsets[b.start]) for b in reversed(plan) if int(offsets[b.start]) <= done), 0)
-                        keep = store.num_tokens if done >= store.num_tokens else resume
+                        keep = store.num_tokens if done >= store.num_tokens else \
+                            int(offsets[plan[_resume_batch(plan, offsets, done)].start])
                         deleted_below[task] = _delete_chunks(in_store / prev.name, deleted_below[task],
-                                                             keep // prev._array.chunks[0])
+                                                             keep // prev.stored_chunk_rows)
                 bar.update(1)
             bar.close()
         model.release_embeddings()
