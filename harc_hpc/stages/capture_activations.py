@@ -528,17 +528,12 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
     free = free_bytes(partial)
     if free is not None and free < needed:
         raise DiskFullError(partial, needed, free)
+    # The store this task consumes, if it may: claimed (retired in its producer's record) right
+    # before the first deletion, once this task's manifest is there to resume from.
     consume = None
     if in_store is not None and task_digest and cfg.run.retention == "delete-intermediate":
-        entry = _consume_entry(retire, run_dir, block, task_digest)
-        if entry is not None:
-            from harc_hpc.pipeline import records
-
-            from harc_hpc.pipeline.planner import task_key
-
-            consume = entry if records.claim_for_consumption(
-                run_dir, entry, ("capture-activations", task_key("block", {"block": block}), task_digest),
-                partial) else None
+        consume = _consume_entry(retire, run_dir, block, task_digest)
+    claimed: Optional[bool] = None
     flushed = dict(manifest["flushed"]) if manifest else {t: 0 for t in tokens}
     deleted_below = {t: 0 for t in tokens}  # input chunks of each task known to be deleted
     try:
@@ -606,7 +601,14 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
                     done = flushed[task] = now
                     write_json_atomic(partial / MANIFEST, {"format": STREAM_MANIFEST_FORMAT,
                                                            "digest": task_digest, "flushed": flushed})
-                    if consume is not None:
+                    if consume is not None and claimed is None:
+                        from harc_hpc.pipeline import records
+                        from harc_hpc.pipeline.planner import task_key
+
+                        claimed = records.claim_for_consumption(
+                            run_dir, consume, ("capture-activations", task_key("block", {"block": block}), task_digest),
+                            partial)
+                    if claimed:
                         # A resume restarts at the batch holding row `done`: keep every chunk from it.
                         keep = store.num_tokens if done >= store.num_tokens else \
                             int(offsets[plan[_resume_batch(plan, offsets, done)].start])
@@ -634,7 +636,7 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
         "tokens": {t: s.num_tokens for t, s in tokens.items()},
         "selected_tokens": {t: s.num_selected for t, s in tokens.items()},
         "decoder_layers_run": [prev_layer if prev_layer is not None else 0, layer + 1],
-        "input_consumed": consume is not None,
+        "input_consumed": bool(claimed),
         **peak_memory(device),
         "seconds": round(time.perf_counter() - t0, 3),
     }
