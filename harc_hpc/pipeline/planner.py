@@ -256,7 +256,6 @@ class Task:
     inputs: dict[str, Any] = field(default_factory=dict)  # what the digest was computed from
     extra_values: dict[str, Any] = field(default_factory=dict)  # the pipeline's template_values
 
-
     @property
     def id(self) -> str:
         return f"{self.stage}/{self.key}"

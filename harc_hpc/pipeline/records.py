@@ -369,6 +369,16 @@ def claim_for_consumption(run_dir: Path, entry: dict, consumer: tuple[str, str, 
     return True
 
 
+def _delete_artifact(path: Path) -> None:
+    """Rename to a temporary name, then delete: a kill mid-delete leaves a temporary the next submit sweeps."""
+    from harc_hpc.io.atomic import remove_path, temp_sibling
+
+    if path.exists():
+        doomed = temp_sibling(path)
+        os.replace(path, doomed)
+        remove_path(doomed)
+
+
 def retire_if_consumed(run_dir: Path, entry: dict, holding_lock: bool = False) -> Optional[int]:
     """Delete an intermediate artifact once every task that reads it is complete, and record it in
     its producer's completion record as retired (size, when). Returns the bytes freed, or None.
@@ -377,7 +387,7 @@ def retire_if_consumed(run_dir: Path, entry: dict, holding_lock: bool = False) -
     it once; the artifact is first renamed to a temporary name, so a kill mid-delete leaves only a
     temporary that the next submit sweeps.
     """
-    from harc_hpc.io.atomic import remove_path, temp_sibling, write_json_atomic
+    from harc_hpc.io.atomic import write_json_atomic
     from harc_hpc.pipeline.lock import TaskLock
 
     run_dir = Path(run_dir)
@@ -393,21 +403,13 @@ def retire_if_consumed(run_dir: Path, entry: dict, holding_lock: bool = False) -
         consumed = (rec.get("retired") or {}).get(rel, {}).get("consumed_by")
         if consumed and rel not in rec.get("artifacts", {}):
             # Retired when its last reader began consuming it: delete what that reader left.
-            path = run_dir / rel
-            if path.exists():
-                doomed = temp_sibling(path)
-                os.replace(path, doomed)
-                remove_path(doomed)
+            _delete_artifact(run_dir / rel)
             return int(rec["retired"][rel].get("bytes", 0))
         if rel not in rec.get("artifacts", {}):
             return None
         manifest = rec["artifacts"].pop(rel)
         size = artifact_bytes(manifest)
-        path = run_dir / rel
-        if path.exists():
-            doomed = temp_sibling(path)
-            os.replace(path, doomed)
-            remove_path(doomed)
+        _delete_artifact(run_dir / rel)
         rec.setdefault("retired", {})[rel] = {
             "bytes": size, "retired_at": datetime.now(timezone.utc).isoformat(),
             "readers": [f"{s}/{k}" for s, k, _ in entry["readers"]],
