@@ -309,3 +309,23 @@ def test_a_corrupt_chunk_of_a_store_being_consumed_reruns_its_producer(sources, 
     ran = [l.split()[1] for l in lines if l.startswith("running ")]
     assert ran[:2] == ["capture-activations/block-000", "capture-activations/block-001"], ran
     assert final_bytes(run_dir) == reference[1]
+
+
+def test_a_bfloat16_residual_gives_router_inputs_within_its_rounding(sources, tmp_path):
+    """calibration.dtype bfloat16: the residual is stored in 16 bits (half the bytes) and the router
+    inputs are the norm of the rounded residual, rounded again: within two bfloat16 roundings of the
+    float32 capture's, and stored (as read with stored_dtype) in bfloat16."""
+    from harc_hpc.stages.compute_statistics import layer_inputs
+
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = load_config(config_for(tmp_path, sources, f"dtype-{dtype}", **{"calibration.dtype": dtype}))
+        merge_experts.run(cfg, cfg.run_dir)
+        capture_activations.run(cfg, cfg.run_dir, block=0)
+        got[dtype] = layer_inputs(cfg, cfg.run_dir, 0, "math", stored_dtype=True).load()
+        got[f"{dtype}-bytes"] = sum(p.stat().st_size for p in layout.activation_store(cfg.run_dir, 0).rglob("c/*/*"))
+    assert got["bfloat16"].dtype == torch.bfloat16 and got["float32"].dtype == torch.float32
+    ref, x = got["float32"], got["bfloat16"].float()
+    assert not torch.equal(ref, x)
+    assert float((x - ref).abs().max() / ref.abs().max()) < 2 * 2 ** -8
+    assert abs(got["bfloat16-bytes"] / got["float32-bytes"] - 0.5) < 0.01  # (a CRC32C per chunk aside)
