@@ -79,6 +79,23 @@ def _retire_entries(plan, task) -> list[dict]:
     return out
 
 
+def _input_claimer(run_dir: Path, payload: dict):
+    """``claim(artifact, partial) -> bool`` for a stage that consumes an intermediate artifact it
+    reads last (capture-activations, block size 1): under run.retention delete-intermediate, when this
+    task reads ``artifact`` (a path relative to the run directory), retire it in its producer's
+    record as consumed by this task, resumable from ``partial``
+    (records.claim_for_consumption); True: the stage may delete the artifact as it goes."""
+    me = [payload["stage"], payload["key"], payload["digest"]]
+
+    def claim(artifact: str, partial: Path) -> bool:
+        for entry in payload.get("retire", []):
+            if entry["artifact"] == artifact and any(list(r) == me for r in entry["readers"]):
+                return records.claim_for_consumption(run_dir, entry, tuple(me), partial)
+        return False
+
+    return claim
+
+
 def _short(obj: Any) -> str:
     from harc_hpc.pipeline.planner import digest_of
 
@@ -279,9 +296,9 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg, process_gro
             extra = {} if process_group is None else {"process_group": process_group}
             if "task_digest" in inspect.signature(fn).parameters:
                 extra["task_digest"] = digest  # lets a long task checkpoint and resume its own work
-            if "retire" in inspect.signature(fn).parameters:
-                # the intermediate artifacts it reads: one it reads last it may consume as it goes
-                extra["retire"] = payload.get("retire", [])
+            if "claim_input" in inspect.signature(fn).parameters:
+                # lets a task that reads an intermediate artifact last delete it as it consumes it
+                extra["claim_input"] = _input_claimer(run_dir, payload)
             result = fn(cfg, run_dir, **payload["index"], **extra)
             if result is None:
                 result = {}

@@ -33,7 +33,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -248,13 +248,13 @@ def template_values(cfg: PipelineConfig) -> dict:
 
 
 def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[str] = None,
-        retire: Optional[list] = None) -> dict:
+        claim_input: Optional[Callable[[str, Path], bool]] = None) -> dict:
     """Capture block ``block``: streamed (``streamed(cfg)``: run_streamed) or layer-wise.
 
-    ``retire`` (passed by the runner): the run.retention entries of the intermediate artifacts the
-    task reads; a streamed capture deletes the residual store it reads last as it consumes it."""
+    ``claim_input`` (passed by the runner under run.retention delete-intermediate): a streamed
+    capture deletes the residual store it reads last as it consumes it once this claims it."""
     if streamed(cfg):
-        return run_streamed(cfg, run_dir, block, task_digest=task_digest, retire=retire)
+        return run_streamed(cfg, run_dir, block, task_digest=task_digest, claim_input=claim_input)
     return run_layerwise(cfg, run_dir, block, task_digest=task_digest)
 
 
@@ -458,21 +458,8 @@ def _fsync_chunks(array_dir: Path, first: int, stop: int) -> None:
         fsync_one(array_dir / "c")
 
 
-def _consume_entry(retire: Optional[list], run_dir: Path, block: int, task_digest: Optional[str]) -> Optional[dict]:
-    """The run.retention entry of the residual store this capture reads, if this task is one of its
-    readers (it is the last: statistics and solve of the previous block come before it)."""
-    rel = layout.activation_store(run_dir, block - 1).relative_to(run_dir).as_posix()
-    from harc_hpc.pipeline.planner import task_key
-
-    me = ["capture-activations", task_key("block", {"block": block}), task_digest]
-    for entry in retire or []:
-        if entry["artifact"] == rel and any(list(r) == me for r in entry["readers"]):
-            return entry
-    return None
-
-
 def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[str] = None,
-                 retire: Optional[list] = None) -> dict:
+                 claim_input: Optional[Callable[[str, Path], bool]] = None) -> dict:
     """Capture calibrated layer l_b (block ``block`` of one layer) batch by batch.
 
     What is stored for layer l is ``r_l``, the residual stream entering its feed-forward half (the
@@ -528,11 +515,10 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
     free = free_bytes(partial)
     if free is not None and free < needed:
         raise DiskFullError(partial, needed, free)
-    # The store this task consumes, if it may: claimed (retired in its producer's record) right
-    # before the first deletion, once this task's manifest is there to resume from.
-    consume = None
-    if in_store is not None and task_digest and cfg.run.retention == "delete-intermediate":
-        consume = _consume_entry(retire, run_dir, block, task_digest)
+    # The store this task consumes, if it may: claimed (retired in its producer's record, by the
+    # runner's claim_input) right before the first deletion, once this task's manifest is there to
+    # resume from.
+    consume = in_store is not None and task_digest is not None and claim_input is not None
     claimed: Optional[bool] = None
     flushed = dict(manifest["flushed"]) if manifest else {t: 0 for t in tokens}
     deleted_below = {t: 0 for t in tokens}  # input chunks of each task known to be deleted
@@ -601,13 +587,8 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
                     done = flushed[task] = now
                     write_json_atomic(partial / MANIFEST, {"format": STREAM_MANIFEST_FORMAT,
                                                            "digest": task_digest, "flushed": flushed})
-                    if consume is not None and claimed is None:
-                        from harc_hpc.pipeline import records
-                        from harc_hpc.pipeline.planner import task_key
-
-                        claimed = records.claim_for_consumption(
-                            run_dir, consume, ("capture-activations", task_key("block", {"block": block}), task_digest),
-                            partial)
+                    if consume and claimed is None:
+                        claimed = claim_input(in_store.relative_to(run_dir).as_posix(), partial)
                     if claimed:
                         # A resume restarts at the batch holding row `done`: keep every chunk from it.
                         keep = store.num_tokens if done >= store.num_tokens else \
