@@ -8,7 +8,7 @@ llm-compressor, Model-Optimizer's layerwise calibration and REAP's layerwise obs
 is loaded once and every batch is pushed through it before the next one is loaded.
 
 The skeleton is built by transformers itself (``from_config`` under ``torch.device("meta")``), so
-the layer code, the causal mask and the rotary embedding are the library's own; only the weights are
+the layer code, the attention masks and the rotary embedding are the library's own; only the weights are
 placed here. On disk a layer's experts are usually one matrix per expert under the family's legacy
 names; transformers 5 fuses them in memory (``mlp.experts.gate_up_proj`` (E, 2I, d), gate rows before
 up rows; ``mlp.experts.down_proj`` (E, d, I)). ``layer_state_dict`` does that fusion for one layer,
