@@ -16,7 +16,7 @@ max 1000 iterations. (The published code keeps its CG vectors in float32; here t
 both solvers converge to the same answer.)
 
 Printed: wall time of each solver, the reference's time and speed-up, iterations of cg vs pcg
-(jacobi, kronecker; pcg-jacobi-bf16 = mixed precision), the relative difference of every solution to the reference, and the matvec's
+(expert-block, jacobi, kronecker; pcg-jacobi-bf16 = mixed precision), the relative difference of every solution to the reference, and the matvec's
 achieved GFLOP/s against torch.mm on the same shapes (4 N d K flops per matvec: two GEMMs).
 """
 
@@ -170,10 +170,13 @@ def main(argv=None):
     ap.add_argument("--reference", choices=["full", "extrapolate", "skip"], default="full",
                     help="run the paper-style solver to convergence, or time a few of its matvecs and "
                          "extrapolate to plain CG's iteration count (stated as such in the output)")
-    ap.add_argument("--solvers", default="pcg-kronecker,pcg-jacobi,pcg-jacobi-bf16,cg",
-                    help="comma-separated subset of pcg-kronecker,pcg-jacobi,pcg-jacobi-bf16 (mixed precision: "
+    ap.add_argument("--solvers", default="pcg-expert-block,pcg-kronecker,pcg-jacobi,pcg-jacobi-bf16,cg",
+                    help="comma-separated subset of pcg-expert-block (the default preconditioner),pcg-kronecker,"
+                         "pcg-jacobi,pcg-jacobi-bf16 (mixed precision: "
                          "bfloat16 corrections refined to tol),cg (cg is always run: the "
                          "reference extrapolation and the iteration ratios need it)")
+    ap.add_argument("--expert-block-tokens", type=int, default=None,
+                    help="tokens per task and expert in the expert-block preconditioner (default: solve_router's)")
     ap.add_argument("--anisotropic", action="store_true", help="steep spectrum, large mean, outlier channels")
     ap.add_argument("--bf16-inputs", action="store_true",
                     help="round the router inputs to bfloat16 values, as the activation store keeps them for a "
@@ -198,7 +201,8 @@ def main(argv=None):
 
     runs = {}
     wanted = set(args.solvers.split(",")) | {"cg"}
-    for name, solver, pre, inner in [("pcg-kronecker", "pcg", "kronecker", None), ("pcg-jacobi", "pcg", "jacobi", None),
+    for name, solver, pre, inner in [("pcg-expert-block", "pcg", "expert-block", None),
+                                     ("pcg-kronecker", "pcg", "kronecker", None), ("pcg-jacobi", "pcg", "jacobi", None),
                                      ("pcg-jacobi-bf16", "pcg", "jacobi", torch.bfloat16), ("cg", "cg", "none", None)]:
         if name not in wanted:
             continue
@@ -208,7 +212,8 @@ def main(argv=None):
         t = time.perf_counter()
         sol = solve_router(xs_in, sources, merged, alpha=args.alpha, solver=solver, preconditioner=pre,
                            tol=args.tol, max_iter=args.max_iter, inner_dtype=inner,
-                           compute_dtype=torch.float32, keep_input_dtype=shared)
+                           compute_dtype=torch.float32, keep_input_dtype=shared,
+                           **({"expert_block_tokens": args.expert_block_tokens} if args.expert_block_tokens else {}))
         wall = time.perf_counter() - t
         runs[name] = sol
         out[name] = {"seconds": wall, "iterations": sol.iterations, "relative_residual": sol.relative_residual,
@@ -216,7 +221,7 @@ def main(argv=None):
         print(f"{name:14s} {wall:8.2f} s  {sol.iterations:5d} it  rel.res {sol.relative_residual:.2e}  "
               f"KL {sum(sol.kl_before):.4f} -> {sum(sol.kl_after):.4f}", flush=True)
     base = runs["cg"].weight.double()
-    for name in ("pcg-kronecker", "pcg-jacobi", "pcg-jacobi-bf16"):
+    for name in ("pcg-expert-block", "pcg-kronecker", "pcg-jacobi", "pcg-jacobi-bf16"):
         if name in runs:
             out[name]["rel_diff_to_cg"] = float((runs[name].weight.double() - base).norm() / base.norm())
             out[f"iterations_ratio_{name}_vs_cg"] = runs[name].iterations / max(runs["cg"].iterations, 1)

@@ -226,7 +226,9 @@ class HarcSection(_Strict):
     alpha: float = 0.9
     hessian: Literal["full", "diag", "identity"] = "full"
     solver: Literal["cg", "pcg", "direct", "auto"] = "pcg"
-    preconditioner: Literal["jacobi", "kronecker", "none"] = "jacobi"
+    preconditioner: Literal["expert-block", "jacobi", "kronecker", "none"] = "expert-block"
+    # expert-block: how many of each task's tokens (the heaviest per expert) form each expert's block
+    expert_block_tokens: int = Field(default=256, ge=1)
     objective: Literal["quadratic", "kl"] = "quadratic"
     tol: float = Field(default=1e-6, gt=0)
     max_iter: int = Field(default=1000, ge=1)

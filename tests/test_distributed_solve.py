@@ -37,7 +37,7 @@ def cases_world2():
     tokens = (300, 170)
     # task 0 split unevenly by hand, task 1 by shard_rows
     splits = [[(0, 97), shard_rows(170, 0, 2)], [(97, 300), shard_rows(170, 1, 2)]]
-    for hessian, pre, objective, stats in itertools.product(("full", "diag"), ("jacobi", "kronecker"),
+    for hessian, pre, objective, stats in itertools.product(("full", "diag"), ("jacobi", "kronecker", "expert-block"),
                                                              ("quadratic", "kl"), (False, True)):
         name = f"{hessian}-{pre}-{objective}-{'stats' if stats else 'nostats'}"
         out[name] = dict(seed=1, dtype=torch.float64, tokens=tokens, splits=splits, stats=stats,
@@ -49,6 +49,9 @@ def cases_world2():
         "direct-kl": dict(solver="direct", objective="kl", kl_tol=1e-9),
         "identity": dict(hessian="identity", preconditioner="kronecker"),
         "kronecker-strided": dict(preconditioner="kronecker", kronecker_tokens=50),
+        # fewer heaviest tokens than a shard holds: the global selection must not depend on the sharding
+        "expert-block-few-tokens": dict(preconditioner="expert-block", expert_block_tokens=7),
+        "expert-block-alpha1": dict(preconditioner="expert-block", alpha=1.0),
         "bf16-refine": dict(inner_dtype=torch.bfloat16),
     }
     for name, kw in extra.items():
@@ -70,6 +73,7 @@ def cases_world3():
     for name, splits, kw, stats in [
         ("holes-jacobi-quadratic", holes, dict(preconditioner="jacobi"), False),
         ("holes-kronecker-kl-stats", holes, dict(preconditioner="kronecker", objective="kl", kl_tol=1e-9), True),
+        ("holes-expert-block", holes, dict(preconditioner="expert-block", expert_block_tokens=5), False),
         ("idle-jacobi-kl", idle, dict(objective="kl", hessian="diag", kl_tol=1e-9), False),
         ("idle-kronecker-stats", idle, dict(preconditioner="kronecker"), True),
     ]:

@@ -55,3 +55,13 @@ def test_snippet_runs(lang, code, tmp_path):
     else:
         pytest.fail(f"runnable snippet in {lang!r}: only bash and python are run")
     assert res.returncode == 0, f"{code}\n--- stdout\n{res.stdout}\n--- stderr\n{res.stderr}"
+
+
+def test_readme_scale_figures_are_the_generated_ones():
+    # the README quotes no scale figure by hand: its table is rendered from benchmarks/results
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import readme_figures
+
+    assert readme_figures.main(["--check"]) == 0, "run python benchmarks/readme_figures.py"
+    block = readme_figures.render()
+    assert "| capture task" in block and "per CG iteration" in block

@@ -9,7 +9,7 @@ from harc_hpc.math import solve_router
 from harc_reference import exact_kl, kl_gradient, make_problem
 
 
-@pytest.mark.parametrize("solver,pre", [("direct", "none"), ("pcg", "jacobi"), ("pcg", "kronecker")])
+@pytest.mark.parametrize("solver,pre", [("direct", "none"), ("pcg", "jacobi"), ("pcg", "kronecker"), ("pcg", "expert-block")])
 def test_exact_kl_fit_beats_quadratic_and_reaches_a_stationary_point(solver, pre):
     xs, ws, init = make_problem(2, 6, 5, [120, 80], seed=12, spread=1.5)
     quad = solve_router(xs, ws, init, solver=solver, preconditioner=pre, tol=1e-9)

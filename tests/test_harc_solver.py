@@ -30,13 +30,13 @@ def test_solvers_match_dense_reference(case, hessian):
     ref = dense_solution(xs, ws, 0.9, hessian)
     direct = solve_router(xs, ws, init, alpha=0.9, hessian=hessian, solver="direct")
     assert rel(direct.weight, ref) < 1e-8
-    for solver, pre in [("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker")]:
+    for solver, pre in [("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker"), ("pcg", "expert-block")]:
         sol = solve_router(xs, ws, init, alpha=0.9, hessian=hessian, solver=solver, preconditioner=pre, tol=1e-8)
         assert sol.converged, (solver, pre, sol.relative_residual)
         assert rel(sol.weight, ref) < 1e-5, (solver, pre)
         assert sol.relative_residual < 1e-7
     # mixed precision: 16-bit inner solves, refined against the exact operator, same answer
-    for solver, pre in [("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker")]:
+    for solver, pre in [("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker"), ("pcg", "expert-block")]:
         for inner in (torch.bfloat16, torch.float16):
             sol = solve_router(xs, ws, init, alpha=0.9, hessian=hessian, solver=solver, preconditioner=pre,
                                tol=1e-8, inner_dtype=inner)
@@ -133,7 +133,7 @@ def test_output_keeps_init_dtype_and_float32_inputs_work():
     assert rel(sol.weight.double(), ref) < 1e-4
 
 
-@pytest.mark.parametrize("solver,pre", [("direct", "none"), ("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker")])
+@pytest.mark.parametrize("solver,pre", [("direct", "none"), ("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker"), ("pcg", "expert-block")])
 def test_alpha_one_singular_system_gives_the_minimum_change_solution(solver, pre):
     # alpha = 1, full Hessian: w -> w + 1 c^T is a null direction. Every solver must return a finite
     # solution of the consistent system that leaves the expert-mean of init unchanged.
@@ -152,7 +152,7 @@ def test_alpha_one_singular_system_gives_the_minimum_change_solution(solver, pre
 def test_null_space_in_init_does_not_break_any_solver():
     xs, ws, init = make_problem(2, 4, 3, [40, 40], seed=4)
     shifted = init + 50.0 * torch.ones(4, 1, dtype=torch.float64) * torch.randn(1, 3, dtype=torch.float64)
-    for solver, pre in [("direct", "none"), ("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker")]:
+    for solver, pre in [("direct", "none"), ("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker"), ("pcg", "expert-block")]:
         sol = solve_router(xs, ws, shifted, solver=solver, preconditioner=pre, tol=1e-9)
         assert torch.isfinite(sol.weight).all() and sol.converged
 
@@ -161,7 +161,7 @@ def test_dead_input_coordinate_is_left_alone():
     xs, ws, init = make_problem(2, 4, 5, [40, 40], seed=8)
     for x in xs:
         x[:, 2] = 0.0
-    for solver, pre in [("direct", "none"), ("pcg", "jacobi"), ("pcg", "kronecker")]:
+    for solver, pre in [("direct", "none"), ("pcg", "jacobi"), ("pcg", "kronecker"), ("pcg", "expert-block")]:
         sol = solve_router(xs, ws, init, solver=solver, preconditioner=pre, tol=1e-9)
         assert torch.isfinite(sol.weight).all()
         assert torch.allclose(sol.weight[:, 2], init[:, 2])

@@ -48,7 +48,7 @@ def test_sigmoid_gate_solve_matches_the_dense_reference(case, alpha):
     tasks, k, d, tokens = case
     xs, ws, init = make_problem(tasks, k, d, tokens, seed=k + d, spread=0.7)
     ref = dense_sigmoid_solution(xs, ws, alpha)
-    for solver, pre in [("direct", "none"), ("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker")]:
+    for solver, pre in [("direct", "none"), ("cg", "none"), ("pcg", "jacobi"), ("pcg", "kronecker"), ("pcg", "expert-block")]:
         for hessian in ("full", "diag"):  # the same model for sigmoid gates
             sol = solve_router(xs, ws, init, alpha=alpha, hessian=hessian, solver=solver, preconditioner=pre,
                                tol=1e-10, max_iter=2000, link="sigmoid")

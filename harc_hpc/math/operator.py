@@ -194,6 +194,57 @@ class TaskCurvature:
             acc = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=self._device())
         return red.sum(acc) / red.sum_int(count)
 
+    def heaviest_token_rows(self, m: int) -> torch.Tensor:
+        """Per expert k, the rows sqrt(h_k / N) x of the ``m`` tokens with the largest curvature weight
+        h_k = H_kk (ties: the earlier token), as a (K, m, d) tensor in the inputs' dtype: then
+        sum_rows U_k^T U_k is the part of this task's expert block E[h_k x x^T] that those tokens carry,
+        the low-rank term of the expert-block preconditioner (harc_hpc.math.cg). Two passes over the
+        inputs (select, then gather). Distributed: the global top m over all ranks' tokens, the same
+        (K, m, d) tensor on every rank (candidates and rows are exchanged by all-reduce)."""
+        k = self.num_experts
+        red = self.reducer
+        m = max(1, min(int(m), self.num_tokens))
+        device = self._device()
+        best_v = torch.zeros((k, 0), dtype=torch.float64, device=device)
+        best_i = torch.zeros((k, 0), dtype=torch.int64, device=device)
+        start = red.offset(self.local_tokens) if red.distributed else 0
+        position = start
+        for x, p in self.pairs():
+            n = x.shape[0]
+            h = hessian_diagonal(p, self.hessian, x, k).T.to(device=device, dtype=torch.float64)  # (K, n)
+            idx = torch.arange(position, position + n, device=device).expand(k, n)
+            best_v, best_i = _top_by_value_then_index(torch.cat([best_v, h], 1), torch.cat([best_i, idx], 1), m)
+            position += n
+        if red.distributed:
+            # every rank's candidates (at most m each) reach every rank through one all-reduce (each
+            # slot has one writer); the global top m is then the same selection everywhere
+            vals = torch.zeros((red.world_size, k, m), dtype=torch.float64, device=device)
+            slots = torch.zeros((red.world_size, k, m), dtype=torch.int64, device=device)  # index + 1; 0: empty
+            vals[red.rank, :, : best_v.shape[1]] = best_v
+            slots[red.rank, :, : best_i.shape[1]] = best_i + 1
+            vals, slots = red.sum(vals), red.sum(slots)
+            flat_v = vals.permute(1, 0, 2).reshape(k, -1)
+            flat_i = slots.permute(1, 0, 2).reshape(k, -1) - 1
+            flat_v = flat_v.masked_fill(flat_i < 0, -1.0)  # empty slots lose to every real token (h >= 0)
+            order = torch.argsort(flat_i.masked_fill(flat_i < 0, torch.iinfo(torch.int64).max), dim=1, stable=True)
+            best_v, best_i = _top_by_value_then_index(flat_v.gather(1, order), flat_i.gather(1, order), m)
+        rows = None
+        position = start
+        for x, p in self.pairs():
+            n = x.shape[0]
+            if rows is None:
+                rows = torch.zeros(k, m, x.shape[1], dtype=x.dtype, device=x.device)
+            local = (best_i >= position) & (best_i < position + n)
+            if bool(local.any()):
+                e, j = local.nonzero(as_tuple=True)
+                t = (best_i[e, j] - position).to(x.device)
+                w = (best_v[e, j] / self.num_tokens).sqrt().to(device=x.device, dtype=x.dtype)
+                rows[e.to(x.device), j.to(x.device)] = x[t] * w[:, None]
+            position += n
+        if rows is None:  # an empty shard
+            rows = torch.zeros(k, m, self.dim, dtype=self.chunks.dtype or torch.float32, device=device)
+        return red.sum(rows) if red.distributed else rows
+
     def dense(self, block_tokens: int = 2048) -> torch.Tensor:
         """Sigma_i materialised, (K d, K d) float64; only for small K d (the direct solver)."""
         k = self.num_experts
@@ -251,6 +302,16 @@ class LowPrecisionCurvature:
             u = hessian_times(p, (x @ wt).float(), self.hessian)
             acc += (u.to(self.dtype).T @ x).to(device=acc.device, dtype=torch.float64)
         return self.reducer.sum(acc) / self.num_tokens
+
+
+def _top_by_value_then_index(values: torch.Tensor, indices: torch.Tensor, m: int):
+    """Per row, the ``m`` largest values (ties: the smaller index), returned in increasing index
+    order; ``indices`` must be increasing along each row (a stable sort then breaks ties by index)."""
+    if values.shape[1] <= m:
+        return values, indices
+    top = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :m]
+    top = torch.sort(top, dim=1).values  # back to increasing index order
+    return values.gather(1, top), indices.gather(1, top)
 
 
 def log_probs(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:

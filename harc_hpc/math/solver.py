@@ -30,6 +30,7 @@ import torch
 
 from harc_hpc.math.cg import (
     PRECONDITIONERS,
+    ExpertBlockPreconditioner,
     KroneckerPreconditioner,
     conjugate_gradient,
     jacobi_preconditioner,
@@ -169,7 +170,17 @@ def _check_statistics(s: TaskStatistics, i: int, hessian: str, w_i: torch.Tensor
         raise ValueError(f"statistics {i} counted {s.num_tokens} tokens, the inputs have {num_tokens}")
 
 
-def _preconditioner(kind, system: HarcSystem, expert_factor, input_factor, project_null):
+DEFAULT_EXPERT_BLOCK_TOKENS = 256
+
+
+def _preconditioner(kind, system: HarcSystem, expert_factor, input_factor, project_null,
+                    expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS):
+    if kind == "expert-block":
+        rows = torch.cat([c.heaviest_token_rows(expert_block_tokens) for c in system.curvatures], dim=1)
+        # the shift space 1 c^T is exactly curvature-free only for the full softmax Hessian
+        coarse = all(c.hessian == "full" and c.link == "softmax" for c in system.curvatures)
+        return ExpertBlockPreconditioner(rows, system.diagonal, system.alpha, system.damping, coarse=coarse,
+                                         project_null=project_null)
     if kind == "jacobi":
         return jacobi_preconditioner(system.jacobi_diagonal(), project_null=project_null)
     if kind == "kronecker":
@@ -200,6 +211,7 @@ def solve_router(
     kl_max_steps: int = 30,
     kl_tol: Optional[float] = None,
     kronecker_tokens: Optional[int] = 8192,
+    expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS,
     callback: Optional[Callable[[int, float], None]] = None,
     inner_dtype: Optional[torch.dtype] = None,
     inner_tol: float = 1e-2,
@@ -296,7 +308,7 @@ def solve_router(
         w, residual, converged = solve_direct(system, b, w0)
         iterations = 0
     else:
-        pre = _preconditioner(precond, system, expert_factor, input_factor, project_null)
+        pre = _preconditioner(precond, system, expert_factor, input_factor, project_null, expert_block_tokens)
         if inner_dtype is not None:
             low = HarcSystem([c.lowered(inner_dtype) for c in curvatures], diagonal, alpha)
             res = refine(system.apply, low.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter,
@@ -318,7 +330,7 @@ def solve_router(
     newton_steps = 0
     if objective == "kl":
         fit = _fit_kl(chunks, sources, w, alpha=alpha, solver=solver, preconditioner=precond,
-                      input_factor=input_factor, max_iter=max_iter, max_steps=kl_max_steps,
+                      input_factor=input_factor, expert_block_tokens=expert_block_tokens, max_iter=max_iter, max_steps=kl_max_steps,
                       grad_tol=tol if kl_tol is None else kl_tol, reducer=reducer)
         w = fit["weight"]
         iterations += fit["iterations"]
@@ -400,7 +412,7 @@ class _KLTask:
 
 
 def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_factor, max_iter, max_steps, grad_tol,
-            reducer: Reducer = LOCAL, targets=None):
+            reducer: Reducer = LOCAL, targets=None, expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS):
     """Levenberg-Marquardt on sum_i E KL(r_i || softmax(W x)).
 
     Each step solves (Hess(W) + lambda diag(Hess(W))) dW = -grad. The loss is convex soft-label
@@ -450,7 +462,8 @@ def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_fa
                 inner_tol = max(min(0.1, rel_grad ** 0.5), 1e-12)
                 res = conjugate_gradient(
                     system.apply, -grad, torch.zeros_like(w),
-                    precondition=_preconditioner(preconditioner, system, expert_factor, input_factor, False),
+                    precondition=_preconditioner(preconditioner, system, expert_factor, input_factor, False,
+                                                 expert_block_tokens),
                     tol=inner_tol, max_iter=max_iter,
                 )
                 delta = res.x

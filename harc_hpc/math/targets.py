@@ -39,7 +39,7 @@ import torch
 from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reducer
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
 from harc_hpc.math.operator import TaskCurvature
-from harc_hpc.math.solver import (HarcSystem, RouterSolution, _check_statistics, _fit_kl, _preconditioner,
+from harc_hpc.math.solver import (DEFAULT_EXPERT_BLOCK_TOKENS, HarcSystem, RouterSolution, _check_statistics, _fit_kl, _preconditioner,
                                   check_settings, choose_solver, solve_direct, sum_in_order)
 from harc_hpc.math.statistics import TaskStatistics
 from harc_hpc.math.cg import conjugate_gradient
@@ -132,6 +132,7 @@ def fit_router_to_targets(
     direct_max_size: int = 4096,
     kl_max_steps: int = 30,
     kl_tol: Optional[float] = None,
+    expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS,
     callback: Optional[Callable[[int, float], None]] = None,
     process_group: ProcessGroupLike = None,
     keep_input_dtype: bool = False,
@@ -195,13 +196,14 @@ def fit_router_to_targets(
         w, residual, converged = solve_direct(system, b, w0)
         iterations = 0
     else:
-        pre = _preconditioner(precond, system, None, None, alpha == 1.0 and hessian == "full")
+        pre = _preconditioner(precond, system, None, None, alpha == 1.0 and hessian == "full", expert_block_tokens)
         res = conjugate_gradient(system.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter, callback=callback)
         w, iterations, residual, converged, history = res.x, res.iterations, res.relative_residual, res.converged, res.history
     quadratic_iterations = iterations
     newton_steps = 0
     if objective == "kl":
         fit = _fit_kl(chunks, None, w, alpha=alpha, solver=solver, preconditioner=precond, input_factor=None,
+                      expert_block_tokens=expert_block_tokens,
                       max_iter=max_iter, max_steps=kl_max_steps, grad_tol=tol if kl_tol is None else kl_tol,
                       reducer=reducer, targets=qs)
         w = fit["weight"]

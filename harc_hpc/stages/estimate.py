@@ -23,7 +23,9 @@ from harc_hpc.errors import format_bytes
 GB = 2**30  # executor sizes (mem_gb, gpu_memory_gb) are GiB, as SLURM's --mem
 PROCESS_BYTES = 512 * 2**20  # interpreter, torch, transformers (a tiny task peaks at ~400 MB RSS)
 CUDA_HOST_BYTES = 3 * 2**29  # what a CUDA context adds to a process's host memory, roughly
-SOLVE_ITERATIONS = 400  # pcg on an OLMoE-shaped layer (benchmarks/bench_solver.py)
+# CG iterations per layer by preconditioner, measured with benchmarks/bench_solver.py on the
+# OLMoE-shaped layer (d 2048, K 64, 2 x 8192 tokens); other preconditioners: Jacobi's
+SOLVE_ITERATIONS = {"expert-block": 60, "jacobi": 400}
 _ITEM = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 
 
@@ -374,14 +376,17 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             keep_stored, inputs = choose_residency(-(-n_solve // ranks), d, K, cfg.calibration.dtype, cfg.harc.dtype,
                                                    inner, cfg.calibration.chunk_tokens, int(budget))
             item = cal if keep_stored else _ITEM[cfg.harc.dtype]
-            need = int(PROCESS_BYTES + inputs + 12 * K * d * 8)
+            # the expert-block preconditioner: U and U G^-1 (K x tasks*m x d) and K capacitance inverses
+            block_rows = len(cfg.task_names) * cfg.harc.expert_block_tokens
+            precond = (2 * K * block_rows * d + K * block_rows ** 2) * 4 if cfg.harc.preconditioner == "expert-block" else 0
+            need = int(PROCESS_BYTES + inputs + 12 * K * d * 8 + precond)
             if on_gpu:
                 # read chunk by chunk into the device-resident copy: a few chunks in host memory
-                e.gpu_bytes = int(1.0 * 2**30 + inputs)
+                e.gpu_bytes = int(1.0 * 2**30 + inputs + precond)
                 e.host_bytes = PROCESS_BYTES + 4 * cfg.calibration.chunk_tokens * d * 4
             else:
                 e.host_bytes = need
-            iters = min(cfg.harc.max_iter, SOLVE_ITERATIONS)
+            iters = min(cfg.harc.max_iter, SOLVE_ITERATIONS.get(cfg.harc.preconditioner, SOLVE_ITERATIONS["jacobi"]))
             # a matvec is two GEMMs over the inputs: compute- or memory-bound, whichever is slower
             bandwidth = 3.35e12 if on_gpu else 20e9  # H100 HBM3; a CPU socket, roughly
             n_rank = -(-n_solve // ranks)

@@ -114,7 +114,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         sol = solve_router(
             inputs, sources, init,
             alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
-            preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, statistics=stats,
+            preconditioner=h.preconditioner, expert_block_tokens=h.expert_block_tokens,
+            tol=h.tol, max_iter=h.max_iter, statistics=stats,
             callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
             inner_dtype=torch_dtype(inner), cache_bytes=budget if resident else 0,
             compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=keep_stored,
@@ -189,7 +190,8 @@ def _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, cache_bytes, keep_
         with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
             sol = fit_router_to_targets(
                 chunks, targets, init, alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
-                tol=h.tol, max_iter=h.max_iter, preconditioner=h.preconditioner, statistics=stats,
+                tol=h.tol, max_iter=h.max_iter, preconditioner=h.preconditioner,
+                expert_block_tokens=h.expert_block_tokens, statistics=stats,
                 callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
                 process_group=process_group)
     except ValueError as exc:  # settings the domain fit does not take (e.g. kl with unsmoothed targets)
@@ -249,7 +251,8 @@ def _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, cache_bytes, k
     sources = [source_shared_expert_gate(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     init = merged_shared_expert_gate(cfg, run_dir, layer).to(device=device, dtype=dtype)
     sol = solve_router(inputs, sources, init, alpha=h.alpha, hessian=h.hessian, solver=h.solver,
-                       preconditioner=h.preconditioner, tol=h.tol, max_iter=h.max_iter, compute_dtype=dtype,
+                       preconditioner=h.preconditioner, expert_block_tokens=h.expert_block_tokens,
+                       tol=h.tol, max_iter=h.max_iter, compute_dtype=dtype,
                        chunk_tokens=cfg.calibration.chunk_tokens, cache_bytes=cache_bytes,
                        keep_input_dtype=keep_stored, process_group=process_group, link="sigmoid")
     require_finite(sol.weight, "the calibrated shared-expert gate", f"solve-router layer {layer}")
