@@ -116,12 +116,20 @@ def test_inner_dtype_auto_is_16_bit_only_where_gemms_are_fast():
 
 def test_a_distributed_solve_is_planned_per_rank_and_only_distributed_stages_take_ranks(config):
     model = REPO / "configs/model-shapes/olmoe-1b-7b.json"
-    one = CliRunner().invoke(main, ["plan", str(REPO / "configs/olmoe.yaml"), "--model-config", str(model), "--json"])
-    four = CliRunner().invoke(main, ["plan", str(REPO / "configs/olmoe.yaml"), "--model-config", str(model), "--json",
-                                     "--set", "executor.stages.solve-router.tasks_per_node=4"])
-    assert one.exit_code == 0 and four.exit_code == 0, (one.output, four.output)
-    gpu = [{e["stage"]: e for e in json.loads(r.output)["stages"]}["solve-router"]["gpu_bytes"] for r in (one, four)]
+    def solve_gpu_bytes(*sets):
+        args = ["plan", str(REPO / "configs/olmoe.yaml"), "--model-config", str(model), "--json"]
+        out = CliRunner().invoke(main, args + [a for s in sets for a in ("--set", s)])
+        assert out.exit_code == 0, out.output
+        return {e["stage"]: e for e in json.loads(out.output)["stages"]}["solve-router"]["gpu_bytes"]
+
+    gpu = [solve_gpu_bytes("harc.preconditioner=jacobi"),
+           solve_gpu_bytes("harc.preconditioner=jacobi", "executor.stages.solve-router.tasks_per_node=4")]
     assert 3.5 < gpu[0] / gpu[1] < 4.0  # the inputs are split four ways; a fixed allowance is not
+    # the expert-block preconditioner (the default) is replicated on every rank: U, U G^-1 and the
+    # capacitance inverses of 64 experts x 2 tasks x 256 tokens at d 2048, float32
+    rows = 2 * 256
+    assert solve_gpu_bytes() - gpu[0] == (2 * 64 * rows * 2048 + 64 * rows ** 2) * 4
+    assert solve_gpu_bytes("executor.stages.solve-router.tasks_per_node=4") - gpu[1] == (2 * 64 * rows * 2048 + 64 * rows ** 2) * 4
     dry = CliRunner().invoke(main, ["submit", str(config), "--dry-run",
                                     "--set", "executor.stages.solve-router.tasks_per_node=2"])
     assert dry.exit_code == 0, dry.output
