@@ -16,7 +16,6 @@ it through readme_figures.py).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -42,6 +41,7 @@ def probed_run(config: Path, streamed: bool) -> tuple[int, int, dict]:
     from harc_hpc.pipeline import records
     from harc_hpc.pipeline.api import submit_run
     from harc_hpc.stages import capture_activations, layout
+    from pipeline_fixtures import final_bytes
 
     cfg = load_config(config)
     peak = [0]
@@ -71,9 +71,7 @@ def probed_run(config: Path, streamed: bool) -> tuple[int, int, dict]:
         capture_activations.streamed = streamed_rule
     d = json.loads((cfg.run_dir / "merged" / "config.json").read_text())["hidden_size"]
     one_block = sum(TokenStore(layout.token_store(cfg.run_dir, t)).num_selected for t in cfg.task_names) * d * 4
-    final = {p.relative_to(cfg.run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-             for sub in ("model", "routers") for p in sorted((cfg.run_dir / sub).glob("*.safetensors"))}
-    return peak[0], one_block, final
+    return peak[0], one_block, final_bytes(cfg.run_dir)
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -168,3 +169,19 @@ def run_pipeline(cfg, run_dir):
                 compute_statistics.run(cfg, run_dir, layer=l, task=t)
             solve_router_stage.run(cfg, run_dir, layer=l)
     assemble_model.run(cfg, run_dir)
+
+
+def final_bytes(run_dir: Path) -> dict:
+    """sha256 of every safetensors file of a run's final model and routers (byte-identity checks)."""
+    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for sub in ("model", "routers") for p in sorted((Path(run_dir) / sub).glob("*.safetensors"))}
+
+
+def submit_debug(config: Path, lines=None):
+    """Submit a config in this process (debug executor); its output lines go to ``lines``."""
+    from harc_hpc.config import load_config
+    from harc_hpc.pipeline.api import submit_run
+
+    plan, outcome = submit_run(load_config(config), executor="debug", echo=(lines if lines is not None else []).append)
+    assert outcome.ok, (outcome.failed, outcome.skipped)
+    return plan

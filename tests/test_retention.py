@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 
 import pytest
 
@@ -11,18 +9,7 @@ from harc_hpc.config import load_config
 from harc_hpc.pipeline import records
 from harc_hpc.pipeline.api import submit_run
 from harc_hpc.pipeline.status import collect, format_table
-from pipeline_fixtures import build_tiny_sources, write_config
-
-
-def final_bytes(run_dir: Path) -> dict:
-    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for sub in ("model", "routers") for p in sorted((run_dir / sub).glob("*.safetensors"))}
-
-
-def run(config, lines=None):
-    plan, outcome = submit_run(load_config(config), executor="debug", echo=(lines if lines is not None else []).append)
-    assert outcome.ok, (outcome.failed, outcome.skipped)
-    return plan
+from pipeline_fixtures import build_tiny_sources, final_bytes, submit_debug, write_config
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +20,7 @@ def sources(tmp_path_factory):
 @pytest.fixture(scope="module")
 def kept(sources, tmp_path_factory):
     root = tmp_path_factory.mktemp("kept")
-    plan = run(write_config(root, sources, name="kept", extra={"run.retention": "keep"}))
+    plan = submit_debug(write_config(root, sources, name="kept", extra={"run.retention": "keep"}))
     return plan.run_dir, final_bytes(plan.run_dir)
 
 
@@ -48,7 +35,7 @@ def test_keep_leaves_the_intermediate_stores(kept):
 
 
 def test_delete_intermediate_frees_scratch_with_the_same_result(sources, tmp_path, kept):
-    plan = run(write_config(tmp_path, sources, name="del"))  # the default
+    plan = submit_debug(write_config(tmp_path, sources, name="del"))  # the default
     run_dir = plan.run_dir
     assert list((run_dir / "activations").iterdir()) == [] and not (run_dir / "hidden").exists()
     assert not any((run_dir / "partial").iterdir())
@@ -83,11 +70,11 @@ def test_delete_intermediate_frees_scratch_with_the_same_result(sources, tmp_pat
 
 def test_a_rerun_that_needs_a_deleted_store_recomputes_it(sources, tmp_path, kept):
     config = write_config(tmp_path, sources, name="restore")
-    plan = run(config)
+    plan = submit_debug(config)
     router = plan.run_dir / "routers/layer-002.safetensors"
     router.unlink()
     lines: list[str] = []
-    run(config, lines)
+    submit_debug(config, lines)
     text = "\n".join(lines)
     # solve 2 reads activations 2 -> capture 2 reads activations 1 -> capture 1 reads activations 0
     assert "rerunning capture-activations/block-002: solve-router/layer-002 needs activations/block-002.zarr" in text

@@ -8,7 +8,6 @@ disk measured after every write and delete of a tiny pipeline run (the scratch p
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from harc_hpc.pipeline import records
 from harc_hpc.pipeline.api import submit_run
 from harc_hpc.stages import capture_activations, layout, merge_experts
 from harc_hpc.stages.routers import merged_router, save_router
-from pipeline_fixtures import build_tiny_sources, tiny_config, write_config
+from pipeline_fixtures import build_tiny_sources, final_bytes, submit_debug, tiny_config, write_config
 
 ALL_FAMILIES = ("olmoe", "qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4_text")
 
@@ -110,23 +109,12 @@ def block_router_input_bytes(run_dir: Path, cfg) -> int:
     return sum(TokenStore(layout.token_store(run_dir, t)).num_selected for t in cfg.task_names) * 32 * 4
 
 
-def final_bytes(run_dir: Path) -> dict:
-    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for sub in ("model", "routers") for p in sorted((run_dir / sub).glob("*.safetensors"))}
-
-
 CHUNK = 64  # calibration.chunk_tokens (its minimum): small beside a task's ~700 tokens
 
 
 def config_for(root: Path, sources: dict, name: str, **extra) -> Path:
     return write_config(root, sources, name=name, executor="debug", extra={
         "calibration.chunk_tokens": CHUNK, "calibration.batch_size": 2, "calibration.compression": "none", **extra})
-
-
-def submit(config: Path, lines=None):
-    plan, outcome = submit_run(load_config(config), executor="debug", echo=(lines if lines is not None else []).append)
-    assert outcome.ok, (outcome.failed, outcome.skipped)
-    return plan
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +126,7 @@ def sources(tmp_path_factory):
 def reference(sources, tmp_path_factory):
     """An uninterrupted run that keeps its stores: its final bytes, and every store verifies."""
     root = tmp_path_factory.mktemp("ref")
-    plan = submit(config_for(root, sources, "ref", **{"run.retention": "keep"}))
+    plan = submit_debug(config_for(root, sources, "ref", **{"run.retention": "keep"}))
     return plan.run_dir, final_bytes(plan.run_dir)
 
 
@@ -158,7 +146,7 @@ def test_streamed_scratch_peak_is_one_block_of_router_inputs(sources, tmp_path, 
     config = config_for(tmp_path, sources, "streamed")
     cfg = load_config(config)
     probe = ScratchProbe(monkeypatch, cfg.run_dir)
-    submit(config)
+    submit_debug(config)
     one_block = block_router_input_bytes(cfg.run_dir, cfg)
     chunk_bytes = CHUNK * 32 * 4
     ratio = probe.peak / one_block
@@ -178,7 +166,7 @@ def test_layerwise_capture_at_block_size_1_peaks_at_three_blocks(sources, tmp_pa
     config = config_for(tmp_path, sources, "layerwise")
     cfg = load_config(config)
     probe = ScratchProbe(monkeypatch, cfg.run_dir)
-    submit(config)
+    submit_debug(config)
     ratio = probe.peak / block_router_input_bytes(cfg.run_dir, cfg)
     print(f"layer-wise capture: scratch peak {probe.peak} B = {ratio:.3f} x one block's router inputs")
     assert ratio >= 2.5, ratio
@@ -224,7 +212,7 @@ def test_a_capture_killed_while_consuming_resumes_without_its_producer(sources, 
     manifest = json.loads((layout.capture_partial(run_dir, 1) / "manifest.json").read_text())
     assert 0 < manifest["flushed"]["math"] and manifest["flushed"]["math"] % CHUNK == 0
     lines: list[str] = []
-    submit(config, lines)
+    submit_debug(config, lines)
     ran = [l.split()[1] for l in lines if l.startswith("running ")]
     assert ran[0] == "capture-activations/block-001" and "capture-activations/block-000" not in ran, ran
     assert not any("rerunning" in l for l in lines), lines
@@ -305,7 +293,7 @@ def test_a_corrupt_chunk_of_a_store_being_consumed_reruns_its_producer(sources, 
     assert "CorruptArtifactError" in records.failure_line(run_dir, "capture-activations", "block-001")
     assert records.read_completion(run_dir, "capture-activations", "block-000") is None
     lines.clear()
-    submit(config, lines)
+    submit_debug(config, lines)
     ran = [l.split()[1] for l in lines if l.startswith("running ")]
     assert ran[:2] == ["capture-activations/block-000", "capture-activations/block-001"], ran
     assert final_bytes(run_dir) == reference[1]

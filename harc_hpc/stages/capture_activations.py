@@ -207,6 +207,22 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "harc-capture-partial/1"
 
 
+def _publish_stores(partial: Path, stores: list[tuple[Path, Path]]) -> None:
+    """Make each built store durable and move it to its final path, then drop the partial folder."""
+    for built, final in stores:
+        fsync_tree(built)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        publish(built, final)
+    remove_path(partial)
+
+
+def _raise_disk_full(exc: OSError, partial: Path, needed: int):
+    """A full disk becomes a DiskFullError naming the folder and the bytes the task needs."""
+    if exc.errno == errno.ENOSPC:
+        raise DiskFullError(partial, needed, free_bytes(partial)) from exc
+    raise exc
+
+
 def calibrated_overrides(run_dir: Path, fam, block_list: list[list[int]], block: int) -> dict:
     """The routers of every block before ``block``, replaced by their calibrated solutions (with
     their calibrated biases and shared-expert gates): ``{layer: {parameter: tensor}}``."""
@@ -247,12 +263,21 @@ def template_values(cfg: PipelineConfig) -> dict:
     return {"if_streamed": ""} if streamed(cfg) else {"if_layerwise": ""}
 
 
+def check_block(cfg: PipelineConfig, block: int) -> list[list[int]]:
+    """The run's blocks of layers, once ``block`` is known to be one of them."""
+    block_list = layout.blocks(cfg)
+    if not 0 <= block < len(block_list):
+        raise ValueError(f"capture-activations: block {block} does not exist (blocks: 0..{len(block_list) - 1})")
+    return block_list
+
+
 def run(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Optional[str] = None,
         claim_input: Optional[Callable[[str, Path], bool]] = None) -> dict:
     """Capture block ``block``: streamed (``streamed(cfg)``: run_streamed) or layer-wise.
 
     ``claim_input`` (passed by the runner under run.retention delete-intermediate): a streamed
     capture deletes the residual store it reads last as it consumes it once this claims it."""
+    check_block(cfg, block)
     if streamed(cfg):
         return run_streamed(cfg, run_dir, block, task_digest=task_digest, claim_input=claim_input)
     return run_layerwise(cfg, run_dir, block, task_digest=task_digest)
@@ -268,9 +293,7 @@ def run_layerwise(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: O
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
-    block_list = layout.blocks(cfg)
-    if not 0 <= block < len(block_list):
-        raise ValueError(f"capture-activations: block {block} does not exist (blocks: 0..{len(block_list) - 1})")
+    block_list = check_block(cfg, block)
     merged = layout.merged_dir(run_dir)
     tokens = ensure_tokens(cfg, run_dir, merged)
 
@@ -394,17 +417,10 @@ def run_layerwise(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: O
         acts.close()
         if hidden_out is not None and not hidden_complete:  # an empty block span: nothing ran
             hidden_out.close()
-        fsync_tree(hidden_dir)
-        fsync_tree(acts_dir)
-        for built, final in ((hidden_dir, layout.hidden_store(run_dir, block)),
-                             (acts_dir, layout.activation_store(run_dir, block))):
-            final.parent.mkdir(parents=True, exist_ok=True)
-            publish(built, final)
-        remove_path(partial)
+        _publish_stores(partial, [(hidden_dir, layout.hidden_store(run_dir, block)),
+                                  (acts_dir, layout.activation_store(run_dir, block))])
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise DiskFullError(partial, needed, free_bytes(partial)) from exc
-        raise
+        _raise_disk_full(exc, partial, needed)
     finally:
         recorder.close()
         for s in states.values():
@@ -483,9 +499,7 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
     run_dir = Path(run_dir)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.run.seed)
-    block_list = layout.blocks(cfg)
-    if not 0 <= block < len(block_list):
-        raise ValueError(f"capture-activations: block {block} does not exist (blocks: 0..{len(block_list) - 1})")
+    block_list = check_block(cfg, block)
     layer = block_list[block][0]
     prev_layer = block_list[block - 1][0] if block > 0 else None
     merged = layout.merged_dir(run_dir)
@@ -599,15 +613,9 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
             bar.close()
         model.release_embeddings()
         writer.close()
-        fsync_tree(out_dir)
-        final = layout.activation_store(run_dir, block)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        publish(out_dir, final)
-        remove_path(partial)
+        _publish_stores(partial, [(out_dir, layout.activation_store(run_dir, block))])
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise DiskFullError(partial, needed, free_bytes(partial)) from exc
-        raise
+        _raise_disk_full(exc, partial, needed)
     finally:
         model.close()
     return {
