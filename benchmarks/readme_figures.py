@@ -28,7 +28,7 @@ def _load(results: Path, name: str):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _solver_row(r: dict, name: str) -> list[str]:
+def _solver_row(r: dict) -> list[str]:
     ours, ref = r.get("pcg-expert-block"), r.get("paper_style")
     if not ours:
         return []
@@ -73,7 +73,7 @@ def render(results: Path = RESULTS) -> str:
                 f"| Jacobi: {jac['wall_s']:.0f} s, {jac['iterations']} it. | "
                 f"{solve['ratios']['expert_block_speedup_wall_vs_jacobi']}x |")
     for path in sorted(results.glob("solver-*.json")):
-        rows += _solver_row(json.loads(path.read_text()), path.name)
+        rows += _solver_row(json.loads(path.read_text()))
     scratch = _load(results, "scratch.json")
     if scratch:
         rows.append(

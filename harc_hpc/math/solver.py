@@ -173,10 +173,17 @@ def _check_statistics(s: TaskStatistics, i: int, hessian: str, w_i: torch.Tensor
 DEFAULT_EXPERT_BLOCK_TOKENS = 256
 
 
+def expert_block_rows(curvatures, expert_block_tokens: int) -> torch.Tensor:
+    """Every task's heaviest-token rows per expert, (K, tasks * m, d): they depend on the curvatures
+    only, not on the damping, so one set serves every damping tried on the same curvatures."""
+    return torch.cat([c.heaviest_token_rows(expert_block_tokens) for c in curvatures], dim=1)
+
+
 def _preconditioner(kind, system: HarcSystem, expert_factor, input_factor, project_null,
-                    expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS):
+                    expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS, rows: Optional[torch.Tensor] = None):
     if kind == "expert-block":
-        rows = torch.cat([c.heaviest_token_rows(expert_block_tokens) for c in system.curvatures], dim=1)
+        if rows is None:
+            rows = expert_block_rows(system.curvatures, expert_block_tokens)
         # the shift space 1 c^T is exactly curvature-free only for the full softmax Hessian
         coarse = all(c.hessian == "full" and c.link == "softmax" for c in system.curvatures)
         return ExpertBlockPreconditioner(rows, system.diagonal, system.alpha, system.damping, coarse=coarse,
@@ -450,6 +457,9 @@ def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_fa
         diagonal = sum_in_order(cv.diagonal() for cv in curvatures)
         expert_factor = (sum_in_order(cv.hessian_mean() for cv in curvatures)
                          if preconditioner == "kronecker" else None)
+        # two passes over the inputs: once per Newton point, not once per damping tried there
+        rows = (expert_block_rows(curvatures, expert_block_tokens)
+                if preconditioner == "expert-block" and solver != "direct" else None)
         accepted = False
         while not accepted and steps < max_steps:
             steps += 1
@@ -463,7 +473,7 @@ def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_fa
                 res = conjugate_gradient(
                     system.apply, -grad, torch.zeros_like(w),
                     precondition=_preconditioner(preconditioner, system, expert_factor, input_factor, False,
-                                                 expert_block_tokens),
+                                                 expert_block_tokens, rows),
                     tol=inner_tol, max_iter=max_iter,
                 )
                 delta = res.x
