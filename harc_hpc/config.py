@@ -187,7 +187,7 @@ class MergeSection(_Strict):
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # compute dtype (None: inputs')
     max_shard_size: str = "5GB"
     out_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # stored dtype (None: dtype)
-    device: str = "cpu"  # where WUDI's optimisation runs ("auto": cuda if available)
+    device: str = "auto"  # where WUDI's optimisation and merge statistics run ("auto": the task's GPU, else the CPU)
 
 
 class CalibrationSection(_Strict):
@@ -304,6 +304,9 @@ class ExecutorSection(_Strict):
     array_parallelism: int = Field(default=64, ge=1)
     max_requeues: int = Field(default=3, ge=0)
     local_workers: int = Field(default=1, ge=1)  # tasks run at once by the local executor
+    # How the ranks of a distributed task reduce: auto = NCCL on GPU ranks, gloo on CPU ranks; gloo
+    # on GPU ranks only when set here (through host memory; slower); nccl refuses CPU ranks.
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
     gpu_memory_gb: float = Field(default=80, gt=0)  # memory of one GPU of the partition (plan checks)
     signal_delay_s: int = Field(default=90, ge=1)  # SIGUSR2 this long before the time limit: requeue
     extra_sbatch: dict[str, OneLineAny] = Field(default_factory=dict)

@@ -59,9 +59,9 @@ def make_run_dir(root: Path, family: str = "olmoe", layers: int = 2) -> tuple[Pa
     _save(merged, sources["math"], run_dir / "model")
     (run_dir / "completions" / "solve-router").mkdir(parents=True)
     (run_dir / "completions" / "solve-router" / "layer-000.json").write_text(json.dumps(
-        {"stage": "solve-router", "wall_s": 2.5, "peak_rss_mb": 300.0}))
+        {"stage": "solve-router", "wall_s": 2.5, "peak_rss_mb": 300.0, "device": "cpu"}))
     (run_dir / "completions" / "solve-router" / "layer-001.json").write_text(json.dumps(
-        {"stage": "solve-router", "peak_gpu_mb": 1234.5}))  # a task that ran on a GPU
+        {"stage": "solve-router", "peak_gpu_mb": 1234.5, "device": "cuda:0 (NVIDIA H100)"}))  # a task that ran on a GPU
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     return cfg_path, run_dir
 
@@ -172,6 +172,7 @@ def test_report_metrics_values(reported_run):
     st = m["stages"]["solve-router"]
     assert st["tasks"] == 2 and st["wall_s_total"] == 2.5 and st["peak_rss_mb_max"] == 300.0
     assert st["peak_gpu_mb_max"] == 1234.5 and "peak_gpu_mb_max" not in m["stages"].get("assemble-model", {})
+    assert st["devices"] == ["cpu", "cuda:0 (NVIDIA H100)"]  # the stage's report says what ran it
     man = m["manifest"]
     assert {"routers/layer-000.safetensors", "model/model.safetensors", "merged/model.safetensors"} <= set(man["artifacts"])
     assert man["packages"]["torch"] == torch.__version__

@@ -13,10 +13,12 @@ from typing import Callable, Iterable, Optional
 import torch
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def pick_device(name: str = "auto", key: str = "harc.device") -> torch.device:
+    """The device ``name`` stands for here, CUDA with its index; a device that does not exist is a
+    UsageError naming ``key`` (harc_hpc.devices.resolve_device)."""
+    from harc_hpc.devices import resolve_device
+
+    return resolve_device(name, key)
 
 
 def free_memory_bytes(device: torch.device) -> int:

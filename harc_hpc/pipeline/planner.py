@@ -29,7 +29,7 @@ from harc_hpc.pipeline import records
 SPECS_ENV = "HARC_HPC_STAGES"
 
 # Settings that change where or how fast a task runs, never what it produces.
-RUNTIME_ONLY_KEYS = ("harc.device", "harc.memory_budget_gb", "harc.stream_inputs", "run.retention",
+RUNTIME_ONLY_KEYS = ("harc.device", "merge.device", "harc.memory_budget_gb", "harc.stream_inputs", "run.retention",
                      "run.node_local_dir", "calibration.compression", "calibration.layer_checkpoints")  # where and how, not what
 
 Split = Literal["none", "block", "layer", "layer_task"]

@@ -120,7 +120,7 @@ def _job_info() -> dict:
     env = os.environ
     info = {"host": platform.node(), "pid": os.getpid()}
     for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
-                 "SUBMITIT_EXECUTOR"):
+                 "SUBMITIT_EXECUTOR", "CUDA_VISIBLE_DEVICES"):
         if name in env:
             info[name.lower()] = env[name]
     return info
@@ -157,6 +157,18 @@ def _reset_peak_gpu() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
+
+
+def _device_used() -> str:
+    """What computed the task: ``cpu``, or the CUDA device it used (index as this process numbers it,
+    the name, and the physical GPU list it was given)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return "cpu"
+    index = torch.cuda.current_device()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"cuda:{index} ({torch.cuda.get_device_name(index)}"
+            + (f", CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ")"))
 
 
 def _peak_gpu_mb() -> Optional[float]:
@@ -222,6 +234,7 @@ def _run_task_distributed(run_dir: Path, payload: dict, force: bool, cfg) -> dic
     import torch
     import torch.distributed as dist
 
+    from harc_hpc.devices import init_rank_process_group
     from harc_hpc.pipeline.lock import TaskLock
 
     ranks = int(payload["ranks"])
@@ -229,9 +242,16 @@ def _run_task_distributed(run_dir: Path, payload: dict, force: bool, cfg) -> dic
     if env.world_size != ranks:
         raise RuntimeError(f"{payload['id']}: planned as {ranks} processes, the job has {env.world_size} "
                            f"(SLURM_NTASKS); submit it again")
-    env.export(set_cuda_visible_devices=torch.cuda.is_available(), overwrite=True)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    # The rendezvous variables only: CUDA_VISIBLE_DEVICES is left as the step set it, and each rank
+    # takes GPU LOCAL_RANK of it before anything initialises CUDA (harc_hpc.devices).
+    env.export(set_cuda_visible_devices=False, overwrite=True)
+    cfg = cfg if cfg is not None else load_run_config(run_dir, payload.get("config"))
+    placement = init_rank_process_group(cfg.harc.device, cfg.executor.distributed_backend,
+                                        timeout=timedelta(minutes=30))
+    if placement.note and env.rank == 0:
+        log.warning("%s: %s", payload["id"], placement.note)
+    log.info("%s: %s", payload["id"], placement.describe())
+    backend = placement.backend
     group = dist.group.WORLD
     try:
         if env.rank == 0:
@@ -246,7 +266,6 @@ def _run_task_distributed(run_dir: Path, payload: dict, force: bool, cfg) -> dic
         dist.broadcast_object_list(decision, src=0)
         if not decision[0]:
             return {}
-        cfg = cfg if cfg is not None else load_run_config(run_dir, payload.get("config"))
         if payload.get("threads"):
             torch.set_num_threads(int(payload["threads"]))
         from harc_hpc.pipeline.planner import StageSpec
@@ -336,6 +355,7 @@ def _run_task_locked(run_dir: Path, payload: dict, force: bool, cfg, process_gro
             "started": started.isoformat(), "finished": datetime.now(timezone.utc).isoformat(),
             "wall_s": round(wall, 3), "peak_rss_mb": _peak_rss_mb(windowed), "job": job, "log": str(log_file),
         }
+        stats["device"] = _device_used()
         gpu = _peak_gpu_mb()
         if gpu is not None:
             stats["peak_gpu_mb"] = gpu

@@ -602,4 +602,7 @@ def stage_statistics(run_dir: Path) -> dict:
         gpu = rec.get("peak_gpu_mb")
         if isinstance(gpu, (int, float)):  # only tasks that ran on a GPU record it
             s["peak_gpu_mb_max"] = max(s.get("peak_gpu_mb_max") or 0.0, gpu)
+        device = rec.get("device")
+        if isinstance(device, str):  # what computed the task (records before 0.1 do not say)
+            s["devices"] = sorted({*s.get("devices", []), device})
     return stages

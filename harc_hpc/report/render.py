@@ -278,10 +278,11 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
 
     stages = metrics.get("stages", {})
     if stages:
-        lines += ["## Stages", "", "| stage | tasks | wall s (sum) | wall s (max) | peak RSS MB (max) | peak GPU MB (max) "
-                  "| on disk | deleted after use |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["## Stages", "", "| stage | tasks | ran on | wall s (sum) | wall s (max) | peak RSS MB (max) "
+                  "| peak GPU MB (max) | on disk | deleted after use |", "|---|---|---|---|---|---|---|---|---|"]
         for name, st in stages.items():
-            lines.append(f"| {name} | {st['tasks']} | {_fmt(st.get('wall_s_total'), '.1f')} | "
+            lines.append(f"| {name} | {st['tasks']} | {', '.join(st.get('devices', [])) or '-'} | "
+                         f"{_fmt(st.get('wall_s_total'), '.1f')} | "
                          f"{_fmt(st.get('wall_s_max'), '.1f')} | {_fmt(st.get('peak_rss_mb_max'), '.0f')} | "
                          f"{_fmt(st.get('peak_gpu_mb_max'), '.0f')} | {_bytes(st.get('disk_bytes'))} | "
                          f"{_bytes(st.get('retired_bytes'))} |")

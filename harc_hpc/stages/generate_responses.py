@@ -180,7 +180,7 @@ def generate_answers(model_path: str, prompts: list[list[dict]], *, max_new_toke
                                                      trust_remote_code=trust_remote_code).eval()
         first = next(model.parameters()).device
     else:
-        first = pick_device(device)
+        first = pick_device(device, "--device")
         model = load_causal_lm(model_path, first, trust_remote_code=trust_remote_code)
     templated = use_chat_template and getattr(tok, "chat_template", None)
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if templated

@@ -75,7 +75,7 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     sources = [_open(s.name, s.path, cfg) for s in cfg.models.sources]
     inputs = ([base] if base else []) + sources
     out_dir = run_dir / MERGED_DIR
-    readers, stat_kw, stat_record = _statistics(method, params, cfg, run_dir, names, pick_device(m.device))
+    readers, stat_kw, stat_record = _statistics(method, params, cfg, run_dir, names, pick_device(m.device, "merge.device"))
 
     # Digests read every weight file once more; doing it beside the merge hides most of that time.
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -95,7 +95,7 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
                 stats = merge_checkpoints(
                     tmp, sources, base, method, params, exclude=m.exclude, dtype=m.dtype,
                     out_dtype=m.out_dtype, max_shard_size=m.max_shard_size, seed=cfg.run.seed,
-                    device=pick_device(m.device), progress=progress, **stat_kw)
+                    device=pick_device(m.device, "merge.device"), progress=progress, **stat_kw)
             finally:
                 if bar is not None:
                     bar.close()

@@ -71,7 +71,7 @@ def sequential_grams(cfg: PipelineConfig, out_root: Path, method, params) -> dic
     for n in names:
         (out_root / n).mkdir(parents=True, exist_ok=True)
     readers = [ms.GramReader(out_root / n, n, require_meta=False) for n in names]
-    merge_device = pick_device(cfg.merge.device)
+    merge_device = pick_device(cfg.merge.device, "merge.device")
 
     def gram(unit, i):
         hit = readers[i].gram(unit.name, merge_device)

@@ -49,6 +49,10 @@ def resolve_resources(cfg: PipelineConfig, spec: StageSpec, explicit: Optional[I
         raise UsageError(f"executor.stages.{spec.name}: nodes {nodes} x tasks_per_node {per_node}, but stage "
                          f"{spec.name} runs one process per task (only stages with 'distributed: true' "
                          f"in their spec shard a task over several processes)")
+    if out["gpus"] and per_node > int(out["gpus"]):
+        raise UsageError(f"executor.stages.{spec.name}: more ranks than GPUs on a node: tasks_per_node {per_node} "
+                         f"with gpus {out['gpus']} would put two ranks on one GPU; set tasks_per_node to at most "
+                         f"gpus (one GPU per rank), or gpus to 0 for CPU ranks")
     out["nodes"], out["tasks_per_node"] = nodes, per_node
     out["ranks"] = nodes * per_node
     out["extra_sbatch"] = {**ex.extra_sbatch, **(per_stage.extra_sbatch if per_stage is not None else {})}
