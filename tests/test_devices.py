@@ -205,3 +205,49 @@ def test_local_executor_gives_each_running_task_its_own_gpu(tmp_path, monkeypatc
         for b in spans[i + 1:]:
             if a[0] < b[1] and b[0] < a[1]:  # ran at the same time
                 assert a[2] != b[2], f"{a[3]} and {b[3]} shared GPU {a[2]}"
+
+
+# -- the resident device solve: one tensor per task, large blocks ---------------------------------
+
+class _StoredChunks:
+    """Stands in for a task's activation store: a length and re-iterable (n, d) numpy chunks."""
+
+    def __init__(self, x: torch.Tensor, chunk: int):
+        self.x, self.chunk = x, chunk
+
+    def __len__(self):
+        return int(self.x.shape[0])
+
+    def __iter__(self):
+        for s in range(0, len(self), self.chunk):
+            yield self.x[s: s + self.chunk].numpy()
+
+
+def test_join_on_device_and_block_size():
+    from harc_hpc.stages.solve_router import join_on_device, solve_block_tokens
+
+    x = torch.randn(1000, 16).to(torch.bfloat16)
+    joined = join_on_device(_StoredChunks(x.float(), 96), torch.device("cpu"), torch.bfloat16)
+    assert joined.dtype == torch.bfloat16 and torch.equal(joined, x)
+    # d 2048, K 64, float64, 2 GiB headroom: 2^31 // (2048*8 + 6*64*8) = 110376 -> a multiple of 8192
+    assert solve_block_tokens(10**7, 2048, 64, 8, 2 << 30, 8192) == 106496
+    assert solve_block_tokens(10**7, 2048, 64, 8, 0, 8192) == 8192  # no headroom: the store's chunk
+    assert solve_block_tokens(5000, 2048, 64, 8, 2 << 30, 8192) == 5000  # never more than the layer
+
+
+def test_a_solve_over_joined_blocks_equals_the_chunked_solve():
+    from harc_hpc.math import solve_router
+    from harc_hpc.stages.solve_router import join_on_device
+
+    g = torch.Generator().manual_seed(0)
+    k, d = 6, 12
+    xs = [torch.randn(700, d, generator=g) * 0.7, torch.randn(500, d, generator=g) * 0.7 + 0.2]
+    sources = [torch.randn(k, d, generator=g, dtype=torch.float64) for _ in xs]
+    init = 0.5 * (sources[0] + sources[1])
+    kw = dict(alpha=0.9, tol=1e-10, max_iter=500, preconditioner="expert-block", compute_dtype=torch.float64)
+    chunked = solve_router([_StoredChunks(x, 64) for x in xs], sources, init, chunk_tokens=64, **kw)
+    joined = [join_on_device(_StoredChunks(x, 64), torch.device("cpu"), torch.float64) for x in xs]
+    blocks = solve_router(joined, sources, init, chunk_tokens=512, **kw)
+    assert chunked.converged and blocks.converged
+    rel = float(torch.linalg.norm(blocks.weight - chunked.weight) / torch.linalg.norm(chunked.weight))
+    assert rel < 1e-8, rel

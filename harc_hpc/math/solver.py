@@ -406,13 +406,13 @@ class _KLTask:
                 wt = w.to(dtype=x.dtype, device=x.device).T.contiguous()
             lm = log_probs(x, wt)
             r = lr.exp()
-            loss += float((r * (lr - lm)).sum())
+            loss = loss + (r * (lr - lm)).sum().to(torch.float64)  # read once, after the pass
             if with_gradient:
                 pm = lm.exp()
                 grad += ((pm - r).to(x.dtype).T @ x).to(torch.float64)
                 probs.append(pm.to(x.dtype))
         n = self.num_tokens
-        loss = self.reducer.sum_float(loss)
+        loss = self.reducer.sum_float(float(loss))
         if with_gradient:
             grad = self.reducer.sum(grad)
         return loss / n, (grad / n if with_gradient else None), probs

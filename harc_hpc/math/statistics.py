@@ -77,9 +77,10 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
     dev = merged_router.device
     sigma_w = torch.zeros(k, d, dtype=torch.float64, device=dev)
     diag = torch.zeros(k, d, dtype=torch.float64, device=dev)
+    # sums stay on the device until the pass ends (one host sync per pass, not per chunk)
     kl = 0.0
     missed = 0
-    expert_tokens = torch.zeros(k, dtype=torch.int64)
+    expert_tokens = torch.zeros(k, dtype=torch.int64, device=dev)
     ws = wm = None
     for x, p in curv.pairs():
         if ws is None:
@@ -88,14 +89,15 @@ def statistics_from_curvature(curv: TaskCurvature, source_router: torch.Tensor, 
         zs = x @ ws
         sigma_w += (hessian_times(p, zs, curv.hessian).T @ x).to(torch.float64)
         diag += (hessian_diagonal(p, curv.hessian, x, k).T @ (x * x)).to(torch.float64)
-        kl += gate_kl_sum(x, ws, wm, curv.link)
+        kl = kl + gate_kl_sum(x, ws, wm, curv.link)
         if top_k and select is not None:
             chosen = select[0](zs)
-            missed += int(x.shape[0]) * top_k - int((chosen & select[1](x @ wm)).sum())
-            expert_tokens += chosen.sum(dim=0).cpu().to(torch.int64)
+            missed = missed + (int(x.shape[0]) * top_k - (chosen & select[1](x @ wm)).sum())
+            expert_tokens += chosen.sum(dim=0).to(device=dev, dtype=torch.int64)
         elif top_k:
-            missed += int(x.shape[0]) * top_k - topk_common(zs, log_probs(x, wm), top_k)
-            expert_tokens += torch.bincount(torch.topk(zs, top_k, dim=1).indices.flatten().cpu(), minlength=k)
+            missed = missed + (int(x.shape[0]) * top_k - topk_common(zs, log_probs(x, wm), top_k))
+            expert_tokens += torch.bincount(torch.topk(zs, top_k, dim=1).indices.flatten(), minlength=k).to(dev)
+    kl, missed, expert_tokens = float(kl), int(missed), expert_tokens.cpu()
     red = curv.reducer
     if red.distributed:
         sigma_w, diag, kl = red.sum(sigma_w), red.sum(diag), red.sum_float(kl)
@@ -130,14 +132,19 @@ def compute_task_statistics(
     link: str = "softmax",
     select: Optional[tuple[Selector, Selector]] = None,
     intercept: bool = False,
+    device: Optional[torch.device] = None,
 ) -> TaskStatistics:
     """Statistics of one task: ``inputs_i`` (N, d) tensor or re-iterable of chunks, routers (K, d).
     ``process_group`` (a torch.distributed group or a Reducer): ``inputs_i`` is this rank's shard of
-    the task's tokens and the result covers all ranks' tokens."""
+    the task's tokens and the result covers all ranks' tokens. ``device``: where the passes compute
+    (each chunk is moved there as it is read; the statistics stay there); default: where the inputs are."""
     check_hessian(hessian)
     if source_router.shape != merged_router.shape:
         raise ValueError(f"source router {tuple(source_router.shape)} != merged {tuple(merged_router.shape)}")
-    chunks = TokenChunks(inputs_i, dim=int(source_router.shape[1]), chunk_tokens=chunk_tokens, intercept=intercept)
+    if device is not None:
+        source_router, merged_router = source_router.to(device), merged_router.to(device)
+    chunks = TokenChunks(inputs_i, dim=int(source_router.shape[1]), chunk_tokens=chunk_tokens, intercept=intercept,
+                         device=device)
     curv = TaskCurvature(chunks, source_router, hessian, reducer=as_reducer(process_group), link=link)
     return statistics_from_curvature(curv, source_router, merged_router, top_k=top_k, input_gram=input_gram,
                                      select=select)

@@ -86,8 +86,13 @@ def _tokenizer(path: Path, trust: bool):
     return tok
 
 
-def _oracle_model(cfg: PipelineConfig, merged_dir: Path, source_path: Path, device: torch.device):
-    """The merged model, loaded whole, with ``source_path``'s routers (and router biases) copied in."""
+def _oracle_model(cfg: PipelineConfig, merged_dir: Path, source_path: Path, device: torch.device,
+                  parallelize: bool = False):
+    """The merged model, loaded whole, with ``source_path``'s routers (and router biases) copied in.
+    Its weights are read straight onto ``device`` (no whole-model host copy first); with
+    ``parallelize`` (lm_eval_model_args' ``parallelize=True``, for a model larger than one GPU) they
+    are spread over the node's GPUs by accelerate's ``device_map="auto"``, as lm-eval does for the
+    other models."""
     from transformers import AutoModelForCausalLM
 
     from harc_hpc.io.checkpoint import Checkpoint
@@ -96,6 +101,7 @@ def _oracle_model(cfg: PipelineConfig, merged_dir: Path, source_path: Path, devi
     conf = json.loads((merged_dir / "config.json").read_text())
     fam = family_for_config(conf)
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="auto",
+                                                 device_map="auto" if parallelize else {"": str(device)},
                                                  trust_remote_code=cfg.models.trust_remote_code).eval()
     src = Checkpoint(source_path)
     keys = list(src.keys())
@@ -104,11 +110,11 @@ def _oracle_model(cfg: PipelineConfig, merged_dir: Path, source_path: Path, devi
             module = fam.router_module(model, layer)
             weight = src.get_tensor(fam.find_router_key(layer, keys))
             target = getattr(module, fam.router_param.rsplit(".", 1)[-1]) if fam.router_param else module.weight
-            target.copy_(weight.reshape(target.shape).to(target.dtype))
+            target.copy_(weight.reshape(target.shape).to(device=target.device, dtype=target.dtype))
             bias_key = fam.router_intercept_key(layer)
             if bias_key is not None:
-                module.bias.copy_(src.get_tensor(bias_key).to(module.bias.dtype))
-    return model.to(device)
+                module.bias.copy_(src.get_tensor(bias_key).to(device=module.bias.device, dtype=module.bias.dtype))
+    return model
 
 
 def _scores(results: Optional[dict]) -> dict:
@@ -192,8 +198,10 @@ def run_lm_eval(cfg: PipelineConfig, run_dir: Path, keep_samples: bool = False) 
         paths = {s.name: s.path for s in cfg.models.sources}
         for src, src_tasks in sorted(by_source.items()):
             t0 = time.perf_counter()
+            parallelize = str(extra_args.get("parallelize", False)).lower() in ("true", "1", "yes")
             model = _oracle_model(cfg, merged_dir, resolve_model_path(paths[src], revision=cfg.models.revision),
-                                  device)
+                                  device, parallelize=parallelize)
+            # an instantiated model is placed already: lm-eval refuses these for one
             args = {k: v for k, v in extra_args.items() if k not in ("trust_remote_code", "parallelize")}
             out["models"]["oracle"].update(_evaluate(cfg, model, tokenizer, src_tasks, device, args,
                                                      kept("oracle")))

@@ -63,14 +63,14 @@ def routing_divergence(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: in
         a = ref_logits[start : start + chunk].double()
         b = logits[start : start + chunk].double()
         if link == "sigmoid":
-            kl_total += bernoulli_kl_sum(a, b)
+            kl_total = kl_total + bernoulli_kl_sum(a, b)
         else:
-            kl_total += kl_sum(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
+            kl_total = kl_total + kl_sum(torch.log_softmax(a, -1), torch.log_softmax(b, -1))
         if select_ref is not None and select is not None:
-            missed += a.shape[0] * top_k - int((select_ref(a) & select(b)).sum())
+            missed = missed + (a.shape[0] * top_k - (select_ref(a) & select(b)).sum())
         else:
-            missed += a.shape[0] * top_k - topk_common(a, b, top_k)
-    return kl_total / n, missed / (top_k * n)
+            missed = missed + (a.shape[0] * top_k - topk_common(a, b, top_k))
+    return float(kl_total) / n, int(missed) / (top_k * n)
 
 
 def selection_differs(ref_logits: torch.Tensor, logits: torch.Tensor, top_k: int, select_ref: Selection = None,

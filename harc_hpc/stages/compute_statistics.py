@@ -28,6 +28,7 @@ from harc_hpc.io.activations import (
 from harc_hpc.io.atomic import atomic_path
 from harc_hpc.config import PipelineConfig
 from harc_hpc.dtypes import torch_dtype
+from harc_hpc.models.modeling import pick_device
 from harc_hpc.io.statistics import save_statistics
 from harc_hpc.errors import InputDataError, require_finite
 from harc_hpc.stages import layout
@@ -95,23 +96,28 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
     conf = layout.reference_config(cfg)
     fam = layout.family(cfg)
     dtype = torch_dtype(cfg.harc.dtype)
+    # The passes run on the task's device (harc.device: its GPU when it has one), chunk by chunk as
+    # the store is read; the statistics come back to the host to be written.
+    device = pick_device(cfg.harc.device)
     x = layer_inputs(cfg, run_dir, layer, task)
     where = f"compute-statistics layer {layer}, task {task}"
     w_merged = merged_router(cfg, run_dir, layer).to(dtype)
     if cfg.mergeme is not None:
         # A MoE built from dense experts has no source routers: the domain fit's quadratic model is
         # taken at the built router, so its curvature there is what the solve needs.
-        return _built_router_statistics(cfg, run_dir, layer, task, x, w_merged, fam.top_k(conf), t0)
+        return _built_router_statistics(cfg, run_dir, layer, task, x, w_merged, fam.top_k(conf), t0, device)
     w_source = source_router(cfg, task, layer).to(dtype)
     require_finite(w_source, f"the router of source {task!r} ({layout.source_path(cfg, task)})", where)
     require_finite(w_merged, f"the merged router ({layout.merged_dir(run_dir)})", where)
     select = None
     if fam.router_bias_key(layer) is not None:  # the model's own (biased, grouped) selection rule
-        b_source, b_merged = source_router_bias(cfg, task, layer), merged_router_bias(cfg, run_dir, layer)
+        b_source = source_router_bias(cfg, task, layer).to(device)
+        b_merged = merged_router_bias(cfg, run_dir, layer).to(device)
         select = (lambda z: fam.selection_mask(conf, z, b_source), lambda z: fam.selection_mask(conf, z, b_merged))
     stats = compute_task_statistics(x, w_source, w_merged, hessian=cfg.harc.hessian, top_k=fam.top_k(conf),
                                      link=fam.router_link, select=select,
-                                     intercept=fam.router_intercept_key(layer) is not None)
+                                     intercept=fam.router_intercept_key(layer) is not None, device=device)
+    stats = stats.to("cpu")
     if not stats.is_finite():
         raise InputDataError(f"the statistics came out NaN/Inf; {_first_bad_rows(x)}", where=where,
                              hint="rerun capture-activations for this block")
@@ -123,6 +129,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
     return {
         "layer": layer,
         "task": task,
+        "device": str(device),
         "tokens": int(stats.num_tokens),
         "kl_merged": float(stats.kl),
         "topk_mismatch_merged": None if stats.topk_mismatch is None else float(stats.topk_mismatch),
@@ -132,7 +139,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, task: str) -> dict:
 
 
 def _built_router_statistics(cfg: PipelineConfig, run_dir: Path, layer: int, task: str, x, w_built, top_k: int,
-                             t0: float) -> dict:
+                             t0: float, device: torch.device) -> dict:
     """mergeme: the statistics at the built router W0 (as its own source: diag(Sigma_i), Sigma_i W0),
     and how the built router routes this domain: KL to the target and the share of tokens sent to
     the domain's expert."""
@@ -144,7 +151,7 @@ def _built_router_statistics(cfg: PipelineConfig, run_dir: Path, layer: int, tas
     where = f"compute-statistics layer {layer}, task {task}"
     require_finite(w_built, f"the built router ({layout.merged_dir(run_dir)})", where)
     stats = compute_task_statistics(x, w_built, w_built, hessian=cfg.harc.hessian,
-                                    chunk_tokens=cfg.calibration.chunk_tokens)
+                                    chunk_tokens=cfg.calibration.chunk_tokens, device=device).to("cpu")
     if not stats.is_finite():
         raise InputDataError(f"the statistics came out NaN/Inf; {_first_bad_rows(x)}", where=where,
                              hint="rerun capture-activations for this block")

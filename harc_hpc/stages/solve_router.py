@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
 
 from harc_hpc.config import PipelineConfig
@@ -96,12 +97,21 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         log.warning("solve-router layer %d: %s; harc.stream_inputs is set, so they are read from the store on "
                     "every CG iteration: ~%.1f s per iteration measured, ~%.0f min for %d iterations (pcg "
                     "typically needs a few hundred)", layer, what, per_iteration, per_iteration * 400 / 60, 400)
+    stored_dtype = inputs[0].dtype
+    chunk_tokens = cfg.calibration.chunk_tokens
+    if resident and device.type == "cuda":
+        # One device tensor per task, read once, and the solve's passes over large blocks of it: at
+        # the store's chunk size a GPU iteration is hundreds of small kernels, bound by launch overhead.
+        kept = getattr(torch, stored_dtype) if keep_stored else dtype
+        inputs = [join_on_device(x, device, kept) for x in inputs]
+        chunk_tokens = solve_block_tokens(n_tokens, d, k, dtype.itemsize,
+                                          min(max(budget - need, 0), SOLVE_BLOCK_HEADROOM_BYTES), chunk_tokens)
     fam = layout.family(cfg)
     # a router with a bias (GPT-OSS) is fitted as [W | b] on inputs [x, 1]
     intercept = fam.router_intercept_key(layer) is not None
     if h.shared_expert_gate and not intercept:
         # the gate is fitted on the same inputs: read (and keep) them once for both solves
-        inputs = [TokenChunks(x, dim=d, dtype=dtype, device=device, chunk_tokens=cfg.calibration.chunk_tokens,
+        inputs = [TokenChunks(x, dim=d, dtype=dtype, device=device, chunk_tokens=chunk_tokens,
                               cache_bytes=budget if resident else 0, keep_input_dtype=keep_stored) for x in inputs]
     init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
     if cfg.mergeme is not None:
@@ -118,7 +128,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             tol=h.tol, max_iter=h.max_iter, statistics=stats,
             callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
             inner_dtype=torch_dtype(inner), cache_bytes=budget if resident else 0,
-            compute_dtype=dtype, chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=keep_stored,
+            compute_dtype=dtype, chunk_tokens=chunk_tokens, keep_input_dtype=keep_stored,
             process_group=process_group, link=fam.router_link, intercept=intercept,
         )
     gate = None
@@ -145,8 +155,10 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         # the regularisation and the other tasks only.
         "unrouted_experts": {t: s.unrouted_experts() for t, s in zip(tasks, stats)},
         "inputs_bytes": int(input_bytes),
-        "inputs_dtype": inputs[0].dtype,
-        "inputs_kept_as": inputs[0].dtype if keep_stored else h.dtype,
+        "inputs_dtype": stored_dtype,
+        "inputs_kept_as": stored_dtype if keep_stored else h.dtype,
+        "device": str(device),
+        "solve_chunk_tokens": int(chunk_tokens),  # tokens per operator pass step (GPU: joined blocks)
         "resident_bytes": int(need),
         "inputs_resident": bool(resident),
         "ranks": world,  # processes the tokens were sharded over (inputs_bytes, resident_bytes: per rank)
@@ -302,6 +314,40 @@ def streamed_bytes(tokens: int, d: int, k: int, compute: str, chunk_tokens: int)
     """Memory of a streamed solve of one layer: every token's probabilities and one chunk of inputs
     in the compute dtype (the least any solve of this layer needs)."""
     return int(tokens * k * _ITEMSIZE[compute] + min(chunk_tokens, tokens) * d * _ITEMSIZE[compute])
+
+
+# What the joined blocks' temporaries (a block widened to the compute dtype, its logits and
+# probabilities) may take on the device beyond the resident inputs.
+SOLVE_BLOCK_HEADROOM_BYTES = 2 * 2**30
+
+
+def join_on_device(x, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A task's stored inputs (a re-iterable of (n, d) chunks) as one (N, d) tensor on ``device`` in
+    ``dtype``, filled chunk by chunk (no second host or device copy of the whole layer)."""
+    out = None
+    pos = 0
+    total = len(x)
+    for raw in x:
+        c = torch.as_tensor(raw)
+        if out is None:
+            out = torch.empty(total, int(c.shape[1]), dtype=dtype, device=device)
+        out[pos: pos + c.shape[0]].copy_(c)
+        pos += int(c.shape[0])
+    if out is None:
+        return torch.empty(0, 0, dtype=dtype, device=device)
+    if pos != total:
+        raise RuntimeError(f"the router inputs gave {pos} rows, their store says {total}")
+    return out
+
+
+def solve_block_tokens(n_tokens: int, d: int, k: int, compute_itemsize: int, headroom_bytes: int,
+                       floor: int) -> int:
+    """Tokens per block of a resident device solve: as many as the headroom holds of one block's
+    temporaries (its inputs in the compute dtype and a few (n, K) float64 arrays), a multiple of the
+    store's chunk (``floor``, the least), and no more than the layer has."""
+    per_token = d * compute_itemsize + 6 * k * 8
+    block = max(floor, headroom_bytes // per_token // floor * floor)
+    return int(max(1, min(block, max(n_tokens, 1))))
 
 
 def choose_residency(tokens: int, d: int, k: int, stored: str, compute: str, inner: Optional[str],
