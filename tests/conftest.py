@@ -8,6 +8,27 @@ import pytest
 import torch
 
 # =============================================================================================
+# Block: devices. Tests run on the CPU, also on a GPU node: a test sees no GPU (harc_hpc.devices
+# counts none, so "auto" is the CPU, and the processes it starts inherit CUDA_VISIBLE_DEVICES="")
+# unless it is marked ``gpu``; a ``gpu`` test is skipped, with the reason, where there is no GPU.
+# =============================================================================================
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_gpu(request, monkeypatch):
+    if request.node.get_closest_marker("gpu") is not None:
+        if not torch.cuda.is_available():
+            pytest.skip("marked gpu: this machine has no CUDA device")
+        return
+    import harc_hpc.devices
+
+    monkeypatch.setattr(harc_hpc.devices, "cuda_device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+# ============================ end of block: devices ==========================================
+
+
+# =============================================================================================
 # Block: checkpoints / families / merge (harc_hpc.io.checkpoint, harc_hpc.models.families, harc_hpc.merge)
 # Tiny random MoE checkpoints written with save_pretrained: a base and two fine-tune-like sources
 # (base + small noise) per family. Session-scoped; tests must not modify the directories.

@@ -50,11 +50,11 @@ def test_resolve_device_names_the_key_when_the_device_does_not_exist():
 def test_pick_device_on_this_machine_and_a_missing_gpu_from_a_stage(tmp_path):
     from harc_hpc.models.modeling import pick_device
 
+    # A test not marked gpu sees no GPU, on any machine (conftest): auto is the CPU, cuda an error.
     assert pick_device("cpu") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        assert pick_device("auto") == torch.device("cpu")
-        with pytest.raises(UsageError, match=r"merge\.device: 'cuda:0'"):
-            pick_device("cuda:0", "merge.device")
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(UsageError, match=r"merge\.device: 'cuda:0' was asked for, but this process sees no CUDA"):
+        pick_device("cuda:0", "merge.device")
 
 
 # -- the ranks of a distributed task ---------------------------------------------------------------
