@@ -57,9 +57,20 @@ def _config_dtype(config) -> torch.dtype:
     return dt if isinstance(dt, torch.dtype) else torch.float32
 
 
-def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype: torch.dtype) -> dict:
+def _onto(t: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
+    """A tensor read from the shards, on ``device``: to a GPU through a pinned copy, asynchronously
+    (the next read overlaps the transfer); on the CPU as it is."""
+    if device is None or device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype: torch.dtype,
+                     device: Optional[torch.device] = None) -> dict:
     """The in-memory parameters ``names`` of decoder layer ``layer`` (names relative to the layer),
-    read from the checkpoint in either expert layout and converted to ``dtype``."""
+    read from the checkpoint in either expert layout and converted to ``dtype``. With a CUDA
+    ``device`` every tensor is copied there as read, and the experts are fused and converted there
+    (the host does reads only); the values are the same either way."""
     prefix = f"model.layers.{layer}."
     keys = ckpt.keys()
     key_set = set(keys)
@@ -72,7 +83,7 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
             if alt in key_set:
                 disk = alt
         if disk in key_set:
-            out[name] = ckpt.get_tensor(disk).to(dtype)
+            out[name] = _onto(ckpt.get_tensor(disk), device).to(dtype)
             continue
         if name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
             if experts is None:
@@ -81,10 +92,11 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
             if not experts:
                 raise CheckpointError(f"{ckpt.name}: layer {layer} has neither {disk!r} nor per-expert tensors")
             if name.endswith("gate_up_proj"):
-                parts = [torch.cat([ckpt.get_tensor(fam.expert_key(layer, e, "gate")),
-                                    ckpt.get_tensor(fam.expert_key(layer, e, "up"))], dim=0) for e in experts]
+                parts = [torch.cat([_onto(ckpt.get_tensor(fam.expert_key(layer, e, "gate")), device),
+                                    _onto(ckpt.get_tensor(fam.expert_key(layer, e, "up")), device)], dim=0)
+                         for e in experts]
             else:
-                parts = [ckpt.get_tensor(fam.expert_key(layer, e, "down")) for e in experts]
+                parts = [_onto(ckpt.get_tensor(fam.expert_key(layer, e, "down")), device) for e in experts]
             out[name] = torch.stack(parts).to(dtype)
             continue
         raise CheckpointError(f"{ckpt.name}: tensor {disk!r} of decoder layer {layer} is missing")
@@ -138,7 +150,7 @@ class OnloadedModel:
         targets = [module] if parts is None else [module.get_submodule(p) for p in parts]
         names = [prefix + n for prefix, target in zip(prefixes, targets)
                  for n, _ in [*target.named_parameters(), *target.named_buffers()]]
-        state = layer_state_dict(self.ckpt, self.family, index, names, self.dtype)
+        state = layer_state_dict(self.ckpt, self.family, index, names, self.dtype, self.device)
         for name, value in (overrides or {}).items():
             if name not in state:
                 raise KeyError(f"decoder layer {index} has no parameter {name!r}"
