@@ -109,6 +109,7 @@ def test_an_mxfp4_source_is_read_as_bfloat16_and_merged(sources, tmp_path):
     for key, want in expected.items():
         assert key in ck.keys() and key + "_blocks" not in ck.keys()
         assert ck.tensor_dtype(key) == torch.bfloat16 and torch.equal(ck.get_tensor(key), want)
+        assert ck.is_dequantized(key) and torch.equal(ck.get_tensor(key, device=torch.device("cpu")), want)
         flat = want.reshape(-1)  # one expert read alone, as per-expert merges read them
         assert torch.equal(ck.read_part(key, flat.numel() // 4, flat.numel() // 4), flat[flat.numel() // 4: flat.numel() // 2])
     cfg = load_config(write_config(root, {**src, "math": q}, name="mxfp4"))

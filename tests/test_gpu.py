@@ -119,3 +119,14 @@ def test_one_rank_nccl_group_on_the_ranks_gpu(monkeypatch):
     finally:
         dist.destroy_process_group()
     assert os.environ.get("CUDA_VISIBLE_DEVICES") != ""  # the gpu marker leaves the GPUs visible
+
+
+def test_mxfp4_dequantized_on_the_gpu_has_the_cpus_bits():
+    from harc_hpc.io.checkpoint import dequantize_mxfp4
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 8, 2, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(120, 134, (3, 8, 2), generator=g, dtype=torch.uint8)
+    cpu = dequantize_mxfp4(blocks, scales)
+    gpu = dequantize_mxfp4(blocks.cuda(), scales.cuda())
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)

@@ -308,12 +308,14 @@ _FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """MXFP4 blocks (E, rows, groups, 16) uint8 (two 4-bit elements a byte, the low nibble first) and
     scales (E, rows, groups) uint8 (an E8M0 exponent, bias 127) -> bfloat16 (E, groups * 32, rows):
-    each group of 32 elements times 2^(scale - 127), then (rows, cols) transposed to (cols, rows)."""
-    lut = torch.tensor(_FP4_E2M1, dtype=torch.float32)
+    each group of 32 elements times 2^(scale - 127), then (rows, cols) transposed to (cols, rows).
+    Computed where ``blocks`` are (a GPU: the uint8 blocks travel, a quarter of the bfloat16 bytes);
+    every step is exact, so the bits are the same on any device."""
+    lut = torch.tensor(_FP4_E2M1, dtype=torch.float32, device=blocks.device)
     e, rows, groups, nbytes = blocks.shape
     b = blocks.to(torch.int64)
     values = torch.stack([lut[b & 0x0F], lut[b >> 4]], dim=-1).reshape(e, rows, groups, nbytes * 2)
-    values = torch.ldexp(values, (scales.to(torch.int32) - 127)[..., None].to(torch.float32))
+    values = torch.ldexp(values, (scales.to(device=blocks.device, dtype=torch.int32) - 127)[..., None].to(torch.float32))
     return values.reshape(e, rows, groups * nbytes * 2).to(torch.bfloat16).transpose(1, 2).contiguous()
 
 
@@ -382,14 +384,20 @@ class Checkpoint:
         """The tensors read from MXFP4 blocks and scales (dequantized to bfloat16)."""
         return sorted(self._mxfp4)
 
-    def _dequantize(self, key: str) -> torch.Tensor:
+    def is_dequantized(self, key: str) -> bool:
+        """Whether ``key`` is read from a quantized form (MXFP4 blocks and scales)."""
+        return key in self._mxfp4
+
+    def _dequantize(self, key: str, device: Optional[torch.device] = None) -> torch.Tensor:
         cached_key, cached = self._dequantized
-        if cached_key == key:
+        if cached_key == (key, device):
             return cached
         blocks_key, scales_key = self._mxfp4[key]
         blocks, scales = (self._read(k, self._mxfp4_raw[k]) for k in (blocks_key, scales_key))
+        if device is not None:
+            blocks, scales = blocks.to(device), scales.to(device)
         out = dequantize_mxfp4(blocks, scales)
-        self._dequantized = (key, out)
+        self._dequantized = ((key, device), out)
         return out
 
     # -- discovery -----------------------------------------------------------------------------
@@ -518,9 +526,10 @@ class Checkpoint:
     def file_of(self, key: str) -> Path:
         return self.info(key).file
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def get_tensor(self, key: str, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Tensor ``key``; ``device`` (for a quantized tensor): dequantize it there."""
         if key in self._mxfp4:
-            return self._dequantize(key).clone()
+            return self._dequantize(key, device).clone()
         info = self.info(key)
         numel = 1
         for s in info.shape:

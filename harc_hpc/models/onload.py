@@ -65,6 +65,13 @@ def _onto(t: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def _read(ckpt: Checkpoint, key: str, device: Optional[torch.device]) -> torch.Tensor:
+    """Tensor ``key`` on ``device``; a quantized one (MXFP4) travels packed and is dequantized there."""
+    if device is not None and device.type == "cuda" and ckpt.is_dequantized(key):
+        return ckpt.get_tensor(key, device=device)
+    return _onto(ckpt.get_tensor(key), device)
+
+
 def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype: torch.dtype,
                      device: Optional[torch.device] = None) -> dict:
     """The in-memory parameters ``names`` of decoder layer ``layer`` (names relative to the layer),
@@ -83,7 +90,7 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
             if alt in key_set:
                 disk = alt
         if disk in key_set:
-            out[name] = _onto(ckpt.get_tensor(disk), device).to(dtype)
+            out[name] = _read(ckpt, disk, device).to(dtype)
             continue
         if name in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
             if experts is None:
@@ -92,11 +99,11 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
             if not experts:
                 raise CheckpointError(f"{ckpt.name}: layer {layer} has neither {disk!r} nor per-expert tensors")
             if name.endswith("gate_up_proj"):
-                parts = [torch.cat([_onto(ckpt.get_tensor(fam.expert_key(layer, e, "gate")), device),
-                                    _onto(ckpt.get_tensor(fam.expert_key(layer, e, "up")), device)], dim=0)
+                parts = [torch.cat([_read(ckpt, fam.expert_key(layer, e, "gate"), device),
+                                    _read(ckpt, fam.expert_key(layer, e, "up"), device)], dim=0)
                          for e in experts]
             else:
-                parts = [_onto(ckpt.get_tensor(fam.expert_key(layer, e, "down")), device) for e in experts]
+                parts = [_read(ckpt, fam.expert_key(layer, e, "down"), device) for e in experts]
             out[name] = torch.stack(parts).to(dtype)
             continue
         raise CheckpointError(f"{ckpt.name}: tensor {disk!r} of decoder layer {layer} is missing")
