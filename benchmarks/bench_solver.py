@@ -83,10 +83,10 @@ def paper_style_solve(seqs_per_task, sources, init, alpha: float, tol: float, ma
     srcs = [w.to(work) for w in sources]
 
     def operator(w64: torch.Tensor, rhs: bool = False) -> torch.Tensor:
-        out = torch.zeros(w64.shape, dtype=torch.float64)
+        out = torch.zeros(w64.shape, dtype=torch.float64, device=w64.device)
         wf = w64.to(work)
         for i, seqs in enumerate(seqs_per_task):
-            acc = torch.zeros(w64.shape[1], w64.shape[0], dtype=torch.float64)
+            acc = torch.zeros(w64.shape[1], w64.shape[0], dtype=torch.float64, device=w64.device)
             diag = torch.zeros_like(acc)
             n = 0
             w_here = srcs[i] if rhs else wf
