@@ -7,8 +7,9 @@ attention_mask=, position_ids=, position_embeddings=)``), which is all it relies
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
@@ -21,20 +22,222 @@ def pick_device(name: str = "auto", key: str = "harc.device") -> torch.device:
     return resolve_device(name, key)
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory free on ``device`` now: CUDA's free bytes, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
+# -- memory this process may still take ---------------------------------------------------------
+#
+# A SLURM job's host memory is bounded by its cgroup (--mem becomes memory.max, or v1's
+# memory.limit_in_bytes) long before the node's MemAvailable runs out; a GPU's by what the driver
+# has free plus what torch's caching allocator holds reserved but unused. Budgets and placements
+# come from these figures; `harc-hpc plan` applies the same arithmetic to what the executor gives.
 
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+_UNLIMITED = 2**60  # cgroup v1 writes "unlimited" as a huge page-rounded number (2^63 - 4096)
+
+
+def gpu_free_bytes(free: int, reserved: int, allocated: int) -> int:
+    """What a CUDA device can still give this process: the driver's free bytes (``mem_get_info``)
+    plus what torch's caching allocator holds reserved but has not allocated (it reuses that
+    before asking the driver)."""
+    return int(free) + max(0, int(reserved) - int(allocated))
+
+
+def _read_value(path: Path) -> Optional[int]:
+    """An integer cgroup file's value; None when absent, unreadable, "max" or v1's "unlimited"."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text or text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return None if value >= _UNLIMITED else value
+
+
+def _stat_value(path: Path, keys: tuple[str, ...]) -> int:
+    """The first of ``keys`` in a memory.stat file (0 when absent)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    found = dict(line.split(None, 1) for line in lines if len(line.split()) == 2)
+    for k in keys:
+        if k in found:
+            try:
+                return int(found[k])
+            except ValueError:
+                return 0
+    return 0
+
+
+def _cgroup_dirs(base: Path, rel: str) -> list[Path]:
+    """This process's cgroup folder under ``base`` and every ancestor up to ``base``: a limit set on
+    the job's cgroup binds its steps' and tasks' cgroups below it. When the path is not visible
+    (a cgroup namespace mounts the process's own cgroup as the root), ``base`` alone."""
+    rel = rel.strip().strip("/")
+    leaf = base / rel if rel else base
+    if ".." in Path(rel).parts or not leaf.is_dir():  # outside this namespace's mount: not readable
+        return [base]
+    dirs = [leaf]
+    while dirs[-1] != base and base in dirs[-1].parents:
+        dirs.append(dirs[-1].parent)
+    return dirs
+
+
+def cgroup_free_bytes(cgroup_root: Path | str = "/sys/fs/cgroup", proc_root: Path | str = "/proc") -> Optional[int]:
+    """Memory this process's cgroup (or an ancestor) may still take: the smallest ``limit - usage``
+    over the levels that set a limit, cgroup v2 (``memory.max``, ``memory.current``) or v1
+    (``memory.limit_in_bytes``, ``memory.usage_in_bytes``); None when no level sets one. Usage
+    counts the page cache; its inactive file pages (memory.stat), which the kernel reclaims before
+    it kills anything, are not counted as used."""
+    root = Path(cgroup_root)
+    try:
+        lines = (Path(proc_root) / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    best: Optional[int] = None
+
+    def consider(d: Path, limit_file: str, usage_file: str, inactive_keys: tuple[str, ...]):
+        nonlocal best
+        limit = _read_value(d / limit_file)
+        if limit is None:
+            return
+        usage = _read_value(d / usage_file) or 0
+        used = max(0, usage - _stat_value(d / "memory.stat", inactive_keys))
+        free = max(0, limit - used)
+        best = free if best is None else min(best, free)
+
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        if controllers == "":  # v2: one unified hierarchy, mounted at the root (or at root/unified)
+            base = root if (root / "cgroup.controllers").exists() or not (root / "unified").is_dir() else root / "unified"
+            for d in _cgroup_dirs(base, rel):
+                consider(d, "memory.max", "memory.current", ("inactive_file",))
+        elif "memory" in controllers.split(","):
+            base = root / controllers if (root / controllers).is_dir() else root / "memory"
+            for d in _cgroup_dirs(base, rel):
+                consider(d, "memory.limit_in_bytes", "memory.usage_in_bytes", ("total_inactive_file", "inactive_file"))
+    return best
+
+
+def slurm_grant_bytes(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The host memory SLURM grants this job on this node (``--mem``, ``--mem-per-cpu`` or
+    ``--mem-per-gpu``, given to the job in MB): None outside a SLURM job or when it sets none."""
+    env = os.environ if env is None else env
+
+    def mb(key: str) -> Optional[int]:
+        value = str(env.get(key, "")).strip().upper().removesuffix("M")
+        try:
+            return int(float(value)) if value else None
+        except ValueError:
+            return None
+
+    per_node = mb("SLURM_MEM_PER_NODE")
+    if per_node:  # --mem=0 asks for all of the node's memory: no grant of its own (the cgroup's stands)
+        return per_node * 2**20
+    for per, count in (("SLURM_MEM_PER_CPU", "SLURM_CPUS_ON_NODE"), ("SLURM_MEM_PER_GPU", "SLURM_GPUS_ON_NODE")):
+        each, n = mb(per), mb(count)
+        if each and n:
+            return each * n * 2**20
+    return None
+
+
+def process_rss_bytes(proc_root: Path | str = "/proc") -> int:
+    """This process's resident memory now (VmRSS; 0 when unknown)."""
+    try:
+        for line in (Path(proc_root) / "self" / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _mem_available(proc_root: Path | str = "/proc") -> Optional[int]:
+    try:
+        for line in (Path(proc_root) / "meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError):
+        return None
+
+
+def host_memory_bounds(mem_available: Optional[int] = None, cgroup_free: Optional[int] = None,
+                       slurm_grant: Optional[int] = None, rss: int = 0) -> dict[str, int]:
+    """Each bound on the host memory this process may still take, by what sets it: the node's
+    MemAvailable, the cgroup's limit less its usage, SLURM's grant less this process's resident
+    memory. The same arithmetic serves the running stage (host_memory_limits) and ``plan`` (the
+    executor's ``mem_gb`` as the grant, the process's estimated footprint as ``rss``)."""
+    out = {}
+    if mem_available is not None:
+        out["MemAvailable"] = max(0, int(mem_available))
+    if cgroup_free is not None:
+        out["cgroup memory limit"] = max(0, int(cgroup_free))
+    if slurm_grant is not None:
+        out["SLURM memory grant"] = max(0, int(slurm_grant) - int(rss))
+    return out
+
+
+def host_memory_limits(env: Optional[Mapping[str, str]] = None, cgroup_root: Path | str = "/sys/fs/cgroup",
+                       proc_root: Path | str = "/proc") -> dict[str, int]:
+    """host_memory_bounds of this process now (``env``, ``cgroup_root``, ``proc_root``: where to
+    read them, for tests)."""
+    grant = slurm_grant_bytes(env)
+    return host_memory_bounds(_mem_available(proc_root), cgroup_free_bytes(cgroup_root, proc_root), grant,
+                              process_rss_bytes(proc_root) if grant is not None else 0)
+
+
+def tightest(bounds: dict[str, int]) -> tuple[int, str]:
+    """The smallest bound and what sets it; (0, "nothing known") when there is none."""
+    if not bounds:
+        return 0, "nothing known"
+    source = min(bounds, key=bounds.get)
+    return bounds[source], source
+
+
+def host_free_bytes(env: Optional[Mapping[str, str]] = None, cgroup_root: Path | str = "/sys/fs/cgroup",
+                    proc_root: Path | str = "/proc") -> int:
+    """The host memory this process may still take: the smallest of host_memory_limits."""
+    return tightest(host_memory_limits(env, cgroup_root, proc_root))[0]
+
+
+def device_memory_bounds(device: torch.device) -> dict[str, int]:
+    """free_memory_bytes of ``device``, by what sets it."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return {"free GPU memory": gpu_free_bytes(free, torch.cuda.memory_reserved(device),
+                                                  torch.cuda.memory_allocated(device))}
+    return host_memory_limits()
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory this process may still take on ``device``: on a GPU the driver's free bytes plus
+    torch's reserved-but-unused cache; on the host the least of MemAvailable, the cgroup's limit
+    less its usage and SLURM's grant less this process's RSS."""
+    return tightest(device_memory_bounds(device))[0]
+
+
+def check_memory_budget(key: str, budget_bytes: int, bounds: dict[str, int], where: str) -> None:
+    """A configured memory budget that the memory this process may take cannot hold: a ConfigError
+    naming the key, the budget and the bound (and what sets it)."""
+    from harc_hpc.config import ConfigError
+    from harc_hpc.errors import format_bytes
+
+    if not bounds:
+        return
+    limit, source = tightest(bounds)
+    if budget_bytes > limit:
+        raise ConfigError(f"{key} is {format_bytes(budget_bytes)}, more than the {format_bytes(limit)} "
+                          f"this task may take ({source})", where=where,
+                          hint=f"lower {key} to at most {limit / 2**30:.2f} or leave it unset "
+                               f"(then: the free memory less 20 %), or ask the scheduler for more memory")
 
 
 def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch.dtype] = None,

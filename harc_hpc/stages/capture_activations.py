@@ -51,7 +51,8 @@ from harc_hpc.io.atomic import atomic_path, free_bytes, fsync_one, fsync_tree, p
 from harc_hpc.io.calibration_data import data_digest, tokenize_task_masked
 from harc_hpc.config import PipelineConfig
 from harc_hpc.errors import CorruptArtifactError, DiskFullError, require_finite
-from harc_hpc.models.modeling import RouterInputRecorder, batches, free_memory_bytes, pad_batch, pick_device, unpad
+from harc_hpc.models.modeling import (RouterInputRecorder, batches, free_memory_bytes, host_free_bytes, pad_batch,
+                                      pick_device, unpad)
 from harc_hpc.models.onload import OnloadedModel
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
@@ -88,8 +89,13 @@ class BatchStates:
     Keeping each batch padded exactly as the whole-model forward pads it is what makes a layer-wise
     pass equal to it bit for bit: the pads are routed to experts too, and an expert's GEMM over a
     different number of rows may round differently. They live on the compute device when they fit,
-    else in host memory (pinned for a GPU), else memory-mapped on node-local disk (``run.node_local_dir``,
-    default ``$TMPDIR``; a shared filesystem would stall every layer).
+    else in host memory, else memory-mapped on node-local disk (``run.node_local_dir``, default
+    ``$TMPDIR``; a shared filesystem would stall every layer).
+
+    Host memory is not pinned: torch's caching host allocator rounds a pinned block up to a power of
+    two (70 GB would take 128 GB), past what the placement check and the job's cgroup allow. The only
+    pinned memory is the bounded staging buffer (STAGING_BYTES) through which device-held states are
+    checkpointed and restored.
     """
 
     def __init__(self, shapes: list[tuple[int, int]], dim: int, dtype: torch.dtype, device: torch.device,
@@ -108,7 +114,7 @@ class BatchStates:
         if placement == "device":
             self.flat = torch.empty(total, dtype=dtype, device=device)
         elif placement == "host":
-            self.flat = torch.empty(total, dtype=dtype, pin_memory=device.type == "cuda")
+            self.flat = torch.empty(total, dtype=dtype)
         else:
             fd, name = tempfile.mkstemp(prefix="harc-hidden-", suffix=".bin", dir=scratch_dir)
             os.close(fd)
@@ -123,12 +129,12 @@ class BatchStates:
         self.flat[self.offsets[i]: self.offsets[i + 1]].view_as(value).copy_(value)
 
     def save(self, path: Path) -> None:
-        """The raw bytes of every batch's states, padding included (a resume continues bit for bit)."""
-        self.flat.view(torch.uint8).cpu().numpy().tofile(str(path))
+        """The raw bytes of every batch's states, padding included (a resume continues bit for bit).
+        Device-held states go through one bounded host buffer, not a full host copy."""
+        write_tensor_bytes(self.flat, path)
 
     def load(self, path: Path) -> None:
-        raw = torch.from_file(str(path), shared=False, size=self.nbytes, dtype=torch.uint8)
-        self.flat.view(torch.uint8).copy_(raw)
+        read_tensor_bytes(self.flat, path)
 
     def close(self) -> None:
         self.flat = None
@@ -138,12 +144,66 @@ class BatchStates:
             self._file = None
 
 
+STAGING_BYTES = 256 * 2**20  # the host buffer device-held states are checkpointed through
+
+
+def _staging_buffer(nbytes: int, device: torch.device) -> torch.Tensor:
+    """A host byte buffer of ``nbytes`` for copies to and from ``device`` (pinned for a GPU: bounded,
+    so the caching host allocator's power-of-two rounding costs at most STAGING_BYTES)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+
+
+def write_tensor_bytes(t: torch.Tensor, path: Path, chunk_bytes: int = STAGING_BYTES) -> None:
+    """Write the raw bytes of contiguous ``t`` to ``path``: a host tensor directly, a device tensor
+    in pieces of at most ``chunk_bytes`` copied through one reusable host buffer (the bytes written
+    are the same either way)."""
+    raw = t.view(torch.uint8)
+    if raw.device.type == "cpu":
+        raw.numpy().tofile(str(path))
+    else:
+        _write_chunked(raw, path, chunk_bytes)
+
+
+def read_tensor_bytes(t: torch.Tensor, path: Path, chunk_bytes: int = STAGING_BYTES) -> None:
+    """Fill contiguous ``t`` with the raw bytes of ``path`` (write_tensor_bytes' inverse): a device
+    tensor in pieces of at most ``chunk_bytes`` through one reusable host buffer."""
+    raw = t.view(torch.uint8)
+    if raw.device.type == "cpu":
+        raw.copy_(torch.from_file(str(path), shared=False, size=raw.numel(), dtype=torch.uint8))
+    else:
+        _read_chunked(raw, path, chunk_bytes)
+
+
+def _write_chunked(raw: torch.Tensor, path: Path, chunk_bytes: int) -> None:
+    n = raw.numel()
+    buf = _staging_buffer(max(1, min(chunk_bytes, n)), raw.device)
+    with open(path, "wb") as f:
+        for lo in range(0, n, chunk_bytes):
+            piece = buf[: min(n, lo + chunk_bytes) - lo]
+            piece.copy_(raw[lo: lo + len(piece)])  # device to host: returns once the bytes are there
+            f.write(memoryview(piece.numpy()))
+
+
+def _read_chunked(raw: torch.Tensor, path: Path, chunk_bytes: int) -> None:
+    n = raw.numel()
+    buf = _staging_buffer(max(1, min(chunk_bytes, n)), raw.device)
+    with open(path, "rb") as f:
+        for lo in range(0, n, chunk_bytes):
+            piece = buf[: min(n, lo + chunk_bytes) - lo]
+            if f.readinto(memoryview(piece.numpy())) != len(piece):
+                raise CorruptArtifactError(path, f"shorter than the {n} bytes of the checkpointed states")
+            raw[lo: lo + len(piece)].copy_(piece)  # synchronous: the buffer is reused next
+
+
 def placement_for(nbytes: int, device: torch.device, layer_bytes: int) -> str:
     """Where a block's in-flight hidden states go: the device if they fit beside two decoder layers
-    with a 20 % margin, else host memory if it has them, else node-local disk."""
+    with a 20 % margin (its free memory counting torch's cache), else host memory if it has them
+    with the same margin (the least of MemAvailable, the cgroup's limit and SLURM's grant:
+    modeling.host_free_bytes, the figure ``plan`` applies to the executor's mem_gb), else
+    node-local disk."""
     if device.type != "cpu" and nbytes + 2 * layer_bytes <= 0.8 * free_memory_bytes(device):
         return "device"
-    if nbytes <= 0.8 * free_memory_bytes(torch.device("cpu")):
+    if nbytes <= 0.8 * host_free_bytes():
         return "device" if device.type == "cpu" else "host"
     return "disk"
 

@@ -3,12 +3,15 @@
 Everything is computed from the model's config.json (widths, experts, layers, dtype), the
 calibration data size (the token stores when they exist, else ``num_samples x max_length`` per
 task, an upper bound) and the config (block size, dtypes, ``harc.max_tokens``, retention). Times
-are FLOP counts divided by a throughput (``throughput_tflops``: 300 TFLOP/s for a GPU task, i.e.
-about a third of an H100's dense bf16 peak, and 0.1 for a CPU one, unless given), so they are
-orders of magnitude, not promises; the memory figures are what the code allocates (one decoder layer
-at a time in capture, the resident inputs of one layer in the solve) plus a fixed allowance for the
-Python process and the CUDA context. ``check_fits`` there compares them with what the executor section
-gives each stage (harc_hpc.pipeline.api) and names the stage and the resource that does not fit.
+are FLOP counts divided by the throughput of the dtype the stage computes in (GPU_TFLOPS: one H100,
+300 TFLOP/s in bfloat16/float16, 50 in float32 and float64; CPU_TFLOPS 0.1 for a CPU task;
+``throughput_tflops`` replaces them all), so they are orders of magnitude, not promises; the memory
+figures are what the code allocates (one decoder layer at a time in capture, the resident inputs of
+one layer in the solve) plus a fixed allowance for the Python process and the CUDA context; budgets
+and placements apply the stages' own arithmetic (harc_hpc.models.modeling: host_memory_bounds,
+gpu_free_bytes) to what the executor grants. ``check_fits`` there compares them with what the
+executor section gives each stage (harc_hpc.pipeline.api) and names the stage and the resource that
+does not fit.
 """
 
 from __future__ import annotations
@@ -27,6 +30,17 @@ CUDA_HOST_BYTES = 3 * 2**29  # what a CUDA context adds to a process's host memo
 # OLMoE-shaped layer (d 2048, K 64, 2 x 8192 tokens); other preconditioners: Jacobi's
 SOLVE_ITERATIONS = {"expert-block": 60, "jacobi": 400}
 _ITEM = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+# Dense GEMM throughput a GPU task is assumed to sustain, TFLOP/s, by compute dtype: one H100 SXM,
+# below its datasheet peaks (dense, no sparsity) on purpose.
+# * bfloat16/float16: 989 peak on the tensor cores, ~600-700 reached by large cuBLAS GEMMs; an MoE
+#   forward through transformers is many small per-expert GEMMs, attention and glue, so 300 (~30 %).
+# * float32: 67 peak on the CUDA cores; the code never enables TF32 (torch's default for matmuls),
+#   so SGEMMs reach ~50 (~75 %).
+# * float64: 67 peak on the FP64 tensor cores (34 without them); DGEMMs reach ~50-60, taken as 50.
+# A CPU task: 0.1 TFLOP/s, whatever the dtype (a few cores of one socket).
+GPU_TFLOPS = {"bfloat16": 300.0, "float16": 300.0, "float32": 50.0, "float64": 50.0}
+CPU_TFLOPS = 0.1
+CUDA_CONTEXT_BYTES = 2**30  # device memory a CUDA context and torch's workspace take before any tensor
 
 
 @dataclass
@@ -56,6 +70,7 @@ class ModelShape:
     vocab: int
     dtype_bytes: int
     mla: Optional[dict] = None  # DeepSeek-V3's multi-head latent attention ranks and head widths
+    dtype: str = "bfloat16"  # the checkpoint's dtype: what the layers compute in on a GPU
 
     @classmethod
     def from_config(cls, conf: dict) -> "ModelShape":
@@ -80,7 +95,7 @@ class ModelShape:
             shared_intermediate=shared,
             heads=heads, kv_heads=int(conf.get("num_key_value_heads") or heads),
             head_dim=int(conf.get("head_dim") or d // heads), vocab=int(conf.get("vocab_size", 0)),
-            dtype_bytes=_ITEM.get(dtype, 2), mla=mla,
+            dtype_bytes=_ITEM.get(dtype, 2), mla=mla, dtype=dtype if dtype in _ITEM else "bfloat16",
         )
 
     def attention_params(self) -> int:
@@ -246,6 +261,7 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
     """Per-stage estimates for ``plan``; ``resources[stage]``: what a task of it is given
     (``mem_bytes``, ``gpus``, ``gpu_bytes``); ``conf``: the model's config.json (default: the
     sources')."""
+    from harc_hpc.models.modeling import check_memory_budget, gpu_free_bytes, host_memory_bounds, tightest
     from harc_hpc.stages import layout
 
     conf = conf if conf is not None else layout.reference_config(cfg)
@@ -265,15 +281,17 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
     def gpus_of(stage) -> int:
         return int(resources[stage]["gpus"] or 0)
 
-    def tflops(stage) -> float:
+    def tflops(stage, dtype: str) -> float:
+        """What a task of ``stage`` sustains computing in ``dtype`` (GPU_TFLOPS, CPU_TFLOPS)."""
         if throughput_tflops:
             return throughput_tflops
-        return 300.0 if gpus_of(stage) else 0.1
+        return GPU_TFLOPS.get(dtype, GPU_TFLOPS["float32"]) if gpus_of(stage) else CPU_TFLOPS
 
     out = []
     for stage, tasks in by_stage.items():
         on_gpu = gpus_of(stage) > 0
         compute = shape.dtype_bytes if on_gpu else 4
+        model_dtype = shape.dtype if on_gpu else "float32"  # what the decoder layers compute in
         e = StageEstimate(stage, len(tasks))
         if stage == "merge-statistics" and _statistics_kind(cfg) == "gram_sequential":
             e.host_bytes = PROCESS_BYTES
@@ -305,8 +323,9 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             gram_flops = 2 * sum(tokens.values()) * (
                 3 * d * d + attn_out ** 2 + shape.top_k * (d * d + shape.expert_intermediate ** 2))
             flops = 2 * sum(tokens.values()) * sum(shape.active_params(l) for l in range(shape.layers))
-            e.seconds = (flops + gram_flops * len(shape.moe_layers) / max(1, shape.layers) * shape.layers) / (
-                tflops(stage) * 1e12)
+            # the forward in the model's dtype, the Gram products in float32
+            e.seconds = flops / (tflops(stage, model_dtype) * 1e12) + gram_flops * len(shape.moe_layers) / max(
+                1, shape.layers) * shape.layers / (tflops(stage, "float32") * 1e12)
             e.notes.append(f"Gram accumulators {format_bytes(accumulators)} per decoder layer on the device; "
                            f"Gram files {format_bytes(e.scratch_bytes)} (float32, kept)")
         elif stage == "merge-experts":
@@ -317,7 +336,7 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             e.notes.append("streams tensor by tensor; output = the merged checkpoint (kept)")
         elif stage == "capture-activations" and _streamed_capture(cfg, conf):
             _estimate_streamed_capture(e, cfg, plan, shape, tasks, n_all, compute, cal,
-                                       gpu=on_gpu, throughput=tflops(stage))
+                                       gpu=on_gpu, throughput=tflops(stage, model_dtype))
         elif stage == "capture-activations":
             layer = max(shape.layer_params(l) for l in range(shape.layers)) * compute
             states = n_all * d * compute
@@ -341,7 +360,11 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             states_in_host = not (on_gpu and "on the GPU" in e.notes[-1])
             host = PROCESS_BYTES + writers + (0 if on_gpu else 2 * layer + work + embed)
             if states_in_host:
-                if host + states <= 0.8 * resources[stage]["mem_bytes"]:
+                # capture_activations.placement_for's test, on what the executor grants: 80 % of the
+                # host memory the task may still take (SLURM's grant less what it holds already)
+                may_take, _ = tightest(host_memory_bounds(slurm_grant=int(resources[stage]["mem_bytes"]),
+                                                          rss=host + (CUDA_HOST_BYTES if on_gpu else 0)))
+                if states <= 0.8 * may_take:
                     host += states
                 else:  # the code spills them to node-local disk ($TMPDIR)
                     if on_gpu:
@@ -360,18 +383,33 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
                 e.notes.append(f"checkpoints its in-flight states ({format_bytes(states)}) after every decoder layer "
                                f"(calibration.layer_checkpoints: false to skip; a killed task then starts over)")
             flops = 2 * n_all * sum(shape.active_params(l) for l in range(layers_run)) / max(1, layers_run) * layers_run
-            e.seconds = flops / (tflops(stage) * 1e12)
+            e.seconds = flops / (tflops(stage, model_dtype) * 1e12)
             e.notes.append("one decoder layer on the device at a time (onloaded from the shards)")
         elif stage == "compute-statistics":
             e.host_bytes = int(PROCESS_BYTES + 4 * cfg.calibration.chunk_tokens * d * 8 + 2 * d * d * 8)
             e.scratch_bytes = len(tasks) * (K * d * 8 * 3 + d * d * 8 + K * K * 8)
-            e.seconds = 6 * max(per_task_solve.values()) * d * K / (tflops(stage) * 1e12)
+            e.seconds = 6 * max(per_task_solve.values()) * d * K / (tflops(stage, cfg.harc.dtype) * 1e12)
         elif stage == "solve-router":
             from harc_hpc.stages.solve_router import choose_residency, resolve_inner_dtype
 
             ranks = int(resources.get(stage, {}).get("ranks", 1))  # tokens sharded over the job's processes
             given = resources.get(stage, {})
-            budget = 0.8 * (given.get("gpu_bytes", 0) if on_gpu else given.get("mem_bytes", 0))
+            # solve_router.run's budget, from what the executor grants a task: harc.memory_budget_gb
+            # (an error over what the task may take) or 80 % of what it may take
+            if on_gpu:
+                card = max(0, int(given.get("gpu_bytes", 0)) - CUDA_CONTEXT_BYTES)
+                bounds = {"free GPU memory": gpu_free_bytes(card, 0, 0)}
+            else:
+                bounds = host_memory_bounds(slurm_grant=int(given.get("mem_bytes", 0)), rss=PROCESS_BYTES)
+            if cfg.harc.memory_budget_gb:
+                budget = int(cfg.harc.memory_budget_gb * 2**30)
+                check_memory_budget("harc.memory_budget_gb", budget, bounds,
+                                    f"solve-router (executor: {format_bytes(given.get('gpu_bytes', 0))} a GPU, "
+                                    f"executor.gpu_memory_gb)" if on_gpu else
+                                    f"solve-router (executor: {format_bytes(given.get('mem_bytes', 0))} of host "
+                                    f"memory, executor.stages.solve-router.mem_gb)")
+            else:
+                budget = 0.8 * tightest(bounds)[0]
             inner = resolve_inner_dtype(cfg.harc.inner_dtype, on_gpu)
             keep_stored, inputs = choose_residency(-(-n_solve // ranks), d, K, cfg.calibration.dtype, cfg.harc.dtype,
                                                    inner, cfg.calibration.chunk_tokens, int(budget))
@@ -390,13 +428,16 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
             # a matvec is two GEMMs over the inputs: compute- or memory-bound, whichever is slower
             bandwidth = 3.35e12 if on_gpu else 20e9  # H100 HBM3; a CPU socket, roughly
             n_rank = -(-n_solve // ranks)
-            e.seconds = iters * max(4 * n_rank * d * K / (tflops(stage) * 1e12), 2 * n_rank * d * item / bandwidth)
+            # the CG products in the inner dtype when mixed precision is on (the few exact residuals of
+            # the refinement in harc.dtype are not counted), else in harc.dtype
+            rate = tflops(stage, inner or cfg.harc.dtype)
+            e.seconds = iters * max(4 * n_rank * d * K / (rate * 1e12), 2 * n_rank * d * item / bandwidth)
             e.notes.append(f"inputs resident: {format_bytes(inputs)} ({n_solve} tokens x {d} kept as "
                            f"{cfg.calibration.dtype if keep_stored else cfg.harc.dtype}, "
                            f"computed in {cfg.harc.dtype}"
                            + (f", products in {inner} with exact residuals" if inner else "")
                            + (f", per rank of {ranks}" if ranks > 1 else "") + "); "
-                           f"~{iters} CG iterations assumed")
+                           f"~{iters} CG iterations assumed at {rate:g} TFLOP/s or {bandwidth / 1e12:g} TB/s")
         elif stage == "assemble-model":
             e.host_bytes = PROCESS_BYTES + K * 2 * shape.expert_intermediate * d * 4
             e.scratch_bytes = shape.total_params() * shape.dtype_bytes

@@ -66,7 +66,14 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             x.rows = np.arange(lo, hi, dtype=np.int64) if x.rows is None else x.rows[lo:hi]
     k, d = int(stats[0].sigma_w.shape[0]), int(inputs[0].shape[1])
     n_tokens = sum(len(x) for x in inputs)
-    budget = int(h.memory_budget_gb * 2**30) if h.memory_budget_gb else int(0.8 * free_memory_bytes(device))
+    if h.memory_budget_gb:
+        # a budget over what the scheduler grants (cgroup, SLURM --mem) or the GPU holds: an error now
+        from harc_hpc.models.modeling import check_memory_budget, device_memory_bounds
+
+        budget = int(h.memory_budget_gb * 2**30)
+        check_memory_budget("harc.memory_budget_gb", budget, device_memory_bounds(device), f"solve-router layer {layer}")
+    else:
+        budget = int(0.8 * free_memory_bytes(device))
     inner = resolve_inner_dtype(h.inner_dtype, device.type == "cuda" and _fast_16bit(device))
     keep_stored, need = choose_residency(n_tokens, d, k, inputs[0].dtype, h.dtype, inner,
                                          cfg.calibration.chunk_tokens, budget)
