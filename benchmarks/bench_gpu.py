@@ -379,7 +379,8 @@ class Bench:
                     "hessian": self.harc.hessian, "objective": self.harc.objective, "tol": self.harc.tol,
                     "max_iter": self.harc.max_iter, "compute_dtype": self.harc.dtype,
                     "inner_dtype": f"{self.harc.inner_dtype} -> {self.inner_default}",
-                    "chunk_tokens": self.chunk_default},
+                    "chunk_tokens": self.chunk_default,
+                    "solve_chunk_tokens": "the store's chunk on a CPU; joined blocks on a GPU (solve_router.solve_block_tokens)"},
                 "solve_shape": {"d": a.solve_d, "K": a.solve_k, "tasks": 2, "tokens_per_task": a.solve_tokens,
                                 "inputs": "bfloat16, resident on the device"},
                 "capture_shape": {"layers": a.layers, "hidden": a.hidden, "experts": a.experts,
@@ -495,9 +496,25 @@ class Bench:
             torch.cuda.empty_cache()
 
     def _settings(self, preconditioner=None, inner="default", chunk=None) -> dict:
-        return {"preconditioner": preconditioner or self.harc.preconditioner,
-                "inner": self.inner_default if inner == "default" else inner,
-                "chunk": chunk or self.chunk_default}
+        inner = self.inner_default if inner == "default" else inner
+        return {"preconditioner": preconditioner or self.harc.preconditioner, "inner": inner,
+                "chunk": chunk or self.pipeline_chunk(inner)}
+
+    def pipeline_chunk(self, inner) -> int:
+        """The tokens per operator step solve-router uses here: the store's chunk on a CPU; on a GPU,
+        with the inputs resident, the joined blocks of ``solve_block_tokens``."""
+        if self.device.type != "cuda":
+            return self.chunk_default
+        from harc_hpc.stages.solve_router import SOLVE_BLOCK_HEADROOM_BYTES, choose_residency, solve_block_tokens
+
+        tokens = 2 * self.a.solve_tokens
+        budget = self.solve_budget()
+        _, need = choose_residency(tokens, self.a.solve_d, self.a.solve_k, "bfloat16", self.harc.dtype, inner,
+                                   self.chunk_default, budget)
+        if need > budget:
+            return self.chunk_default
+        return solve_block_tokens(tokens, self.a.solve_d, self.a.solve_k, self.compute_dtype.itemsize,
+                                  min(max(budget - need, 0), SOLVE_BLOCK_HEADROOM_BYTES), self.chunk_default)
 
     def _residency(self, tokens: int, s: dict) -> tuple[bool, int]:
         from harc_hpc.stages.solve_router import choose_residency
@@ -822,7 +839,7 @@ class Bench:
         if "solve" in parts:
             other = None if self.inner_default is not None else "bfloat16"
             variants = [("inner " + (other or "none"), self._settings(inner=other))]
-            variants += [(f"chunk {c}", self._settings(chunk=c)) for c in self.a.chunks if c != self.chunk_default]
+            variants += [(f"chunk {c}", self._settings(chunk=c)) for c in self.a.chunks if c != self._settings()["chunk"]]
             for name, s in variants:
                 self.run_row("solve", name, lambda s=s: self.solve_row(s), lambda s=s: self.solve_estimate(s))
         self.release_inputs()
