@@ -122,14 +122,18 @@ def test_a_distributed_solve_is_planned_per_rank_and_only_distributed_stages_tak
         assert out.exit_code == 0, out.output
         return {e["stage"]: e for e in json.loads(out.output)["stages"]}["solve-router"]["gpu_bytes"]
 
-    gpu = [solve_gpu_bytes("harc.preconditioner=jacobi"),
-           solve_gpu_bytes("harc.preconditioner=jacobi", "executor.stages.solve-router.tasks_per_node=4")]
+    four = "executor.stages.solve-router.gpus=4"  # four ranks, one GPU each (tasks_per_node defaults to gpus)
+    gpu = [solve_gpu_bytes("harc.preconditioner=jacobi"), solve_gpu_bytes("harc.preconditioner=jacobi", four)]
     assert 3.5 < gpu[0] / gpu[1] < 4.0  # the inputs are split four ways; a fixed allowance is not
     # the expert-block preconditioner (the default) is replicated on every rank: U, U G^-1 and the
     # capacitance inverses of 64 experts x 2 tasks x 256 tokens at d 2048, float32
     rows = 2 * 256
     assert solve_gpu_bytes() - gpu[0] == (2 * 64 * rows * 2048 + 64 * rows ** 2) * 4
-    assert solve_gpu_bytes("executor.stages.solve-router.tasks_per_node=4") - gpu[1] == (2 * 64 * rows * 2048 + 64 * rows ** 2) * 4
+    assert solve_gpu_bytes(four) - gpu[1] == (2 * 64 * rows * 2048 + 64 * rows ** 2) * 4
+    shared = CliRunner().invoke(main, ["plan", str(REPO / "configs/olmoe.yaml"), "--model-config", str(model),
+                                       "--set", "executor.stages.solve-router.tasks_per_node=4"])
+    assert shared.exit_code == 2  # four ranks on the config's one GPU: refused before anything runs
+    assert "more ranks than GPUs on a node: tasks_per_node 4 with gpus 1" in shared.output
     dry = CliRunner().invoke(main, ["submit", str(config), "--dry-run",
                                     "--set", "executor.stages.solve-router.tasks_per_node=2"])
     assert dry.exit_code == 0, dry.output

@@ -115,7 +115,7 @@ def submit_cmd(config, executor, dry_run, wait, run_dir, stages_dir, force, over
 @click.option("--model-config", type=click.Path(exists=True, dir_okay=False), default=None,
               help="a config.json standing in for the sources' (plan before the weights are on disk)")
 @click.option("--tflops", type=float, default=None,
-              help="throughput for the time estimates (default: 300 for GPU tasks, 0.1 for CPU ones)")
+              help="throughput for the time estimates, every dtype (default per the stage's compute dtype on one H100: 300 bfloat16/float16, 50 float32/float64; 0.1 for CPU tasks)")
 @click.option("--json", "as_json", is_flag=True, help="print the estimates as JSON")
 @click.option("--run-dir", type=click.Path(file_okay=False), default=None)
 @click.option("--stages-dir", type=click.Path(exists=True, file_okay=False), default=None)
