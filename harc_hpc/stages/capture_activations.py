@@ -32,6 +32,7 @@ import os
 import resource
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -630,24 +631,22 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
                 prev = ActivationArray(in_store, prev_name, out_dtype=model.dtype,
                                        consumed_rows=int(offsets[plan[first].start]))
             bar = Progress(len(plan) - first, f"capture block {block} layer {layer} task {task} (batches)")
-            for i in range(first, len(plan)):
+
+            def read(i: int):
+                """Batch ``i``'s input, padded: token ids, or the stored residual of the layer before."""
+                idx = plan[i]
+                if prev is None:
+                    return pad_batch([torch.from_numpy(store.sequence(j)) for j in idx])[0]
+                lo, hi = int(offsets[idx.start]), int(offsets[idx.stop])
+                flat = prev.read(lo, hi)
+                return pad_batch([flat[int(offsets[j]) - lo: int(offsets[j + 1]) - lo] for j in idx])[0]
+
+            def store_batch(i: int, out: torch.Tensor) -> None:
+                """Write batch ``i``'s rows not yet durable, make whole chunks durable, then the
+                manifest that says so, then delete the consumed input chunks below a resume point."""
+                nonlocal done, claimed
                 idx = plan[i]
                 lo, hi = int(offsets[idx.start]), int(offsets[idx.stop])
-                lengths = [int(offsets[j + 1] - offsets[j]) for j in idx]
-                if prev is None:
-                    ids, _ = pad_batch([torch.from_numpy(store.sequence(j)) for j in idx])
-                    h = model.embed(ids)
-                else:
-                    flat = prev.read(lo, hi)
-                    r, _ = pad_batch([flat[int(offsets[j]) - lo: int(offsets[j + 1]) - lo] for j in idx])
-                    h = model.run_moe_half(prev_layer, r)
-                for j in between:
-                    h = model.run_layer(j, h)
-                out = unpad(model.run_attention_half(layer, h), lengths)
-                require_finite(out, f"the router inputs of layer {layer} (the residual they derive from)",
-                               f"capture-activations block {block}, task {task}, sequences {idx.start}-{idx.stop - 1} "
-                               f"(tokens {lo}:{hi})",
-                               hint="the model overflows or holds NaN weights; try calibration.dtype float32")
                 if hi > done:
                     start = max(lo, done)
                     writer.write(name_of[task], start, out[start - lo:])
@@ -664,12 +663,39 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
                     if consume and claimed is None:
                         claimed = claim_input(in_store.relative_to(run_dir).as_posix(), partial)
                     if claimed:
-                        # A resume restarts at the batch holding row `done`: keep every chunk from it.
+                        # A resume restarts at the batch holding row `done`: keep every chunk from it
+                        # (the batch being read ahead starts there or later).
                         keep = store.num_tokens if done >= store.num_tokens else \
                             int(offsets[plan[_resume_batch(plan, offsets, done)].start])
                         deleted_below[task] = _delete_chunks(in_store / prev.name, deleted_below[task],
                                                              keep // prev.stored_chunk_rows)
-                bar.update(1)
+
+            # I/O beside the forward: the next batch is read, and the last one written, while this
+            # one computes. One reader and one writer thread, in batch order, one batch ahead or
+            # behind at most, so the bytes and the resume points are those of the sequential loop.
+            with ThreadPoolExecutor(1, "capture-read") as reader, ThreadPoolExecutor(1, "capture-write") as wpool:
+                ahead = reader.submit(read, first)
+                written = None
+                for i in range(first, len(plan)):
+                    idx = plan[i]
+                    lo = int(offsets[idx.start])
+                    lengths = [int(offsets[j + 1] - offsets[j]) for j in idx]
+                    batch_in = ahead.result()
+                    ahead = reader.submit(read, i + 1) if i + 1 < len(plan) else None
+                    h = model.embed(batch_in) if prev is None else model.run_moe_half(prev_layer, batch_in)
+                    for j in between:
+                        h = model.run_layer(j, h)
+                    out = unpad(model.run_attention_half(layer, h), lengths)
+                    require_finite(out, f"the router inputs of layer {layer} (the residual they derive from)",
+                                   f"capture-activations block {block}, task {task}, sequences {idx.start}-"
+                                   f"{idx.stop - 1} (tokens {lo}:{int(offsets[idx.stop])})",
+                                   hint="the model overflows or holds NaN weights; try calibration.dtype float32")
+                    if written is not None:
+                        written.result()  # the writer's error, if any, surfaces here
+                    written = wpool.submit(store_batch, i, out.to("cpu"))
+                    bar.update(1)
+                if written is not None:
+                    written.result()
             bar.close()
         model.release_embeddings()
         writer.close()
