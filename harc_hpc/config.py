@@ -271,6 +271,49 @@ class HarcSection(_Strict):
         return v
 
 
+class RouterDistillSection(_Strict):
+    """router-distill (docs/training.md): the training counterpart of HARC. Only the routers are
+    trained, layer by layer on the router inputs HARC's solve of that layer reads, with Adam on the
+    router-level KL sum_i E_{x in task i} KL(softmax(W_i x) || softmax(W x)) (the objective HARC
+    minimises in closed form; Bernoulli KLs for sigmoid gates), stopped early on the KL of a seeded
+    held-out share of each task's calibration sequences. Off by default: a run without it plans,
+    digests and writes exactly what it did before."""
+
+    enabled: bool = False
+    # Where training starts: the merged routers, HARC's calibrated routers, or both (one model each).
+    starts: list[Literal["merged", "harc"]] = Field(default_factory=lambda: ["merged", "harc"], min_length=1)
+    lr: float = Field(default=1e-2, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_steps: int = Field(default=1000, ge=1)
+    # Tokens of each task per step (a seeded sample of its training tokens; all of them when fewer).
+    batch_tokens: int = Field(default=4096, ge=1)
+    # Early stopping: the held-out KL is measured every eval_every steps; training stops after
+    # `patience` measurements without a relative improvement of min_improvement, keeping the best.
+    eval_every: int = Field(default=20, ge=1)
+    patience: int = Field(default=5, ge=1)
+    min_improvement: float = Field(default=1e-4, ge=0)
+    # Share of each task's calibration sequences held out for early stopping (0: none; train on all
+    # tokens for max_steps and report the training KL).
+    validation_fraction: float = Field(default=0.1, ge=0, lt=1)
+    dtype: Literal["float32", "float64"] = "float32"
+
+    @field_validator("starts")
+    @classmethod
+    def _unique_starts(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each start at most once, got {v}")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, v: tuple) -> tuple:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"Adam's betas must be in [0, 1), got {list(v)}")
+        return v
+
+
 class StageResources(_Strict):
     partition: Optional[OneLine] = None
     account: Optional[OneLine] = None
@@ -398,6 +441,10 @@ class PipelineConfig(_Strict):
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     demo: DemoSection = Field(default_factory=DemoSection)
     report: ReportSection = Field(default_factory=ReportSection)
+    # Training baselines (docs/training.md); left out of the dump while disabled, so that a config
+    # without them keeps its snapshot and every digest.
+    router_distill: RouterDistillSection = Field(default_factory=RouterDistillSection,
+                                                 exclude_if=lambda v: not v.enabled)
     # set: a MergeME build from dense experts with routers fitted to the sources' domains
     mergeme: Optional[MergeMESection] = None
 
@@ -414,6 +461,9 @@ class PipelineConfig(_Strict):
         missing = [s.name for s in self.models.sources if s.calibration is None]
         if missing:
             raise ValueError(f"mergeme: the router fit needs calibration data of every source; none for {missing}")
+        if self.router_distill.enabled:
+            raise ValueError("mergeme: router_distill distils source routers, which an MoE built from dense experts "
+                             "does not have; set router_distill.enabled: false")
         if self.harc.shared_expert_gate:
             raise ValueError("mergeme: harc.shared_expert_gate is not fitted for built MoEs (the built gate is kept)")
         if self.harc.objective == "kl" and m.smoothing == 0:

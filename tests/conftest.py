@@ -146,6 +146,8 @@ TOY_STAGES = {
     "solve-router": ("solve", ["routers/layer-{layer:03d}.json"]),
     "assemble-model": ("assemble", ["model/model.json"]),
     "report": ("report", ["report/metrics.json"]),
+    "router-distill": ("router_distill", ["router-distill/layer-{layer:03d}.json"]),
+    "router-distill-model": ("router_distill_model", ["router-distill/models/summary.json"]),
 }
 
 

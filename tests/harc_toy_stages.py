@@ -111,3 +111,17 @@ def assemble(cfg, run_dir, **index):
 def report(cfg, run_dir, **index):
     run_dir = Path(run_dir)
     return _emit(run_dir, "report", index, "report/metrics.json", {"model": _read(run_dir / "model/model.json")})
+
+
+def router_distill(cfg, run_dir, layer):
+    run_dir = Path(run_dir)
+    return _emit(run_dir, "router_distill", {"layer": layer}, f"router-distill/layer-{layer:03d}.json",
+                 {"layer": layer, "router": _read(run_dir / f"routers/layer-{layer:03d}.json"),
+                  "lr": cfg.router_distill.lr})
+
+
+def router_distill_model(cfg, run_dir, **index):
+    run_dir = Path(run_dir)
+    layers = sorted(p.name + _read(p) for p in (run_dir / "router-distill").glob("layer-*.json"))
+    return _emit(run_dir, "router_distill_model", index, "router-distill/models/summary.json",
+                 {"layers": layers, "model": _read(run_dir / "model/model.json")})

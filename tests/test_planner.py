@@ -29,6 +29,8 @@ REAL_STAGES = {
     "solve-router": ("harc_hpc.stages.solve_router:run", "layer"),
     "assemble-model": ("harc_hpc.stages.assemble_model:run", "none"),
     "report": ("harc_hpc.stages.report:run", "none"),
+    "router-distill": ("harc_hpc.stages.router_distill:run", "layer"),
+    "router-distill-model": ("harc_hpc.stages.router_distill:assemble", "none"),
 }
 LAYERS = [0, 1, 2, 3]
 

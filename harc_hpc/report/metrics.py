@@ -483,7 +483,10 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     # Expert usage per layer: each source on its own task, the merged and calibrated models on every task.
     usage: dict = {f"source:{t}": {t: [expert_usage(source_routing[t][l], top_k, source_select.get(t, {}).get(l))
                                        for l in layers]} for t in source_routing}
-    for name, path in (("merged", merged_dir), ("calibrated", model_dir)):
+    from harc_hpc.report.training import training_models
+
+    # the training baselines' models (router-distill; docs/training.md) when the config enables them
+    for name, path in (("merged", merged_dir), ("calibrated", model_dir), *training_models(cfg, run_dir)):
         t0 = time.perf_counter()
         routed = [t for t in tasks if t in source_routers]
         evaluations = [heldout(t, keep_routing=True, ref_routers=source_routers[t]) for t in routed]

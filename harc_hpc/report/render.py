@@ -264,6 +264,8 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
             lines.append(f"| {r} | " + " | ".join(_fmt(swap[t].get(r)) for t in swap) + " |")
         lines.append("")
 
+    lines += _training(metrics)
+
     solve = metrics.get("solve", {})
     if solve:
         lines += ["## Router solves", "", "| layer | iterations | relative residual | converged | seconds "
@@ -317,6 +319,57 @@ def write_markdown(metrics: dict, path: Path, plots: list[str]) -> None:
 
 
 
+def _training(metrics: dict) -> list[str]:
+    """Closed form vs gradient steps (router-distill; docs/training.md): every repair's held-out loss,
+    router-level KL and wall time, then per layer the KL on held-out calibration sequences."""
+    tr = metrics.get("training")
+    if not tr:
+        return []
+    tasks = metrics.get("tasks", [])
+    losses = metrics.get("loss", {})
+    rl = metrics.get("summary", {}).get("router_level", {})
+    st = tr.get("settings", {})
+    out = ["## Closed form vs training (router-distill)", "",
+           f"router-distill: Adam (lr {st.get('lr')}, betas {st.get('betas')}) on the router-level KL HARC minimises, "
+           f"{st.get('batch_tokens')} tokens of each task a step, at most {st.get('max_steps')} steps a layer, "
+           f"stopped after {st.get('patience')} measurements (every {st.get('eval_every')} steps) without improvement "
+           f"on {100 * (st.get('validation_fraction') or 0):.0f} % of each task's calibration sequences held out. "
+           "Held-out loss and router-level KL on the held-out text; wall time: HARC's statistics and solves, "
+           "training's Adam steps (from HARC's router: both).", "",
+           "| model | " + " | ".join(f"{t} loss" for t in tasks) + " | router-level KL | top-k mismatch | wall s | Adam steps |",
+           "|" + "---|" * (5 + len(tasks))]
+    seconds = {"merged": None, "calibrated": tr.get("harc", {}).get("seconds")}
+    steps = {"merged": None, "calibrated": 0}
+    for start, v in tr.get("router_distill", {}).items():
+        seconds[v["model"]], steps[v["model"]] = v.get("seconds"), v.get("steps")
+    for label, name in (("merged", "merged"), ("merged + HARC", "calibrated"),
+                        ("merged + router-distill", "router-distill"),
+                        ("merged + HARC + router-distill", "harc+router-distill")):
+        if name not in rl and name not in seconds:
+            continue
+        kl = rl.get(name, {})
+        out.append(f"| {label} | " + " | ".join(_fmt(losses.get(t, {}).get(name)) for t in tasks)
+                   + f" | {_fmt(kl.get('kl_mean'))} | {_pct(kl.get('topk_mismatch_mean'))} | "
+                   f"{_fmt(seconds.get(name), '.1f')} | {_fmt(steps.get(name), 'd') if isinstance(steps.get(name), int) else '–'} |")
+    starts = list(tr.get("router_distill", {}))
+    out += ["", "Per layer, router-level KL (sum over tasks) on the held-out calibration sequences; steps: taken "
+            "(best); reaches HARC: the first measured step at or below HARC's KL.", "",
+            "| layer | merged | HARC | HARC s | " + " | ".join(
+                f"from {s}: KL | steps | reaches HARC | s" for s in starts) + " |",
+            "|" + "---|" * (4 + 4 * len(starts))]
+    for row in tr.get("layers", []):
+        cells = [str(row["layer"]), _fmt(row.get("merged_kl"), ".5f"), _fmt(row.get("harc_kl"), ".5f"),
+                 _fmt(row.get("harc_seconds"), ".2f")]
+        for s in starts:
+            t = row.get(s) or {}
+            reach = t.get("steps_to_harc_heldout_kl")
+            cells += [_fmt(t.get("heldout_kl"), ".5f"), f"{t.get('steps', '–')} ({t.get('best_step', '–')})",
+                      "never" if reach is None else str(reach), _fmt(t.get("seconds"), ".2f")]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    return out
+
+
 def _story(metrics: dict) -> list[str]:
     """The report's first screen: per task, the losses (and task scores) of base, source, merged,
     calibrated and oracle, and the share of each gap that a repair closes."""
@@ -329,7 +382,10 @@ def _story(metrics: dict) -> list[str]:
     # task scores per domain: lm-eval tasks mapped to a source (harc-hpc's own tasks know theirs)
     scored = {t: [task for task, src in lm.get("oracle_sources", {}).items() if src == t] for t in tasks}
     rows = [("base", "base"), ("source (own task)", "source"), ("merged", "merged"),
-            ("merged + HARC", "calibrated"), ("router-swap oracle", "oracle")]
+            ("merged + HARC", "calibrated"),
+            # the training baselines, when the run has them (a row with no figure is left out)
+            ("merged + router-distill", "router-distill"), ("merged + HARC + router-distill", "harc+router-distill"),
+            ("router-swap oracle", "oracle")]
     header = []
     for t in tasks:
         header.append(f"{t} loss")

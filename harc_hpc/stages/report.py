@@ -41,6 +41,11 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     metrics.update(model_metrics(cfg, run_dir))
     metrics["solve"] = solve_statistics(run_dir)
     metrics["stages"] = stage_statistics(run_dir)
+    from harc_hpc.report.training import training_summary
+
+    training = training_summary(cfg, run_dir, metrics["stages"])
+    if training is not None:  # closed form vs gradient steps (docs/training.md)
+        metrics["training"] = training
     if cfg.report.lm_eval_tasks:
         metrics["lm_eval"] = run_lm_eval(cfg, run_dir)
     metrics["manifest"] = manifest(cfg, run_dir)

@@ -1,0 +1,83 @@
+"""The training baselines in the report (docs/training.md): which of their models it evaluates beside
+the merged and the calibrated one, and the closed form against gradient steps: per layer the router-
+level KL on held-out calibration sequences of the merged router, HARC's and the trained ones, the
+steps training took and needed to match HARC, and the wall time of each repair."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from harc_hpc.config import PipelineConfig
+
+
+def training_models(cfg: PipelineConfig, run_dir: Path) -> list[tuple[str, Path]]:
+    """(report name, model directory) of every training baseline the config enables; a missing
+    directory is a RunStateError naming the stage that writes it."""
+    from harc_hpc.errors import RunStateError
+
+    if not cfg.router_distill.enabled:
+        return []
+    from harc_hpc.stages.router_distill import MODEL_NAMES, models_dir
+
+    out = []
+    for start in cfg.router_distill.starts:
+        path = models_dir(run_dir) / start
+        if not (path / "config.json").is_file():
+            raise RunStateError(f"{path}: no checkpoint here (run router-distill-model first)")
+        out.append((MODEL_NAMES[start], path))
+    return out
+
+
+def _read(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def training_summary(cfg: PipelineConfig, run_dir: Path, stages: dict) -> Optional[dict]:
+    """Closed form vs gradient steps, from router-distill's layer reports and the stage records
+    (``stages``: ``stage_statistics``); None when router-distill is off."""
+    if not cfg.router_distill.enabled:
+        return None
+    from harc_hpc.stages import layout
+    from harc_hpc.stages.router_distill import MODEL_NAMES, distilled_report
+
+    layers = layout.moe_layers(cfg)
+    reports = [r for r in (_read(distilled_report(run_dir, l)) for l in layers) if r]
+    wall = {name: (stages.get(name) or {}).get("wall_s_total") for name in
+            ("compute-statistics", "solve-router", "router-distill", "router-distill-model", "assemble-model")}
+    harc_solve = sum(r.get("harc_solve_seconds") or 0.0 for r in reports)
+    out: dict = {
+        "settings": cfg.router_distill.model_dump(mode="json", exclude={"enabled"}),
+        "stage_wall_s": wall,
+        # HARC's repair: its statistics and solves (the capture both share is left out of both)
+        "harc": {"solve_seconds": round(harc_solve, 3),
+                 "seconds": round(harc_solve + (wall["compute-statistics"] or 0.0), 3)},
+        "router_distill": {},
+        "layers": [],
+    }
+    for start in cfg.router_distill.starts:
+        done = [r["trained"][start] for r in reports if start in r.get("trained", {})]
+        seconds = sum(t["seconds"] for t in done)
+        reached = [t.get("steps_to_harc_heldout_kl") for t in done]
+        out["router_distill"][start] = {
+            "model": MODEL_NAMES[start],
+            "steps": sum(t["steps"] for t in done),
+            "train_seconds": round(seconds, 3),
+            # from HARC's router, HARC's cost comes first
+            "seconds": round(seconds + (out["harc"]["seconds"] if start == "harc" else 0.0), 3),
+            "layers_reaching_harc": sum(s is not None for s in reached),
+            "steps_to_harc_heldout_kl": reached,
+        }
+    for r in reports:
+        closed = r.get("closed_form", {})
+        row = {"layer": r["layer"], "merged_kl": closed.get("merged", {}).get("heldout_kl"),
+               "harc_kl": closed.get("harc", {}).get("heldout_kl"), "harc_seconds": r.get("harc_solve_seconds")}
+        for start, t in r.get("trained", {}).items():
+            row[start] = {k: t.get(k) for k in ("heldout_kl", "steps", "best_step", "stopped", "seconds",
+                                                "steps_to_harc_heldout_kl")}
+        out["layers"].append(row)
+    return out
