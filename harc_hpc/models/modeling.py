@@ -275,9 +275,9 @@ def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch
 
 
 def decoder(model):
-    """The backbone (``model.model``) holding embed_tokens, rotary_emb, layers and norm."""
+    """The backbone (``model.model``) holding embed_tokens, layers and norm."""
     inner = getattr(model, "model", model)
-    for attr in ("embed_tokens", "layers", "rotary_emb"):
+    for attr in ("embed_tokens", "layers", "norm"):
         if not hasattr(inner, attr):
             raise TypeError(f"{type(model).__name__}: backbone has no '{attr}'; not a supported decoder layout")
     return inner

@@ -1,17 +1,26 @@
-"""A checkpoint run one decoder layer at a time: the model's skeleton on the meta device, each layer's
-weights read straight from the safetensors shards onto the compute device when it runs, and freed
-after.
+"""A checkpoint run one decoder layer at a time: the model's skeleton with its parameters on the meta
+device, each layer's weights read straight from the safetensors shards onto the compute device when
+it runs, and freed after.
 
 Peak memory is one decoder layer, the embeddings (or the final norm and LM head) while they are
 used, and the activations, whatever the number of layers (the sequential onloading of
 llm-compressor, Model-Optimizer's layerwise calibration and REAP's layerwise observer). Each layer
 is loaded once and every batch is pushed through it before the next one is loaded.
 
-The skeleton is built by transformers itself (``from_config`` under ``torch.device("meta")``), so
-the layer code, the attention masks and the rotary embedding are the library's own; only the weights are
-placed here. On disk a layer's experts are usually one matrix per expert under the family's legacy
-names; transformers 5 fuses them in memory (``mlp.experts.gate_up_proj`` (E, 2I, d), gate rows before
-up rows; ``mlp.experts.down_proj`` (E, d, I)). ``layer_state_dict`` does that fusion for one layer,
+**The model runs itself.** The skeleton is built by transformers (``from_config``) with its
+parameters on the meta device and its buffers real: what a module computes at construction (rotary
+frequencies, embedding scales) is the library's own. What a decoder layer is called with (its
+attention mask for its layer type, sliding / chunked / linear-attention masks, the rotary tuple of
+its layer type, position ids) is recorded from the backbone's own forward, once per batch shape: each
+decoder layer's ``forward`` is replaced for one pass by a stand-in that records its arguments and
+returns its input (the "catcher" of GPTQ and AutoRound; llm-compressor's sequential pipeline gets
+the same from traced subgraphs). Each real layer is then called with exactly those arguments, so no
+mask or rotary code is re-derived here, and the hidden state entering layer 0 is the one the
+model's own embedding path computes.
+
+On disk a layer's experts are usually one matrix per expert under the family's legacy names;
+transformers 5 fuses them in memory (``mlp.experts.gate_up_proj`` (E, 2I, d), gate rows before up
+rows; ``mlp.experts.down_proj`` (E, d, I)). ``layer_state_dict`` does that fusion for one layer,
 from either on-disk layout, in the same order and dtype conversion as ``from_pretrained``, so a layer
 loaded here computes exactly what the whole-model path computes (bit for bit on CPU; tested).
 """
@@ -19,6 +28,8 @@ loaded here computes exactly what the whole-model path computes (bit for bit on 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -110,6 +121,40 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
     return out
 
 
+@contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no initialisation
+    work) and keep their buffers real, computed on the CPU by their own constructors."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def computed_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The non-persistent buffers of ``module`` (by name relative to it): computed at construction,
+    never in a checkpoint."""
+    out = {}
+    for prefix, sub in module.named_modules():
+        for name in sub._non_persistent_buffers_set:
+            buf = sub._buffers.get(name)
+            if buf is not None:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
+class _Caught(Exception):
+    """Raised by the last stand-in decoder layer: the rest of the backbone's forward is not run."""
+
+
 class OnloadedModel:
     """A decoder-only model whose layers live on the meta device until ``onload``.
 
@@ -128,20 +173,28 @@ class OnloadedModel:
         config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
         self.family = family_for_config(json.loads((self.path / "config.json").read_text()))
         self.dtype = dtype or compute_dtype_for(self.device, _config_dtype(config))
-        with torch.device("meta"):
+        with torch.device("cpu"), parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(
                 config, dtype=self.dtype, attn_implementation=self.family.attn_implementation,
                 trust_remote_code=trust_remote_code)
         self.model.eval()
         self.config = self.model.config
         self.backbone = decoder(self.model)
-        # The rotary embedding holds only computed buffers: build it for real on the device.
-        rotary = self.backbone.rotary_emb
-        with torch.device("cpu"):
-            self.backbone.rotary_emb = type(rotary)(config=self.config).to(self.device)
-        self.num_layers = len(self.backbone.layers)
-        self._embed: Optional[torch.nn.Module] = None
+        self.num_layers = min(len(self.backbone.layers),
+                              int(getattr(self.config, "num_hidden_layers", None) or len(self.backbone.layers)))
+        # What the layers compute at construction, kept to restore after each onload; the parts of
+        # the backbone without parameters (rotary embeddings) go to the device now, whole.
+        self._computed = {i: {n: b.clone() for n, b in computed_buffers(self.layer(i)).items()}
+                          for i in range(self.num_layers)}
+        for name, child in self.backbone.named_children():
+            if name != "layers" and not any(True for _ in child.parameters()):
+                child.to(self.device)
+        self._embed_onloaded = False
         self._head_onloaded = False
+        # (batch, tokens, dtype, device) -> per layer (args, kwargs); the last few shapes only: a mask
+        # of a sliding-window layer is B x T x T, and the loops go batch by batch
+        self._calls: OrderedDict = OrderedDict()
+        self._module_buffers: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- weights -----------------------------------------------------------------------------------
     def layer(self, index: int) -> torch.nn.Module:
@@ -155,8 +208,10 @@ class OnloadedModel:
         module = self.layer(index)
         prefixes = [""] if parts is None else [f"{p}." for p in parts]
         targets = [module] if parts is None else [module.get_submodule(p) for p in parts]
+        computed = self._computed.get(index, {})
         names = [prefix + n for prefix, target in zip(prefixes, targets)
-                 for n, _ in [*target.named_parameters(), *target.named_buffers()]]
+                 for n, _ in [*target.named_parameters(), *target.named_buffers()]
+                 if prefix + n not in computed]
         state = layer_state_dict(self.ckpt, self.family, index, names, self.dtype, self.device)
         for name, value in (overrides or {}).items():
             if name not in state:
@@ -170,6 +225,10 @@ class OnloadedModel:
             target.to_empty(device=self.device)
             target.load_state_dict({n[len(prefix):]: v for n, v in state.items() if n.startswith(prefix)},
                                    strict=True)
+            with torch.no_grad():
+                for n, value in computed.items():
+                    if n.startswith(prefix):
+                        target.get_buffer(n[len(prefix):]).copy_(value)
         return module
 
     def onload_module(self, index: int, name: str) -> torch.nn.Module:
@@ -202,32 +261,97 @@ class OnloadedModel:
         return sum(p.numel() for p in self.layer(index).parameters()) * self.dtype.itemsize
 
     # -- forward -----------------------------------------------------------------------------------
+    def _onload_module(self, module: torch.nn.Module, prefix: str, what: str) -> None:
+        """Materialise a module outside the decoder layers (``prefix``: its checkpoint name, e.g.
+        ``model.embed_tokens.``) on the device, keeping what its constructor computed."""
+        tied = self.model.get_expanded_tied_weights_keys()  # {"lm_head.weight": "model.embed_tokens.weight"}
+        keys = set(self.ckpt.keys())
+        # kept from construction: the module goes back to the meta device when released
+        computed = self._module_buffers.setdefault(prefix, {n: b.clone() for n, b in computed_buffers(module).items()})
+        state = {}
+        for name in [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]:
+            if name in computed:
+                continue
+            key = tied.get(prefix + name, prefix + name)
+            if key not in keys:
+                raise CheckpointError(f"{self.ckpt.name}: tensor {key!r} of the model's {what} is missing")
+            state[name] = self.ckpt.get_tensor(key).to(self.dtype)
+        module.to_empty(device=self.device)
+        module.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            for name, value in computed.items():
+                module.get_buffer(name).copy_(value)
+
+    def _record_layer_calls(self, **inputs) -> tuple[torch.Tensor, list]:
+        """One pass of the backbone's own forward with every decoder layer stood in for: the hidden
+        state entering layer 0 and, per layer, the (args, kwargs) it is called with."""
+        layers = [self.layer(i) for i in range(self.num_layers)]
+        calls: list = [None] * self.num_layers
+        first: list = []
+
+        def stand_in(i: int):
+            def forward(hidden_states, *args, **kwargs):
+                if i == 0:
+                    first.append(hidden_states)
+                calls[i] = (args, kwargs)
+                if i == len(layers) - 1:
+                    raise _Caught
+                return hidden_states
+            return forward
+
+        for i, layer in enumerate(layers):
+            layer.forward = stand_in(i)
+        try:
+            with torch.no_grad():
+                self.backbone(**inputs, use_cache=False)
+            raise RuntimeError(f"{type(self.backbone).__name__}: its forward did not call decoder layer "
+                               f"{len(layers) - 1}; the layer-wise forward cannot run it")
+        except _Caught:
+            pass
+        finally:
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
+        return first[0], calls
+
+    def layer_call(self, index: int, hidden: torch.Tensor) -> tuple[tuple, dict]:
+        """(args, kwargs) the backbone's forward calls decoder layer ``index`` with, besides the
+        hidden state, for a right-padded (B, T, d) batch like ``hidden`` (recorded once per shape)."""
+        key = (tuple(hidden.shape[:2]), hidden.dtype, hidden.device)
+        if key not in self._calls:
+            probe = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+            self._remember(key, self._record_layer_calls(inputs_embeds=probe)[1])
+        self._calls.move_to_end(key)
+        return self._calls[key][index]
+
+    def _remember(self, key, calls: list, keep: int = 2) -> None:
+        self._calls[key] = calls
+        self._calls.move_to_end(key)
+        while len(self._calls) > keep:
+            self._calls.popitem(last=False)
+
     @torch.no_grad()
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._embed is None:
-            weight = self.ckpt.get_tensor("model.embed_tokens.weight").to(self.dtype)
-            self._embed = torch.nn.Embedding.from_pretrained(weight.to(self.device), freeze=True,
-                                                             padding_idx=self.backbone.embed_tokens.padding_idx)
-        return self._embed(ids.to(self.device))
+        """The hidden state entering decoder layer 0 for token ids (B, T), as the backbone's own
+        forward computes it (its embedding module, any scaling it applies)."""
+        if not self._embed_onloaded:
+            self._onload_module(self.backbone.embed_tokens, "model.embed_tokens.", "embeddings")
+            self._embed_onloaded = True
+        hidden, calls = self._record_layer_calls(input_ids=ids.to(self.device))
+        self._remember((tuple(hidden.shape[:2]), hidden.dtype, hidden.device), calls)
+        return hidden
 
     def release_embeddings(self) -> None:
-        self._embed = None
+        if self._embed_onloaded:
+            self.backbone.embed_tokens.to("meta")
+            self._embed_onloaded = False
+            _return_freed_memory()
 
     def _onload_head(self) -> None:
         """The final norm and the LM head on the device. A tied head (``tie_word_embeddings``; its
         ``lm_head.weight`` is then usually not on disk) reads the embedding matrix, as transformers'
         own tying does."""
-        tied = self.model.get_expanded_tied_weights_keys()  # {"lm_head.weight": "model.embed_tokens.weight"}
-        keys = set(self.ckpt.keys())
-        for prefix, module in (("model.norm.", self.backbone.norm), ("lm_head.", self.model.get_output_embeddings())):
-            state = {}
-            for name in [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]:
-                key = tied.get(prefix + name, prefix + name)
-                if key not in keys:
-                    raise CheckpointError(f"{self.ckpt.name}: tensor {key!r} of the model's head is missing")
-                state[name] = self.ckpt.get_tensor(key).to(self.dtype)
-            module.to_empty(device=self.device)
-            module.load_state_dict(state, strict=True)
+        self._onload_module(self.backbone.norm, "model.norm.", "head")
+        self._onload_module(self.model.get_output_embeddings(), "lm_head.", "head")
         self._head_onloaded = True
 
     @torch.no_grad()
@@ -245,50 +369,26 @@ class OnloadedModel:
         self._head_onloaded = False
         _return_freed_memory()
 
-    def attention_kind(self, index: Optional[int]) -> str:
-        """The attention of decoder layer ``index`` as the whole-model forward masks it: the config's
-        ``layer_types`` (GPT-OSS's and Qwen2-MoE's sliding windows, Llama 4's chunks), else a
-        sliding window on every layer when the config sets one (Mixtral, Qwen3-MoE), else causal."""
-        types = getattr(self.config, "layer_types", None)
-        if types and index is not None:
-            return types[index]
-        return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
-
-    def context(self, hidden: torch.Tensor, index: Optional[int] = None):
-        """(attention mask, position ids, rotary embeddings) for a right-padded (B, T, d) batch entering
-        decoder layer ``index``: the mask the whole-model forward gives that layer."""
-        from transformers import masking_utils
-
-        makers = {"full_attention": masking_utils.create_causal_mask,
-                  "sliding_attention": masking_utils.create_sliding_window_causal_mask,
-                  "chunked_attention": masking_utils.create_chunked_causal_mask}
-        kind = self.attention_kind(index)
-        if kind not in makers:
-            raise ValueError(f"decoder layer {index}: attention type {kind!r} is not one the layer-wise forward "
-                             f"masks ({', '.join(makers)})")
-        B, T = hidden.shape[:2]
-        position_ids = torch.arange(T, device=hidden.device).unsqueeze(0).expand(B, -1)
-        mask = makers[kind](config=self.config, inputs_embeds=hidden, attention_mask=None,
-                            cache=None, position_ids=position_ids)
-        return mask, position_ids, self.backbone.rotary_emb(hidden, position_ids)
-
     @torch.no_grad()
     def run_layer(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Push a (B, T, d) batch through the (onloaded) decoder layer ``index``."""
+        """Push a (B, T, d) batch through the (onloaded) decoder layer ``index``, called as the
+        backbone's own forward calls it."""
         hidden = hidden.to(device=self.device, dtype=self.dtype)
-        mask, position_ids, pos_emb = self.context(hidden, index)
-        out = self.layer(index)(hidden, attention_mask=mask, position_ids=position_ids,
-                                position_embeddings=pos_emb)
+        args, kwargs = self.layer_call(index, hidden)
+        out = self.layer(index)(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
     def run_attention_half(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         """The residual stream entering the feed-forward half of the (onloaded) decoder layer
-        ``index`` for a right-padded (B, T, d) batch (the family's ``attention_half``)."""
+        ``index`` for a right-padded (B, T, d) batch (the family's ``attention_half``, given what the
+        backbone's forward gives the layer)."""
         hidden = hidden.to(device=self.device, dtype=self.dtype)
-        mask, position_ids, pos_emb = self.context(hidden, index)
-        return self.family.attention_half(self.layer(index), hidden, attention_mask=mask,
-                                          position_ids=position_ids, position_embeddings=pos_emb)
+        args, kwargs = self.layer_call(index, hidden)
+        if args:
+            raise TypeError(f"decoder layer {index} is called with positional arguments; the family's "
+                            "attention_half takes keyword arguments only")
+        return self.family.attention_half(self.layer(index), hidden, **kwargs)
 
     @torch.no_grad()
     def run_moe_half(self, index: int, residual: torch.Tensor) -> torch.Tensor:

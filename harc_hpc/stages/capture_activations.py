@@ -600,10 +600,10 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
     try:
         # Of the layers at the span's ends only the half that runs: about one decoder layer in all.
         if prev_layer is not None:
-            model.onload(prev_layer, overrides.get(prev_layer), parts=fam.half_modules("moe"))
+            model.onload(prev_layer, overrides.get(prev_layer), parts=fam.half_modules("moe", model.layer(prev_layer)))
         for j in between:
             model.onload(j, overrides.get(j))
-        model.onload(layer, overrides.get(layer), parts=fam.half_modules("attention"))
+        model.onload(layer, overrides.get(layer), parts=fam.half_modules("attention", model.layer(layer)))
         writer = ActivationWriter(out_dir, chunk, dtype, compression=cfg.calibration.compression,
                                   append=manifest is not None)
         name_of = {t: f"{layer_name(layer)}/{t}" for t in tokens}

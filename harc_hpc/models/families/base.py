@@ -21,6 +21,10 @@ Layout = Literal["per_expert", "fused"]
 Proj = Literal["gate", "up", "down"]
 
 
+class _HalfDone(Exception):
+    """Stops a decoder layer's forward once its attention half is done."""
+
+
 class UnsupportedModelError(InputDataError):
     """The checkpoint's architecture has no family adapter."""
 
@@ -196,17 +200,22 @@ class MoEFamily:
 
     # -- the two halves of a pre-norm decoder layer (residual_capture) ------------------------------
     def _check_halves(self, layer) -> None:
-        missing = [n for n in ("input_layernorm", "self_attn", "post_attention_layernorm", self.ffn_module)
-                   if not hasattr(layer, n)]
+        missing = [n for n in ("input_layernorm", "post_attention_layernorm", self.ffn_module) if not hasattr(layer, n)]
         if missing:
             raise TypeError(f"{self.name}: {type(layer).__name__} has no {missing}: not the pre-norm decoder "
                             f"layer that residual capture splits (set residual_capture = False)")
 
-    def half_modules(self, half: str) -> tuple[str, ...]:
+    def half_modules(self, half: str, layer=None) -> tuple[str, ...]:
         """The submodules of a decoder layer that ``attention_half`` (``half="attention"``) or
-        ``moe_half`` (``"moe"``) uses: all a streamed capture onloads of the layers at its ends."""
-        return {"attention": ("input_layernorm", "self_attn"),
-                "moe": ("post_attention_layernorm", self.ffn_module)}[half]
+        ``moe_half`` (``"moe"``) uses: all a streamed capture onloads of the layers at its ends. The
+        attention half of ``layer`` is every child but the feed-forward half's (attention, linear
+        attention or a Mamba mixer, whatever the layer's type runs)."""
+        moe = ("post_attention_layernorm", self.ffn_module)
+        if half == "moe":
+            return moe
+        if layer is None:
+            return ("input_layernorm", "self_attn")
+        return tuple(n for n, _ in layer.named_children() if n not in moe)
 
     def router_input_norm(self, layer) -> torch.nn.Module:
         """The norm whose output the router reads: router input = ``norm(r)`` for the residual ``r``
@@ -214,13 +223,28 @@ class MoEFamily:
         self._check_halves(layer)
         return layer.post_attention_layernorm
 
-    def attention_half(self, layer, hidden: torch.Tensor, **attention_kwargs) -> torch.Tensor:
-        """The residual stream entering the feed-forward half of decoder layer ``layer``:
-        ``hidden + self_attn(input_layernorm(hidden))``, the same operations, in the same order, as
-        the layer's own forward (tested bit for bit against it per family)."""
+    def attention_half(self, layer, hidden: torch.Tensor, **layer_kwargs) -> torch.Tensor:
+        """The residual stream entering the feed-forward half of decoder layer ``layer``: the layer's
+        own forward (``layer_kwargs``: what the backbone calls it with), stopped where it calls its
+        post-attention norm, whose input is that residual. The operations are the layer's own, in
+        its order, for every kind of token mixer (attention, linear attention, Mamba)."""
         self._check_halves(layer)
-        attn = layer.self_attn(hidden_states=layer.input_layernorm(hidden), **attention_kwargs)
-        return hidden + attn[0]
+        caught: list = []
+
+        def grab(module, args):
+            caught.append(args[0])
+            raise _HalfDone
+
+        handle = self.router_input_norm(layer).register_forward_pre_hook(grab)
+        try:
+            layer(hidden, **layer_kwargs)
+        except _HalfDone:
+            pass
+        finally:
+            handle.remove()
+        if not caught:
+            raise TypeError(f"{self.name}: {type(layer).__name__}'s forward never called its post-attention norm")
+        return caught[0]
 
     def moe_half(self, layer, residual: torch.Tensor) -> torch.Tensor:
         """The layer's output from the residual ``r`` entering its feed-forward half:
