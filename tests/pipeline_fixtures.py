@@ -71,6 +71,14 @@ def tiny_config(family: str = "olmoe", layers: int = 3, hidden: int = 32, expert
         return Llama4TextConfig(num_local_experts=experts, num_experts_per_tok=1,
                                 intermediate_size_mlp=hidden, head_dim=hidden // 4, interleave_moe_layer_step=1,
                                 attention_chunk_size=16, **common)
+    if family == "qwen3_next":
+        from transformers import Qwen3NextConfig
+
+        # linear attention and full attention alternating (layer_types), a shared expert with its gate
+        return Qwen3NextConfig(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden,
+                               shared_expert_intermediate_size=hidden, head_dim=hidden // 4, full_attention_interval=2,
+                               linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+                               linear_value_head_dim=8, **common)
     raise ValueError(family)
 
 
