@@ -22,10 +22,17 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=chr(0))
 
 
+# model type -> builder(layers, hidden, experts, top_k, common) of a tiny config: where the coverage
+# tests register the model types they add (tests/test_model_coverage*.py)
+EXTRA_TINY_CONFIGS: dict = {}
+
+
 def tiny_config(family: str = "olmoe", layers: int = 3, hidden: int = 32, experts: int = 4, top_k: int = 2):
     common = dict(vocab_size=128, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, pad_token_id=None, bos_token_id=None,
                   eos_token_id=None, max_position_embeddings=256)
+    if family in EXTRA_TINY_CONFIGS:
+        return EXTRA_TINY_CONFIGS[family](layers=layers, hidden=hidden, experts=experts, top_k=top_k, common=common)
     if family == "olmoe":
         from transformers import OlmoeConfig
 
