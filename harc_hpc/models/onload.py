@@ -36,6 +36,7 @@ from typing import Optional
 import torch
 
 from harc_hpc.io.checkpoint import Checkpoint, CheckpointError
+from harc_hpc.models.conversion import ModuleReader
 from harc_hpc.models.families import family_for_config
 from harc_hpc.models.modeling import decoder
 
@@ -84,7 +85,7 @@ def _read(ckpt: Checkpoint, key: str, device: Optional[torch.device]) -> torch.T
 
 
 def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype: torch.dtype,
-                     device: Optional[torch.device] = None) -> dict:
+                     device: Optional[torch.device] = None, model_type: Optional[str] = None) -> dict:
     """The in-memory parameters ``names`` of decoder layer ``layer`` (names relative to the layer),
     read from the checkpoint in either expert layout and converted to ``dtype``. With a CUDA
     ``device`` every tensor is copied there as read, and the experts are fused and converted there
@@ -92,10 +93,15 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
     prefix = f"model.layers.{layer}."
     keys = ckpt.keys()
     key_set = set(keys)
+    # transformers' own renames and fusions of this model type (harc_hpc.models.conversion)
+    converted = ModuleReader(keys, prefix, model_type, lambda k: _read(ckpt, k, device))
     out = {}
     experts = None
     for name in names:
         disk = prefix + name
+        if disk not in key_set and converted.has(disk):
+            out[name] = converted.get(disk).to(dtype)
+            continue
         if disk not in key_set and name.startswith("mlp."):
             alt = f"{prefix}{fam.moe_module}.{name[4:]}"
             if alt in key_set:
@@ -212,7 +218,8 @@ class OnloadedModel:
         names = [prefix + n for prefix, target in zip(prefixes, targets)
                  for n, _ in [*target.named_parameters(), *target.named_buffers()]
                  if prefix + n not in computed]
-        state = layer_state_dict(self.ckpt, self.family, index, names, self.dtype, self.device)
+        state = layer_state_dict(self.ckpt, self.family, index, names, self.dtype, self.device,
+                                 model_type=getattr(self.config, "model_type", None))
         for name, value in (overrides or {}).items():
             if name not in state:
                 raise KeyError(f"decoder layer {index} has no parameter {name!r}"
