@@ -11,11 +11,13 @@ from harc_hpc.models.families.olmoe import OlmoeFamily
 from harc_hpc.models.families.qwen2_moe import Qwen2MoeFamily
 from harc_hpc.models.families.qwen3_moe import Qwen3MoeFamily
 from harc_hpc.models.families.qwen3_next import Qwen3NextFamily
+from harc_hpc.models.families.sigmoid_routers import SIGMOID_FAMILIES
 
 FAMILIES: dict[str, MoEFamily] = {}
 for _fam in (OlmoeFamily(), Qwen3MoeFamily(), MixtralFamily(), Qwen2MoeFamily(), DeepseekV3Family(),
              Glm4MoeFamily(), GptOssFamily(), Llama4TextFamily(), Qwen3NextFamily()):
     FAMILIES[_fam.name] = _fam
+FAMILIES.update({_fam.name: _fam for _fam in SIGMOID_FAMILIES})
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES.values() for mt in fam.model_types}
 

@@ -1,0 +1,152 @@
+"""Model types whose router is DeepSeek-V3's (harc_hpc/models/families/deepseek_v3.py): sigmoid scores
+per expert, a selection-only correction bias added for the choice, (group-limited) top-k of the biased
+scores, the chosen experts weighted by their unbiased scores. What differs between them is where the
+router, its bias and the experts live on disk and which layers are MoE; the selection rule is the
+same (``selection_mask``, checked against each model's own router module in
+tests/test_model_coverage_sigmoid.py), and HARC fits the router with the sigmoid gates' objective.
+
+- ``glm4_moe_lite``, ``deepseek_v32``, ``solar_open``, ``dots1``: DeepSeek-V3's tensor names
+  (``mlp.gate.weight``, ``mlp.gate.e_score_correction_bias``, per-expert ``gate/up/down_proj``,
+  shared experts); MoE layers from ``mlp_layer_types`` where the config has it.
+- ``minimax_m2``: Mixtral's on-disk layout (``block_sparse_moe``, experts ``w1``/``w3``/``w2``), the
+  bias beside the router (``block_sparse_moe.e_score_correction_bias``), no groups, every layer MoE.
+- ``afmoe``: the router is ``mlp.router.gate`` (a linear map), the bias ``mlp.expert_bias``, no
+  groups; the decoder layer norms both sides of each half (``post_attention_layernorm`` on the
+  attention output, ``pre_mlp_layernorm`` / ``post_mlp_layernorm`` around the MoE), so the router
+  reads ``pre_mlp_layernorm(r)`` and the halves are split there.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+from harc_hpc.models.families.deepseek_v3 import DeepseekV3Family
+
+
+class SigmoidBiasFamily(DeepseekV3Family):
+    """DeepSeek-V3's router and tensor names; the expert count and the MoE layers read from whichever
+    keys the config uses."""
+
+    model_types: tuple[str, ...] = ()
+
+    def num_experts(self, cfg: dict) -> int:
+        for key in ("n_routed_experts", "num_experts", "num_local_experts"):
+            if cfg.get(key):
+                return int(cfg[key])
+        raise KeyError(f"{self.name}: config has none of n_routed_experts, num_experts, num_local_experts")
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        kinds = cfg.get("mlp_layer_types")
+        if kinds is not None:
+            return [l for l, kind in enumerate(kinds[:self.num_layers(cfg)]) if kind == "sparse"]
+        return super().moe_layers(cfg)
+
+
+class Glm4MoeLiteFamily(SigmoidBiasFamily):
+    """GLM-4.7-Flash (``glm4_moe_lite``): DeepSeek-V3's MLA attention and router, GLM's layer pattern."""
+
+    name = "glm4_moe_lite"
+    model_types = ("glm4_moe_lite",)
+
+
+class DeepseekV32Family(SigmoidBiasFamily):
+    """DeepSeek-V3.2 (``deepseek_v32``): DeepSeek-V3 with sparse (indexed) attention; the indexer is
+    part of the attention half, run by the model's own code."""
+
+    name = "deepseek_v32"
+    model_types = ("deepseek_v32",)
+
+
+class SolarOpenFamily(SigmoidBiasFamily):
+    """Solar Open (``solar_open``): every layer MoE with shared experts, grouped-query attention."""
+
+    name = "solar_open"
+    model_types = ("solar_open",)
+
+
+class Dots1Family(SigmoidBiasFamily):
+    """dots.llm1 (``dots1``): dense first ``first_k_dense_replace`` layers, sliding / full attention."""
+
+    name = "dots1"
+    model_types = ("dots1",)
+
+
+class MiniMaxM2Family(SigmoidBiasFamily):
+    """MiniMax-M2 (``minimax_m2``): Mixtral's layout with a correction bias beside the router."""
+
+    name = "minimax_m2"
+    model_types = ("minimax_m2",)
+    moe_module = "block_sparse_moe"
+    proj_names = {"gate": "w1", "up": "w3", "down": "w2"}
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        return list(range(self.num_layers(cfg)))
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return f"model.layers.{layer}.{self.moe_module}.e_score_correction_bias"
+
+
+class AfmoeFamily(SigmoidBiasFamily):
+    """AFMoE (``afmoe``, Arcee's Trinity): the router under ``mlp.router.gate``, its bias
+    ``mlp.expert_bias``, norms on both sides of each half of the decoder layer."""
+
+    name = "afmoe"
+    model_types = ("afmoe",)
+    router_param = "mlp.router.gate.weight"
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        first = int(cfg.get("num_dense_layers") or 0)
+        return list(range(first, self.num_layers(cfg)))
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def router_key(self, layer: int, layout="per_expert") -> str:
+        return f"model.layers.{layer}.mlp.router.gate.weight"
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(r"model\.layers\.\d+\.mlp\.router\.gate\.weight", key) is not None
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return f"model.layers.{layer}.mlp.expert_bias"
+
+    def router_module(self, model, layer: int):
+        router = getattr(getattr(self.decoder_layers(model)[layer], "mlp", None), "router", None)
+        if router is None:
+            raise ValueError(f"{self.name}: layer {layer} has no router (a dense layer?)")
+        return router.gate
+
+    # the residual r enters pre_mlp_layernorm; the layer's output is r + post_mlp_layernorm(mlp(pre_mlp_layernorm(r)))
+    _moe_half = ("pre_mlp_layernorm", "mlp", "post_mlp_layernorm")
+
+    def _check_halves(self, layer) -> None:
+        missing = [n for n in ("input_layernorm", "post_attention_layernorm", *self._moe_half) if not hasattr(layer, n)]
+        if missing:
+            raise TypeError(f"{self.name}: {type(layer).__name__} has no {missing}")
+
+    def half_modules(self, half: str, layer=None) -> tuple[str, ...]:
+        if half == "moe":
+            return self._moe_half
+        if layer is None:
+            return ("input_layernorm", "self_attn", "post_attention_layernorm")
+        return tuple(n for n, _ in layer.named_children() if n not in self._moe_half)
+
+    def router_input_norm(self, layer) -> torch.nn.Module:
+        self._check_halves(layer)
+        return layer.pre_mlp_layernorm
+
+    def moe_half(self, layer, residual: torch.Tensor) -> torch.Tensor:
+        self._check_halves(layer)
+        out = layer.post_mlp_layernorm(layer.mlp(layer.pre_mlp_layernorm(residual)))
+        return residual + out.view(residual.shape)
+
+
+#: the instances harc_hpc.models.families registers
+SIGMOID_FAMILIES = (Glm4MoeLiteFamily(), DeepseekV32Family(), SolarOpenFamily(), Dots1Family(), MiniMaxM2Family(),
+                    AfmoeFamily())
