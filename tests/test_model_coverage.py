@@ -16,11 +16,42 @@ from harc_hpc.models.families import family_for_config
 from harc_hpc.models.modeling import RouterInputRecorder, load_causal_lm
 from harc_hpc.models.onload import OnloadedModel
 from harc_hpc.stages import layout
-from pipeline_fixtures import build_tiny_sources, run_pipeline, tiny_config, write_config
+from pipeline_fixtures import EXTRA_TINY_CONFIGS, build_tiny_sources, run_pipeline, tiny_config, write_config
+
+
+def _config(model_type: str, kw):
+    """A tiny config builder of ``model_type``: the shared small sizes, and ``kw(layers, hidden,
+    experts, top_k)``, the type's own keys."""
+    def build(layers, hidden, experts, top_k, common):
+        from transformers import CONFIG_MAPPING
+
+        return CONFIG_MAPPING[model_type](**{**common, **kw(layers, hidden, experts, top_k)})
+    return build
+
+
+EXTRA_TINY_CONFIGS.update({
+    "flex_olmo": _config("flex_olmo", kw=lambda L, h, E, k: dict(num_experts=E, num_experts_per_tok=k)),
+    "hunyuan_v1_moe": _config("hunyuan_v1_moe", kw=lambda L, h, E, k: dict(
+        num_experts=E, moe_topk=k, head_dim=h // 4)),
+    "granitemoe": _config("granitemoe", kw=lambda L, h, E, k: dict(
+        num_local_experts=E, num_experts_per_tok=k, residual_multiplier=0.5, embedding_multiplier=2.0,
+        logits_scaling=4.0)),
+    "ernie4_5_moe": _config("ernie4_5_moe", kw=lambda L, h, E, k: dict(
+        moe_num_experts=E, moe_k=k, moe_intermediate_size=h, moe_layer_start_index=0,
+        moe_layer_end_index=L - 1, moe_num_shared_experts=1, head_dim=h // 4)),
+    "aria_text": _config("aria_text", kw=lambda L, h, E, k: dict(
+        moe_num_experts=E, moe_topk=k, moe_num_shared_experts=1, head_dim=h // 4)),
+})
+
 
 # model type -> what makes it new to the layer-wise forward
 NEW_TYPES = {
     "qwen3_next": "gated linear attention beside full attention (layer_types); shared expert",
+    "flex_olmo": "post-norm layers (captured layer-wise)",
+    "hunyuan_v1_moe": "router at mlp.gate.wg; shared MLP; query/key norms",
+    "granitemoe": "renamed fused experts; top-k-then-softmax router; residual, embedding and logit multipliers",
+    "ernie4_5_moe": "softmax router whose choice adds a correction bias; renamed bias; shared experts",
+    "aria_text": "renamed fused experts (fc1/fc2); top-k-then-softmax router; shared experts",
 }
 
 
@@ -43,8 +74,13 @@ def test_the_layerwise_forward_is_the_whole_models_bit_for_bit(tmp_path, model_t
     h = om.embed(ids)
     for l in range(om.num_layers):
         om.onload(l)
-        full = om.run_layer(l, h)
-        if l in layers:
+        if l in layers and not fam.residual_capture:  # captured layer-wise: the router's own input
+            with RouterInputRecorder({l: fam.router_module(om.model, l)}) as own:
+                full = om.run_layer(l, h)
+                assert torch.equal(own.pop(l).reshape(ref[l].shape), ref[l]), f"layer {l}: router inputs"
+        else:
+            full = om.run_layer(l, h)
+        if l in layers and fam.residual_capture:  # captured streamed: split at the residual
             r = om.run_attention_half(l, h)
             x = fam.router_input_norm(om.layer(l))(r)
             assert torch.equal(x.reshape(ref[l].shape), ref[l]), f"layer {l}: router inputs"
@@ -71,3 +107,37 @@ def test_the_whole_pipeline_runs_and_calibrates(tmp_path, model_type):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 9, 3, 7]])).logits
     assert torch.isfinite(logits).all()
+
+
+# model type -> (the module whose forward returns (logits, weights, chosen experts), its bias or None)
+SELECTORS = {
+    "qwen3_next": lambda layer: (layer.mlp.gate, None),
+    "flex_olmo": lambda layer: (layer.mlp.gate, None),
+    "hunyuan_v1_moe": lambda layer: (layer.mlp.gate, None),
+    "granitemoe": lambda layer: (layer.block_sparse_moe.router, None),
+    "ernie4_5_moe": lambda layer: (layer.mlp.gate, layer.mlp.gate.moe_statics.e_score_correction_bias),
+    "aria_text": lambda layer: (layer.mlp.router, None),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(NEW_TYPES))
+def test_the_declared_selection_is_the_models_own(model_type):
+    """The family's selection rule (top-k mismatch, the report) against what the model's router picks,
+    on random inputs, with a non-zero correction bias where the router has one."""
+    from transformers import AutoModelForCausalLM
+
+    conf = tiny_config(model_type, layers=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(conf).eval()
+    fam = family_for_config(conf.to_dict())
+    l = fam.moe_layers(conf.to_dict())[-1]
+    selector, bias = SELECTORS[model_type](model.model.layers[l])
+    if bias is not None:
+        with torch.no_grad():
+            bias.copy_(0.3 * torch.randn(bias.shape))
+    x = torch.randn(300, conf.hidden_size)
+    with torch.no_grad():
+        logits, _, chosen = selector(x)
+    want = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, chosen, True)
+    got = fam.selection_mask(conf.to_dict(), logits, None if bias is None else bias.detach())
+    assert torch.equal(got, want)

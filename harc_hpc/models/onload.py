@@ -157,6 +157,22 @@ def computed_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+class _BackboneOutput:
+    """What the backbone's forward returns, as far as a causal LM's head reads it: the final hidden
+    states (``last_hidden_state``, ``[0]``); every other field (router logits, caches) is None."""
+
+    def __init__(self, last_hidden_state: torch.Tensor):
+        self.last_hidden_state = last_hidden_state
+
+    def __getattr__(self, name):
+        return None
+
+    def __getitem__(self, index):
+        if index == 0:
+            return self.last_hidden_state
+        raise IndexError(index)
+
+
 class _Caught(Exception):
     """Raised by the last stand-in decoder layer: the rest of the backbone's forward is not run."""
 
@@ -363,12 +379,20 @@ class OnloadedModel:
 
     @torch.no_grad()
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) of a batch leaving the last decoder layer: the final norm, then the LM
-        head, both onloaded on first use and kept until ``release_head``."""
+        """Logits (B, T, V) of a batch leaving the last decoder layer: the final norm, then the causal
+        LM's own forward from the backbone's output on (its LM head and whatever it does to the
+        logits: Granite's ``logits_scaling``, soft-capping), both onloaded on first use and kept until
+        ``release_head``."""
         if not self._head_onloaded:
             self._onload_head()
         hidden = hidden.to(device=self.device, dtype=self.dtype)
-        return self.model.get_output_embeddings()(self.backbone.norm(hidden))
+        out = _BackboneOutput(self.backbone.norm(hidden))
+        self.backbone.forward = lambda *args, **kwargs: out
+        try:
+            ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.device)
+            return self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            self.backbone.__dict__.pop("forward", None)
 
     def release_head(self) -> None:
         self.backbone.norm.to("meta")

@@ -11,11 +11,12 @@ from harc_hpc.models.families.olmoe import OlmoeFamily
 from harc_hpc.models.families.qwen2_moe import Qwen2MoeFamily
 from harc_hpc.models.families.qwen3_moe import Qwen3MoeFamily
 from harc_hpc.models.families.qwen3_next import Qwen3NextFamily
+from harc_hpc.models.families.softmax_routers import SOFTMAX_FAMILIES
 from harc_hpc.models.families.sigmoid_routers import SIGMOID_FAMILIES
 
 FAMILIES: dict[str, MoEFamily] = {}
 for _fam in (OlmoeFamily(), Qwen3MoeFamily(), MixtralFamily(), Qwen2MoeFamily(), DeepseekV3Family(),
-             Glm4MoeFamily(), GptOssFamily(), Llama4TextFamily(), Qwen3NextFamily()):
+             Glm4MoeFamily(), GptOssFamily(), Llama4TextFamily(), Qwen3NextFamily(), *SOFTMAX_FAMILIES):
     FAMILIES[_fam.name] = _fam
 FAMILIES.update({_fam.name: _fam for _fam in SIGMOID_FAMILIES})
 

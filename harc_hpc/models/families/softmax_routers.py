@@ -1,0 +1,169 @@
+"""MoE families whose router is a linear map followed by a softmax over the experts (or, what is the
+same for the HARC objective, a softmax over the top-k logits), beyond the first ones.
+
+What differs between them is where the router lives (on disk and in memory), how the config names
+the expert count and top-k, which layers are MoE, and what the model's own selection rule adds (a
+correction bias). The layer-wise forward, the masks and the token mixers are the model's own
+(harc_hpc.models.onload), and transformers' conversion mapping reads their renamed and fused
+tensors (harc_hpc.models.conversion), so a family here declares only those facts. Each is checked by
+tests/test_model_coverage.py: bit for bit against the whole model, and end to end.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+from harc_hpc.models.families.base import ExpertTensor, MoEFamily
+
+
+class FlexOlmoFamily(MoEFamily):
+    """FlexOlmo (``flex_olmo``): OLMoE's router in an Olmo-2 post-norm layer (the norms follow the
+    attention and the MoE; the router reads the residual stream itself), so captured layer-wise."""
+
+    name = "flex_olmo"
+    model_types = ("flex_olmo",)
+    residual_capture = False
+
+
+class HunYuanMoeFamily(MoEFamily):
+    """Hunyuan-A13B (``hunyuan_v1_moe``): the router is ``mlp.gate.wg``; a shared MLP beside the experts;
+    softmax, top-k (``moe_topk``) renormalised."""
+
+    name = "hunyuan_v1_moe"
+    model_types = ("hunyuan_v1_moe",)
+    router_param = "mlp.gate.wg.weight"
+
+    def top_k(self, cfg: dict) -> int:
+        k = cfg.get("moe_topk") or cfg.get("num_experts_per_tok")
+        return int(k[0] if isinstance(k, (list, tuple)) else k)
+
+    def num_experts(self, cfg: dict) -> int:
+        e = cfg["num_experts"]
+        return int(e[0] if isinstance(e, (list, tuple)) else e)
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def router_key(self, layer: int, layout="per_expert") -> str:
+        return f"model.layers.{layer}.mlp.gate.wg.weight"
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(r"model\.layers\.\d+\.mlp\.gate\.wg\.weight", key) is not None
+
+    def router_module(self, model, layer: int):
+        return self.decoder_layers(model)[layer].mlp.gate.wg
+
+
+class GraniteMoeFamily(MoEFamily):
+    """Granite-MoE (``granitemoe``, ``granitemoeshared``): the router (``block_sparse_moe.router``,
+    ``router.layer`` on disk) takes the top-k logits and a softmax over them, which is the softmax
+    renormalised over the top k; the experts are fused on disk (``input_linear`` (E, 2I, d),
+    ``output_linear`` (E, d, I)). ``residual_multiplier`` scales the MoE's output inside the layer,
+    so the layer is captured whole (layer-wise), not split at the residual."""
+
+    name = "granitemoe"
+    model_types = ("granitemoe", "granitemoeshared")
+    moe_module = "block_sparse_moe"
+    ffn_module = "block_sparse_moe"
+    router_param = "block_sparse_moe.router.weight"
+    residual_capture = False
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def router_key(self, layer: int, layout="per_expert") -> str:
+        return f"model.layers.{layer}.block_sparse_moe.router.layer.weight"
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(r"model\.layers\.\d+\.block_sparse_moe\.router\.layer\.weight", key) is not None
+
+    def router_module(self, model, layer: int):
+        return self.decoder_layers(model)[layer].block_sparse_moe.router
+
+    _fused_disk_re = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.(input|output)_linear\.weight$")
+
+    def parse_expert_key(self, key: str) -> Optional[ExpertTensor]:
+        m = self._fused_disk_re.match(key)
+        if m:
+            return ExpertTensor(int(m.group(1)), None, "gate_up" if m.group(2) == "input" else "down")
+        return super().parse_expert_key(key)
+
+
+class Ernie45MoeFamily(MoEFamily):
+    """ERNIE-4.5-MoE (``ernie4_5_moe``): softmax router (``mlp.gate``) whose choice is the top-k of the
+    probabilities plus a selection-only correction bias (``mlp.moe_statics.e_score_correction_bias``
+    on disk, never trained by gradient: kept, the weights fitted); the chosen probabilities are
+    renormalised (clamped at ``moe_norm_min``); shared experts beside; MoE layers from
+    ``moe_layer_start_index`` to ``moe_layer_end_index`` every ``moe_layer_interval``."""
+
+    name = "ernie4_5_moe"
+    model_types = ("ernie4_5_moe",)
+
+    def num_experts(self, cfg: dict) -> int:
+        return int(cfg["moe_num_experts"])
+
+    def top_k(self, cfg: dict) -> int:
+        return int(cfg["moe_k"])
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        start = int(cfg.get("moe_layer_start_index", 0))
+        end = cfg.get("moe_layer_end_index")
+        end = self.num_layers(cfg) - 1 if end is None or int(end) < 0 else int(end)
+        step = int(cfg.get("moe_layer_interval") or 1)
+        return [l for l in range(self.num_layers(cfg)) if start <= l <= end and (l - start) % step == 0]
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return f"model.layers.{layer}.mlp.moe_statics.e_score_correction_bias"
+
+    def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        scores = torch.softmax(logits.float(), dim=-1)
+        if bias is not None:
+            scores = scores + bias.to(device=scores.device, dtype=scores.dtype).reshape(-1)[: scores.shape[-1]]
+        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        mask.scatter_(1, torch.topk(scores, self.top_k(cfg), dim=1).indices, True)
+        return mask
+
+
+class AriaTextFamily(MoEFamily):
+    """Aria's text model (``aria_text``): the router (``mlp.router``) takes the top-k logits and a
+    softmax over them (the softmax renormalised over the top k); fused experts on disk
+    (``mlp.experts.fc1`` / ``fc2``); shared experts beside."""
+
+    name = "aria_text"
+    model_types = ("aria_text",)
+    router_param = "mlp.router.weight"
+
+    def num_experts(self, cfg: dict) -> int:
+        return int(cfg["moe_num_experts"])
+
+    def top_k(self, cfg: dict) -> int:
+        return int(cfg["moe_topk"])
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def router_key(self, layer: int, layout="per_expert") -> str:
+        return f"model.layers.{layer}.mlp.router.weight"
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(r"model\.layers\.\d+\.mlp\.router\.weight", key) is not None
+
+    def router_module(self, model, layer: int):
+        return self.decoder_layers(model)[layer].mlp.router
+
+    _fused_disk_re = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.fc([12])\.weight$")
+
+    def parse_expert_key(self, key: str) -> Optional[ExpertTensor]:
+        m = self._fused_disk_re.match(key)
+        if m:
+            return ExpertTensor(int(m.group(1)), None, "gate_up" if m.group(2) == "1" else "down")
+        return super().parse_expert_key(key)
+
+
+SOFTMAX_FAMILIES = (FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily())
