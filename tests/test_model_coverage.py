@@ -41,6 +41,14 @@ EXTRA_TINY_CONFIGS.update({
         moe_layer_end_index=L - 1, moe_num_shared_experts=1, head_dim=h // 4)),
     "aria_text": _config("aria_text", kw=lambda L, h, E, k: dict(
         moe_num_experts=E, moe_topk=k, moe_num_shared_experts=1, head_dim=h // 4)),
+    "qwen3_5_moe_text": _config("qwen3_5_moe_text", kw=lambda L, h, E, k: dict(
+        num_experts=E, num_experts_per_tok=k, moe_intermediate_size=h, shared_expert_intermediate_size=h,
+        head_dim=h // 4, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=8,
+        linear_value_head_dim=8, layer_types=(["linear_attention", "full_attention"] * L)[:L])),
+    "mellum": _config("mellum", kw=lambda L, h, E, k: dict(num_local_experts=E, num_experts_per_tok=k, head_dim=h // 4)),
+    "minimax": _config("minimax", kw=lambda L, h, E, k: dict(
+        num_local_experts=E, num_experts_per_tok=k, head_dim=h // 4,
+        layer_types=(["linear_attention", "full_attention"] * L)[:L])),
 })
 
 
@@ -52,6 +60,9 @@ NEW_TYPES = {
     "granitemoe": "renamed fused experts; top-k-then-softmax router; residual, embedding and logit multipliers",
     "ernie4_5_moe": "softmax router whose choice adds a correction bias; renamed bias; shared experts",
     "aria_text": "renamed fused experts (fc1/fc2); top-k-then-softmax router; shared experts",
+    "qwen3_5_moe_text": "Qwen3.5's text model: gated linear attention beside full attention; shared expert",
+    "mellum": "rotary embeddings per layer type",
+    "minimax": "lightning (linear) attention beside full attention; scaled residual branches",
 }
 
 
@@ -117,6 +128,9 @@ SELECTORS = {
     "granitemoe": lambda layer: (layer.block_sparse_moe.router, None),
     "ernie4_5_moe": lambda layer: (layer.mlp.gate, layer.mlp.gate.moe_statics.e_score_correction_bias),
     "aria_text": lambda layer: (layer.mlp.router, None),
+    "qwen3_5_moe_text": lambda layer: (layer.mlp.gate, None),
+    "mellum": lambda layer: (layer.mlp.gate, None),
+    "minimax": lambda layer: (layer.mlp.gate, None),
 }
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from harc_hpc.models.families.base import ExpertTensor, MoEFamily
+from harc_hpc.models.families.mixtral import MixtralFamily
 
 
 class FlexOlmoFamily(MoEFamily):
@@ -166,4 +167,23 @@ class AriaTextFamily(MoEFamily):
         return super().parse_expert_key(key)
 
 
-SOFTMAX_FAMILIES = (FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily())
+class MellumFamily(MoEFamily):
+    """Mellum (``mellum``): OLMoE's MoE layer (``mlp.gate``, per-expert projections), rotary embeddings
+    built per layer type (the model's forward passes each layer its own)."""
+
+    name = "mellum"
+    model_types = ("mellum",)
+
+
+class MiniMaxFamily(MixtralFamily):
+    """MiniMax-Text-01 / M1 (``minimax``): Mixtral's MoE layer (``block_sparse_moe``, w1/w2/w3; softmax
+    top-k renormalised) in a hybrid stack of lightning (linear) attention and full attention layers
+    whose residual branches are scaled (``layernorm_*_alpha`` / ``_beta``), so captured layer-wise."""
+
+    name = "minimax"
+    model_types = ("minimax",)
+    residual_capture = False
+
+
+SOFTMAX_FAMILIES = (FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily(),
+                    MellumFamily(), MiniMaxFamily())
