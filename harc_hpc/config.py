@@ -314,6 +314,49 @@ class RouterDistillSection(_Strict):
         return v
 
 
+class FinetuneSection(_Strict):
+    """finetune (docs/training.md): post-merge SFT of the merged model and/or HARC's calibrated model
+    on the calibration data of every task (the paper's Table 7 setting), AdamW with a linear warm-up,
+    checkpointed every ``checkpoint_every`` steps so that a killed task resumes to the same bytes.
+    Off by default: a run without it plans, digests and writes exactly what it did before."""
+
+    enabled: bool = False
+    starts: list[Literal["merged", "harc"]] = Field(default_factory=lambda: ["merged", "harc"], min_length=1)
+    # which parameters train: all, the routers (router-only SFT), the experts, or all but the experts
+    params: Literal["all", "routers", "experts", "non-expert"] = "all"
+    lr: float = Field(default=1e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    steps: int = Field(default=100, ge=1)
+    # sequences per step (over all ranks of a distributed task) and tokens per sequence (longer ones cut)
+    batch_size: int = Field(default=8, ge=1)
+    seq_length: int = Field(default=512, ge=2)
+    warmup_steps: int = Field(default=10, ge=0)
+    # after the warm-up: constant, or linear decay to 0 at the last step
+    schedule: Literal["constant", "linear"] = "linear"
+    grad_clip: Optional[float] = Field(default=1.0, gt=0)
+    seed: int = 0
+    checkpoint_every: int = Field(default=50, ge=1)
+    gradient_checkpointing: bool = False
+    # auto: bfloat16 on a GPU, float32 on a CPU (reproducible there)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+    @field_validator("starts")
+    @classmethod
+    def _unique_starts(cls, v: list) -> list:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each start at most once, got {v}")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, v: tuple) -> tuple:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"AdamW's betas must be in [0, 1), got {list(v)}")
+        return v
+
+
 class StageResources(_Strict):
     partition: Optional[OneLine] = None
     account: Optional[OneLine] = None
@@ -445,6 +488,7 @@ class PipelineConfig(_Strict):
     # without them keeps its snapshot and every digest.
     router_distill: RouterDistillSection = Field(default_factory=RouterDistillSection,
                                                  exclude_if=lambda v: not v.enabled)
+    finetune: FinetuneSection = Field(default_factory=FinetuneSection, exclude_if=lambda v: not v.enabled)
     # set: a MergeME build from dense experts with routers fitted to the sources' domains
     mergeme: Optional[MergeMESection] = None
 

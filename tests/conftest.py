@@ -148,6 +148,7 @@ TOY_STAGES = {
     "report": ("report", ["report/metrics.json"]),
     "router-distill": ("router_distill", ["router-distill/layer-{layer:03d}.json"]),
     "router-distill-model": ("router_distill_model", ["router-distill/models/summary.json"]),
+    "finetune": ("finetune", ["finetune/models/summary.json"]),
 }
 
 

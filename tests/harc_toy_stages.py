@@ -125,3 +125,10 @@ def router_distill_model(cfg, run_dir, **index):
     layers = sorted(p.name + _read(p) for p in (run_dir / "router-distill").glob("layer-*.json"))
     return _emit(run_dir, "router_distill_model", index, "router-distill/models/summary.json",
                  {"layers": layers, "model": _read(run_dir / "model/model.json")})
+
+
+def finetune(cfg, run_dir, **index):
+    run_dir = Path(run_dir)
+    return _emit(run_dir, "finetune", index, "finetune/models/summary.json",
+                 {"merged": _read(run_dir / "merged/model.json"), "model": _read(run_dir / "model/model.json"),
+                  "lr": cfg.finetune.lr, "steps": cfg.finetune.steps})

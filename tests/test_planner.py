@@ -31,6 +31,7 @@ REAL_STAGES = {
     "report": ("harc_hpc.stages.report:run", "none"),
     "router-distill": ("harc_hpc.stages.router_distill:run", "layer"),
     "router-distill-model": ("harc_hpc.stages.router_distill:assemble", "none"),
+    "finetune": ("harc_hpc.stages.finetune:run", "none"),
 }
 LAYERS = [0, 1, 2, 3]
 

@@ -330,4 +330,4 @@ def test_the_report_compares_the_closed_form_with_training(distilled_run):
     assert tr["router_distill"]["harc"]["seconds"] >= tr["harc"]["seconds"] > 0
     assert tr["router_distill"]["merged"]["steps"] == sum(row["merged"]["steps"] for row in tr["layers"])
     md = (run_dir / "report" / "report.md").read_text()
-    assert "## Closed form vs training (router-distill)" in md and "| merged + HARC + router-distill |" in md
+    assert "## Closed form vs training" in md and "router-distill: Adam (lr" in md and "| merged + HARC + router-distill |" in md

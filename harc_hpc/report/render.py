@@ -329,22 +329,34 @@ def _training(metrics: dict) -> list[str]:
     losses = metrics.get("loss", {})
     rl = metrics.get("summary", {}).get("router_level", {})
     st = tr.get("settings", {})
-    out = ["## Closed form vs training (router-distill)", "",
-           f"router-distill: Adam (lr {st.get('lr')}, betas {st.get('betas')}) on the router-level KL HARC minimises, "
+    fst = (tr.get("finetune") or {}).get("settings") or {}
+    out = ["## Closed form vs training", ""]
+    if st:
+        out += [f"router-distill: Adam (lr {st.get('lr')}, betas {st.get('betas')}) on the router-level KL HARC minimises, "
            f"{st.get('batch_tokens')} tokens of each task a step, at most {st.get('max_steps')} steps a layer, "
            f"stopped after {st.get('patience')} measurements (every {st.get('eval_every')} steps) without improvement "
            f"on {100 * (st.get('validation_fraction') or 0):.0f} % of each task's calibration sequences held out. "
            "Held-out loss and router-level KL on the held-out text; wall time: HARC's statistics and solves, "
-           "training's Adam steps (from HARC's router: both).", "",
-           "| model | " + " | ".join(f"{t} loss" for t in tasks) + " | router-level KL | top-k mismatch | wall s | Adam steps |",
-           "|" + "---|" * (5 + len(tasks))]
+           "training's Adam steps (from HARC's router: both).", ""]
+    if fst:
+        out += [f"SFT (finetune): AdamW on {fst.get('params')} parameters, lr {fst.get('lr')} ({fst.get('warmup_steps')} "
+                f"warm-up steps, then {fst.get('schedule')}), {fst.get('steps')} steps of {fst.get('batch_size')} "
+                f"calibration sequences of at most {fst.get('seq_length')} tokens, seed {fst.get('seed')}; wall time: "
+                "its steps (from HARC's model: HARC's too).", ""]
+    walls = {k: v for k, v in (tr.get("stage_wall_s") or {}).items() if isinstance(v, (int, float))}
+    if walls:
+        out += ["Stage wall time, summed over tasks (on a shared machine: rough): "
+                + ", ".join(f"{k} {v:.1f} s" for k, v in walls.items()) + ".", ""]
+    out += ["| model | " + " | ".join(f"{t} loss" for t in tasks) + " | router-level KL | top-k mismatch | wall s | steps |",
+            "|" + "---|" * (5 + len(tasks))]
     seconds = {"merged": None, "calibrated": tr.get("harc", {}).get("seconds")}
     steps = {"merged": None, "calibrated": 0}
-    for start, v in tr.get("router_distill", {}).items():
+    for start, v in [*tr.get("router_distill", {}).items(), *(tr.get("finetune") or {}).get("starts", {}).items()]:
         seconds[v["model"]], steps[v["model"]] = v.get("seconds"), v.get("steps")
     for label, name in (("merged", "merged"), ("merged + HARC", "calibrated"),
                         ("merged + router-distill", "router-distill"),
-                        ("merged + HARC + router-distill", "harc+router-distill")):
+                        ("merged + HARC + router-distill", "harc+router-distill"),
+                        ("merged + SFT", "sft"), ("merged + HARC + SFT", "harc+sft")):
         if name not in rl and name not in seconds:
             continue
         kl = rl.get(name, {})
@@ -352,6 +364,8 @@ def _training(metrics: dict) -> list[str]:
                    + f" | {_fmt(kl.get('kl_mean'))} | {_pct(kl.get('topk_mismatch_mean'))} | "
                    f"{_fmt(seconds.get(name), '.1f')} | {_fmt(steps.get(name), 'd') if isinstance(steps.get(name), int) else '–'} |")
     starts = list(tr.get("router_distill", {}))
+    if not starts:
+        return out + [""]
     out += ["", "Per layer, router-level KL (sum over tasks) on the held-out calibration sequences; steps: taken "
             "(best); reaches HARC: the first measured step at or below HARC's KL.", "",
             "| layer | merged | HARC | HARC s | " + " | ".join(
@@ -385,6 +399,7 @@ def _story(metrics: dict) -> list[str]:
             ("merged + HARC", "calibrated"),
             # the training baselines, when the run has them (a row with no figure is left out)
             ("merged + router-distill", "router-distill"), ("merged + HARC + router-distill", "harc+router-distill"),
+            ("merged + SFT", "sft"), ("merged + HARC + SFT", "harc+sft"),
             ("router-swap oracle", "oracle")]
     header = []
     for t in tasks:

@@ -16,17 +16,17 @@ def training_models(cfg: PipelineConfig, run_dir: Path) -> list[tuple[str, Path]
     """(report name, model directory) of every training baseline the config enables; a missing
     directory is a RunStateError naming the stage that writes it."""
     from harc_hpc.errors import RunStateError
-
-    if not cfg.router_distill.enabled:
-        return []
-    from harc_hpc.stages.router_distill import MODEL_NAMES, models_dir
+    from harc_hpc.stages import finetune, router_distill
 
     out = []
-    for start in cfg.router_distill.starts:
-        path = models_dir(run_dir) / start
-        if not (path / "config.json").is_file():
-            raise RunStateError(f"{path}: no checkpoint here (run router-distill-model first)")
-        out.append((MODEL_NAMES[start], path))
+    for on, stage, module, starts in ((cfg.router_distill.enabled, "router-distill-model", router_distill,
+                                       cfg.router_distill.starts),
+                                      (cfg.finetune.enabled, "finetune", finetune, cfg.finetune.starts)):
+        for start in (starts if on else []):
+            path = module.models_dir(run_dir) / start
+            if not (path / "config.json").is_file():
+                raise RunStateError(f"{path}: no checkpoint here (run {stage} first)")
+            out.append((module.MODEL_NAMES[start], path))
     return out
 
 
@@ -38,9 +38,9 @@ def _read(path: Path) -> Optional[dict]:
 
 
 def training_summary(cfg: PipelineConfig, run_dir: Path, stages: dict) -> Optional[dict]:
-    """Closed form vs gradient steps, from router-distill's layer reports and the stage records
-    (``stages``: ``stage_statistics``); None when router-distill is off."""
-    if not cfg.router_distill.enabled:
+    """Closed form vs gradient steps, from router-distill's layer reports, finetune's summary and the
+    stage records (``stages``: ``stage_statistics``); None when neither is enabled."""
+    if not cfg.router_distill.enabled and not cfg.finetune.enabled:
         return None
     from harc_hpc.stages import layout
     from harc_hpc.stages.router_distill import MODEL_NAMES, distilled_report
@@ -48,10 +48,10 @@ def training_summary(cfg: PipelineConfig, run_dir: Path, stages: dict) -> Option
     layers = layout.moe_layers(cfg)
     reports = [r for r in (_read(distilled_report(run_dir, l)) for l in layers) if r]
     wall = {name: (stages.get(name) or {}).get("wall_s_total") for name in
-            ("compute-statistics", "solve-router", "router-distill", "router-distill-model", "assemble-model")}
+            ("compute-statistics", "solve-router", "router-distill", "router-distill-model", "finetune")}
     harc_solve = sum(r.get("harc_solve_seconds") or 0.0 for r in reports)
     out: dict = {
-        "settings": cfg.router_distill.model_dump(mode="json", exclude={"enabled"}),
+        "settings": cfg.router_distill.model_dump(mode="json", exclude={"enabled"}) if cfg.router_distill.enabled else {},
         "stage_wall_s": wall,
         # HARC's repair: its statistics and solves (the capture both share is left out of both)
         "harc": {"solve_seconds": round(harc_solve, 3),
@@ -59,7 +59,7 @@ def training_summary(cfg: PipelineConfig, run_dir: Path, stages: dict) -> Option
         "router_distill": {},
         "layers": [],
     }
-    for start in cfg.router_distill.starts:
+    for start in (cfg.router_distill.starts if cfg.router_distill.enabled else []):
         done = [r["trained"][start] for r in reports if start in r.get("trained", {})]
         seconds = sum(t["seconds"] for t in done)
         reached = [t.get("steps_to_harc_heldout_kl") for t in done]
@@ -80,4 +80,17 @@ def training_summary(cfg: PipelineConfig, run_dir: Path, stages: dict) -> Option
             row[start] = {k: t.get(k) for k in ("heldout_kl", "steps", "best_step", "stopped", "seconds",
                                                 "steps_to_harc_heldout_kl")}
         out["layers"].append(row)
+    if cfg.finetune.enabled:
+        from harc_hpc.stages.finetune import models_dir
+
+        ft = _read(models_dir(run_dir) / "summary.json") or {}
+        out["finetune"] = {"settings": ft.get("settings"), "device": ft.get("device"), "ranks": ft.get("ranks"),
+                           "starts": {}}
+        for start, v in (ft.get("starts") or {}).items():
+            losses = v.get("losses") or []
+            out["finetune"]["starts"][start] = {
+                "model": v.get("model"), "steps": len(losses), "train_seconds": v.get("seconds"),
+                "seconds": round((v.get("seconds") or 0.0) + (out["harc"]["seconds"] if start == "harc" else 0.0), 3),
+                "trainable_parameters": v.get("trainable_parameters"),
+                "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None}
     return out

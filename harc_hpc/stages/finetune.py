@@ -1,0 +1,360 @@
+"""finetune: post-merge SFT (docs/training.md) of the merged model and/or HARC's calibrated model on
+the calibration data of every task, the paper's Table 7 setting.
+
+Next-token cross-entropy over the tokens the calibration mode selects (mean over a step's tokens),
+AdamW on the parameters ``finetune.params`` selects (all, the routers, the experts, or all but the
+experts), a linear warm-up of ``warmup_steps`` then a constant or linearly decaying learning rate,
+gradient clipping. The batches are a seeded shuffle of every task's sequences, epoch after epoch,
+a function of the step number alone, so a resumed run sees the batches an uninterrupted one sees.
+
+Every ``checkpoint_every`` steps the trained parameters and AdamW's state are written (safetensors)
+to ``partial/finetune-<start>/`` with a manifest naming the task's digest and the step; a killed task
+rerun with the same digest resumes after that step and ends with the same bytes (CPU, same threads:
+tested), one with another digest starts over and says why. A loss that is not finite stops the task
+naming the step; the last good checkpoint stays.
+
+Data-parallel: run with a ``process_group`` (``executor.stages.finetune.tasks_per_node``, a
+distributed task), each rank takes its share of each step's sequences, the gradients are summed
+over the ranks (each rank's loss is its tokens' NLL over the step's token count on all ranks), so
+every rank takes the same step as one process would (to float rounding: tested with two gloo ranks);
+rank 0 writes. The model is whole on every rank (no sharding).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from harc_hpc.config import PipelineConfig
+from harc_hpc.errors import InputDataError, UsageError
+from harc_hpc.progress import Progress
+from harc_hpc.stages import layout
+
+log = logging.getLogger(__name__)
+
+#: the display names of the fine-tuned models, by start
+MODEL_NAMES = {"merged": "sft", "harc": "harc+sft"}
+
+
+def enabled(cfg: PipelineConfig) -> bool:
+    """The stage spec's ``enabled_if``: planned only when ``finetune.enabled``."""
+    return bool(cfg.finetune.enabled)
+
+
+def models_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "finetune" / "models"
+
+
+def partial_dir(run_dir: Path, start: str) -> Path:
+    return Path(run_dir) / "partial" / f"finetune-{start}"
+
+
+def start_dir(run_dir: Path, start: str) -> Path:
+    return layout.merged_dir(run_dir) if start == "merged" else layout.model_dir(run_dir)
+
+
+# -- what trains --------------------------------------------------------------------------------------
+
+def trainable_names(model, fam, layers: list[int], params: str) -> list[str]:
+    """The names of the parameters ``finetune.params`` selects, in the model's order."""
+    named = list(model.named_parameters())
+    if params == "all":
+        return [n for n, _ in named]
+    experts = {n for n, _ in named if ".experts." in n or n.endswith(".experts")}
+    if params == "experts":
+        return [n for n, _ in named if n in experts]
+    if params == "non-expert":
+        return [n for n, _ in named if n not in experts]
+    routers = set()
+    for l in layers:
+        module = fam.router_module(model, l)
+        routers |= {id(p) for p in module.parameters(recurse=False)}
+    return [n for n, p in named if id(p) in routers]
+
+
+# -- data ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Sequences:
+    ids: list[list[int]]
+    masks: list[list[bool]]  # per token: whether the calibration mode selects it
+
+
+def load_sequences(cfg: PipelineConfig, tokenizer) -> Sequences:
+    """Every task's calibration sequences (tokenised as the capture tokenises them), cut to
+    ``finetune.seq_length``; sequences with nothing to predict are dropped."""
+    from harc_hpc.io.calibration_data import tokenize_task_masked
+
+    ids, masks = [], []
+    for task in cfg.task_names:
+        seqs, m = tokenize_task_masked(cfg.calibration_for(task), cfg.calibration, tokenizer)
+        for s, k in zip(seqs, m):
+            s, k = s[: cfg.finetune.seq_length], k[: cfg.finetune.seq_length]
+            if len(s) >= 2 and any(k[1:]):
+                ids.append(list(s))
+                masks.append(list(k))
+    return Sequences(ids, masks)
+
+
+def batch_indices(num_sequences: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The sequences of step ``step`` (1-based): consecutive slices of seeded permutations, one per
+    epoch, an epoch's remainder dropped; a function of the step alone (resumable)."""
+    per_epoch = num_sequences // batch_size
+    epoch, slot = divmod(step - 1, per_epoch)
+    perm = torch.randperm(num_sequences, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[slot * batch_size: (slot + 1) * batch_size].tolist()
+
+
+def lr_at(step: int, fc) -> float:
+    """The learning rate of step ``step`` (1-based): linear warm-up to ``lr`` over ``warmup_steps``,
+    then ``lr`` (constant) or a linear decay from ``lr`` to ``lr / n`` at the last of the n steps after it."""
+    if step <= fc.warmup_steps:
+        return fc.lr * step / fc.warmup_steps
+    if fc.schedule == "constant":
+        return fc.lr
+    return fc.lr * (fc.steps - step + 1) / (fc.steps - fc.warmup_steps)
+
+
+def _pad(seqs: list[list[int]], masks: list[list[bool]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask and the mask of the targets that count (B, T - 1)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    att = torch.zeros(len(seqs), width, dtype=torch.long)
+    tgt = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        att[i, : len(s)] = 1
+        tgt[i, : len(s)] = torch.tensor(m)
+    return ids.to(device), att.to(device), tgt[:, 1:].to(device)
+
+
+def step_loss(model, seqs: list[list[int]], masks: list[list[bool]], total_tokens: int, device) -> tuple[torch.Tensor, int]:
+    """Sum of the next-token NLL of the selected targets over ``total_tokens`` (the step's count on
+    every rank), and this share's target count."""
+    ids, att, tgt = _pad(seqs, masks, device)
+    logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                            reduction="none").reshape(tgt.shape)
+    return (nll * tgt).sum() / total_tokens, int(tgt.sum())
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+
+def _save_checkpoint(path: Path, digest: Optional[str], step: int, model, names: list[str], opt,
+                     losses: list) -> None:
+    """The trained parameters and AdamW's state after ``step`` (``state-<step>.safetensors``), then
+    the manifest naming that file, the task digest and the losses so far; a kill at any point leaves
+    the previous manifest and the file it names."""
+    from safetensors.torch import save_file
+
+    from harc_hpc.io.atomic import atomic_path, write_json_atomic
+
+    params = dict(model.named_parameters())
+    tensors = {f"param.{n}": params[n].detach().cpu().contiguous() for n in names}
+    for n in names:
+        for key, value in opt.state.get(params[n], {}).items():
+            tensors[f"opt.{key}.{n}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    state = path / f"state-{step:07d}.safetensors"
+    with atomic_path(state) as tmp:
+        save_file(tensors, str(tmp))
+    write_json_atomic(path / "manifest.json", {"digest": digest, "step": step, "state": state.name, "losses": losses})
+    for old in path.glob("state-*.safetensors"):  # only the newest is ever resumed from
+        if old.name != state.name:
+            old.unlink(missing_ok=True)
+
+
+def _load_checkpoint(path: Path, digest: Optional[str], model, names: list[str], opt
+                     ) -> tuple[int, list, Optional[str]]:
+    """(the step to resume after, the losses so far, why a checkpoint there was not used);
+    (0, [], None) when there is none."""
+    from safetensors.torch import load_file
+
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return 0, [], None
+    try:
+        m = json.loads(manifest.read_text())
+    except ValueError:
+        return 0, [], f"{manifest} is unreadable"
+    if digest is None or m.get("digest") != digest:
+        return 0, [], (f"it was written by a task of digest {str(m.get('digest'))[:12]}, this task's is "
+                       f"{str(digest)[:12]} (the config or an upstream result changed)")
+    state_file = path / str(m.get("state"))
+    if not state_file.is_file():
+        return 0, [], f"{state_file} is missing"
+    t = load_file(str(state_file))
+    params = dict(model.named_parameters())
+    if {k[len("param."):] for k in t if k.startswith("param.")} != set(names):
+        return 0, [], "it holds other parameters than finetune.params selects"
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(t[f"param.{n}"])
+    for n in names:
+        st = {key: t[f"opt.{key}.{n}"] for key in ("step", "exp_avg", "exp_avg_sq") if f"opt.{key}.{n}" in t}
+        if st:
+            opt.state[params[n]] = {k: (v.clone() if k == "step" else v.to(params[n].device).clone()) for k, v in st.items()}
+    return int(m["step"]), list(m.get("losses", [])), None
+
+
+# -- training -----------------------------------------------------------------------------------------
+
+def train(cfg: PipelineConfig, model, names: list[str], data: Sequences, device, *, where: str,
+          checkpoint: Optional[Path] = None, digest: Optional[str] = None, process_group=None) -> dict:
+    """``finetune.steps`` AdamW steps on ``names`` (resuming from ``checkpoint`` when it holds this
+    digest's state); returns the losses and what was resumed."""
+    fc = cfg.finetune
+    rank, world = 0, 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        p.requires_grad_(n in set(names))
+    trained = [params[n] for n in names]
+    opt = torch.optim.AdamW(trained, lr=fc.lr, betas=tuple(fc.betas), eps=fc.eps, weight_decay=fc.weight_decay,
+                            foreach=False)
+    first, losses, discarded = 0, [], None
+    if checkpoint is not None:
+        first, losses, discarded = _load_checkpoint(checkpoint, digest, model, names, opt)
+        if discarded:
+            log.warning("%s: the checkpoint in %s is not resumed: %s; training starts over", where, checkpoint, discarded)
+        elif first:
+            log.info("%s: resuming after step %d (checkpoint in %s)", where, first, checkpoint)
+    if fc.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with Progress(fc.steps - first, f"{where} (steps)") as bar:
+        for step in range(first + 1, fc.steps + 1):
+            torch.manual_seed(fc.seed * 1_000_003 + step)  # dropout, if a model has any: a function of the step
+            idx = batch_indices(len(data.ids), fc.batch_size, step, fc.seed)
+            total = sum(sum(data.masks[i][1:]) for i in idx)
+            mine = idx[rank::world]
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, fc)
+            opt.zero_grad(set_to_none=True)
+            if mine:
+                loss, _ = step_loss(model, [data.ids[i] for i in mine], [data.masks[i] for i in mine], total, device)
+                loss.backward()
+            else:
+                loss = torch.zeros((), device=device)
+            for p in trained:  # a parameter this share did not reach still takes part in the reduction
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if world > 1:
+                import torch.distributed as dist
+
+                for p in trained:
+                    dist.all_reduce(p.grad, group=process_group)
+                summed = loss.detach().clone()
+                dist.all_reduce(summed, group=process_group)
+                value = float(summed)
+            else:
+                value = float(loss.detach())
+            if not math.isfinite(value) or not all(bool(torch.isfinite(p.grad).all()) for p in trained):
+                kept = f"; the last good checkpoint (step {_checkpoint_step(checkpoint)}) stays in {checkpoint}" \
+                    if checkpoint is not None and _checkpoint_step(checkpoint) else ""
+                raise InputDataError(f"the training loss is {value} at step {step}{kept}", where=where,
+                                     hint="lower finetune.lr, or set finetune.grad_clip")
+            if fc.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(trained, fc.grad_clip, foreach=False)
+            opt.step()
+            losses.append([step, value])
+            bar.update(1, f"loss {value:.4f}")
+            if checkpoint is not None and rank == 0 and (step % fc.checkpoint_every == 0 or step == fc.steps):
+                # the last step too: a task killed while training a later start does not redo this one
+                _save_checkpoint(checkpoint, digest, step, model, names, opt, losses)
+    model.eval()
+    if fc.gradient_checkpointing:
+        model.gradient_checkpointing_disable()
+    return {"losses": losses, "resumed_after_step": first, "discarded_checkpoint": discarded}
+
+
+def _checkpoint_step(path: Optional[Path]) -> int:
+    try:
+        return int(json.loads((Path(path) / "manifest.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, setting)
+
+
+def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, process_group=None) -> dict:
+    """Fine-tune every start of ``finetune.starts`` and write ``finetune/models/<start>/`` (a normal
+    model directory) and ``finetune/models/summary.json``."""
+    from transformers import AutoTokenizer
+
+    from harc_hpc.io.atomic import atomic_dir, json_text, remove_path
+    from harc_hpc.io.checkpoint_writer import copy_model_files
+    from harc_hpc.models.modeling import load_causal_lm, pick_device
+
+    run_dir = Path(run_dir)
+    fc = cfg.finetune
+    t0 = time.perf_counter()
+    rank, world = 0, 1
+    if process_group is not None:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
+    device = pick_device(cfg.harc.device)
+    dtype = compute_dtype(fc.dtype, device)
+    fam = layout.family(cfg)
+    layers = layout.moe_layers(cfg)
+    summary = {"settings": fc.model_dump(mode="json", exclude={"enabled"}), "device": str(device),
+               "dtype": str(dtype).replace("torch.", ""), "ranks": world, "starts": {}}
+    trained_models = {}
+    for start in fc.starts:
+        src = start_dir(run_dir, start)
+        where = f"finetune start {start}"
+        tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=cfg.models.trust_remote_code)
+        data = load_sequences(cfg, tokenizer)
+        if len(data.ids) < fc.batch_size:
+            raise InputDataError(f"{len(data.ids)} calibration sequences with a target, fewer than one batch",
+                                 where="finetune.batch_size", hint="lower finetune.batch_size or add calibration data")
+        model = load_causal_lm(src, device, dtype=dtype, trust_remote_code=cfg.models.trust_remote_code)
+        names = trainable_names(model, fam, layers, fc.params)
+        if not names:
+            raise UsageError(f"selects no parameter of this {fam.name} model", where=f"finetune.params: {fc.params}",
+                             hint="choose all, routers, experts or non-expert")
+        n_params = sum(dict(model.named_parameters())[n].numel() for n in names)
+        s0 = time.perf_counter()
+        result = train(cfg, model, names, data, device, where=where, checkpoint=partial_dir(run_dir, start),
+                       digest=task_digest, process_group=process_group)
+        trained_models[start] = model
+        summary["starts"][start] = {
+            "model": MODEL_NAMES[start], "trainable_parameters": int(n_params), "sequences": len(data.ids),
+            "tokens_per_epoch": int(sum(sum(m[1:]) for m in data.masks)),
+            "seconds": round(time.perf_counter() - s0, 3), **result}
+        if rank != 0:
+            del trained_models[start]
+    if rank == 0:
+        with atomic_dir(models_dir(run_dir)) as tmp:
+            for start, model in trained_models.items():
+                model.save_pretrained(tmp / start, max_shard_size=cfg.merge.max_shard_size)
+                # the tokenizer (and the config as the start has it) go with the weights
+                copy_model_files(start_dir(run_dir, start), tmp / start,
+                                 names=[n for n in _tokenizer_files(start_dir(run_dir, start))])
+            summary["seconds"] = round(time.perf_counter() - t0, 3)
+            (tmp / "summary.json").write_text(json_text(summary))
+        for start in fc.starts:
+            remove_path(partial_dir(run_dir, start))  # done: nothing left to resume
+    return {"starts": list(fc.starts), "seconds": round(time.perf_counter() - t0, 3),
+            **{f"final_loss_{s}": v["losses"][-1][1] if v["losses"] else None for s, v in summary["starts"].items()}}
+
+
+def _tokenizer_files(src: Path) -> list[str]:
+    return sorted(p.name for p in Path(src).iterdir()
+                  if p.is_file() and (p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json",
+                                                                                  "vocab.json", "merges.txt")))

@@ -1,0 +1,273 @@
+"""finetune (docs/training.md): the SFT step against a plain training loop, what each
+``finetune.params`` trains, two gloo ranks against one process, checkpoints (a task killed with
+SIGKILL and resubmitted ends with the same bytes; another digest's checkpoint is not resumed; a NaN
+loss names its step and keeps the last good checkpoint), bad input, and the plan."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harc_hpc.config import ConfigError, load_config, parse_config
+from harc_hpc.errors import InputDataError
+from harc_hpc.stages import finetune as ft
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _cfg(**finetune):
+    return parse_config({"models": {"sources": [{"name": "a", "path": "x"}]},
+                         "finetune": {"enabled": True, "warmup_steps": 0, "schedule": "constant", "grad_clip": None,
+                                      **finetune}})
+
+
+def _model(seed=0):
+    from transformers import AutoModelForCausalLM
+
+    from pipeline_fixtures import tiny_config
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config("olmoe", layers=2)).float().eval()
+
+
+def _data(n=6, seed=1) -> ft.Sequences:
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(1, 128, (int(torch.randint(8, 20, (1,), generator=g)),), generator=g).tolist()
+           for _ in range(n)]
+    return ft.Sequences(ids, [[True] * len(s) for s in ids])
+
+
+def _family(model):
+    from harc_hpc.models.families import family_for_config
+
+    return family_for_config(model.config.to_dict())
+
+
+def test_the_sft_step_equals_a_plain_training_loop():
+    """Three full-batch steps: the same losses and weights as AdamW on the model's own loss
+    (labels, mean over real tokens), written the plain way."""
+    data = _data()
+    cfg = _cfg(steps=3, batch_size=len(data.ids), lr=1e-3, weight_decay=0.01)
+    model = _model()
+    names = [n for n, _ in model.named_parameters()]
+    result = ft.train(cfg, model, names, data, torch.device("cpu"), where="test")
+
+    plain = _model()
+    opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=0.01)
+    width = max(map(len, data.ids))
+    ids = torch.zeros(len(data.ids), width, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, s in enumerate(data.ids):
+        ids[i, : len(s)], att[i, : len(s)], labels[i, : len(s)] = torch.tensor(s), 1, torch.tensor(s)
+    plain.train()
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        out = plain(input_ids=ids, attention_mask=att, labels=labels)
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss))
+    assert [v for _, v in result["losses"]] == pytest.approx(losses, rel=1e-5)
+    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters()):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-6), n
+    assert not torch.equal(dict(model.named_parameters())["model.embed_tokens.weight"],
+                           dict(_model().named_parameters())["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("params", ["routers", "experts", "non-expert"])
+def test_params_selects_what_trains(params):
+    model = _model()
+    fam = _family(model)
+    names = ft.trainable_names(model, fam, [0, 1], params)
+    routers = {"model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"}
+    experts = {n for n, _ in model.named_parameters() if ".experts." in n}
+    assert experts and routers <= {n for n, _ in model.named_parameters()}
+    want = {"routers": routers, "experts": experts,
+            "non-expert": {n for n, _ in model.named_parameters()} - experts}[params]
+    assert set(names) == want
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ft.train(_cfg(steps=1, batch_size=6, lr=1e-2), model, names, _data(), torch.device("cpu"), where="test")
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == want
+    assert ft.trainable_names(model, fam, [], "routers") == []  # no MoE layer: nothing to select
+
+
+def test_schedule_and_batches():
+    fc = _cfg(steps=10, warmup_steps=4, schedule="linear", lr=1.0).finetune
+    assert [ft.lr_at(s, fc) for s in (1, 4, 5, 10)] == pytest.approx([0.25, 1.0, 1.0, 1 / 6])
+    epoch = [i for s in (1, 2, 3) for i in ft.batch_indices(7, 2, s, seed=3)]
+    assert len(set(epoch)) == 6  # one epoch: distinct sequences, the remainder dropped
+    assert ft.batch_indices(7, 2, 5, seed=3) == ft.batch_indices(7, 2, 5, seed=3)
+
+
+def test_another_digests_checkpoint_is_not_resumed_and_a_nan_keeps_the_last_good_one(tmp_path):
+    data = _data()
+    cfg = _cfg(steps=4, batch_size=3, lr=1e-3, checkpoint_every=2)
+    ck = tmp_path / "ck"
+    first = ft.train(cfg, _model(), [n for n, _ in _model().named_parameters()], data, torch.device("cpu"),
+                     where="test", checkpoint=ck, digest="aaa")
+    assert json.loads((ck / "manifest.json").read_text())["step"] == 4
+    again = ft.train(cfg, _model(), [n for n, _ in _model().named_parameters()], data, torch.device("cpu"),
+                     where="test", checkpoint=ck, digest="aaa")
+    assert again["resumed_after_step"] == 4 and again["losses"] == first["losses"]
+    other = ft.train(cfg, _model(), [n for n, _ in _model().named_parameters()], data, torch.device("cpu"),
+                     where="test", checkpoint=ck, digest="bbb")
+    assert other["resumed_after_step"] == 0 and "digest aaa" in other["discarded_checkpoint"]
+    # a learning rate that blows the weights up: the step is named and the last good checkpoint stays
+    ck2 = tmp_path / "ck2"
+    with pytest.raises(InputDataError, match=r"at step \d+; the last good checkpoint \(step \d+\) stays"):
+        ft.train(_cfg(steps=20, batch_size=3, lr=1e30, checkpoint_every=1), _model(),
+                 [n for n, _ in _model().named_parameters()], data, torch.device("cpu"), where="test",
+                 checkpoint=ck2, digest="c")
+    state = json.loads((ck2 / "manifest.json").read_text())
+    assert (ck2 / state["state"]).is_file() and all(v == v for _, v in state["losses"])
+
+
+def _rank(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(TESTS))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = _model()
+        ft.train(_cfg(steps=3, batch_size=4, lr=1e-3, grad_clip=1.0), model, [n for n, _ in model.named_parameters()],
+                 _data(), torch.device("cpu"), where="test", process_group=dist.group.WORLD)
+        if rank == 0:
+            torch.save({n: p.detach() for n, p in model.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "two.pt"
+    # forked, not spawned: the ranks start with this process's imports (seconds instead of tens)
+    mp.start_processes(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=True,
+                       start_method="fork")
+    torch.set_num_threads(1)
+    model = _model()
+    ft.train(_cfg(steps=3, batch_size=4, lr=1e-3, grad_clip=1.0), model, [n for n, _ in model.named_parameters()],
+             _data(), torch.device("cpu"), where="test")
+    two = torch.load(out)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.detach(), two[n], rtol=1e-5, atol=1e-6), n
+
+
+# -- the stage in a pipeline ----------------------------------------------------------------------------
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from harc_hpc.stages import finetune as ft
+save = ft._save_checkpoint
+def save_then_die(path, digest, step, *args, **kwargs):
+    save(path, digest, step, *args, **kwargs)
+    if path.name == "finetune-harc" and step == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed right after the checkpoint of step 2 of the second start
+ft._save_checkpoint = save_then_die
+from pipeline_fixtures import submit_debug
+submit_debug(Path({config!r}))
+"""
+
+
+def _model_bytes(run_dir: Path) -> dict:
+    return {p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((run_dir / "finetune" / "models").glob("*/*.safetensors"))}
+
+
+def test_a_killed_finetune_resumes_to_the_same_bytes(tmp_path):
+    from pipeline_fixtures import build_tiny_sources, submit_debug, write_config
+    from transformers import AutoModelForCausalLM
+
+    sources = build_tiny_sources(tmp_path / "src", layers=2)
+    config = write_config(tmp_path, sources, name="run", executor="debug",
+                          extra={"finetune.enabled": True, "finetune.steps": 4, "finetune.batch_size": 4,
+                                 "finetune.checkpoint_every": 2, "finetune.warmup_steps": 2, "finetune.lr": 1e-3,
+                                 "finetune.params": "non-expert"})
+    run_dir = tmp_path / "runs" / "run"
+    child = subprocess.run([sys.executable, "-c", KILLER.format(tests=str(TESTS), config=str(config))],
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == -9, child.stderr[-3000:]
+    assert not (run_dir / "finetune" / "models").exists()
+    assert json.loads((ft.partial_dir(run_dir, "harc") / "manifest.json").read_text())["step"] == 2
+    assert json.loads((ft.partial_dir(run_dir, "merged") / "manifest.json").read_text())["step"] == 4
+    lines: list = []
+    submit_debug(config, lines)
+    resumed = _model_bytes(run_dir)
+    log = (run_dir / "logs" / "finetune" / "all.log").read_text()
+    assert "start harc: resuming after step 2" in log and "start merged: resuming after step 4" in log
+    summary = json.loads((ft.models_dir(run_dir) / "summary.json").read_text())
+    assert [s for s, _ in summary["starts"]["harc"]["losses"]] == list(range(1, 5))
+    assert not ft.partial_dir(run_dir, "harc").exists()
+    # the same task run through uninterrupted
+    shutil.rmtree(run_dir / "finetune")
+    submit_debug(config, lines)
+    assert _model_bytes(run_dir) == resumed and len(resumed) == 2
+    # normal model directories, trained: the experts as they were, the rest moved
+    tuned = AutoModelForCausalLM.from_pretrained(ft.models_dir(run_dir) / "harc")
+    harc = AutoModelForCausalLM.from_pretrained(run_dir / "model")
+    t, h = dict(tuned.named_parameters()), dict(harc.named_parameters())
+    assert all(torch.equal(t[n], h[n]) for n in t if ".experts." in n)
+    assert not torch.equal(t["model.layers.0.mlp.gate.weight"], h["model.layers.0.mlp.gate.weight"])
+    # the report evaluates both models beside HARC's and puts the SFT's cost beside HARC's
+    from harc_hpc.report.render import _training
+    from harc_hpc.report.training import training_models, training_summary
+
+    cfg = load_config(config)
+    assert [n for n, _ in training_models(cfg, run_dir)] == ["sft", "harc+sft"]
+    summary = training_summary(cfg, run_dir, {"compute-statistics": {"wall_s_total": 1.0}})
+    assert summary["finetune"]["starts"]["harc"]["steps"] == 4
+    assert summary["finetune"]["starts"]["harc"]["seconds"] >= summary["harc"]["seconds"] >= 1.0
+    text = "\n".join(_training({"tasks": cfg.task_names, "training": summary}))
+    assert "SFT (finetune): AdamW on non-expert parameters" in text and "| merged + HARC + SFT |" in text
+    # too little data for one batch: an error naming the key, nothing written
+    before = _model_bytes(run_dir)
+    with pytest.raises(InputDataError, match="finetune.batch_size"):
+        ft.run(load_config(config, overrides={"finetune.batch_size": 1000}), run_dir)
+    assert _model_bytes(run_dir) == before
+    # what the stage reads of the config is in its digest (as tests/test_stage_specs.py checks the others)
+    from test_stage_specs import NOT_RESULT_KEYS, _covers, _ModelProxy, _norm, _Reads, _upstream
+
+    from harc_hpc.pipeline import load_specs
+
+    cfg = load_config(config, overrides={"finetune.steps": 1, "finetune.starts": ["merged"]})
+    specs, reads = load_specs(), _Reads()
+    ft.run(_ModelProxy(cfg, "", reads), run_dir)
+    tasks = set(cfg.task_names)
+    keys = {_norm(k, tasks) for k in reads.keys}
+    own = [_norm(s, tasks) for s in specs["finetune"].config_sections]
+    inherited = [_norm(s, tasks) for up in _upstream(specs, "finetune") for s in specs[up].config_sections]
+    assert not [k for k in keys if not any(_covers(s, k) for s in own + inherited)
+                and not any(_covers(x, k) for x in NOT_RESULT_KEYS)]
+    assert not [s for s in own if not any(_covers(s, k) or _covers(k, s) for k in keys)]
+
+
+def test_config_errors_and_the_plan(tmp_path):
+    from conftest import write_toy_config
+
+    from harc_hpc.pipeline import build_plan
+
+    path = write_toy_config(tmp_path)
+    for key, value in (("finetune.lr", -1), ("finetune.steps", 0), ("finetune.params", "attention"),
+                       ("finetune.batch_size", 0), ("finetune.starts", ["merged", "merged"])):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(path, overrides={key: value})
+    off = build_plan(load_config(path), layers=[0, 1])
+    assert "finetune" not in load_config(path).model_dump(mode="json")
+    on = build_plan(load_config(path, overrides={"finetune.enabled": True}), layers=[0, 1])
+    assert sorted(set(on.tasks) - set(off.tasks)) == ["finetune/all"]
+    assert sorted(t for t in off.tasks if off.tasks[t].digest != on.tasks[t].digest) == ["report/all"]
+    assert sorted(on.tasks["finetune/all"].needs) == ["assemble-model/all", "merge-experts/all"]
+    assert on.specs["finetune"].distributed
