@@ -16,7 +16,7 @@ from harc_hpc.models.families import family_for_config
 from pipeline_fixtures import tiny_config
 
 
-# -- tiny configs (2 layers, hidden 32, 8 experts in 2 groups where the router groups) ---------------
+# -- tiny configs (2 layers, hidden 32, 4 or 8 experts in 2 groups where the router groups) ---------------
 
 def _mla(hidden: int) -> dict:
     return dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
@@ -31,7 +31,7 @@ def _glm4_moe_lite(layers, hidden, experts, top_k, common):
     from transformers import Glm4MoeLiteConfig
 
     common = {**common, "num_key_value_heads": 4}
-    return Glm4MoeLiteConfig(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+    return Glm4MoeLiteConfig(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=2, topk_group=1,
                              n_shared_experts=1, moe_intermediate_size=hidden, mlp_layer_types=_sparse(layers),
                              **_mla(hidden), **common)
 
@@ -40,7 +40,7 @@ def _deepseek_v32(layers, hidden, experts, top_k, common):
     from transformers import DeepseekV32Config
 
     common = {**common, "num_key_value_heads": 4}
-    return DeepseekV32Config(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+    return DeepseekV32Config(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=2, topk_group=1,
                              n_shared_experts=1, moe_intermediate_size=hidden, mlp_layer_types=_sparse(layers),
                              index_topk=4, index_head_dim=16, index_n_heads=2, **_mla(hidden), **common)
 
@@ -49,7 +49,7 @@ def _glm_moe_dsa(layers, hidden, experts, top_k, common):
     from transformers import GlmMoeDsaConfig
 
     common = {**common, "num_key_value_heads": 4}
-    return GlmMoeDsaConfig(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+    return GlmMoeDsaConfig(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=2, topk_group=1,
                            n_shared_experts=1, moe_intermediate_size=hidden, mlp_layer_types=_sparse(layers),
                            index_topk=4, index_head_dim=16, index_n_heads=2, **_mla(hidden), **common)
 
@@ -64,14 +64,14 @@ def _solar_open(layers, hidden, experts, top_k, common):
     from transformers import SolarOpenConfig
 
     common = {k: v for k, v in common.items() if k != "intermediate_size"}
-    return SolarOpenConfig(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+    return SolarOpenConfig(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=2, topk_group=1,
                            n_shared_experts=1, moe_intermediate_size=hidden, head_dim=hidden // 4, **common)
 
 
 def _dots1(layers, hidden, experts, top_k, common):
     from transformers import Dots1Config
 
-    return Dots1Config(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+    return Dots1Config(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=2, topk_group=1,
                        n_shared_experts=1, moe_intermediate_size=hidden, first_k_dense_replace=1 if layers > 2 else 0,
                        head_dim=hidden // 4, **common)
 
@@ -79,7 +79,7 @@ def _dots1(layers, hidden, experts, top_k, common):
 def _mimo_v2_flash(layers, hidden, experts, top_k, common):
     from transformers import MiMoV2FlashConfig
 
-    return MiMoV2FlashConfig(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+    return MiMoV2FlashConfig(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=2, topk_group=1,
                              moe_intermediate_size=hidden, mlp_layer_types=_sparse(layers), head_dim=hidden // 4,
                              v_head_dim=hidden // 8, sliding_window=4,
                              layer_types=(["full_attention", "sliding_attention"] * layers)[:layers], **common)
@@ -103,7 +103,7 @@ def _hy_v3(layers, hidden, experts, top_k, common):
 def _exaone_moe(layers, hidden, experts, top_k, common):
     from transformers import ExaoneMoeConfig
 
-    return ExaoneMoeConfig(num_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+    return ExaoneMoeConfig(num_experts=experts, num_experts_per_tok=top_k, n_group=2, topk_group=1,
                            num_shared_experts=1, moe_intermediate_size=hidden, mlp_layer_types=_sparse(layers),
                            sliding_window=4, sliding_window_pattern=2, head_dim=hidden // 4, **common)
 
@@ -111,7 +111,7 @@ def _exaone_moe(layers, hidden, experts, top_k, common):
 def _minicpm5_moe(layers, hidden, experts, top_k, common):
     from transformers import MiniCPM5MoeConfig
 
-    return MiniCPM5MoeConfig(n_routed_experts=max(experts, 8), num_experts_per_tok=top_k, n_group=2, topk_group=1,
+    return MiniCPM5MoeConfig(n_routed_experts=experts, num_experts_per_tok=top_k, n_group=2, topk_group=1,
                              n_shared_experts=1, moe_intermediate_size=hidden, mlp_layer_types=_sparse(layers),
                              head_dim=hidden // 4, **common)
 
@@ -139,16 +139,20 @@ NEW_TYPES = {
     "dots1": "sliding / full attention (layer_types), grouped biased sigmoid router",
     "minimax_m2": "Mixtral's on-disk layout, the correction bias beside the router, no groups",
     "afmoe": "router under mlp.router.gate, bias mlp.expert_bias, norms on both sides of each half",
+    "mimo_v2_flash": "attention sinks (eager attention), sliding / full attention, no shared experts",
+    "exaone_moe": "the correction bias renamed on load (conversion mapping), sliding / full attention",
+    "minicpm5_moe": "a gated query projection renamed on load (conversion mapping)",
+    "hy_v3": "router, bias and shared experts renamed on load (conversion mapping), no groups",
 }
 
 # the submodule of the MoE block whose forward returns (router logits, top-k weights, top-k indices): the model's own choice
 _CHOOSER = {"afmoe": "router"}
 
 
-def _model(model_type: str, layers: int = 2):
+def _model(model_type: str, layers: int = 2, experts: int = 4):
     from transformers import AutoModelForCausalLM
 
-    conf = tiny_config(model_type, layers=layers)
+    conf = tiny_config(model_type, layers=layers, experts=experts)
     torch.manual_seed(0)
     return conf, AutoModelForCausalLM.from_config(conf).eval()
 
@@ -161,7 +165,7 @@ def test_the_selection_is_the_model_routers_own(tmp_path, model_type):
 
     from harc_hpc.report.metrics import affine_logits, router_matrix
 
-    conf, model = _model(model_type)
+    conf, model = _model(model_type, experts=8)  # two groups of four
     cfg = conf.to_dict()
     fam = family_for_config(cfg)
     assert fam.name == model_type and fam.router_link == "sigmoid"

@@ -14,6 +14,13 @@ tests/test_model_coverage_sigmoid.py), and HARC fits the router with the sigmoid
   groups; the decoder layer norms both sides of each half (``post_attention_layernorm`` on the
   attention output, ``pre_mlp_layernorm`` / ``post_mlp_layernorm`` around the MoE), so the router
   reads ``pre_mlp_layernorm(r)`` and the halves are split there.
+- ``mimo_v2_flash``: DeepSeek-V3's names, no shared experts, attention with learned sinks
+  (``attention_sink_bias`` on disk) that has no SDPA path: eager attention.
+- ``exaone_moe``, ``minicpm5_moe``, ``hy_v3``: tensors renamed on load by transformers' conversion
+  mapping (read through it by harc_hpc.models.conversion); the families name them as they are on
+  disk: EXAONE-MoE's bias ``mlp.e_score_correction_bias`` (in memory under ``mlp.gate``), MiniCPM5's
+  ``self_attn.q_proj`` (``q_gate_proj``), HY-V3's router ``mlp.router.gate.weight`` (``mlp.gate``),
+  bias ``mlp.expert_bias`` (``mlp.e_score_correction_bias``) and ``mlp.shared_mlp`` (``shared_experts``).
 """
 
 from __future__ import annotations
@@ -147,6 +154,51 @@ class AfmoeFamily(SigmoidBiasFamily):
         return residual + out.view(residual.shape)
 
 
+class MiMoV2FlashFamily(SigmoidBiasFamily):
+    """MiMo-V2-Flash (``mimo_v2_flash``): sliding / full attention with sinks (no SDPA in transformers)."""
+
+    name = "mimo_v2_flash"
+    model_types = ("mimo_v2_flash",)
+    attn_implementation = "eager"
+
+
+class ExaoneMoeFamily(SigmoidBiasFamily):
+    """EXAONE-MoE (``exaone_moe``): the correction bias beside the router on disk."""
+
+    name = "exaone_moe"
+    model_types = ("exaone_moe",)
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return f"model.layers.{layer}.mlp.e_score_correction_bias"
+
+
+class MiniCpm5MoeFamily(SigmoidBiasFamily):
+    """MiniCPM5-MoE (``minicpm5_moe``): a gated query projection (its on-disk ``q_proj``)."""
+
+    name = "minicpm5_moe"
+    model_types = ("minicpm5_moe",)
+
+
+class HyV3Family(SigmoidBiasFamily):
+    """Hunyuan 3 (``hy_v3``): MiniMax-M2's router (bias beside it, no groups, weights scaled by
+    ``router_scaling_factor``) with shared experts; on disk the router is ``mlp.router.gate``."""
+
+    name = "hy_v3"
+    model_types = ("hy_v3",)
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def router_key(self, layer: int, layout="per_expert") -> str:
+        return f"model.layers.{layer}.mlp.router.gate.weight"
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(r"model\.layers\.\d+\.mlp\.router\.gate\.weight", key) is not None
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return f"model.layers.{layer}.mlp.expert_bias"
+
+
 #: the instances harc_hpc.models.families registers
 SIGMOID_FAMILIES = (Glm4MoeLiteFamily(), DeepseekV32Family(), SolarOpenFamily(), Dots1Family(), MiniMaxM2Family(),
-                    AfmoeFamily())
+                    AfmoeFamily(), MiMoV2FlashFamily(), ExaoneMoeFamily(), MiniCpm5MoeFamily(), HyV3Family())
