@@ -49,6 +49,17 @@ EXTRA_TINY_CONFIGS.update({
     "minimax": _config("minimax", kw=lambda L, h, E, k: dict(
         num_local_experts=E, num_experts_per_tok=k, head_dim=h // 4,
         layer_types=(["linear_attention", "full_attention"] * L)[:L])),
+    "granitemoehybrid": _config("granitemoehybrid", kw=lambda L, h, E, k: dict(
+        num_local_experts=E, num_experts_per_tok=k, shared_intermediate_size=h, residual_multiplier=0.5,
+        layer_types=(["mamba", "attention"] * L)[:L], mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+        mamba_d_state=16, mamba_expand=2)),
+    "deepseek_v2": _config("deepseek_v2", kw=lambda L, h, E, k: dict(
+        n_routed_experts=2 * E, num_experts_per_tok=k, n_shared_experts=1, moe_intermediate_size=h,
+        num_key_value_heads=4, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+        first_k_dense_replace=1 if L > 2 else 0)),
+    "jamba": _config("jamba", kw=lambda L, h, E, k: dict(
+        num_experts=E, num_experts_per_tok=k, attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1,
+        expert_layer_period=2, use_mamba_kernels=False)),
 })
 
 
@@ -63,6 +74,9 @@ NEW_TYPES = {
     "qwen3_5_moe_text": "Qwen3.5's text model: gated linear attention beside full attention; shared expert",
     "mellum": "rotary embeddings per layer type",
     "minimax": "lightning (linear) attention beside full attention; scaled residual branches",
+    "granitemoehybrid": "Mamba-2 layers beside attention; Granite's router and multipliers",
+    "deepseek_v2": "MLA attention; group-limited greedy choice over softmax scores",
+    "jamba": "Mamba layers; MoE every other layer under feed_forward; final_layernorm",
 }
 
 
@@ -131,6 +145,9 @@ SELECTORS = {
     "qwen3_5_moe_text": lambda layer: (layer.mlp.gate, None),
     "mellum": lambda layer: (layer.mlp.gate, None),
     "minimax": lambda layer: (layer.mlp.gate, None),
+    "granitemoehybrid": lambda layer: (layer.block_sparse_moe.router, None),
+    "deepseek_v2": lambda layer: (layer.mlp.gate, None),
+    "jamba": lambda layer: (layer.feed_forward.router, None),
 }
 
 

@@ -274,13 +274,27 @@ def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch
     return model
 
 
+#: what backbones call the norm after their last decoder layer
+FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f")
+
+
 def decoder(model):
-    """The backbone (``model.model``) holding embed_tokens, layers and norm."""
+    """The backbone (``model.model``) holding embed_tokens, layers and a final norm (``final_norm``)."""
     inner = getattr(model, "model", model)
-    for attr in ("embed_tokens", "layers", "norm"):
+    for attr in ("embed_tokens", "layers"):
         if not hasattr(inner, attr):
             raise TypeError(f"{type(model).__name__}: backbone has no '{attr}'; not a supported decoder layout")
+    final_norm_name(inner)
     return inner
+
+
+def final_norm_name(backbone) -> str:
+    """The name of the backbone's norm after its last decoder layer (``norm``, Jamba's ``final_layernorm``)."""
+    for name in FINAL_NORM_NAMES:
+        if isinstance(getattr(backbone, name, None), torch.nn.Module):
+            return name
+    raise TypeError(f"{type(backbone).__name__}: no final norm (looked for {', '.join(FINAL_NORM_NAMES)}); "
+                    "not a supported decoder layout")
 
 
 def pad_batch(seqs: list[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, list[int]]:

@@ -38,7 +38,7 @@ import torch
 from harc_hpc.io.checkpoint import Checkpoint, CheckpointError
 from harc_hpc.models.conversion import ModuleReader
 from harc_hpc.models.families import family_for_config
-from harc_hpc.models.modeling import decoder
+from harc_hpc.models.modeling import decoder, final_norm_name
 
 
 def _return_freed_memory(first: bool = False) -> None:
@@ -202,6 +202,7 @@ class OnloadedModel:
         self.model.eval()
         self.config = self.model.config
         self.backbone = decoder(self.model)
+        self.final_norm = getattr(self.backbone, final_norm_name(self.backbone))
         self.num_layers = min(len(self.backbone.layers),
                               int(getattr(self.config, "num_hidden_layers", None) or len(self.backbone.layers)))
         # What the layers compute at construction, kept to restore after each onload; the parts of
@@ -373,7 +374,7 @@ class OnloadedModel:
         """The final norm and the LM head on the device. A tied head (``tie_word_embeddings``; its
         ``lm_head.weight`` is then usually not on disk) reads the embedding matrix, as transformers'
         own tying does."""
-        self._onload_module(self.backbone.norm, "model.norm.", "head")
+        self._onload_module(self.final_norm, f"model.{final_norm_name(self.backbone)}.", "head")
         self._onload_module(self.model.get_output_embeddings(), "lm_head.", "head")
         self._head_onloaded = True
 
@@ -386,7 +387,7 @@ class OnloadedModel:
         if not self._head_onloaded:
             self._onload_head()
         hidden = hidden.to(device=self.device, dtype=self.dtype)
-        out = _BackboneOutput(self.backbone.norm(hidden))
+        out = _BackboneOutput(self.final_norm(hidden))
         self.backbone.forward = lambda *args, **kwargs: out
         try:
             ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.device)
@@ -395,7 +396,7 @@ class OnloadedModel:
             self.backbone.__dict__.pop("forward", None)
 
     def release_head(self) -> None:
-        self.backbone.norm.to("meta")
+        self.final_norm.to("meta")
         self.model.get_output_embeddings().to("meta")
         self._head_onloaded = False
         _return_freed_memory()

@@ -185,5 +185,69 @@ class MiniMaxFamily(MixtralFamily):
     residual_capture = False
 
 
+class GraniteMoeHybridFamily(GraniteMoeFamily):
+    """Granite-4 hybrid (``granitemoehybrid``): Granite-MoE's router and fused experts in a stack of
+    Mamba-2 and attention layers, a shared MLP beside the experts."""
+
+    name = "granitemoehybrid"
+    model_types = ("granitemoehybrid",)
+
+
+class DeepseekV2Family(MoEFamily):
+    """DeepSeek-V2 / V2-Lite (``deepseek_v2``): a softmax router (``mlp.gate``) choosing greedily
+    (``topk_method: greedy``) or within the ``topk_group`` best of ``n_group`` expert groups ranked by
+    their best score (``group_limited_greedy``); weights not renormalised unless ``norm_topk_prob``,
+    scaled by ``routed_scaling_factor``; shared experts; dense layers before ``first_k_dense_replace``."""
+
+    name = "deepseek_v2"
+    model_types = ("deepseek_v2",)
+
+    def num_experts(self, cfg: dict) -> int:
+        return int(cfg["n_routed_experts"])
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        first = int(cfg.get("first_k_dense_replace") or 0)
+        step = int(cfg.get("moe_layer_freq") or 1)
+        return [l for l in range(self.num_layers(cfg)) if l >= first and l % step == 0]
+
+    def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        scores = torch.softmax(logits.float(), dim=-1)
+        if cfg.get("topk_method") == "group_limited_greedy":
+            groups = int(cfg["n_group"])
+            best = scores.view(scores.shape[0], groups, -1).max(dim=-1).values
+            keep = torch.zeros_like(best, dtype=torch.bool)
+            keep.scatter_(1, torch.topk(best, int(cfg["topk_group"]), dim=-1).indices, True)
+            scores = scores.masked_fill(~keep.repeat_interleave(scores.shape[1] // groups, dim=1), 0.0)
+        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        mask.scatter_(1, torch.topk(scores, self.top_k(cfg), dim=1).indices, True)
+        return mask
+
+
+class JambaFamily(MoEFamily):
+    """Jamba (``jamba``): Mixtral-like experts under ``feed_forward`` (router ``feed_forward.router``)
+    every ``expert_layer_period`` layers from ``expert_layer_offset``, in a stack of Mamba and attention
+    layers; the router reads ``pre_ff_layernorm``'s output, so the layers are captured layer-wise."""
+
+    name = "jamba"
+    model_types = ("jamba",)
+    moe_module = "feed_forward"
+    ffn_module = "feed_forward"
+    router_param = "feed_forward.router.weight"
+    residual_capture = False
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        offset, period = int(cfg.get("expert_layer_offset", 1)), int(cfg.get("expert_layer_period", 2))
+        return [l for l in range(self.num_layers(cfg)) if l % period == offset]
+
+    def router_key(self, layer: int, layout="per_expert") -> str:
+        return f"model.layers.{layer}.feed_forward.router.weight"
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(r"model\.layers\.\d+\.feed_forward\.router\.weight", key) is not None
+
+    def router_module(self, model, layer: int):
+        return self.decoder_layers(model)[layer].feed_forward.router
+
+
 SOFTMAX_FAMILIES = (FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily(),
-                    MellumFamily(), MiniMaxFamily())
+                    MellumFamily(), MiniMaxFamily(), GraniteMoeHybridFamily(), DeepseekV2Family(), JambaFamily())
