@@ -271,3 +271,36 @@ def test_config_errors_and_the_plan(tmp_path):
     assert sorted(t for t in off.tasks if off.tasks[t].digest != on.tasks[t].digest) == ["report/all"]
     assert sorted(on.tasks["finetune/all"].needs) == ["assemble-model/all", "merge-experts/all"]
     assert on.specs["finetune"].distributed
+
+
+def test_plan_estimates_the_training_stages(tmp_path):
+    """harc-hpc plan sizes the training stages (OLMoE's shape): finetune holds the model, its
+    gradients and AdamW's moments (more than the model itself), less with routers only or with
+    gradient checkpointing; router-distill holds one layer's inputs like the solve."""
+    from conftest import write_toy_config
+
+    from harc_hpc.pipeline import build_plan
+    from harc_hpc.stages.estimate import estimate
+
+    shape = TESTS.parent / "configs" / "model-shapes" / "olmoe-1b-7b.json"
+    conf = json.loads(shape.read_text())
+    model = tmp_path / "olmoe"  # its config.json is all a plan reads of a model
+    model.mkdir()
+    shutil.copyfile(shape, model / "config.json")
+
+    def sizes(**over):
+        cfg = load_config(write_toy_config(tmp_path), overrides={
+            "router_distill.enabled": True, "finetune.enabled": True, "models.sources.a.path": str(model),
+            "models.sources.b.path": str(model), **over})
+        plan = build_plan(cfg, layers=[0, 1])
+        res = {s: {"mem_bytes": 2**40, "gpus": 1, "gpu_bytes": 80 * 2**30} for s in plan.specs}
+        return {e.stage: e for e in estimate(cfg, plan, res, conf)}
+
+    base = sizes()
+    params = 6.9e9  # OLMoE-1B-7B
+    assert base["finetune"].gpu_bytes > params * (2 + 2 + 8)  # bf16 weights and gradients, float32 moments
+    # routers only: no gradients or moments of the bulk (10 of its 12 bytes a parameter)
+    assert sizes(**{"finetune.params": "routers"})["finetune"].gpu_bytes < base["finetune"].gpu_bytes - 9 * params
+    assert sizes(**{"finetune.gradient_checkpointing": True})["finetune"].gpu_bytes < base["finetune"].gpu_bytes
+    assert 0 < base["router-distill"].gpu_bytes < base["solve-router"].gpu_bytes * 4
+    assert base["router-distill-model"].scratch_bytes == 2 * base["assemble-model"].scratch_bytes

@@ -470,10 +470,70 @@ def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = 
                 e.host_bytes = PROCESS_BYTES + fixed + states
             e.notes.append(f"each model onloaded one decoder layer at a time; hidden states of {held} held-out "
                            f"tokens x 2 ({format_bytes(states)})")
+        elif stage in ("router-distill", "router-distill-model", "finetune"):
+            _estimate_training(e, cfg, shape, n_solve, on_gpu, tflops(stage, _training_dtype(cfg, stage, on_gpu)))
         if on_gpu:
             e.host_bytes += CUDA_HOST_BYTES
         out.append(e)
     return out
+
+
+def _training_dtype(cfg: PipelineConfig, stage: str, on_gpu: bool) -> str:
+    if stage == "router-distill":
+        return cfg.router_distill.dtype
+    if stage == "finetune" and cfg.finetune.dtype != "auto":
+        return cfg.finetune.dtype
+    return "bfloat16" if on_gpu else "float32"
+
+
+def _estimate_training(e: StageEstimate, cfg: PipelineConfig, shape, n_solve: int, on_gpu: bool, rate: float) -> None:
+    """The training baselines (docs/training.md): router-distill holds one layer's router inputs and
+    source logits like the solve; router-distill-model writes a checkpoint per start; finetune holds
+    the whole model, its gradients and AdamW's moments of the trained parameters, and one batch's
+    activations (every layer's, or one layer's with gradient checkpointing)."""
+    d, K = shape.hidden, shape.experts
+    if e.stage == "router-distill":
+        rd = cfg.router_distill
+        item = _ITEM[rd.dtype]
+        batch = min(rd.batch_tokens * len(cfg.task_names), n_solve)
+        need = n_solve * (d + 1 + K) * item + 4 * (batch + 65536) * K * item + 2 * K * (d + 1) * 8 * len(rd.starts)
+        if on_gpu:
+            e.gpu_bytes = int(1.0 * 2**30 + need)
+            e.host_bytes = PROCESS_BYTES + 4 * cfg.calibration.chunk_tokens * d * 4
+        else:
+            e.host_bytes = int(PROCESS_BYTES + need)
+        e.seconds = len(rd.starts) * rd.max_steps * 4 * batch * d * K / (rate * 1e12)
+        e.notes.append(f"inputs resident: {format_bytes(n_solve * (d + 1 + K) * item)} ({n_solve} tokens x {d} and "
+                       f"their source logits, {rd.dtype}); at most {rd.max_steps} Adam steps per start "
+                       f"({len(rd.starts)}), early stopping usually ends sooner")
+        return
+    params = shape.total_params()
+    if e.stage == "router-distill-model":
+        e.host_bytes = PROCESS_BYTES + K * 2 * shape.expert_intermediate * d * 4
+        e.scratch_bytes = len(cfg.router_distill.starts) * params * shape.dtype_bytes
+        e.seconds = e.scratch_bytes / 1e9
+        return
+    fc = cfg.finetune
+    w = _ITEM.get(_training_dtype(cfg, "finetune", on_gpu), 4)
+    trained = params if fc.params in ("all", "non-expert") else (
+        len(shape.moe_layers) * K * d if fc.params == "routers" else
+        len(shape.moe_layers) * K * 3 * d * shape.expert_intermediate)
+    model = params * w + trained * (w + 8)  # weights, gradients, AdamW's two float32 moments
+    tokens = -(-fc.batch_size // 1) * fc.seq_length
+    per_layer = tokens * (16 * d + 3 * shape.top_k * shape.expert_intermediate + K) * w
+    acts = (per_layer + tokens * d * w * shape.layers) if fc.gradient_checkpointing else per_layer * shape.layers
+    acts += 2 * tokens * shape.vocab * 4  # the logits and their float32 copy
+    if on_gpu:
+        e.gpu_bytes = int(1.0 * 2**30 + model + acts)
+        e.host_bytes = PROCESS_BYTES + params * w
+    else:
+        e.host_bytes = int(PROCESS_BYTES + model + acts)
+    e.scratch_bytes = len(fc.starts) * (params * shape.dtype_bytes + trained * 12)  # outputs + one checkpoint each
+    active = sum(shape.active_params(l) for l in range(shape.layers)) + shape.vocab * d
+    e.seconds = len(fc.starts) * fc.steps * 6 * tokens * active / (rate * 1e12)
+    e.notes.append(f"the whole model on every rank ({format_bytes(params * w)}), gradients and AdamW moments of "
+                   f"{trained:,} trained parameters, one batch of {fc.batch_size} x {fc.seq_length} tokens' activations"
+                   + (" (gradient checkpointing)" if fc.gradient_checkpointing else ""))
 
 
 def format_estimates(estimates: list[StageEstimate], cfg: PipelineConfig) -> str:
