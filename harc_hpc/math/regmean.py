@@ -97,7 +97,7 @@ class GramSum:
         s, b = self.lhs, self.rhs
         uncovered = int((s.diagonal() <= 0).sum())
         chol, info = torch.linalg.cholesky_ex(s)
-        if int(info) == 0 and uncovered == 0:
+        if int(info) == 0 and uncovered == 0 and not _numerically_singular(chol, s):
             return RegMeanSolution(torch.cholesky_solve(b, chol).T.contiguous(), "cholesky", 0.0, 0)
         scale = float(s.diagonal().clamp(min=0).mean())
         if scale <= 0:
@@ -113,6 +113,14 @@ class GramSum:
                 return RegMeanSolution(w, f"cholesky+ridge {r:g}", r, uncovered)
         raise ValueError(f"the summed Gram is not positive definite even with a ridge of {RIDGES[-1]:g} x its "
                          f"mean diagonal (non-finite inputs?)")
+
+
+def _numerically_singular(chol: torch.Tensor, s: torch.Tensor) -> bool:
+    """Whether a factorisation that succeeded did so only by rounding: a pivot at the size of the
+    matrix's rounding error (n eps max diag). A rank-deficient sum then factorises or not depending on
+    the BLAS kernel's order of operations; this makes the answer the same on every CPU."""
+    pivots = chol.diagonal().square()
+    return bool(pivots.numel()) and float(pivots.min()) <= s.shape[0] * torch.finfo(s.dtype).eps * float(s.diagonal().max())
 
 
 def regmean_merge(grams: list[torch.Tensor], weights: list[torch.Tensor], alpha: float = 0.9,

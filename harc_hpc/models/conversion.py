@@ -46,9 +46,11 @@ class ModuleReader:
     through the model type's conversion mapping. ``read(key)`` returns a disk tensor on the target
     device (the caller's reader: pinned copies, dequantisation)."""
 
-    def __init__(self, disk_keys, prefix: str, model_type: Optional[str], read: Callable[[str], torch.Tensor]):
+    def __init__(self, disk_keys, prefix: str, model_type: Optional[str], read: Callable[[str], torch.Tensor],
+                 model=None):
         self.prefix = prefix
         self.read = read
+        self.model = model  # the (meta) model, for operations that read shapes from it (Split)
         renamings, converters = conversion_mapping(model_type)
         self.direct: dict[str, str] = {}  # in-memory full key -> disk key
         # in-memory full key -> (converter, {source pattern: [disk keys, natural order]})
@@ -56,12 +58,13 @@ class ModuleReader:
         if renamings or converters:
             from transformers.core_model_loading import rename_source_key
         for disk in disk_keys:
-            if not disk.startswith(prefix):
-                continue
             if not (renamings or converters):
-                self.direct[disk] = disk
+                if disk.startswith(prefix):
+                    self.direct[disk] = disk
                 continue
             memory, pattern = rename_source_key(disk, renamings, converters)
+            if not memory.startswith(prefix):  # filtered after renaming: a rename may change the prefix
+                continue
             if pattern is None:
                 self.direct.setdefault(memory, disk)
                 continue
@@ -87,7 +90,10 @@ class ModuleReader:
                                   f"tensor matching {missing} under {self.prefix!r}")
         for op in conv.operations:
             data = op.convert(data, source_patterns=list(conv.source_patterns),
-                              target_patterns=list(conv.target_patterns), full_layer_name=key)
+                              target_patterns=list(conv.target_patterns), full_layer_name=key, model=self.model)
+        if len(data) > 1:  # one tensor split into several (a fused qkv): the one this key names
+            mine = [t for pattern, t in data.items() if re.search(pattern, key)]
+            data = {key: mine[0]} if len(mine) == 1 else data
         if len(data) != 1:
             raise CheckpointError(f"{key}: transformers' conversion {type(conv).__name__}"
                                   f"({conv.source_patterns} -> {conv.target_patterns}) gave {len(data)} tensors")

@@ -262,6 +262,10 @@ def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch
             attention = family_for_config(json.loads(config_file.read_text())).attn_implementation
         except UnsupportedModelError:  # a dense model (MergeME's experts): SDPA
             pass
+        from transformers import AutoConfig
+
+        attention = attention_implementation(AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code),
+                                             attention)
     model = AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=dtype if dtype is not None else "auto",
@@ -274,27 +278,27 @@ def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch
     return model
 
 
-#: what backbones call the norm after their last decoder layer
-FINAL_NORM_NAMES = ("norm", "final_layernorm", "norm_f", "ln_f")
+def attention_implementation(config, wanted: str = "sdpa") -> str:
+    """``wanted`` (the family's), or ``eager`` when the model's causal-LM class does not implement it
+    (transformers refuses SDPA for some architectures: DeepSeek-V4, MiMo-V2-Flash, ...)."""
+    if wanted != "sdpa":
+        return wanted
+    from transformers import AutoModelForCausalLM
+
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, AttributeError):
+        return wanted
+    return wanted if getattr(cls, "_supports_sdpa", True) else "eager"
 
 
 def decoder(model):
-    """The backbone (``model.model``) holding embed_tokens, layers and a final norm (``final_norm``)."""
+    """The backbone (``model.model``) holding the decoder ``layers``; its embeddings are
+    ``model.get_input_embeddings()``."""
     inner = getattr(model, "model", model)
-    for attr in ("embed_tokens", "layers"):
-        if not hasattr(inner, attr):
-            raise TypeError(f"{type(model).__name__}: backbone has no '{attr}'; not a supported decoder layout")
-    final_norm_name(inner)
+    if not hasattr(inner, "layers"):
+        raise TypeError(f"{type(model).__name__}: backbone has no 'layers'; not a supported decoder layout")
     return inner
-
-
-def final_norm_name(backbone) -> str:
-    """The name of the backbone's norm after its last decoder layer (``norm``, Jamba's ``final_layernorm``)."""
-    for name in FINAL_NORM_NAMES:
-        if isinstance(getattr(backbone, name, None), torch.nn.Module):
-            return name
-    raise TypeError(f"{type(backbone).__name__}: no final norm (looked for {', '.join(FINAL_NORM_NAMES)}); "
-                    "not a supported decoder layout")
 
 
 def pad_batch(seqs: list[torch.Tensor], pad_value=0) -> tuple[torch.Tensor, list[int]]:

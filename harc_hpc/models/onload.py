@@ -28,6 +28,7 @@ loaded here computes exactly what the whole-model path computes (bit for bit on 
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,7 @@ import torch
 from harc_hpc.io.checkpoint import Checkpoint, CheckpointError
 from harc_hpc.models.conversion import ModuleReader
 from harc_hpc.models.families import family_for_config
-from harc_hpc.models.modeling import decoder, final_norm_name
+from harc_hpc.models.modeling import attention_implementation, decoder
 
 
 def _return_freed_memory(first: bool = False) -> None:
@@ -85,7 +86,8 @@ def _read(ckpt: Checkpoint, key: str, device: Optional[torch.device]) -> torch.T
 
 
 def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype: torch.dtype,
-                     device: Optional[torch.device] = None, model_type: Optional[str] = None) -> dict:
+                     device: Optional[torch.device] = None, model_type: Optional[str] = None,
+                     reader: Optional[ModuleReader] = None) -> dict:
     """The in-memory parameters ``names`` of decoder layer ``layer`` (names relative to the layer),
     read from the checkpoint in either expert layout and converted to ``dtype``. With a CUDA
     ``device`` every tensor is copied there as read, and the experts are fused and converted there
@@ -94,7 +96,7 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
     keys = ckpt.keys()
     key_set = set(keys)
     # transformers' own renames and fusions of this model type (harc_hpc.models.conversion)
-    converted = ModuleReader(keys, prefix, model_type, lambda k: _read(ckpt, k, device))
+    converted = reader or ModuleReader(keys, prefix, model_type, lambda k: _read(ckpt, k, device))
     out = {}
     experts = None
     for name in names:
@@ -157,22 +159,6 @@ def computed_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class _BackboneOutput:
-    """What the backbone's forward returns, as far as a causal LM's head reads it: the final hidden
-    states (``last_hidden_state``, ``[0]``); every other field (router logits, caches) is None."""
-
-    def __init__(self, last_hidden_state: torch.Tensor):
-        self.last_hidden_state = last_hidden_state
-
-    def __getattr__(self, name):
-        return None
-
-    def __getitem__(self, index):
-        if index == 0:
-            return self.last_hidden_state
-        raise IndexError(index)
-
-
 class _Caught(Exception):
     """Raised by the last stand-in decoder layer: the rest of the backbone's forward is not run."""
 
@@ -197,12 +183,13 @@ class OnloadedModel:
         self.dtype = dtype or compute_dtype_for(self.device, _config_dtype(config))
         with torch.device("cpu"), parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(
-                config, dtype=self.dtype, attn_implementation=self.family.attn_implementation,
+                config, dtype=self.dtype, attn_implementation=attention_implementation(config, self.family.attn_implementation),
                 trust_remote_code=trust_remote_code)
         self.model.eval()
         self.config = self.model.config
         self.backbone = decoder(self.model)
-        self.final_norm = getattr(self.backbone, final_norm_name(self.backbone))
+        self.embeddings = self.model.get_input_embeddings()
+        self._module_reader: Optional[ModuleReader] = None
         self.num_layers = min(len(self.backbone.layers),
                               int(getattr(self.config, "num_hidden_layers", None) or len(self.backbone.layers)))
         # What the layers compute at construction, kept to restore after each onload; the parts of
@@ -236,7 +223,7 @@ class OnloadedModel:
                  for n, _ in [*target.named_parameters(), *target.named_buffers()]
                  if prefix + n not in computed]
         state = layer_state_dict(self.ckpt, self.family, index, names, self.dtype, self.device,
-                                 model_type=getattr(self.config, "model_type", None))
+                                 reader=self._reader())
         for name, value in (overrides or {}).items():
             if name not in state:
                 raise KeyError(f"decoder layer {index} has no parameter {name!r}"
@@ -285,9 +272,19 @@ class OnloadedModel:
         return sum(p.numel() for p in self.layer(index).parameters()) * self.dtype.itemsize
 
     # -- forward -----------------------------------------------------------------------------------
-    def _onload_module(self, module: torch.nn.Module, prefix: str, what: str) -> None:
-        """Materialise a module outside the decoder layers (``prefix``: its checkpoint name, e.g.
-        ``model.embed_tokens.``) on the device, keeping what its constructor computed."""
+    def _reader(self) -> ModuleReader:
+        """Every tensor of the checkpoint under its in-memory name (transformers' conversion mapping),
+        mapped once."""
+        if self._module_reader is None:
+            self._module_reader = ModuleReader(self.ckpt.keys(), "", getattr(self.config, "model_type", None),
+                                               lambda k: _read(self.ckpt, k, self.device), model=self.model)
+        return self._module_reader
+
+    def _onload_module(self, module: torch.nn.Module, what: str) -> None:
+        """Materialise a module outside the decoder layers (the embeddings, the final norm, the LM
+        head) on the device, its tensors read under the names transformers' conversion mapping gives
+        them, keeping what its constructor computed."""
+        prefix = next(n for n, m in self.model.named_modules() if m is module) + "."
         tied = self.model.get_expanded_tied_weights_keys()  # {"lm_head.weight": "model.embed_tokens.weight"}
         keys = set(self.ckpt.keys())
         # kept from construction: the module goes back to the meta device when released
@@ -297,9 +294,12 @@ class OnloadedModel:
             if name in computed:
                 continue
             key = tied.get(prefix + name, prefix + name)
-            if key not in keys:
+            if key in keys:
+                state[name] = self.ckpt.get_tensor(key).to(self.dtype)
+            elif self._reader().has(key):
+                state[name] = self._reader().get(key).to(self.dtype)
+            else:
                 raise CheckpointError(f"{self.ckpt.name}: tensor {key!r} of the model's {what} is missing")
-            state[name] = self.ckpt.get_tensor(key).to(self.dtype)
         module.to_empty(device=self.device)
         module.load_state_dict(state, strict=True)
         with torch.no_grad():
@@ -358,7 +358,7 @@ class OnloadedModel:
         """The hidden state entering decoder layer 0 for token ids (B, T), as the backbone's own
         forward computes it (its embedding module, any scaling it applies)."""
         if not self._embed_onloaded:
-            self._onload_module(self.backbone.embed_tokens, "model.embed_tokens.", "embeddings")
+            self._onload_module(self.embeddings, "embeddings")
             self._embed_onloaded = True
         hidden, calls = self._record_layer_calls(input_ids=ids.to(self.device))
         self._remember((tuple(hidden.shape[:2]), hidden.dtype, hidden.device), calls)
@@ -366,38 +366,51 @@ class OnloadedModel:
 
     def release_embeddings(self) -> None:
         if self._embed_onloaded:
-            self.backbone.embed_tokens.to("meta")
+            self.embeddings.to("meta")
             self._embed_onloaded = False
             _return_freed_memory()
 
+    def head_modules(self) -> list[torch.nn.Module]:
+        """The modules with weights that run after the last decoder layer: every child of the backbone
+        but its layers and its embeddings (the final norm, whatever it is called), and of the causal
+        LM but its backbone (the LM head)."""
+        def weighted(m):
+            return any(True for _ in m.parameters())
+
+        return ([m for n, m in self.backbone.named_children() if n != "layers" and m is not self.embeddings and weighted(m)]
+                + [m for m in self.model.children() if m is not self.backbone and weighted(m)])
+
     def _onload_head(self) -> None:
-        """The final norm and the LM head on the device. A tied head (``tie_word_embeddings``; its
-        ``lm_head.weight`` is then usually not on disk) reads the embedding matrix, as transformers'
-        own tying does."""
-        self._onload_module(self.final_norm, f"model.{final_norm_name(self.backbone)}.", "head")
-        self._onload_module(self.model.get_output_embeddings(), "lm_head.", "head")
+        """The modules after the last decoder layer on the device. A tied head (``tie_word_embeddings``;
+        its ``lm_head.weight`` is then usually not on disk) reads the embedding matrix, as
+        transformers' own tying does."""
+        for module in self.head_modules():
+            self._onload_module(module, "head")
         self._head_onloaded = True
 
     @torch.no_grad()
     def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) of a batch leaving the last decoder layer: the final norm, then the causal
-        LM's own forward from the backbone's output on (its LM head and whatever it does to the
-        logits: Granite's ``logits_scaling``, soft-capping), both onloaded on first use and kept until
-        ``release_head``."""
+        """Logits (B, T, V) of a batch leaving the last decoder layer, computed by the model's own
+        forward from there on: the backbone's final norm (whatever it is called) and the causal LM's
+        head with whatever it does to the logits (Granite's ``logits_scaling``, soft-capping). The
+        decoder layers are stood in for: the first one hands on ``hidden``, the others pass it
+        through. The modules it runs are onloaded on first use and kept until ``release_head``."""
         if not self._head_onloaded:
             self._onload_head()
         hidden = hidden.to(device=self.device, dtype=self.dtype)
-        out = _BackboneOutput(self.final_norm(hidden))
-        self.backbone.forward = lambda *args, **kwargs: out
+        layers = [self.layer(i) for i in range(self.num_layers)]
+        for i, layer in enumerate(layers):
+            layer.forward = (lambda h, *a, **k: hidden) if i == 0 else (lambda h, *a, **k: h)
         try:
-            ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.device)
-            return self.model(input_ids=ids, use_cache=False).logits
+            probe = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
+            return self.model(inputs_embeds=probe, use_cache=False).logits
         finally:
-            self.backbone.__dict__.pop("forward", None)
+            for layer in layers:
+                layer.__dict__.pop("forward", None)
 
     def release_head(self) -> None:
-        self.final_norm.to("meta")
-        self.model.get_output_embeddings().to("meta")
+        for module in self.head_modules():
+            module.to("meta")
         self._head_onloaded = False
         _return_freed_memory()
 

@@ -309,13 +309,9 @@ def streamed(cfg: PipelineConfig) -> bool:
         return layout.family(cfg).residual_capture
     except (OSError, ValueError, KeyError):
         # No readable config.json here (a plan made before the weights are on disk, with its
-        # layers given): what every registered family answers, when they agree.
-        from harc_hpc.models.families import FAMILIES
-
-        answers = {f.residual_capture for f in FAMILIES.values()}
-        if len(answers) == 1:
-            return answers.pop()
-        raise
+        # layers given): the streamed capture, what most families do (a family that captures
+        # layer-wise changes the plan once its config is readable; nothing has run by then).
+        return True
 
 
 def template_values(cfg: PipelineConfig) -> dict:
