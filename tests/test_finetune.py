@@ -133,22 +133,28 @@ def test_another_digests_checkpoint_is_not_resumed_and_a_nan_keeps_the_last_good
 
 
 def _rank(rank: int, world: int, init: str, out: str) -> None:
+    """One rank: 2 steps checkpointed (as a task killed after step 2 leaves them), then the task run
+    again to step 3, resuming; like the runner, only rank 0 knows the task's digest."""
     import torch.distributed as dist
 
     sys.path.insert(0, str(TESTS))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        model = _model()
-        ft.train(_cfg(steps=3, batch_size=4, lr=1e-3, grad_clip=1.0), model, [n for n, _ in model.named_parameters()],
-                 _data(), torch.device("cpu"), where="test", process_group=dist.group.WORLD)
+        ck, digest = Path(out).parent / "ck", ("d" if rank == 0 else None)
+        for steps in (2, 3):
+            model = _model()
+            result = ft.train(_cfg(steps=steps, batch_size=4, lr=1e-3, grad_clip=1.0, checkpoint_every=1), model,
+                              [n for n, _ in model.named_parameters()], _data(), torch.device("cpu"), where="test",
+                              process_group=dist.group.WORLD, checkpoint=ck, digest=digest)
+        assert result["resumed_after_step"] == 2, result
         if rank == 0:
             torch.save({n: p.detach() for n, p in model.named_parameters()}, out)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path):
+def test_two_gloo_ranks_resumed_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 
     out = tmp_path / "two.pt"
@@ -162,6 +168,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
     two = torch.load(out)
     for n, p in model.named_parameters():
         assert torch.allclose(p.detach(), two[n], rtol=1e-5, atol=1e-6), n
+    assert not torch.equal(two["model.layers.0.mlp.gate.weight"], _model().model.layers[0].mlp.gate.weight)
 
 
 # -- the stage in a pipeline ----------------------------------------------------------------------------

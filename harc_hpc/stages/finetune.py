@@ -172,28 +172,36 @@ def _save_checkpoint(path: Path, digest: Optional[str], step: int, model, names:
 
 
 def _load_checkpoint(path: Path, digest: Optional[str], model, names: list[str], opt
-                     ) -> tuple[int, list, Optional[str]]:
-    """(the step to resume after, the losses so far, why a checkpoint there was not used);
-    (0, [], None) when there is none."""
-    from safetensors.torch import load_file
-
+                     ) -> tuple[int, list, Optional[str], Optional[Path]]:
+    """(the step to resume after, the losses so far, why a checkpoint there was not used, the state
+    file loaded); (0, [], None, None) when there is none."""
     manifest = path / "manifest.json"
     if not manifest.is_file():
-        return 0, [], None
+        return 0, [], None, None
     try:
         m = json.loads(manifest.read_text())
     except ValueError:
-        return 0, [], f"{manifest} is unreadable"
+        return 0, [], f"{manifest} is unreadable", None
     if digest is None or m.get("digest") != digest:
         return 0, [], (f"it was written by a task of digest {str(m.get('digest'))[:12]}, this task's is "
-                       f"{str(digest)[:12]} (the config or an upstream result changed)")
+                       f"{str(digest)[:12]} (the config or an upstream result changed)"), None
     state_file = path / str(m.get("state"))
     if not state_file.is_file():
-        return 0, [], f"{state_file} is missing"
+        return 0, [], f"{state_file} is missing", None
+    why = _load_state(state_file, model, names, opt)
+    if why:
+        return 0, [], why, None
+    return int(m["step"]), list(m.get("losses", [])), None, state_file
+
+
+def _load_state(state_file: Path, model, names: list[str], opt) -> Optional[str]:
+    """Put a checkpoint's parameters and AdamW state in place; why not, when it does not fit."""
+    from safetensors.torch import load_file
+
     t = load_file(str(state_file))
     params = dict(model.named_parameters())
     if {k[len("param."):] for k in t if k.startswith("param.")} != set(names):
-        return 0, [], "it holds other parameters than finetune.params selects"
+        return "it holds other parameters than finetune.params selects"
     with torch.no_grad():
         for n in names:
             params[n].copy_(t[f"param.{n}"])
@@ -201,7 +209,7 @@ def _load_checkpoint(path: Path, digest: Optional[str], model, names: list[str],
         st = {key: t[f"opt.{key}.{n}"] for key in ("step", "exp_avg", "exp_avg_sq") if f"opt.{key}.{n}" in t}
         if st:
             opt.state[params[n]] = {k: (v.clone() if k == "step" else v.to(params[n].device).clone()) for k, v in st.items()}
-    return int(m["step"]), list(m.get("losses", [])), None
+    return None
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -222,9 +230,20 @@ def train(cfg: PipelineConfig, model, names: list[str], data: Sequences, device,
     trained = [params[n] for n in names]
     opt = torch.optim.AdamW(trained, lr=fc.lr, betas=tuple(fc.betas), eps=fc.eps, weight_decay=fc.weight_decay,
                             foreach=False)
-    first, losses, discarded = 0, [], None
-    if checkpoint is not None:
-        first, losses, discarded = _load_checkpoint(checkpoint, digest, model, names, opt)
+    first, losses, discarded, state = 0, [], None, None
+    if checkpoint is not None and rank == 0:  # rank 0 decides (only it is given the task's digest) ...
+        first, losses, discarded, state = _load_checkpoint(checkpoint, digest, model, names, opt)
+    if world > 1:  # ... and the other ranks resume from the state it resumed from
+        import torch.distributed as dist
+
+        box = [first, losses, None if state is None else str(state)]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(process_group, 0), group=process_group)
+        first, losses = box[0], box[1]
+        if rank != 0 and first:
+            why = _load_state(Path(box[2]), model, names, opt)
+            if why:
+                raise InputDataError(f"rank {rank} cannot resume from {box[2]}: {why}", where=where)
+    if checkpoint is not None and rank == 0:
         if discarded:
             log.warning("%s: the checkpoint in %s is not resumed: %s; training starts over", where, checkpoint, discarded)
         elif first:
