@@ -60,6 +60,15 @@ EXTRA_TINY_CONFIGS.update({
     "jamba": _config("jamba", kw=lambda L, h, E, k: dict(
         num_experts=E, num_experts_per_tok=k, attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=1,
         expert_layer_period=2, use_mamba_kernels=False)),
+    "cohere2_moe": _config("cohere2_moe", kw=lambda L, h, E, k: dict(
+        num_experts=E, num_experts_per_tok=k, head_dim=h // 4, layer_types=(["sliding_attention", "full_attention"] * L)[:L],
+        mlp_layer_types=["sparse"] * L)),
+    "granitemoe_swa": _config("granitemoe_swa", kw=lambda L, h, E, k: dict(
+        num_local_experts=E, num_experts_per_tok=k, head_dim=h // 4, residual_multiplier=0.5,
+        layer_types=(["full_attention", "sliding_attention"] * L)[:L])),
+    "minimax_m3_vl_text": _config("minimax_m3_vl_text", kw=lambda L, h, E, k: dict(
+        num_local_experts=E, num_experts_per_tok=k, head_dim=h // 4, mlp_layer_types=["sparse"] * L,
+        layer_types=["full_attention"] * L)),
 })
 
 
@@ -77,6 +86,9 @@ NEW_TYPES = {
     "granitemoehybrid": "Mamba-2 layers beside attention; Granite's router and multipliers",
     "deepseek_v2": "MLA attention; group-limited greedy choice over softmax scores",
     "jamba": "Mamba layers; MoE every other layer under feed_forward; final_layernorm",
+    "cohere2_moe": "top-k-then-softmax router; sliding and full attention; mlp_layer_types",
+    "granitemoe_swa": "Granite's router and multipliers with sliding-window attention; eager attention",
+    "minimax_m3_vl_text": "sigmoid router with a correction bias; fused experts on disk",
 }
 
 
@@ -148,6 +160,9 @@ SELECTORS = {
     "granitemoehybrid": lambda layer: (layer.block_sparse_moe.router, None),
     "deepseek_v2": lambda layer: (layer.mlp.gate, None),
     "jamba": lambda layer: (layer.feed_forward.router, None),
+    "cohere2_moe": lambda layer: (layer.mlp.gate, None),
+    "granitemoe_swa": lambda layer: (layer.block_sparse_moe.router, None),
+    "minimax_m3_vl_text": lambda layer: (layer.mlp.gate, layer.mlp.gate.e_score_correction_bias),
 }
 
 

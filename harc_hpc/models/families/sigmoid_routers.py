@@ -199,6 +199,15 @@ class HyV3Family(SigmoidBiasFamily):
         return f"model.layers.{layer}.mlp.expert_bias"
 
 
+class MiniMaxM3VLTextFamily(SigmoidBiasFamily):
+    """MiniMax-M3's text model (``minimax_m3_vl_text``): DeepSeek-V3's names with the experts fused on
+    disk, no groups, MoE layers from ``mlp_layer_types``."""
+
+    name = "minimax_m3_vl_text"
+    model_types = ("minimax_m3_vl_text",)
+
+
 #: the instances harc_hpc.models.families registers
 SIGMOID_FAMILIES = (Glm4MoeLiteFamily(), DeepseekV32Family(), SolarOpenFamily(), Dots1Family(), MiniMaxM2Family(),
-                    AfmoeFamily(), MiMoV2FlashFamily(), ExaoneMoeFamily(), MiniCpm5MoeFamily(), HyV3Family())
+                    AfmoeFamily(), MiMoV2FlashFamily(), ExaoneMoeFamily(), MiniCpm5MoeFamily(), HyV3Family(),
+                    MiniMaxM3VLTextFamily())

@@ -249,5 +249,48 @@ class JambaFamily(MoEFamily):
         return self.decoder_layers(model)[layer].feed_forward.router
 
 
+class Cohere2MoeFamily(MoEFamily):
+    """Command-A MoE (``cohere2_moe``): the top-k logits and a softmax over them (the softmax
+    renormalised over the top k; ``expert_selection_fn: softmax``, the default); sliding and full
+    attention; MoE layers where ``mlp_layer_types`` says ``sparse``. Attention and MoE run in
+    parallel on one normed input (Cohere's layer), so captured layer-wise."""
+
+    name = "cohere2_moe"
+    model_types = ("cohere2_moe",)
+    residual_capture = False
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        kinds = cfg.get("mlp_layer_types")
+        if kinds is None:
+            return super().moe_layers(cfg)
+        return [l for l, kind in enumerate(kinds[: self.num_layers(cfg)]) if kind == "sparse"]
+
+
+class GraniteMoeSWAFamily(GraniteMoeFamily):
+    """Granite-MoE with sliding-window attention (``granitemoe_swa``): Granite's router and
+    multipliers; the router and the fused experts are stored under their in-memory names."""
+
+    name = "granitemoe_swa"
+    model_types = ("granitemoe_swa",)
+
+    def router_key(self, layer: int, layout="per_expert") -> str:
+        return f"model.layers.{layer}.block_sparse_moe.router.weight"
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(r"model\.layers\.\d+\.block_sparse_moe\.router\.weight", key) is not None
+
+    _fused_disk_re = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(gate_up|down)_proj$")
+
+    def parse_expert_key(self, key: str) -> Optional[ExpertTensor]:
+        m = self._fused_disk_re.match(key)
+        if m:
+            return ExpertTensor(int(m.group(1)), None, m.group(2))
+        return MoEFamily.parse_expert_key(self, key)
+
+
 SOFTMAX_FAMILIES = (FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily(),
-                    MellumFamily(), MiniMaxFamily(), GraniteMoeHybridFamily(), DeepseekV2Family(), JambaFamily())
+                    MellumFamily(), MiniMaxFamily(), GraniteMoeHybridFamily(), DeepseekV2Family(), JambaFamily(),
+                    Cohere2MoeFamily(), GraniteMoeSWAFamily())
