@@ -324,6 +324,9 @@ class FinetuneSection(_Strict):
     starts: list[Literal["merged", "harc"]] = Field(default_factory=lambda: ["merged", "harc"], min_length=1)
     # which parameters train: all, the routers (router-only SFT), the experts, or all but the experts
     params: Literal["all", "routers", "experts", "non-expert"] = "all"
+    # sft: next-token cross-entropy on the data; output_kl: KL(source's next-token distribution || the
+    # model's) on each source's own sequences (with params: routers, router-only distillation end to end)
+    objective: Literal["sft", "output_kl"] = Field(default="sft", exclude_if=lambda v: v == "sft")
     lr: float = Field(default=1e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0)

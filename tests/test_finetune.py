@@ -249,9 +249,14 @@ def test_a_killed_finetune_resumes_to_the_same_bytes(tmp_path):
 
     from harc_hpc.pipeline import load_specs
 
-    cfg = load_config(config, overrides={"finetune.steps": 1, "finetune.starts": ["merged"]})
+    # (with the end-to-end objective, which also reads the sources: router-only output-KL distillation)
+    cfg = load_config(config, overrides={"finetune.steps": 2, "finetune.starts": ["merged"],
+                                         "finetune.objective": "output_kl", "finetune.params": "routers"})
     specs, reads = load_specs(), _Reads()
     ft.run(_ModelProxy(cfg, "", reads), run_dir)
+    summary = json.loads((ft.models_dir(run_dir) / "summary.json").read_text())["starts"]["merged"]
+    assert summary["model"] == "output-kl" and summary["objective"] == "output_kl"
+    assert [step for step, _ in summary["losses"]] == [1, 2] and all(v > 0 for _, v in summary["losses"])
     tasks = set(cfg.task_names)
     keys = {_norm(k, tasks) for k in reads.keys}
     own = [_norm(s, tasks) for s in specs["finetune"].config_sections]
@@ -311,3 +316,37 @@ def test_plan_estimates_the_training_stages(tmp_path):
     assert sizes(**{"finetune.gradient_checkpointing": True})["finetune"].gpu_bytes < base["finetune"].gpu_bytes
     assert 0 < base["router-distill"].gpu_bytes < base["solve-router"].gpu_bytes * 4
     assert base["router-distill-model"].scratch_bytes == 2 * base["assemble-model"].scratch_bytes
+
+
+def test_the_output_kl_objective_distils_each_source_on_its_own_task():
+    """objective output_kl: the step's loss is KL(source || model) over the selected next-token
+    distributions (plain kl_div), zero with zero gradients when the model is the source, and with
+    params routers only the routers move, towards the sources."""
+    data = _data(6)
+    data.tasks = ["a", "b"] * 3
+    model, a, b = _model(0), _model(1), _model(2)
+    ids, att, tgt = ft._pad(data.ids[:2], data.masks[:2], "cpu")
+    got = ft.step_output_kl(model, a, data.ids[:2], data.masks[:2], 10, "cpu")
+    ref = torch.log_softmax(a(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
+    log_q = torch.log_softmax(model(input_ids=ids, attention_mask=att).logits[:, :-1].float(), -1)
+    plain = torch.nn.functional.kl_div(log_q, ref, log_target=True, reduction="none").sum(-1)
+    assert float(got) == pytest.approx(float((plain * tgt).sum() / 10), rel=1e-5)
+    same = ft.step_output_kl(a, a, data.ids[:2], data.masks[:2], 10, "cpu")
+    same.backward()
+    # zero up to the rounding of sum(p) = 1 in the softmax's backward
+    assert float(same) == 0.0 and all(p.grad is None or float(p.grad.abs().max()) < 1e-6 for p in a.parameters())
+
+    cfg = _cfg(steps=8, batch_size=6, lr=3e-2, objective="output_kl")
+    names = ft.trainable_names(model, _family(model), [0, 1], "routers")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def total_kl(m):
+        with torch.no_grad():
+            return sum(float(ft.step_output_kl(m, {"a": a, "b": b}[t], [s], [k], 1, "cpu"))
+                       for s, k, t in zip(data.ids, data.masks, data.tasks))
+
+    start = total_kl(model)
+    result = ft.train(cfg, model, names, data, torch.device("cpu"), where="test", teachers={"a": a, "b": b})
+    assert total_kl(model) < start
+    assert result["losses"][-1][1] < result["losses"][0][1]
+    assert {n for n, p in model.named_parameters() if not torch.equal(p, before[n])} == set(names)

@@ -339,7 +339,9 @@ def _training(metrics: dict) -> list[str]:
            "Held-out loss and router-level KL on the held-out text; wall time: HARC's statistics and solves, "
            "training's Adam steps (from HARC's router: both).", ""]
     if fst:
-        out += [f"SFT (finetune): AdamW on {fst.get('params')} parameters, lr {fst.get('lr')} ({fst.get('warmup_steps')} "
+        what = ("output-KL distillation (finetune, KL of each source's next-token distribution on its own task)"
+                if fst.get("objective") == "output_kl" else "SFT (finetune)")
+        out += [f"{what}: AdamW on {fst.get('params')} parameters, lr {fst.get('lr')} ({fst.get('warmup_steps')} "
                 f"warm-up steps, then {fst.get('schedule')}), {fst.get('steps')} steps of {fst.get('batch_size')} "
                 f"calibration sequences of at most {fst.get('seq_length')} tokens, seed {fst.get('seed')}; wall time: "
                 "its steps (from HARC's model: HARC's too).", ""]
@@ -356,7 +358,9 @@ def _training(metrics: dict) -> list[str]:
     for label, name in (("merged", "merged"), ("merged + HARC", "calibrated"),
                         ("merged + router-distill", "router-distill"),
                         ("merged + HARC + router-distill", "harc+router-distill"),
-                        ("merged + SFT", "sft"), ("merged + HARC + SFT", "harc+sft")):
+                        ("merged + SFT", "sft"), ("merged + HARC + SFT", "harc+sft"),
+                        ("merged + output-KL distillation", "output-kl"),
+                        ("merged + HARC + output-KL distillation", "harc+output-kl")):
         if name not in rl and name not in seconds:
             continue
         kl = rl.get(name, {})
@@ -400,6 +404,7 @@ def _story(metrics: dict) -> list[str]:
             # the training baselines, when the run has them (a row with no figure is left out)
             ("merged + router-distill", "router-distill"), ("merged + HARC + router-distill", "harc+router-distill"),
             ("merged + SFT", "sft"), ("merged + HARC + SFT", "harc+sft"),
+            ("merged + output-KL distillation", "output-kl"), ("merged + HARC + output-KL distillation", "harc+output-kl"),
             ("router-swap oracle", "oracle")]
     header = []
     for t in tasks:

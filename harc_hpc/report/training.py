@@ -26,7 +26,8 @@ def training_models(cfg: PipelineConfig, run_dir: Path) -> list[tuple[str, Path]
             path = module.models_dir(run_dir) / start
             if not (path / "config.json").is_file():
                 raise RunStateError(f"{path}: no checkpoint here (run {stage} first)")
-            out.append((module.MODEL_NAMES[start], path))
+            out.append((module.model_name(start, cfg.finetune.objective) if module is finetune
+                        else module.MODEL_NAMES[start], path))
     return out
 
 

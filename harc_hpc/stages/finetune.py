@@ -1,5 +1,7 @@
 """finetune: post-merge SFT (docs/training.md) of the merged model and/or HARC's calibrated model on
-the calibration data of every task, the paper's Table 7 setting.
+the calibration data of every task, the paper's Table 7 setting; or, with ``finetune.objective:
+output_kl``, distillation of each source's next-token distribution on its own task's sequences
+(with ``params: routers``: router-only distillation end to end, router-distill's end-to-end variant).
 
 Next-token cross-entropy over the tokens the calibration mode selects (mean over a step's tokens),
 AdamW on the parameters ``finetune.params`` selects (all, the routers, the experts, or all but the
@@ -39,8 +41,13 @@ from harc_hpc.stages import layout
 
 log = logging.getLogger(__name__)
 
-#: the display names of the fine-tuned models, by start
+#: the display names of the fine-tuned models, by start (objective sft)
 MODEL_NAMES = {"merged": "sft", "harc": "harc+sft"}
+
+
+def model_name(start: str, objective: str = "sft") -> str:
+    """The report's name of a fine-tuned model: sft / harc+sft, or output-kl / harc+output-kl."""
+    return MODEL_NAMES[start] if objective == "sft" else MODEL_NAMES[start].replace("sft", "output-kl")
 
 
 def enabled(cfg: PipelineConfig) -> bool:
@@ -85,6 +92,7 @@ def trainable_names(model, fam, layers: list[int], params: str) -> list[str]:
 class Sequences:
     ids: list[list[int]]
     masks: list[list[bool]]  # per token: whether the calibration mode selects it
+    tasks: Optional[list[str]] = None  # the task (source) of each sequence (objective output_kl)
 
 
 def load_sequences(cfg: PipelineConfig, tokenizer) -> Sequences:
@@ -92,7 +100,7 @@ def load_sequences(cfg: PipelineConfig, tokenizer) -> Sequences:
     ``finetune.seq_length``; sequences with nothing to predict are dropped."""
     from harc_hpc.io.calibration_data import tokenize_task_masked
 
-    ids, masks = [], []
+    ids, masks, tasks = [], [], []
     for task in cfg.task_names:
         seqs, m = tokenize_task_masked(cfg.calibration_for(task), cfg.calibration, tokenizer)
         for s, k in zip(seqs, m):
@@ -100,7 +108,8 @@ def load_sequences(cfg: PipelineConfig, tokenizer) -> Sequences:
             if len(s) >= 2 and any(k[1:]):
                 ids.append(list(s))
                 masks.append(list(k))
-    return Sequences(ids, masks)
+                tasks.append(task)
+    return Sequences(ids, masks, tasks)
 
 
 def batch_indices(num_sequences: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -143,6 +152,18 @@ def step_loss(model, seqs: list[list[int]], masks: list[list[bool]], total_token
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                             reduction="none").reshape(tgt.shape)
     return (nll * tgt).sum() / total_tokens, int(tgt.sum())
+
+
+def step_output_kl(model, teacher, seqs: list[list[int]], masks: list[list[bool]], total_tokens: int,
+                   device) -> torch.Tensor:
+    """Sum over the selected targets of KL(teacher's next-token distribution || the model's), over
+    ``total_tokens``: the end-to-end output KL to the source model (objective ``output_kl``)."""
+    ids, att, tgt = _pad(seqs, masks, device)
+    with torch.no_grad():
+        ref = torch.log_softmax(teacher(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float(), -1)
+    log_q = torch.log_softmax(model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float(), -1)
+    kl = (ref.exp() * (ref - log_q)).sum(-1)
+    return (kl * tgt).sum() / total_tokens
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -215,7 +236,8 @@ def _load_state(state_file: Path, model, names: list[str], opt) -> Optional[str]
 # -- training -----------------------------------------------------------------------------------------
 
 def train(cfg: PipelineConfig, model, names: list[str], data: Sequences, device, *, where: str,
-          checkpoint: Optional[Path] = None, digest: Optional[str] = None, process_group=None) -> dict:
+          checkpoint: Optional[Path] = None, digest: Optional[str] = None, process_group=None,
+          teachers: Optional[dict] = None) -> dict:
     """``finetune.steps`` AdamW steps on ``names`` (resuming from ``checkpoint`` when it holds this
     digest's state); returns the losses and what was resumed."""
     fc = cfg.finetune
@@ -260,7 +282,16 @@ def train(cfg: PipelineConfig, model, names: list[str], data: Sequences, device,
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, fc)
             opt.zero_grad(set_to_none=True)
-            if mine:
+            if mine and fc.objective == "output_kl":
+                # each source teaches its own task's sequences: one forward and backward per task
+                loss = torch.zeros((), device=device)
+                for task in dict.fromkeys(data.tasks[i] for i in mine):
+                    part = [i for i in mine if data.tasks[i] == task]
+                    kl = step_output_kl(model, teachers[task], [data.ids[i] for i in part],
+                                        [data.masks[i] for i in part], total, device)
+                    kl.backward()
+                    loss = loss + kl.detach()
+            elif mine:
                 loss, _ = step_loss(model, [data.ids[i] for i in mine], [data.masks[i] for i in mine], total, device)
                 loss.backward()
             else:
@@ -334,6 +365,7 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, p
     summary = {"settings": fc.model_dump(mode="json", exclude={"enabled"}), "device": str(device),
                "dtype": str(dtype).replace("torch.", ""), "ranks": world, "starts": {}}
     trained_models = {}
+    teachers = None
     for start in fc.starts:
         src = start_dir(run_dir, start)
         where = f"finetune start {start}"
@@ -343,6 +375,12 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, p
             raise InputDataError(f"{len(data.ids)} calibration sequences with a target, fewer than one batch",
                                  where="finetune.batch_size", hint="lower finetune.batch_size or add calibration data")
         model = load_causal_lm(src, device, dtype=dtype, trust_remote_code=cfg.models.trust_remote_code)
+        if fc.objective == "output_kl" and teachers is None:  # the sources, loaded once for every start
+            from harc_hpc.io.checkpoint import resolve_model_path
+
+            teachers = {t: load_causal_lm(resolve_model_path(layout.source_path(cfg, t), revision=cfg.models.revision),
+                                          device, dtype=dtype, trust_remote_code=cfg.models.trust_remote_code)
+                        for t in cfg.task_names}
         names = trainable_names(model, fam, layers, fc.params)
         if not names:
             raise UsageError(f"selects no parameter of this {fam.name} model", where=f"finetune.params: {fc.params}",
@@ -350,10 +388,10 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, p
         n_params = sum(dict(model.named_parameters())[n].numel() for n in names)
         s0 = time.perf_counter()
         result = train(cfg, model, names, data, device, where=where, checkpoint=partial_dir(run_dir, start),
-                       digest=task_digest, process_group=process_group)
+                       digest=task_digest, process_group=process_group, teachers=teachers)
         trained_models[start] = model
         summary["starts"][start] = {
-            "model": MODEL_NAMES[start], "trainable_parameters": int(n_params), "sequences": len(data.ids),
+            "model": model_name(start, fc.objective), "objective": fc.objective, "trainable_parameters": int(n_params), "sequences": len(data.ids),
             "tokens_per_epoch": int(sum(sum(m[1:]) for m in data.masks)),
             "seconds": round(time.perf_counter() - s0, 3), **result}
         if rank != 0:
