@@ -69,6 +69,8 @@ EXTRA_TINY_CONFIGS.update({
     "minimax_m3_vl_text": _config("minimax_m3_vl_text", kw=lambda L, h, E, k: dict(
         num_local_experts=E, num_experts_per_tok=k, head_dim=h // 4, mlp_layer_types=["sparse"] * L,
         layer_types=["full_attention"] * L)),
+    "granitemoeshared": _config("granitemoeshared", kw=lambda L, h, E, k: dict(
+        num_local_experts=E, num_experts_per_tok=k, shared_intermediate_size=h, residual_multiplier=0.5)),
 })
 
 
@@ -89,6 +91,7 @@ NEW_TYPES = {
     "cohere2_moe": "top-k-then-softmax router; sliding and full attention; mlp_layer_types",
     "granitemoe_swa": "Granite's router and multipliers with sliding-window attention; eager attention",
     "minimax_m3_vl_text": "sigmoid router with a correction bias; fused experts on disk",
+    "granitemoeshared": "Granite-MoE with a shared expert",
 }
 
 
@@ -163,6 +166,7 @@ SELECTORS = {
     "cohere2_moe": lambda layer: (layer.mlp.gate, None),
     "granitemoe_swa": lambda layer: (layer.block_sparse_moe.router, None),
     "minimax_m3_vl_text": lambda layer: (layer.mlp.gate, layer.mlp.gate.e_score_correction_bias),
+    "granitemoeshared": lambda layer: (layer.block_sparse_moe.router, None),
 }
 
 
@@ -187,3 +191,65 @@ def test_the_declared_selection_is_the_models_own(model_type):
     want = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, chosen, True)
     got = fam.selection_mask(conf.to_dict(), logits, None if bias is None else bias.detach())
     assert torch.equal(got, want)
+
+
+# -- the coverage table -----------------------------------------------------------------------------
+
+#: the first eight, each with its own test module (tests/test_<family>.py, the pipeline tests)
+FIRST_TYPES = {"olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe", "gpt_oss", "llama4_text"}
+
+
+def test_every_moe_model_type_is_supported_and_tested_or_refused_with_a_reason():
+    from harc_hpc.models.coverage import UNSUPPORTED, moe_causal_lm_types
+    from harc_hpc.models.families import supported_model_types
+    from test_model_coverage_sigmoid import NEW_TYPES as SIGMOID_TYPES
+
+    types = set(moe_causal_lm_types())
+    assert len(types) >= 60 and {"mixtral", "qwen3_next", "deepseek_v32", "jamba"} <= types
+    supported = set(supported_model_types()) & types
+    tested = FIRST_TYPES | set(NEW_TYPES) | set(SIGMOID_TYPES)
+    assert supported <= tested, f"supported but not covered by a test: {sorted(supported - tested)}"
+    unknown = types - supported - {t for t, why in UNSUPPORTED.items() if why}
+    assert not unknown, f"MoE model types neither supported nor refused with a reason: {sorted(unknown)}"
+    assert not supported & set(UNSUPPORTED), "a type is both supported and refused"
+
+
+def test_the_docs_table_is_current():
+    from pathlib import Path
+
+    from harc_hpc.models.coverage import render
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+    assert page.read_text() == render(), "regenerate: python -m harc_hpc.models.coverage --write docs/models.md"
+
+
+def test_an_unsupported_type_gets_its_reason_and_the_same_exit_code_from_every_command(tmp_path):
+    """PhiMoE (a sparsemixer router): plan, a stage run and a submit all stop with the reason from
+    docs/models.md and exit 2 (a usage error: the config names a model harc-hpc does not run), and
+    nothing is written."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM, PhimoeConfig
+
+    from harc_hpc.cli import main
+    from harc_hpc.models.coverage import UNSUPPORTED
+    from pipeline_fixtures import char_tokenizer
+
+    torch.manual_seed(0)
+    conf = PhimoeConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    src = build_tiny_sources(tmp_path / "src", family="olmoe", layers=2)  # for the data files
+    for name in ("base", "math", "code"):
+        AutoModelForCausalLM.from_config(conf).save_pretrained(src[name])
+        char_tokenizer().save_pretrained(src[name])
+    config = write_config(tmp_path, src)
+    codes = {}
+    for args in (["plan", str(config)], ["stage", "merge-experts", str(config)],
+                 ["submit", str(config), "--executor", "debug"]):
+        out = CliRunner().invoke(main, args)
+        codes[args[0]] = out.exit_code
+        assert "sparsemixer" in out.output and "docs/models.md" in out.output, out.output
+        assert "Traceback" not in out.output
+    assert set(codes.values()) == {2}, codes
+    assert "sparsemixer" in UNSUPPORTED["phimoe"]
+    run = load_config(config).run_dir
+    assert not (run / "merged").exists()

@@ -605,9 +605,11 @@ def _extra_template_values(specs: dict[str, StageSpec], specs_dir, cfg: Pipeline
              for _, field_name, _, _ in string.Formatter().parse(tpl) if field_name}
     if not names - _INDEX_VALUES:
         return {}
+    from harc_hpc.models.families import UnsupportedModelError
+
     try:
         return dict(load_hooks(specs_dir).call("template_values", cfg) or {})
-    except UsageError:
+    except (UsageError, UnsupportedModelError):  # an unsupported model: its own error and exit code
         raise
     except Exception as exc:  # the model config is unreadable from here: say so, plainly
         raise PlanError(f"cannot fill the stage specs' path templates {sorted(names - _INDEX_VALUES)}: "

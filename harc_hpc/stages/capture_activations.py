@@ -305,8 +305,12 @@ def streamed(cfg: PipelineConfig) -> bool:
     states."""
     if cfg.harc.block_size != 1:
         return False
+    from harc_hpc.models.families import UnsupportedModelError
+
     try:
         return layout.family(cfg).residual_capture
+    except UnsupportedModelError:
+        raise
     except (OSError, ValueError, KeyError):
         # No readable config.json here (a plan made before the weights are on disk, with its
         # layers given): the streamed capture, what most families do (a family that captures

@@ -27,10 +27,19 @@ def supported_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
 
 
+def family_for_model_type(model_type: str) -> MoEFamily:
+    return _BY_MODEL_TYPE[model_type]
+
+
 def family_for_config(config: dict) -> MoEFamily:
     """The adapter for a model's ``config.json`` (as a dict)."""
+    from harc_hpc.models.coverage import DOCS_PAGE, refusal
+
     model_type = config.get("model_type")
     fam = _BY_MODEL_TYPE.get(model_type)
+    if fam is None and refusal(model_type):
+        raise UnsupportedModelError(f"model_type {model_type!r} is not supported: {refusal(model_type)}",
+                                    hint=f"{DOCS_PAGE} lists every MoE model type and why")
     if fam is None:
         arch = ", ".join(config.get("architectures") or []) or "unknown"
         raise UnsupportedModelError(
@@ -42,4 +51,4 @@ def family_for_config(config: dict) -> MoEFamily:
 
 
 __all__ = ["FAMILIES", "ExpertTensor", "Layout", "MoEFamily", "UnsupportedModelError",
-           "family_for_config", "supported_model_types"]
+           "family_for_config", "family_for_model_type", "supported_model_types"]

@@ -49,6 +49,8 @@ class MoEFamily:
     proj_names: dict = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     #: other gates of a MoE layer that are *not* the softmax router (see Qwen2-MoE)
     extra_gate_suffixes: tuple[str, ...] = ()
+    #: the router's kind as docs/models.md names it
+    router_kind: str = "softmax, top-k"
     #: how the router turns logits into weights: "softmax" over experts, or "sigmoid" per expert
     #: (harc_hpc.math.operator.LINKS); it selects the objective the router is calibrated with
     router_link: str = "softmax"

@@ -40,6 +40,7 @@ def grouped_topk_mask(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_gr
 
 class DeepseekV3Family(MoEFamily):
     name = "deepseek_v3"
+    router_kind = "sigmoid, correction bias in the choice, group-limited top-k"
     # kimi_k2: Kimi-K2 checkpoints, the same architecture and tensor names under their own model_type
     # (their modeling code ships with the checkpoint: models.trust_remote_code: true)
     model_types = ("deepseek_v3", "kimi_k2")

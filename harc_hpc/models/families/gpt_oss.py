@@ -27,6 +27,7 @@ from harc_hpc.models.families.base import MoEFamily
 
 class GptOssFamily(MoEFamily):
     name = "gpt_oss"
+    router_kind = "top-k of the logits (with a bias), softmax over the k"
     model_types = ("gpt_oss",)
     router_param = "mlp.router.weight"
     router_intercept_param = "mlp.router.bias"

@@ -19,6 +19,7 @@ from harc_hpc.models.families.base import MoEFamily
 
 class Llama4TextFamily(MoEFamily):
     name = "llama4_text"
+    router_kind = "sigmoid of the top-k logits"
     model_types = ("llama4_text",)
     moe_module = "feed_forward"
     ffn_module = "feed_forward"

@@ -11,6 +11,7 @@ from harc_hpc.models.families.qwen3_moe import sparse_layers
 
 class Qwen2MoeFamily(MoEFamily):
     name = "qwen2_moe"
+    router_kind = "softmax, top-k; sigmoid shared-expert gate"
     model_types = ("qwen2_moe",)
     extra_gate_suffixes = ("mlp.shared_expert_gate.weight",)
 

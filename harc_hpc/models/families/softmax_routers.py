@@ -34,6 +34,7 @@ class HunYuanMoeFamily(MoEFamily):
     softmax, top-k (``moe_topk``) renormalised."""
 
     name = "hunyuan_v1_moe"
+    router_kind = "softmax, top-k renormalised"
     model_types = ("hunyuan_v1_moe",)
     router_param = "mlp.gate.wg.weight"
 
@@ -66,6 +67,7 @@ class GraniteMoeFamily(MoEFamily):
     so the layer is captured whole (layer-wise), not split at the residual."""
 
     name = "granitemoe"
+    router_kind = "top-k of the logits, softmax over the k"
     model_types = ("granitemoe", "granitemoeshared")
     moe_module = "block_sparse_moe"
     ffn_module = "block_sparse_moe"
@@ -101,6 +103,7 @@ class Ernie45MoeFamily(MoEFamily):
     ``moe_layer_start_index`` to ``moe_layer_end_index`` every ``moe_layer_interval``."""
 
     name = "ernie4_5_moe"
+    router_kind = "softmax, correction bias in the choice"
     model_types = ("ernie4_5_moe",)
 
     def num_experts(self, cfg: dict) -> int:
@@ -137,6 +140,7 @@ class AriaTextFamily(MoEFamily):
     (``mlp.experts.fc1`` / ``fc2``); shared experts beside."""
 
     name = "aria_text"
+    router_kind = "top-k of the logits, softmax over the k"
     model_types = ("aria_text",)
     router_param = "mlp.router.weight"
 
@@ -200,6 +204,7 @@ class DeepseekV2Family(MoEFamily):
     scaled by ``routed_scaling_factor``; shared experts; dense layers before ``first_k_dense_replace``."""
 
     name = "deepseek_v2"
+    router_kind = "softmax, group-limited greedy top-k"
     model_types = ("deepseek_v2",)
 
     def num_experts(self, cfg: dict) -> int:
@@ -256,6 +261,7 @@ class Cohere2MoeFamily(MoEFamily):
     parallel on one normed input (Cohere's layer), so captured layer-wise."""
 
     name = "cohere2_moe"
+    router_kind = "top-k of the logits, softmax over the k"
     model_types = ("cohere2_moe",)
     residual_capture = False
 
