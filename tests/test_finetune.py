@@ -350,3 +350,26 @@ def test_the_output_kl_objective_distils_each_source_on_its_own_task():
     assert total_kl(model) < start
     assert result["losses"][-1][1] < result["losses"][0][1]
     assert {n for n, p in model.named_parameters() if not torch.equal(p, before[n])} == set(names)
+
+
+def test_gradient_checkpointing_takes_the_same_steps(monkeypatch):
+    """Activations recomputed in the backward pass: the same losses and weights (to rounding)."""
+    data = _data()
+    runs, seen = [], []
+    forward = ft.step_loss
+
+    def spy(model, *args):
+        seen.append(model.is_activation_checkpointing)
+        return forward(model, *args)
+
+    monkeypatch.setattr(ft, "step_loss", spy)
+    for gc in (False, True):
+        model = _model()
+        result = ft.train(_cfg(steps=2, batch_size=3, lr=1e-3, gradient_checkpointing=gc), model,
+                          [n for n, _ in model.named_parameters()], data, torch.device("cpu"), where="test")
+        assert not model.is_activation_checkpointing  # switched off again after training
+        runs.append((result["losses"], dict(model.named_parameters())))
+    assert seen == [False, False, True, True]  # it was on while the second run trained
+    assert [v for _, v in runs[0][0]] == pytest.approx([v for _, v in runs[1][0]], rel=1e-6)
+    for n, p in runs[0][1].items():
+        assert torch.allclose(p, runs[1][1][n], rtol=1e-5, atol=1e-7), n

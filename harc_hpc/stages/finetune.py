@@ -271,7 +271,7 @@ def train(cfg: PipelineConfig, model, names: list[str], data: Sequences, device,
         elif first:
             log.info("%s: resuming after step %d (checkpoint in %s)", where, first, checkpoint)
     if fc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
     model.train()
     with Progress(fc.steps - first, f"{where} (steps)") as bar:
         for step in range(first + 1, fc.steps + 1):
@@ -324,8 +324,21 @@ def train(cfg: PipelineConfig, model, names: list[str], data: Sequences, device,
                 _save_checkpoint(checkpoint, digest, step, model, names, opt, losses)
     model.eval()
     if fc.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        _checkpointing(model, False)
     return {"losses": losses, "resumed_after_step": first, "discarded_checkpoint": discarded}
+
+
+def _checkpointing(model, on: bool) -> None:
+    """Activation (gradient) checkpointing on or off: transformers' own, under its v5 name when it has it."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _checkpoint_step(path: Optional[Path]) -> int:
