@@ -71,6 +71,15 @@ EXTRA_TINY_CONFIGS.update({
         layer_types=["full_attention"] * L)),
     "granitemoeshared": _config("granitemoeshared", kw=lambda L, h, E, k: dict(
         num_local_experts=E, num_experts_per_tok=k, shared_intermediate_size=h, residual_multiplier=0.5)),
+    "lfm2_moe": _config("lfm2_moe", kw=lambda L, h, E, k: dict(
+        num_experts=E, num_experts_per_tok=k, moe_intermediate_size=h, num_dense_layers=1 if L > 2 else 0,
+        layer_types=(["conv", "full_attention"] * L)[:L])),
+    "flint": _config("flint", kw=lambda L, h, E, k: dict(
+        num_experts=E, num_experts_per_tok=k, moe_intermediate_size=h, shared_expert_intermediate_size=h,
+        head_dim=h // 4, mlp_only_layers=[], layer_types=(["full_attention", "sliding_attention"] * L)[:L])),
+    "kolibri1": _config("kolibri1", kw=lambda L, h, E, k: dict(
+        num_local_experts=E, num_experts_per_tok=k, moe_intermediate_size=h, head_dim=h // 4,
+        layer_types=(["sliding_attention", "full_attention"] * L)[:L])),
 })
 
 
@@ -92,6 +101,9 @@ NEW_TYPES = {
     "granitemoe_swa": "Granite's router and multipliers with sliding-window attention; eager attention",
     "minimax_m3_vl_text": "sigmoid router with a correction bias; fused experts on disk",
     "granitemoeshared": "Granite-MoE with a shared expert",
+    "lfm2_moe": "short-convolution layers beside attention; sigmoid router with an expert bias",
+    "flint": "sigmoid router without a bias; sliding and full attention",
+    "kolibri1": "biased choice on the logits, sigmoid weights",
 }
 
 
@@ -167,6 +179,10 @@ SELECTORS = {
     "granitemoe_swa": lambda layer: (layer.block_sparse_moe.router, None),
     "minimax_m3_vl_text": lambda layer: (layer.mlp.gate, layer.mlp.gate.e_score_correction_bias),
     "granitemoeshared": lambda layer: (layer.block_sparse_moe.router, None),
+    "lfm2_moe": lambda layer: (lambda x: layer.feed_forward.gate(x, layer.feed_forward.expert_bias),
+                               layer.feed_forward.expert_bias),
+    "flint": lambda layer: (layer.mlp.gate, None),
+    "kolibri1": lambda layer: (layer.mlp.gate, layer.mlp.gate.e_score_correction_bias),
 }
 
 

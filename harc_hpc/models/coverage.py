@@ -39,7 +39,6 @@ UNSUPPORTED: dict[str, str] = {
               "calibrated",
     "inkling_text": "its router scores the shared experts in the same matrix as the routed ones",
     "laguna": "its router soft-caps the logits (tanh) before the sigmoid: not the sigmoid gates' objective",
-    "kolibri1": _TODO.format(what="the router's weights and its biased choice are not checked"),
     "ergo": _TODO.format(what="custom tensor names without the model. prefix and residual gates"),
     # layouts the merge and statistics stages do not read yet
     "nemotron_h": _TODO.format(what="the checkpoint's backbone. prefix in the merge and statistics stages "
@@ -47,10 +46,8 @@ UNSUPPORTED: dict[str, str] = {
     "param2moe": _TODO.format(what="a fused query_key_value split into three on load"),
     "sarvam_moe": _TODO.format(what="a fused query_key_value split into three on load"),
     "sarvam_mla": _TODO.format(what="MLA attention with a fused projection"),
-    "lfm2_moe": _TODO.format(what="its MoE layer under feed_forward with an expert bias"),
     "kimi_linear": _TODO.format(what="its KDA linear attention and router"),
     "gemma4_text": _TODO.format(what="per-layer input embeddings computed outside the decoder layers"),
-    "flint": _TODO.format(what="its sigmoid router without a bias"),
     "beam": _TODO.format(what="its attention layout"),
     "axk1": _TODO.format(what="its attention layout"),
     "axk2": _TODO.format(what="its attention layout"),

@@ -207,7 +207,82 @@ class MiniMaxM3VLTextFamily(SigmoidBiasFamily):
     model_types = ("minimax_m3_vl_text",)
 
 
+class Lfm2MoeFamily(SigmoidBiasFamily):
+    """LFM2-MoE (``lfm2_moe``): sigmoid scores with a selection-only ``expert_bias`` under
+    ``feed_forward`` (Mixtral-style w1/w3/w2 experts), MoE from ``num_dense_layers`` on, in a stack of
+    short convolutions and attention; the router reads ``ffn_norm``, so captured layer-wise."""
+
+    name = "lfm2_moe"
+    model_types = ("lfm2_moe",)
+    router_kind = "sigmoid, correction bias in the choice, top-k"
+    moe_module = "feed_forward"
+    ffn_module = "feed_forward"
+    proj_names = {"gate": "w1", "up": "w3", "down": "w2"}
+    router_param = "feed_forward.gate.weight"
+    residual_capture = False
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        return list(range(int(cfg.get("num_dense_layers") or 0), self.num_layers(cfg)))
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return bool(cfg.get("norm_topk_prob", True))
+
+    def router_key(self, layer: int, layout="per_expert") -> str:
+        return f"model.layers.{layer}.feed_forward.gate.weight"
+
+    def is_router_key(self, key: str) -> bool:
+        return re.fullmatch(r"model\.layers\.\d+\.feed_forward\.gate\.weight", key) is not None
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return f"model.layers.{layer}.feed_forward.expert_bias"
+
+    def router_module(self, model, layer: int):
+        return self.decoder_layers(model)[layer].feed_forward.gate
+
+
+class FlintFamily(SigmoidBiasFamily):
+    """Flint (``flint``): sigmoid scores per expert, top-k of them (no bias, renormalised), a shared
+    expert; MoE layers by Qwen3-MoE's ``decoder_sparse_step`` / ``mlp_only_layers``."""
+
+    name = "flint"
+    model_types = ("flint",)
+    router_kind = "sigmoid, top-k"
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        from harc_hpc.models.families.qwen3_moe import sparse_layers
+
+        return sparse_layers(cfg, self.num_layers(cfg), self.num_experts(cfg))
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return None
+
+
+class Kolibri1Family(SigmoidBiasFamily):
+    """Kolibri-1 (``kolibri1``): the choice is the top-k of the logits plus a correction bias (``moe.router
+    .expert_bias`` on disk), the weights the sigmoid of the chosen logits; shared experts."""
+
+    name = "kolibri1"
+    model_types = ("kolibri1",)
+    residual_capture = False  # its layer is not the plain pre-norm pair (checked: the halves differ)
+    router_kind = "sigmoid, correction bias on the logits in the choice, top-k"
+
+    def num_experts(self, cfg: dict) -> int:
+        return int(cfg["num_local_experts"])
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        return list(range(self.num_layers(cfg)))
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return f"model.layers.{layer}.moe.router.expert_bias"
+
+    def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        scores = logits.float() if bias is None else logits.float() + bias.to(logits.device).float()
+        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        mask.scatter_(1, torch.topk(scores, self.top_k(cfg), dim=1).indices, True)
+        return mask
+
+
 #: the instances harc_hpc.models.families registers
 SIGMOID_FAMILIES = (Glm4MoeLiteFamily(), DeepseekV32Family(), SolarOpenFamily(), Dots1Family(), MiniMaxM2Family(),
                     AfmoeFamily(), MiMoV2FlashFamily(), ExaoneMoeFamily(), MiniCpm5MoeFamily(), HyV3Family(),
-                    MiniMaxM3VLTextFamily())
+                    MiniMaxM3VLTextFamily(), Lfm2MoeFamily(), FlintFamily(), Kolibri1Family())
