@@ -269,3 +269,15 @@ def test_an_unsupported_type_gets_its_reason_and_the_same_exit_code_from_every_c
     assert "sparsemixer" in UNSUPPORTED["phimoe"]
     run = load_config(config).run_dir
     assert not (run / "merged").exists()
+
+
+def test_the_readme_names_the_count_of_the_table():
+    import re
+    from pathlib import Path
+
+    from harc_hpc.models.coverage import coverage_rows
+
+    rows = coverage_rows()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    m = re.search(r"\((\d+) of the (\d+) MoE model types", readme)
+    assert m and (int(m.group(1)), int(m.group(2))) == (sum(r[2] == "yes" for r in rows), len(rows))
