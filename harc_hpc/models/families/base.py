@@ -54,8 +54,12 @@ class MoEFamily:
     #: how the router turns logits into weights: "softmax" over experts, or "sigmoid" per expert
     #: (harc_hpc.math.operator.LINKS); it selects the objective the router is calibrated with
     router_link: str = "softmax"
-    #: the router's weight (and, for a router with a bias, that bias) as named inside a decoder layer
+    #: the router's weight (and, for a router with a bias, that bias) as named inside a decoder layer,
+    #: in memory (the module path of ``router_module``)
     router_param: str = "mlp.gate.weight"
+    #: the router's weight inside a decoder layer as stored on disk, where that is not
+    #: ``<moe_module>.gate.weight`` (``router_key``, ``is_router_key``)
+    router_disk_param: Optional[str] = None
     router_intercept_param: Optional[str] = None
     #: fused expert tensors: (E, out, in) as transformers 5 keeps them, or (E, in, out) (GPT-OSS)
     fused_orientation: str = "out_in"
@@ -112,6 +116,8 @@ class MoEFamily:
 
     def router_key(self, layer: int, layout: Layout = "per_expert") -> str:
         """The router weight (K, d) of ``layer`` under the checkpoint's layout."""
+        if self.router_disk_param:
+            return f"model.layers.{layer}.{self.router_disk_param}"
         return f"{self._prefix(layer, layout)}.gate.weight"
 
     def expert_key(self, layer: int, expert: int, proj: Proj) -> str:
@@ -169,6 +175,8 @@ class MoEFamily:
         return None
 
     def is_router_key(self, key: str) -> bool:
+        if self.router_disk_param:
+            return re.fullmatch(rf"model\.layers\.\d+\.{re.escape(self.router_disk_param)}", key) is not None
         return re.fullmatch(rf"model\.layers\.\d+\.({re.escape(self.moe_module)}|mlp)\.gate\.weight",
                             key) is not None
 
@@ -194,8 +202,10 @@ class MoEFamily:
         """The router module of ``layer``; its forward's ``input[0]`` is the router input x,
         (tokens, d), i.e. the post-attention-norm output of that layer."""
         block = self.decoder_layers(model)[layer]
-        mlp = getattr(block, "mlp", None)
-        gate = getattr(mlp, "gate", None) if mlp is not None else None
+        try:
+            gate = block.get_submodule(self.router_param.rsplit(".", 1)[0])
+        except AttributeError:
+            gate = None
         if gate is None or not hasattr(gate, "weight"):
             raise ValueError(f"{self.name}: layer {layer} has no router (a dense layer?)")
         return gate

@@ -105,6 +105,7 @@ class AfmoeFamily(SigmoidBiasFamily):
 
     name = "afmoe"
     model_types = ("afmoe",)
+    router_disk_param = "mlp.router.gate.weight"
     router_param = "mlp.router.gate.weight"
 
     def moe_layers(self, cfg: dict) -> list[int]:
@@ -113,12 +114,6 @@ class AfmoeFamily(SigmoidBiasFamily):
 
     def normalize_topk(self, cfg: dict) -> bool:
         return True
-
-    def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.mlp.router.gate.weight"
-
-    def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.mlp\.router\.gate\.weight", key) is not None
 
     def router_bias_key(self, layer: int) -> Optional[str]:
         return f"model.layers.{layer}.mlp.expert_bias"
@@ -185,15 +180,10 @@ class HyV3Family(SigmoidBiasFamily):
 
     name = "hy_v3"
     model_types = ("hy_v3",)
+    router_disk_param = "mlp.router.gate.weight"
 
     def normalize_topk(self, cfg: dict) -> bool:
         return True
-
-    def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.mlp.router.gate.weight"
-
-    def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.mlp\.router\.gate\.weight", key) is not None
 
     def router_bias_key(self, layer: int) -> Optional[str]:
         return f"model.layers.{layer}.mlp.expert_bias"
@@ -214,6 +204,7 @@ class Lfm2MoeFamily(SigmoidBiasFamily):
 
     name = "lfm2_moe"
     model_types = ("lfm2_moe",)
+    router_disk_param = "feed_forward.gate.weight"
     router_kind = "sigmoid, correction bias in the choice, top-k"
     moe_module = "feed_forward"
     ffn_module = "feed_forward"
@@ -227,17 +218,8 @@ class Lfm2MoeFamily(SigmoidBiasFamily):
     def normalize_topk(self, cfg: dict) -> bool:
         return bool(cfg.get("norm_topk_prob", True))
 
-    def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.feed_forward.gate.weight"
-
-    def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.feed_forward\.gate\.weight", key) is not None
-
     def router_bias_key(self, layer: int) -> Optional[str]:
         return f"model.layers.{layer}.feed_forward.expert_bias"
-
-    def router_module(self, model, layer: int):
-        return self.decoder_layers(model)[layer].feed_forward.gate
 
 
 class FlintFamily(SigmoidBiasFamily):

@@ -36,6 +36,7 @@ class HunYuanMoeFamily(MoEFamily):
     name = "hunyuan_v1_moe"
     router_kind = "softmax, top-k renormalised"
     model_types = ("hunyuan_v1_moe",)
+    router_disk_param = "mlp.gate.wg.weight"
     router_param = "mlp.gate.wg.weight"
 
     def top_k(self, cfg: dict) -> int:
@@ -49,15 +50,6 @@ class HunYuanMoeFamily(MoEFamily):
     def normalize_topk(self, cfg: dict) -> bool:
         return True
 
-    def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.mlp.gate.wg.weight"
-
-    def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.mlp\.gate\.wg\.weight", key) is not None
-
-    def router_module(self, model, layer: int):
-        return self.decoder_layers(model)[layer].mlp.gate.wg
-
 
 class GraniteMoeFamily(MoEFamily):
     """Granite-MoE (``granitemoe``, ``granitemoeshared``): the router (``block_sparse_moe.router``,
@@ -69,6 +61,7 @@ class GraniteMoeFamily(MoEFamily):
     name = "granitemoe"
     router_kind = "top-k of the logits, softmax over the k"
     model_types = ("granitemoe", "granitemoeshared")
+    router_disk_param = "block_sparse_moe.router.layer.weight"
     moe_module = "block_sparse_moe"
     ffn_module = "block_sparse_moe"
     router_param = "block_sparse_moe.router.weight"
@@ -76,15 +69,6 @@ class GraniteMoeFamily(MoEFamily):
 
     def normalize_topk(self, cfg: dict) -> bool:
         return True
-
-    def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.block_sparse_moe.router.layer.weight"
-
-    def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.block_sparse_moe\.router\.layer\.weight", key) is not None
-
-    def router_module(self, model, layer: int):
-        return self.decoder_layers(model)[layer].block_sparse_moe.router
 
     _fused_disk_re = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.(input|output)_linear\.weight$")
 
@@ -142,6 +126,7 @@ class AriaTextFamily(MoEFamily):
     name = "aria_text"
     router_kind = "top-k of the logits, softmax over the k"
     model_types = ("aria_text",)
+    router_disk_param = "mlp.router.weight"
     router_param = "mlp.router.weight"
 
     def num_experts(self, cfg: dict) -> int:
@@ -152,15 +137,6 @@ class AriaTextFamily(MoEFamily):
 
     def normalize_topk(self, cfg: dict) -> bool:
         return True
-
-    def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.mlp.router.weight"
-
-    def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.mlp\.router\.weight", key) is not None
-
-    def router_module(self, model, layer: int):
-        return self.decoder_layers(model)[layer].mlp.router
 
     _fused_disk_re = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.fc([12])\.weight$")
 
@@ -235,6 +211,7 @@ class JambaFamily(MoEFamily):
 
     name = "jamba"
     model_types = ("jamba",)
+    router_disk_param = "feed_forward.router.weight"
     moe_module = "feed_forward"
     ffn_module = "feed_forward"
     router_param = "feed_forward.router.weight"
@@ -243,15 +220,6 @@ class JambaFamily(MoEFamily):
     def moe_layers(self, cfg: dict) -> list[int]:
         offset, period = int(cfg.get("expert_layer_offset", 1)), int(cfg.get("expert_layer_period", 2))
         return [l for l in range(self.num_layers(cfg)) if l % period == offset]
-
-    def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.feed_forward.router.weight"
-
-    def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.feed_forward\.router\.weight", key) is not None
-
-    def router_module(self, model, layer: int):
-        return self.decoder_layers(model)[layer].feed_forward.router
 
 
 class Cohere2MoeFamily(MoEFamily):
@@ -281,12 +249,7 @@ class GraniteMoeSWAFamily(GraniteMoeFamily):
 
     name = "granitemoe_swa"
     model_types = ("granitemoe_swa",)
-
-    def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.block_sparse_moe.router.weight"
-
-    def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.block_sparse_moe\.router\.weight", key) is not None
+    router_disk_param = "block_sparse_moe.router.weight"
 
     _fused_disk_re = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(gate_up|down)_proj$")
 
