@@ -216,7 +216,7 @@ def distilled_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     sources = build_tiny_sources(root / "src", layers=2)
     config = write_config(root, sources, name="run", executor="debug",
-                          extra={"router_distill.enabled": True, "router_distill.max_steps": 200,
+                          extra={"router_distill.enabled": True, "router_distill.max_steps": 80,
                                  "run.retention": "keep"})
     submit_debug(config)
     return root, config, root / "runs" / "run"
