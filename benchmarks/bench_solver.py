@@ -1,23 +1,43 @@
-"""solve_router against a paper-style reference solver on a synthetic OLMoE-shaped router layer.
+"""The router solve against the official HARC code's best option, on OLMoE-shaped and trained layers.
 
-    python benchmarks/bench_solver.py                 # d 2048, K 64, top-8 routers, 2 tasks x 8192 tokens
-    python benchmarks/bench_solver.py --small         # d 1024, K 32, 2 x 4096 tokens: a few minutes on 2 cores
-    python benchmarks/bench_solver.py --tokens 16384 --json out.json
+    python benchmarks/bench_solver.py                          # synthetic OLMoE-shaped layer, d 2048, K 64, 2 x 8192 tokens
+    python benchmarks/bench_solver.py --layer heavy-tailed     # heavy-tailed anisotropic residual-stream-like inputs
+    python benchmarks/bench_solver.py --layer demo             # layer 1 of the demo's trained MoE (needs its cached build)
+    python benchmarks/bench_solver.py --official ~/src/HARC    # baseline: the official code itself, imported from a checkout
+    python benchmarks/bench_solver.py --tokens 65536 --baseline extrapolate --json out.json
 
-Data: router inputs shaped like RMSNorm outputs (a decaying low-rank spectrum, per-task and
-per-sequence offsets, a few outlier channels, per-channel gains), in sequences of 512 tokens, float32.
-Routers: a base router whose top-8 of 64 carries most of the mass, two fine-tunes that move it in
-task-specific directions, the merged router = their average.
+Baseline. With ``--official PATH`` (a checkout of github.com/huangcb01/HARC; it has no licence, so nothing
+of it is copied here) its ``src/merge_method/router_calibration_cg.py`` is imported from PATH as a user
+would, and its own operator (``_compute_sigma_w_worker``: per 512-token sequence, softmax(X W_i^T), X W^T,
+X^T H and the diagonal recomputed on every matvec) and its own ``_conjugate_gradient`` solve the layer with
+its diagonal preconditioner (the system's diagonal clamped at 1e-10 and divided by its median), float32
+activations, from the merged router, tol 1e-6. The few lines joining them (sum over domains, the
+regularisation, the preconditioner) mirror the closure in its ``router_calibration_cg``, which cannot be
+called without model files. Modules that its top-level imports need but this environment lacks
+(datasets, old transformers class names) are stubbed: the solve touches none of them. Without
+``--official`` the baseline is ``paper_style_solve(..., preconditioner="diagonal")``, the same
+algorithm written here. ``--baseline extrapolate`` times 3 of the baseline's matvecs and multiplies by
+the iteration count of our Jacobi PCG on the same system (the same algorithm: the median scaling does
+not change PCG's iterates); it is labelled as extrapolated in the output and the README.
 
-Reference ("paper-style", as the published code computes it): per sequence and on every matvec it
-recomputes R_i = softmax(X W_i^T), the logits X W^T, U = R*Z - R*rowsum(R*Z), X^T U and the diagonal
-(R(1-R))^T (X*X), float32 GEMMs accumulated in float64, plain CG from the merged router, tol 1e-6,
-max 1000 iterations. (The published code keeps its CG vectors in float32; here they are float64 so
-both solvers converge to the same answer.)
+Ours: ``solve_router`` as the pipeline calls it (statistics, KL before and after, the preconditioner's
+setup and the solve all inside the timing), for each configuration of ``--solvers``. Every answer is
+compared with a tight solve (expert-block PCG with float64 GEMMs to tol 1e-10; with ``--fast-tight``
+the same residual reached by refinement from bfloat16 corrections): ``error`` = ||W - W_tight|| / ||W_tight||.
 
-Printed: wall time of each solver, the reference's time and speed-up, iterations of cg vs pcg
-(expert-block, jacobi, kronecker; pcg-jacobi-bf16 = mixed precision), the relative difference of every solution to the reference, and the matvec's
-achieved GFLOP/s against torch.mm on the same shapes (4 N d K flops per matvec: two GEMMs).
+Layers. ``synthetic``: RMSNorm-like inputs with a mild decaying low-rank spectrum, per-task and
+per-sequence offsets and per-channel gains, top-8-style routers, fine-tunes along task directions,
+merged = their average. ``heavy-tailed``: the same construction with a steep power-law spectrum
+(eigenvalues ~ i^-1.6), Student-t (3 degrees of freedom) latent coordinates, a large common mean, 6
+massive-activation channels (a large offset on every token and a 30x burst on the first token of each
+sequence, like attention sinks) and log-normal channel gains, all before RMSNorm. ``demo``: the demo's
+trained 4-layer MoE (d 128, 8 experts; its cached build, ``--demo-dir``): the merged model (task
+arithmetic) is run over each domain's calibration text and the inputs of ``--demo-layer``'s router
+captured; sources = the fine-tuned routers, init = the merged one.
+
+Printed and written (``--json``): per solver wall time, iterations, setup time (to the first CG
+iteration), ms per iteration, its ratio to one matvec (two float32 GEMMs of N x d x K), the error, and
+the baseline's time over ours.
 """
 
 from __future__ import annotations
@@ -37,7 +57,7 @@ from harc_hpc.math.solver import HarcSystem
 # -- synthetic layer ---------------------------------------------------------------------------
 
 def make_layer(d: int, k: int, tokens: int, tasks: int, seq_len: int, top_k: int, seed: int,
-               anisotropic: bool = False):
+               anisotropic: bool = False, heavy_tailed: bool = False):
     gen = torch.Generator().manual_seed(seed)
     rank = min(d, 256)
     # shared low-rank structure with a power-law spectrum, like real residual-stream activations
@@ -45,8 +65,10 @@ def make_layer(d: int, k: int, tokens: int, tasks: int, seq_len: int, top_k: int
     # default: a mild spectrum (the regime of the issue's probe); anisotropic: steep spectrum, large
     # common mean and massive-activation channels, closer to real residual streams and much harder
     power, top, noise, out_amp, mean_amp = (0.8, 6.0, 0.3, 3.0, 0.8) if anisotropic else (0.5, 2.0, 0.7, 0.0, 0.3)
+    if heavy_tailed:  # eigenvalues ~ i^-1.6, a small isotropic floor, a large common mean
+        power, top, noise, out_amp, mean_amp = (0.8, 8.0, 0.15, 8.0, 1.2)
     spectrum = (torch.arange(1, rank + 1, dtype=torch.float32) ** -power) * top
-    gain = torch.exp(0.3 * torch.randn(d, generator=gen))  # RMSNorm weight
+    gain = torch.exp((0.5 if heavy_tailed else 0.3) * torch.randn(d, generator=gen))  # RMSNorm weight
     outliers = torch.randperm(d, generator=gen)[:6]
     xs = []
     for t in range(tasks):
@@ -55,9 +77,19 @@ def make_layer(d: int, k: int, tokens: int, tasks: int, seq_len: int, top_k: int
         seqs = []
         for _ in range(max(1, tokens // seq_len)):
             seq_mean = 0.4 * torch.randn(d, generator=gen)
-            z = torch.randn(seq_len, rank, generator=gen) @ task_mix * spectrum
+            if heavy_tailed:
+                # Student-t latent coordinates (heavy tails), sampled through the generator: t = g / sqrt(c / nu)
+                g = torch.randn(seq_len, rank, generator=gen)
+                c = torch.zeros(seq_len, rank)
+                for _ in range(3):
+                    c += torch.randn(seq_len, rank, generator=gen) ** 2
+                z = (g / (c / 3.0).sqrt().clamp(min=1e-3)) @ task_mix * spectrum
+            else:
+                z = torch.randn(seq_len, rank, generator=gen) @ task_mix * spectrum
             h = z @ basis.T + task_mean + seq_mean + noise * torch.randn(seq_len, d, generator=gen)
             h[:, outliers] += out_amp * (1 + torch.rand(len(outliers), generator=gen))
+            if heavy_tailed:  # massive activations: a burst on the first token of every sequence
+                h[0, outliers] *= 30.0
             h = h / h.pow(2).mean(dim=1, keepdim=True).sqrt()  # RMSNorm
             seqs.append((h * gain).contiguous())
         xs.append(seqs)
@@ -78,12 +110,18 @@ def make_layer(d: int, k: int, tokens: int, tasks: int, seq_len: int, top_k: int
 
 # -- paper-style reference solver -----------------------------------------------------------
 
-def paper_style_solve(seqs_per_task, sources, init, alpha: float, tol: float, max_iter: int):
+def paper_style_solve(seqs_per_task, sources, init, alpha: float, tol: float, max_iter: int,
+                      preconditioner: str = "none"):
+    """The published solver's algorithm, written here: ``preconditioner="diagonal"`` is its diagonal
+    option (the diagonal of the system, clamped at 1e-10 and divided by its median), "none" its default.
+    CG vectors in float64; stops on the recursive residual like the published code."""
     work = seqs_per_task[0][0].dtype  # float32 activations -> float32 GEMMs, as the published scripts
     srcs = [w.to(work) for w in sources]
+    diag_total = [None]
 
     def operator(w64: torch.Tensor, rhs: bool = False) -> torch.Tensor:
         out = torch.zeros(w64.shape, dtype=torch.float64, device=w64.device)
+        diag_sum = torch.zeros(w64.shape, dtype=torch.float64, device=w64.device)
         wf = w64.to(work)
         for i, seqs in enumerate(seqs_per_task):
             acc = torch.zeros(w64.shape[1], w64.shape[0], dtype=torch.float64, device=w64.device)
@@ -100,28 +138,176 @@ def paper_style_solve(seqs_per_task, sources, init, alpha: float, tol: float, ma
                 n += x.shape[0]
             w_ref = sources[i].double() if rhs else w64
             out += alpha * acc.T / n + (1 - alpha) * (diag.T / n) * w_ref
+            diag_sum += diag.T / n
+        diag_total[0] = diag_sum
         return out
 
     b = operator(init.double(), rhs=True)
+    precond = None
+    if preconditioner == "diagonal":
+        dg = diag_total[0].clamp(min=1e-10)
+        dg = dg / dg.flatten().median()
+        precond = lambda v: v / dg  # noqa: E731
+    elif preconditioner != "none":
+        raise ValueError(f"unknown preconditioner {preconditioner!r}")
     x = init.double().clone()
     r = b - operator(x)
-    p = r.clone()
-    rho = float((r * r).sum())
+    z = precond(r) if precond else r
+    p = z.clone()
+    rho = float((r * z).sum())
     b_norm = float(b.norm())
+    res = float(r.norm()) / b_norm
     it = 0
-    while math.sqrt(rho) / b_norm > tol and it < max_iter:
+    while res > tol and it < max_iter:
         q = operator(p)
         step = rho / float((p * q).sum())
         x += step * p
         r -= step * q
-        rho_new = float((r * r).sum())
-        p = r + (rho_new / rho) * p
+        res = float(r.norm()) / b_norm
+        z = precond(r) if precond else r
+        rho_new = float((r * z).sum())
+        p = z + (rho_new / rho) * p
         rho = rho_new
         it += 1
-    return x, it, math.sqrt(rho) / b_norm
+    return x, it, res
 
 
-SAME_ANSWER_RTOL = 1e-4  # both solvers must reach the same router to this relative (Frobenius) difference
+# -- the official code, imported from a user's checkout ------------------------------------------
+
+def load_official(path):
+    """Import ``router_calibration_cg`` from a checkout of the official HARC repository at ``path``.
+    Modules (or names) its top-level imports need that are missing here are stubbed; returns the module
+    and the list of stubs made."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    src = Path(path).expanduser() / "src"
+    file = src / "merge_method" / "router_calibration_cg.py"
+    if not file.is_file():
+        raise SystemExit(f"--official {path}: no {file.relative_to(Path(path).expanduser())} there")
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    stubs = []
+
+    def placeholder(name):
+        return type(name, (), {"__init__": lambda self, *a, **k: (_ for _ in ()).throw(
+            RuntimeError(f"{name} is a stub made by bench_solver.load_official"))})
+
+    for _ in range(20):
+        spec = importlib.util.spec_from_file_location("harc_official_router_calibration_cg", file)
+        mod = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(mod)
+            return mod, stubs
+        except ModuleNotFoundError as e:  # a whole package missing (e.g. datasets)
+            stub = types.ModuleType(e.name)
+            stub.__getattr__ = lambda attr, _n=e.name: placeholder(f"{_n}.{attr}")  # noqa: B023
+            sys.modules[e.name] = stub
+            stubs.append(e.name)
+        except ImportError as e:  # a name missing from an installed module (renamed transformers classes)
+            if e.name is None or e.name not in sys.modules or "cannot import name" not in str(e):
+                raise
+            missing = str(e).split("'")[1]
+            setattr(sys.modules[e.name], missing, placeholder(missing))
+            stubs.append(f"{e.name}.{missing}")
+    raise SystemExit(f"--official {path}: could not import {file}")
+
+
+def official_solve(mod, seqs_per_task, sources, init, alpha: float, tol: float, max_iter: int,
+                   preconditioner: str = "diagonal", progress: bool = False):
+    """The official operator (``_compute_sigma_w_worker``) and CG (``_conjugate_gradient``), joined the way
+    its ``router_calibration_cg`` closure joins them: per-domain sums / token counts, regularisation
+    gamma S w + (1 - gamma) diag(S) w, float32 vectors (the activations' dtype), the diagonal
+    preconditioner clamped at 1e-10 and divided by its median. Returns (W, iterations, relative residual)."""
+    from types import SimpleNamespace
+
+    dtype = seqs_per_task[0][0].dtype
+    k, d = init.shape
+    mod.ctx = SimpleNamespace(device="cpu", hidden_state_tensors=seqs_per_task)
+    srcs = [w.to(dtype) for w in sources]
+    totals = [sum(int(x.shape[0]) for x in s) for s in seqs_per_task]
+    calls = [0]
+
+    def compute_sigma_w(w=None, return_diagonal=False):
+        calls[0] += 1
+        if progress and calls[0] % 50 == 0:
+            print(f"  official code: {calls[0]} products", flush=True)
+        if w is not None and w.dim() == 1:
+            w = w.view(k, d)
+        result = torch.zeros(k * d, dtype=torch.float64)
+        diagonal = torch.zeros(k * d, dtype=torch.float64)
+        for i in range(len(seqs_per_task)):
+            target = w if w is not None else srcs[i]
+            sw, dg = mod._compute_sigma_w_worker(i, srcs[i], target)
+            sw, dg = sw / totals[i], dg / totals[i]
+            if alpha < 1.0:
+                sw = alpha * sw + (1.0 - alpha) * dg * target.reshape(-1)
+            result += sw
+            diagonal += dg
+        return (result.to(dtype), diagonal.to(dtype)) if return_diagonal else result.to(dtype)
+
+    rhs, diagonal = compute_sigma_w(None, return_diagonal=True)
+    precond = None
+    if preconditioner == "diagonal":
+        dg = torch.clamp(diagonal, min=1e-10)
+        dg = dg / torch.median(dg)
+        precond = lambda r: r / dg  # noqa: E731
+    calls[0] = 0
+    x = mod._conjugate_gradient(compute_sigma_w, rhs, init.to(dtype).reshape(-1).clone(), precond, max_iter, tol,
+                                verbose=False)
+    iterations = calls[0] - 1  # one matvec for the initial residual, one per iteration
+    w = x.view(k, d).double()
+    res = float((rhs.double() - compute_sigma_w(x).double()).norm() / rhs.double().norm())
+    return w, iterations, res
+
+
+# -- the demo's trained layer ----------------------------------------------------------------
+
+def demo_layer(demo_dir, layer: int, max_tokens: int):
+    """Router inputs of ``layer`` of the demo's merged model (task arithmetic of its cached sources) on each
+    domain's calibration text, the sources' routers and the merged router. Returns (seqs, sources, merged)."""
+    import glob
+    import json as _json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if demo_dir is None:
+        builds = [Path(p).parent for p in glob.glob(str(Path.home() / ".cache/harc-hpc/demo/*/recipe.json"))
+                  if "num_experts" in _json.loads(Path(p).read_text())["recipe"]]
+        if not builds:
+            raise SystemExit("--layer demo: no cached MoE demo build (run harc-hpc submit configs/tiny.yaml once)")
+        demo_dir = max(builds, key=lambda b: b.stat().st_mtime)
+    demo_dir = Path(demo_dir)
+    load = lambda name: AutoModelForCausalLM.from_pretrained(demo_dir / name, dtype=torch.float32).eval()  # noqa: E731
+    base, srcs = load("base"), [load("math"), load("code")]
+    merged = load("base")
+    with torch.no_grad():
+        state = merged.state_dict()
+        bs = base.state_dict()
+        for key in state:
+            state[key].copy_(bs[key] + sum(s.state_dict()[key] - bs[key] for s in srcs))
+    gate = lambda m: m.model.layers[layer].mlp.gate  # noqa: E731
+    routers = [gate(s).weight.detach().clone().float() for s in srcs]
+    init = gate(merged).weight.detach().clone().float()
+    tok = AutoTokenizer.from_pretrained(demo_dir / "base")
+    seqs = []
+    for domain in ("math", "code"):
+        texts = [_json.loads(line)["text"] for line in (demo_dir / "data" / f"{domain}-calib.jsonl").read_text().splitlines()]
+        captured = []
+        hook = gate(merged).register_forward_pre_hook(lambda mod, args: captured.append(args[0].reshape(-1, args[0].shape[-1]).detach().clone()))
+        n = 0
+        with torch.no_grad():
+            for t in texts:
+                ids = tok(t, return_tensors="pt")["input_ids"]
+                merged(input_ids=ids)
+                n += ids.shape[1]
+                if n >= max_tokens:
+                    break
+        hook.remove()
+        seqs.append([c.float().contiguous() for c in captured])
+    return seqs, routers, init
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -151,130 +337,164 @@ def matvec_throughput(xs_flat, sources, merged, alpha):
             "mm_gflops": flops / t_mm / 1e9, "fraction_of_mm": t_mm / t_ours}
 
 
+SOLVERS = {  # name: solve_router arguments
+    "expert-block": dict(solver="pcg", preconditioner="expert-block"),
+    "expert-block-bf16": dict(solver="pcg", preconditioner="expert-block", inner_dtype=torch.bfloat16),
+    "jacobi": dict(solver="pcg", preconditioner="jacobi"),
+    "jacobi-bf16": dict(solver="pcg", preconditioner="jacobi", inner_dtype=torch.bfloat16),
+    "kronecker": dict(solver="pcg", preconditioner="kronecker"),
+    "cg": dict(solver="cg", preconditioner="none"),
+}
+
+
+def run_ours(name, xs, sources, merged, args):
+    first = [None]
+
+    def callback(i, r):
+        if first[0] is None:
+            first[0] = time.perf_counter()
+
+    base, _, m = name.partition("@")  # "expert-block-bf16@128": 128 tokens per task and expert
+    kw = dict(SOLVERS[base])
+    if "expert-block" in base and (m or args.expert_block_tokens):
+        kw["expert_block_tokens"] = int(m or args.expert_block_tokens)
+    t, c = time.perf_counter(), time.process_time()
+    sol = solve_router(xs, sources, merged, alpha=args.alpha, tol=args.tol, max_iter=args.max_iter,
+                       compute_dtype=torch.float32, callback=callback, **kw)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    setup = (first[0] - t) if first[0] is not None else wall
+    return sol, wall, setup, cpu
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="d 1024, K 32, 4096 tokens per task")
-    ap.add_argument("--d", type=int, default=None)
-    ap.add_argument("--experts", type=int, default=None)
-    ap.add_argument("--tokens", type=int, default=None, help="tokens per task (default 8192; --small 4096)")
+    ap.add_argument("--layer", choices=["synthetic", "heavy-tailed", "demo"], default="synthetic")
+    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per task (demo: at most this many)")
     ap.add_argument("--tasks", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--alpha", type=float, default=0.9)
     ap.add_argument("--tol", type=float, default=1e-6)
-    ap.add_argument("--max-iter", type=int, default=1000)
-    ap.add_argument("--reference-max-iter", type=int, default=None,
-                    help="iteration cap of the paper-style reference (default --max-iter); raise it to run "
-                         "the reference to convergence on ill-conditioned layers for the same-answer check")
+    ap.add_argument("--max-iter", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--reference", choices=["full", "extrapolate", "skip"], default="full",
-                    help="run the paper-style solver to convergence, or time a few of its matvecs and "
-                         "extrapolate to plain CG's iteration count (stated as such in the output)")
-    ap.add_argument("--solvers", default="pcg-expert-block,pcg-kronecker,pcg-jacobi,pcg-jacobi-bf16,cg",
-                    help="comma-separated subset of pcg-expert-block (the default preconditioner),pcg-kronecker,"
-                         "pcg-jacobi,pcg-jacobi-bf16 (mixed precision: "
-                         "bfloat16 corrections refined to tol),cg (cg is always run: the "
-                         "reference extrapolation and the iteration ratios need it)")
-    ap.add_argument("--expert-block-tokens", type=int, default=None,
-                    help="tokens per task and expert in the expert-block preconditioner (default: solve_router's)")
-    ap.add_argument("--anisotropic", action="store_true", help="steep spectrum, large mean, outlier channels")
-    ap.add_argument("--bf16-inputs", action="store_true",
-                    help="round the router inputs to bfloat16 values, as the activation store keeps them for a "
-                         "bf16 model; every solver sees the same values (the mixed-precision one shares a "
-                         "bf16 copy, the others widen to float32)")
+    ap.add_argument("--demo-dir", default=None, help="the demo's cached build (default: the newest MoE build)")
+    ap.add_argument("--demo-layer", type=int, default=1)
+    ap.add_argument("--official", default=None, metavar="PATH", help="a checkout of github.com/huangcb01/HARC")
+    ap.add_argument("--baseline", choices=["full", "extrapolate", "skip"], default="full")
+    ap.add_argument("--baseline-max-iter", type=int, default=1000)
+    ap.add_argument("--baseline-none", action="store_true",
+                    help="also run the baseline without a preconditioner (the official code's default)")
+    ap.add_argument("--solvers", default="expert-block,expert-block-bf16,jacobi,jacobi-bf16",
+                    help=f"comma-separated subset of {','.join(SOLVERS)}; NAME@M: M tokens per task and expert")
+    ap.add_argument("--expert-block-tokens", type=int, default=None)
+    ap.add_argument("--bf16-inputs", action="store_true", help="round the router inputs to bfloat16 values")
+    ap.add_argument("--fast-tight", action="store_true",
+                    help="the tight solve by refinement: float64 residuals to 1e-10, bfloat16 corrections (large layers)")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    d = args.d or (1024 if args.small else 2048)
-    k = args.experts or (32 if args.small else 64)
-    tokens = args.tokens or (4096 if args.small else 8192)
-    top_k = max(1, k // 8)
-    print(f"layer: d={d} K={k} top-{top_k}, {args.tasks} tasks x {tokens} tokens in sequences of {args.seq_len}, "
-          f"alpha={args.alpha} tol={args.tol}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    seqs, sources, merged = make_layer(d, k, tokens, args.tasks, args.seq_len, top_k, args.seed, args.anisotropic)
+    if args.layer == "demo":
+        seqs, sources, merged = demo_layer(args.demo_dir, args.demo_layer, args.tokens)
+        layer_name = f"demo's trained MoE, layer {args.demo_layer}"
+    else:
+        seqs, sources, merged = make_layer(args.d, args.experts, args.tokens, args.tasks, args.seq_len,
+                                           max(1, args.experts // 8), args.seed,
+                                           heavy_tailed=args.layer == "heavy-tailed")
+        layer_name = "synthetic OLMoE-shaped" if args.layer == "synthetic" else "heavy-tailed anisotropic OLMoE-shaped"
     if args.bf16_inputs:
         seqs = [[x.to(torch.bfloat16).float() for x in s] for s in seqs]
-    xs_flat = [torch.cat(s) for s in seqs]
-    out = {"bf16_inputs": args.bf16_inputs, "anisotropic": args.anisotropic, "d": d, "K": k, "tokens_per_task": tokens, "tasks": args.tasks, "alpha": args.alpha, "tol": args.tol,
-           "threads": torch.get_num_threads()}
+    xs = [torch.cat(s) for s in seqs]
+    k, d = merged.shape
+    out = {"format": 2, "layer": args.layer, "layer_name": layer_name, "d": d, "K": k,
+           "tokens_per_task": [int(x.shape[0]) for x in xs], "tasks": len(xs), "alpha": args.alpha,
+           "tol": args.tol, "threads": torch.get_num_threads(), "bf16_inputs": args.bf16_inputs,
+           "torch": torch.__version__, "solvers": {}}
+    print(f"layer: {layer_name}, d={d} K={k}, tokens {out['tokens_per_task']}, alpha={args.alpha} tol={args.tol}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
-    runs = {}
-    wanted = set(args.solvers.split(",")) | {"cg"}
-    for name, solver, pre, inner in [("pcg-expert-block", "pcg", "expert-block", None),
-                                     ("pcg-kronecker", "pcg", "kronecker", None), ("pcg-jacobi", "pcg", "jacobi", None),
-                                     ("pcg-jacobi-bf16", "pcg", "jacobi", torch.bfloat16), ("cg", "cg", "none", None)]:
-        if name not in wanted:
-            continue
-        # a bf16-valued layer reaches the mixed-precision solve as the store hands it over: bf16, kept
-        shared = inner is not None and args.bf16_inputs
-        xs_in = [x.to(torch.bfloat16) for x in xs_flat] if shared else xs_flat
-        t = time.perf_counter()
-        sol = solve_router(xs_in, sources, merged, alpha=args.alpha, solver=solver, preconditioner=pre,
-                           tol=args.tol, max_iter=args.max_iter, inner_dtype=inner,
-                           compute_dtype=torch.float32, keep_input_dtype=shared,
-                           **({"expert_block_tokens": args.expert_block_tokens} if args.expert_block_tokens else {}))
-        wall = time.perf_counter() - t
-        runs[name] = sol
-        out[name] = {"seconds": wall, "iterations": sol.iterations, "relative_residual": sol.relative_residual,
-                     "converged": sol.converged, "kl_before": sum(sol.kl_before), "kl_after": sum(sol.kl_after)}
-        print(f"{name:14s} {wall:8.2f} s  {sol.iterations:5d} it  rel.res {sol.relative_residual:.2e}  "
-              f"KL {sum(sol.kl_before):.4f} -> {sum(sol.kl_after):.4f}", flush=True)
-    base = runs["cg"].weight.double()
-    for name in ("pcg-expert-block", "pcg-kronecker", "pcg-jacobi", "pcg-jacobi-bf16"):
-        if name in runs:
-            out[name]["rel_diff_to_cg"] = float((runs[name].weight.double() - base).norm() / base.norm())
-            out[f"iterations_ratio_{name}_vs_cg"] = runs[name].iterations / max(runs["cg"].iterations, 1)
+    t = time.perf_counter()
+    tight = solve_router(xs, sources, merged, alpha=args.alpha, solver="pcg", preconditioner="expert-block",
+                         tol=1e-10, max_iter=20000, compute_dtype=torch.float64,
+                         inner_dtype=torch.bfloat16 if args.fast_tight else None)
+    w_tight = tight.weight.double()
+    out["tight"] = {"float64_residual_refined_from_bfloat16": args.fast_tight, "iterations": tight.iterations, "relative_residual": tight.relative_residual,
+                    "seconds": time.perf_counter() - t}
+    print(f"tight solve (expert-block, float64 GEMMs, tol 1e-10): {tight.iterations} it, rel.res {tight.relative_residual:.1e}", flush=True)
+    err = lambda w: float((w.double() - w_tight).norm() / w_tight.norm())  # noqa: E731
 
-    mv = matvec_throughput(xs_flat, sources, merged, args.alpha)
-    out["matvec"] = mv
-    print(f"matvec: {mv['matvec_s'] * 1e3:.1f} ms = {mv['matvec_gflops']:.1f} GFLOP/s; torch.mm same shapes "
-          f"{mv['mm_s'] * 1e3:.1f} ms = {mv['mm_gflops']:.1f} GFLOP/s -> {100 * mv['fraction_of_mm']:.0f}% of torch.mm",
-          flush=True)
+    # one matvec: two float32 GEMMs of N x d x K (the unit of work of every solver here)
+    curv = [TaskCurvature(TokenChunks(x), w.double(), "full") for x, w in zip(xs, sources)]
+    system = HarcSystem(curv, sum(c.diagonal() for c in curv), args.alpha)
+    matvec_s = best_time(lambda: system.apply(merged.double()))
+    out["matvec_s"] = matvec_s
+    del curv, system
+    print(f"one matvec (2 float32 GEMMs): {matvec_s * 1e3:.1f} ms", flush=True)
 
-    w_ref = None
-    if args.reference == "full":
-        t = time.perf_counter()
-        w_ref, it_ref, res_ref = paper_style_solve(seqs, sources, merged, args.alpha, args.tol,
-                                                     args.reference_max_iter or args.max_iter)
-        wall = time.perf_counter() - t
-        out["paper_style"] = {"seconds": wall, "iterations": it_ref, "relative_residual": res_ref}
-        print(f"{'paper-style':14s} {wall:8.2f} s  {it_ref:5d} it  rel.res {res_ref:.2e}", flush=True)
-    elif args.reference == "extrapolate":
-        # same algorithm as our plain CG: its iteration count is ours; time 3 of its matvecs
-        it_ref = runs["cg"].iterations
-        t = time.perf_counter()
-        paper_style_solve(seqs, sources, merged, args.alpha, 0.0, 1)  # rhs + residual + 1 iteration
-        per_matvec = (time.perf_counter() - t) / 3
-        wall = per_matvec * (it_ref + 2)
-        out["paper_style"] = {"seconds_extrapolated": wall, "seconds_per_matvec": per_matvec, "iterations": it_ref}
-        print(f"{'paper-style':14s} {wall:8.2f} s  EXTRAPOLATED: {per_matvec:.2f} s/matvec measured x "
-              f"({it_ref} cg iterations + 2)", flush=True)
-    if args.reference != "skip":
-        for name in runs:
-            out[name]["speedup_vs_paper_style"] = wall / out[name]["seconds"]
-            line = f"  {name:14s} speed-up {wall / out[name]['seconds']:6.1f}x"
-            if w_ref is not None:
-                diff = float((runs[name].weight.double() - w_ref).norm() / w_ref.norm())
-                out[name]["rel_diff_to_paper_style"] = diff
-                line += f"  rel.diff to paper-style {diff:.1e}"
-                # the same-answer check is only meaningful between solves that both reached tol
-                both = res_ref <= args.tol * 1.5 and runs[name].converged
-                if diff > SAME_ANSWER_RTOL:
-                    if both:
-                        line += f"  DIFFERENT ANSWER (> {SAME_ANSWER_RTOL:g})"
-                        out["same_answer"] = False
-                    else:
-                        line += "  (not both converged: not a same-answer check)"
-            print(line)
-    print("iterations: " + ", ".join(
-        f"{name} {runs[name].iterations}" + (f" ({out[f'iterations_ratio_{name}_vs_cg']:.2f} of cg)" if name != "cg" else "")
-        for name in runs))
-    if w_ref is not None and res_ref > args.tol * 1.5:
-        print(f"note: the paper-style reference stopped at {it_ref} iterations with rel.res {res_ref:.1e} > tol "
-              f"{args.tol:g} (raise --reference-max-iter to run it to convergence)")
-        out.setdefault("same_answer", None)
-    out.setdefault("same_answer", True if w_ref is not None else None)
+    names = [n for n in args.solvers.split(",") if n]
+    for name in names:
+        sol, wall, setup, cpu = run_ours(name, xs, sources, merged, args)
+        per_it = (wall - setup) / max(sol.iterations, 1)
+        row = {"seconds": wall, "cpu_seconds": cpu, "setup_seconds": setup, "iterations": sol.iterations,
+               "ms_per_iteration": per_it * 1e3, "iteration_over_matvec": per_it / matvec_s,
+               "relative_residual": sol.relative_residual, "converged": sol.converged,
+               "error_vs_tight": err(sol.weight), "kl_before": sum(sol.kl_before), "kl_after": sum(sol.kl_after)}
+        out["solvers"][name] = row
+        print(f"{name:18s} {wall:7.2f} s  {sol.iterations:5d} it  setup {setup:5.2f} s  {per_it * 1e3:6.1f} ms/it "
+              f"({per_it / matvec_s:.2f} matvec)  rel.res {sol.relative_residual:.1e}  error {row['error_vs_tight']:.1e}",
+              flush=True)
+
+    if args.baseline != "skip":
+        mod = stubs = None
+        if args.official:
+            mod, stubs = load_official(args.official)
+            print(f"official code imported from {args.official}" + (f" (stubbed: {', '.join(stubs)})" if stubs else ""))
+        kinds = ["diagonal"] + (["none"] if args.baseline_none else [])
+        for kind in kinds:
+            label = ("official HARC code" if mod else "official-style rewrite") + f", {kind} preconditioner"
+            if args.baseline == "full":
+                t, c = time.perf_counter(), time.process_time()
+                if mod:
+                    w_b, it_b, res_b = official_solve(mod, seqs, sources, merged, args.alpha, args.tol,
+                                                      args.baseline_max_iter, kind, progress=True)
+                else:
+                    w_b, it_b, res_b = paper_style_solve(seqs, sources, merged, args.alpha, args.tol,
+                                                         args.baseline_max_iter, kind)
+                wall_b = time.perf_counter() - t
+                row = {"label": label, "seconds": wall_b, "cpu_seconds": time.process_time() - c,
+                       "iterations": it_b, "relative_residual": res_b,
+                       "error_vs_tight": err(w_b), "extrapolated": False}
+            else:
+                # same algorithm as our PCG with the same diagonal (Jacobi; "none": plain CG): its iterations
+                ref = "jacobi" if kind == "diagonal" else "cg"
+                it_b = out["solvers"][ref]["iterations"] if ref in out["solvers"] else run_ours(ref, xs, sources, merged, args)[0].iterations
+                t, c = time.perf_counter(), time.process_time()
+                if mod:
+                    official_solve(mod, seqs, sources, merged, args.alpha, 0.0, 1, kind)
+                else:
+                    paper_style_solve(seqs, sources, merged, args.alpha, 0.0, 1, kind)
+                per = (time.perf_counter() - t) / 4  # rhs + initial residual + 1 iteration (+ final residual)
+                wall_b = per * (it_b + 3)
+                row = {"label": label + " (extrapolated)", "seconds": wall_b, "seconds_per_matvec": per,
+                       "cpu_seconds": (time.process_time() - c) / 4 * (it_b + 3),
+                       "iterations": it_b, "extrapolated": True}
+            out.setdefault("baselines", {})[kind] = row
+            print(f"{row['label']}: {wall_b:.2f} s, {it_b} it" +
+                  (f", rel.res {row['relative_residual']:.1e}, error {row['error_vs_tight']:.1e}" if "error_vs_tight" in row else ""),
+                  flush=True)
+        base = out["baselines"]["diagonal"]
+        for name, row in out["solvers"].items():
+            row["speedup_vs_baseline"] = base["seconds"] / row["seconds"]
+            row["cpu_speedup_vs_baseline"] = base["cpu_seconds"] / row["cpu_seconds"]
+            same = "error_vs_tight" not in base or row["error_vs_tight"] <= base["error_vs_tight"] * 1.05
+            row["answer_as_close_as_baseline"] = bool(same)
+            print(f"  {name:18s} {row['speedup_vs_baseline']:6.1f}x the baseline's wall time "
+                  f"({row['cpu_speedup_vs_baseline']:.1f}x its CPU time)"
+                  + ("" if same else "  (answer further from the tight solve than the baseline's)"))
+    best = min(out["solvers"], key=lambda n: out["solvers"][n]["seconds"]) if out["solvers"] else None
+    out["fastest"] = best
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
@@ -282,5 +502,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # exit 1 when a solver disagrees with the reference: the timings would compare different work
-    sys.exit(1 if main().get("same_answer") is False else 0)
+    main()
