@@ -390,6 +390,7 @@ def main(argv=None):
                     help=f"comma-separated subset of {','.join(SOLVERS)}; NAME@M: M tokens per task and expert")
     ap.add_argument("--expert-block-tokens", type=int, default=None)
     ap.add_argument("--bf16-inputs", action="store_true", help="round the router inputs to bfloat16 values")
+    ap.add_argument("--no-tight", action="store_true", help="skip the tight solve (no errors reported)")
     ap.add_argument("--fast-tight", action="store_true",
                     help="the tight solve by refinement: float64 residuals to 1e-10, bfloat16 corrections (large layers)")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
@@ -416,14 +417,18 @@ def main(argv=None):
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
 
     t = time.perf_counter()
-    tight = solve_router(xs, sources, merged, alpha=args.alpha, solver="pcg", preconditioner="expert-block",
-                         tol=1e-10, max_iter=20000, compute_dtype=torch.float64,
-                         inner_dtype=torch.bfloat16 if args.fast_tight else None)
-    w_tight = tight.weight.double()
-    out["tight"] = {"float64_residual_refined_from_bfloat16": args.fast_tight, "iterations": tight.iterations, "relative_residual": tight.relative_residual,
-                    "seconds": time.perf_counter() - t}
-    print(f"tight solve (expert-block, float64 GEMMs, tol 1e-10): {tight.iterations} it, rel.res {tight.relative_residual:.1e}", flush=True)
-    err = lambda w: float((w.double() - w_tight).norm() / w_tight.norm())  # noqa: E731
+    tight = None if args.no_tight else solve_router(
+        xs, sources, merged, alpha=args.alpha, solver="pcg", preconditioner="expert-block", tol=1e-10,
+        max_iter=20000, compute_dtype=torch.float64, inner_dtype=torch.bfloat16 if args.fast_tight else None)
+    if tight is not None:
+        w_tight = tight.weight.double()
+        out["tight"] = {"float64_residual_refined_from_bfloat16": args.fast_tight, "iterations": tight.iterations,
+                        "relative_residual": tight.relative_residual, "seconds": time.perf_counter() - t}
+        print(f"tight solve (expert-block, float64 GEMMs, tol 1e-10): {tight.iterations} it, "
+              f"rel.res {tight.relative_residual:.1e}", flush=True)
+    # without a tight solve (--no-tight) every error is NaN and no answer is called closer than another
+    err = (lambda w: float("nan")) if tight is None else (  # noqa: E731
+        lambda w: float((w.double() - w_tight).norm() / w_tight.norm()))
 
     # one matvec: two float32 GEMMs of N x d x K (the unit of work of every solver here)
     curv = [TaskCurvature(TokenChunks(x), w.double(), "full") for x, w in zip(xs, sources)]
@@ -488,11 +493,14 @@ def main(argv=None):
         for name, row in out["solvers"].items():
             row["speedup_vs_baseline"] = base["seconds"] / row["seconds"]
             row["cpu_speedup_vs_baseline"] = base["cpu_seconds"] / row["cpu_seconds"]
-            same = "error_vs_tight" not in base or row["error_vs_tight"] <= base["error_vs_tight"] * 1.05
-            row["answer_as_close_as_baseline"] = bool(same)
+            if "error_vs_tight" not in base or math.isnan(row["error_vs_tight"]):
+                same = None  # nothing to compare: an extrapolated baseline or no tight solve
+            else:
+                same = row["error_vs_tight"] <= base["error_vs_tight"] * 1.05
+            row["answer_as_close_as_baseline"] = same
             print(f"  {name:18s} {row['speedup_vs_baseline']:6.1f}x the baseline's wall time "
                   f"({row['cpu_speedup_vs_baseline']:.1f}x its CPU time)"
-                  + ("" if same else "  (answer further from the tight solve than the baseline's)"))
+                  + ("  (answer further from the tight solve than the baseline's)" if same is False else ""))
     best = min(out["solvers"], key=lambda n: out["solvers"][n]["seconds"]) if out["solvers"] else None
     out["fastest"] = best
     if args.json:
