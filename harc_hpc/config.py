@@ -461,7 +461,8 @@ class ReportSection(_Strict):
     lm_eval_model_args: OneLine = ""
     # Which models lm-eval scores: base, sources (each), merged, calibrated, oracle (the merged model
     # with the task's source routers; see lm_eval_task_sources).
-    lm_eval_models: list[Literal["base", "sources", "merged", "calibrated", "oracle"]] = Field(
+    # training: every training baseline's model (router-distill, finetune; docs/training.md)
+    lm_eval_models: list[Literal["base", "sources", "merged", "calibrated", "oracle", "training"]] = Field(
         default_factory=lambda: ["merged", "calibrated"])
     # lm-eval's own evaluation options, passed to lm_eval.simple_evaluate (limit, num_fewshot,
     # batch_size, gen_kwargs, ...); batch_size defaults to calibration.batch_size.

@@ -331,3 +331,17 @@ def test_the_report_compares_the_closed_form_with_training(distilled_run):
     assert tr["router_distill"]["merged"]["steps"] == sum(row["merged"]["steps"] for row in tr["layers"])
     md = (run_dir / "report" / "report.md").read_text()
     assert "## Closed form vs training" in md and "router-distill: Adam (lr" in md and "| merged + HARC + router-distill |" in md
+
+
+def test_lm_eval_scores_the_training_models(distilled_run, monkeypatch):
+    """report.lm_eval_models: [training] hands lm-eval every training baseline's model directory."""
+    from harc_hpc.report import lm_eval
+
+    root, config, run_dir = distilled_run
+    cfg = load_config(config, overrides={"report.lm_eval_tasks": ["harc_demo_code"],
+                                         "report.lm_eval_models": ["calibrated", "training"]})
+    seen = []
+    monkeypatch.setattr(lm_eval, "_evaluate", lambda cfg, path, *a, **k: seen.append(path) or {"harc_demo_code": {}})
+    out = lm_eval.run_lm_eval(cfg, run_dir)
+    assert list(out["models"]) == ["calibrated", "router-distill", "harc+router-distill"]
+    assert seen == [str(run_dir / "model"), str(rd.models_dir(run_dir) / "merged"), str(rd.models_dir(run_dir) / "harc")]

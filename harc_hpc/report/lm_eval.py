@@ -32,7 +32,7 @@ from harc_hpc.report.metrics import ReportError
 log = logging.getLogger(__name__)
 
 #: the models ``report.lm_eval_models`` may name, in the order they are reported
-MODEL_KINDS = ("base", "sources", "merged", "calibrated", "oracle")
+MODEL_KINDS = ("base", "sources", "merged", "calibrated", "oracle", "training")
 
 
 
@@ -175,6 +175,10 @@ def run_lm_eval(cfg: PipelineConfig, run_dir: Path, keep_samples: bool = False) 
         checkpoints.append(("merged", merged_dir))
     if "calibrated" in wanted:
         checkpoints.append(("calibrated", layout.model_dir(run_dir)))
+    if "training" in wanted:  # the training baselines' models the config enables (docs/training.md)
+        from harc_hpc.report.training import training_models
+
+        checkpoints += training_models(cfg, run_dir)
 
     out: dict = {"tasks": tasks, "models": {}, "options": dict(cfg.report.lm_eval_options)}
     if keep_samples:
