@@ -45,6 +45,11 @@ class InputDataError(HarcHpcError, ValueError):
     exit_code = 3
 
 
+class UnsupportedModelError(InputDataError):
+    """A model type harc-hpc does not run: no family adapter, or refused with a reason
+    (harc_hpc.models.coverage, docs/models.md)."""
+
+
 class RunStateError(HarcHpcError, RuntimeError):
     """The run directory is not in a state that allows this command."""
 

@@ -77,7 +77,7 @@ ALLOWED = {
     "eval_tasks": {"eval_tasks"},
     "cli": {"cli", "pipeline", "report", "stages", "io", "mergeme"},
 }
-SHARED = {"errors", "dtypes", "config", "progress", ""}
+SHARED = {"errors", "dtypes", "config", "progress", "devices", ""}  # devices: which device a process uses
 
 
 def test_each_layer_imports_only_what_it_may():

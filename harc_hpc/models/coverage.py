@@ -14,59 +14,7 @@ import argparse
 import re
 from pathlib import Path
 
-DOCS_PAGE = "docs/models.md"
-
-_STATE = ("its decoder layers hand state to the next layer (the indexer's top-k, or hyper-connection "
-          "streams), and the layer-wise forward runs one layer at a time with what the backbone gives it")
-_BY_DESIGN = ("its routing is out of reach of a per-layer fit of a linear router: ")
-_WRAPPER = "a multimodal wrapper: merge and calibrate its text model ({text}); the wrapper itself is not read yet"
-_TODO = "not adapted yet: {what}"
-
-#: model type -> why harc-hpc does not run it (the error users get names this and docs/models.md)
-UNSUPPORTED: dict[str, str] = {
-    # routers a per-layer fit cannot express (by design)
-    "deepseek_v4": _BY_DESIGN + "hash routing in its first layers, and no SDPA attention",
-    "longcat_flash": _BY_DESIGN + "zero-computation experts chosen by the same router",
-    "zaya": _BY_DESIGN + "a router carrying state across layers",
-    "doge": _BY_DESIGN + "product-key expert retrieval",
-    # state across layers
-    "glm_moe_dsa": _STATE,
-    "hy_v4": _STATE,
-    # router kinds without a fitted objective yet
-    "phimoe": "its router is a sparsemixer (masked softmax, top-1 then a second pick): no HARC objective "
-              "for it yet",
-    "jetmoe": "two routers per layer (attention experts and MLP experts): only one router per layer is "
-              "calibrated",
-    "inkling_text": "its router scores the shared experts in the same matrix as the routed ones",
-    "laguna": "its router soft-caps the logits (tanh) before the sigmoid: not the sigmoid gates' objective",
-    "ergo": _TODO.format(what="custom tensor names without the model. prefix and residual gates"),
-    # layouts the merge and statistics stages do not read yet
-    "nemotron_h": _TODO.format(what="the checkpoint's backbone. prefix in the merge and statistics stages "
-                                    "(the layer-wise forward runs it)"),
-    "param2moe": _TODO.format(what="a fused query_key_value split into three on load"),
-    "sarvam_moe": _TODO.format(what="a fused query_key_value split into three on load"),
-    "sarvam_mla": _TODO.format(what="MLA attention with a fused projection"),
-    "kimi_linear": _TODO.format(what="its KDA linear attention and router"),
-    "gemma4_text": _TODO.format(what="per-layer input embeddings computed outside the decoder layers"),
-    "beam": _TODO.format(what="its attention layout"),
-    "axk1": _TODO.format(what="its attention layout"),
-    "axk2": _TODO.format(what="its attention layout"),
-    "bailing_hybrid": _TODO.format(what="its linear-attention layers"),
-    "lara_mini": _TODO.format(what="its split converters"),
-    "kolibri1_1": _TODO.format(what="its config's architecture rules"),
-    "dots3_note_text": _TODO.format(what="its config's architecture rules"),
-    "qwen4_exp_text": _TODO.format(what="its attention layout"),
-    "inkling2_text": _TODO.format(what="its vocabulary padding on load"),
-    "inkling2_loop_text": _TODO.format(what="its looped layers"),
-    "dbrx": _TODO.format(what="its nested attention config"),
-    # multimodal wrappers: the text model is what is merged
-    "llama4": _WRAPPER.format(text="llama4_text"),
-    "qwen3_5_moe": _WRAPPER.format(text="qwen3_5_moe_text"),
-    "gemma4": _WRAPPER.format(text="gemma4_text"),
-    "dots3_note": _WRAPPER.format(text="dots3_note_text"),
-    "qwen4_exp": _WRAPPER.format(text="qwen4_exp_text"),
-    "inkling": _WRAPPER.format(text="inkling_text"),
-}
+from harc_hpc.models.families.unsupported import DOCS_PAGE, UNSUPPORTED, refusal  # noqa: F401
 
 
 def _modeling_source(model_type: str):
@@ -100,11 +48,6 @@ def moe_causal_lm_types() -> list[str]:
         if source is not None and _MOE_CLASS.search(source.read_text(errors="replace")):
             out.append(model_type)
     return out
-
-
-def refusal(model_type: str):
-    """The reason harc-hpc does not run ``model_type`` (None when it does, or does not know it)."""
-    return UNSUPPORTED.get(model_type) or None
 
 
 def coverage_rows() -> list[tuple[str, str, str, str]]:

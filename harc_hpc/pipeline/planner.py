@@ -605,7 +605,7 @@ def _extra_template_values(specs: dict[str, StageSpec], specs_dir, cfg: Pipeline
              for _, field_name, _, _ in string.Formatter().parse(tpl) if field_name}
     if not names - _INDEX_VALUES:
         return {}
-    from harc_hpc.models.families import UnsupportedModelError
+    from harc_hpc.errors import UnsupportedModelError
 
     try:
         return dict(load_hooks(specs_dir).call("template_values", cfg) or {})

@@ -13,6 +13,7 @@ from harc_hpc.models.families.qwen3_moe import Qwen3MoeFamily
 from harc_hpc.models.families.qwen3_next import Qwen3NextFamily
 from harc_hpc.models.families.softmax_routers import SOFTMAX_FAMILIES
 from harc_hpc.models.families.sigmoid_routers import SIGMOID_FAMILIES
+from harc_hpc.models.families.unsupported import DOCS_PAGE, refusal
 
 FAMILIES: dict[str, MoEFamily] = {}
 for _fam in (OlmoeFamily(), Qwen3MoeFamily(), MixtralFamily(), Qwen2MoeFamily(), DeepseekV3Family(),
@@ -33,8 +34,6 @@ def family_for_model_type(model_type: str) -> MoEFamily:
 
 def family_for_config(config: dict) -> MoEFamily:
     """The adapter for a model's ``config.json`` (as a dict)."""
-    from harc_hpc.models.coverage import DOCS_PAGE, refusal
-
     model_type = config.get("model_type")
     fam = _BY_MODEL_TYPE.get(model_type)
     if fam is None and refusal(model_type):

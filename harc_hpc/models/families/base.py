@@ -15,7 +15,7 @@ from typing import Iterable, Literal, Optional
 
 import torch
 
-from harc_hpc.errors import InputDataError
+from harc_hpc.errors import InputDataError, UnsupportedModelError  # noqa: F401  (re-exported)
 
 Layout = Literal["per_expert", "fused"]
 Proj = Literal["gate", "up", "down"]
@@ -23,10 +23,6 @@ Proj = Literal["gate", "up", "down"]
 
 class _HalfDone(Exception):
     """Stops a decoder layer's forward once its attention half is done."""
-
-
-class UnsupportedModelError(InputDataError):
-    """The checkpoint's architecture has no family adapter."""
 
 
 @dataclass(frozen=True)
