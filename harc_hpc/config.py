@@ -271,6 +271,18 @@ class HarcSection(_Strict):
         return v
 
 
+def _distinct_starts(v: list) -> list:
+    if len(set(v)) != len(v):
+        raise ValueError(f"each start at most once, got {v}")
+    return v
+
+
+def _adam_betas(v: tuple, optimizer: str) -> tuple:
+    if not all(0.0 <= b < 1.0 for b in v):
+        raise ValueError(f"{optimizer}'s betas must be in [0, 1), got {list(v)}")
+    return v
+
+
 class RouterDistillSection(_Strict):
     """router-distill (docs/training.md): the training counterpart of HARC. Only the routers are
     trained, layer by layer on the router inputs HARC's solve of that layer reads, with Adam on the
@@ -299,19 +311,8 @@ class RouterDistillSection(_Strict):
     validation_fraction: float = Field(default=0.1, ge=0, lt=1)
     dtype: Literal["float32", "float64"] = "float32"
 
-    @field_validator("starts")
-    @classmethod
-    def _unique_starts(cls, v: list) -> list:
-        if len(set(v)) != len(v):
-            raise ValueError(f"each start at most once, got {v}")
-        return v
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_range(cls, v: tuple) -> tuple:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError(f"Adam's betas must be in [0, 1), got {list(v)}")
-        return v
+    _unique_starts = field_validator("starts")(classmethod(lambda cls, v: _distinct_starts(v)))
+    _betas_range = field_validator("betas")(classmethod(lambda cls, v: _adam_betas(v, "Adam")))
 
 
 class FinetuneSection(_Strict):
@@ -345,19 +346,8 @@ class FinetuneSection(_Strict):
     # auto: bfloat16 on a GPU, float32 on a CPU (reproducible there)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
-    @field_validator("starts")
-    @classmethod
-    def _unique_starts(cls, v: list) -> list:
-        if len(set(v)) != len(v):
-            raise ValueError(f"each start at most once, got {v}")
-        return v
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_range(cls, v: tuple) -> tuple:
-        if not all(0.0 <= b < 1.0 for b in v):
-            raise ValueError(f"AdamW's betas must be in [0, 1), got {list(v)}")
-        return v
+    _unique_starts = field_validator("starts")(classmethod(lambda cls, v: _distinct_starts(v)))
+    _betas_range = field_validator("betas")(classmethod(lambda cls, v: _adam_betas(v, "AdamW")))
 
 
 class StageResources(_Strict):
