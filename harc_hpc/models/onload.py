@@ -159,8 +159,10 @@ def computed_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-class _Caught(Exception):
-    """Raised by the last stand-in decoder layer: the rest of the backbone's forward is not run."""
+class _Caught(BaseException):
+    """Raised by the last stand-in decoder layer: the rest of the backbone's forward is not run. A
+    control-flow signal, not an error: a BaseException, so that no ``except Exception`` in the
+    model's own code can swallow it."""
 
 
 class OnloadedModel:

@@ -21,8 +21,9 @@ Layout = Literal["per_expert", "fused"]
 Proj = Literal["gate", "up", "down"]
 
 
-class _HalfDone(Exception):
-    """Stops a decoder layer's forward once its attention half is done."""
+class _HalfDone(BaseException):
+    """Stops a decoder layer's forward once its attention half is done. A control-flow signal, not an
+    error: a BaseException, so that no ``except Exception`` in the model's own code can swallow it."""
 
 
 @dataclass(frozen=True)
