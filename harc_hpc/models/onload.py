@@ -96,7 +96,10 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
     keys = ckpt.keys()
     key_set = set(keys)
     # transformers' own renames and fusions of this model type (harc_hpc.models.conversion)
-    converted = reader or ModuleReader(keys, prefix, model_type, lambda k: _read(ckpt, k, device))
+    # without a reader mapped once for the whole checkpoint: this layer's keys only (a rename keeps
+    # the layer index), not every key of the checkpoint renamed once per layer
+    converted = reader or ModuleReader([k for k in keys if f"layers.{layer}." in k], prefix, model_type,
+                                       lambda k: _read(ckpt, k, device))
     out = {}
     experts = None
     for name in names:

@@ -21,6 +21,13 @@ Layout = Literal["per_expert", "fused"]
 Proj = Literal["gate", "up", "down"]
 
 
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, K) bool: each row's ``k`` highest scores."""
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    mask.scatter_(1, torch.topk(scores, k, dim=1).indices, True)
+    return mask
+
+
 class _HalfDone(BaseException):
     """Stops a decoder layer's forward once its attention half is done. A control-flow signal, not an
     error: a BaseException, so that no ``except Exception`` in the model's own code can swallow it."""
@@ -58,6 +65,9 @@ class MoEFamily:
     #: ``<moe_module>.gate.weight`` (``router_key``, ``is_router_key``)
     router_disk_param: Optional[str] = None
     router_intercept_param: Optional[str] = None
+    #: fused expert tensors stored under other names than transformers 5's ``experts.gate_up_proj`` /
+    #: ``experts.down_proj``: {name under ``moe_module`` (e.g. ``input_linear.weight``): "gate_up" | "down"}
+    fused_disk_names: dict = {}
     #: fused expert tensors: (E, out, in) as transformers 5 keeps them, or (E, in, out) (GPT-OSS)
     fused_orientation: str = "out_in"
     #: transformers attention for calibration and evaluation (SDPA: causal without a mask tensor)
@@ -137,9 +147,7 @@ class MoEFamily:
     def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """(n, K) bool: the experts the model's own rule selects for router logits ``logits``
         (default: the top-k logits; softmax is monotone)."""
-        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        mask.scatter_(1, torch.topk(logits, self.top_k(cfg), dim=1).indices, True)
-        return mask
+        return top_k_mask(logits, self.top_k(cfg))
 
     def shared_expert_gate_key(self, layer: int) -> Optional[str]:
         """The on-disk key of ``layer``'s sigmoid shared-expert gate; None for families without one."""
@@ -169,6 +177,11 @@ class MoEFamily:
         m = self._fused_re.match(key)
         if m:
             return ExpertTensor(int(m.group(1)), None, m.group(2))
+        if self.fused_disk_names:
+            names = "|".join(re.escape(n) for n in self.fused_disk_names)
+            m = re.match(rf"^model\.layers\.(\d+)\.{re.escape(self.moe_module)}\.({names})$", key)
+            if m:
+                return ExpertTensor(int(m.group(1)), None, self.fused_disk_names[m.group(2)])
         return None
 
     def is_router_key(self, key: str) -> bool:

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from harc_hpc.models.families.base import top_k_mask
 from harc_hpc.models.families.deepseek_v3 import DeepseekV3Family
 
 
@@ -259,9 +260,7 @@ class Kolibri1Family(SigmoidBiasFamily):
 
     def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         scores = logits.float() if bias is None else logits.float() + bias.to(logits.device).float()
-        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        mask.scatter_(1, torch.topk(scores, self.top_k(cfg), dim=1).indices, True)
-        return mask
+        return top_k_mask(scores, self.top_k(cfg))
 
 
 #: the instances harc_hpc.models.families registers

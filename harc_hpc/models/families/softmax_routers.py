@@ -11,12 +11,11 @@ tests/test_model_coverage.py: bit for bit against the whole model, and end to en
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
 
-from harc_hpc.models.families.base import ExpertTensor, MoEFamily
+from harc_hpc.models.families.base import MoEFamily, top_k_mask
 from harc_hpc.models.families.mixtral import MixtralFamily
 
 
@@ -61,6 +60,7 @@ class GraniteMoeFamily(MoEFamily):
     name = "granitemoe"
     router_kind = "top-k of the logits, softmax over the k"
     model_types = ("granitemoe", "granitemoeshared")
+    fused_disk_names = {"input_linear.weight": "gate_up", "output_linear.weight": "down"}
     router_disk_param = "block_sparse_moe.router.layer.weight"
     moe_module = "block_sparse_moe"
     ffn_module = "block_sparse_moe"
@@ -69,14 +69,6 @@ class GraniteMoeFamily(MoEFamily):
 
     def normalize_topk(self, cfg: dict) -> bool:
         return True
-
-    _fused_disk_re = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.(input|output)_linear\.weight$")
-
-    def parse_expert_key(self, key: str) -> Optional[ExpertTensor]:
-        m = self._fused_disk_re.match(key)
-        if m:
-            return ExpertTensor(int(m.group(1)), None, "gate_up" if m.group(2) == "input" else "down")
-        return super().parse_expert_key(key)
 
 
 class Ernie45MoeFamily(MoEFamily):
@@ -113,9 +105,7 @@ class Ernie45MoeFamily(MoEFamily):
         scores = torch.softmax(logits.float(), dim=-1)
         if bias is not None:
             scores = scores + bias.to(device=scores.device, dtype=scores.dtype).reshape(-1)[: scores.shape[-1]]
-        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        mask.scatter_(1, torch.topk(scores, self.top_k(cfg), dim=1).indices, True)
-        return mask
+        return top_k_mask(scores, self.top_k(cfg))
 
 
 class AriaTextFamily(MoEFamily):
@@ -126,6 +116,7 @@ class AriaTextFamily(MoEFamily):
     name = "aria_text"
     router_kind = "top-k of the logits, softmax over the k"
     model_types = ("aria_text",)
+    fused_disk_names = {"experts.fc1.weight": "gate_up", "experts.fc2.weight": "down"}
     router_disk_param = "mlp.router.weight"
     router_param = "mlp.router.weight"
 
@@ -137,14 +128,6 @@ class AriaTextFamily(MoEFamily):
 
     def normalize_topk(self, cfg: dict) -> bool:
         return True
-
-    _fused_disk_re = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.fc([12])\.weight$")
-
-    def parse_expert_key(self, key: str) -> Optional[ExpertTensor]:
-        m = self._fused_disk_re.match(key)
-        if m:
-            return ExpertTensor(int(m.group(1)), None, "gate_up" if m.group(2) == "1" else "down")
-        return super().parse_expert_key(key)
 
 
 class MellumFamily(MoEFamily):
@@ -199,9 +182,7 @@ class DeepseekV2Family(MoEFamily):
             keep = torch.zeros_like(best, dtype=torch.bool)
             keep.scatter_(1, torch.topk(best, int(cfg["topk_group"]), dim=-1).indices, True)
             scores = scores.masked_fill(~keep.repeat_interleave(scores.shape[1] // groups, dim=1), 0.0)
-        mask = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        mask.scatter_(1, torch.topk(scores, self.top_k(cfg), dim=1).indices, True)
-        return mask
+        return top_k_mask(scores, self.top_k(cfg))
 
 
 class JambaFamily(MoEFamily):
@@ -249,15 +230,8 @@ class GraniteMoeSWAFamily(GraniteMoeFamily):
 
     name = "granitemoe_swa"
     model_types = ("granitemoe_swa",)
+    fused_disk_names = {"experts.gate_up_proj": "gate_up", "experts.down_proj": "down"}
     router_disk_param = "block_sparse_moe.router.weight"
-
-    _fused_disk_re = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(gate_up|down)_proj$")
-
-    def parse_expert_key(self, key: str) -> Optional[ExpertTensor]:
-        m = self._fused_disk_re.match(key)
-        if m:
-            return ExpertTensor(int(m.group(1)), None, m.group(2))
-        return MoEFamily.parse_expert_key(self, key)
 
 
 SOFTMAX_FAMILIES = (FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily(),
