@@ -76,6 +76,9 @@ class Resources(_Strict):
 class StageSpec(_Strict):
     name: str
     function: str  # "package.module:callable"
+    # "package.module:callable" of (EstimateContext, stage) -> StageEstimate: what a task of the stage
+    # needs (harc-hpc plan), computed with the sizing helpers the stage itself runs with
+    estimate: Optional[str] = None
     split: Split = "none"
     description: str = ""
     version: int = 1
@@ -96,9 +99,11 @@ class StageSpec(_Strict):
     # holds (merge-statistics: "the merge method has statistics").
     enabled_if: Optional[str] = None
 
-    @field_validator("function")
+    @field_validator("function", "estimate")
     @classmethod
-    def _function_form(cls, v: str) -> str:
+    def _function_form(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
         module, sep, attr = v.partition(":")
         if not sep or not module or not attr:
             raise ValueError("must look like 'package.module:function'")
