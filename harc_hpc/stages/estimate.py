@@ -197,343 +197,109 @@ def tokens_per_task(cfg: PipelineConfig, run_dir: Optional[Path]) -> dict[str, t
     return out
 
 
-def _statistics_kind(cfg: PipelineConfig):
-    from harc_hpc.stages.merge_statistics import statistics_kind
+@dataclass
+class EstimateContext:
+    """What every stage's estimate reads: the config, the plan, what the executor gives each stage's
+    tasks (``resources[stage]``: ``mem_bytes``, ``gpus``, ``gpu_bytes``, ``ranks``), the model's shape
+    and the calibration tokens. A stage's estimate (its spec's ``estimate:``) takes it and the stage's
+    name and returns a StageEstimate; :func:`estimate` adds the CUDA context's host memory."""
 
-    return statistics_kind(cfg)
+    cfg: PipelineConfig
+    plan: object
+    resources: dict
+    conf: dict
+    shape: ModelShape
+    tokens: dict  # calibration tokens per task
+    tasks: dict  # stage -> its tasks in the plan
+    throughput_tflops: Optional[float] = None
+
+    @property
+    def n_all(self) -> int:
+        return sum(self.tokens.values())
+
+    @property
+    def per_task_solve(self) -> dict:
+        """Tokens per task a solve keeps (harc.max_tokens)."""
+        return {t: min(n, self.cfg.harc.max_tokens or n) for t, n in self.tokens.items()}
+
+    @property
+    def n_solve(self) -> int:
+        return sum(self.per_task_solve.values())
+
+    @property
+    def cal(self) -> int:
+        """Bytes an element of the stored router inputs and hidden states takes (calibration.dtype)."""
+        return _ITEM[self.cfg.calibration.dtype]
+
+    @property
+    def block_size(self) -> int:
+        return max(len(b) for b in self.plan.blocks)
+
+    def given(self, stage: str) -> dict:
+        return self.resources.get(stage, {})
+
+    def gpus(self, stage: str) -> int:
+        return int(self.resources[stage]["gpus"] or 0)
+
+    def on_gpu(self, stage: str) -> bool:
+        return self.gpus(stage) > 0
+
+    def compute_bytes(self, stage: str) -> int:
+        """Bytes of an element the decoder layers compute with: the checkpoint's dtype on a GPU,
+        float32 on a CPU (modeling.load_causal_lm)."""
+        return self.shape.dtype_bytes if self.on_gpu(stage) else 4
+
+    def model_dtype(self, stage: str) -> str:
+        return self.shape.dtype if self.on_gpu(stage) else "float32"
+
+    def tflops(self, stage: str, dtype: str) -> float:
+        """What a task of ``stage`` sustains computing in ``dtype`` (GPU_TFLOPS, CPU_TFLOPS)."""
+        if self.throughput_tflops:
+            return self.throughput_tflops
+        return GPU_TFLOPS.get(dtype, GPU_TFLOPS["float32"]) if self.gpus(stage) else CPU_TFLOPS
+
+    def longest_sequence(self) -> int:
+        """The longest calibration sequence of any task (calibration.max_length, per task)."""
+        from harc_hpc.io.calibration_data import effective_settings
+
+        return max(effective_settings(self.cfg.calibration_for(t), self.cfg.calibration)["max_length"]
+                   for t in self.cfg.task_names)
 
 
-def _streamed_capture(cfg: PipelineConfig, conf: dict) -> bool:
-    """capture_activations.streamed for the model of ``conf``."""
-    from harc_hpc.models.families import family_for_config
+def stage_estimator(spec):
+    """The callable a stage spec's ``estimate:`` names; None when it names none."""
+    from harc_hpc.pipeline.planner import load_callable
 
-    return cfg.harc.block_size == 1 and family_for_config(conf).residual_capture
-
-
-def _estimate_streamed_capture(e: "StageEstimate", cfg: PipelineConfig, plan, shape: "ModelShape", tasks: list,
-                               n_all: int, compute: int, cal: int, gpu: bool, throughput: float) -> None:
-    """capture_activations.run_streamed: every decoder layer between two calibrated ones onloaded
-    (block 0: those before the first), one batch in flight; on disk one residual store (the next
-    one grows as the previous is consumed) plus a batch and a chunk per task in flux."""
-    from harc_hpc.io.calibration_data import effective_settings
-
-    d = shape.hidden
-    firsts = [blk[0] for blk in plan.blocks]
-    spans = [range(0, firsts[0] + 1)] + [range(a, b + 1) for a, b in zip(firsts, firsts[1:])]
-    attention = shape.attention_params()
-
-    def onloaded(span: range, first_block: bool) -> int:
-        # the first layer's feed-forward half (block 0: none, it starts at the embeddings), the
-        # layers between in full, the last one's attention half
-        inner = span if first_block else span[1:]
-        head = 0 if first_block else shape.layer_params(span[0]) - attention
-        return head + sum(shape.layer_params(l) for l in inner[:-1]) + attention
-
-    resident = max(onloaded(span, i == 0) for i, span in enumerate(spans)) * compute
-    longest = max(effective_settings(cfg.calibration_for(t), cfg.calibration)["max_length"] for t in cfg.task_names)
-    batch_tokens = cfg.calibration.batch_size * longest
-    work = batch_tokens * (8 * d + 3 * shape.top_k * shape.expert_intermediate + shape.experts) * compute
-    embed = shape.vocab * d * compute
-    writers = len(cfg.task_names) * cfg.calibration.chunk_tokens * d * cal
-    if gpu:
-        e.gpu_bytes = int(1.0 * 2**30 + resident + work + embed)
-        e.host_bytes = int(PROCESS_BYTES + writers)
-    else:
-        e.host_bytes = int(PROCESS_BYTES + writers + resident + work + embed)
-    store = n_all * d * cal
-    if cfg.run.retention == "keep":
-        e.scratch_bytes = store * len(tasks)
-    else:
-        # the task in flight keeps its input from the batch a resume would restart at (one batch
-        # and a chunk behind its durable output); every task may keep a partial last chunk
-        e.scratch_bytes = store + (batch_tokens + len(cfg.task_names) * cfg.calibration.chunk_tokens) * d * cal
-        e.notes.append("consumes the previous block's store chunk by chunk as it writes its own: about one "
-                       "block's store on disk at a time")
-    widest = max(spans, key=len)
-    e.seconds = 2 * n_all * sum(shape.active_params(l) for l in widest) / (throughput * 1e12)
-    between = f", the {len(widest) - 2} decoder layer(s) between" if len(widest) > 2 else ""
-    e.notes.append(f"streamed batch by batch; onloaded at once: a calibrated layer's feed-forward half{between} "
-                   f"and the next one's attention half")
+    return load_callable(spec.estimate) if getattr(spec, "estimate", None) else None
 
 
 def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = None,
              throughput_tflops: Optional[float] = None) -> list[StageEstimate]:
-    """Per-stage estimates for ``plan``; ``resources[stage]``: what a task of it is given
-    (``mem_bytes``, ``gpus``, ``gpu_bytes``); ``conf``: the model's config.json (default: the
-    sources')."""
-    from harc_hpc.models.modeling import check_memory_budget, gpu_free_bytes, host_memory_bounds, tightest
+    """Per-stage estimates for ``plan``, each from the function its spec's ``estimate:`` names
+    (harc_hpc.stages.estimates); ``resources[stage]``: what a task of it is given (``mem_bytes``,
+    ``gpus``, ``gpu_bytes``); ``conf``: the model's config.json (default: the sources'). A stage
+    whose spec names no estimate is listed with the process allowance only, and says so."""
     from harc_hpc.stages import layout
 
     conf = conf if conf is not None else layout.reference_config(cfg)
-    run_dir = plan.run_dir
-    shape = ModelShape.from_config(conf)
-    tokens = {t: n for t, (n, _) in tokens_per_task(cfg, run_dir).items()}
-    n_all = sum(tokens.values())
-    per_task_solve = {t: min(n, cfg.harc.max_tokens or n) for t, n in tokens.items()}
-    n_solve = sum(per_task_solve.values())
-    d, K = shape.hidden, shape.experts
-    cal = _ITEM[cfg.calibration.dtype]
-    block_size = max(len(b) for b in plan.blocks)
-    by_stage = {}
+    by_stage: dict = {}
     for t in plan.tasks.values():
         by_stage.setdefault(t.stage, []).append(t)
-
-    def gpus_of(stage) -> int:
-        return int(resources[stage]["gpus"] or 0)
-
-    def tflops(stage, dtype: str) -> float:
-        """What a task of ``stage`` sustains computing in ``dtype`` (GPU_TFLOPS, CPU_TFLOPS)."""
-        if throughput_tflops:
-            return throughput_tflops
-        return GPU_TFLOPS.get(dtype, GPU_TFLOPS["float32"]) if gpus_of(stage) else CPU_TFLOPS
-
+    ctx = EstimateContext(cfg, plan, resources, conf, ModelShape.from_config(conf),
+                          {t: n for t, (n, _) in tokens_per_task(cfg, plan.run_dir).items()}, by_stage,
+                          throughput_tflops)
     out = []
-    for stage, tasks in by_stage.items():
-        on_gpu = gpus_of(stage) > 0
-        compute = shape.dtype_bytes if on_gpu else 4
-        model_dtype = shape.dtype if on_gpu else "float32"  # what the decoder layers compute in
-        e = StageEstimate(stage, len(tasks))
-        if stage == "merge-statistics" and _statistics_kind(cfg) == "gram_sequential":
-            e.host_bytes = PROCESS_BYTES
-            e.notes.append("RegMean++: only tokenises each source's data here; the layer-by-layer Gram pass "
-                           "runs in merge-experts (memory as capture's, plus one layer's Gram accumulators)")
-        elif stage == "merge-statistics":
-            # one source at a time: one decoder layer, its in-flight hidden states, the layer's Gram
-            # accumulators (float64 totals + float32 partial sums, 12 bytes an entry)
-            from harc_hpc.io.calibration_data import effective_settings
-
-            attn_out = shape.heads * shape.head_dim if shape.mla is None else d
-            dense = max(shape.dense_intermediate, shape.shared_intermediate)
-            moe_entries = K * (d * d + shape.expert_intermediate ** 2) + 3 * d * d + attn_out ** 2 \
-                + (shape.shared_intermediate ** 2 if shape.shared_intermediate else 0)
-            dense_entries = 2 * d * d + attn_out ** 2 + dense ** 2
-            entries = [moe_entries if l in shape.moe_layers else dense_entries for l in range(shape.layers)]
-            accumulators = 12 * max(entries)
-            layer = max(shape.layer_params(l) for l in range(shape.layers)) * compute
-            states = max(tokens.values()) * d * compute
-            longest = max(effective_settings(cfg.calibration_for(t), cfg.calibration)["max_length"]
-                          for t in cfg.task_names)
-            work = cfg.calibration.batch_size * longest * (8 * d + 4 * shape.top_k * shape.expert_intermediate) * 4
-            if on_gpu:
-                e.gpu_bytes = int(1.0 * 2**30 + layer + accumulators + work + states)
-                e.host_bytes = PROCESS_BYTES + states
-            else:
-                e.host_bytes = int(PROCESS_BYTES + layer + accumulators + work + states)
-            e.scratch_bytes = 4 * sum(entries) * len(cfg.models.sources)  # the Gram files (float32, kept)
-            gram_flops = 2 * sum(tokens.values()) * (
-                3 * d * d + attn_out ** 2 + shape.top_k * (d * d + shape.expert_intermediate ** 2))
-            flops = 2 * sum(tokens.values()) * sum(shape.active_params(l) for l in range(shape.layers))
-            # the forward in the model's dtype, the Gram products in float32
-            e.seconds = flops / (tflops(stage, model_dtype) * 1e12) + gram_flops * len(shape.moe_layers) / max(
-                1, shape.layers) * shape.layers / (tflops(stage, "float32") * 1e12)
-            e.notes.append(f"Gram accumulators {format_bytes(accumulators)} per decoder layer on the device; "
-                           f"Gram files {format_bytes(e.scratch_bytes)} (float32, kept)")
-        elif stage == "merge-experts":
-            biggest = K * 2 * shape.expert_intermediate * d * 4
-            e.host_bytes = PROCESS_BYTES + (len(cfg.models.sources) + 3) * biggest
-            e.scratch_bytes = shape.total_params() * shape.dtype_bytes
-            e.seconds = shape.total_params() * shape.dtype_bytes * (len(cfg.models.sources) + 1) / 1e9  # ~1 GB/s
-            e.notes.append("streams tensor by tensor; output = the merged checkpoint (kept)")
-        elif stage == "capture-activations" and _streamed_capture(cfg, conf):
-            _estimate_streamed_capture(e, cfg, plan, shape, tasks, n_all, compute, cal,
-                                       gpu=on_gpu, throughput=tflops(stage, model_dtype))
-        elif stage == "capture-activations":
-            layer = max(shape.layer_params(l) for l in range(shape.layers)) * compute
-            states = n_all * d * compute
-            from harc_hpc.io.calibration_data import effective_settings
-
-            longest = max(effective_settings(cfg.calibration_for(t), cfg.calibration)["max_length"]
-                          for t in cfg.task_names)
-            work = cfg.calibration.batch_size * longest * (
-                    8 * d + 3 * shape.top_k * shape.expert_intermediate + K) * compute
-            embed = shape.vocab * d * compute
-            writers = (block_size + 1) * len(cfg.task_names) * cfg.calibration.chunk_tokens * d * cal
-            gpu_total = 0
-            if on_gpu:
-                gpu_total = int(1.0 * 2**30 + 2 * layer + work + embed)
-                gpu_mem = resources[stage]["gpu_bytes"]
-                if gpu_total + states <= 0.8 * gpu_mem:
-                    gpu_total += states
-                    e.notes.append("in-flight hidden states on the GPU")
-                else:
-                    e.notes.append(f"in-flight hidden states ({format_bytes(states)}) in host memory")
-            states_in_host = not (on_gpu and "on the GPU" in e.notes[-1])
-            host = PROCESS_BYTES + writers + (0 if on_gpu else 2 * layer + work + embed)
-            if states_in_host:
-                # capture_activations.placement_for's test, on what the executor grants: 80 % of the
-                # host memory the task may still take (SLURM's grant less what it holds already)
-                may_take, _ = tightest(host_memory_bounds(slurm_grant=int(resources[stage]["mem_bytes"]),
-                                                          rss=host + (CUDA_HOST_BYTES if on_gpu else 0)))
-                if states <= 0.8 * may_take:
-                    host += states
-                else:  # the code spills them to node-local disk ($TMPDIR)
-                    if on_gpu:
-                        e.notes[-1] = f"in-flight hidden states ({format_bytes(states)}) on node-local disk"
-                    else:
-                        e.notes.append(f"in-flight hidden states ({format_bytes(states)}) on node-local disk")
-                    e.notes.append(f"needs {format_bytes(states)} free in run.node_local_dir ($TMPDIR by default) on the node")
-            e.gpu_bytes, e.host_bytes = gpu_total, int(host)
-            # while capture b runs: hidden b-1, hidden b, router inputs of block b
-            keep = cfg.run.retention == "keep"
-            per_block = n_all * d * cal * (block_size + 1)
-            e.scratch_bytes = per_block * len(tasks) if keep else per_block + n_all * d * cal
-            layers_run = min(2 * block_size, shape.layers)
-            if layers_run > 1 and cfg.calibration.layer_checkpoints:  # a killed task resumes from it
-                e.scratch_bytes += states
-                e.notes.append(f"checkpoints its in-flight states ({format_bytes(states)}) after every decoder layer "
-                               f"(calibration.layer_checkpoints: false to skip; a killed task then starts over)")
-            flops = 2 * n_all * sum(shape.active_params(l) for l in range(layers_run)) / max(1, layers_run) * layers_run
-            e.seconds = flops / (tflops(stage, model_dtype) * 1e12)
-            e.notes.append("one decoder layer on the device at a time (onloaded from the shards)")
-        elif stage == "compute-statistics":
-            e.host_bytes = int(PROCESS_BYTES + 4 * cfg.calibration.chunk_tokens * d * 8 + 2 * d * d * 8)
-            e.scratch_bytes = len(tasks) * (K * d * 8 * 3 + d * d * 8 + K * K * 8)
-            e.seconds = 6 * max(per_task_solve.values()) * d * K / (tflops(stage, cfg.harc.dtype) * 1e12)
-        elif stage == "solve-router":
-            from harc_hpc.stages.solve_router import choose_residency, resolve_inner_dtype
-
-            ranks = int(resources.get(stage, {}).get("ranks", 1))  # tokens sharded over the job's processes
-            given = resources.get(stage, {})
-            # solve_router.run's budget, from what the executor grants a task: harc.memory_budget_gb
-            # (an error over what the task may take) or 80 % of what it may take
-            if on_gpu:
-                card = max(0, int(given.get("gpu_bytes", 0)) - CUDA_CONTEXT_BYTES)
-                bounds = {"free GPU memory": gpu_free_bytes(card, 0, 0)}
-            else:
-                bounds = host_memory_bounds(slurm_grant=int(given.get("mem_bytes", 0)), rss=PROCESS_BYTES)
-            if cfg.harc.memory_budget_gb:
-                budget = int(cfg.harc.memory_budget_gb * 2**30)
-                check_memory_budget("harc.memory_budget_gb", budget, bounds,
-                                    f"solve-router (executor: {format_bytes(given.get('gpu_bytes', 0))} a GPU, "
-                                    f"executor.gpu_memory_gb)" if on_gpu else
-                                    f"solve-router (executor: {format_bytes(given.get('mem_bytes', 0))} of host "
-                                    f"memory, executor.stages.solve-router.mem_gb)")
-            else:
-                budget = 0.8 * tightest(bounds)[0]
-            inner = resolve_inner_dtype(cfg.harc.inner_dtype, on_gpu)
-            keep_stored, inputs = choose_residency(-(-n_solve // ranks), d, K, cfg.calibration.dtype, cfg.harc.dtype,
-                                                   inner, cfg.calibration.chunk_tokens, int(budget))
-            item = cal if keep_stored else _ITEM[cfg.harc.dtype]
-            # the expert-block preconditioner: U and U G^-1 (K x tasks*m x d) and K capacitance inverses
-            block_rows = len(cfg.task_names) * cfg.harc.expert_block_tokens
-            precond = (2 * K * block_rows * d + K * block_rows ** 2) * 4 if cfg.harc.preconditioner == "expert-block" else 0
-            need = int(PROCESS_BYTES + inputs + 12 * K * d * 8 + precond)
-            if on_gpu:
-                # read chunk by chunk into the device-resident copy: a few chunks in host memory
-                e.gpu_bytes = int(1.0 * 2**30 + inputs + precond)
-                e.host_bytes = PROCESS_BYTES + 4 * cfg.calibration.chunk_tokens * d * 4
-            else:
-                e.host_bytes = need
-            iters = min(cfg.harc.max_iter, SOLVE_ITERATIONS.get(cfg.harc.preconditioner, SOLVE_ITERATIONS["jacobi"]))
-            # a matvec is two GEMMs over the inputs: compute- or memory-bound, whichever is slower
-            bandwidth = 3.35e12 if on_gpu else 20e9  # H100 HBM3; a CPU socket, roughly
-            n_rank = -(-n_solve // ranks)
-            # the CG products in the inner dtype when mixed precision is on (the few exact residuals of
-            # the refinement in harc.dtype are not counted), else in harc.dtype
-            rate = tflops(stage, inner or cfg.harc.dtype)
-            e.seconds = iters * max(4 * n_rank * d * K / (rate * 1e12), 2 * n_rank * d * item / bandwidth)
-            e.notes.append(f"inputs resident: {format_bytes(inputs)} ({n_solve} tokens x {d} kept as "
-                           f"{cfg.calibration.dtype if keep_stored else cfg.harc.dtype}, "
-                           f"computed in {cfg.harc.dtype}"
-                           + (f", products in {inner} with exact residuals" if inner else "")
-                           + (f", per rank of {ranks}" if ranks > 1 else "") + "); "
-                           f"~{iters} CG iterations assumed at {rate:g} TFLOP/s or {bandwidth / 1e12:g} TB/s")
-        elif stage == "assemble-model":
-            e.host_bytes = PROCESS_BYTES + K * 2 * shape.expert_intermediate * d * 4
-            e.scratch_bytes = shape.total_params() * shape.dtype_bytes
-            e.seconds = shape.total_params() * shape.dtype_bytes / 1e9
-        elif stage == "report":
-            # Each checkpoint in one onloaded pass: one decoder layer, the embeddings or the head, one
-            # batch's logits, and the hidden states of the pass (the merged model's pass holds two
-            # sets: every task with its own routers and with the sources' routers, the oracle).
-            from harc_hpc.io.calibration_data import effective_settings
-
-            layer = max(shape.layer_params(l) for l in range(shape.layers)) * compute
-            held, longest = 0, 8
-            for src in cfg.models.sources:
-                if src.heldout is None or not src.heldout.files:
-                    continue
-                s = effective_settings(src.heldout, cfg.calibration, heldout=True)
-                longest = max(longest, int(s["max_length"]))
-                n = _tokens_from_files(src.heldout.files, s["num_samples"], s["max_length"])
-                held += n if n is not None else _samples_bound(s["num_samples"]) * int(s["max_length"])
-            states = 2 * held * d * compute
-            fixed = layer + shape.vocab * d * compute + cfg.calibration.batch_size * longest * shape.vocab * 4
-            if on_gpu:
-                e.gpu_bytes = int(1.0 * 2**30 + fixed)
-                if e.gpu_bytes + states <= 0.8 * resources[stage]["gpu_bytes"]:
-                    e.gpu_bytes += states
-                    e.host_bytes = PROCESS_BYTES
-                else:
-                    e.host_bytes = PROCESS_BYTES + states
-            else:
-                e.host_bytes = PROCESS_BYTES + fixed + states
-            e.notes.append(f"each model onloaded one decoder layer at a time; hidden states of {held} held-out "
-                           f"tokens x 2 ({format_bytes(states)})")
-        elif stage in ("router-distill", "router-distill-model", "finetune"):
-            _estimate_training(e, cfg, shape, n_solve, on_gpu, tflops(stage, _training_dtype(cfg, stage, on_gpu)))
-        if on_gpu:
+    for stage in by_stage:
+        fn = stage_estimator(plan.specs[stage])
+        if fn is None:
+            e = StageEstimate(stage, len(by_stage[stage]), host_bytes=PROCESS_BYTES,
+                              notes=["not estimated: its stage spec names no estimate function"])
+        else:
+            e = fn(ctx, stage)
+        if ctx.on_gpu(stage):
             e.host_bytes += CUDA_HOST_BYTES
         out.append(e)
     return out
-
-
-def _training_dtype(cfg: PipelineConfig, stage: str, on_gpu: bool) -> str:
-    if stage == "router-distill":
-        return cfg.router_distill.dtype
-    if stage == "finetune" and cfg.finetune.dtype != "auto":
-        return cfg.finetune.dtype
-    return "bfloat16" if on_gpu else "float32"
-
-
-def _estimate_training(e: StageEstimate, cfg: PipelineConfig, shape, n_solve: int, on_gpu: bool, rate: float) -> None:
-    """The training baselines (docs/training.md): router-distill holds one layer's router inputs and
-    source logits like the solve; router-distill-model writes a checkpoint per start; finetune holds
-    the whole model, its gradients and AdamW's moments of the trained parameters, and one batch's
-    activations (every layer's, or one layer's with gradient checkpointing)."""
-    d, K = shape.hidden, shape.experts
-    if e.stage == "router-distill":
-        rd = cfg.router_distill
-        item = _ITEM[rd.dtype]
-        batch = min(rd.batch_tokens * len(cfg.task_names), n_solve)
-        need = n_solve * (d + 1 + K) * item + 4 * (batch + 65536) * K * item + 2 * K * (d + 1) * 8 * len(rd.starts)
-        if on_gpu:
-            e.gpu_bytes = int(1.0 * 2**30 + need)
-            e.host_bytes = PROCESS_BYTES + 4 * cfg.calibration.chunk_tokens * d * 4
-        else:
-            e.host_bytes = int(PROCESS_BYTES + need)
-        e.seconds = len(rd.starts) * rd.max_steps * 4 * batch * d * K / (rate * 1e12)
-        e.notes.append(f"inputs resident: {format_bytes(n_solve * (d + 1 + K) * item)} ({n_solve} tokens x {d} and "
-                       f"their source logits, {rd.dtype}); at most {rd.max_steps} Adam steps per start "
-                       f"({len(rd.starts)}), early stopping usually ends sooner")
-        return
-    params = shape.total_params()
-    if e.stage == "router-distill-model":
-        e.host_bytes = PROCESS_BYTES + K * 2 * shape.expert_intermediate * d * 4
-        e.scratch_bytes = len(cfg.router_distill.starts) * params * shape.dtype_bytes
-        e.seconds = e.scratch_bytes / 1e9
-        return
-    fc = cfg.finetune
-    w = _ITEM.get(_training_dtype(cfg, "finetune", on_gpu), 4)
-    trained = params if fc.params in ("all", "non-expert") else (
-        len(shape.moe_layers) * K * d if fc.params == "routers" else
-        len(shape.moe_layers) * K * 3 * d * shape.expert_intermediate)
-    model = params * w + trained * (w + 8)  # weights, gradients, AdamW's two float32 moments
-    tokens = -(-fc.batch_size // 1) * fc.seq_length
-    per_layer = tokens * (16 * d + 3 * shape.top_k * shape.expert_intermediate + K) * w
-    acts = (per_layer + tokens * d * w * shape.layers) if fc.gradient_checkpointing else per_layer * shape.layers
-    acts += 2 * tokens * shape.vocab * 4  # the logits and their float32 copy
-    if on_gpu:
-        e.gpu_bytes = int(1.0 * 2**30 + model + acts)
-        e.host_bytes = PROCESS_BYTES + params * w
-    else:
-        e.host_bytes = int(PROCESS_BYTES + model + acts)
-    e.scratch_bytes = len(fc.starts) * (params * shape.dtype_bytes + trained * 12)  # outputs + one checkpoint each
-    active = sum(shape.active_params(l) for l in range(shape.layers)) + shape.vocab * d
-    e.seconds = len(fc.starts) * fc.steps * 6 * tokens * active / (rate * 1e12)
-    e.notes.append(f"the whole model on every rank ({format_bytes(params * w)}), gradients and AdamW moments of "
-                   f"{trained:,} trained parameters, one batch of {fc.batch_size} x {fc.seq_length} tokens' activations"
-                   + (" (gradient checkpointing)" if fc.gradient_checkpointing else ""))
 
 
 def format_estimates(estimates: list[StageEstimate], cfg: PipelineConfig) -> str:
