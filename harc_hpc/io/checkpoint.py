@@ -25,6 +25,10 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 
 from harc_hpc.errors import InputDataError
+from harc_hpc.io.sources import IGNORE as _HUB_IGNORE
+from harc_hpc.io.sources import allow_patterns, split_revision
+from harc_hpc.io.sources import hub_offline as _hub_offline, hub_timeout_s as _hub_timeout_s
+from harc_hpc.io.sources import looks_local as _looks_local
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -96,59 +100,6 @@ def parse_size(size: Union[int, str]) -> int:
 # Locating a model
 # ---------------------------------------------------------------------------------------------
 
-# Files of a hub snapshot that a merge needs (pickle weights are never downloaded).
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-_HUB_ID = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)?")
-_TRUE = {"1", "ON", "YES", "TRUE"}
-
-
-def _is_hub_id(text: str) -> bool:
-    """``text`` has the form of a hub id (``owner/name`` or a bare ``name``)."""
-    try:
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
-        return bool(_HUB_ID.fullmatch(text)) and ".." not in text and "--" not in text
-    try:
-        validate_repo_id(text)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _looks_local(text: str) -> bool:
-    """A model source that can only mean a local directory (so a missing one is not looked up on
-    the hub): ./x, /x, ~/x, a path of more than two parts, one whose parent directory exists here,
-    or anything that is not a well-formed hub id."""
-    if text.startswith((".", "/", "~")) or os.path.isabs(text):
-        return True
-    if max(text.count("/"), text.count(os.sep)) > 1:
-        return True
-    if ("/" in text or os.sep in text) and Path(text).expanduser().parent.is_dir():
-        return True
-    return not _is_hub_id(text)
-
-
-def _hub_offline() -> bool:
-    try:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    # also when set after huggingface_hub was imported (its constants are read once at import)
-    return any(os.environ.get(var, "").strip().upper() in _TRUE
-               for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def _hub_timeout_s() -> float:
-    """How long to wait for the hub to answer (HF_HUB_ETAG_TIMEOUT, 8 s by default)."""
-    try:
-        return max(float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 8), 0.1)
-    except ValueError:
-        return 8.0
-
-
 def _hub_problem(repo_id: str, revision: Optional[str], timeout_s: float) -> Optional[str]:
     """None when the hub has ``repo_id`` at ``revision``, else why it cannot be fetched.
 
@@ -203,14 +154,16 @@ def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str]
 
     Something that can only be a path (``./m``, ``/m``, ``~/m``, ``a/b/c``, ``models/m`` where
     ``models/`` exists, or no hub-id form at all) must be an existing directory. A hub id
-    (``owner/name``) is looked up in the local hub cache first, without network; then, unless
+    (``owner/name``; ``owner/name@rev`` names its revision, which wins over ``revision``) is looked
+    up in the local hub cache first, without network; then, unless
     ``allow_download=False`` or ``HF_HUB_OFFLINE`` is set, on the hub, which has
-    ``HF_HUB_ETAG_TIMEOUT`` (8 s by default) to answer. Hub snapshots fetch configs, tokenizer
-    files and safetensors weights only: pickle weights are never downloaded; ``files`` (patterns)
-    narrows that further, e.g. ``["config.json"]`` for the planner.
+    ``HF_HUB_ETAG_TIMEOUT`` (8 s by default) to answer. Hub snapshots fetch what the stages read
+    (harc_hpc.io.sources.allow_patterns; pickle weights never, nothing below the top level); ``files``
+    (patterns) narrows that further, e.g. ``["config.json"]`` for the planner.
     """
-    patterns = list(files) if files is not None else _HUB_PATTERNS
-    text = str(path_or_hub_id)
+    patterns = list(files) if files is not None else allow_patterns()
+    text, pinned = split_revision(str(path_or_hub_id))  # owner/name@rev: the revision after @ wins
+    revision = pinned or revision
     p = Path(text).expanduser()
     if p.is_dir():
         return p.resolve()
@@ -233,7 +186,7 @@ def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str]
     # 1. the local hub cache (no network)
     try:
         return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns,
-                                      local_files_only=True))
+                                      ignore_patterns=_HUB_IGNORE, local_files_only=True))
     except IncompleteSnapshotError:
         cached = "its cached snapshot is incomplete"
     except Exception:  # not in the cache (LocalEntryNotFoundError and kin)
@@ -249,7 +202,8 @@ def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str]
         raise CheckpointError(f"{not_local} {cached}, and {problem}", where=where,
                               hint=_hub_hint(text, revision))
     try:
-        local = snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns)
+        local = snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns,
+                                  ignore_patterns=_HUB_IGNORE)
     except Exception as exc:  # the hub client raises many types
         raise CheckpointError(f"downloading from the hub failed ({type(exc).__name__}: {exc})",
                               where=where, hint=_hub_hint(text, revision)) from None
