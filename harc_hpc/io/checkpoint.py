@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -29,6 +30,8 @@ from harc_hpc.io.sources import IGNORE as _HUB_IGNORE
 from harc_hpc.io.sources import allow_patterns, split_revision
 from harc_hpc.io.sources import hub_offline as _hub_offline, hub_timeout_s as _hub_timeout_s
 from harc_hpc.io.sources import looks_local as _looks_local
+from harc_hpc.io import quantized as q
+from harc_hpc.io.quantized import Scheme
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
@@ -214,13 +217,35 @@ def resolve_model_path(path_or_hub_id: Union[str, Path], revision: Optional[str]
 # Reading
 # ---------------------------------------------------------------------------------------------
 
+class SourceKind(str, Enum):
+    """Where a tensor's values come from."""
+
+    SAFETENSORS = "safetensors"  # bytes at ``TensorInfo.begin`` of a safetensors shard
+    PICKLE = "pickle"  # an entry of a torch.load-ed state dict
+    MXFP4 = "mxfp4"  # GPT-OSS's ``X_blocks`` + ``X_scales``, dequantized on read
+    FP8_BLOCK = "fp8-block"  # ``X`` float8 + ``X_scale_inv`` per block, dequantized on read
+    COMPRESSED = "compressed-tensors"  # llm-compressor's formats, dequantized on read
+
+
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor as the reader shows it: ``dtype`` and ``shape`` are what ``get_tensor`` returns.
+    ``begin`` / ``nbytes``: its byte range in ``file`` (SAFETENSORS; for a dequantized tensor the
+    bytes it has once dequantized). ``parts``: the stored tensors a dequantized one is read from;
+    ``scheme``: how (harc_hpc.io.quantized.Scheme)."""
+
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
-    begin: int  # absolute byte offset in the file (safetensors) or -1 (pickle)
+    begin: int
     nbytes: int
+    kind: SourceKind = SourceKind.SAFETENSORS
+    parts: tuple[str, ...] = ()
+    scheme: Optional[Scheme] = None
+
+    @property
+    def dequantized(self) -> bool:
+        return self.kind in (SourceKind.MXFP4, SourceKind.FP8_BLOCK, SourceKind.COMPRESSED)
 
 
 def read_safetensors_header(path: Path, label: str = "") -> tuple[dict, int, dict]:
@@ -276,7 +301,10 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
 class Checkpoint:
     """A model directory opened for tensor-by-tensor reading.
 
-    ``name`` is only used in error messages (e.g. the source's name in the config).
+    ``name`` is only used in error messages (e.g. the source's name in the config). A quantized
+    checkpoint (harc_hpc.io.quantized.SUPPORTED) shows each quantized weight as one tensor of the
+    model's dtype, dequantized on read, rows at a time; ``stored_keys`` / ``read_stored`` give the
+    tensors as stored.
     """
 
     def __init__(self, path: Union[str, Path], allow_pickle: bool = False, name: Optional[str] = None):
@@ -293,28 +321,22 @@ class Checkpoint:
             raise CheckpointError(f"{self.name}: {cfg_file}: not valid JSON ({exc})") from None
         self.allow_pickle = allow_pickle
         self._infos: dict[str, TensorInfo] = {}
+        self._stored: dict[str, TensorInfo] = {}  # stored tensors a dequantized one is read from
+        self._dropped: list[str] = []  # activation scales of a quantized checkpoint (not weights)
         self._pickle_cache: tuple[Optional[Path], Optional[dict]] = (None, None)
         self._fds: dict[Path, int] = {}
         self.weight_files: list[Path] = []
         self.is_pickle = False
         self._discover()
-        self._mxfp4: dict[str, tuple[str, str]] = {}
-        self._mxfp4_raw: dict[str, TensorInfo] = {}
-        self._dequantized: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+        self._dequantized: tuple[Optional[tuple], Optional[torch.Tensor]] = (None, None)
         self._find_mxfp4()
-        quant = (self.config.get("quantization_config") or {}).get("quant_method")
-        if quant and quant != "mxfp4":
-            # e.g. DeepSeek-V3's and Kimi-K2's released FP8 blocks with their weight_scale_inv: read as
-            # stored they would be merged without their scales, silently wrong
-            raise CheckpointError(
-                f"{self.name}: {cfg_file}: a {quant}-quantized checkpoint; its tensors cannot be merged or "
-                f"calibrated as stored", hint="dequantize it to bfloat16 first (load it with transformers and "
-                                                "save_pretrained without the quantization), then give that directory")
+        self._find_quantized()
 
-    # -- MXFP4 (GPT-OSS's released experts) ----------------------------------------------------------
+    # -- quantized tensors ---------------------------------------------------------------------------
     def _find_mxfp4(self) -> None:
         """``X_blocks`` + ``X_scales`` pairs (MXFP4) are read as one bfloat16 tensor ``X``, dequantized
         on read, in the layout transformers gives the dequantized model: (E, in, out)."""
+        found = []
         for key in list(self._infos):
             if not key.endswith("_blocks") or key[:-7] + "_scales" not in self._infos:
                 continue
@@ -325,42 +347,159 @@ class Checkpoint:
                                       f"are not an MXFP4 pair (uint8 blocks (E, rows, groups, 16), scales "
                                       f"(E, rows, groups))")
             e, rows, groups, nbytes = b.shape
-            shape = (e, groups * nbytes * 2, rows)
-            self._mxfp4[base] = (key, scales)
-            self._mxfp4_raw[key], self._mxfp4_raw[scales] = self._infos.pop(key), self._infos.pop(scales)
-            self._infos[base] = TensorInfo(b.file, torch.bfloat16, shape, -2, e * rows * groups * nbytes * 4)
-        if self._mxfp4:
+            self._stored[key], self._stored[scales] = self._infos.pop(key), self._infos.pop(scales)
+            self._infos[base] = TensorInfo(b.file, torch.bfloat16, (e, groups * nbytes * 2, rows), 0,
+                                           e * rows * groups * nbytes * 4, SourceKind.MXFP4, (key, scales))
+            found.append(base)
+        if found:
             log.warning("%s: %d MXFP4 tensors (e.g. %s) are dequantized to bfloat16 on read; what is "
-                        "written from them is bfloat16", self.name, len(self._mxfp4), next(iter(self._mxfp4)))
+                        "written from them is bfloat16", self.name, len(found), found[0])
+
+    def _find_quantized(self) -> None:
+        """Weights stored quantized (FP8 blocks, compressed-tensors) become one tensor each of the
+        model's dtype; an unsupported method or format, or scales missing or of the wrong shape, is
+        an error here, before anything is read or written."""
+        stored = {k: (i.dtype, i.shape) for k, i in self._infos.items()}
+        schemes, dropped = q.find_schemes(self.config, stored, self.name,
+                                          read=lambda k: self._read(k, self._infos[k]))
+        if not schemes:
+            return
+        dtype = q.model_dtype(self.config)
+        kind = SourceKind.FP8_BLOCK if next(iter(schemes.values()))[0].method == "fp8-block" else SourceKind.COMPRESSED
+        shown: dict[str, TensorInfo] = {}
+        for key, (scheme, shape) in schemes.items():
+            numel = 1
+            for s in shape:
+                numel *= s
+            shown[key] = TensorInfo(self._infos[scheme.values].file, dtype, tuple(shape), 0,
+                                    numel * dtype.itemsize, kind, scheme.parts, scheme)
+            for part in scheme.parts:
+                self._stored[part] = self._infos[part]
+        for key in dropped:
+            self._stored[key] = self._infos[key]
+        infos: dict[str, TensorInfo] = {}  # in the stored order, each weight where its values were
+        values_of = {sch.values: key for key, (sch, _) in schemes.items()}
+        for key, info in self._infos.items():
+            if key in values_of:
+                infos[values_of[key]] = shown[values_of[key]]
+            elif key not in self._stored:
+                infos[key] = info
+        self._infos = infos
+        self._dropped = sorted(dropped)
+        log.warning("%s: %d %s tensors (e.g. %s) are dequantized to %s on read", self.name, len(schemes),
+                    kind.value, next(iter(schemes)), dtype)
 
     @property
     def dequantized(self) -> list[str]:
-        """The tensors read from MXFP4 blocks and scales (dequantized to bfloat16)."""
-        return sorted(self._mxfp4)
+        """The tensors read from a quantized form (dequantized on read)."""
+        return sorted(k for k, i in self._infos.items() if i.dequantized)
+
+    def dequantized_by_kind(self) -> dict[str, list[str]]:
+        """``{kind: keys}`` of the dequantized tensors (``mxfp4``, ``fp8-block``, ``compressed-tensors``)."""
+        out: dict[str, list[str]] = {}
+        for k, i in self._infos.items():
+            if i.dequantized:
+                out.setdefault(i.kind.value, []).append(k)
+        return {k: sorted(v) for k, v in sorted(out.items())}
+
+    @property
+    def dropped(self) -> list[str]:
+        """Stored activation scales of a quantized checkpoint, not shown as tensors."""
+        return list(self._dropped)
+
+    def fp8_blocks(self) -> dict[str, tuple[int, int]]:
+        """``{key: block}`` of the tensors stored as FP8 blocks (what ``output.quantize: fp8-block``
+        writes as FP8 again)."""
+        return {k: i.scheme.block for k, i in self._infos.items() if i.kind is SourceKind.FP8_BLOCK}
 
     def is_dequantized(self, key: str) -> bool:
-        """Whether ``key`` is read from a quantized form (MXFP4 blocks and scales)."""
-        return key in self._mxfp4
+        """Whether ``key`` is read from a quantized form."""
+        info = self._infos.get(key)
+        return info is not None and info.dequantized
+
+    # -- stored tensors (what is on disk, quantized or not) ---------------------------------------------
+    def stored_keys(self) -> list[str]:
+        """The tensors as stored: quantized weights' parts instead of the weights."""
+        out = [k for k, i in self._infos.items() if not i.dequantized]
+        out += list(self._stored)
+        return out
+
+    def stored_info(self, key: str) -> TensorInfo:
+        info = self._stored.get(key) or self._infos.get(key)
+        if info is None or info.dequantized:
+            raise CheckpointError(f"{self.name}: {self.path}: no stored tensor {key}")
+        return info
+
+    def read_stored(self, key: str) -> torch.Tensor:
+        """Stored tensor ``key`` as it is on disk."""
+        return self._read(key, self.stored_info(key))
 
     def _dequantize(self, key: str, device: Optional[torch.device] = None) -> torch.Tensor:
         cached_key, cached = self._dequantized
         if cached_key == (key, device):
             return cached
-        blocks_key, scales_key = self._mxfp4[key]
-        blocks, scales = (self._read(k, self._mxfp4_raw[k]) for k in (blocks_key, scales_key))
+        blocks_key, scales_key = self._infos[key].parts
+        blocks, scales = (self._read(k, self._stored[k]) for k in (blocks_key, scales_key))
         if device is not None:
             blocks, scales = blocks.to(device), scales.to(device)
         out = dequantize_mxfp4(blocks, scales)
         self._dequantized = ((key, device), out)
         return out
 
+    def _quantized_rows(self, info: TensorInfo, a: int, b: int,
+                        device: Optional[torch.device] = None) -> torch.Tensor:
+        """Rows ``[a, b)`` of a quantized tensor seen as (rows, cols) (leading dimensions folded
+        into the rows), dequantized (on ``device`` when given: the stored bytes travel)."""
+        sch = info.scheme
+        rows, cols = info.shape[-2], info.shape[-1]
+        br, bc = sch.block
+        grid_rows, grid_cols = sch.grid
+        vinfo = self._stored[sch.values]
+        if sch.packed_bits:
+            words = vinfo.shape[-1]
+            values = self._read(sch.values, vinfo, a * words, (b - a) * words).view(b - a, words)
+        else:
+            values = self._read(sch.values, vinfo, a * cols, (b - a) * cols).view(b - a, cols)
+        g = torch.arange(a, b)
+        srow = (g // rows) * grid_rows + (g % rows) // br
+        s0, s1 = int(srow[0]), int(srow[-1]) + 1
+        scale = self._read(sch.scale, self._stored[sch.scale], s0 * grid_cols,
+                           (s1 - s0) * grid_cols).view(s1 - s0, grid_cols)
+        zero = None
+        if sch.zero_point is not None:
+            zero = self._read(sch.zero_point, self._stored[sch.zero_point], s0 * grid_cols,
+                              (s1 - s0) * grid_cols).view(s1 - s0, grid_cols)
+        if device is not None:
+            values, scale, srow = values.to(device), scale.to(device), srow.to(device)
+            zero = zero.to(device) if zero is not None else None
+        if sch.packed_bits:
+            values = q.unpack_int4(values, cols)
+        return q.dequantize_rows(values, scale, zero, bc, s0, srow, sch.compute, info.dtype)
+
+    def _read_quantized(self, info: TensorInfo, start: int, numel: int,
+                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Elements ``[start, start + numel)`` of a quantized tensor, dequantized a few rows at a
+        time into ``out`` (or a new 1-D tensor): the rows read are those the range touches."""
+        cols = info.shape[-1]
+        dest = out if out is not None else torch.empty(numel, dtype=info.dtype)
+        first, last = start // cols, q.ceil_div(start + numel, cols)
+        step = max(1, q.ROWS_NUMEL // cols)
+        pos = 0
+        for a in range(first, last, step):
+            b = min(a + step, last)
+            flat = self._quantized_rows(info, a, b).reshape(-1)
+            lo, hi = max(start, a * cols) - a * cols, min(start + numel, b * cols) - a * cols
+            dest[pos:pos + hi - lo] = flat[lo:hi]
+            pos += hi - lo
+        return dest
+
     # -- discovery -----------------------------------------------------------------------------
     def _discover(self) -> None:
         p = self.path
         index = p / SAFE_INDEX
         if index.is_file():
-            files = self._files_from_index(index)
-            self._read_safetensors(files, index_map=self._index_map)
+            files, index_map = self._files_from_index(index)
+            self._read_safetensors(files, index_map=index_map)
             return
         if (p / SAFE_SINGLE).is_file():
             self._read_safetensors([p / SAFE_SINGLE])
@@ -383,22 +522,21 @@ class Checkpoint:
         raise CheckpointError(f"{self.name}: {p}: no weights found (expected {SAFE_SINGLE} or "
                               f"{SAFE_INDEX} with its shards)")
 
-    def _files_from_index(self, index: Path) -> list[Path]:
+    def _files_from_index(self, index: Path) -> tuple[list[Path], dict[str, Path]]:
+        """The shards an index lists, and which one holds each tensor."""
         try:
             data = json.loads(index.read_text())
             wmap = data["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{self.name}: {index}: not a valid weight index ({exc})") from None
-        self._index_map = {k: self.path / v for k, v in wmap.items()}
-        files = sorted(set(self._index_map.values()))
+        index_map = {k: self.path / v for k, v in wmap.items()}
+        files = sorted(set(index_map.values()))
         for f in files:
             if not f.is_file():
-                users = sorted(k for k, v in self._index_map.items() if v == f)
+                users = sorted(k for k, v in index_map.items() if v == f)
                 raise CheckpointError(f"{self.name}: {f}: shard listed in {index.name} is missing "
                                       f"(holds {len(users)} tensors, e.g. {users[0]})")
-        return files
-
-    _index_map: Optional[dict] = None
+        return files, index_map
 
     def _read_safetensors(self, files: Sequence[Path], index_map: Optional[dict] = None) -> None:
         self.weight_files = list(files)
@@ -438,8 +576,8 @@ class Checkpoint:
                 raise CheckpointError(f"{self.name}: {f}: shard listed in {PICKLE_INDEX} is missing")
             sd = self._load_pickle(f)
             for key, t in sd.items():
-                self._infos[key] = TensorInfo(f, t.dtype, tuple(t.shape), -1,
-                                              t.numel() * t.element_size())
+                self._infos[key] = TensorInfo(f, t.dtype, tuple(t.shape), 0,
+                                              t.numel() * t.element_size(), SourceKind.PICKLE)
 
     def _load_pickle(self, f: Path) -> dict:
         cached_file, cached = self._pickle_cache
@@ -482,12 +620,14 @@ class Checkpoint:
 
     def get_tensor(self, key: str, device: Optional[torch.device] = None) -> torch.Tensor:
         """Tensor ``key``; ``device`` (for a quantized tensor): dequantize it there."""
-        if key in self._mxfp4:
-            return self._dequantize(key, device).clone()
         info = self.info(key)
+        if info.kind is SourceKind.MXFP4:
+            return self._dequantize(key, device).clone()
         numel = 1
         for s in info.shape:
             numel *= s
+        if info.dequantized and device is not None and device.type != "cpu":
+            return self._quantized_rows(info, 0, numel // info.shape[-1], device).reshape(info.shape)
         return self.read_part(key, 0, numel).reshape(info.shape)
 
     def read_part(self, key: str, start: int, numel: int,
@@ -501,9 +641,11 @@ class Checkpoint:
         if out is not None and (out.dtype != info.dtype or out.numel() != numel
                                 or not out.is_contiguous()):
             raise ValueError(f"{key}: out must be a contiguous {info.dtype} tensor of {numel} elements")
-        if key in self._mxfp4:
+        if info.kind is SourceKind.MXFP4:
             part = self._dequantize(key).reshape(-1)[start:start + numel]
             return out.copy_(part) if out is not None else part.clone()
+        if info.dequantized:
+            return self._read_quantized(info, start, numel, out)
         return self._read(key, info, start, numel, out)
 
     def _read(self, key: str, info: TensorInfo, start: int = 0, numel: Optional[int] = None,
@@ -515,11 +657,11 @@ class Checkpoint:
             numel = 1
             for s in info.shape:
                 numel *= s
-        if info.begin < 0:
+        if info.kind is SourceKind.PICKLE:
             t = self._load_pickle(info.file)[key].reshape(-1)[start:start + numel]
             t = out.copy_(t) if out is not None else t.clone()
             return t.reshape(info.shape) if whole else t
-        itemsize = torch.empty((), dtype=info.dtype).element_size()
+        itemsize = info.dtype.itemsize
         nbytes = numel * itemsize
         if (start + numel) * itemsize > info.nbytes:
             raise CheckpointError(f"{self.name}: {info.file}: tensor {key}: read past its end")
