@@ -129,14 +129,21 @@ def plan_cmd(config, model_config, tflops, as_json, run_dir, stages_dir, overrid
 
     cfg = _load(config, overrides)
     conf = json.loads(Path(model_config).read_text()) if model_config else None
+    stand_in = None
+    if conf is None:  # sources not readable yet: the base's config.json or a shipped shape (say which)
+        from harc_hpc.stages.layout import planning_config
+
+        conf, stand_in = planning_config(cfg, [Path(config).resolve().parent / "model-shapes"])
     try:
         cfg, plan, est, problems = plan_estimates(cfg, run_dir, stages_dir, conf, tflops)
     except HarcHpcError as exc:
         _fail(str(exc), exc.exit_code)
     if as_json:
-        click.echo(json.dumps({"stages": est["stages"], "tokens": est.get("tokens", {}), "problems": problems},
-                              indent=2))
+        click.echo(json.dumps({"stages": est["stages"], "tokens": est.get("tokens", {}), "problems": problems,
+                               "model_config": stand_in}, indent=2))
     else:
+        if stand_in:
+            click.echo(stand_in)
         click.echo(f"{plan.run_dir}: {len(plan.tasks)} tasks, {len(plan.layers)} layers in {len(plan.blocks)} blocks")
         click.echo(est["table"])
         for p in problems:

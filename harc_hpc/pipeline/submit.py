@@ -96,14 +96,19 @@ def save_run_config(cfg: PipelineConfig, run_dir: Path) -> Path:
     """Write ``run_dir/config.yaml`` and an immutable snapshot ``run_dir/configs/<digest>.yaml``.
 
     Jobs load the snapshot named in their payload, so a later submit with another config cannot
-    change what an already queued job computes under its recorded digest.
+    change what an already queued job computes under its recorded digest. Hub sources are pinned
+    first, in ``cfg`` too: ``owner/name[@rev]`` becomes ``owner/name@<commit>`` (the run's
+    ``sources.json`` keeps the commit of its first submit) and the snapshot is in the hub cache
+    (harc_hpc.io.sources.pin_sources).
     """
     import hashlib
 
     from harc_hpc.io.atomic import write_text_atomic
+    from harc_hpc.io.sources import pin_sources
     from harc_hpc.config import dump_config
 
     run_dir = Path(run_dir)
+    pin_sources(cfg, run_dir)
     text = dump_config(cfg)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     snapshot = run_dir / "configs" / f"{digest}.yaml"

@@ -7,6 +7,7 @@ use these functions, so the two can never disagree about a path or a block bound
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -82,6 +83,40 @@ def reference_config(cfg: PipelineConfig) -> dict:
 
         return moe_config(cfg)
     return model_config(cfg.models.sources[0].path, cfg.models.revision)
+
+
+def planning_config(cfg: PipelineConfig, shape_dirs=()) -> tuple[dict | None, str | None]:
+    """A config.json to plan from before the sources' weights exist (the shipped configs name
+    placeholder source paths), and a line saying which one and why: the base's config.json, else a
+    shape in ``shape_dirs`` whose file name begins the base's repository name
+    (``model-shapes/olmoe-1b-7b.json`` for ``allenai/OLMoE-1B-7B-0125``). (None, None) when the first
+    source's config.json is readable, or for a MergeME build (its MoE comes from the dense sources)."""
+    if cfg.mergeme is not None:
+        return None, None
+    src = cfg.models.sources[0]
+    try:
+        model_config(src.path, cfg.models.revision)
+        return None, None
+    except Exception as exc:  # a placeholder path, weights not downloaded yet, no hub: say which
+        why = f"models.sources[{src.name}].path is not readable yet: {getattr(exc, 'what', None) or exc}"
+    base = cfg.models.base
+    if base is None or base.startswith("demo:"):
+        return None, None
+    try:
+        return model_config(base, cfg.models.revision), f"planned from the config.json of models.base {base}; {why}"
+    except Exception as exc:
+        base_why = getattr(exc, "what", None) or f"{type(exc).__name__}: {exc}"
+    from harc_hpc.io.sources import split_revision
+
+    name = split_revision(base)[0].rstrip("/").rsplit("/", 1)[-1].lower()
+    shapes = [p for d in shape_dirs for p in sorted(Path(d).glob("*.json")) if name.startswith(p.stem.lower())]
+    if not shapes:
+        return None, None
+    shape = max(shapes, key=lambda p: len(p.stem))
+    shown = os.path.relpath(shape) if not os.path.relpath(shape).startswith("..") else str(shape)
+    return (json.loads(shape.read_text()),
+            f"planned from the shape {shown}, which matches models.base {base} (its config.json is not readable "
+            f"here either: {base_why});\n{why}")
 
 
 def family(cfg: PipelineConfig):
