@@ -80,6 +80,11 @@ EXTRA_TINY_CONFIGS.update({
     "kolibri1": _config("kolibri1", kw=lambda L, h, E, k: dict(
         num_local_experts=E, num_experts_per_tok=k, moe_intermediate_size=h, head_dim=h // 4,
         layer_types=(["sliding_attention", "full_attention"] * L)[:L])),
+    "phimoe": _config("phimoe", kw=lambda L, h, E, k: dict(num_local_experts=E, num_experts_per_tok=k)),
+    "nemotron_h": _config("nemotron_h", kw=lambda L, h, E, k: dict(
+        n_routed_experts=E, num_experts_per_tok=k, moe_intermediate_size=h, moe_shared_expert_intermediate_size=h,
+        head_dim=h // 4, layers_block_type=(["attention", "moe", "mamba", "moe"] * L)[:L], mamba_num_heads=4,
+        mamba_head_dim=16, n_groups=1, ssm_state_size=16, chunk_size=16)),
 })
 
 
@@ -104,6 +109,8 @@ NEW_TYPES = {
     "lfm2_moe": "short-convolution layers beside attention; sigmoid router with an expert bias",
     "flint": "sigmoid router without a bias; sliding and full attention",
     "kolibri1": "biased choice on the logits, sigmoid weights",
+    "phimoe": "sparsemixer router (renamed on load), LayerNorm layers",
+    "nemotron_h": "single-mixer blocks (Mamba-2, attention, MoE); backbone. prefix on disk; un-gated experts",
 }
 
 
@@ -183,6 +190,8 @@ SELECTORS = {
                                layer.feed_forward.expert_bias),
     "flint": lambda layer: (layer.mlp.gate, None),
     "kolibri1": lambda layer: (layer.mlp.gate, layer.mlp.gate.e_score_correction_bias),
+    "phimoe": lambda layer: (layer.mlp.router, None),
+    "nemotron_h": lambda layer: (layer.mixer.gate, layer.mixer.gate.e_score_correction_bias),
 }
 
 
@@ -240,19 +249,19 @@ def test_the_docs_table_is_current():
 
 
 def test_an_unsupported_type_gets_its_reason_and_the_same_exit_code_from_every_command(tmp_path):
-    """PhiMoE (a sparsemixer router): plan, a stage run and a submit all stop with the reason from
+    """JetMoE (two routers per layer): plan, a stage run and a submit all stop with the reason from
     docs/models.md and exit 2 (a usage error: the config names a model harc-hpc does not run), and
     nothing is written."""
     from click.testing import CliRunner
-    from transformers import AutoModelForCausalLM, PhimoeConfig
+    from transformers import AutoModelForCausalLM, JetMoeConfig
 
     from harc_hpc.cli import main
     from harc_hpc.models.coverage import UNSUPPORTED
     from pipeline_fixtures import char_tokenizer
 
     torch.manual_seed(0)
-    conf = PhimoeConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    conf = JetMoeConfig(vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                        num_key_value_heads=2, kv_channels=8, num_local_experts=4, num_experts_per_tok=2)
     src = build_tiny_sources(tmp_path / "src", family="olmoe", layers=2)  # for the data files
     for name in ("base", "math", "code"):
         AutoModelForCausalLM.from_config(conf).save_pretrained(src[name])
@@ -263,10 +272,10 @@ def test_an_unsupported_type_gets_its_reason_and_the_same_exit_code_from_every_c
                  ["submit", str(config), "--executor", "debug"]):
         out = CliRunner().invoke(main, args)
         codes[args[0]] = out.exit_code
-        assert "sparsemixer" in out.output and "docs/models.md" in out.output, out.output
+        assert "two routers" in out.output and "docs/models.md" in out.output, out.output
         assert "Traceback" not in out.output
     assert set(codes.values()) == {2}, codes
-    assert "sparsemixer" in UNSUPPORTED["phimoe"]
+    assert "two routers" in UNSUPPORTED["jetmoe"]
     run = load_config(config).run_dir
     assert not (run / "merged").exists()
 

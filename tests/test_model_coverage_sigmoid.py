@@ -116,6 +116,17 @@ def _minicpm5_moe(layers, hidden, experts, top_k, common):
                              head_dim=hidden // 4, **common)
 
 
+def _kimi_linear(layers, hidden, experts, top_k, common):
+    from transformers import KimiLinearConfig
+
+    common = {**common, "num_key_value_heads": 4}
+    return KimiLinearConfig(num_local_experts=experts, num_experts_per_tok=top_k, num_expert_group=2, topk_group=1,
+                            n_shared_experts=1, moe_intermediate_size=hidden, mlp_layer_types=_sparse(layers),
+                            q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                            linear_head_dim=8, linear_num_heads=4,
+                            layer_types=(["linear_attention", "full_attention"] * layers)[:layers], **common)
+
+
 TINY = {
     "glm4_moe_lite": _glm4_moe_lite,
     "deepseek_v32": _deepseek_v32,
@@ -128,6 +139,7 @@ TINY = {
     "hy_v3": _hy_v3,
     "exaone_moe": _exaone_moe,
     "minicpm5_moe": _minicpm5_moe,
+    "kimi_linear": _kimi_linear,
 }
 pipeline_fixtures.EXTRA_TINY_CONFIGS.update(TINY)
 
@@ -146,6 +158,7 @@ NEW_TYPES = {
     "exaone_moe": "the correction bias renamed on load (conversion mapping), sliding / full attention",
     "minicpm5_moe": "a gated query projection renamed on load (conversion mapping)",
     "hy_v3": "router, bias and shared experts renamed on load (conversion mapping), no groups",
+    "kimi_linear": "KDA linear attention beside MLA; Mixtral's layout renamed on load; Kimi's config keys",
 }
 
 # the submodule of the MoE block whose forward returns (router logits, top-k weights, top-k indices):

@@ -286,7 +286,7 @@ class LayerGrams:
 
 def _disk_key_fn(ckpt, fam, layer: int):
     keys = set(ckpt.keys())
-    prefix = f"model.layers.{layer}."
+    prefix = fam.disk_key(layer, "")
 
     def disk_key(name: str) -> Optional[str]:
         # as harc_hpc.models.onload.layer_state_dict maps in-memory names to on-disk ones

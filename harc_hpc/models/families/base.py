@@ -47,6 +47,9 @@ class MoEFamily:
 
     name: str = ""
     model_types: tuple[str, ...] = ()
+    #: on disk, the decoder layers' common prefix (``backbone.layers`` for Nemotron-H, whose checkpoints
+    #: transformers renames to ``model.layers`` on load)
+    disk_layers_prefix: str = "model.layers"
     #: on-disk module holding the router and the experts (in memory transformers 5 calls it ``mlp``)
     moe_module: str = "mlp"
     #: on-disk names of the per-expert gate, up and down projections
@@ -117,14 +120,27 @@ class MoEFamily:
         }
 
     # -- on-disk names --------------------------------------------------------------------------
+    def disk_key(self, layer: int, name: str) -> str:
+        """The on-disk key of tensor ``name`` (relative to a decoder layer) of decoder layer ``layer``."""
+        return f"{self.disk_layers_prefix}.{layer}.{name}"
+
+    def _layer_re(self) -> str:
+        """A regex of the on-disk decoder-layer prefix with the layer index as group 1."""
+        return rf"{re.escape(self.disk_layers_prefix)}\.(\d+)"
+
+    def layer_of_key(self, key: str) -> Optional[int]:
+        """The decoder layer an on-disk key belongs to (None for embeddings, final norm, head)."""
+        m = re.match(rf"{self._layer_re()}\.", key)
+        return int(m.group(1)) if m else None
+
     def _prefix(self, layer: int, layout: Layout) -> str:
         module = self.moe_module if layout == "per_expert" else "mlp"
-        return f"model.layers.{layer}.{module}"
+        return self.disk_key(layer, module)
 
     def router_key(self, layer: int, layout: Layout = "per_expert") -> str:
         """The router weight (K, d) of ``layer`` under the checkpoint's layout."""
         if self.router_disk_param:
-            return f"model.layers.{layer}.{self.router_disk_param}"
+            return self.disk_key(layer, self.router_disk_param)
         return f"{self._prefix(layer, layout)}.gate.weight"
 
     def expert_key(self, layer: int, expert: int, proj: Proj) -> str:
@@ -133,7 +149,7 @@ class MoEFamily:
 
     def fused_key(self, layer: int, which: Literal["gate_up", "down"]) -> str:
         """A layer's fused expert tensor in the transformers-5 in-memory layout."""
-        return f"model.layers.{layer}.mlp.experts.{which}_proj"
+        return self.disk_key(layer, f"mlp.experts.{which}_proj")
 
     def router_intercept_key(self, layer: int) -> Optional[str]:
         """The bias of the router's linear map (GPT-OSS), fitted with it as one more input column; None
@@ -164,30 +180,31 @@ class MoEFamily:
 
     def _expert_re(self) -> re.Pattern:
         names = "|".join(re.escape(v) for v in self.proj_names.values())
-        return re.compile(rf"^model\.layers\.(\d+)\.{re.escape(self.moe_module)}\.experts\.(\d+)\."
+        return re.compile(rf"^{self._layer_re()}\.{re.escape(self.moe_module)}\.experts\.(\d+)\."
                           rf"({names})\.weight$")
 
-    _fused_re = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj$")
+    def _fused_re(self) -> re.Pattern:
+        return re.compile(rf"^{self._layer_re()}\.mlp\.experts\.(gate_up|down)_proj$")
 
     def parse_expert_key(self, key: str) -> Optional[ExpertTensor]:
         m = self._expert_re().match(key)
         if m:
             inv = {v: k for k, v in self.proj_names.items()}
             return ExpertTensor(int(m.group(1)), int(m.group(2)), inv[m.group(3)])
-        m = self._fused_re.match(key)
+        m = self._fused_re().match(key)
         if m:
             return ExpertTensor(int(m.group(1)), None, m.group(2))
         if self.fused_disk_names:
             names = "|".join(re.escape(n) for n in self.fused_disk_names)
-            m = re.match(rf"^model\.layers\.(\d+)\.{re.escape(self.moe_module)}\.({names})$", key)
+            m = re.match(rf"^{self._layer_re()}\.{re.escape(self.moe_module)}\.({names})$", key)
             if m:
                 return ExpertTensor(int(m.group(1)), None, self.fused_disk_names[m.group(2)])
         return None
 
     def is_router_key(self, key: str) -> bool:
         if self.router_disk_param:
-            return re.fullmatch(rf"model\.layers\.\d+\.{re.escape(self.router_disk_param)}", key) is not None
-        return re.fullmatch(rf"model\.layers\.\d+\.({re.escape(self.moe_module)}|mlp)\.gate\.weight",
+            return re.fullmatch(rf"{self._layer_re()}\.{re.escape(self.router_disk_param)}", key) is not None
+        return re.fullmatch(rf"{self._layer_re()}\.({re.escape(self.moe_module)}|mlp)\.gate\.weight",
                             key) is not None
 
     def detect_layout(self, keys: Iterable[str]) -> Layout:

@@ -10,8 +10,9 @@ any other tensor). HARC calibrates W with the sigmoid gates' Bernoulli-KL object
 the correction bias is merged like any other tensor and never calibrated.
 
 DeepSeek-V3's and Kimi-K2's released weights are FP8 blocks with scales (``quantization_config``):
-the checkpoint reader refuses them (dequantize to bfloat16 first); bf16 checkpoints of this
-architecture (Moonlight, fine-tunes saved in bf16) are read as they are.
+the checkpoint reader dequantizes them on read (harc_hpc.io.quantized, bit for bit as transformers
+does) and the merge writes bfloat16, or FP8 blocks again with ``output.quantize: fp8-block``; bf16
+checkpoints of this architecture (Moonlight, fine-tunes saved in bf16) are read as they are.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class DeepseekV3Family(MoEFamily):
         return bool(cfg.get("norm_topk_prob", True))
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.mlp.gate.e_score_correction_bias"
+        return self.disk_key(layer, "mlp.gate.e_score_correction_bias")
 
     def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         k = logits.shape[1]

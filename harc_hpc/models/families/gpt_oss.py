@@ -35,13 +35,13 @@ class GptOssFamily(MoEFamily):
     attn_implementation = "eager"  # attention sinks: transformers has no SDPA path for them
 
     def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.mlp.router.weight"
+        return self.disk_key(layer, "mlp.router.weight")
 
     def router_intercept_key(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.mlp.router.bias"
+        return self.disk_key(layer, "mlp.router.bias")
 
     def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.mlp\.router\.weight", key) is not None
+        return re.fullmatch(rf"{self._layer_re()}\.mlp\.router\.weight", key) is not None
 
     def router_module(self, model, layer: int):
         return self.decoder_layers(model)[layer].mlp.router

@@ -26,7 +26,9 @@ class Llama4TextFamily(MoEFamily):
     router_link = "sigmoid"
     router_param = "feed_forward.router.weight"
     fused_orientation = "in_out"
-    _fused_re = re.compile(r"^model\.layers\.(\d+)\.feed_forward\.experts\.(gate_up|down)_proj$")
+
+    def _fused_re(self) -> re.Pattern:
+        return re.compile(rf"^{self._layer_re()}\.feed_forward\.experts\.(gate_up|down)_proj$")
 
     def moe_layers(self, cfg: dict) -> list[int]:
         if cfg.get("moe_layers") is not None:
@@ -35,13 +37,13 @@ class Llama4TextFamily(MoEFamily):
         return [l for l in range(self.num_layers(cfg)) if (l + 1) % step == 0]
 
     def router_key(self, layer: int, layout="per_expert") -> str:
-        return f"model.layers.{layer}.feed_forward.router.weight"
+        return self.disk_key(layer, "feed_forward.router.weight")
 
     def fused_key(self, layer: int, which) -> str:
-        return f"model.layers.{layer}.feed_forward.experts.{which}_proj"
+        return self.disk_key(layer, f"feed_forward.experts.{which}_proj")
 
     def is_router_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.feed_forward\.router\.weight", key) is not None
+        return re.fullmatch(rf"{self._layer_re()}\.feed_forward\.router\.weight", key) is not None
 
     def router_module(self, model, layer: int):
         ff = self.decoder_layers(model)[layer].feed_forward

@@ -19,11 +19,11 @@ class Qwen2MoeFamily(MoEFamily):
         return sparse_layers(cfg, self.num_layers(cfg), self.num_experts(cfg))
 
     def shared_expert_gate_key(self, layer: int) -> str:
-        return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
+        return self.disk_key(layer, "mlp.shared_expert_gate.weight")
 
     def shared_expert_key(self, layer: int, proj: str) -> str:
         """The shared expert's ``proj`` (gate, up or down) weight of ``layer``."""
-        return f"model.layers.{layer}.mlp.shared_expert.{self.proj_names[proj]}.weight"
+        return self.disk_key(layer, f"mlp.shared_expert.{self.proj_names[proj]}.weight")
 
     def is_router_key(self, key: str) -> bool:
         return super().is_router_key(key) and "shared_expert_gate" not in key

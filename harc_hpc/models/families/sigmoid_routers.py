@@ -97,7 +97,7 @@ class MiniMaxM2Family(SigmoidBiasFamily):
         return True
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.{self.moe_module}.e_score_correction_bias"
+        return self.disk_key(layer, f"{self.moe_module}.e_score_correction_bias")
 
 
 class AfmoeFamily(SigmoidBiasFamily):
@@ -117,7 +117,7 @@ class AfmoeFamily(SigmoidBiasFamily):
         return True
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.mlp.expert_bias"
+        return self.disk_key(layer, "mlp.expert_bias")
 
     def router_module(self, model, layer: int):
         router = getattr(getattr(self.decoder_layers(model)[layer], "mlp", None), "router", None)
@@ -165,7 +165,7 @@ class ExaoneMoeFamily(SigmoidBiasFamily):
     model_types = ("exaone_moe",)
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.mlp.e_score_correction_bias"
+        return self.disk_key(layer, "mlp.e_score_correction_bias")
 
 
 class MiniCpm5MoeFamily(SigmoidBiasFamily):
@@ -187,7 +187,7 @@ class HyV3Family(SigmoidBiasFamily):
         return True
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.mlp.expert_bias"
+        return self.disk_key(layer, "mlp.expert_bias")
 
 
 class MiniMaxM3VLTextFamily(SigmoidBiasFamily):
@@ -220,7 +220,7 @@ class Lfm2MoeFamily(SigmoidBiasFamily):
         return bool(cfg.get("norm_topk_prob", True))
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.feed_forward.expert_bias"
+        return self.disk_key(layer, "feed_forward.expert_bias")
 
 
 class FlintFamily(SigmoidBiasFamily):
@@ -256,14 +256,68 @@ class Kolibri1Family(SigmoidBiasFamily):
         return list(range(self.num_layers(cfg)))
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.moe.router.expert_bias"
+        return self.disk_key(layer, "moe.router.expert_bias")
 
     def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         scores = logits.float() if bias is None else logits.float() + bias.to(logits.device).float()
         return top_k_mask(scores, self.top_k(cfg))
 
 
+class NemotronHFamily(SigmoidBiasFamily):
+    """Nemotron-H / Nemotron-3 (``nemotron_h``): a stack of single-mixer blocks (``norm`` then ``mixer``:
+    Mamba-2, attention, a dense MLP or a MoE, by ``layers_block_type``); the MoE mixer has DeepSeek-V3's
+    router (``mixer.gate`` with its correction bias) and un-gated relu^2 experts (``up_proj`` /
+    ``down_proj`` only). On disk the layers sit under ``backbone.layers`` (transformers renames them
+    to ``model.layers`` on load). Not the pre-norm pair: captured layer-wise."""
+
+    name = "nemotron_h"
+    model_types = ("nemotron_h",)
+    disk_layers_prefix = "backbone.layers"
+    moe_module = "mixer"
+    ffn_module = "mixer"
+    proj_names = {"up": "up_proj", "down": "down_proj"}
+    router_param = "mixer.gate.weight"
+    router_disk_param = "mixer.gate.weight"
+    residual_capture = False
+
+    def num_layers(self, cfg: dict) -> int:
+        kinds = cfg.get("layers_block_type")
+        return len(kinds) if kinds else super().num_layers(cfg)
+
+    def moe_layers(self, cfg: dict) -> list[int]:
+        return [l for l, kind in enumerate(cfg.get("layers_block_type") or []) if kind == "moe"]
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return self.disk_key(layer, "mixer.gate.e_score_correction_bias")
+
+
+class KimiLinearFamily(SigmoidBiasFamily):
+    """Kimi-Linear (``kimi_linear``): KDA linear attention beside MLA, DeepSeek-V3's router with Mixtral's
+    on-disk layout (``block_sparse_moe``, its bias under ``block_sparse_moe.gate``, experts
+    ``w1``/``w3``/``w2``) renamed ``mlp`` on load; its config writes Kimi's own key names
+    (``num_experts_per_token``, ``num_expert_group``, ``moe_renormalize``)."""
+
+    name = "kimi_linear"
+    model_types = ("kimi_linear",)
+    moe_module = "block_sparse_moe"
+    proj_names = {"gate": "w1", "up": "w3", "down": "w2"}
+
+    def top_k(self, cfg: dict) -> int:
+        return int(cfg.get("num_experts_per_token") or cfg["num_experts_per_tok"])
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return bool(cfg.get("moe_renormalize", True))
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return self.disk_key(layer, f"{self.moe_module}.gate.e_score_correction_bias")
+
+    def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        grouped = {**cfg, "n_group": cfg.get("num_expert_group") or cfg.get("n_group")}
+        return super().selection_mask(grouped, logits, bias)
+
+
 #: the instances harc_hpc.models.families registers
 SIGMOID_FAMILIES = (Glm4MoeLiteFamily(), DeepseekV32Family(), SolarOpenFamily(), Dots1Family(), MiniMaxM2Family(),
                     AfmoeFamily(), MiMoV2FlashFamily(), ExaoneMoeFamily(), MiniCpm5MoeFamily(), HyV3Family(),
-                    MiniMaxM3VLTextFamily(), Lfm2MoeFamily(), FlintFamily(), Kolibri1Family())
+                    MiniMaxM3VLTextFamily(), Lfm2MoeFamily(), FlintFamily(), Kolibri1Family(),
+                    NemotronHFamily(), KimiLinearFamily())

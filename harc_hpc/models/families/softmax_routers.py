@@ -99,7 +99,7 @@ class Ernie45MoeFamily(MoEFamily):
         return [l for l in range(self.num_layers(cfg)) if start <= l <= end and (l - start) % step == 0]
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return f"model.layers.{layer}.mlp.moe_statics.e_score_correction_bias"
+        return self.disk_key(layer, "mlp.moe_statics.e_score_correction_bias")
 
     def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         scores = torch.softmax(logits.float(), dim=-1)
@@ -234,6 +234,26 @@ class GraniteMoeSWAFamily(GraniteMoeFamily):
     router_disk_param = "block_sparse_moe.router.weight"
 
 
-SOFTMAX_FAMILIES = (FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily(),
+class PhimoeFamily(MixtralFamily):
+    """Phi-3.5-MoE (``phimoe``): Mixtral's layout on disk, the router renamed ``mlp.router`` on load.
+    Its router is a sparsemixer: at inference it picks the largest logit, then the largest of the
+    rest (the top 2 of the logits, as softmax top-k picks), and weights each pick by a softmax over
+    the logits within a relative threshold (``router_jitter_noise``) of that pick's. The choice is
+    the softmax's top-k, so HARC fits it with the softmax objective: the refit router's logit order
+    (what the sparsemixer reads) is what that objective matches; the threshold only shapes weights."""
+
+    name = "phimoe"
+    model_types = ("phimoe",)
+    router_kind = "sparsemixer: the top 2 logits, each weighted by a thresholded softmax"
+    router_param = "mlp.router.weight"
+
+    def top_k(self, cfg: dict) -> int:
+        return 2  # the sparsemixer always picks two experts (num_experts_per_tok is not read)
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return False
+
+
+SOFTMAX_FAMILIES = (PhimoeFamily(), FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily(),
                     MellumFamily(), MiniMaxFamily(), GraniteMoeHybridFamily(), DeepseekV2Family(), JambaFamily(),
                     Cohere2MoeFamily(), GraniteMoeSWAFamily())

@@ -25,20 +25,15 @@ UNSUPPORTED: dict[str, str] = {
     "glm_moe_dsa": _STATE,
     "hy_v4": _STATE,
     # router kinds without a fitted objective yet
-    "phimoe": "its router is a sparsemixer (masked softmax, top-1 then a second pick): no HARC objective "
-              "for it yet",
     "jetmoe": "two routers per layer (attention experts and MLP experts): only one router per layer is "
               "calibrated",
     "inkling_text": "its router scores the shared experts in the same matrix as the routed ones",
     "laguna": "its router soft-caps the logits (tanh) before the sigmoid: not the sigmoid gates' objective",
     "ergo": _TODO.format(what="custom tensor names without the model. prefix and residual gates"),
     # layouts the merge and statistics stages do not read yet
-    "nemotron_h": _TODO.format(what="the checkpoint's backbone. prefix in the merge and statistics stages "
-                                    "(the layer-wise forward runs it)"),
     "param2moe": _TODO.format(what="a fused query_key_value split into three on load"),
     "sarvam_moe": _TODO.format(what="a fused query_key_value split into three on load"),
     "sarvam_mla": _TODO.format(what="MLA attention with a fused projection"),
-    "kimi_linear": _TODO.format(what="its KDA linear attention and router"),
     "gemma4_text": _TODO.format(what="per-layer input embeddings computed outside the decoder layers"),
     "beam": _TODO.format(what="its attention layout"),
     "axk1": _TODO.format(what="its attention layout"),
