@@ -5,6 +5,7 @@ from harc_hpc.math.distributed import ProcessGroupReducer, Reducer, shard_rows, 
 from harc_hpc.math.inputs import TokenChunks
 from harc_hpc.math.metrics import router_kl, topk_mismatch
 from harc_hpc.math.operator import HESSIANS, TaskCurvature
+from harc_hpc.math.settings import SolverSettings
 from harc_hpc.math.solver import OBJECTIVES, SOLVERS, RouterSolution, solve_router
 from harc_hpc.math.statistics import TaskStatistics, compute_task_statistics
 
@@ -17,6 +18,7 @@ __all__ = [
     "Reducer",
     "RouterSolution",
     "SOLVERS",
+    "SolverSettings",
     "TaskCurvature",
     "TaskStatistics",
     "TokenChunks",

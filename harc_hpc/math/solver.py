@@ -29,7 +29,6 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from harc_hpc.math.cg import (
-    PRECONDITIONERS,
     ExpertBlockPreconditioner,
     KroneckerPreconditioner,
     conjugate_gradient,
@@ -37,16 +36,16 @@ from harc_hpc.math.cg import (
     refine,
 )
 from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reducer
-from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
+from harc_hpc.math.inputs import TokenChunks, TokenInput
 from harc_hpc.math.metrics import mean_kl
-from harc_hpc.math.operator import TaskCurvature, check_hessian, check_link, curvature_hessian, log_probs
+from harc_hpc.math.operator import TaskCurvature, curvature_hessian, log_probs
+from harc_hpc.math.settings import OBJECTIVES, SOLVERS, SolverSettings, settings_of
 from harc_hpc.math.statistics import TaskStatistics, router_digest, statistics_from_curvature
 
-SOLVERS = ("cg", "pcg", "direct", "auto")
+__all__ = ["OBJECTIVES", "SOLVERS", "RouterSolution", "SolverSettings", "solve_router"]
 # solver="direct" materialises the (K d)^2 float64 system; beyond this it is refused rather than
 # letting a cluster job die in the allocator (OLMoE's K d = 131072 would need 137 GB).
 DIRECT_MAX_BYTES = 4 << 30
-OBJECTIVES = ("quadratic", "kl")
 
 
 @dataclass
@@ -112,21 +111,6 @@ def _min_change_dense_solve(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, 
     return w0 + (q[:, keep] @ coef).reshape(shape)
 
 
-def check_settings(init: torch.Tensor, alpha: float, hessian: str, solver: str, objective: str, preconditioner: str):
-    """The settings every router fit takes (solve_router, harc_hpc.math.targets.fit_router_to_targets)."""
-    check_hessian(hessian)
-    if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if preconditioner not in PRECONDITIONERS:
-        raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
-    if not (0.0 < float(alpha) <= 1.0):
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    if init.ndim != 2:
-        raise ValueError(f"init must be (K, d), got {tuple(init.shape)}")
-
-
 def choose_solver(solver: str, preconditioner: str, k: int, d: int, direct_max_size: int) -> tuple[str, str]:
     """The solver (``auto``: ``direct`` up to ``direct_max_size`` unknowns, else ``pcg``) and the
     preconditioner it uses for a (k, d) router; a dense system over DIRECT_MAX_BYTES is refused."""
@@ -148,17 +132,6 @@ def solve_direct(system: "HarcSystem", b: torch.Tensor, w0: torch.Tensor) -> tup
     return w, residual, bool(torch.isfinite(w).all())
 
 
-def _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics):
-    check_settings(init, alpha, hessian, solver, objective, preconditioner)
-    if len(inputs) != len(source_routers) or len(inputs) == 0:
-        raise ValueError(f"need one input set per source router, got {len(inputs)} and {len(source_routers)}")
-    for i, w in enumerate(source_routers):
-        if tuple(w.shape) != tuple(init.shape):
-            raise ValueError(f"source router {i} has shape {tuple(w.shape)}, init {tuple(init.shape)}")
-    if statistics is not None and len(statistics) != len(inputs):
-        raise ValueError(f"{len(statistics)} statistics for {len(inputs)} tasks")
-
-
 def _check_statistics(s: TaskStatistics, i: int, hessian: str, w_i: torch.Tensor, num_tokens: int):
     if s.hessian != hessian:
         raise ValueError(f"statistics {i} were computed with hessian={s.hessian!r}, solving with {hessian!r}")
@@ -170,7 +143,7 @@ def _check_statistics(s: TaskStatistics, i: int, hessian: str, w_i: torch.Tensor
         raise ValueError(f"statistics {i} counted {s.num_tokens} tokens, the inputs have {num_tokens}")
 
 
-DEFAULT_EXPERT_BLOCK_TOKENS = 256
+DEFAULT_EXPERT_BLOCK_TOKENS = SolverSettings.expert_block_tokens
 
 
 def expert_block_rows(curvatures, expert_block_tokens: int) -> torch.Tensor:
@@ -202,165 +175,178 @@ def solve_router(
     inputs: Sequence[TokenInput],
     source_routers: Sequence[torch.Tensor],
     init: torch.Tensor,
-    alpha: float = 0.9,
-    hessian: str = "full",
-    solver: str = "pcg",
-    objective: str = "quadratic",
-    tol: float = 1e-6,
-    max_iter: int = 1000,
-    preconditioner: str = "jacobi",
-    statistics: Optional[Sequence[TaskStatistics]] = None,
+    settings: Optional[SolverSettings] = None,
     *,
-    compute_dtype: Optional[torch.dtype] = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    cache_bytes: int = 4 << 30,
-    direct_max_size: int = 4096,
-    kl_max_steps: int = 30,
-    kl_tol: Optional[float] = None,
-    kronecker_tokens: Optional[int] = 8192,
-    expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS,
+    statistics: Optional[Sequence[TaskStatistics]] = None,
     callback: Optional[Callable[[int, float], None]] = None,
-    inner_dtype: Optional[torch.dtype] = None,
-    inner_tol: float = 1e-2,
     process_group: ProcessGroupLike = None,
-    keep_input_dtype: bool = False,
-    link: str = "softmax",
-    intercept: bool = False,
+    **fields,
 ) -> RouterSolution:
     """Calibrate one layer's router.
 
     inputs[i]: task i's router inputs (merged model), an (N_i, d) tensor or a re-iterable of (n, d)
-    chunks; source_routers[i]: W_i (K, d); init: the merged router (K, d), the starting point.
-    GEMMs run in ``compute_dtype`` (default: the inputs' dtype, float32 for half types); all
-    reductions, CG vectors and scalars are float64. ``kronecker_tokens`` caps the tokens per task
-    used to estimate E[x x^T] for the Kronecker preconditioner (None: all). ``callback(iteration,
-    relative_residual)`` follows the quadratic solve's CG iterations (progress reporting).
-    ``inner_dtype`` (torch.bfloat16 / torch.float16) solves the quadratic system by mixed-precision
-    iterative refinement: residuals with the exact operator, corrections by PCG with 16-bit GEMMs to
-    ``inner_tol``; same stopping rule on the exact residual. If refinement stalls, plain PCG on the
-    exact operator finishes from where it got.
+    chunks (one that is already a ``TokenChunks`` is used as it is: two solves on the same inputs, a
+    router and its shared-expert gate, then read them once); source_routers[i]: W_i (K, d); init: the
+    merged router (K, d), the starting point. ``settings`` (harc_hpc.math.settings.SolverSettings,
+    default: its defaults) say how; keyword ``fields`` change single settings of it
+    (``solve_router(xs, ws, w0, solver="direct")``). All reductions, CG vectors and scalars are float64.
 
-    ``process_group`` (a torch.distributed process group, e.g. ``dist.group.WORLD``, or a
-    ``Reducer``): data-parallel solve. Every rank calls solve_router with the same routers and
-    arguments and its own shard of each task's tokens (contiguous rows, any sizes, empty allowed;
-    ``statistics``, if given, are the global ones). Every token sum is computed locally in float64,
-    all-reduced and divided by the global token count; all ranks return the same router, equal to
-    the one-process solve up to the rounding of the changed summation order. None: one process.
+    ``statistics``: each task's ``TaskStatistics`` (compute-statistics' output, the global ones in a
+    distributed solve); they replace a pass over the inputs and must belong to these routers and inputs.
+    ``callback(iteration, relative_residual)`` follows the quadratic solve's CG iterations.
 
-    ``keep_input_dtype``: inputs that arrive narrower than ``compute_dtype`` (bfloat16 chunks from
-    the activation store) stay resident in that dtype and are widened one chunk at a time when used:
-    the same answer, bit for bit, in the storage size (a quarter of float64) plus one chunk.
-
-    ``link="sigmoid"``: a gate of independent sigmoid outputs (Qwen2-MoE's shared-expert gate, a
-    DeepSeek-V3-style router's scores) instead of a softmax over experts. Each output's objective
-    is the Bernoulli KL to the sources' gate, its curvature E[s_i (1 - s_i) x x^T]; the outputs do not
-    couple, so ``hessian="full"`` is the diagonal-across-outputs operator, and the KLs reported are
-    per-output Bernoulli KLs summed. The exact-KL objective is not offered for sigmoid gates.
-
-    An input that is already a ``TokenChunks`` is used as it is (its own dtype, device, chunking and
-    residency): two solves on the same inputs (a router and its shared-expert gate) then read them once.
-
-    ``intercept``: the routers carry a bias in their last column, (K, d + 1) = [W | b], and the
-    inputs (n, d) are extended by a column of ones: the bias is fitted as one more input column.
+    ``process_group`` (a torch.distributed process group, e.g. ``dist.group.WORLD``, or a ``Reducer``):
+    data-parallel solve. Every rank calls solve_router with the same routers and settings and its own
+    shard of each task's tokens (contiguous rows, any sizes, empty allowed). Every token sum is
+    computed locally in float64, all-reduced and divided by the global token count; all ranks return
+    the same router, equal to the one-process solve up to the rounding of the changed summation
+    order. None: one process.
     """
     t_start = time.perf_counter()
+    s = settings_of(settings, fields)
     reducer = as_reducer(process_group)
-    check_link(link)
-    if link == "sigmoid" and objective == "kl":
-        raise ValueError("objective='kl' is not implemented for sigmoid gates (link='sigmoid'): use 'quadratic'")
-    _check_args(inputs, source_routers, init, alpha, hessian, solver, objective, preconditioner, statistics)
-    if inner_dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"inner_dtype must be None, torch.bfloat16, torch.float16 or torch.float32, got {inner_dtype}")
-    if not 0.0 < inner_tol < 1.0:
-        raise ValueError(f"inner_tol must be in (0, 1), got {inner_tol}")
-    alpha = float(alpha)
+    _check_problem(inputs, source_routers, init, statistics)
+    k, d = init.shape
+    device = init.device
+    chunks = token_chunks(inputs, s, init)
+    sources = [w.detach().to(device=device, dtype=torch.float64) for w in source_routers]
+    w0 = init.detach().to(dtype=torch.float64)
+    s = resolve_solver(s, k, d)
+
+    curvatures = [TaskCurvature(c, w, s.hessian, reducer=reducer, link=s.link) for c, w in zip(chunks, sources)]
+    if statistics is not None:
+        stats = []
+        for i, (st, w, cv) in enumerate(zip(statistics, sources, curvatures)):
+            _check_statistics(st, i, curvature_hessian(s.hessian, s.link), w, cv.num_tokens)
+            stats.append(st.to(device))
+        kl_before = [mean_kl(c, w, w0, reducer, s.link) for c, w in zip(chunks, sources)]
+    else:
+        stats = [statistics_from_curvature(cv, w, w0) for cv, w in zip(curvatures, sources)]
+        kl_before = [st.kl for st in stats]
+
+    diagonal = sum_in_order(st.sigma_diag for st in stats)
+    b = sum_in_order(st.rhs(w, s.alpha) for st, w in zip(stats, sources))
+    system = HarcSystem(curvatures, diagonal, s.alpha)
+    expert_factor = input_factor = None
+    if s.preconditioner == "kronecker":
+        expert_factor = sum_in_order(st.hessian_mean for st in stats)
+        grams = [st.input_gram if st.input_gram is not None else cv.input_gram(s.kronecker_tokens)
+                 for st, cv in zip(stats, curvatures)]
+        input_factor = sum_in_order(grams) / len(grams)
+    project_null = s.alpha == 1.0 and s.hessian == "full" and s.link == "softmax"
+    fit = solve_quadratic(system, b, w0, s, callback,
+                          lambda: _preconditioner(s.preconditioner, system, expert_factor, input_factor,
+                                                  project_null, s.expert_block_tokens))
+    if s.objective == "kl":
+        fit = fit_kl(fit, [_KLTask(c, w, reducer) for c, w in zip(chunks, sources)], chunks, s, input_factor,
+                     reducer)
+    kl_after = [mean_kl(c, w, fit.weight, reducer, s.link) for c, w in zip(chunks, sources)]
+    reducer.check_replicated(fit.weight, "solved router")
+    return fit.solution(init, s, kl_before, kl_after, time.perf_counter() - t_start)
+
+
+def _check_problem(inputs, source_routers, init, statistics) -> None:
+    if init.ndim != 2:
+        raise ValueError(f"init must be (K, d), got {tuple(init.shape)}")
+    if len(inputs) != len(source_routers) or len(inputs) == 0:
+        raise ValueError(f"need one input set per source router, got {len(inputs)} and {len(source_routers)}")
+    for i, w in enumerate(source_routers):
+        if tuple(w.shape) != tuple(init.shape):
+            raise ValueError(f"source router {i} has shape {tuple(w.shape)}, init {tuple(init.shape)}")
+    if statistics is not None and len(statistics) != len(inputs):
+        raise ValueError(f"{len(statistics)} statistics for {len(inputs)} tasks")
+
+
+def token_chunks(inputs: Sequence[TokenInput], s: SolverSettings, init: torch.Tensor) -> list[TokenChunks]:
+    """Each task's inputs as ``TokenChunks`` for a router like ``init``, held as the settings say (one
+    that already is a ``TokenChunks`` is used as it is)."""
     k, d = init.shape
     device = init.device
     chunks = [x if isinstance(x, TokenChunks) else
-              TokenChunks(x, dim=d, dtype=compute_dtype, device=device, chunk_tokens=chunk_tokens,
-                          cache_bytes=cache_bytes, keep_input_dtype=keep_input_dtype, intercept=intercept)
+              TokenChunks(x, dim=d, dtype=s.compute_dtype, device=device, chunk_tokens=s.chunk_tokens,
+                          cache_bytes=s.cache_bytes, keep_input_dtype=s.keep_input_dtype, intercept=s.intercept)
               for x in inputs]
     for c in chunks:
-        if c.dim is not None and c.dim != d or c.intercept != intercept:
+        if c.dim is not None and c.dim != d or c.intercept != s.intercept:
             raise ValueError(f"TokenChunks of width {c.dim} (intercept={c.intercept}) given for a ({k}, {d}) "
-                             f"router with intercept={intercept}")
-    sources = [w.detach().to(device=device, dtype=torch.float64) for w in source_routers]
-    w0 = init.detach().to(dtype=torch.float64)
-    solver, precond = choose_solver(solver, preconditioner, k, d, direct_max_size)
+                             f"router with intercept={s.intercept}")
+    return chunks
 
-    curvatures = [TaskCurvature(c, w, hessian, reducer=reducer, link=link) for c, w in zip(chunks, sources)]
-    if statistics is not None:
-        stats = []
-        for i, (s, w, cv) in enumerate(zip(statistics, sources, curvatures)):
-            _check_statistics(s, i, curvature_hessian(hessian, link), w, cv.num_tokens)
-            stats.append(s.to(device))
-        kl_before = [mean_kl(c, w, w0, reducer, link) for c, w in zip(chunks, sources)]
-    else:
-        stats = [statistics_from_curvature(cv, w, w0) for cv, w in zip(curvatures, sources)]
-        kl_before = [s.kl for s in stats]
 
-    diagonal = sum_in_order(s.sigma_diag for s in stats)
-    b = sum_in_order(s.rhs(w, alpha) for s, w in zip(stats, sources))
-    system = HarcSystem(curvatures, diagonal, alpha)
-    project_null = alpha == 1.0 and hessian == "full" and link == "softmax"
-    expert_factor = input_factor = None
-    if precond == "kronecker":
-        expert_factor = sum_in_order(s.hessian_mean for s in stats)
-        grams = [s.input_gram if s.input_gram is not None else cv.input_gram(kronecker_tokens)
-                 for s, cv in zip(stats, curvatures)]
-        input_factor = sum_in_order(grams) / len(grams)
+def resolve_solver(s: SolverSettings, k: int, d: int) -> SolverSettings:
+    """The settings with ``solver`` and ``preconditioner`` as used for a (k, d) router (choose_solver)."""
+    solver, precond = choose_solver(s.solver, s.preconditioner, k, d, s.direct_max_size)
+    return s.replace(solver=solver, preconditioner=precond)
 
-    history: list = []
-    if solver == "direct":
+
+@dataclass
+class QuadraticFit:
+    """Where a fit got: the iterate and how (turned into a RouterSolution by ``solution``)."""
+
+    weight: torch.Tensor  # float64 (K, d)
+    iterations: int
+    residual: float
+    converged: bool
+    history: list
+    quadratic_iterations: int = 0
+    newton_steps: int = 0
+
+    def solution(self, init: torch.Tensor, s: SolverSettings, kl_before, kl_after, seconds: float) -> RouterSolution:
+        return RouterSolution(
+            weight=self.weight.to(dtype=init.dtype, device=init.device),
+            iterations=int(self.iterations),
+            relative_residual=float(self.residual),
+            converged=bool(self.converged),
+            kl_before=[float(v) for v in kl_before],
+            kl_after=[float(v) for v in kl_after],
+            solver=s.solver,
+            preconditioner=s.preconditioner,
+            objective=s.objective,
+            hessian=s.hessian,
+            alpha=s.alpha,
+            residual_history=self.history,
+            newton_steps=self.newton_steps,
+            seconds=seconds,
+            quadratic_iterations=int(self.quadratic_iterations),
+        )
+
+
+def solve_quadratic(system: HarcSystem, b: torch.Tensor, w0: torch.Tensor, s: SolverSettings,
+                    callback: Optional[Callable[[int, float], None]], preconditioner: Callable) -> QuadraticFit:
+    """system w = b from ``w0`` by the settings' (resolved) solver: dense, PCG, or, with
+    ``inner_dtype``, mixed-precision refinement that plain PCG finishes if it stalls.
+    ``preconditioner()`` builds the preconditioner (not needed by the dense solve)."""
+    if s.solver == "direct":
         w, residual, converged = solve_direct(system, b, w0)
-        iterations = 0
+        return QuadraticFit(w, 0, residual, converged, [])
+    pre = preconditioner()
+    if s.inner_dtype is None:
+        res = conjugate_gradient(system.apply, b, w0, precondition=pre, tol=s.tol, max_iter=s.max_iter,
+                                 callback=callback)
     else:
-        pre = _preconditioner(precond, system, expert_factor, input_factor, project_null, expert_block_tokens)
-        if inner_dtype is not None:
-            low = HarcSystem([c.lowered(inner_dtype) for c in curvatures], diagonal, alpha)
-            res = refine(system.apply, low.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter,
-                         inner_tol=inner_tol, callback=callback)
-            del low
-            if not res.converged and res.iterations < max_iter:
-                done = res.iterations
-                rest = conjugate_gradient(system.apply, b, res.x, precondition=pre, tol=tol,
-                                          max_iter=max_iter - done,
-                                          callback=None if callback is None else (lambda i, r: callback(done + i, r)))
-                rest.iterations += done
-                rest.history = res.history + rest.history
-                res = rest
-        else:
-            res = conjugate_gradient(system.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter,
-                                     callback=callback)
-        w, iterations, residual, converged, history = res.x, res.iterations, res.relative_residual, res.converged, res.history
-    quadratic_iterations = iterations
-    newton_steps = 0
-    if objective == "kl":
-        fit = _fit_kl(chunks, sources, w, alpha=alpha, solver=solver, preconditioner=precond,
-                      input_factor=input_factor, expert_block_tokens=expert_block_tokens, max_iter=max_iter, max_steps=kl_max_steps,
-                      grad_tol=tol if kl_tol is None else kl_tol, reducer=reducer)
-        w = fit["weight"]
-        iterations += fit["iterations"]
-        residual, converged, newton_steps = fit["relative_gradient"], fit["converged"], fit["steps"]
-    kl_after = [mean_kl(c, s, w, reducer, link) for c, s in zip(chunks, sources)]
-    reducer.check_replicated(w, "solved router")
-    return RouterSolution(
-        weight=w.to(dtype=init.dtype, device=init.device),
-        iterations=int(iterations),
-        relative_residual=float(residual),
-        converged=bool(converged),
-        kl_before=[float(v) for v in kl_before],
-        kl_after=[float(v) for v in kl_after],
-        solver=solver,
-        preconditioner=precond,
-        objective=objective,
-        hessian=hessian,
-        alpha=alpha,
-        residual_history=history,
-        newton_steps=newton_steps,
-        seconds=time.perf_counter() - t_start,
-        quadratic_iterations=int(quadratic_iterations),
-    )
+        low = HarcSystem([c.lowered(s.inner_dtype) for c in system.curvatures], system.diagonal, system.alpha)
+        res = refine(system.apply, low.apply, b, w0, precondition=pre, tol=s.tol, max_iter=s.max_iter,
+                     inner_tol=s.inner_tol, callback=callback)
+        del low
+        if not res.converged and res.iterations < s.max_iter:
+            done = res.iterations
+            rest = conjugate_gradient(system.apply, b, res.x, precondition=pre, tol=s.tol,
+                                      max_iter=s.max_iter - done,
+                                      callback=None if callback is None else (lambda i, r: callback(done + i, r)))
+            rest.iterations += done
+            rest.history = res.history + rest.history
+            res = rest
+    return QuadraticFit(res.x, res.iterations, res.relative_residual, res.converged, res.history,
+                        quadratic_iterations=res.iterations)
+
+
+def fit_kl(start: QuadraticFit, tasks: Sequence["_KLTask"], chunks, s: SolverSettings, input_factor,
+           reducer: Reducer) -> QuadraticFit:
+    """objective="kl": Levenberg-Marquardt steps on the exact objective from the quadratic solution."""
+    fit = _fit_kl(tasks, chunks, start.weight, s, input_factor, reducer)
+    return QuadraticFit(fit["weight"], start.iterations + fit["iterations"], fit["relative_gradient"],
+                        fit["converged"], start.history, quadratic_iterations=start.iterations,
+                        newton_steps=fit["steps"])
 
 
 def sum_in_order(values):
@@ -418,8 +404,7 @@ class _KLTask:
         return loss / n, (grad / n if with_gradient else None), probs
 
 
-def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_factor, max_iter, max_steps, grad_tol,
-            reducer: Reducer = LOCAL, targets=None, expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS):
+def _fit_kl(tasks: Sequence[_KLTask], chunks, w_start, s: SolverSettings, input_factor, reducer: Reducer = LOCAL):
     """Levenberg-Marquardt on sum_i E KL(r_i || softmax(W x)).
 
     Each step solves (Hess(W) + lambda diag(Hess(W))) dW = -grad. The loss is convex soft-label
@@ -428,10 +413,9 @@ def _fit_kl(chunks, sources, w_start, *, alpha, solver, preconditioner, input_fa
     (1 - alpha) / alpha, the damping HARC's alpha itself applies, and adapts to the ratio of actual
     to predicted decrease, so the last steps are undamped Newton steps (fast local convergence).
     """
-    if targets is None:
-        tasks = [_KLTask(c, s, reducer) for c, s in zip(chunks, sources)]
-    else:  # fixed per-task target distributions instead of source routers
-        tasks = [_KLTask(c, None, reducer, target=q) for c, q in zip(chunks, targets)]
+    alpha, solver, preconditioner = s.alpha, s.solver, s.preconditioner
+    max_iter, max_steps, grad_tol = s.max_iter, s.kl_max_steps, s.kl_gradient_tol
+    expert_block_tokens = s.expert_block_tokens
     lam = (1.0 - alpha) / alpha if alpha < 1.0 else 1e-3
     lam_min = 1e-9
     w = w_start.clone()

@@ -36,13 +36,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from harc_hpc.errors import UsageError
 from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reducer
-from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
+from harc_hpc.math.inputs import TokenChunks, TokenInput
 from harc_hpc.math.operator import TaskCurvature
-from harc_hpc.math.solver import (DEFAULT_EXPERT_BLOCK_TOKENS, HarcSystem, RouterSolution, _check_statistics, _fit_kl, _preconditioner,
-                                  check_settings, choose_solver, solve_direct, sum_in_order)
+from harc_hpc.math.settings import SolverSettings, settings_of
+from harc_hpc.math.solver import (HarcSystem, RouterSolution, _check_statistics, _KLTask, _preconditioner, fit_kl,
+                                  resolve_solver, solve_quadratic, sum_in_order, token_chunks)
 from harc_hpc.math.statistics import TaskStatistics
-from harc_hpc.math.cg import conjugate_gradient
 
 
 def domain_targets(num_experts: int, experts: Sequence[int], smoothing: float = 0.0) -> list[torch.Tensor]:
@@ -114,67 +115,66 @@ def target_share(chunks: TokenChunks, expert: int, w: torch.Tensor, top_k: int =
     return reducer.sum_int(hit) / max(1, reducer.sum_int(n))
 
 
+def target_fit_problems(s: SolverSettings) -> list[str]:
+    """The settings a target fit does not take, one line each (empty: none)."""
+    out = []
+    if s.preconditioner == "kronecker":
+        out.append("preconditioner 'kronecker' is not offered for target fits: use 'jacobi'")
+    if s.link != "softmax" or s.intercept:
+        out.append("a target fit is for softmax routers without a bias (link='softmax', intercept=False)")
+    if s.inner_dtype is not None:
+        out.append("a target fit has no mixed precision (inner_dtype=None)")
+    return out
+
+
 def fit_router_to_targets(
     inputs: Sequence[TokenInput],
     targets: Sequence[torch.Tensor],
     init: torch.Tensor,
-    alpha: float = 0.9,
-    hessian: str = "full",
-    solver: str = "pcg",
-    objective: str = "quadratic",
-    tol: float = 1e-6,
-    max_iter: int = 1000,
-    preconditioner: str = "jacobi",
+    settings: Optional[SolverSettings] = None,
     *,
-    compute_dtype: Optional[torch.dtype] = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    cache_bytes: int = 4 << 30,
-    direct_max_size: int = 4096,
-    kl_max_steps: int = 30,
-    kl_tol: Optional[float] = None,
-    expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS,
+    statistics: Optional[Sequence[TaskStatistics]] = None,
     callback: Optional[Callable[[int, float], None]] = None,
     process_group: ProcessGroupLike = None,
-    keep_input_dtype: bool = False,
-    statistics: Optional[Sequence[TaskStatistics]] = None,
+    **fields,
 ) -> RouterSolution:
     """The router (K, d) minimising sum_i E_{x in task i} KL(q_i || softmax(W x)) (module docstring).
 
     inputs[i]: task i's router inputs, an (N_i, d) tensor or a re-iterable of (n, d) chunks;
     targets[i]: q_i, a probability vector (K,) (``domain_targets``); init: W0 (K, d), the point of
-    the quadratic model and the starting point. The other arguments are ``solve_router``'s.
+    the quadratic model and the starting point. ``settings``, keyword ``fields``, ``callback`` and
+    ``process_group`` are ``solve_router``'s (``target_fit_problems``: what a target fit refuses).
     ``kl_before`` / ``kl_after`` are the per-task mean KL(q_i || softmax(W x)) at W0 and at the fit.
     ``statistics``: each task's ``TaskStatistics`` computed with W0 as the source router (the
     curvature at W0: diag(Sigma_i) and Sigma_i W0, as compute-statistics stores them); they replace
     a pass over the inputs and must belong to W0 and these inputs.
     """
     t_start = time.perf_counter()
+    s = settings_of(settings, fields)
+    problems = target_fit_problems(s)
+    if problems:
+        raise UsageError("; ".join(problems), where="solver settings")
     reducer = as_reducer(process_group)
-    check_settings(init, alpha, hessian, solver, objective, preconditioner)
-    if preconditioner == "kronecker":
-        raise ValueError("preconditioner 'kronecker' is not offered for target fits: use 'jacobi'")
+    if init.ndim != 2:
+        raise ValueError(f"init must be (K, d), got {tuple(init.shape)}")
     k, d = init.shape
     if len(inputs) != len(targets) or not inputs:
         raise ValueError(f"need one input set per target, got {len(inputs)} and {len(targets)}")
     qs = _check_targets(targets, k)
-    if objective == "kl":
+    if s.objective == "kl":
         zero = [i for i, q in enumerate(qs) if bool((q == 0).any())]
         if zero:
             raise ValueError(f"objective='kl' needs every target probability > 0 (targets {zero} have zeros; "
                              f"with separable tasks the minimiser is at infinite weights): smooth the targets "
                              f"or use objective='quadratic'")
-    alpha = float(alpha)
     device = init.device
-    chunks = [x if isinstance(x, TokenChunks) else
-              TokenChunks(x, dim=d, dtype=compute_dtype, device=device, chunk_tokens=chunk_tokens,
-                          cache_bytes=cache_bytes, keep_input_dtype=keep_input_dtype)
-              for x in inputs]
+    chunks = token_chunks(inputs, s, init)
     w0 = init.detach().to(dtype=torch.float64)
     qs = [q.to(device) for q in qs]
-    solver, precond = choose_solver(solver, preconditioner, k, d, direct_max_size)
+    s = resolve_solver(s, k, d)
 
     # The curvature of the quadratic model is taken at W0 (HARC takes it at each source router).
-    curvatures = [TaskCurvature(c, w0, hessian, reducer=reducer) for c in chunks]
+    curvatures = [TaskCurvature(c, w0, s.hessian, reducer=reducer) for c in chunks]
     gradient = sum_in_order(target_gradient(c, q, w0, reducer) for c, q in zip(chunks, qs))
     kl_before = [target_kl(c, q, w0, reducer) for c, q in zip(chunks, qs)]
     if statistics is not None:
@@ -184,36 +184,20 @@ def fit_router_to_targets(
             _check_statistics(st, i, cv.hessian, w0, cv.num_tokens)
         stats = [st.to(device) for st in statistics]
         diagonal = sum_in_order(st.sigma_diag for st in stats)
-        system = HarcSystem(curvatures, diagonal, alpha)
+        system = HarcSystem(curvatures, diagonal, s.alpha)
         # Sigma_reg,i W0 = alpha Sigma_i W0 + (1 - alpha) diag(Sigma_i) W0, from the statistics
-        b = sum_in_order(st.rhs(w0, alpha) for st in stats) - gradient
+        b = sum_in_order(st.rhs(w0, s.alpha) for st in stats) - gradient
     else:
         diagonal = sum_in_order(cv.diagonal() for cv in curvatures)
-        system = HarcSystem(curvatures, diagonal, alpha)
+        system = HarcSystem(curvatures, diagonal, s.alpha)
         b = system.apply(w0) - gradient
-    history: list = []
-    if solver == "direct":
-        w, residual, converged = solve_direct(system, b, w0)
-        iterations = 0
-    else:
-        pre = _preconditioner(precond, system, None, None, alpha == 1.0 and hessian == "full", expert_block_tokens)
-        res = conjugate_gradient(system.apply, b, w0, precondition=pre, tol=tol, max_iter=max_iter, callback=callback)
-        w, iterations, residual, converged, history = res.x, res.iterations, res.relative_residual, res.converged, res.history
-    quadratic_iterations = iterations
-    newton_steps = 0
-    if objective == "kl":
-        fit = _fit_kl(chunks, None, w, alpha=alpha, solver=solver, preconditioner=precond, input_factor=None,
-                      expert_block_tokens=expert_block_tokens,
-                      max_iter=max_iter, max_steps=kl_max_steps, grad_tol=tol if kl_tol is None else kl_tol,
-                      reducer=reducer, targets=qs)
-        w = fit["weight"]
-        iterations += fit["iterations"]
-        residual, converged, newton_steps = fit["relative_gradient"], fit["converged"], fit["steps"]
-    kl_after = [target_kl(c, q, w, reducer) for c, q in zip(chunks, qs)]
-    reducer.check_replicated(w, "fitted router")
-    return RouterSolution(
-        weight=w.to(dtype=init.dtype, device=init.device), iterations=int(iterations),
-        relative_residual=float(residual), converged=bool(converged), kl_before=kl_before, kl_after=kl_after,
-        solver=solver, preconditioner=precond, objective=objective, hessian=hessian, alpha=alpha,
-        residual_history=history, newton_steps=newton_steps, seconds=time.perf_counter() - t_start,
-        quadratic_iterations=int(quadratic_iterations))
+    project_null = s.alpha == 1.0 and s.hessian == "full"
+    fit = solve_quadratic(system, b, w0, s, callback,
+                          lambda: _preconditioner(s.preconditioner, system, None, None, project_null,
+                                                  s.expert_block_tokens))
+    if s.objective == "kl":
+        fit = fit_kl(fit, [_KLTask(c, None, reducer, target=q) for c, q in zip(chunks, qs)], chunks, s, None,
+                     reducer)
+    kl_after = [target_kl(c, q, fit.weight, reducer) for c, q in zip(chunks, qs)]
+    reducer.check_replicated(fit.weight, "fitted router")
+    return fit.solution(init, s, kl_before, kl_after, time.perf_counter() - t_start)

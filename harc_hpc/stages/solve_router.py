@@ -18,6 +18,7 @@ from harc_hpc.io.statistics import load_statistics
 from harc_hpc.errors import InputDataError, format_bytes, require_finite
 from harc_hpc.math.distributed import shard_rows
 from harc_hpc.math.inputs import TokenChunks
+from harc_hpc.math.settings import SolverSettings
 from harc_hpc.models.modeling import free_memory_bytes, pick_device
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
@@ -122,26 +123,24 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
                               cache_bytes=budget if resident else 0, keep_input_dtype=keep_stored) for x in inputs]
     init = merged_router(cfg, run_dir, layer).to(device=device, dtype=dtype)
     if cfg.mergeme is not None:
-        return _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, budget if resident else 0, keep_stored,
-                               dtype, process_group, rank, t0, {"inputs_bytes": int(input_bytes),
-                                                                "resident_bytes": int(need),
-                                                                "inputs_resident": bool(resident)})
+        # the harc settings as for HARC, no mixed precision
+        settings = SolverSettings.from_config(h, cache_bytes=budget if resident else 0,
+                                              chunk_tokens=cfg.calibration.chunk_tokens, keep_input_dtype=keep_stored)
+        return _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, settings, process_group, rank, t0,
+                               {"inputs_bytes": int(input_bytes), "resident_bytes": int(need),
+                                "inputs_resident": bool(resident)})
     sources = [source_router(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
+    settings = SolverSettings.from_config(h, inner_dtype=inner, cache_bytes=budget if resident else 0,
+                                          chunk_tokens=chunk_tokens, keep_input_dtype=keep_stored,
+                                          link=fam.router_link, intercept=intercept)
     with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
-        sol = solve_router(
-            inputs, sources, init,
-            alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
-            preconditioner=h.preconditioner, expert_block_tokens=h.expert_block_tokens,
-            tol=h.tol, max_iter=h.max_iter, statistics=stats,
-            callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
-            inner_dtype=torch_dtype(inner), cache_bytes=budget if resident else 0,
-            compute_dtype=dtype, chunk_tokens=chunk_tokens, keep_input_dtype=keep_stored,
-            process_group=process_group, link=fam.router_link, intercept=intercept,
-        )
+        sol = solve_router(inputs, sources, init, settings, statistics=stats, process_group=process_group,
+                           callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None)
     gate = None
     if h.shared_expert_gate:
-        gate = _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, budget if resident else 0,
-                                         keep_stored, dtype, device, process_group)
+        # the router's settings, for a sigmoid gate without mixed precision or a bias column
+        gate = _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, device, process_group, settings.replace(
+            link="sigmoid", intercept=False, inner_dtype=None, chunk_tokens=cfg.calibration.chunk_tokens))
     where = f"solve-router layer {layer}"
     if not math.isfinite(float(sol.relative_residual)):
         raise InputDataError(f"the solve diverged (relative residual {sol.relative_residual})", where=where,
@@ -188,12 +187,11 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
     return {k: report[k] for k in ("layer", "iterations", "relative_residual", "converged", "seconds")}
 
 
-def _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, cache_bytes, keep_stored, dtype, process_group, rank,
-                    t0, memory: dict) -> dict:
+def _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, settings, process_group, rank, t0, memory: dict) -> dict:
     """mergeme: the router that sends each source's calibration tokens to that source's expert
     (harc_hpc.math.targets; the harc settings as for HARC, no mixed precision)."""
     from harc_hpc.math.distributed import as_reducer
-    from harc_hpc.math.inputs import TokenChunks
+    from harc_hpc.math.solver import token_chunks
     from harc_hpc.math.targets import domain_targets, fit_router_to_targets, target_share
     from harc_hpc.mergeme.pipeline import expert_of_task
 
@@ -202,17 +200,13 @@ def _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, cache_bytes, keep_
     k, d = int(init.shape[0]), int(init.shape[1])
     experts = [expert_of_task(cfg)[t] for t in tasks]
     targets = domain_targets(k, experts, cfg.mergeme.smoothing)
-    chunks = [TokenChunks(x, dim=d, dtype=dtype, device=init.device, chunk_tokens=cfg.calibration.chunk_tokens,
-                          cache_bytes=cache_bytes, keep_input_dtype=keep_stored) for x in inputs]
+    chunks = token_chunks(inputs, settings, init)  # read once: the fit and the expert shares
     where = f"solve-router layer {layer}"
     try:
         with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
             sol = fit_router_to_targets(
-                chunks, targets, init, alpha=h.alpha, hessian=h.hessian, solver=h.solver, objective=h.objective,
-                tol=h.tol, max_iter=h.max_iter, preconditioner=h.preconditioner,
-                expert_block_tokens=h.expert_block_tokens, statistics=stats,
-                callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None,
-                process_group=process_group)
+                chunks, targets, init, settings, statistics=stats, process_group=process_group,
+                callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None)
     except ValueError as exc:  # settings the domain fit does not take (e.g. kl with unsmoothed targets)
         from harc_hpc.errors import UsageError
 
@@ -255,8 +249,7 @@ def _world_size(process_group) -> int:
     return int(dist.get_world_size(process_group))
 
 
-def _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, cache_bytes, keep_stored, dtype, device,
-                              process_group) -> dict:
+def _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, device, process_group, settings) -> dict:
     """harc.shared_expert_gate: the layer's sigmoid shared-expert gate (1, d) fitted like the router,
     from the same inputs, with the Bernoulli-KL quadratic model (link="sigmoid")."""
     from harc_hpc.errors import UsageError
@@ -266,14 +259,10 @@ def _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, cache_bytes, k
     if fam.shared_expert_gate_key(layer) is None:
         raise UsageError(f"the {fam.name} family has no sigmoid shared-expert gate",
                          where="harc.shared_expert_gate", hint="set it to false (Qwen2-MoE has one)")
-    h = cfg.harc
+    dtype = settings.compute_dtype
     sources = [source_shared_expert_gate(cfg, t, layer).to(device=device, dtype=dtype) for t in tasks]
     init = merged_shared_expert_gate(cfg, run_dir, layer).to(device=device, dtype=dtype)
-    sol = solve_router(inputs, sources, init, alpha=h.alpha, hessian=h.hessian, solver=h.solver,
-                       preconditioner=h.preconditioner, expert_block_tokens=h.expert_block_tokens,
-                       tol=h.tol, max_iter=h.max_iter, compute_dtype=dtype,
-                       chunk_tokens=cfg.calibration.chunk_tokens, cache_bytes=cache_bytes,
-                       keep_input_dtype=keep_stored, process_group=process_group, link="sigmoid")
+    sol = solve_router(inputs, sources, init, settings, process_group=process_group)
     require_finite(sol.weight, "the calibrated shared-expert gate", f"solve-router layer {layer}")
     return {"weight": sol.weight, "report": {
         "iterations": int(sol.iterations), "relative_residual": float(sol.relative_residual),
