@@ -186,7 +186,9 @@ class CheckpointWriter:
 
 def copy_model_files(src: Union[str, Path], dst: Union[str, Path],
                      names: Sequence[str] = MODEL_FILES) -> list[str]:
-    """Copy config, generation config and tokenizer files that exist in ``src``; returns their names."""
+    """Copy config, generation config and tokenizer files that exist in ``src``; returns their names.
+    With ``config.json`` comes the checkpoint's own modeling code (its top-level ``*.py``) when the
+    config names some (``auto_map``), so that the copy loads as the original does."""
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -195,6 +197,10 @@ def copy_model_files(src: Union[str, Path], dst: Union[str, Path],
         if f.is_file():
             shutil.copyfile(f, dst / name)
             copied.append(name)
+    if "config.json" in copied and json.loads((src / "config.json").read_text()).get("auto_map"):
+        for f in sorted(src.glob("*.py")):
+            shutil.copyfile(f, dst / f.name)
+            copied.append(f.name)
     return copied
 
 

@@ -240,6 +240,30 @@ def check_memory_budget(key: str, budget_bytes: int, bounds: dict[str, int], whe
                                f"(then: the free memory less 20 %), or ask the scheduler for more memory")
 
 
+def needs_remote_code(config: dict) -> bool:
+    """``config.json`` (a dict) names modeling code of its own (``auto_map``) for a ``model_type``
+    transformers does not have in its library: only that code can build the model."""
+    if not config.get("auto_map"):
+        return False
+    from transformers import CONFIG_MAPPING
+
+    return config.get("model_type") not in CONFIG_MAPPING
+
+
+def check_remote_code(config: dict, trust_remote_code: bool, where: str) -> None:
+    """Refuse, naming ``models.trust_remote_code``, a checkpoint whose code is needed but not trusted
+    (instead of transformers' error or its interactive prompt)."""
+    if trust_remote_code or not needs_remote_code(config):
+        return
+    from harc_hpc.config import ConfigError
+
+    code = sorted({str(v).split("--")[-1].rsplit(".", 1)[0] + ".py" for v in config["auto_map"].values()
+                   if isinstance(v, str)})
+    raise ConfigError(f"model_type {config.get('model_type')!r} is not in transformers: the checkpoint brings its "
+                      f"own modeling code ({', '.join(code)}), which runs only with models.trust_remote_code: true",
+                      where=where, hint="read the checkpoint's code, then set models.trust_remote_code: true")
+
+
 def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch.dtype] = None,
                    trust_remote_code: bool = False):
     """Load a checkpoint for calibration: eval mode, SDPA attention (causal without a mask tensor).
@@ -258,6 +282,7 @@ def load_causal_lm(path: Path | str, device: torch.device, dtype: Optional[torch
     attention = "sdpa"
     config_file = Path(str(path)) / "config.json"
     if config_file.is_file():  # a family may need another attention (GPT-OSS's sinks: eager)
+        check_remote_code(json.loads(config_file.read_text()), trust_remote_code, where=str(path))
         try:
             attention = family_for_config(json.loads(config_file.read_text())).attn_implementation
         except UnsupportedModelError:  # a dense model (MergeME's experts): SDPA

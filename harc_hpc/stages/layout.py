@@ -82,7 +82,12 @@ def reference_config(cfg: PipelineConfig) -> dict:
         from harc_hpc.mergeme.pipeline import moe_config
 
         return moe_config(cfg)
-    return model_config(cfg.models.sources[0].path, cfg.models.revision)
+    from harc_hpc.models.modeling import check_remote_code
+
+    src = cfg.models.sources[0]
+    conf = model_config(src.path, cfg.models.revision)
+    check_remote_code(conf, cfg.models.trust_remote_code, where=f"models.sources[{src.name}].path {src.path}")
+    return conf
 
 
 def planning_config(cfg: PipelineConfig, shape_dirs=()) -> tuple[dict | None, str | None]:
