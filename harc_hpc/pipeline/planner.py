@@ -9,13 +9,14 @@ changes every digest downstream of it, so a rerun redoes exactly what changed.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -33,12 +34,6 @@ RUNTIME_ONLY_KEYS = ("harc.device", "merge.device", "harc.memory_budget_gb", "ha
                      "run.node_local_dir", "calibration.compression", "calibration.layer_checkpoints")  # where and how, not what
 
 Split = Literal["none", "block", "layer", "layer_task"]
-SPLIT_KEYS: dict[str, tuple[str, ...]] = {
-    "none": (),
-    "block": ("block",),
-    "layer": ("layer",),
-    "layer_task": ("layer", "task"),
-}
 
 
 class PlanError(UsageError):
@@ -83,6 +78,9 @@ class StageSpec(_Strict):
     description: str = ""
     version: int = 1
     needs: list[Need] = Field(default_factory=list)
+    # Dotted config paths whose values enter the task's digest ({task}, {layer}, {block} filled from its
+    # index; * maps over a list). A trailing "?" marks one optional: in the digest only when set
+    # (config_keys, docs/extending.md).
     config_sections: list[str] = Field(default_factory=list)
     file_inputs: list[str] = Field(default_factory=list)
     reads: list[str] = Field(default_factory=list)
@@ -203,7 +201,7 @@ def load_specs(specs_dir: Optional[os.PathLike] = None) -> dict[str, StageSpec]:
                     )
                 if rel == "previous" and key != "block":
                     raise PlanError(f"stage {spec.name}: 'previous' applies to block only")
-    _stage_order(specs)  # raises on a cycle between different stages
+    _stage_order(specs)  # a cycle between stages is an error here, before any config is planned
     return specs
 
 
@@ -215,25 +213,32 @@ def _index_keys(split: str) -> tuple[str, ...]:
 
 
 def _stage_order(specs: dict[str, StageSpec]) -> list[str]:
+    """Stage names, each after the stages it needs. Needs on an earlier block point backwards in the
+    block order and cannot close a cycle (capture-activations[b] needs solve-router[b-1], which needs
+    capture-activations[b-1]), so they are not followed here; ``dependency_order`` orders the tasks."""
+    return _topological(specs, lambda name: [n.stage for n in specs[name].needs if "previous" not in n.where.values()],
+                        "stage specs: dependency cycle")
+
+
+def _topological(nodes: Iterable[str], edges: Callable[[str], Iterable[str]], what: str) -> list[str]:
+    """``nodes`` each after the nodes its ``edges`` name (depth first, in the given order); a cycle is
+    a PlanError "<what> a -> b -> a". The planner's one cycle check: stages and tasks are ordered by it."""
     order: list[str] = []
     state: dict[str, int] = {}
 
-    def visit(name: str, chain: tuple[str, ...]) -> None:
-        if state.get(name) == 2:
+    def visit(node: str, chain: tuple[str, ...]) -> None:
+        if state.get(node) == 2:
             return
-        if state.get(name) == 1:
-            raise PlanError(f"stage specs: dependency cycle {' -> '.join(chain + (name,))}")
-        state[name] = 1
-        for need in specs[name].needs:
-            # Needs on an earlier block point backwards in the block order and cannot close a cycle
-            # (capture-activations[b] needs solve-router[b-1], which needs capture-activations[b-1]).
-            if "previous" not in need.where.values():
-                visit(need.stage, chain + (name,))
-        state[name] = 2
-        order.append(name)
+        if state.get(node) == 1:
+            raise PlanError(f"{what} {' -> '.join(chain + (node,))}")
+        state[node] = 1
+        for other in edges(node):
+            visit(other, chain + (node,))
+        state[node] = 2
+        order.append(node)
 
-    for name in specs:
-        visit(name, ())
+    for node in nodes:
+        visit(node, ())
     return order
 
 
@@ -472,7 +477,9 @@ def build_plan(
     layers: Optional[Sequence[int]] = None,
     specs: Optional[dict[str, StageSpec]] = None,
 ) -> Plan:
-    """Expand every stage into tasks and compute their digests.
+    """Expand every stage into tasks and compute their digests, in four phases: the enabled specs
+    and the layers, the tasks of each stage (``expand_tasks``), what each task needs
+    (``link_needs``, then ``dependency_order``), and the digests (``set_digests``).
 
     ``layers``: the calibrated MoE layers; default: the pipeline's ``layers`` hook.
     """
@@ -480,6 +487,26 @@ def build_plan(
     specs = specs if specs is not None else load_specs(specs_path)
     dump = cfg.model_dump(mode="json")
     specs = _enabled_specs(specs, dump, cfg)
+    layers = _checked_layers(cfg, layers)
+    blocks = make_blocks(layers, cfg.harc.block_size)
+    by_stage = expand_tasks(specs, layers, blocks, cfg.task_names, _extra_template_values(specs, specs_dir, cfg))
+    link_needs(specs, by_stage)
+    ordered = dependency_order(by_stage)
+    set_digests(ordered, specs, blocks, dump)
+    return Plan(
+        run_dir=Path(run_dir) if run_dir is not None else Path(cfg.run_dir),
+        specs_dir=specs_path.resolve(),
+        specs=specs,
+        layers=layers,
+        blocks=blocks,
+        task_names=cfg.task_names,
+        tasks=ordered,
+        retention=cfg.run.retention,
+    )
+
+
+def _checked_layers(cfg: PipelineConfig, layers: Optional[Sequence[int]]) -> list[int]:
+    """The layers given, else the pipeline's ``layers`` hook's: non-empty, no duplicates."""
     if layers is None:
         try:
             layers = default_layers(cfg)
@@ -490,66 +517,63 @@ def build_plan(
         raise PlanError("no layers to calibrate")
     if len(set(layers)) != len(layers):
         raise PlanError(f"duplicate layers in {layers}")
-    blocks = make_blocks(layers, cfg.harc.block_size)
-    block_of = {l: b for b, blk in enumerate(blocks) for l in blk}
-    task_names = cfg.task_names
+    return layers
 
-    extra_values = _extra_template_values(specs, specs_dir, cfg)
+
+def expand_tasks(specs: dict[str, StageSpec], layers: list[int], blocks: list[list[int]], task_names: list[str],
+                 extra_values: dict[str, Any]) -> dict[str, list[Task]]:
+    """Each stage's tasks by its ``split`` (one task; one per block; per layer; per layer and task),
+    stages in dependency order."""
+    block_of = {l: b for b, blk in enumerate(blocks) for l in blk}
     by_stage: dict[str, list[Task]] = {}
     for name in _stage_order(specs):
-        spec = specs[name]
-        tasks: list[Task] = []
-        if spec.split == "none":
-            tasks.append(Task(name, "all", {}, None))
-        elif spec.split == "block":
-            tasks += [Task(name, task_key("block", {"block": b}), {"block": b}, b) for b in range(len(blocks))]
-        elif spec.split == "layer":
-            tasks += [Task(name, task_key("layer", {"layer": l}), {"layer": l}, block_of[l]) for l in layers]
+        split = specs[name].split
+        if split == "none":
+            indices = [({}, None)]
+        elif split == "block":
+            indices = [({"block": b}, b) for b in range(len(blocks))]
+        elif split == "layer":
+            indices = [({"layer": l}, block_of[l]) for l in layers]
         else:
-            for l in layers:
-                for t in task_names:
-                    idx = {"layer": l, "task": t}
-                    tasks.append(Task(name, task_key("layer_task", idx), idx, block_of[l]))
-        for t in tasks:
-            t.extra_values = extra_values
-        by_stage[name] = tasks
+            indices = [({"layer": l, "task": t}, block_of[l]) for l in layers for t in task_names]
+        by_stage[name] = [Task(name, task_key(split, idx), idx, block, extra_values=extra_values)
+                          for idx, block in indices]
+    return by_stage
 
-    def matches(need: Need, down: Task, up: Task) -> bool:
-        for key, rel in need.where.items():
-            mine = down.block if key == "block" else down.index.get(key)
-            theirs = up.block if key == "block" else up.index.get(key)
-            if rel == "same" and mine != theirs:
-                return False
-            if rel == "previous" and (mine is None or theirs != mine - 1):
-                return False
-        return True
 
+def need_matches(need: Need, down: Task, up: Task) -> bool:
+    """Whether task ``up`` is one that ``need`` of task ``down`` names (its ``where`` keys agree)."""
+    for key, rel in need.where.items():
+        mine = down.block if key == "block" else down.index.get(key)
+        theirs = up.block if key == "block" else up.index.get(key)
+        if rel == "same" and mine != theirs:
+            return False
+        if rel == "previous" and (mine is None or theirs != mine - 1):
+            return False
+    return True
+
+
+def link_needs(specs: dict[str, StageSpec], by_stage: dict[str, list[Task]]) -> None:
+    """Fill every task's ``needs``: the ids of the upstream tasks its stage's needs match."""
     for name, tasks in by_stage.items():
         for t in tasks:
             for need in specs[name].needs:
                 for u in by_stage[need.stage]:
-                    if u is not t and matches(need, t, u) and u.id not in t.needs:
+                    if u is not t and need_matches(need, t, u) and u.id not in t.needs:
                         t.needs.append(u.id)
 
-    # Dependency order over tasks (stages may need their own earlier blocks).
+
+def dependency_order(by_stage: dict[str, list[Task]]) -> dict[str, Task]:
+    """Every task after the tasks it needs (stages may need their own earlier blocks)."""
     all_tasks = {t.id: t for ts in by_stage.values() for t in ts}
-    ordered: dict[str, Task] = {}
-    visiting: set[str] = set()
+    return {i: all_tasks[i] for i in _topological(all_tasks, lambda i: all_tasks[i].needs, "task dependency cycle")}
 
-    def visit(t: Task) -> None:
-        if t.id in ordered:
-            return
-        if t.id in visiting:
-            raise PlanError(f"task dependency cycle at {t.id}")
-        visiting.add(t.id)
-        for u in t.needs:
-            visit(all_tasks[u])
-        visiting.discard(t.id)
-        ordered[t.id] = t
 
-    for t in all_tasks.values():
-        visit(t)
-
+def set_digests(ordered: dict[str, Task], specs: dict[str, StageSpec], blocks: list[list[int]], dump: dict) -> None:
+    """Each task's digest over what it computes from: its stage's function and version, its index,
+    the config keys its spec names (``config_keys``; the runtime-only keys left out), the
+    fingerprints of the files they name, the package version and its upstream tasks' digests."""
+    dump = copy.deepcopy(dump)
     for key in RUNTIME_ONLY_KEYS:
         _drop(dump, key.split("."))
     file_cache: dict[str, str] = {}
@@ -558,14 +582,10 @@ def build_plan(
         spec = specs[t.stage]
         values = t.template_values()
         config_slice = {}
-        for p in spec.config_sections:
-            # "key?": in the digest only when set, so that adding an optional section to a spec
-            # leaves the digests of every config without it unchanged
-            optional = p.endswith("?")
-            key = p[:-1] if optional else p
-            value = config_slice_of(dump, key, values)
-            if not (optional and value is None):
-                config_slice[key] = value
+        for key in config_keys(spec):
+            value = config_slice_of(dump, key.path, values)
+            if not (key.optional and value is None):
+                config_slice[key.path] = value
         files = {}
         for p in spec.file_inputs:
             for f in _flatten(config_slice_of(dump, p, values)):
@@ -585,16 +605,21 @@ def build_plan(
         }
         t.digest = digest_of(t.inputs)
 
-    return Plan(
-        run_dir=Path(run_dir) if run_dir is not None else Path(cfg.run_dir),
-        specs_dir=specs_path.resolve(),
-        specs=specs,
-        layers=layers,
-        blocks=blocks,
-        task_names=task_names,
-        tasks=ordered,
-        retention=cfg.run.retention,
-    )
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One entry of a spec's ``config_sections``: a dotted config path, and whether it is optional."""
+
+    path: str
+    optional: bool = False
+
+
+def config_keys(spec: StageSpec) -> list[ConfigKey]:
+    """The spec's ``config_sections`` as keys. An entry ending in ``?`` (``mergeme?``) is optional:
+    its value enters the digest only when it is set (not None), so that adding an optional section to
+    a spec leaves the digest of every config without it unchanged. Any other entry is always in the
+    digest, None included."""
+    return [ConfigKey(p[:-1], True) if p.endswith("?") else ConfigKey(p) for p in spec.config_sections]
 
 
 _INDEX_VALUES = {"block", "prev_block", "layer", "task"}
