@@ -143,10 +143,7 @@ TINY = {
 }
 pipeline_fixtures.EXTRA_TINY_CONFIGS.update(TINY)
 
-# model type -> what makes it new. Not here: glm_moe_dsa (its tiny config is registered above): its
-# backbone unpacks (hidden states, indexer top-k) from every decoder layer and passes the top-k to the
-# next layer (prev_topk_indices, used by its "shared" indexer layers); the layer-wise engine's
-# stand-in layers return the hidden state alone, and a layer's extra outputs are not carried to the next.
+# model type -> what makes it new
 NEW_TYPES = {
     "glm4_moe_lite": "MLA attention, grouped biased sigmoid router, MoE layers from mlp_layer_types",
     "deepseek_v32": "indexed (sparse) attention: the indexer runs inside the layer's own forward",
@@ -158,6 +155,7 @@ NEW_TYPES = {
     "exaone_moe": "the correction bias renamed on load (conversion mapping), sliding / full attention",
     "minicpm5_moe": "a gated query projection renamed on load (conversion mapping)",
     "hy_v3": "router, bias and shared experts renamed on load (conversion mapping), no groups",
+    "glm_moe_dsa": "indexed attention whose layers return the indexer's top-k beside the hidden state",
     "kimi_linear": "KDA linear attention beside MLA; Mixtral's layout renamed on load; Kimi's config keys",
 }
 
@@ -261,3 +259,14 @@ def test_the_layerwise_forward_is_the_whole_models_bit_for_bit(tmp_path, monkeyp
 def test_the_whole_pipeline_runs_and_calibrates(tmp_path, monkeypatch, model_type):
     _random_routers_at_init(monkeypatch, model_type)
     cov.test_the_whole_pipeline_runs_and_calibrates(tmp_path, model_type)
+
+
+def test_glm5_with_shared_indexers_is_refused_naming_the_layers():
+    """A shared indexer reuses the previous layer's top-k: state across layers, refused with a reason."""
+    from harc_hpc.errors import UnsupportedModelError
+
+    cfg = tiny_config("glm_moe_dsa", layers=3).to_dict()
+    assert family_for_config(cfg).name == "glm_moe_dsa"
+    cfg["indexer_types"] = ["full", "shared", "full"]
+    with pytest.raises(UnsupportedModelError, match=r"indexer_types.*layers \[1\].*previous layer's top-k"):
+        family_for_config(cfg)

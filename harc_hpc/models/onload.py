@@ -325,7 +325,7 @@ class OnloadedModel:
                 calls[i] = (args, kwargs)
                 if i == len(layers) - 1:
                     raise _Caught
-                return hidden_states
+                return self._as_layer_output(hidden_states)
             return forward
 
         for i, layer in enumerate(layers):
@@ -341,6 +341,12 @@ class OnloadedModel:
             for layer in layers:
                 layer.__dict__.pop("forward", None)
         return first[0], calls
+
+    def _as_layer_output(self, hidden: torch.Tensor):
+        """What a stand-in decoder layer returns: the hidden state, and ``None`` for each further value
+        the family's layers return (the backbone unpacks them; ``layer_output_extras``)."""
+        extras = self.family.layer_output_extras
+        return (hidden, *([None] * extras)) if extras else hidden
 
     def layer_call(self, index: int, hidden: torch.Tensor) -> tuple[tuple, dict]:
         """(args, kwargs) the backbone's forward calls decoder layer ``index`` with, besides the
@@ -405,7 +411,8 @@ class OnloadedModel:
         hidden = hidden.to(device=self.device, dtype=self.dtype)
         layers = [self.layer(i) for i in range(self.num_layers)]
         for i, layer in enumerate(layers):
-            layer.forward = (lambda h, *a, **k: hidden) if i == 0 else (lambda h, *a, **k: h)
+            layer.forward = ((lambda h, *a, **k: self._as_layer_output(hidden)) if i == 0
+                             else (lambda h, *a, **k: self._as_layer_output(h)))
         try:
             probe = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device)
             return self.model(inputs_embeds=probe, use_cache=False).logits

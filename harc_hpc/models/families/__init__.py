@@ -46,6 +46,7 @@ def family_for_config(config: dict) -> MoEFamily:
             f"Supported MoE families: {', '.join(supported_model_types())}",
             hint="a new family is one file under harc_hpc/models/families/ and one registry line: "
                  "docs/extending.md, 'A model family'")
+    fam.check_config(config)
     return fam
 
 

@@ -82,6 +82,13 @@ class MoEFamily:
     #: capture then stores the residual r once per calibrated layer and derives the router inputs on
     #: read (``attention_half`` / ``moe_half``; docs/pipeline.md). False: the layer-wise capture only.
     residual_capture: bool = True
+    #: values a decoder layer returns besides the hidden state, which the backbone unpacks and hands
+    #: to the next layer (GLM-5's indexer top-k): the layer-wise engine's stand-in layers return as
+    #: many ``None``s, which is what the backbone gives the first layer
+    layer_output_extras: int = 0
+
+    def check_config(self, cfg: dict) -> None:
+        """Refuse (UnsupportedModelError) a configuration of this model type that harc-hpc cannot run."""
 
     # -- config ---------------------------------------------------------------------------------
     def num_layers(self, cfg: dict) -> int:

@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from harc_hpc.models.families.base import top_k_mask
+from harc_hpc.models.families.base import UnsupportedModelError, top_k_mask
+from harc_hpc.models.families.unsupported import DOCS_PAGE
 from harc_hpc.models.families.deepseek_v3 import DeepseekV3Family
 
 
@@ -316,8 +317,29 @@ class KimiLinearFamily(SigmoidBiasFamily):
         return super().selection_mask(grouped, logits, bias)
 
 
+class GlmMoeDsaFamily(SigmoidBiasFamily):
+    """GLM-5 (``glm_moe_dsa``): DeepSeek-V3.2's indexed attention and router; each decoder layer returns
+    its indexer's top-k beside the hidden state, and a ``"shared"`` indexer layer (``indexer_types``)
+    reuses the previous layer's instead of computing its own. With every indexer ``"full"`` (GLM-5 as
+    released) no layer reads the top-k it is handed and the layers run one at a time; a configuration
+    with shared indexers carries state from layer to layer, which the layer-wise engine does not, and
+    is refused."""
+
+    name = "glm_moe_dsa"
+    model_types = ("glm_moe_dsa",)
+    layer_output_extras = 1
+
+    def check_config(self, cfg: dict) -> None:
+        shared = [l for l, kind in enumerate(cfg.get("indexer_types") or []) if kind != "full"]
+        if shared:
+            raise UnsupportedModelError(
+                f"model_type 'glm_moe_dsa' with indexer_types other than 'full' (layers {shared}) is not supported: "
+                f"those layers reuse the previous layer's top-k, state carried across layers, and the "
+                f"layer-wise engine runs one layer at a time", hint=f"{DOCS_PAGE} lists what each model type needs")
+
+
 #: the instances harc_hpc.models.families registers
 SIGMOID_FAMILIES = (Glm4MoeLiteFamily(), DeepseekV32Family(), SolarOpenFamily(), Dots1Family(), MiniMaxM2Family(),
                     AfmoeFamily(), MiMoV2FlashFamily(), ExaoneMoeFamily(), MiniCpm5MoeFamily(), HyV3Family(),
                     MiniMaxM3VLTextFamily(), Lfm2MoeFamily(), FlintFamily(), Kolibri1Family(),
-                    NemotronHFamily(), KimiLinearFamily())
+                    NemotronHFamily(), KimiLinearFamily(), GlmMoeDsaFamily())

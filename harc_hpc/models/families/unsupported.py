@@ -8,8 +8,7 @@ from typing import Optional
 
 DOCS_PAGE = "docs/models.md"
 
-_STATE = ("its decoder layers hand state to the next layer (the indexer's top-k, or hyper-connection "
-          "streams), and the layer-wise forward runs one layer at a time with what the backbone gives it")
+_STATE = ("its decoder layers hand state to the next layer (hyper-connection streams), and the layer-wise forward runs one layer at a time with what the backbone gives it")
 _BY_DESIGN = ("its routing is out of reach of a per-layer fit of a linear router: ")
 _WRAPPER = "a multimodal wrapper: merge and calibrate its text model ({text}); the wrapper itself is not read yet"
 _TODO = "not adapted yet: {what}"
@@ -22,7 +21,6 @@ UNSUPPORTED: dict[str, str] = {
     "zaya": _BY_DESIGN + "a router carrying state across layers",
     "doge": _BY_DESIGN + "product-key expert retrieval",
     # state across layers
-    "glm_moe_dsa": _STATE,
     "hy_v4": _STATE,
     # router kinds without a fitted objective yet
     "jetmoe": "two routers per layer (attention experts and MLP experts): only one router per layer is "
