@@ -267,10 +267,15 @@ class EstimateContext:
 
 
 def stage_estimator(spec):
-    """The callable a stage spec's ``estimate:`` names; None when it names none."""
-    from harc_hpc.pipeline.planner import load_callable
+    """The callable a stage spec's ``estimate:`` names (``package.module:function``); None when it
+    names none. (Stages may not import the pipeline layer: resolved here, as its load_callable does.)"""
+    import importlib
 
-    return load_callable(spec.estimate) if getattr(spec, "estimate", None) else None
+    name = getattr(spec, "estimate", None)
+    if not name:
+        return None
+    module, _, attr = name.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def estimate(cfg: PipelineConfig, plan, resources: dict, conf: Optional[dict] = None,
