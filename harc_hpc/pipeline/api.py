@@ -7,21 +7,16 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
-from harc_hpc.errors import InputDataError, RunStateError, UsageError, format_bytes
-from harc_hpc.io.atomic import sweep_stale_temporaries
+from harc_hpc.errors import InputDataError, UsageError, format_bytes
 from harc_hpc.config import PipelineConfig
-from harc_hpc.pipeline.lock import RunLock
 from harc_hpc.pipeline import status as status_mod
 from harc_hpc.pipeline.planner import Plan, build_plan, load_hooks
 from harc_hpc.pipeline.executors.base import Outcome
-from harc_hpc.pipeline.executors.slurm import wait_for_jobs
-from harc_hpc.pipeline.submit import apply_prepare_hook, execute, save_run_config
+from harc_hpc.pipeline.submit import ActiveJobsError, apply_prepare_hook, execute, submit_plan, wait_if_asked
+
+__all__ = ["ActiveJobsError", "plan_run", "submit_run", "run_status"]
 
 log = logging.getLogger("harc_hpc.pipeline")
-
-
-class ActiveJobsError(RunStateError):
-    """The run still has queued or running jobs; submitting again would duplicate them."""
 
 
 def with_run_dir(cfg: PipelineConfig, run_dir: Optional[os.PathLike]) -> PipelineConfig:
@@ -146,36 +141,15 @@ def submit_run(
         tasks = list(select(plan)) if select is not None else None
         return plan, execute(plan, cfg, executor, tasks=tasks, force=force, dry_run=True,
                              explicit_executor_keys=explicit, echo=echo)
-    # One submit at a time per run directory: a second would run (or queue) every task again.
-    with RunLock(plan.run_dir):
-        active = status_mod.active_jobs(plan.run_dir)
-        if executor == "slurm" and not allow_active and active:
-            raise ActiveJobsError(
-                f"{plan.run_dir} has {len(active)} queued/running job(s) ({', '.join(active[:8])}"
-                f"{' ...' if len(active) > 8 else ''}); wait for them or scancel them first"
-            )
-        _sweep(plan.run_dir, other_hosts_stale=not active, echo=echo)
-        plan.config_path = save_run_config(cfg, plan.run_dir)
-        tasks = list(select(plan)) if select is not None else None
-        outcome = execute(plan, cfg, executor, tasks=tasks, force=force, dry_run=False,
+    outcome = submit_plan(plan, cfg, executor, choose=select, force=force, allow_active=allow_active,
                           explicit_executor_keys=explicit, echo=echo)
-    if wait and executor == "slurm" and outcome.submitted:
-        wait_for_jobs(outcome.job_ids(), poll_s=poll_s, timeout_s=wait_timeout_s, echo=echo)
+    if wait_if_asked(wait, executor, outcome.job_ids() if outcome.submitted else [], poll_s, wait_timeout_s, echo):
         wanted = {t.id for g in outcome.submitted for t in g.group.tasks}
         rows = [r for r in status_mod.collect(plan.run_dir) if r.id in wanted]
         outcome.completed = [r.id for r in rows if r.state == "done"]
         outcome.failed = [r.id for r in rows if r.state == "failed"]
         outcome.skipped = [r.id for r in rows if r.state not in ("done", "failed")]
     return plan, outcome
-
-
-def _sweep(run_dir: Path, other_hosts_stale: bool, echo: Callable[[str], None]) -> None:
-    """Remove what killed tasks left half-written (their temporaries: up to hundreds of GB)."""
-    removed = sweep_stale_temporaries(run_dir, other_hosts_stale=other_hosts_stale)
-    if removed:
-        shown = ", ".join(str(p.relative_to(run_dir)) for p in removed[:5])
-        echo(f"removed {len(removed)} temporary file(s) left by killed tasks: {shown}"
-             f"{' ...' if len(removed) > 5 else ''}")
 
 
 def run_status(run_dir: os.PathLike) -> list[status_mod.TaskStatus]:

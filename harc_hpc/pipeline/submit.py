@@ -1,17 +1,77 @@
 """Executing a plan: choose the incomplete tasks, then hand them to an executor
-(harc_hpc.pipeline.executors: slurm, local, debug); the run's config snapshot."""
+(harc_hpc.pipeline.executors: slurm, local, debug); the run's config snapshot; ``submit_plan``, the
+one submit path of a run directory, which a run (api.submit_run) and each cell of a sweep
+(sweep.submit_sweep) take."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 from harc_hpc.config import PipelineConfig
+from harc_hpc.errors import RunStateError
+from harc_hpc.io.atomic import sweep_stale_temporaries
 from harc_hpc.pipeline.executors import EXECUTORS
 from harc_hpc.pipeline.executors.base import Outcome
-from harc_hpc.pipeline.executors.slurm import print_dry_run
+from harc_hpc.pipeline.executors.slurm import print_dry_run, wait_for_jobs
+from harc_hpc.pipeline.lock import RunLock
 from harc_hpc.pipeline import records
+from harc_hpc.pipeline import status as status_mod
 from harc_hpc.pipeline.planner import Plan, Task
+
+
+class ActiveJobsError(RunStateError):
+    """The run still has queued or running jobs; submitting again would duplicate them."""
+
+
+def refuse_active_jobs(run_dirs: Mapping[str, Path], where: Optional[str] = None) -> dict[str, list[str]]:
+    """The queued/running SLURM jobs of each named run directory; an ActiveJobsError naming them
+    when there are any (submitting again would run or queue every task twice)."""
+    busy = {name: jobs for name, jobs in ((n, status_mod.active_jobs(d)) for n, d in run_dirs.items()) if jobs}
+    if busy:
+        what = "; ".join(f"{name} has {len(jobs)} queued/running job(s) ({', '.join(jobs[:8])}"
+                         f"{' ...' if len(jobs) > 8 else ''})" for name, jobs in sorted(busy.items()))
+        raise ActiveJobsError(f"{what}; wait for them or scancel them first", where=where)
+    return busy
+
+
+def remove_stale_temporaries(run_dir: Path, other_hosts_stale: bool, echo: Callable[[str], None]) -> None:
+    """Remove what killed tasks left half-written (their temporaries: up to hundreds of GB); another
+    host's are stale only when ``other_hosts_stale`` (no job of the run is alive)."""
+    removed = sweep_stale_temporaries(run_dir, other_hosts_stale=other_hosts_stale)
+    if removed:
+        shown = ", ".join(str(p.relative_to(run_dir)) for p in removed[:5])
+        echo(f"removed {len(removed)} temporary file(s) left by killed tasks: {shown}"
+             f"{' ...' if len(removed) > 5 else ''}")
+
+
+def submit_plan(plan: Plan, cfg: PipelineConfig, executor: str, *,
+                choose: Optional[Callable[[Plan], Iterable[Task]]] = None, force: bool = False,
+                allow_active: bool = False, explicit_executor_keys: Optional[Iterable[str]] = None,
+                echo: Callable[[str], None] = print) -> Outcome:
+    """The one submit path of a run directory. Under its lock (one submit at a time: a second would
+    run or queue every task again): refuse while its SLURM jobs are queued or running (unless
+    ``allow_active``), remove what killed tasks left half-written, save the config snapshot, then
+    run or submit the incomplete tasks of those ``choose(plan)`` returns (default: all); ``choose``
+    runs after the snapshot is saved."""
+    with RunLock(plan.run_dir):
+        active = status_mod.active_jobs(plan.run_dir)
+        if executor == "slurm" and not allow_active and active:
+            refuse_active_jobs({str(plan.run_dir): plan.run_dir})
+        remove_stale_temporaries(plan.run_dir, other_hosts_stale=not active, echo=echo)
+        plan.config_path = save_run_config(cfg, plan.run_dir)
+        tasks = list(choose(plan)) if choose is not None else None
+        return execute(plan, cfg, executor, tasks=tasks, force=force, dry_run=False,
+                       explicit_executor_keys=explicit_executor_keys, echo=echo)
+
+
+def wait_if_asked(wait: bool, executor: str, job_ids: list, poll_s: float, timeout_s: Optional[float],
+                  echo: Callable[[str], None]) -> bool:
+    """Block until the submitted SLURM jobs are done when ``wait`` asks it; whether it waited."""
+    if not (wait and executor == "slurm" and job_ids):
+        return False
+    wait_for_jobs(job_ids, poll_s=poll_s, timeout_s=timeout_s, echo=echo)
+    return True
 
 
 def pending_tasks(plan: Plan, tasks: Optional[Iterable[Task]] = None, force: bool = False,

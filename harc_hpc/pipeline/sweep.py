@@ -424,11 +424,8 @@ def submit_sweep(path: os.PathLike, executor: Optional[str] = None, specs_dir: O
                  echo: Callable[[str], None] = print) -> SweepOutcome:
     """Expand, validate and plan every cell, link what cells share, then run (or submit) each
     cell's own tasks; a failure in one cell stops only what depends on it."""
-    from harc_hpc.pipeline.api import ActiveJobsError, _sweep as sweep_temporaries
-    from harc_hpc.pipeline.executors.slurm import wait_for_jobs
     from harc_hpc.pipeline.lock import RunLock
-    from harc_hpc.pipeline import status as status_mod
-    from harc_hpc.pipeline.submit import execute, save_run_config
+    from harc_hpc.pipeline.submit import refuse_active_jobs, wait_if_asked
 
     sweep = load_sweep(path)
     plan = plan_sweep(sweep, specs_dir)
@@ -446,68 +443,82 @@ def submit_sweep(path: os.PathLike, executor: Optional[str] = None, specs_dir: O
          f"(the rest shared between cells); directory {sweep.dir}")
     outcome = SweepOutcome(plan, executor)
     if dry_run:
-        for cell in plan.cells:
-            linked = plan.linked(cell)
-            echo(f"== cell {cell.name}: {len(cell.plan.tasks)} task(s), {len(linked)} linked from other cells"
-                 + (f" ({', '.join(sorted(set(linked.values())))})" if linked else ""))
-            cell.plan.external_jobs = {tid: f"<{o}:{tid}>" for tid, o in linked.items()
-                                       if not plan.cell(o).plan.is_complete(plan.cell(o).plan.tasks[tid])}
-            execute(cell.plan, cell.cfg, executor, tasks=plan.owned(cell), force=force, dry_run=True,
-                    explicit_executor_keys=set(cell.cfg.executor.model_fields_set), echo=echo)
+        _dry_run(plan, executor, force, echo)
         return outcome
 
     with RunLock(sweep.dir):
-        if executor == "slurm":
-            busy = {c.name: status_mod.active_jobs(c.run_dir) for c in plan.cells}
-            busy = {k: v for k, v in busy.items() if v}
-            if busy:
-                raise ActiveJobsError(f"cells with queued/running jobs: {', '.join(sorted(busy))}; wait for them "
-                                      f"or scancel them first", where=str(sweep.dir))
+        if executor == "slurm":  # every cell idle, or nothing is submitted
+            refuse_active_jobs({f"cell {c.name}": c.run_dir for c in plan.cells}, where=str(sweep.dir))
         write_json_atomic(sweep.dir / SWEEP_FILE, plan.to_json())
         lost: set[Ident] = set()  # distinct tasks that failed or were not run in this call
         jobs: dict[Ident, str] = {}  # distinct task -> the SLURM job running it (this call)
         for cell in plan.cells:
-            co = CellOutcome(cell.name)
-            outcome.cells.append(co)
-            with RunLock(cell.run_dir):
-                # (as submit does: another host's temporaries are stale once no job of the run is alive)
-                sweep_temporaries(cell.run_dir, other_hosts_stale=not status_mod.active_jobs(cell.run_dir), echo=echo)
-                cell.plan.config_path = save_run_config(cell.cfg, cell.run_dir)
-                cell.plan.save()
-                co.linked = link_cell(plan, cell)
-                linked = plan.linked(cell)
-                cell.plan.external_jobs = {tid: jobs[ident(cell.plan.tasks[tid])] for tid in linked
-                                           if ident(cell.plan.tasks[tid]) in jobs}
-                # What waits on a shared task that failed (or was skipped) in its owner cell cannot run.
-                bad = {tid for tid in linked if ident(cell.plan.tasks[tid]) in lost}
-                blocked = cell.plan.downstream(bad) if bad else set()
-                own = [t for t in plan.owned(cell) if t.id not in blocked]
-                echo(f"== cell {cell.name}: {len(own)} own task(s), {len(linked)} linked"
-                     + (f", {len(blocked)} blocked by a failed shared task" if blocked else ""))
-                res = execute(cell.plan, cell.cfg, executor, tasks=own, force=force, dry_run=False,
-                              explicit_executor_keys=set(cell.cfg.executor.model_fields_set), echo=echo)
-            co.already_complete = len(res.already_complete)
-            co.failed = list(res.failed)
-            co.skipped = sorted(set(res.skipped) | {tid for tid in blocked if not cell.plan.is_complete(
-                cell.plan.tasks[tid])})
-            co.ran = list(res.completed) + [t.id for s in res.submitted for t in s.group.tasks]
-            co.job_ids = res.job_ids()
-            for s in res.submitted:
-                for t in s.group.tasks:
-                    jobs[ident(t)] = s.job_id
-            for tid in co.failed + co.skipped:
-                lost.add(ident(cell.plan.tasks[tid]))
-            for tid in co.failed:
-                echo(f"FAILED in cell {cell.name}: {tid}: "
-                     f"{records.failure_line(cell.run_dir, *tid.split('/', 1)) or 'no error recorded'}")
-    if wait and executor == "slurm" and outcome.job_ids():
-        wait_for_jobs(outcome.job_ids(), poll_s=poll_s, timeout_s=wait_timeout_s, echo=echo)
+            outcome.cells.append(_submit_cell(plan, cell, executor, force, lost, jobs, echo))
+    if wait_if_asked(wait, executor, outcome.job_ids(), poll_s, wait_timeout_s, echo):
         states = {c.name: c for c in sweep_status(sweep.dir)}
         for co in outcome.cells:
             st = states[co.name]
             co.failed = [r.id for r in st.rows if r.state == "failed"]
             co.skipped = [r.id for r in st.rows if r.state in ("cancelled", "blocked")]
     return outcome
+
+
+def _dry_run(plan: SweepPlan, executor: str, force: bool, echo: Callable[[str], None]) -> None:
+    """What each cell would run, linked tasks of other cells shown as placeholders for their jobs."""
+    from harc_hpc.pipeline.submit import execute
+
+    for cell in plan.cells:
+        linked = plan.linked(cell)
+        echo(f"== cell {cell.name}: {len(cell.plan.tasks)} task(s), {len(linked)} linked from other cells"
+             + (f" ({', '.join(sorted(set(linked.values())))})" if linked else ""))
+        cell.plan.external_jobs = {tid: f"<{o}:{tid}>" for tid, o in linked.items()
+                                   if not plan.cell(o).plan.is_complete(plan.cell(o).plan.tasks[tid])}
+        execute(cell.plan, cell.cfg, executor, tasks=plan.owned(cell), force=force, dry_run=True,
+                explicit_executor_keys=set(cell.cfg.executor.model_fields_set), echo=echo)
+
+
+def _submit_cell(plan: SweepPlan, cell, executor: str, force: bool, lost: set, jobs: dict,
+                 echo: Callable[[str], None]) -> CellOutcome:
+    """One cell through the run's submit path (submit.submit_plan), its own tasks only: what it
+    shares with an earlier cell is linked, and what waits on a shared task that failed (or was not
+    run) in its owner cell (``lost``) is blocked. ``jobs`` and ``lost`` gain this cell's."""
+    from harc_hpc.pipeline.submit import submit_plan
+
+    co = CellOutcome(cell.name)
+    blocked: set[str] = set()
+
+    def own_tasks(cell_plan) -> list:
+        cell_plan.save()
+        co.linked = link_cell(plan, cell)
+        linked = plan.linked(cell)
+        cell_plan.external_jobs = {tid: jobs[ident(cell_plan.tasks[tid])] for tid in linked
+                                   if ident(cell_plan.tasks[tid]) in jobs}
+        bad = {tid for tid in linked if ident(cell_plan.tasks[tid]) in lost}
+        blocked.update(cell_plan.downstream(bad) if bad else set())
+        own = [t for t in plan.owned(cell) if t.id not in blocked]
+        echo(f"== cell {cell.name}: {len(own)} own task(s), {len(linked)} linked"
+             + (f", {len(blocked)} blocked by a failed shared task" if blocked else ""))
+        return own
+
+    # (as a run's submit: another host's temporaries are stale once no job of the cell is alive; the
+    # sweep refused active jobs of every cell before any was submitted)
+    res = submit_plan(cell.plan, cell.cfg, executor, choose=own_tasks, force=force, allow_active=True,
+                      explicit_executor_keys=set(cell.cfg.executor.model_fields_set), echo=echo)
+    co.already_complete = len(res.already_complete)
+    co.failed = list(res.failed)
+    co.skipped = sorted(set(res.skipped) | {tid for tid in blocked if not cell.plan.is_complete(
+        cell.plan.tasks[tid])})
+    co.ran = list(res.completed) + [t.id for s in res.submitted for t in s.group.tasks]
+    co.job_ids = res.job_ids()
+    for s in res.submitted:
+        for t in s.group.tasks:
+            jobs[ident(t)] = s.job_id
+    for tid in co.failed + co.skipped:
+        lost.add(ident(cell.plan.tasks[tid]))
+    for tid in co.failed:
+        echo(f"FAILED in cell {cell.name}: {tid}: "
+             f"{records.failure_line(cell.run_dir, *tid.split('/', 1)) or 'no error recorded'}")
+    return co
 
 
 # -- status -----------------------------------------------------------------------------------------
