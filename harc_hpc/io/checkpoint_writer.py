@@ -17,6 +17,7 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
+from harc_hpc.io import quantized
 from harc_hpc.io.atomic import atomic_dir
 from harc_hpc.io.checkpoint import (MODEL_FILES, SAFE_INDEX, SAFE_SINGLE, Checkpoint, CheckpointError,
                                     dtype_to_safetensors, parse_size)
@@ -180,6 +181,79 @@ class CheckpointWriter:
                 os.close(fd)
 
 
+class Fp8BlockWriter:
+    """A CheckpointWriter that stores the tensors named in ``blocks`` as FP8 blocks: each one is
+    collected whole (its parts in any order, in the dtype it is declared with), then written as
+    float8_e4m3fn ``key`` and float32 ``key_scale_inv`` (harc_hpc.io.quantized.quantize_fp8_block),
+    the layout DeepSeek-V3's checkpoints have. Every other tensor goes straight through. One
+    quantized tensor is held at a time when parts arrive tensor by tensor (a merge's order)."""
+
+    def __init__(self, writer: CheckpointWriter, blocks: Mapping[str, tuple[int, int]]):
+        self.writer = writer
+        self.blocks = dict(blocks)
+        self._pending: dict[str, tuple[torch.Tensor, int]] = {}  # key -> (flat buffer, elements written)
+        self._declared: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        self.quantized: list[str] = []
+
+    def declare(self, entries: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> None:
+        out = []
+        for key, dtype, shape in entries:
+            shape = tuple(int(s) for s in shape)
+            if key in self.blocks:
+                if len(shape) < 2:
+                    raise CheckpointError(f"tensor {key}: shape {shape} cannot be stored in FP8 blocks")
+                self._declared[key] = (dtype, shape)
+                out.append((key, quantized.FP8_DTYPE, shape))
+                out.append((quantized.fp8_scale_key(key), torch.float32,
+                            quantized.scale_grid(shape, self.blocks[key])))
+            else:
+                out.append((key, dtype, shape))
+        self.writer.declare(out)
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key not in self.blocks:
+            self.writer.add(key, tensor)
+            return
+        dtype, shape = self._declared[key]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"{key}: declared {dtype} {shape}, got {tensor.dtype} {tuple(tensor.shape)}")
+        self.add_part(key, 0, tensor)
+
+    def add_part(self, key: str, start: int, tensor: torch.Tensor) -> None:
+        if key not in self.blocks:
+            self.writer.add_part(key, start, tensor)
+            return
+        dtype, shape = self._declared[key]
+        numel = 1
+        for s in shape:
+            numel *= s
+        buf, done = self._pending.get(key) or (torch.empty(numel, dtype=dtype), 0)
+        part = tensor.detach().to("cpu").reshape(-1)
+        if part.dtype != dtype or start + part.numel() > numel:
+            raise ValueError(f"{key}: part of {part.numel()} {part.dtype} at {start} does not fit {dtype} {shape}")
+        buf[start:start + part.numel()] = part
+        done += part.numel()
+        if done < numel:
+            self._pending[key] = (buf, done)
+            return
+        self._pending.pop(key, None)
+        values, scale_inv = quantized.quantize_fp8_block(buf.view(shape), self.blocks[key])
+        del buf
+        self.writer.add(key, values)
+        self.writer.add(quantized.fp8_scale_key(key), scale_inv)
+        self.quantized.append(key)
+
+    def finalize(self) -> list[Path]:
+        if self._pending:
+            raise RuntimeError(f"{len(self._pending)} FP8 tensors were not fully written, e.g. "
+                               f"{sorted(self._pending)[:3]}")
+        return self.writer.finalize()
+
+    def abort(self) -> None:
+        self._pending.clear()
+        self.writer.abort()
+
+
 # ---------------------------------------------------------------------------------------------
 # Directories
 # ---------------------------------------------------------------------------------------------
@@ -213,6 +287,8 @@ def patch_tensors(src_dir: Union[str, Path], dst_dir: Union[str, Path],
     Other tensors are copied byte for byte. Model files (config, tokenizer, ...) are copied too.
     """
     src = Checkpoint(src_dir, allow_pickle=allow_pickle)
+    if src.dequantized:
+        return _patch_stored(src, dst_dir, replacements, max_shard_size)
     unknown = sorted(set(replacements) - set(src.keys()))
     if unknown:
         raise CheckpointError(f"{src.path}: cannot replace tensors that do not exist: {unknown[:5]}")
@@ -233,6 +309,39 @@ def patch_tensors(src_dir: Union[str, Path], dst_dir: Union[str, Path],
                     writer.add(key, replacements[key].detach().cpu().contiguous())
                 else:
                     writer.add(key, src.get_tensor(key))
+            writer.finalize()
+        except BaseException:
+            writer.abort()
+            raise
+        copy_model_files(src.path, tmp)
+    src.close()
+    return Path(dst_dir)
+
+
+def _patch_stored(src: Checkpoint, dst_dir: Union[str, Path], replacements: Mapping[str, torch.Tensor],
+                  max_shard_size: Union[int, str]) -> Path:
+    """patch_tensors for a quantized checkpoint: every tensor copied as stored (FP8 values and
+    their scales byte for byte), the replacements (unquantized tensors: routers, biases) in their
+    own dtype; the config keeps its quantization_config."""
+    stored = src.stored_keys()
+    for key, t in replacements.items():
+        if src.is_dequantized(key):
+            raise CheckpointError(f"{src.path}: tensor {key} is stored quantized; a replacement for it "
+                                  f"would need quantizing (routers, norms and biases are not quantized)")
+        if key not in stored:
+            raise CheckpointError(f"{src.path}: cannot replace tensors that do not exist: {key}")
+        if tuple(t.shape) != tuple(src.stored_info(key).shape):
+            raise CheckpointError(f"{src.path}: tensor {key}: replacement shape {tuple(t.shape)} != "
+                                  f"{src.stored_info(key).shape}")
+    entries = [(k, replacements[k].dtype if k in replacements else src.stored_info(k).dtype,
+                src.stored_info(k).shape) for k in stored]
+    with atomic_dir(dst_dir) as tmp:
+        writer = CheckpointWriter(tmp, max_shard_size)
+        try:
+            writer.declare(entries)
+            for key in stored:
+                t = replacements.get(key)
+                writer.add(key, t.detach().cpu().contiguous() if t is not None else src.read_stored(key))
             writer.finalize()
         except BaseException:
             writer.abort()

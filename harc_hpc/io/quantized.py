@@ -167,16 +167,19 @@ def output_size_bytes(shapes: dict[str, tuple[tuple[int, ...], int]], quantized:
     return total
 
 
-def config_output_bytes(conf: dict, total_params: int, dtype_bytes: int, quantize: Optional[str] = None) -> int:
-    """The merged checkpoint's size from a config alone (no weights read): ``total_params`` at
-    ``dtype_bytes`` each (a quantized input is written dequantized, in its model dtype), or with
-    ``quantize: fp8-block`` one byte per parameter plus a float32 scale per 128 x 128 block (an upper
-    bound: embeddings, norms and routers stay in ``dtype_bytes``)."""
+def config_output_bytes(conf: dict, total_params: int, dtype_bytes: int, quantize: Optional[str] = None,
+                        unquantized_params: int = 0) -> int:
+    """The merged checkpoint's size from a config alone (no weights read), for harc-hpc plan:
+    ``total_params`` at ``dtype_bytes`` each (a quantized input is written dequantized, in its
+    model's dtype); with ``quantize: fp8-block``, one byte per parameter plus a float32 scale per
+    block (``weight_block_size``, 128 x 128) except ``unquantized_params`` (embeddings, norms,
+    routers: kept at ``dtype_bytes``)."""
     if quantize != "fp8-block":
         return total_params * dtype_bytes
     qc = conf.get("quantization_config") or {}
     br, bc = qc.get("weight_block_size") or (128, 128)
-    return total_params + 4 * ceil_div(total_params, br * bc)
+    fp8 = max(0, total_params - unquantized_params)
+    return fp8 + 4 * ceil_div(fp8, br * bc) + unquantized_params * dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------

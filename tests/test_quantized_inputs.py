@@ -1,0 +1,208 @@
+"""Quantized inputs (FP8 blocks as DeepSeek-V3 releases them, llm-compressor's compressed-tensors):
+dequantized on read bit for bit as transformers / compressed-tensors do, merged, written bfloat16 or
+(output.quantize: fp8-block) as FP8 blocks again; bad scales and unsupported formats refused by name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from harc_hpc.io.checkpoint import Checkpoint, SourceKind
+from harc_hpc.io.quantized import QuantizedFormatError, quantize_fp8_block
+
+BLOCK = (16, 16)
+
+
+def _write(d: Path, tensors: dict, quantization_config: dict, **config) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"dtype": "bfloat16", **config,
+                                               "quantization_config": quantization_config}))
+    return d
+
+
+FP8_CONFIG = {"quant_method": "fp8", "weight_block_size": list(BLOCK), "activation_scheme": "dynamic", "fmt": "e4m3"}
+
+
+def test_fp8_blocks_dequantize_as_transformers_does_bit_for_bit(tmp_path):
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a.weight": (64, 48), "ragged.weight": (40, 24), "experts.gate_up_proj": (2, 32, 48)}
+    stored, want = {}, {}
+    for key, shape in shapes.items():
+        v, s = quantize_fp8_block(torch.randn(shape, generator=g) * 3, BLOCK)
+        stored[key], stored[key + "_scale_inv"] = v, s
+        # transformers' backward dequantization handles a partial last block; computed in float32
+        want[key] = _dequantize_fp8_weight(v, s, list(BLOCK), torch.float32).to(torch.bfloat16)
+        if all(n % b == 0 for n, b in zip(shape[-2:], BLOCK)):  # its load-time dequantization (dequantize=True)
+            assert torch.equal(want[key], Fp8Dequantize(None)._dequantize_one(v, s, output_dtype=torch.bfloat16))
+    stored["norm.weight"] = torch.ones(8, dtype=torch.bfloat16)
+    ck = Checkpoint(_write(tmp_path / "fp8", stored, FP8_CONFIG))
+    assert ck.dequantized_by_kind() == {"fp8-block": sorted(shapes)}
+    assert ck.info("a.weight").kind is SourceKind.FP8_BLOCK and ck.info("norm.weight").kind is SourceKind.SAFETENSORS
+    for key in shapes:
+        got = ck.get_tensor(key)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want[key]), key
+        flat = want[key].reshape(-1)
+        for start, n in ((0, 7), (33, 500), (flat.numel() - 100, 100)):  # any part: the same bits
+            assert torch.equal(ck.read_part(key, start, n), flat[start:start + n])
+    assert sorted(ck.stored_keys()) == sorted(stored)  # what is on disk, for copying it as stored
+    assert torch.equal(ck.read_stored("a.weight_scale_inv"), stored["a.weight_scale_inv"])
+
+
+def _compressed(tmp_path: Path, fmt: str):
+    """A two-layer compressed-tensors checkpoint made by compressed-tensors' own compressors."""
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    if fmt == "float-quantized":
+        args = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True, dynamic=False)
+        comp = FloatQuantizationCompressor
+    else:
+        args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=16, symmetric=True, dynamic=False)
+        comp = PackedQuantizationCompressor
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    g = torch.Generator().manual_seed(1)
+    stored, want = {"lm_head.weight": torch.randn(8, 64, generator=g).to(torch.bfloat16)}, {}
+    for name in ("l0.q_proj", "l1.down_proj"):
+        w = torch.randn(24, 64, generator=g).to(torch.bfloat16)
+        x = w.float() if fmt == "float-quantized" else w.float().unflatten(-1, (4, 16))
+        lo, hi = (x.amin(dim=-1, keepdim=fmt == "float-quantized").clamp(max=0),
+                  x.amax(dim=-1, keepdim=fmt == "float-quantized").clamp(min=0))
+        s, z = calculate_qparams(lo, hi, args)
+        out = comp.compress({"weight": w, "weight_scale": s.to(torch.bfloat16), "weight_zero_point": z}, scheme)
+        want[name + ".weight"] = comp.decompress(out, scheme)["weight"].to(torch.bfloat16)
+        stored.update({f"{name}.{k}": v for k, v in out.items()})
+    qc = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+          "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(), "format": fmt}},
+          "ignore": ["lm_head"]}
+    return _write(tmp_path / fmt, stored, qc), want
+
+
+@pytest.mark.parametrize("fmt", ["float-quantized", "pack-quantized"])
+def test_compressed_tensors_dequantize_as_compressed_tensors_does(tmp_path, fmt):
+    pytest.importorskip("compressed_tensors")
+    path, want = _compressed(tmp_path, fmt)
+    ck = Checkpoint(path)
+    assert ck.dequantized_by_kind() == {"compressed-tensors": sorted(want)}
+    for key, w in want.items():
+        assert torch.equal(ck.get_tensor(key), w), key
+        assert torch.equal(ck.read_part(key, 70, 300), w.reshape(-1)[70:370])
+    assert ck.tensor_dtype("lm_head.weight") == torch.bfloat16 and not ck.is_dequantized("lm_head.weight")
+
+
+def test_bad_scales_and_unsupported_formats_are_named(tmp_path):
+    v, s = quantize_fp8_block(torch.randn(32, 32), BLOCK)
+    with pytest.raises(QuantizedFormatError, match=r"tensor a\.weight is stored as float8 but its scales "
+                                                   r"a\.weight_scale_inv are missing"):
+        Checkpoint(_write(tmp_path / "missing", {"a.weight": v}, FP8_CONFIG))
+    with pytest.raises(QuantizedFormatError, match=r"tensor a\.weight_scale_inv has shape \(1, 2\).*needs \(2, 2\)"):
+        Checkpoint(_write(tmp_path / "shape", {"a.weight": v, "a.weight_scale_inv": s[:1]}, FP8_CONFIG))
+    with pytest.raises(QuantizedFormatError, match=r"format 'nvfp4-pack-quantized' is not supported; supported: "
+                                                   r"fp8; compressed-tensors \(float-quantized.*pack-quantized\)"):
+        Checkpoint(_write(tmp_path / "nvfp4", {"a.weight": v.float()},
+                          {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {}}))
+    with pytest.raises(QuantizedFormatError, match=r"quant_method 'gptq' is not supported; supported: fp8"):
+        Checkpoint(_write(tmp_path / "gptq", {"a.weight": v.float()}, {"quant_method": "gptq"}))
+
+
+# -- a tiny FP8 DeepSeek-V3, end to end ------------------------------------------------------------------
+
+def _to_fp8(src: Path, dst: Path) -> None:
+    """``src`` (a bf16 model directory) with every linear weight of the decoder layers stored as
+    FP8 blocks, routers, norms and embeddings as they are: how DeepSeek-V3 is released."""
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").unlink()
+    tensors = load_file(str(src / "model.safetensors"))
+    out = {}
+    for key, t in tensors.items():
+        if ".layers." in key and key.endswith("proj.weight") and t.dim() == 2:
+            out[key], out[key + "_scale_inv"] = quantize_fp8_block(t, BLOCK)
+        else:
+            out[key] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    conf = json.loads((src / "config.json").read_text())
+    conf["quantization_config"] = FP8_CONFIG
+    (dst / "config.json").write_text(json.dumps(conf, indent=2))
+
+
+def test_fp8_deepseek_v3_runs_the_pipeline_and_requantizes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from harc_hpc.config import load_config
+    from harc_hpc.stages import layout, merge_experts
+    from pipeline_fixtures import build_tiny_sources, run_pipeline, write_config
+
+    bf16 = build_tiny_sources(tmp_path / "bf16", family="deepseek_v3", layers=2)
+    src = dict(bf16)
+    for name in ("base", "math", "code"):
+        src[name] = tmp_path / "fp8" / name
+        _to_fp8(bf16[name], src[name])
+    fp8_keys = Checkpoint(src["base"]).fp8_blocks()
+    assert fp8_keys and all(".mlp.gate.weight" not in k for k in fp8_keys)
+
+    # bad input: a scale missing -> named, nothing written
+    broken = tmp_path / "broken"
+    shutil.copytree(src["code"], broken)
+    t = load_file(str(broken / "model.safetensors"))
+    gone = sorted(k for k in t if k.endswith("_scale_inv"))[0]
+    del t[gone]
+    save_file(t, str(broken / "model.safetensors"))
+    (tmp_path / "bad").mkdir()
+    bad = load_config(write_config(tmp_path / "bad", {**src, "code": broken}))
+    with pytest.raises(QuantizedFormatError, match=gone):
+        merge_experts.run(bad, bad.run_dir)
+    assert not layout.merged_dir(bad.run_dir).exists()
+
+    # the bf16 merge (the default): a plain bfloat16 checkpoint, the record says what was dequantized
+    (tmp_path / "plain").mkdir()
+    plain = load_config(write_config(tmp_path / "plain", src, name="plain"))
+    merge_experts.run(plain, plain.run_dir)
+    merged_plain = Checkpoint(layout.merged_dir(plain.run_dir))
+    record = json.loads((layout.merged_dir(plain.run_dir) / "harc_merge.json").read_text())
+    assert record["dequantized"] == {"fp8-block": sorted(fp8_keys)} and record["requantized"] == []
+    assert "quantization_config" not in merged_plain.config and not merged_plain.dequantized
+    # in the model's dtype (these tiny models are float32; a released DeepSeek-V3 is bfloat16)
+    assert all(merged_plain.tensor_dtype(k) == torch.float32 for k in fp8_keys)
+
+    # output.quantize: fp8-block, the whole pipeline
+    cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"}, extra={"output.quantize": "fp8-block"}))
+    run_pipeline(cfg, cfg.run_dir)
+    merged_dir = layout.merged_dir(cfg.run_dir)
+    record = json.loads((merged_dir / "harc_merge.json").read_text())
+    assert record["requantized"] == sorted(fp8_keys, key=lambda k: record["requantized"].index(k))
+    assert sorted(record["requantized"]) == sorted(fp8_keys)
+    merged = Checkpoint(merged_dir)
+    assert merged.config["quantization_config"]["quant_method"] == "fp8"
+    for key in fp8_keys:  # within FP8's rounding of the bf16 merge (3 mantissa bits, per-block scale)
+        assert merged.stored_info(key).dtype == torch.float8_e4m3fn
+        x = merged_plain.get_tensor(key).float()
+        scale = merged.read_stored(key + "_scale_inv").repeat_interleave(BLOCK[0], 0).repeat_interleave(BLOCK[1], 1)
+        scale = scale[:x.shape[0], :x.shape[1]]
+        err = (merged.get_tensor(key).float() - x).abs()
+        assert bool((err <= x.abs() * (2**-4 + 2**-8) + scale * 2**-9).all()), key
+    final = Checkpoint(layout.model_dir(cfg.run_dir))
+    assert sorted(final.fp8_blocks()) == sorted(fp8_keys)  # the final model keeps the FP8 blocks
+    model = AutoModelForCausalLM.from_pretrained(str(layout.model_dir(cfg.run_dir)), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 3, 7]])).logits
+    assert torch.isfinite(logits).all()
+    # transformers' own dequantization on load gives the reader's values, bit for bit
+    params = dict(model.named_parameters())
+    attn = [k for k in fp8_keys if ".self_attn." in k]
+    assert attn
+    for key in attn:
+        assert torch.equal(params[key].detach(), final.get_tensor(key).to(torch.bfloat16)), key
+    for l in layout.moe_layers(cfg):
+        rep = json.loads(layout.router_report(cfg.run_dir, l).read_text())
+        assert sum(rep["kl_after"].values()) < sum(rep["kl_before"].values()), rep
+        router = final.get_tensor(f"model.layers.{l}.mlp.gate.weight")
+        assert torch.equal(model.model.layers[l].mlp.gate.weight.detach().to(router.dtype), router)
