@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from harc_hpc.io.checkpoint import Checkpoint
-from harc_hpc.io.checkpoint_writer import CheckpointWriter
+from harc_hpc.io.checkpoint_writer import CheckpointWriter, Fp8BlockWriter
 from harc_hpc.models.families import MoEFamily, family_for_config
 from harc_hpc.dtypes import torch_dtype
 from harc_hpc.merge.base import (Granularity, MergeConfigError, MergeContext, MergeInputError,
@@ -265,13 +265,17 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
                       seed: int = 0, device: Union[str, torch.device] = "cpu",
                       check_finite: bool = True,
                       progress: Optional[Callable[[int, int, MergeUnit], None]] = None,
-                      gram: Optional[Callable] = None, fisher: Optional[Callable] = None) -> dict:
+                      gram: Optional[Callable] = None, fisher: Optional[Callable] = None,
+                      quantize: Optional[str] = None) -> dict:
     """Merge ``sources`` (and ``base``) into safetensors shards in ``out_dir`` (weights only).
 
     ``dtype``: compute dtype (default: the promoted dtype of the inputs of each tensor);
     ``out_dtype``: stored dtype (default: the compute dtype). ``exclude``: regexes of on-disk tensor
     names taken unchanged from the base (or the first source without a base). ``gram`` / ``fisher``:
     the per-source statistics of a method that has them (``MergeContext.gram`` / ``.fisher``).
+    Quantized inputs are read dequantized; ``quantize="fp8-block"`` writes the tensors the first
+    input (the base, else the first source) stores as FP8 blocks as FP8 blocks again, scales
+    recomputed from the merged values (everything else as without it).
     """
     t0 = time.perf_counter()
     if not sources:
@@ -312,6 +316,8 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
     entries = [(k, out_dtype_of[k], ref.ckpt.tensor_shape(k))
                for k in sorted(ref.ckpt.keys(), key=natural_key)]
     writer = CheckpointWriter(out_dir, max_shard_size)
+    if quantize is not None:
+        writer = Fp8BlockWriter(writer, _fp8_blocks(ref, quantize))
     writer.declare(entries)
 
     role_keys: dict[str, set] = {}
@@ -417,8 +423,22 @@ def merge_checkpoints(out_dir: Union[str, Path], sources: Sequence[MergeInput],
         "tensors": len(entries),
         "excluded_tensors": sorted(excluded, key=natural_key),
         "method_notes": {k: list(v) for k, v in sorted(ctx.notes.items())},
+        "requantized": sorted(writer.quantized, key=natural_key) if quantize is not None else [],
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def _fp8_blocks(ref: MergeInput, quantize: str) -> dict:
+    """The tensors ``quantize`` writes as FP8 blocks: those ``ref`` stores so, in its blocks."""
+    if quantize != "fp8-block":
+        raise MergeConfigError(f"output.quantize: {quantize!r} is not a format harc-hpc writes (fp8-block is)")
+    blocks = ref.ckpt.fp8_blocks()
+    if not blocks:
+        raise MergeConfigError(
+            f"output.quantize: fp8-block re-quantizes the weights an FP8 block-quantized input stores as FP8, "
+            f"and model {ref.name!r} ({ref.ckpt.path}) has none (it needs quantization_config.quant_method "
+            f"fp8 with weight_block_size, as DeepSeek-V3's checkpoints have)")
+    return blocks
 
 
 def _promote(dtypes: Sequence[torch.dtype]) -> torch.dtype:
