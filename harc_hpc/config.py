@@ -190,6 +190,14 @@ class MergeSection(_Strict):
     device: str = "auto"  # where WUDI's optimisation and merge statistics run ("auto": the task's GPU, else the CPU)
 
 
+class OutputSection(_Strict):
+    """How the merged model is stored. ``quantize: fp8-block``: the weights a FP8 block-quantized
+    input stores as FP8 (DeepSeek-V3's ``weight_scale_inv`` blocks) are written so again, scales
+    recomputed; without it a quantized input is written dequantized (docs/merging.md)."""
+
+    quantize: Optional[Literal["fp8-block"]] = None
+
+
 class CalibrationSection(_Strict):
     """Defaults applied to every task's calibration data unless the source overrides them."""
 
@@ -473,6 +481,8 @@ class PipelineConfig(_Strict):
     run: RunSection = Field(default_factory=RunSection)
     models: ModelsSection
     merge: MergeSection = Field(default_factory=MergeSection)
+    # left out of the dump while unset, so that a config without it keeps every digest
+    output: OutputSection = Field(default_factory=OutputSection, exclude_if=lambda v: v.quantize is None)
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
     harc: HarcSection = Field(default_factory=HarcSection)
     executor: ExecutorSection = Field(default_factory=ExecutorSection)

@@ -114,15 +114,17 @@ def test_report_divergence_uses_the_bernoulli_kl_and_the_given_selection():
     assert abs(miss - (1 - float((sa(a.double()) & sb(b.double())).sum()) / 100)) < 1e-12
 
 
-def test_an_fp8_quantized_checkpoint_is_refused_not_merged_as_stored(tmp_path):
-    """DeepSeek-V3's released weights are FP8 blocks with scales: merged as stored they would be wrong."""
-    from harc_hpc.io.checkpoint import Checkpoint, CheckpointError
+def test_a_quantized_checkpoint_of_an_unread_method_is_refused_not_merged_as_stored(tmp_path):
+    """FP8 blocks are dequantized on read (tests/test_quantized_inputs.py); a method the reader does
+    not dequantize is refused by name: merged as stored it would be wrong."""
+    from harc_hpc.io.checkpoint import Checkpoint
+    from harc_hpc.io.quantized import QuantizedFormatError
 
     src = build_tiny_sources(tmp_path / "src", family="deepseek_v3", layers=2)
     conf = json.loads((src["math"] / "config.json").read_text())
-    conf["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    conf["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (src["math"] / "config.json").write_text(json.dumps(conf))
-    with pytest.raises(CheckpointError, match="fp8-quantized checkpoint.*dequantize it to bfloat16 first"):
+    with pytest.raises(QuantizedFormatError, match="quant_method 'gptq' is not supported.*dequantize it to bfloat16 first"):
         Checkpoint(src["math"])
 
 

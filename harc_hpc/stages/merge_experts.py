@@ -80,8 +80,9 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     # Digests read every weight file once more; doing it beside the merge hides most of that time.
     with ThreadPoolExecutor(max_workers=1) as pool:
         digests = {i.name: pool.submit(i.ckpt.digest) for i in inputs}
-        # What the merge will write, about: one source's weights (refused up front when not free).
-        needed = sum(Path(w).stat().st_size for w in sources[0].ckpt.weight_files)
+        # What the merge will write (refused up front when not free): a quantized input is written
+        # dequantized, so its size as read, not as stored.
+        needed = output_bytes(sources[0].ckpt, m.out_dtype or m.dtype, cfg.output.quantize)
         with atomic_dir(out_dir, needed_bytes=needed) as tmp:
             bar = None
 
@@ -95,19 +96,28 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
                 stats = merge_checkpoints(
                     tmp, sources, base, method, params, exclude=m.exclude, dtype=m.dtype,
                     out_dtype=m.out_dtype, max_shard_size=m.max_shard_size, seed=cfg.run.seed,
-                    device=pick_device(m.device, "merge.device"), progress=progress, **stat_kw)
+                    device=pick_device(m.device, "merge.device"), progress=progress,
+                    quantize=cfg.output.quantize, **stat_kw)
             finally:
                 if bar is not None:
                     bar.close()
             model_src = (base or sources[0]).ckpt.path
             copy_model_files(model_src, tmp)
             _set_config_dtype(tmp / "config.json", m.out_dtype or m.dtype)
-            dequantized = sorted({k for i in inputs for k in i.ckpt.dequantized})
-            if dequantized:  # MXFP4 read as bfloat16: the merged model is a plain bfloat16 checkpoint
+            by_kind: dict = {}
+            for i in inputs:
+                for kind, keys in i.ckpt.dequantized_by_kind().items():
+                    by_kind.setdefault(kind, set()).update(keys)
+            by_kind = {k: sorted(v) for k, v in sorted(by_kind.items())}
+            if by_kind and not cfg.output.quantize:  # read dequantized: a plain checkpoint of the model's dtype
                 _drop_quantization(tmp / "config.json")
             record = {
                 "format": 1,
-                "dequantized_from_mxfp4": dequantized,
+                "dequantized_from_mxfp4": by_kind.get("mxfp4", []),
+                "dequantized": by_kind,  # quantized input tensors read dequantized, by format
+                "dropped_activation_scales": sorted({k for i in inputs for k in i.ckpt.dropped}),
+                "quantize": cfg.output.quantize,
+                "requantized": stats["requantized"],  # written as FP8 blocks again (output.quantize)
                 "method": method.name,
                 "preset": m.preset,
                 "parameters": params.model_dump(mode="json", by_alias=True),
@@ -199,6 +209,20 @@ def _check_meta(folder: Path, source: str, kind: str) -> None:
 
 def _describe(inp: MergeInput, digests: dict) -> dict:
     return {"name": inp.name, "path": str(inp.ckpt.path), "digest": digests[inp.name].result()}
+
+
+def output_bytes(ckpt: Checkpoint, dtype: Optional[str], quantize: Optional[str]) -> int:
+    """Bytes of the merged checkpoint's weights when ``ckpt`` is merged (as its tensors are read,
+    in ``dtype`` when set; ``quantize``: see harc_hpc.io.quantized.output_size_bytes)."""
+    from harc_hpc.dtypes import torch_dtype
+    from harc_hpc.io.quantized import output_size_bytes
+
+    out = torch_dtype(dtype, MergeConfigError) if dtype else None
+    shapes = {}
+    for k in ckpt.keys():
+        dt = ckpt.tensor_dtype(k)
+        shapes[k] = (ckpt.tensor_shape(k), (out if out is not None and dt.is_floating_point else dt).itemsize)
+    return output_size_bytes(shapes, ckpt.fp8_blocks(), quantize)
 
 
 def _drop_quantization(path: Path) -> None:
