@@ -81,6 +81,9 @@ EXTRA_TINY_CONFIGS.update({
         num_local_experts=E, num_experts_per_tok=k, moe_intermediate_size=h, head_dim=h // 4,
         layer_types=(["sliding_attention", "full_attention"] * L)[:L])),
     "phimoe": _config("phimoe", kw=lambda L, h, E, k: dict(num_local_experts=E, num_experts_per_tok=k)),
+    "gemma4_text": _config("gemma4_text", kw=lambda L, h, E, k: dict(
+        enable_moe_block=True, num_experts=E, top_k_experts=k, moe_intermediate_size=h, head_dim=h // 4,
+        hidden_size_per_layer_input=0, layer_types=(["sliding_attention", "full_attention"] * L)[:L], sliding_window=4)),
     "nemotron_h": _config("nemotron_h", kw=lambda L, h, E, k: dict(
         n_routed_experts=E, num_experts_per_tok=k, moe_intermediate_size=h, moe_shared_expert_intermediate_size=h,
         head_dim=h // 4, layers_block_type=(["attention", "moe", "mamba", "moe"] * L)[:L], mamba_num_heads=4,
@@ -110,6 +113,7 @@ NEW_TYPES = {
     "flint": "sigmoid router without a bias; sliding and full attention",
     "kolibri1": "biased choice on the logits, sigmoid weights",
     "phimoe": "sparsemixer router (renamed on load), LayerNorm layers",
+    "gemma4_text": "a normed, scaled router beside a dense MLP; experts fused on disk; sliding / full attention",
     "nemotron_h": "single-mixer blocks (Mamba-2, attention, MoE); backbone. prefix on disk; un-gated experts",
 }
 
@@ -168,6 +172,19 @@ def test_the_whole_pipeline_runs_and_calibrates(tmp_path, model_type):
     assert torch.isfinite(logits).all()
 
 
+def _gemma4_router_with_logits(router):
+    """Gemma 4's router returns probabilities, weights and choice: the logits are its ``proj``'s output."""
+    def select(x):
+        logits = []
+        handle = router.proj.register_forward_hook(lambda m, args, out: logits.append(out))
+        try:
+            _, weights, chosen = router(x)
+        finally:
+            handle.remove()
+        return logits[0], weights, chosen
+    return select
+
+
 # model type -> (the module whose forward returns (logits, weights, chosen experts), its bias or None)
 SELECTORS = {
     "qwen3_next": lambda layer: (layer.mlp.gate, None),
@@ -191,6 +208,7 @@ SELECTORS = {
     "flint": lambda layer: (layer.mlp.gate, None),
     "kolibri1": lambda layer: (layer.mlp.gate, layer.mlp.gate.e_score_correction_bias),
     "phimoe": lambda layer: (layer.mlp.router, None),
+    "gemma4_text": lambda layer: (_gemma4_router_with_logits(layer.router), None),
     "nemotron_h": lambda layer: (layer.mixer.gate, layer.mixer.gate.e_score_correction_bias),
 }
 
@@ -290,3 +308,14 @@ def test_the_readme_names_the_count_of_the_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     m = re.search(r"\((\d+) of the (\d+) MoE model types", readme)
     assert m and (int(m.group(1)), int(m.group(2))) == (sum(r[2] == "yes" for r in rows), len(rows))
+
+
+def test_gemma4_with_per_layer_inputs_or_shared_kv_is_refused_naming_the_key():
+    """Gemma 4's per-layer input embeddings and KV sharing hand layers state from outside them."""
+    from harc_hpc.errors import UnsupportedModelError
+
+    cfg = tiny_config("gemma4_text", layers=2).to_dict()
+    assert family_for_config(cfg).name == "gemma4_text"
+    for key, value in (("hidden_size_per_layer_input", 8), ("num_kv_shared_layers", 1), ("enable_moe_block", False)):
+        with pytest.raises(UnsupportedModelError, match=key):
+            family_for_config({**cfg, key: value})

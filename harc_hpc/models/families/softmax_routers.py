@@ -254,6 +254,57 @@ class PhimoeFamily(MixtralFamily):
         return False
 
 
-SOFTMAX_FAMILIES = (PhimoeFamily(), FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily(),
+class Gemma4TextFamily(MoEFamily):
+    """Gemma 4's text model (``gemma4_text``, the 26B-A4B MoE): every layer runs a dense MLP and, in
+    parallel, a MoE on the same residual; the router (``router``) RMS-normalises its input, scales
+    it (``router.scale``, 1/sqrt(d)) and applies ``router.proj``, softmax, top-k renormalised, the
+    weights then scaled per expert (``per_expert_scale``: weights only, not the choice). HARC fits
+    ``router.proj`` on the normalised, scaled inputs it reads, with the softmax objective; the
+    layer is not the pre-norm pair, so it is captured layer-wise. The experts are fused on disk
+    (``experts.gate_up_proj`` / ``experts.down_proj`` directly under the layer).
+
+    Per-layer input embeddings (``hidden_size_per_layer_input``, Gemma 4's small models) and KV
+    sharing across layers (``num_kv_shared_layers``) hand each layer token- or layer-dependent state
+    from outside it: refused (``check_config``)."""
+
+    name = "gemma4_text"
+    model_types = ("gemma4_text",)
+    router_kind = "softmax, top-k renormalised, of a normed and scaled input; weights scaled per expert"
+    moe_module = "experts"
+    fused_disk_names = {"gate_up_proj": "gate_up", "down_proj": "down"}
+    router_param = "router.proj.weight"
+    router_disk_param = "router.proj.weight"
+    residual_capture = False
+
+    def check_config(self, cfg: dict) -> None:
+        from harc_hpc.models.families.base import UnsupportedModelError
+        from harc_hpc.models.families.unsupported import DOCS_PAGE
+
+        problems = []
+        if not cfg.get("enable_moe_block"):
+            problems.append("enable_moe_block is false (a dense model: no router to calibrate)")
+        if cfg.get("hidden_size_per_layer_input"):
+            problems.append("hidden_size_per_layer_input > 0 (per-layer input embeddings, computed from the token "
+                            "ids outside the decoder layers)")
+        if cfg.get("num_kv_shared_layers"):
+            problems.append("num_kv_shared_layers > 0 (later layers reuse earlier layers' keys and values)")
+        if problems:
+            raise UnsupportedModelError(f"model_type 'gemma4_text' with {'; '.join(problems)} is not supported",
+                                        hint=f"{DOCS_PAGE} lists what each model type needs")
+
+    def top_k(self, cfg: dict) -> int:
+        return int(cfg.get("top_k_experts") or cfg["num_experts_per_tok"])
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def router_module(self, model, layer: int):
+        router = getattr(self.decoder_layers(model)[layer], "router", None)
+        if router is None:
+            raise ValueError(f"{self.name}: layer {layer} has no router (a dense layer?)")
+        return router.proj
+
+
+SOFTMAX_FAMILIES = (PhimoeFamily(), Gemma4TextFamily(), FlexOlmoFamily(), HunYuanMoeFamily(), GraniteMoeFamily(), Ernie45MoeFamily(), AriaTextFamily(),
                     MellumFamily(), MiniMaxFamily(), GraniteMoeHybridFamily(), DeepseekV2Family(), JambaFamily(),
                     Cohere2MoeFamily(), GraniteMoeSWAFamily())

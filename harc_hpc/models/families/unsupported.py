@@ -32,7 +32,6 @@ UNSUPPORTED: dict[str, str] = {
     "param2moe": _TODO.format(what="a fused query_key_value split into three on load"),
     "sarvam_moe": _TODO.format(what="a fused query_key_value split into three on load"),
     "sarvam_mla": _TODO.format(what="MLA attention with a fused projection"),
-    "gemma4_text": _TODO.format(what="per-layer input embeddings computed outside the decoder layers"),
     "beam": _TODO.format(what="its attention layout"),
     "axk1": _TODO.format(what="its attention layout"),
     "axk2": _TODO.format(what="its attention layout"),
