@@ -39,7 +39,7 @@ import torch
 from harc_hpc.io.checkpoint import Checkpoint, CheckpointError
 from harc_hpc.models.conversion import ModuleReader
 from harc_hpc.models.families import family_for_config
-from harc_hpc.models.modeling import attention_implementation, decoder
+from harc_hpc.models.modeling import attention_implementation, check_remote_code, decoder
 
 
 def _return_freed_memory(first: bool = False) -> None:
@@ -183,8 +183,11 @@ class OnloadedModel:
         self.path = Path(path)
         self.device = torch.device(device)
         self.ckpt = Checkpoint(self.path)
+        raw_config = json.loads((self.path / "config.json").read_text())
+        # a checkpoint that brings its own modeling code: refused naming models.trust_remote_code
+        check_remote_code(raw_config, trust_remote_code, where=str(self.path / "config.json"))
         config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
-        self.family = family_for_config(json.loads((self.path / "config.json").read_text()))
+        self.family = family_for_config(raw_config)
         self.dtype = dtype or compute_dtype_for(self.device, _config_dtype(config))
         with torch.device("cpu"), parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(
