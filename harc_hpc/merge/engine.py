@@ -169,14 +169,9 @@ def plan_units(ckpt: Checkpoint, fam: MoEFamily, granularity: Granularity) -> li
 def _whole_unit(ckpt: Checkpoint, fam: MoEFamily, key: str) -> MergeUnit:
     shape = ckpt.tensor_shape(key)
     e = fam.parse_expert_key(key)
-    layer = e.layer if e is not None else _layer_of(key)
+    layer = e.layer if e is not None else fam.layer_of_key(key)
     return MergeUnit(key, tuple(shape), (Piece(key, 0, _numel(shape), tuple(shape)),),
                      classify(key, shape, fam), layer)
-
-
-def _layer_of(key: str) -> Optional[int]:
-    m = re.match(r"model\.layers\.(\d+)\.", key)
-    return int(m.group(1)) if m else None
 
 
 def _split_fused(ckpt: Checkpoint, key: str, e, orientation: str = "out_in") -> list[MergeUnit]:
