@@ -15,7 +15,7 @@ transformers' loader; here only their patterns and their operations' ``convert``
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -47,7 +47,10 @@ class ModuleReader:
     device (the caller's reader: pinned copies, dequantisation)."""
 
     def __init__(self, disk_keys, prefix: str, model_type: Optional[str], read: Callable[[str], torch.Tensor],
-                 model=None):
+                 model=None, outer_renamings: Sequence[tuple[str, str]] = ()):
+        """``outer_renamings``: (regex, replacement) applied to every disk key before the model type's
+        own mapping, the first that matches; a key none matches is left out (a multimodal wrapper's
+        text model: harc_hpc.models.families.wrappers, ``text_renamings``)."""
         self.prefix = prefix
         self.read = read
         self.model = model  # the (meta) model, for operations that read shapes from it (Split)
@@ -57,12 +60,18 @@ class ModuleReader:
         self.converted: dict[str, tuple] = {}
         if renamings or converters:
             from transformers.core_model_loading import rename_source_key
+        outer = [(re.compile(pattern), repl) for pattern, repl in outer_renamings]
         for disk in disk_keys:
+            source = disk
+            if outer:
+                source = next((rx.sub(repl, disk, count=1) for rx, repl in outer if rx.match(disk)), None)
+                if source is None:
+                    continue
             if not (renamings or converters):
-                if disk.startswith(prefix):
-                    self.direct[disk] = disk
+                if source.startswith(prefix):
+                    self.direct[source] = disk
                 continue
-            memory, pattern = rename_source_key(disk, renamings, converters)
+            memory, pattern = rename_source_key(source, renamings, converters)
             if not memory.startswith(prefix):  # filtered after renaming: a rename may change the prefix
                 continue
             if pattern is None:

@@ -14,12 +14,18 @@ from harc_hpc.models.families.qwen3_next import Qwen3NextFamily
 from harc_hpc.models.families.softmax_routers import SOFTMAX_FAMILIES
 from harc_hpc.models.families.sigmoid_routers import SIGMOID_FAMILIES
 from harc_hpc.models.families.unsupported import DOCS_PAGE, refusal
+from harc_hpc.models.families.wrappers import (WRAPPERS, check_wrapper_config, is_wrapper, wrapper_family,
+                                               wrapper_for_config)
 
 FAMILIES: dict[str, MoEFamily] = {}
 for _fam in (OlmoeFamily(), Qwen3MoeFamily(), MixtralFamily(), Qwen2MoeFamily(), DeepseekV3Family(),
              Glm4MoeFamily(), GptOssFamily(), Llama4TextFamily(), Qwen3NextFamily(), *SOFTMAX_FAMILIES):
     FAMILIES[_fam.name] = _fam
 FAMILIES.update({_fam.name: _fam for _fam in SIGMOID_FAMILIES})
+
+# multimodal wrappers (their text model's family under the wrapper's on-disk prefix)
+_TEXT = {mt: fam for fam in FAMILIES.values() for mt in fam.model_types}
+FAMILIES.update({_wt: wrapper_family(_TEXT[_tt], _wt, _tt, _place) for _wt, (_tt, _place) in WRAPPERS.items()})
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES.values() for mt in fam.model_types}
 
@@ -36,6 +42,10 @@ def family_for_config(config: dict) -> MoEFamily:
     """The adapter for a model's ``config.json`` (as a dict)."""
     model_type = config.get("model_type")
     fam = _BY_MODEL_TYPE.get(model_type)
+    if is_wrapper(fam):  # a multimodal wrapper (harc_hpc.models.families.wrappers)
+        check_wrapper_config(config)
+    elif fam is None:  # a wrapper not registered: its text_config names a text model with a family
+        fam = wrapper_for_config(config, _TEXT, refusal)
     if fam is None and refusal(model_type):
         raise UnsupportedModelError(f"model_type {model_type!r} is not supported: {refusal(model_type)}",
                                     hint=f"{DOCS_PAGE} lists every MoE model type and why")
@@ -51,4 +61,4 @@ def family_for_config(config: dict) -> MoEFamily:
 
 
 __all__ = ["FAMILIES", "ExpertTensor", "Layout", "MoEFamily", "UnsupportedModelError",
-           "family_for_config", "family_for_model_type", "supported_model_types"]
+           "family_for_config", "family_for_model_type", "is_wrapper", "supported_model_types"]
