@@ -38,7 +38,7 @@ import torch
 
 from harc_hpc.io.checkpoint import Checkpoint, CheckpointError
 from harc_hpc.models.conversion import ModuleReader
-from harc_hpc.models.families import family_for_config
+from harc_hpc.models.families import family_for_config, is_wrapper
 from harc_hpc.models.modeling import attention_implementation, check_remote_code, decoder
 
 
@@ -85,6 +85,21 @@ def _read(ckpt: Checkpoint, key: str, device: Optional[torch.device]) -> torch.T
     return _onto(ckpt.get_tensor(key), device)
 
 
+def text_renamings(fam) -> list:
+    """How a multimodal wrapper's on-disk keys become its text causal LM's (none for a text model)."""
+    return fam.text_renamings() if is_wrapper(fam) else []
+
+
+def wrapped_text_config(config, head_on_disk: bool):
+    """The text model's config of a multimodal wrapper's, with what the wrapper decides for it: the
+    dtype, and whether the LM head is tied to the embeddings (tied when the checkpoint has no head)."""
+    text = config.get_text_config(decoder=True)
+    if getattr(config, "dtype", None) is not None:
+        text.dtype = config.dtype
+    text.tie_word_embeddings = not head_on_disk
+    return text
+
+
 def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype: torch.dtype,
                      device: Optional[torch.device] = None, model_type: Optional[str] = None,
                      reader: Optional[ModuleReader] = None) -> dict:
@@ -99,7 +114,7 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
     # without a reader mapped once for the whole checkpoint: this layer's keys only (a rename keeps
     # the layer index), not every key of the checkpoint renamed once per layer
     converted = reader or ModuleReader([k for k in keys if f"layers.{layer}." in k], prefix, model_type,
-                                       lambda k: _read(ckpt, k, device))
+                                       lambda k: _read(ckpt, k, device), outer_renamings=text_renamings(fam))
     out = {}
     experts = None
     for name in names:
@@ -108,7 +123,7 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
             out[name] = converted.get(disk).to(dtype)
             continue
         if disk not in key_set and name.startswith("mlp."):
-            alt = f"{prefix}{fam.moe_module}.{name[4:]}"
+            alt = fam.disk_key(layer, f"{fam.moe_module}.{name[4:]}")
             if alt in key_set:
                 disk = alt
         if disk in key_set:
@@ -189,6 +204,9 @@ class OnloadedModel:
         config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
         self.family = family_for_config(raw_config)
         self.dtype = dtype or compute_dtype_for(self.device, _config_dtype(config))
+        if is_wrapper(self.family):  # a multimodal wrapper: its text causal LM, read from under its prefix
+            self.family.check_text_model(self.ckpt.keys(), raw_config, where=str(self.path))
+            config = wrapped_text_config(config, f"{self.family.place.head}.weight" in self.ckpt)
         with torch.device("cpu"), parameters_on_meta():
             self.model = AutoModelForCausalLM.from_config(
                 config, dtype=self.dtype, attn_implementation=attention_implementation(config, self.family.attn_implementation),
@@ -285,7 +303,8 @@ class OnloadedModel:
         mapped once."""
         if self._module_reader is None:
             self._module_reader = ModuleReader(self.ckpt.keys(), "", getattr(self.config, "model_type", None),
-                                               lambda k: _read(self.ckpt, k, self.device), model=self.model)
+                                               lambda k: _read(self.ckpt, k, self.device), model=self.model,
+                                               outer_renamings=text_renamings(self.family))
         return self._module_reader
 
     def _onload_module(self, module: torch.nn.Module, what: str) -> None:
