@@ -188,6 +188,9 @@ class MergeSection(_Strict):
     max_shard_size: str = "5GB"
     out_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None  # stored dtype (None: dtype)
     device: str = "auto"  # where WUDI's optimisation and merge statistics run ("auto": the task's GPU, else the CPU)
+    # a multimodal wrapper's tensors outside its text model (vision tower, projector): merged by the
+    # method like any other tensor, or taken from the base (docs/merging.md)
+    vision: Literal["merge", "base"] = Field(default="merge", exclude_if=lambda v: v == "merge")
 
 
 class OutputSection(_Strict):

@@ -48,9 +48,15 @@ MODEL_FILES = (
     "added_tokens.json",
     "tokenizer.model",
     "vocab.json",
+    "vocab.txt",
     "merges.txt",
+    "spiece.model",
     "chat_template.jinja",
     "chat_template.json",
+    # a multimodal model's processor: image / video / audio preprocessing and the processor itself
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
 )
 
 _DTYPES = {

@@ -75,6 +75,8 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
     sources = [_open(s.name, s.path, cfg) for s in cfg.models.sources]
     inputs = ([base] if base else []) + sources
     out_dir = run_dir / MERGED_DIR
+    wrapper = _wrapper(inputs, m.vision)  # a multimodal wrapper: its text model checked in every input
+    exclude = list(m.exclude) + ([wrapper["non_text"]] if wrapper and m.vision == "base" else [])
     readers, stat_kw, stat_record = _statistics(method, params, cfg, run_dir, names, pick_device(m.device, "merge.device"))
 
     # Digests read every weight file once more; doing it beside the merge hides most of that time.
@@ -94,7 +96,7 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
 
             try:
                 stats = merge_checkpoints(
-                    tmp, sources, base, method, params, exclude=m.exclude, dtype=m.dtype,
+                    tmp, sources, base, method, params, exclude=exclude, dtype=m.dtype,
                     out_dtype=m.out_dtype, max_shard_size=m.max_shard_size, seed=cfg.run.seed,
                     device=pick_device(m.device, "merge.device"), progress=progress,
                     quantize=cfg.output.quantize, **stat_kw)
@@ -122,6 +124,8 @@ def run(cfg: PipelineConfig, run_dir: Path, **index) -> dict:
                 "preset": m.preset,
                 "parameters": params.model_dump(mode="json", by_alias=True),
                 "exclude": list(m.exclude),
+                # a multimodal wrapper: its text model, and what became of the rest (merge.vision)
+                **({"wrapper": wrapper} if wrapper else {}),
                 "dtype": m.dtype,
                 "out_dtype": m.out_dtype,
                 "seed": cfg.run.seed,
@@ -191,6 +195,24 @@ def _statistics(method, params, cfg, run_dir: Path, names: list[str], device) ->
               "sources": {n: ms.read_meta(f / "fisher" if method.statistics == "fisher" else f)
                           for n, f in zip(names, folders)}}
     return readers, kw, record
+
+
+def _wrapper(inputs: list[MergeInput], vision: str) -> Optional[dict]:
+    """For a multimodal wrapper (harc_hpc.models.families.wrappers): what the merge record says of it,
+    after checking that every input holds its text model (before anything is written). None for a
+    text model."""
+    from harc_hpc.models.families import family_for_config, is_wrapper
+
+    fam = family_for_config(inputs[0].ckpt.config)
+    if not is_wrapper(fam):
+        return None
+    for i in inputs:
+        fam.check_text_model(i.ckpt.keys(), i.ckpt.config, where=str(i.ckpt.path))
+    keys = inputs[0].ckpt.keys()
+    return {"model_type": fam.name, "text_model_type": fam.text_model_type,
+            "text_prefixes": list(fam.text_prefixes()), "vision": vision,
+            "non_text": fam.non_text_pattern(),
+            "non_text_tensors": sum(not fam.is_text_key(k) for k in keys)}
 
 
 def sequential_scratch(run_dir: Path) -> Path:
