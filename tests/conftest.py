@@ -185,7 +185,7 @@ if str(LAUNCHER_TESTS_DIR) not in _launcher_sys.path:
 
 def write_toy_config(tmp_path: Path, name: str = "toy", **harc) -> Path:
     """A pipeline config with two tasks (a, b) whose calibration files exist; source paths are
-    placeholders (toy stages never open them)."""
+    placeholders (toy stages never open them), local-looking so that submit does not pin them as hub ids."""
     import yaml
 
     data_dir = tmp_path / "data"
@@ -195,7 +195,7 @@ def write_toy_config(tmp_path: Path, name: str = "toy", **harc) -> Path:
         f = data_dir / f"{task}.jsonl"
         if not f.exists():
             f.write_text(f'{{"text": "calibration text of {task}"}}\n')
-        sources.append({"name": task, "path": f"toy/source-{task}", "calibration": {"files": [str(f)]}})
+        sources.append({"name": task, "path": f"./toy/source-{task}", "calibration": {"files": [str(f)]}})
     cfg = {
         "run": {"name": name, "output_dir": str(tmp_path / "runs")},
         "models": {"sources": sources},

@@ -307,10 +307,12 @@ class OnloadedModel:
                                                outer_renamings=text_renamings(self.family))
         return self._module_reader
 
-    def _onload_module(self, module: torch.nn.Module, what: str) -> None:
+    def _onload_module(self, module: torch.nn.Module, what: str,
+                       replace: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Materialise a module outside the decoder layers (the embeddings, the final norm, the LM
         head) on the device, its tensors read under the names transformers' conversion mapping gives
-        them, keeping what its constructor computed."""
+        them (``replace``: {name in the module: tensor} used instead of the checkpoint's), keeping
+        what its constructor computed."""
         prefix = next(n for n, m in self.model.named_modules() if m is module) + "."
         tied = self.model.get_expanded_tied_weights_keys()  # {"lm_head.weight": "model.embed_tokens.weight"}
         keys = set(self.ckpt.keys())
@@ -319,6 +321,9 @@ class OnloadedModel:
         state = {}
         for name in [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]:
             if name in computed:
+                continue
+            if replace is not None and name in replace:
+                state[name] = replace[name].to(self.dtype)
                 continue
             key = tied.get(prefix + name, prefix + name)
             if key in keys:
@@ -396,6 +401,22 @@ class OnloadedModel:
         hidden, calls = self._record_layer_calls(input_ids=ids.to(self.device))
         self._remember((tuple(hidden.shape[:2]), hidden.dtype, hidden.device), calls)
         return hidden
+
+    def embedding_disk_keys(self) -> dict[str, str]:
+        """{parameter of the embeddings module: the checkpoint key it is read from}."""
+        prefix = next(n for n, m in self.model.named_modules() if m is self.embeddings) + "."
+        keys = set(self.ckpt.keys())
+        out = {}
+        for name, _ in self.embeddings.named_parameters():
+            memory = prefix + name
+            out[name] = memory if memory in keys else self._reader().direct.get(memory, memory)
+        return out
+
+    def onload_embeddings(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The embeddings module on the device with ``tensors`` ({parameter name: value}, e.g. merged
+        embeddings) instead of the checkpoint's; ``embed`` then runs the model's own forward on them."""
+        self._onload_module(self.embeddings, "embeddings", replace=tensors)
+        self._embed_onloaded = True
 
     def release_embeddings(self) -> None:
         if self._embed_onloaded:

@@ -233,6 +233,17 @@ class _RouterLogits:
             h.remove()
 
 
+def _router_tensors(model, fam, j: int, routers: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{parameter name in decoder layer ``j``: value} that put router matrix ``routers`` ((K, d), or
+    [W | b] (K, d + 1) for a router with a bias) in place of the layer's router."""
+    router = fam.router_module(model.model, j)
+    params = dict(model.layer(j).named_parameters())
+    name_of = {id(p): n for n, p in params.items()}
+    if getattr(router, "bias", None) is not None:
+        return {name_of[id(router.bias)]: routers[:, -1], name_of[id(router.weight)]: routers[:, :-1]}
+    return {name_of[id(router.weight)]: routers}
+
+
 @torch.no_grad()
 def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[Evaluation], batch_size: int,
                         device: torch.device, trust_remote_code: bool = False,
@@ -254,6 +265,7 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
     (capture_activations.BatchStates), so host memory stays bounded whatever their size. Kept router
     logits add float32 (tokens, experts) per MoE layer of the evaluations that keep routing.
     """
+    from harc_hpc.models.layerwise import LayerObserver, embed_batches, run_layers
     from harc_hpc.models.modeling import pad_batch
     from harc_hpc.models.onload import OnloadedModel
     from harc_hpc.stages.capture_activations import BatchStates, placement_for
@@ -293,41 +305,33 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
     states: list[BatchStates] = []
     recorder = _RouterLogits(model.model, fam, layers, len(evaluations))
 
+    class Observer(LayerObserver):
+        """The merged routers of each MoE layer as onloaded; the router logits of the batches whose
+        evaluation keeps routing."""
+
+        def layer_start(self, j):
+            if j in layers:
+                routers[j] = router_matrix(fam.router_module(model.model, j)).cpu().clone()
+
+        def batch_start(self, j, e, i):
+            mask = plans[e][i][2]
+            if mask is not None and j in layers:
+                recorder.batch = (e, mask, evaluations[e].ref_routers)
+
+        def batch_end(self, j, e, i, hidden):
+            recorder.batch = None
+
     try:
         for plan in plans:
             states.append(BatchStates([tuple(ids.shape) for ids, *_ in plan], d, model.dtype, model.device,
                                       placement, scratch_dir=scratch_dir))
-            for i, (ids, *_) in enumerate(plan):
-                states[-1].set(i, model.embed(ids))
+            embed_batches(model, states[-1], [ids for ids, *_ in plan])
         model.release_embeddings()
-
-        for j in range(model.num_layers):
-            model.onload(j)
-            router_name = bias_name = None
-            if j in layers:
-                router = fam.router_module(model.model, j)
-                router_name = next(n for n, p in model.layer(j).named_parameters() if p is router.weight)
-                if getattr(router, "bias", None) is not None:
-                    bias_name = next(n for n, p in model.layer(j).named_parameters() if p is router.bias)
-                routers[j] = router_matrix(router).cpu().clone()
-            for e, (ev, plan, st) in enumerate(zip(evaluations, plans, states)):
-                held = held_bias = None
-                if router_name is not None and ev.routers is not None and j in ev.routers:
-                    swap_in = ev.routers[j]
-                    if bias_name is not None:  # [W | b]: both go in
-                        held_bias = model.swap(j, bias_name, swap_in[:, -1])
-                        swap_in = swap_in[:, :-1]
-                    held = model.swap(j, router_name, swap_in)
-                for i, (_, _, mask, _) in enumerate(plan):
-                    if mask is not None and j in layers:
-                        recorder.batch = (e, mask, ev.ref_routers)
-                    st.set(i, model.run_layer(j, st.get(i)))
-                    recorder.batch = None
-                if held is not None:
-                    model.swap(j, router_name, held)
-                if held_bias is not None:
-                    model.swap(j, bias_name, held_bias)
-            model.offload(j)
+        # an evaluation with its own routers has them in place of the layer's while its batches run
+        swaps = {e: {j: _router_tensors(model, fam, j, ev.routers[j]) for j in layers if j in ev.routers}
+                 for e, ev in enumerate(evaluations) if ev.routers is not None}
+        run_layers(model, dict(enumerate(states)), range(model.num_layers), observer=Observer(),
+                   group_overrides=swaps, label="evaluation")
 
         for plan, st, result in zip(plans, states, results):
             for i, (ids, lengths, _, selected) in enumerate(plan):

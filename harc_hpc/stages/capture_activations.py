@@ -54,6 +54,7 @@ from harc_hpc.config import PipelineConfig
 from harc_hpc.errors import CorruptArtifactError, DiskFullError, require_finite
 from harc_hpc.models.modeling import (RouterInputRecorder, batches, free_memory_bytes, host_free_bytes, pad_batch,
                                       pick_device, unpad)
+from harc_hpc.models.layerwise import LayerObserver, run_layers
 from harc_hpc.models.onload import OnloadedModel
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
@@ -439,9 +440,14 @@ def run_layerwise(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: O
             o = tokens[task].offsets
             return [int(o[j + 1] - o[j]) for j in idx]
 
-        for j in range(next_layer, stop):
-            if j == start and hidden_out is not None:
-                # The states entering this block: the next block's capture starts from them.
+        class Observer(LayerObserver):
+            """The hidden states entering the block (the next block's capture starts from them) and
+            each calibrated layer's router inputs, batch by batch; a checkpoint after each layer."""
+
+            def layer_start(self, j):
+                nonlocal hidden_complete
+                if j != start or hidden_out is None:
+                    return
                 for task, store in tokens.items():
                     for i, idx in enumerate(plan[task]):
                         flat_h = unpad(states[task].get(i), lengths_of(task, idx))
@@ -451,30 +457,29 @@ def run_layerwise(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: O
                         hidden_out.write(task, int(store.offsets[idx.start]), flat_h)
                 hidden_out.close()
                 hidden_complete = True
-            model.onload(j, overrides.get(j))
-            for task, store in tokens.items():
-                bar = Progress(len(plan[task]), f"capture block {block} layer {j} task {task} (batches)")
-                for i, idx in enumerate(plan[task]):
-                    h = model.run_layer(j, states[task].get(i))
-                    states[task].set(i, h)
-                    if j in layers:
-                        B, T = h.shape[:2]
-                        x = unpad(recorder.pop(j).reshape(B, T, d), lengths_of(task, idx))
-                        require_finite(x, f"the router inputs of layer {j}", where(task, idx),
-                                       hint="the model overflows or holds NaN weights; "
-                                            "try calibration.dtype float32")
-                        if store.selected is not None:
-                            rows = store.selected[int(store.offsets[idx.start]): int(store.offsets[idx.stop])]
-                            x = x[torch.from_numpy(rows).to(x.device)]
-                        acts.write(f"{layer_name(j)}/{task}", int(store.selected_offsets[idx.start]), x)
-                    bar.update(1)
-                bar.close()
-            model.offload(j)
-            if j in layers:
-                for task in tokens:
-                    acts.finish(f"{layer_name(j)}/{task}")
-            if task_digest and cfg.calibration.layer_checkpoints and j + 1 < stop:
-                _checkpoint(partial, task_digest, j + 1, hidden_complete, states)
+
+            def batch_end(self, j, task, i, h):
+                if j not in layers:
+                    return
+                store, idx = tokens[task], plan[task][i]
+                B, T = h.shape[:2]
+                x = unpad(recorder.pop(j).reshape(B, T, d), lengths_of(task, idx))
+                require_finite(x, f"the router inputs of layer {j}", where(task, idx),
+                               hint="the model overflows or holds NaN weights; try calibration.dtype float32")
+                if store.selected is not None:
+                    rows = store.selected[int(store.offsets[idx.start]): int(store.offsets[idx.stop])]
+                    x = x[torch.from_numpy(rows).to(x.device)]
+                acts.write(f"{layer_name(j)}/{task}", int(store.selected_offsets[idx.start]), x)
+
+            def layer_end(self, j):
+                if j in layers:
+                    for task in tokens:
+                        acts.finish(f"{layer_name(j)}/{task}")
+                if task_digest and cfg.calibration.layer_checkpoints and j + 1 < stop:
+                    _checkpoint(partial, task_digest, j + 1, hidden_complete, states)
+
+        run_layers(model, states, range(next_layer, stop), observer=Observer(), overrides=overrides,
+                   label=f"capture block {block}")
         acts.close()
         if hidden_out is not None and not hidden_complete:  # an empty block span: nothing ran
             hidden_out.close()

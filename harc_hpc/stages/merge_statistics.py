@@ -45,7 +45,7 @@ from harc_hpc.io import merge_statistics as ms
 from harc_hpc.io.atomic import atomic_path, publish, remove_path, write_json_atomic
 from harc_hpc.io.calibration_data import tokenize_task
 from harc_hpc.models.modeling import batches, pad_batch, pick_device
-from harc_hpc.progress import Progress
+from harc_hpc.models.layerwise import LayerObserver, run_layers
 
 log = logging.getLogger(__name__)
 
@@ -302,29 +302,42 @@ def _disk_key_fn(ckpt, fam, layer: int):
     return disk_key
 
 
+class GramObserver(LayerObserver):
+    """The Grams of decoder layer ``j`` (``LayerGrams``) while every batch passes it: hooks put on the
+    onloaded layer, each batch's valid-token mask set before it runs, the hooks removed after."""
+
+    def __init__(self, model, valid: list, layout_name: str, moe_layers):
+        self.model, self.valid, self.layout_name, self.moe_layers = model, valid, layout_name, moe_layers
+        self.grams: Optional[LayerGrams] = None
+
+    def layer_start(self, j: int) -> None:
+        fam = self.model.family
+        self.grams = LayerGrams(self.model.layer(j), fam.router_module(self.model.model, j) if j in self.moe_layers else None,
+                                _disk_key_fn(self.model.ckpt, fam, j),
+                                lambda e: ms.expert_unit_names(fam, j, e, self.layout_name),
+                                fam.num_experts(self.model.ckpt.config))
+
+    def batch_start(self, j: int, group, i: int) -> None:
+        self.grams.begin(self.valid[i])
+
+    def batch_end(self, j: int, group, i: int, hidden) -> None:
+        self.grams.end()
+
+    def group_end(self, j: int, group) -> None:
+        self.grams.close()
+
+
 def layer_pass(model, j: int, states, valid: list, layout_name: str, moe_layers, label: str,
                update_states: bool) -> LayerGrams:
-    """Onload decoder layer ``j`` of ``model``, push every batch of ``states`` through it while its
-    Grams are taken, offload it; the layer's outputs replace ``states`` when ``update_states``."""
-    fam = model.family
-    module = model.onload(j)
-    grams = LayerGrams(module, fam.router_module(model.model, j) if j in moe_layers else None,
-                       _disk_key_fn(model.ckpt, fam, j),
-                       lambda e: ms.expert_unit_names(fam, j, e, layout_name), fam.num_experts(model.ckpt.config))
-    bar = Progress(len(valid), f"{label} layer {j} (batches)")
+    """Decoder layer ``j``'s Grams over every batch of ``states`` (the layer-wise engine's loop with a
+    GramObserver); the layer's outputs replace ``states`` when ``update_states``."""
+    observer = GramObserver(model, valid, layout_name, moe_layers)
     try:
-        for i in range(len(valid)):
-            grams.begin(valid[i])
-            h = model.run_layer(j, states.get(i))
-            grams.end()
-            if update_states:
-                states.set(i, h)
-            bar.update(1)
+        run_layers(model, {label: states}, [j], observer=observer, update=update_states, label=label)
     finally:
-        grams.close()
-        bar.close()
-    model.offload(j)
-    return grams
+        if observer.grams is not None:
+            observer.grams.close()
+    return observer.grams
 
 
 def require_gram_support(fam, method: str, source: str) -> None:

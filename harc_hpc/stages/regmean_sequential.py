@@ -50,6 +50,7 @@ def sequential_grams(cfg: PipelineConfig, out_root: Path, method, params) -> dic
     from harc_hpc.merge.base import GramStatistic, MergeContext
     from harc_hpc.merge.engine import MergeInput, _promote, _read_unit, plan_units
     from harc_hpc.dtypes import torch_dtype
+    from harc_hpc.models.layerwise import embed_batches, run_layers
     from harc_hpc.models.onload import OnloadedModel, layer_state_dict
     from harc_hpc.stages.capture_activations import BatchStates, placement_for
     from harc_hpc.stages.merge_statistics import layer_pass, require_gram_support, source_batches, write_layer
@@ -104,9 +105,11 @@ def sequential_grams(cfg: PipelineConfig, out_root: Path, method, params) -> dic
         return {k: v.reshape(ref.ckpt.tensor_shape(k)) for k, v in flat.items()}
 
     batches_of, states, tokens = {}, {}, {}
-    embed_key = "model.embed_tokens.weight"
-    embedding = merged_tensors([u for u in units if u.name == embed_key])[embed_key].to(device=device,
-                                                                                          dtype=ref.dtype)
+    # the merged embeddings, run by the model's own embedding forward (any scaling it applies)
+    embedding_keys = ref.embedding_disk_keys()
+    merged = merged_tensors([u for u in units if u.name in set(embedding_keys.values())])
+    ref.onload_embeddings({name: merged[key] for name, key in embedding_keys.items()})
+    del merged
     d = ref.config.hidden_size
     try:
         for n in names:
@@ -116,10 +119,8 @@ def sequential_grams(cfg: PipelineConfig, out_root: Path, method, params) -> dic
             nbytes = sum(b * t for b, t in shapes) * d * ref.dtype.itemsize
             states[n] = BatchStates(shapes, d, ref.dtype, device, placement_for(nbytes, device, ref.layer_bytes(0)),
                                     scratch_dir=cfg.run.node_local_dir)
-            for i, idx in enumerate(plan):
-                ids, _ = pad_batch([torch.tensor(seqs[j]) for j in idx])
-                states[n].set(i, torch.nn.functional.embedding(ids.to(device), embedding))
-        del embedding
+            embed_batches(ref, states[n], [pad_batch([torch.tensor(seqs[j]) for j in idx])[0] for idx in plan])
+        ref.release_embeddings()
         for j in range(ref.num_layers):
             for n, reader in zip(names, readers):
                 grams = layer_pass(models[n], j, states[n], batches_of[n], layout_name, moe_layers,
@@ -131,11 +132,8 @@ def sequential_grams(cfg: PipelineConfig, out_root: Path, method, params) -> dic
             wanted = [p for p, _ in module.named_parameters()] + [b for b, _ in module.named_buffers()]
             state = layer_state_dict(_LayerTensors(ref.ckpt.keys(), merged), fam, j, wanted, ref.dtype)
             del merged
-            ref.onload(j, overrides=state)
-            for n in names:  # every source's data through the merged layer j
-                for i in range(len(batches_of[n])):
-                    states[n].set(i, ref.run_layer(j, states[n].get(i)))
-            ref.offload(j)
+            # every source's data through the merged layer j
+            run_layers(ref, states, [j], overrides={j: state}, label="regmean++ merged")
         for n in names:
             write_json_atomic(out_root / n / ms.META, {
                 "kind": "gram", "source": n, "sequential": True, "tokens": tokens[n], "layers": ref.num_layers,
