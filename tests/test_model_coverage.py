@@ -246,11 +246,12 @@ def test_every_moe_model_type_is_supported_and_tested_or_refused_with_a_reason()
     from harc_hpc.models.coverage import UNSUPPORTED, moe_causal_lm_types
     from harc_hpc.models.families import supported_model_types
     from test_model_coverage_sigmoid import NEW_TYPES as SIGMOID_TYPES
+    from test_multimodal_wrappers import WRAPPER_TYPES
 
     types = set(moe_causal_lm_types())
     assert len(types) >= 60 and {"mixtral", "qwen3_next", "deepseek_v32", "jamba"} <= types
     supported = set(supported_model_types()) & types
-    tested = FIRST_TYPES | set(NEW_TYPES) | set(SIGMOID_TYPES)
+    tested = FIRST_TYPES | set(NEW_TYPES) | set(SIGMOID_TYPES) | set(WRAPPER_TYPES)
     assert supported <= tested, f"supported but not covered by a test: {sorted(supported - tested)}"
     unknown = types - supported - {t for t, why in UNSUPPORTED.items() if why}
     assert not unknown, f"MoE model types neither supported nor refused with a reason: {sorted(unknown)}"

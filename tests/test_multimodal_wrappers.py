@@ -131,9 +131,17 @@ def test_the_whole_pipeline_calibrates_the_text_model_and_writes_the_whole_wrapp
     import transformers
 
     src = build_wrapper_sources(tmp_path / "src", model_type)
-    cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"}))
+    with_report = model_type == "llama4"  # the report stage too, once (the suite's time)
+    cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"}, extra={"report.enabled": with_report}))
     run = cfg.run_dir
     run_pipeline(cfg, run)
+    if with_report:
+        from harc_hpc.stages import report
+
+        report.run(cfg, run)
+        m = json.loads((run / "report" / "metrics.json").read_text())
+        rl = m["summary"]["router_level"]
+        assert m["family"] == model_type and rl["calibrated"]["kl_mean"] < rl["merged"]["kl_mean"], rl
     out = layout.model_dir(run)
     conf = json.loads((out / "config.json").read_text())
     assert conf["architectures"] == json.loads((src["base"] / "config.json").read_text())["architectures"]

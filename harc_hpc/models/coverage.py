@@ -75,7 +75,8 @@ def render() -> str:
              f"router): **{n_yes} of {len(rows)}** run end to end. A supported type is checked by "
              "tests/test_model_coverage*.py on a tiny random model built from its config class: the layer-wise "
              "forward equals the whole model's bit for bit on CPU, the whole pipeline runs, the assembled "
-             "model loads with AutoModelForCausalLM with finite logits, its calibrated routers are closer to "
+             "model loads with AutoModelForCausalLM (a multimodal wrapper: with its own class, its text model "
+             "calibrated, tests/test_multimodal_wrappers.py) with finite logits, its calibrated routers are closer to "
              "the sources than the merged ones, and the family's expert selection equals the model's own "
              "router's. An unsupported type is refused with the reason below, by every command (exit 2).", "",
              "| model type | router kind | supported | reason |", "|---|---|---|---|"]

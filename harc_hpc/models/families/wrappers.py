@@ -141,7 +141,8 @@ def wrapper_family(text: MoEFamily, model_type: str, text_model_type: str, place
     fam.__class__ = sub
     for name, value in (("name", model_type), ("model_types", (model_type,)),
                         ("disk_layers_prefix", f"{place.backbone}.layers"), ("text_family", text),
-                        ("text_model_type", text_model_type), ("place", place)):
+                        ("text_model_type", text_model_type), ("place", place),
+                        ("router_kind", f"{text.router_kind} (its text model, {text_model_type})")):
         object.__setattr__(fam, name, value)
     return fam
 
