@@ -121,8 +121,9 @@ def test_every_stage_spec_names_an_estimate():
 
 
 def test_the_capture_estimate_places_states_by_the_capture_s_own_rule(monkeypatch):
-    """estimates.capture_activations.states_placement is capture_activations.placement_for on given
-    free memory (the GPU's and the host's): the same answer for every case."""
+    """capture_activations.placement_for is estimates.capture_activations.states_placement (one rule)
+    on the device's and the host's free memory as the capture reads them: the same answer for every
+    case, a GPU's free memory counted only for a GPU."""
     import torch
 
     from harc_hpc.stages import capture_activations as cap

@@ -202,12 +202,12 @@ def placement_for(nbytes: int, device: torch.device, layer_bytes: int) -> str:
     with a 20 % margin (its free memory counting torch's cache), else host memory if it has them
     with the same margin (the least of MemAvailable, the cgroup's limit and SLURM's grant:
     modeling.host_free_bytes, the figure ``plan`` applies to the executor's mem_gb), else
-    node-local disk."""
-    if device.type != "cpu" and nbytes + 2 * layer_bytes <= 0.8 * free_memory_bytes(device):
-        return "device"
-    if nbytes <= 0.8 * host_free_bytes():
-        return "device" if device.type == "cpu" else "host"
-    return "disk"
+    node-local disk. The rule is the estimate's (estimates.capture_activations.states_placement),
+    so ``plan`` and the run cannot disagree."""
+    from harc_hpc.stages.estimates.capture_activations import states_placement
+
+    device_free = free_memory_bytes(device) if device.type != "cpu" else None
+    return states_placement(nbytes, layer_bytes, device_free, host_free_bytes())
 
 
 def peak_memory(device: torch.device) -> dict:
