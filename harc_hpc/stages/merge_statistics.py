@@ -343,8 +343,9 @@ def layer_pass(model, j: int, states, valid: list, layout_name: str, moe_layers,
 def require_gram_support(fam, method: str, source: str) -> None:
     """Refuse (naming the merge ``method`` and ``source``) a family whose experts the Gram pass
     does not model (UNSUPPORTED_FAMILIES)."""
-    if fam.name in UNSUPPORTED_FAMILIES:
-        raise UsageError(f"merge method {method!r}: the {fam.name} family's experts are not supported by "
+    name = getattr(fam, "text_family", fam).name  # a multimodal wrapper: its text model's experts
+    if name in UNSUPPORTED_FAMILIES:
+        raise UsageError(f"merge method {method!r}: the {name} family's experts are not supported by "
                          f"the Gram pass yet", where=f"models.sources[{source}].path")
 
 
