@@ -427,7 +427,7 @@ def test_heldout_loss_counts_the_selected_predictions(chat_sources):
     layers = list(fam.moe_layers(conf))
     got = metrics.evaluate_checkpoint(path, layers, [metrics.Evaluation(seqs, masks=masks, keep_routing=True),
                                                      metrics.Evaluation(seqs)], 2, torch.device("cpu"))
-    masked_eval, plain_eval = got.results
+    masked_eval, plain_eval = got.results.values()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     nll = torch.zeros((), dtype=torch.float64)
     all_nll, count, rows = 0.0, 0, {l: [] for l in layers}

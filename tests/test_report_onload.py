@@ -137,7 +137,7 @@ def test_layerwise_evaluation_equals_the_whole_model(tmp_path, family):
             whole_model_eval(model, fam, layers, seqs["code"], 4, keep_routing=False),
             whole_model_eval(model, fam, layers, seqs["math"], 4, keep_routing=False, routers=code_routers),
             whole_model_eval(whole_model(src["math"]), fam, layers, seqs["code"], 4)]
-    for i, (ev, ref) in enumerate(zip(got.results, refs)):
+    for i, (ev, ref) in enumerate(zip(got.results.values(), refs)):
         assert_same(ev, ref, f"{family} evaluation {i}")
         assert bit_for_bit(ev, ref), f"{family} evaluation {i} is close but not bit for bit"
     # The swapped routers do change the loss (the random tiny models are near uniform: not by much);

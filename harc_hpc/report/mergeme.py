@@ -177,20 +177,18 @@ def mergeme_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     seq = sequence_routing_metrics(cfg, run_dir, heldout)
     prefix = seq["prefix_tokens"]
     after_prefix = {t: [[False] * prefix + [True] * (len(s) - prefix) for s in heldout[t]] for t in domains}
-    evals, keys = [], []
-    for name, routers in options.items():
-        for t in domains:
-            evals.append(Evaluation(heldout[t], keep_routing=True, routers=routers))
-            keys.append((name, t))
-    for name, routers in options.items():  # the sequence routers' scored tokens
-        for t in domains:
-            evals.append(Evaluation(heldout[t], masks=after_prefix[t], routers=routers))
+    keys = [(name, t) for name in options for t in domains]
+    evals = {("routing", name, t): Evaluation(heldout[t], keep_routing=True, routers=options[name]) for name, t in keys}
+    # the sequence routers' scored tokens
+    evals.update({("after_prefix", name, t): Evaluation(heldout[t], masks=after_prefix[t], routers=options[name])
+                  for name, t in keys})
     res = evaluate_checkpoint(merged, layers, evals, cfg.calibration.batch_size, device,
                               trust_remote_code=cfg.models.trust_remote_code)
     table: dict = {name: {} for name in options}
-    for (name, t), r in zip(keys, res.results[len(keys):]):
-        table[name][t] = {"loss_after_prefix": r.loss}
-    for (name, t), r in zip(keys, res.results):
+    for name, t in keys:
+        table[name][t] = {"loss_after_prefix": res.results["after_prefix", name, t].loss}
+    for name, t in keys:
+        r = res.results["routing", name, t]
         e = experts[t]
         top1 = {l: float((r.own_logits[l].argmax(dim=1) == e).double().mean()) for l in layers}
         topk = {l: float((torch.topk(r.own_logits[l], top_k, dim=1).indices == e).any(dim=1).double().mean())

@@ -25,12 +25,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 
 from harc_hpc.config import PipelineConfig
 from harc_hpc.errors import RunStateError
+from harc_hpc.io.checkpoint import resolve_model_path
 from harc_hpc.math.metrics import bernoulli_kl_sum, kl_sum, topk_common
 from harc_hpc.report.render import layer_means
 from harc_hpc.report.render import mean_of as _mean
@@ -177,7 +178,7 @@ class Evaluation:
 
 @dataclass
 class CheckpointEval:
-    results: list[TaskEval]  # one per Evaluation, in order
+    results: dict  # {name: TaskEval}, one per Evaluation under the name it was given
     routers: dict[int, torch.Tensor]  # the checkpoint's own routers as the model holds them, float32, CPU
 
 
@@ -245,11 +246,12 @@ def _router_tensors(model, fam, j: int, routers: torch.Tensor) -> dict[str, torc
 
 
 @torch.no_grad()
-def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[Evaluation], batch_size: int,
-                        device: torch.device, trust_remote_code: bool = False,
+def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: Union[Mapping, list[Evaluation]],
+                        batch_size: int, device: torch.device, trust_remote_code: bool = False,
                         dtype: Optional[torch.dtype] = None, scratch_dir: Optional[Path] = None) -> CheckpointEval:
     """Held-out loss and (where asked) per-layer router logits of real tokens, in sequence order, of
     several evaluations on one checkpoint, which is never loaded whole (harc_hpc.models.onload).
+    ``evaluations``: {name: Evaluation} (a list: named by position); the results carry the same names.
 
     Every evaluation's batches are embedded; then each decoder layer is onloaded once, every batch
     of every evaluation is pushed through it (an evaluation with its own ``routers`` has them put in
@@ -270,6 +272,8 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
     from harc_hpc.models.onload import OnloadedModel
     from harc_hpc.stages.capture_activations import BatchStates, placement_for
 
+    named = evaluations if isinstance(evaluations, Mapping) else dict(enumerate(evaluations))
+    names, evaluations = list(named), list(named.values())
     model = OnloadedModel(path, device, dtype=dtype, trust_remote_code=trust_remote_code)
     fam = model.family
     d = model.config.hidden_size
@@ -365,7 +369,7 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: list[E
         model.close()
     for e, result in enumerate(results):
         recorder.collect(e, result)
-    return CheckpointEval(results, routers)
+    return CheckpointEval(dict(zip(names, results)), routers)
 
 
 # -- the metrics ------------------------------------------------------------------------------------
@@ -387,6 +391,60 @@ def _tokenized_heldout(cfg: PipelineConfig, tokenizer) -> dict[str, tuple[list[l
     return out
 
 
+@dataclass
+class _ReportPasses:
+    """What every evaluation pass of the report shares: the model's shape and routing rule, the
+    held-out text of each task, and how a checkpoint is evaluated."""
+
+    cfg: PipelineConfig
+    conf: dict
+    fam: object
+    layers: list[int]
+    tokenized: dict
+    device: torch.device
+
+    @property
+    def top_k(self) -> int:
+        return self.fam.top_k(self.conf)
+
+    def heldout(self, t: str, **kw) -> Evaluation:
+        seqs, masks = self.tokenized[t]
+        return Evaluation(seqs, masks=masks, **kw)
+
+    def selectors(self, path) -> dict:
+        """Per MoE layer, the expert choice of the checkpoint at ``path`` by the family's own rule
+        (with its selection bias, DeepSeek-V3); empty for plain top-k routers."""
+        fam, layers = self.fam, self.layers
+        if fam.router_bias_key(layers[0] if layers else 0) is None:
+            return {}
+        from harc_hpc.io.checkpoint import Checkpoint
+
+        ckpt = Checkpoint(path)
+        return {l: (lambda z, b=ckpt.get_tensor(fam.router_bias_key(l)): fam.selection_mask(self.conf, z, b))
+                for l in layers}
+
+    def run(self, path, evaluations: dict) -> CheckpointEval:
+        return evaluate_checkpoint(path, self.layers, evaluations, self.cfg.calibration.batch_size, self.device,
+                                   trust_remote_code=self.cfg.models.trust_remote_code,
+                                   scratch_dir=self.cfg.run.node_local_dir)
+
+
+@dataclass
+class _SourceRouting:
+    """The sources' side of the comparison: each source's routers, and its routing on its own task."""
+
+    routers: dict = field(default_factory=dict)  # source -> {layer: router matrix}
+    logits: dict = field(default_factory=dict)  # task -> {layer: the task's source's own logits}
+    select: dict = field(default_factory=dict)  # source -> {layer: selection rule}
+
+
+def _predicted_tokens(seqs, masks) -> int:
+    """The tokens the loss counts."""
+    if masks is None:
+        return sum(max(0, len(s) - 1) for s in seqs)
+    return sum(sum(m[1:]) for m in masks)
+
+
 def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     """Held-out losses and routing divergences of sources, base, merged, calibrated and oracle.
 
@@ -397,9 +455,10 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
     """
     from transformers import AutoTokenizer
 
-    from harc_hpc.io.checkpoint import resolve_model_path
+    from harc_hpc.io.calibration_data import effective_settings
     from harc_hpc.models.families import family_for_config
     from harc_hpc.models.modeling import pick_device
+    from harc_hpc.report.training import training_models
     from harc_hpc.stages import layout
 
     run_dir = Path(run_dir)
@@ -409,123 +468,38 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
             raise ReportError(f"{d}: no checkpoint here (run {stage} first)")
     conf = json.loads((merged_dir / "config.json").read_text())
     fam = family_for_config(conf)
-    layers = list(fam.moe_layers(conf))
-    top_k = fam.top_k(conf)
-    device = pick_device(cfg.harc.device)
-    batch_size = cfg.calibration.batch_size
-    trust = cfg.models.trust_remote_code
-
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=trust)
-    from harc_hpc.io.calibration_data import effective_settings
-
-    tokenized = _tokenized_heldout(cfg, tokenizer)
-    tasks = list(tokenized)
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir), trust_remote_code=cfg.models.trust_remote_code)
+    passes = _ReportPasses(cfg, conf, fam, list(fam.moe_layers(conf)), _tokenized_heldout(cfg, tokenizer),
+                           pick_device(cfg.harc.device))
+    tasks = list(passes.tokenized)
     modes = {s.name: effective_settings(s.heldout, cfg.calibration, heldout=True)["mode"]
-             for s in cfg.models.sources if s.name in tokenized}
-
-    def heldout(t: str, **kw) -> Evaluation:
-        seqs, masks = tokenized[t]
-        return Evaluation(seqs, masks=masks, **kw)
-
-    def predicted(seqs, masks) -> int:  # the tokens the loss counts
-        if masks is None:
-            return sum(max(0, len(s) - 1) for s in seqs)
-        return sum(sum(m[1:]) for m in masks)
-
-    out: dict = {"tasks": tasks, "layers": layers, "top_k": top_k, "family": fam.name, "link": fam.router_link,
-                 "heldout_tokens": {t: predicted(*tokenized[t]) for t in tasks},
+             for s in cfg.models.sources if s.name in passes.tokenized}
+    out: dict = {"tasks": tasks, "layers": passes.layers, "top_k": passes.top_k, "family": fam.name,
+                 "link": fam.router_link,
+                 "heldout_tokens": {t: _predicted_tokens(*passes.tokenized[t]) for t in tasks},
                  "heldout_mode": {t: modes[t] for t in tasks},
                  "loss": {t: {} for t in tasks}}
     if not tasks:
         out["note"] = "no task has held-out data (models.sources[*].heldout): no losses or routing metrics"
         return out
 
-    link = fam.router_link
-
-    def selectors(path) -> dict:
-        """Per MoE layer, the expert choice of the checkpoint at ``path`` by the family's own rule
-        (with its selection bias, DeepSeek-V3); empty for plain top-k routers."""
-        if fam.router_bias_key(layers[0] if layers else 0) is None:
-            return {}
-        from harc_hpc.io.checkpoint import Checkpoint
-
-        ckpt = Checkpoint(path)
-        out = {}
-        for l in layers:
-            bias = ckpt.get_tensor(fam.router_bias_key(l))
-            out[l] = (lambda z, b=bias: fam.selection_mask(conf, z, b))
-        return out
-
-    def run(path, evaluations: list[Evaluation]) -> CheckpointEval:
-        return evaluate_checkpoint(path, layers, evaluations, batch_size, device, trust_remote_code=trust,
-                                   scratch_dir=cfg.run.node_local_dir)
-
-    # Sources: losses on every task (forgetting shows), routing of source i on task i (e2e reference).
-    source_routers: dict[str, dict[int, torch.Tensor]] = {}
-    source_routing: dict[str, dict[int, torch.Tensor]] = {}
-    source_select: dict[str, dict] = {}
-    for src in cfg.models.sources:
-        t0 = time.perf_counter()
-        src_path = resolve_model_path(src.path, revision=cfg.models.revision)
-        source_select[src.name] = selectors(src_path)
-        ev = run(src_path, [heldout(t, keep_routing=(t == src.name)) for t in tasks])
-        source_routers[src.name] = ev.routers
-        for t, r in zip(tasks, ev.results):
-            out["loss"][t][f"source:{src.name}"] = r.loss
-            if t == src.name:
-                source_routing[t] = r.own_logits
-        log.info("report: source %s evaluated (%.1fs)", src.name, time.perf_counter() - t0)
-
+    sources = _evaluate_sources(passes, out)
     if cfg.models.base:
-        ev = run(resolve_model_path(cfg.models.base, revision=cfg.models.revision),
-                 [heldout(t) for t in tasks])
-        for t, r in zip(tasks, ev.results):
-            out["loss"][t]["base"] = r.loss
+        ev = passes.run(resolve_model_path(cfg.models.base, revision=cfg.models.revision),
+                        {t: passes.heldout(t) for t in tasks})
+        for t in tasks:
+            out["loss"][t]["base"] = ev.results[t].loss
 
     router_level: dict = {}
     end_to_end: dict = {}
     # Expert usage per layer: each source on its own task, the merged and calibrated models on every task.
-    usage: dict = {f"source:{t}": {t: [expert_usage(source_routing[t][l], top_k, source_select.get(t, {}).get(l))
-                                       for l in layers]} for t in source_routing}
-    from harc_hpc.report.training import training_models
-
+    usage: dict = {f"source:{t}": {t: [expert_usage(sources.logits[t][l], passes.top_k, sources.select.get(t, {}).get(l))
+                                       for l in passes.layers]} for t in sources.logits}
     # the training baselines' models (router-distill; docs/training.md) when the config enables them
     for name, path in (("merged", merged_dir), ("calibrated", model_dir), *training_models(cfg, run_dir)):
         t0 = time.perf_counter()
-        routed = [t for t in tasks if t in source_routers]
-        evaluations = [heldout(t, keep_routing=True, ref_routers=source_routers[t]) for t in routed]
-        swaps: list[tuple[str, str]] = []
-        if name == "merged":
-            # The oracle: the merged model with source t's routers on task t, swapped in layer by layer.
-            evaluations += [heldout(t, routers=source_routers[t]) for t in routed]
-            if cfg.report.router_swap:
-                # Fig. 1: every other source's routers on every task too.
-                swaps = [(t, r) for t in routed for r in source_routers if r != t]
-                evaluations += [heldout(t, routers=source_routers[r]) for t, r in swaps]
-        results = run(path, evaluations).results
-        own_select = selectors(path)
-        router_level[name], end_to_end[name], usage[name] = {}, {}, {}
-        for t, ev in zip(routed, results):
-            out["loss"][t][name] = ev.loss
-            ref_select = source_select.get(t, {})
-            rl = [routing_divergence(ev.ref_logits[l], ev.own_logits[l], top_k, link=link,
-                                     select_ref=ref_select.get(l), select=own_select.get(l)) for l in layers]
-            router_level[name][t] = {"kl": [r[0] for r in rl], "topk_mismatch": [r[1] for r in rl]}
-            if cfg.report.top_k_end_to_end:
-                ee = [routing_divergence(source_routing[t][l], ev.own_logits[l], top_k, link=link,
-                                         select_ref=ref_select.get(l), select=own_select.get(l)) for l in layers]
-                end_to_end[name][t] = {"kl": [r[0] for r in ee], "topk_mismatch": [r[1] for r in ee],
-                                       **token_deviation(source_routing[t], ev.own_logits, layers, top_k,
-                                                         ref_select, own_select)}
-            usage[name][t] = [expert_usage(ev.own_logits[l], top_k, own_select.get(l)) for l in layers]
-        if name == "merged":
-            for t, ev in zip(routed, results[len(routed):2 * len(routed)]):
-                out["loss"][t]["oracle"] = ev.loss
-            if swaps:
-                swap = {t: {"merged": out["loss"][t]["merged"], t: out["loss"][t]["oracle"]} for t in routed}
-                for (t, r), ev in zip(swaps, results[2 * len(routed):]):
-                    swap[t][r] = ev.loss
-                out["router_swap"] = swap
+        router_level[name], end_to_end[name], usage[name] = _evaluate_model(
+            passes, sources, name, path, out, oracle=name == "merged")
         log.info("report: %s model evaluated (%.1fs)", name, time.perf_counter() - t0)
     out["expert_usage"] = usage
     out["routing"] = {"router_level": router_level}
@@ -533,6 +507,68 @@ def model_metrics(cfg: PipelineConfig, run_dir: Path) -> dict:
         out["routing"]["end_to_end"] = end_to_end
     out["summary"] = summarize(out)
     return out
+
+
+def _evaluate_sources(passes: _ReportPasses, out: dict) -> _SourceRouting:
+    """Each source's losses on every task (forgetting shows) and its routing on its own task (the
+    end-to-end reference)."""
+    sources = _SourceRouting()
+    tasks = list(passes.tokenized)
+    for src in passes.cfg.models.sources:
+        t0 = time.perf_counter()
+        src_path = resolve_model_path(src.path, revision=passes.cfg.models.revision)
+        sources.select[src.name] = passes.selectors(src_path)
+        ev = passes.run(src_path, {t: passes.heldout(t, keep_routing=(t == src.name)) for t in tasks})
+        sources.routers[src.name] = ev.routers
+        for t in tasks:
+            out["loss"][t][f"source:{src.name}"] = ev.results[t].loss
+            if t == src.name:
+                sources.logits[t] = ev.results[t].own_logits
+        log.info("report: source %s evaluated (%.1fs)", src.name, time.perf_counter() - t0)
+    return sources
+
+
+def _evaluate_model(passes: _ReportPasses, sources: _SourceRouting, name: str, path, out: dict,
+                    oracle: bool) -> tuple[dict, dict, dict]:
+    """(router-level, end-to-end, expert usage) of one model on every task whose source has routers,
+    its losses into ``out``; with ``oracle`` (the merged model) also the oracle (source t's routers on
+    task t) and, with ``report.router_swap``, every other source's routers on every task."""
+    cfg, layers, top_k, link = passes.cfg, passes.layers, passes.top_k, passes.fam.router_link
+    routed = [t for t in passes.tokenized if t in sources.routers]
+    evaluations = {("routed", t): passes.heldout(t, keep_routing=True, ref_routers=sources.routers[t])
+                   for t in routed}
+    swaps: list[tuple[str, str]] = []
+    if oracle:
+        evaluations.update({("oracle", t): passes.heldout(t, routers=sources.routers[t]) for t in routed})
+        if cfg.report.router_swap:  # Fig. 1
+            swaps = [(t, r) for t in routed for r in sources.routers if r != t]
+            evaluations.update({("swap", t, r): passes.heldout(t, routers=sources.routers[r]) for t, r in swaps})
+    results = passes.run(path, evaluations).results
+    own_select = passes.selectors(path)
+    router_level, end_to_end, usage = {}, {}, {}
+    for t in routed:
+        ev = results["routed", t]
+        out["loss"][t][name] = ev.loss
+        ref_select = sources.select.get(t, {})
+        rl = [routing_divergence(ev.ref_logits[l], ev.own_logits[l], top_k, link=link,
+                                 select_ref=ref_select.get(l), select=own_select.get(l)) for l in layers]
+        router_level[t] = {"kl": [r[0] for r in rl], "topk_mismatch": [r[1] for r in rl]}
+        if cfg.report.top_k_end_to_end:
+            ee = [routing_divergence(sources.logits[t][l], ev.own_logits[l], top_k, link=link,
+                                     select_ref=ref_select.get(l), select=own_select.get(l)) for l in layers]
+            end_to_end[t] = {"kl": [r[0] for r in ee], "topk_mismatch": [r[1] for r in ee],
+                             **token_deviation(sources.logits[t], ev.own_logits, layers, top_k,
+                                               ref_select, own_select)}
+        usage[t] = [expert_usage(ev.own_logits[l], top_k, own_select.get(l)) for l in layers]
+    if oracle:
+        for t in routed:
+            out["loss"][t]["oracle"] = results["oracle", t].loss
+        if swaps:
+            swap = {t: {"merged": out["loss"][t]["merged"], t: out["loss"][t]["oracle"]} for t in routed}
+            for t, r in swaps:
+                swap[t][r] = results["swap", t, r].loss
+            out["router_swap"] = swap
+    return router_level, end_to_end, usage
 
 
 def summarize(m: dict) -> dict:
