@@ -213,3 +213,14 @@ def test_a_wrapper_without_its_text_model_is_refused_with_nothing_written(tmp_pa
     del conf["text_config"]
     with pytest.raises(WrapperTextModelError, match="no text_config"):
         family_for_config(conf)
+
+
+def test_plan_reads_a_wrappers_shape_from_its_text_config():
+    """The plan's model shape of a wrapper is its text model's (heads, head width, vocabulary)."""
+    from harc_hpc.stages.estimate import ModelShape
+
+    text = tiny_config("qwen3_5_moe_text", layers=2).to_dict()
+    wrapper = {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+               "text_config": text, "vision_config": {}}
+    assert ModelShape.from_config(wrapper) == ModelShape.from_config(text)
+    assert ModelShape.from_config(wrapper).heads == text["num_attention_heads"] > 1

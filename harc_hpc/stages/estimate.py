@@ -75,26 +75,29 @@ class ModelShape:
     @classmethod
     def from_config(cls, conf: dict) -> "ModelShape":
         from harc_hpc.models.families import family_for_config
+        from harc_hpc.models.families.wrappers import text_config
 
-        fam = family_for_config(conf)
+        fam = family_for_config(conf)  # a multimodal wrapper's family reads its text_config itself
+        text = text_config(conf)  # the text model's keys, for the reads below
         d = fam.hidden_size(conf)
-        heads = int(conf.get("num_attention_heads", 1))
-        dtype = str(conf.get("dtype") or conf.get("torch_dtype") or "bfloat16")
+        heads = int(text.get("num_attention_heads", 1))
+        dtype = str(text.get("dtype") or text.get("torch_dtype") or conf.get("dtype") or conf.get("torch_dtype")
+                    or "bfloat16")
         mla = None
-        if conf.get("kv_lora_rank"):
-            mla = {k: int(conf.get(k) or 0) for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+        if text.get("kv_lora_rank"):
+            mla = {k: int(text.get(k) or 0) for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
                                                        "qk_rope_head_dim", "v_head_dim")}
-        shared = int(conf.get("shared_expert_intermediate_size") or 0)
-        if not shared and conf.get("n_shared_experts"):
-            shared = int(conf["n_shared_experts"]) * fam.expert_intermediate_size(conf)
+        shared = int(text.get("shared_expert_intermediate_size") or 0)
+        if not shared and text.get("n_shared_experts"):
+            shared = int(text["n_shared_experts"]) * fam.expert_intermediate_size(conf)
         return cls(
             layers=fam.num_layers(conf), moe_layers=list(fam.moe_layers(conf)), hidden=d,
             experts=fam.num_experts(conf), top_k=fam.top_k(conf),
             expert_intermediate=fam.expert_intermediate_size(conf),
-            dense_intermediate=int(conf.get("intermediate_size") or 0),
+            dense_intermediate=int(text.get("intermediate_size") or 0),
             shared_intermediate=shared,
-            heads=heads, kv_heads=int(conf.get("num_key_value_heads") or heads),
-            head_dim=int(conf.get("head_dim") or d // heads), vocab=int(conf.get("vocab_size", 0)),
+            heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
+            head_dim=int(text.get("head_dim") or d // heads), vocab=int(text.get("vocab_size", 0)),
             dtype_bytes=_ITEM.get(dtype, 2), mla=mla, dtype=dtype if dtype in _ITEM else "bfloat16",
         )
 
