@@ -356,6 +356,10 @@ class FinetuneSection(_Strict):
     gradient_checkpointing: bool = False
     # auto: bfloat16 on a GPU, float32 on a CPU (reproducible there)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # over the ranks of a distributed task: ddp, the whole model on every rank and its gradients
+    # all-reduced; fsdp, parameters, gradients and AdamW's state sharded (torch FSDP2, float32 master
+    # weights computing in `dtype`) for a model that does not fit one device
+    sharding: Literal["ddp", "fsdp"] = Field(default="ddp", exclude_if=lambda v: v == "ddp")
 
     _unique_starts = field_validator("starts")(classmethod(lambda cls, v: _distinct_starts(v)))
     _betas_range = field_validator("betas")(classmethod(lambda cls, v: _adam_betas(v, "AdamW")))

@@ -132,9 +132,19 @@ def test_another_digests_checkpoint_is_not_resumed_and_a_nan_keeps_the_last_good
     assert (ck2 / state["state"]).is_file() and all(v == v for _, v in state["losses"])
 
 
-def _rank(rank: int, world: int, init: str, out: str) -> None:
+def _ranked_run(**over) -> tuple:
+    """The settings, data and teachers of the two-rank runs (teachers: objective output_kl)."""
+    data = _data()
+    data.tasks = ["a", "b"] * 3
+    settings = {"steps": 3, "batch_size": 5, "lr": 1e-3, "grad_clip": 0.5, **over}
+    teachers = {"a": _model(1), "b": _model(2)} if settings.get("objective") == "output_kl" else None
+    return settings, data, teachers
+
+
+def _rank(rank: int, world: int, init: str, out: str, over: dict) -> None:
     """One rank: 2 steps checkpointed (as a task killed after step 2 leaves them), then the task run
-    again to step 3, resuming; like the runner, only rank 0 knows the task's digest."""
+    again to step 3, resuming; like the runner, only rank 0 knows the task's digest. Sharded, the
+    model is gathered and written as the stage writes it."""
     import torch.distributed as dist
 
     sys.path.insert(0, str(TESTS))
@@ -142,33 +152,54 @@ def _rank(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         ck, digest = Path(out).parent / "ck", ("d" if rank == 0 else None)
+        settings, data, teachers = _ranked_run(**over)
         for steps in (2, 3):
             model = _model()
-            result = ft.train(_cfg(steps=steps, batch_size=4, lr=1e-3, grad_clip=1.0, checkpoint_every=1), model,
-                              [n for n, _ in model.named_parameters()], _data(), torch.device("cpu"), where="test",
-                              process_group=dist.group.WORLD, checkpoint=ck, digest=digest)
+            result = ft.train(_cfg(**{**settings, "steps": steps, "checkpoint_every": 1}), model,
+                              ft.trainable_names(model, _family(model), [0, 1], settings.get("params", "all")),
+                              data, torch.device("cpu"), where="test", process_group=dist.group.WORLD,
+                              checkpoint=ck, digest=digest, teachers=teachers)
         assert result["resumed_after_step"] == 2, result
+        state = ft.full_state_dict(model)  # every rank: gathered when sharded
         if rank == 0:
-            torch.save({n: p.detach() for n, p in model.named_parameters()}, out)
+            if over.get("sharding") == "fsdp":
+                ft.save_model(model, Path(out).parent / "model", "1GB", state)
+            torch.save({"state": state, "losses": result["losses"]}, out)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_resumed_equal_one_process(tmp_path):
+@pytest.mark.parametrize("over", [{}, {"sharding": "fsdp"},
+                                  {"sharding": "fsdp", "objective": "output_kl", "params": "routers", "batch_size": 3}],
+                         ids=["ddp", "fsdp", "fsdp-output-kl"])
+def test_two_gloo_ranks_resumed_equal_one_process(tmp_path, over):
+    """Data-parallel (the whole model on each rank) and FSDP (sharded over the two), batches of 5
+    sequences split 3 + 2 (output_kl: 3 split 2 + 1, so a rank's share lacks a task some steps and
+    runs an empty one): the losses and weights of one process on the whole batches, after a resume;
+    FSDP's written model holds them."""
     import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "two.pt"
     # forked, not spawned: the ranks start with this process's imports (seconds instead of tens)
-    mp.start_processes(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(out), over), nprocs=2,
+                       join=True, start_method="fork")
     torch.set_num_threads(1)
     model = _model()
-    ft.train(_cfg(steps=3, batch_size=4, lr=1e-3, grad_clip=1.0), model, [n for n, _ in model.named_parameters()],
-             _data(), torch.device("cpu"), where="test")
+    settings, data, teachers = _ranked_run(**{k: v for k, v in over.items() if k != "sharding"})
+    one = ft.train(_cfg(**settings), model, ft.trainable_names(model, _family(model), [0, 1],
+                                                                settings.get("params", "all")),
+                   data, torch.device("cpu"), where="test", teachers=teachers)
     two = torch.load(out)
-    for n, p in model.named_parameters():
-        assert torch.allclose(p.detach(), two[n], rtol=1e-5, atol=1e-6), n
-    assert not torch.equal(two["model.layers.0.mlp.gate.weight"], _model().model.layers[0].mlp.gate.weight)
+    assert [s for s, _ in two["losses"]] == [1, 2, 3]
+    assert [v for _, v in two["losses"]] == pytest.approx([v for _, v in one["losses"]], rel=1e-5)
+    for n, p in model.state_dict().items():
+        assert torch.allclose(p, two["state"][n], rtol=1e-5, atol=1e-6), n
+    assert not torch.equal(two["state"]["model.layers.0.mlp.gate.weight"], _model().model.layers[0].mlp.gate.weight)
+    if over.get("sharding") == "fsdp":
+        written = AutoModelForCausalLM.from_pretrained(tmp_path / "model").float()
+        for n, p in written.state_dict().items():
+            assert torch.equal(p, two["state"][n]), n
 
 
 # -- the stage in a pipeline ----------------------------------------------------------------------------
@@ -287,8 +318,8 @@ def test_config_errors_and_the_plan(tmp_path):
 
 def test_plan_estimates_the_training_stages(tmp_path):
     """harc-hpc plan sizes the training stages (OLMoE's shape): finetune holds the model, its
-    gradients and AdamW's moments (more than the model itself), less with routers only or with
-    gradient checkpointing; router-distill holds one layer's inputs like the solve."""
+    gradients and AdamW's moments (more than the model itself), less with routers only, with
+    gradient checkpointing or sharded (fsdp); router-distill holds one layer's inputs like the solve."""
     from conftest import write_toy_config
 
     from harc_hpc.pipeline import build_plan
@@ -300,12 +331,12 @@ def test_plan_estimates_the_training_stages(tmp_path):
     model.mkdir()
     shutil.copyfile(shape, model / "config.json")
 
-    def sizes(**over):
+    def sizes(ranks=1, **over):
         cfg = load_config(write_toy_config(tmp_path), overrides={
             "router_distill.enabled": True, "finetune.enabled": True, "models.sources.a.path": str(model),
             "models.sources.b.path": str(model), **over})
         plan = build_plan(cfg, layers=[0, 1])
-        res = {s: {"mem_bytes": 2**40, "gpus": 1, "gpu_bytes": 80 * 2**30} for s in plan.specs}
+        res = {s: {"mem_bytes": 2**40, "gpus": 1, "gpu_bytes": 80 * 2**30, "ranks": ranks} for s in plan.specs}
         return {e.stage: e for e in estimate(cfg, plan, res, conf)}
 
     base = sizes()
@@ -314,6 +345,9 @@ def test_plan_estimates_the_training_stages(tmp_path):
     # routers only: no gradients or moments of the bulk (10 of its 12 bytes a parameter)
     assert sizes(**{"finetune.params": "routers"})["finetune"].gpu_bytes < base["finetune"].gpu_bytes - 9 * params
     assert sizes(**{"finetune.gradient_checkpointing": True})["finetune"].gpu_bytes < base["finetune"].gpu_bytes
+    # fsdp over 8 ranks: a share of float32 masters, gradients and moments, the whole model on the host
+    sharded = sizes(8, **{"finetune.sharding": "fsdp"})["finetune"]
+    assert sharded.gpu_bytes < base["finetune"].gpu_bytes / 4 and sharded.host_bytes > params * 4
     assert 0 < base["router-distill"].gpu_bytes < base["solve-router"].gpu_bytes * 4
     assert base["router-distill-model"].scratch_bytes == 2 * base["assemble-model"].scratch_bytes
 

@@ -19,7 +19,13 @@ Data-parallel: run with a ``process_group`` (``executor.stages.finetune.tasks_pe
 distributed task), each rank takes its share of each step's sequences, the gradients are summed
 over the ranks (each rank's loss is its tokens' NLL over the step's token count on all ranks), so
 every rank takes the same step as one process would (to float rounding: tested with two gloo ranks);
-rank 0 writes. The model is whole on every rank (no sharding).
+rank 0 writes. ``finetune.sharding``: ``ddp`` (default) keeps the whole model on every rank and
+all-reduces the gradients by hand (DDP's algorithm, every trained parameter reduced even when a
+rank's share did not reach it); ``fsdp`` shards the parameters, gradients and AdamW's state over the
+ranks with torch's FSDP2 (``fully_shard`` per decoder layer and on the root; float32 master weights,
+``finetune.dtype`` as the compute dtype), checkpoints and the written model gathered to rank 0.
+Both are tested with two gloo ranks on CPU against one process; FSDP on GPUs (NCCL, bfloat16) is not
+tested here.
 """
 
 from __future__ import annotations
@@ -168,8 +174,28 @@ def step_output_kl(model, teacher, seqs: list[list[int]], masks: list[list[bool]
 
 # -- checkpoints --------------------------------------------------------------------------------------
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A tensor whole on this process's CPU: a sharded (DTensor) one gathered from every rank
+    (a collective: every rank calls it)."""
+    t = torch.as_tensor(t).detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.cpu().contiguous()
+
+
+def state_tensors(model, names: list[str], opt) -> dict[str, torch.Tensor]:
+    """The trained parameters and AdamW's state, whole (gathered when sharded: every rank calls it),
+    under the checkpoint's names."""
+    params = dict(model.named_parameters())
+    tensors = {f"param.{n}": _full(params[n]) for n in names}
+    for n in names:
+        for key, value in opt.state.get(params[n], {}).items():
+            tensors[f"opt.{key}.{n}"] = _full(value)
+    return tensors
+
+
 def _save_checkpoint(path: Path, digest: Optional[str], step: int, model, names: list[str], opt,
-                     losses: list) -> None:
+                     losses: list, tensors: Optional[dict] = None) -> None:
     """The trained parameters and AdamW's state after ``step`` (``state-<step>.safetensors``), then
     the manifest naming that file, the task digest and the losses so far; a kill at any point leaves
     the previous manifest and the file it names."""
@@ -177,11 +203,8 @@ def _save_checkpoint(path: Path, digest: Optional[str], step: int, model, names:
 
     from harc_hpc.io.atomic import atomic_path, write_json_atomic
 
-    params = dict(model.named_parameters())
-    tensors = {f"param.{n}": params[n].detach().cpu().contiguous() for n in names}
-    for n in names:
-        for key, value in opt.state.get(params[n], {}).items():
-            tensors[f"opt.{key}.{n}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    if tensors is None:
+        tensors = state_tensors(model, names, opt)
     path.mkdir(parents=True, exist_ok=True)
     state = path / f"state-{step:07d}.safetensors"
     with atomic_path(state) as tmp:
@@ -225,12 +248,49 @@ def _load_state(state_file: Path, model, names: list[str], opt) -> Optional[str]
         return "it holds other parameters than finetune.params selects"
     with torch.no_grad():
         for n in names:
-            params[n].copy_(t[f"param.{n}"])
+            params[n].copy_(_like(t[f"param.{n}"], params[n]))
     for n in names:
         st = {key: t[f"opt.{key}.{n}"] for key in ("step", "exp_avg", "exp_avg_sq") if f"opt.{key}.{n}" in t}
         if st:
-            opt.state[params[n]] = {k: (v.clone() if k == "step" else v.to(params[n].device).clone()) for k, v in st.items()}
+            opt.state[params[n]] = {k: (v.clone() if k == "step" else _like(v, params[n]).clone()) for k, v in st.items()}
     return None
+
+
+def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A whole tensor placed as ``param`` is: on its device, and sharded as it is when it is a DTensor
+    (this rank's shard cut locally, no communication)."""
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+    return full.to(param.device)
+
+
+# -- sharding (finetune.sharding: fsdp) -------------------------------------------------------------------
+
+def shard(model, process_group, device: torch.device, dtype: torch.dtype) -> None:
+    """FSDP2 over ``process_group``: ``fully_shard`` on every decoder layer (the model's
+    ``_no_split_modules`` classes) and on the root; the parameters stay in their dtype (float32 master
+    weights) and compute in ``dtype`` when it is narrower, gradients reduced in float32."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = DeviceMesh.from_group(process_group, device.type)
+    master = next(model.parameters()).dtype
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != master \
+        else MixedPrecisionPolicy()
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's state dict whole on this process's CPU, gathered when sharded (a collective
+    then: every rank calls it)."""
+    return {k: _full(v) for k, v in model.state_dict().items()}
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -246,9 +306,12 @@ def train(cfg: PipelineConfig, model, names: list[str], data: Sequences, device,
         import torch.distributed as dist
 
         rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
-    params = dict(model.named_parameters())
-    for n, p in params.items():
+    sharded = process_group is not None and fc.sharding == "fsdp"
+    for n, p in model.named_parameters():
         p.requires_grad_(n in set(names))
+    if sharded:
+        shard(model, process_group, device, compute_dtype(fc.dtype, device))
+    params = dict(model.named_parameters())
     trained = [params[n] for n in names]
     opt = torch.optim.AdamW(trained, lr=fc.lr, betas=tuple(fc.betas), eps=fc.eps, weight_decay=fc.weight_decay,
                             foreach=False)
@@ -282,34 +345,42 @@ def train(cfg: PipelineConfig, model, names: list[str], data: Sequences, device,
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, fc)
             opt.zero_grad(set_to_none=True)
-            if mine and fc.objective == "output_kl":
+            # FSDP averages the ranks' gradients where these losses want them summed; and every rank
+            # runs the same forwards and backwards (its collectives), an empty share as a zero loss
+            scale = float(world) if sharded else 1.0
+            if fc.objective == "output_kl":
                 # each source teaches its own task's sequences: one forward and backward per task
                 loss = torch.zeros((), device=device)
-                for task in dict.fromkeys(data.tasks[i] for i in mine):
+                for task in dict.fromkeys(data.tasks[i] for i in (idx if sharded else mine)):
                     part = [i for i in mine if data.tasks[i] == task]
-                    kl = step_output_kl(model, teachers[task], [data.ids[i] for i in part],
-                                        [data.masks[i] for i in part], total, device)
-                    kl.backward()
+                    if not part and not sharded:
+                        continue
+                    seqs, masks = ([data.ids[i] for i in part], [data.masks[i] for i in part]) if part else _EMPTY
+                    kl = step_output_kl(model, teachers[task], seqs, masks, total, device)
+                    (kl * scale).backward()
                     loss = loss + kl.detach()
-            elif mine:
-                loss, _ = step_loss(model, [data.ids[i] for i in mine], [data.masks[i] for i in mine], total, device)
-                loss.backward()
+            elif mine or sharded:
+                seqs, masks = ([data.ids[i] for i in mine], [data.masks[i] for i in mine]) if mine else _EMPTY
+                loss, _ = step_loss(model, seqs, masks, total, device)
+                (loss * scale).backward()
             else:
                 loss = torch.zeros((), device=device)
             for p in trained:  # a parameter this share did not reach still takes part in the reduction
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
+            bad = not all(bool(torch.isfinite(_local(p.grad)).all()) for p in trained)
             if world > 1:
                 import torch.distributed as dist
 
-                for p in trained:
-                    dist.all_reduce(p.grad, group=process_group)
-                summed = loss.detach().clone()
+                if not sharded:
+                    for p in trained:
+                        dist.all_reduce(p.grad, group=process_group)
+                summed = torch.stack([loss.detach().float().reshape(()), torch.tensor(float(bad), device=device)])
                 dist.all_reduce(summed, group=process_group)
-                value = float(summed)
+                value, bad = float(summed[0]), bool(summed[1] > 0)
             else:
                 value = float(loss.detach())
-            if not math.isfinite(value) or not all(bool(torch.isfinite(p.grad).all()) for p in trained):
+            if not math.isfinite(value) or bad:
                 kept = f"; the last good checkpoint (step {_checkpoint_step(checkpoint)}) stays in {checkpoint}" \
                     if checkpoint is not None and _checkpoint_step(checkpoint) else ""
                 raise InputDataError(f"the training loss is {value} at step {step}{kept}", where=where,
@@ -319,13 +390,24 @@ def train(cfg: PipelineConfig, model, names: list[str], data: Sequences, device,
             opt.step()
             losses.append([step, value])
             bar.update(1, f"loss {value:.4f}")
-            if checkpoint is not None and rank == 0 and (step % fc.checkpoint_every == 0 or step == fc.steps):
+            if checkpoint is not None and (step % fc.checkpoint_every == 0 or step == fc.steps):
                 # the last step too: a task killed while training a later start does not redo this one
-                _save_checkpoint(checkpoint, digest, step, model, names, opt, losses)
+                tensors = state_tensors(model, names, opt) if sharded else None  # gathered by every rank
+                if rank == 0:
+                    _save_checkpoint(checkpoint, digest, step, model, names, opt, losses, tensors=tensors)
     model.eval()
     if fc.gradient_checkpointing:
         _checkpointing(model, False)
     return {"losses": losses, "resumed_after_step": first, "discarded_checkpoint": discarded}
+
+
+#: an empty share of a step under FSDP: one token pair that counts for nothing
+_EMPTY = ([[0, 0]], [[False, False]])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard, else the tensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _checkpointing(model, on: bool) -> None:
@@ -373,6 +455,7 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, p
         rank, world = dist.get_rank(process_group), dist.get_world_size(process_group)
     device = pick_device(cfg.harc.device)
     dtype = compute_dtype(fc.dtype, device)
+    sharded = process_group is not None and fc.sharding == "fsdp"
     fam = layout.family(cfg)
     layers = layout.moe_layers(cfg)
     summary = {"settings": fc.model_dump(mode="json", exclude={"enabled"}), "device": str(device),
@@ -387,7 +470,11 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, p
         if len(data.ids) < fc.batch_size:
             raise InputDataError(f"{len(data.ids)} calibration sequences with a target, fewer than one batch",
                                  where="finetune.batch_size", hint="lower finetune.batch_size or add calibration data")
-        model = load_causal_lm(src, device, dtype=dtype, trust_remote_code=cfg.models.trust_remote_code)
+        # FSDP: float32 master weights loaded on the host, each rank's shard moved to its device by
+        # fully_shard; finetune.dtype is the compute dtype there
+        model = load_causal_lm(src, torch.device("cpu"), dtype=torch.float32,
+                               trust_remote_code=cfg.models.trust_remote_code) if sharded else \
+            load_causal_lm(src, device, dtype=dtype, trust_remote_code=cfg.models.trust_remote_code)
         if fc.objective == "output_kl" and teachers is None:  # the sources, loaded once for every start
             from harc_hpc.io.checkpoint import resolve_model_path
 
@@ -402,7 +489,9 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, p
         s0 = time.perf_counter()
         result = train(cfg, model, names, data, device, where=where, checkpoint=partial_dir(run_dir, start),
                        digest=task_digest, process_group=process_group, teachers=teachers)
-        trained_models[start] = model
+        # sharded: the whole state gathered now, by every rank, written by rank 0 in the model's dtype
+        trained_models[start] = (model, {k: v.to(dtype) if v.is_floating_point() else v
+                                         for k, v in full_state_dict(model).items()} if sharded else None)
         summary["starts"][start] = {
             "model": model_name(start, fc.objective), "objective": fc.objective, "trainable_parameters": int(n_params), "sequences": len(data.ids),
             "tokens_per_epoch": int(sum(sum(m[1:]) for m in data.masks)),
@@ -411,8 +500,8 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, p
             del trained_models[start]
     if rank == 0:
         with atomic_dir(models_dir(run_dir)) as tmp:
-            for start, model in trained_models.items():
-                model.save_pretrained(tmp / start, max_shard_size=cfg.merge.max_shard_size)
+            for start, (model, state) in trained_models.items():
+                save_model(model, tmp / start, cfg.merge.max_shard_size, state)
                 # the tokenizer (and the config as the start has it) go with the weights
                 copy_model_files(start_dir(run_dir, start), tmp / start,
                                  names=[n for n in _tokenizer_files(start_dir(run_dir, start))])
@@ -422,6 +511,15 @@ def run(cfg: PipelineConfig, run_dir: Path, task_digest: Optional[str] = None, p
             remove_path(partial_dir(run_dir, start))  # done: nothing left to resume
     return {"starts": list(fc.starts), "seconds": round(time.perf_counter() - t0, 3),
             **{f"final_loss_{s}": v["losses"][-1][1] if v["losses"] else None for s, v in summary["starts"].items()}}
+
+
+def save_model(model, path: Path, max_shard_size, state: Optional[dict] = None) -> None:
+    """transformers' ``save_pretrained`` of the trained model: its own weights, or ``state`` (a sharded
+    model's gathered state dict)."""
+    if state is None:
+        model.save_pretrained(path, max_shard_size=max_shard_size)
+    else:
+        model.save_pretrained(path, max_shard_size=max_shard_size, state_dict=state)
 
 
 def _tokenizer_files(src: Path) -> list[str]:
