@@ -200,7 +200,7 @@ def test_patch_tensors_round_trip(moe_models, tmp_path):
     models = moe_models("olmoe")
     src = Checkpoint(models["base"])
     fam = family_for_config(src.config)
-    key = fam.router_key(1)
+    key = fam.router_disk_key(1)
     new = torch.zeros(src.tensor_shape(key))
     patch_tensors(models["base"], tmp_path / "patched", {key: new}, max_shard_size="10KB")
     out = Checkpoint(tmp_path / "patched")

@@ -21,16 +21,16 @@ def test_on_disk_names_match_save_pretrained(moe_models, family):
     assert E == 4 and d == 32 and fam.top_k(cfg) == 2
     assert fam.detect_layout(keys) == "per_expert"
     for layer in fam.moe_layers(cfg):
-        assert ck.tensor_shape(fam.router_key(layer)) == (E, d)
-        assert fam.find_router_key(layer, keys) == fam.router_key(layer)
+        assert ck.tensor_shape(fam.router_disk_key(layer)) == (E, d)
+        assert fam.find_router_disk_key(layer, keys) == fam.router_disk_key(layer)
         for e in range(E):
             for proj in ("gate", "up", "down"):
                 k = fam.expert_key(layer, e, proj)
                 assert k in keys
                 parsed = fam.parse_expert_key(k)
                 assert (parsed.layer, parsed.expert, parsed.proj) == (layer, e, proj)
-    routers = [k for k in keys if fam.is_router_key(k)]
-    assert sorted(routers) == sorted(fam.router_key(l) for l in fam.moe_layers(cfg))
+    routers = [k for k in keys if fam.is_router_disk_key(k)]
+    assert sorted(routers) == sorted(fam.router_disk_key(l) for l in fam.moe_layers(cfg))
 
 
 def test_normalize_topk_flags():
@@ -46,8 +46,8 @@ def test_qwen_dense_layers_have_no_router(tmp_path):
     fam = family_for_config(ck.config)
     assert fam.moe_layers(ck.config) == [1, 3]
     keys = set(ck.keys())
-    assert fam.router_key(1) in keys and fam.router_key(3) in keys
-    assert fam.router_key(0) not in keys and fam.router_key(2) not in keys
+    assert fam.router_disk_key(1) in keys and fam.router_disk_key(3) in keys
+    assert fam.router_disk_key(0) not in keys and fam.router_disk_key(2) not in keys
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
@@ -60,8 +60,8 @@ def test_qwen2_shared_expert_gate_is_not_the_router(moe_models):
     fam = family_for_config(ck.config)
     key = fam.shared_expert_gate_key(0)
     assert ck.tensor_shape(key) == (1, 32)
-    assert not fam.is_router_key(key)
-    assert fam.is_router_key(fam.router_key(0))
+    assert not fam.is_router_disk_key(key)
+    assert fam.is_router_disk_key(fam.router_disk_key(0))
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
@@ -91,7 +91,7 @@ def test_router_hook_input_is_post_attention_norm(moe_models, family):
     assert torch.equal(x, seen["norm"].reshape(-1, 32))
     logits = out.router_logits[fam.moe_layers(model.config.to_dict()).index(layer)]
     torch.testing.assert_close(logits, x @ router.weight.T)
-    weight = Checkpoint(path).get_tensor(fam.router_key(layer))
+    weight = Checkpoint(path).get_tensor(fam.router_disk_key(layer))
     assert torch.equal(router.weight.detach(), weight)
 
 
@@ -110,7 +110,7 @@ def test_fused_layout_is_detected(tmp_path, family):
     keys = set(ck.keys())
     assert fam.detect_layout(keys) == "fused"
     assert fam.fused_key(0, "gate_up") in keys and fam.fused_key(0, "down") in keys
-    assert fam.find_router_key(0, keys) == fam.router_key(0, "fused")
+    assert fam.find_router_disk_key(0, keys) == fam.router_disk_key(0, "fused")
     assert ck.tensor_shape(fam.fused_key(0, "gate_up")) == (4, 32, 32)
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # transformers reads it too
 

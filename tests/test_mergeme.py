@@ -341,7 +341,7 @@ def test_built_moe_loads_with_no_missing_or_unexpected_keys(dense, tmp_path, fam
 def routers_of(out: Path, family: str) -> list[torch.Tensor]:
     tensors = load_file(str(out / "model.safetensors"))
     fam = FAMILIES[{"llama": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}[family]]
-    return [tensors[fam.router_key(layer)] for layer in range(2)]
+    return [tensors[fam.router_disk_key(layer)] for layer in range(2)]
 
 
 def test_random_router_is_seeded_normal_with_the_init_std(dense, tmp_path):
@@ -355,7 +355,7 @@ def test_random_router_is_seeded_normal_with_the_init_std(dense, tmp_path):
     for layer in range(2):
         assert a[layer].shape == (2, 32)
         assert torch.equal(a[layer], again[layer]) and not torch.equal(a[layer], other[layer])
-        key = FAMILIES["mixtral"].router_key(layer)
+        key = FAMILIES["mixtral"].router_disk_key(layer)
         want = torch.randn(2, 32, generator=MergeContext(seed=0).generator(key, 0)) * 0.02
         assert torch.equal(a[layer], want)
 

@@ -222,10 +222,10 @@ def test_the_selection_is_the_model_routers_own(tmp_path, model_type):
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as fh:
         keys = set(fh.keys())
     assert fam.detect_layout(keys) == "per_expert"
-    assert sorted(k for k in keys if fam.is_router_key(k)) == sorted(fam.router_key(l) for l in layers)
+    assert sorted(k for k in keys if fam.is_router_disk_key(k)) == sorted(fam.router_disk_key(l) for l in layers)
     E = fam.num_experts(cfg)
     for l in layers:
-        assert fam.find_router_key(l, keys) == fam.router_key(l)
+        assert fam.find_router_disk_key(l, keys) == fam.router_disk_key(l)
         assert fam.router_bias_key(l) in keys
         assert {fam.expert_key(l, e, p) for e in range(E) for p in ("gate", "up", "down")} <= keys
     parsed = [fam.parse_expert_key(k) for k in keys]

@@ -111,7 +111,7 @@ def test_the_layerwise_forward_is_the_wrappers_own_on_text(tmp_path, model_type)
     fam = family_for_config(conf)
     keys = set(_tensors(tmp_path / "m"))
     assert fam.name == model_type and fam.text_model_type == WRAPPERS[model_type][0]
-    assert {fam.find_router_key(l, keys) for l in fam.moe_layers(conf)} <= keys
+    assert {fam.find_router_disk_key(l, keys) for l in fam.moe_layers(conf)} <= keys
     assert any(not fam.is_text_key(k) for k in keys)  # a vision tower beside the text model
     model = OnloadedModel(tmp_path / "m", torch.device("cpu"))
     ids = torch.tensor([[1, 5, 9, 3, 7, 2], [4, 4, 8, 1, 0, 0]])
@@ -157,7 +157,7 @@ def test_the_whole_pipeline_calibrates_the_text_model_and_writes_the_whole_wrapp
         assert rep["converged"], rep
         assert sum(rep["kl_after"].values()) < sum(rep["kl_before"].values()), rep
         w = load_file(str(layout.router_file(run, l)))["weight"]
-        assert torch.equal(final[fam.router_key(l)], w.to(final[fam.router_key(l)].dtype))
+        assert torch.equal(final[fam.router_disk_key(l)], w.to(final[fam.router_disk_key(l)].dtype))
     # the vision tower and projector: merged like any other tensor (linear: the sources' mean)
     sources = [_tensors(src[t]) for t in ("math", "code")]
     vision = [k for k in final if not fam.is_text_key(k)]

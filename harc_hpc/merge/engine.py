@@ -96,7 +96,7 @@ def classify(key: str, shape: Sequence[int], fam: MoEFamily) -> str:
     e = fam.parse_expert_key(key)
     if e is not None:
         return "expert" if e.expert is not None else "experts_fused"
-    if fam.is_router_key(key):
+    if fam.is_router_disk_key(key):
         return "router"
     if any(key.endswith(s) for s in fam.extra_gate_suffixes):
         return "shared_expert_gate"

@@ -280,7 +280,7 @@ def _output_tensors(plan: BuildPlan, stored: Optional[torch.dtype]) -> list[Outp
     d = plan.hidden_size
     for layer in range(plan.num_layers):
         gate_key = dense_ffn_key(layer, "gate")
-        out.append(OutputTensor(fam.router_key(layer), (len(plan.expert_inputs), d),
+        out.append(OutputTensor(fam.router_disk_key(layer), (len(plan.expert_inputs), d),
                                 dtype_of(gate_key), "router", layer=layer))
         for e, src in enumerate(plan.expert_inputs):
             for proj in FFN_PROJS:
@@ -318,7 +318,7 @@ def compute_routers(plan: BuildPlan) -> dict[int, torch.Tensor]:
         return {l: router_rules.uniform_router(E, d) for l in range(L)}
     if rule == "random":
         std = float(plan.base.config.get("initializer_range") or 0.02)
-        return {l: router_rules.random_router(E, d, spec.seed, fam.router_key(l), std)
+        return {l: router_rules.random_router(E, d, spec.seed, fam.router_disk_key(l), std)
                 for l in range(L)}
     model, tokenizer = _load_base_model(plan)
     try:

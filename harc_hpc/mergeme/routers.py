@@ -40,9 +40,9 @@ def uniform_router(num_experts: int, hidden: int) -> torch.Tensor:
     return torch.zeros(num_experts, hidden, dtype=torch.float32)
 
 
-def random_router(num_experts: int, hidden: int, seed: int, router_key: str,
+def random_router(num_experts: int, hidden: int, seed: int, router_disk_key: str,
                   std: float = 0.02) -> torch.Tensor:
-    g = MergeContext(seed=seed).generator(router_key, 0)
+    g = MergeContext(seed=seed).generator(router_disk_key, 0)
     return torch.randn(num_experts, hidden, generator=g, dtype=torch.float32) * std
 
 

@@ -123,7 +123,7 @@ def layer_state_dict(ckpt: Checkpoint, fam, layer: int, names: list[str], dtype:
             out[name] = converted.get(disk).to(dtype)
             continue
         if disk not in key_set and name.startswith("mlp."):
-            alt = fam.disk_key(layer, f"{fam.moe_module}.{name[4:]}")
+            alt = fam.disk_key(layer, f"{fam.moe_disk_module}.{name[4:]}")
             if alt in key_set:
                 disk = alt
         if disk in key_set:

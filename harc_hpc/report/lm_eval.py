@@ -108,8 +108,8 @@ def _oracle_model(cfg: PipelineConfig, merged_dir: Path, source_path: Path, devi
     with torch.no_grad():
         for layer in fam.moe_layers(conf):
             module = fam.router_module(model, layer)
-            weight = src.get_tensor(fam.find_router_key(layer, keys))
-            target = getattr(module, fam.router_param.rsplit(".", 1)[-1]) if fam.router_param else module.weight
+            weight = src.get_tensor(fam.find_router_disk_key(layer, keys))
+            target = getattr(module, fam.router_memory_param.rsplit(".", 1)[-1]) if fam.router_memory_param else module.weight
             target.copy_(weight.reshape(target.shape).to(device=target.device, dtype=target.dtype))
             bias_key = fam.router_intercept_key(layer)
             if bias_key is not None:

@@ -24,7 +24,7 @@ def run(cfg: PipelineConfig, run_dir: Path) -> dict:
     replacements = {}
     reports = []
     for l in layers:
-        key = fam.find_router_key(l, merged.keys())
+        key = fam.find_router_disk_key(l, merged.keys())
         replacements[key] = load_router(run_dir, l).to(merged.tensor_dtype(key))
         bias_key = fam.router_intercept_key(l)
         if bias_key is not None:  # a router with a bias (GPT-OSS): fitted with its weight

@@ -289,7 +289,7 @@ def calibrated_overrides(run_dir: Path, fam, block_list: list[list[int]], block:
     """The routers of every block before ``block``, replaced by their calibrated solutions (with
     their calibrated biases and shared-expert gates): ``{layer: {parameter: tensor}}``."""
     earlier = [l for blk in block_list[:block] for l in blk]
-    overrides = {l: {fam.router_param: load_router(run_dir, l)} for l in earlier}
+    overrides = {l: {fam.router_memory_param: load_router(run_dir, l)} for l in earlier}
     for l in earlier:
         if fam.router_intercept_param is not None:
             overrides[l][fam.router_intercept_param] = load_router_bias(run_dir, l)

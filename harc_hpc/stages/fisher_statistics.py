@@ -73,7 +73,7 @@ def to_checkpoint_layout(tensors: Mapping[str, torch.Tensor], keys: Iterable[str
         if m:
             layer, rest = int(m.group(1)), m.group(2)
             if rest.startswith("mlp."):
-                alt = fam.disk_key(layer, f"{fam.moe_module}.{rest[4:]}")
+                alt = fam.disk_key(layer, f"{fam.moe_disk_module}.{rest[4:]}")
                 if alt in key_set:
                     out[alt] = t
                     continue

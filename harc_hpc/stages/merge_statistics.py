@@ -294,7 +294,7 @@ def _disk_key_fn(ckpt, fam, layer: int):
         if k in keys:
             return k
         if name.startswith("mlp."):
-            alt = f"{prefix}{fam.moe_module}.{name[4:]}"
+            alt = f"{prefix}{fam.moe_disk_module}.{name[4:]}"
             if alt in keys:
                 return alt
         return None

@@ -401,7 +401,7 @@ def assemble(cfg: PipelineConfig, run_dir: Path) -> dict:
             replacements = {}
             for l in layers:
                 trained = load_distilled(run_dir, l, start)
-                key = fam.find_router_key(l, ckpt.keys())
+                key = fam.find_router_disk_key(l, ckpt.keys())
                 replacements[key] = trained["weight"].to(ckpt.tensor_dtype(key))
                 bias_key = fam.router_intercept_key(l)
                 if bias_key is not None:

@@ -51,7 +51,7 @@ def merged_router_bias(cfg: PipelineConfig, run_dir: Path, layer: int) -> Option
 def router_of(ckpt, fam, layer: int) -> torch.Tensor:
     """The router of ``layer`` whatever the checkpoint's on-disk layout: its weight (K, d), or for a
     router with a bias (GPT-OSS) [W | b] (K, d + 1), the bias fitted as one more input column."""
-    w = ckpt.get_tensor(fam.find_router_key(layer, ckpt.keys()))
+    w = ckpt.get_tensor(fam.find_router_disk_key(layer, ckpt.keys()))
     key = fam.router_intercept_key(layer)
     if key is None:
         return w

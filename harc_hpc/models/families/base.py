@@ -1,5 +1,10 @@
 """What the toolkit needs to know about one MoE model family, in on-disk tensor names.
 
+Names say which side they are on: ``*_disk_*`` is the checkpoint's (a key, a prefix, a module name
+on disk: ``router_disk_key``, ``moe_disk_module``, ``disk_layers_prefix``), ``*_memory_*`` the
+transformers model's (``router_memory_param``, ``ffn_memory_module``); ``router_module`` returns the
+in-memory router module itself.
+
 transformers 5 fuses the experts of a layer in memory (``mlp.experts.gate_up_proj`` (E, 2I, d) with
 gate rows before up rows, and ``mlp.experts.down_proj`` (E, d, I)) but ``save_pretrained`` writes them
 back un-fused, one (I, d)/(d, I) matrix per expert, under the family's legacy names. Checkpoints
@@ -51,7 +56,7 @@ class MoEFamily:
     #: transformers renames to ``model.layers`` on load)
     disk_layers_prefix: str = "model.layers"
     #: on-disk module holding the router and the experts (in memory transformers 5 calls it ``mlp``)
-    moe_module: str = "mlp"
+    moe_disk_module: str = "mlp"
     #: on-disk names of the per-expert gate, up and down projections
     proj_names: dict = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
     #: other gates of a MoE layer that are *not* the softmax router (see Qwen2-MoE)
@@ -63,20 +68,20 @@ class MoEFamily:
     router_link: str = "softmax"
     #: the router's weight (and, for a router with a bias, that bias) as named inside a decoder layer,
     #: in memory (the module path of ``router_module``)
-    router_param: str = "mlp.gate.weight"
+    router_memory_param: str = "mlp.gate.weight"
     #: the router's weight inside a decoder layer as stored on disk, where that is not
-    #: ``<moe_module>.gate.weight`` (``router_key``, ``is_router_key``)
+    #: ``<moe_disk_module>.gate.weight`` (``router_disk_key``, ``is_router_disk_key``)
     router_disk_param: Optional[str] = None
     router_intercept_param: Optional[str] = None
     #: fused expert tensors stored under other names than transformers 5's ``experts.gate_up_proj`` /
-    #: ``experts.down_proj``: {name under ``moe_module`` (e.g. ``input_linear.weight``): "gate_up" | "down"}
+    #: ``experts.down_proj``: {name under ``moe_disk_module`` (e.g. ``input_linear.weight``): "gate_up" | "down"}
     fused_disk_names: dict = {}
     #: fused expert tensors: (E, out, in) as transformers 5 keeps them, or (E, in, out) (GPT-OSS)
     fused_orientation: str = "out_in"
     #: transformers attention for calibration and evaluation (SDPA: causal without a mask tensor)
     attn_implementation: str = "sdpa"
     #: the feed-forward (MoE) module of a decoder layer, as named in memory
-    ffn_module: str = "mlp"
+    ffn_memory_module: str = "mlp"
     #: the decoder layer is the standard pre-norm pair ``r = h + attn(input_layernorm(h))``,
     #: ``h' = r + ffn(post_attention_layernorm(r))`` and the router reads ``post_attention_layernorm(r)``:
     #: capture then stores the residual r once per calibrated layer and derives the router inputs on
@@ -141,10 +146,10 @@ class MoEFamily:
         return int(m.group(1)) if m else None
 
     def _prefix(self, layer: int, layout: Layout) -> str:
-        module = self.moe_module if layout == "per_expert" else "mlp"
+        module = self.moe_disk_module if layout == "per_expert" else "mlp"
         return self.disk_key(layer, module)
 
-    def router_key(self, layer: int, layout: Layout = "per_expert") -> str:
+    def router_disk_key(self, layer: int, layout: Layout = "per_expert") -> str:
         """The router weight (K, d) of ``layer`` under the checkpoint's layout."""
         if self.router_disk_param:
             return self.disk_key(layer, self.router_disk_param)
@@ -176,18 +181,18 @@ class MoEFamily:
         """The on-disk key of ``layer``'s sigmoid shared-expert gate; None for families without one."""
         return None
 
-    def find_router_key(self, layer: int, keys: Iterable[str]) -> str:
+    def find_router_disk_key(self, layer: int, keys: Iterable[str]) -> str:
         keys = set(keys)
         for layout in ("per_expert", "fused"):
-            k = self.router_key(layer, layout)
+            k = self.router_disk_key(layer, layout)
             if k in keys:
                 return k
         raise KeyError(f"{self.name}: no router for layer {layer} (looked for "
-                       f"{self.router_key(layer)!r} and {self.router_key(layer, 'fused')!r})")
+                       f"{self.router_disk_key(layer)!r} and {self.router_disk_key(layer, 'fused')!r})")
 
     def _expert_re(self) -> re.Pattern:
         names = "|".join(re.escape(v) for v in self.proj_names.values())
-        return re.compile(rf"^{self._layer_re()}\.{re.escape(self.moe_module)}\.experts\.(\d+)\."
+        return re.compile(rf"^{self._layer_re()}\.{re.escape(self.moe_disk_module)}\.experts\.(\d+)\."
                           rf"({names})\.weight$")
 
     def _fused_re(self) -> re.Pattern:
@@ -203,15 +208,15 @@ class MoEFamily:
             return ExpertTensor(int(m.group(1)), None, m.group(2))
         if self.fused_disk_names:
             names = "|".join(re.escape(n) for n in self.fused_disk_names)
-            m = re.match(rf"^{self._layer_re()}\.{re.escape(self.moe_module)}\.({names})$", key)
+            m = re.match(rf"^{self._layer_re()}\.{re.escape(self.moe_disk_module)}\.({names})$", key)
             if m:
                 return ExpertTensor(int(m.group(1)), None, self.fused_disk_names[m.group(2)])
         return None
 
-    def is_router_key(self, key: str) -> bool:
+    def is_router_disk_key(self, key: str) -> bool:
         if self.router_disk_param:
             return re.fullmatch(rf"{self._layer_re()}\.{re.escape(self.router_disk_param)}", key) is not None
-        return re.fullmatch(rf"{self._layer_re()}\.({re.escape(self.moe_module)}|mlp)\.gate\.weight",
+        return re.fullmatch(rf"{self._layer_re()}\.({re.escape(self.moe_disk_module)}|mlp)\.gate\.weight",
                             key) is not None
 
     def detect_layout(self, keys: Iterable[str]) -> Layout:
@@ -237,7 +242,7 @@ class MoEFamily:
         (tokens, d), i.e. the post-attention-norm output of that layer."""
         block = self.decoder_layers(model)[layer]
         try:
-            gate = block.get_submodule(self.router_param.rsplit(".", 1)[0])
+            gate = block.get_submodule(self.router_memory_param.rsplit(".", 1)[0])
         except AttributeError:
             gate = None
         if gate is None or not hasattr(gate, "weight"):
@@ -246,7 +251,7 @@ class MoEFamily:
 
     # -- the two halves of a pre-norm decoder layer (residual_capture) ------------------------------
     def _check_halves(self, layer) -> None:
-        missing = [n for n in ("input_layernorm", "post_attention_layernorm", self.ffn_module) if not hasattr(layer, n)]
+        missing = [n for n in ("input_layernorm", "post_attention_layernorm", self.ffn_memory_module) if not hasattr(layer, n)]
         if missing:
             raise TypeError(f"{self.name}: {type(layer).__name__} has no {missing}: not the pre-norm decoder "
                             f"layer that residual capture splits (set residual_capture = False)")
@@ -256,7 +261,7 @@ class MoEFamily:
         ``moe_half`` (``"moe"``) uses: all a streamed capture onloads of the layers at its ends. The
         attention half of ``layer`` is every child but the feed-forward half's (attention, linear
         attention or a Mamba mixer, whatever the layer's type runs)."""
-        moe = ("post_attention_layernorm", self.ffn_module)
+        moe = ("post_attention_layernorm", self.ffn_memory_module)
         if half == "moe":
             return moe
         if layer is None:
@@ -296,7 +301,7 @@ class MoEFamily:
         """The layer's output from the residual ``r`` entering its feed-forward half:
         ``r + ffn(post_attention_layernorm(r))`` (GPT-OSS's and Llama 4's MoE also return router scores)."""
         self._check_halves(layer)
-        out = getattr(layer, self.ffn_module)(layer.post_attention_layernorm(residual))
+        out = getattr(layer, self.ffn_memory_module)(layer.post_attention_layernorm(residual))
         if isinstance(out, tuple):
             out = out[0]
         return residual + out.view(residual.shape)

@@ -29,18 +29,18 @@ class GptOssFamily(MoEFamily):
     name = "gpt_oss"
     router_kind = "top-k of the logits (with a bias), softmax over the k"
     model_types = ("gpt_oss",)
-    router_param = "mlp.router.weight"
+    router_memory_param = "mlp.router.weight"
     router_intercept_param = "mlp.router.bias"
     fused_orientation = "in_out"
     attn_implementation = "eager"  # attention sinks: transformers has no SDPA path for them
 
-    def router_key(self, layer: int, layout="per_expert") -> str:
+    def router_disk_key(self, layer: int, layout="per_expert") -> str:
         return self.disk_key(layer, "mlp.router.weight")
 
     def router_intercept_key(self, layer: int) -> Optional[str]:
         return self.disk_key(layer, "mlp.router.bias")
 
-    def is_router_key(self, key: str) -> bool:
+    def is_router_disk_key(self, key: str) -> bool:
         return re.fullmatch(rf"{self._layer_re()}\.mlp\.router\.weight", key) is not None
 
     def router_module(self, model, layer: int):

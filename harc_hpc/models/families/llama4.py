@@ -21,10 +21,10 @@ class Llama4TextFamily(MoEFamily):
     name = "llama4_text"
     router_kind = "sigmoid of the top-k logits"
     model_types = ("llama4_text",)
-    moe_module = "feed_forward"
-    ffn_module = "feed_forward"
+    moe_disk_module = "feed_forward"
+    ffn_memory_module = "feed_forward"
     router_link = "sigmoid"
-    router_param = "feed_forward.router.weight"
+    router_memory_param = "feed_forward.router.weight"
     fused_orientation = "in_out"
 
     def _fused_re(self) -> re.Pattern:
@@ -36,13 +36,13 @@ class Llama4TextFamily(MoEFamily):
         step = int(cfg.get("interleave_moe_layer_step") or 1)
         return [l for l in range(self.num_layers(cfg)) if (l + 1) % step == 0]
 
-    def router_key(self, layer: int, layout="per_expert") -> str:
+    def router_disk_key(self, layer: int, layout="per_expert") -> str:
         return self.disk_key(layer, "feed_forward.router.weight")
 
     def fused_key(self, layer: int, which) -> str:
         return self.disk_key(layer, f"feed_forward.experts.{which}_proj")
 
-    def is_router_key(self, key: str) -> bool:
+    def is_router_disk_key(self, key: str) -> bool:
         return re.fullmatch(rf"{self._layer_re()}\.feed_forward\.router\.weight", key) is not None
 
     def router_module(self, model, layer: int):

@@ -10,7 +10,7 @@ from harc_hpc.models.families.base import MoEFamily
 class MixtralFamily(MoEFamily):
     name = "mixtral"
     model_types = ("mixtral",)
-    moe_module = "block_sparse_moe"
+    moe_disk_module = "block_sparse_moe"
     proj_names = {"gate": "w1", "up": "w3", "down": "w2"}
 
     def normalize_topk(self, cfg: dict) -> bool:

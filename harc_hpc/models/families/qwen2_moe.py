@@ -25,5 +25,5 @@ class Qwen2MoeFamily(MoEFamily):
         """The shared expert's ``proj`` (gate, up or down) weight of ``layer``."""
         return self.disk_key(layer, f"mlp.shared_expert.{self.proj_names[proj]}.weight")
 
-    def is_router_key(self, key: str) -> bool:
-        return super().is_router_key(key) and "shared_expert_gate" not in key
+    def is_router_disk_key(self, key: str) -> bool:
+        return super().is_router_disk_key(key) and "shared_expert_gate" not in key

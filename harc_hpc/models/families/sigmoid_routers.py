@@ -88,7 +88,7 @@ class MiniMaxM2Family(SigmoidBiasFamily):
 
     name = "minimax_m2"
     model_types = ("minimax_m2",)
-    moe_module = "block_sparse_moe"
+    moe_disk_module = "block_sparse_moe"
     proj_names = {"gate": "w1", "up": "w3", "down": "w2"}
 
     def moe_layers(self, cfg: dict) -> list[int]:
@@ -98,7 +98,7 @@ class MiniMaxM2Family(SigmoidBiasFamily):
         return True
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return self.disk_key(layer, f"{self.moe_module}.e_score_correction_bias")
+        return self.disk_key(layer, f"{self.moe_disk_module}.e_score_correction_bias")
 
 
 class AfmoeFamily(SigmoidBiasFamily):
@@ -108,7 +108,7 @@ class AfmoeFamily(SigmoidBiasFamily):
     name = "afmoe"
     model_types = ("afmoe",)
     router_disk_param = "mlp.router.gate.weight"
-    router_param = "mlp.router.gate.weight"
+    router_memory_param = "mlp.router.gate.weight"
 
     def moe_layers(self, cfg: dict) -> list[int]:
         first = int(cfg.get("num_dense_layers") or 0)
@@ -208,10 +208,10 @@ class Lfm2MoeFamily(SigmoidBiasFamily):
     model_types = ("lfm2_moe",)
     router_disk_param = "feed_forward.gate.weight"
     router_kind = "sigmoid, correction bias in the choice, top-k"
-    moe_module = "feed_forward"
-    ffn_module = "feed_forward"
+    moe_disk_module = "feed_forward"
+    ffn_memory_module = "feed_forward"
     proj_names = {"gate": "w1", "up": "w3", "down": "w2"}
-    router_param = "feed_forward.gate.weight"
+    router_memory_param = "feed_forward.gate.weight"
     residual_capture = False
 
     def moe_layers(self, cfg: dict) -> list[int]:
@@ -274,10 +274,10 @@ class NemotronHFamily(SigmoidBiasFamily):
     name = "nemotron_h"
     model_types = ("nemotron_h",)
     disk_layers_prefix = "backbone.layers"
-    moe_module = "mixer"
-    ffn_module = "mixer"
+    moe_disk_module = "mixer"
+    ffn_memory_module = "mixer"
     proj_names = {"up": "up_proj", "down": "down_proj"}
-    router_param = "mixer.gate.weight"
+    router_memory_param = "mixer.gate.weight"
     router_disk_param = "mixer.gate.weight"
     residual_capture = False
 
@@ -300,7 +300,7 @@ class KimiLinearFamily(SigmoidBiasFamily):
 
     name = "kimi_linear"
     model_types = ("kimi_linear",)
-    moe_module = "block_sparse_moe"
+    moe_disk_module = "block_sparse_moe"
     proj_names = {"gate": "w1", "up": "w3", "down": "w2"}
 
     def top_k(self, cfg: dict) -> int:
@@ -310,7 +310,7 @@ class KimiLinearFamily(SigmoidBiasFamily):
         return bool(cfg.get("moe_renormalize", True))
 
     def router_bias_key(self, layer: int) -> Optional[str]:
-        return self.disk_key(layer, f"{self.moe_module}.gate.e_score_correction_bias")
+        return self.disk_key(layer, f"{self.moe_disk_module}.gate.e_score_correction_bias")
 
     def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         grouped = {**cfg, "n_group": cfg.get("num_expert_group") or cfg.get("n_group")}

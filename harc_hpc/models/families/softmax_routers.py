@@ -36,7 +36,7 @@ class HunYuanMoeFamily(MoEFamily):
     router_kind = "softmax, top-k renormalised"
     model_types = ("hunyuan_v1_moe",)
     router_disk_param = "mlp.gate.wg.weight"
-    router_param = "mlp.gate.wg.weight"
+    router_memory_param = "mlp.gate.wg.weight"
 
     def top_k(self, cfg: dict) -> int:
         k = cfg.get("moe_topk") or cfg.get("num_experts_per_tok")
@@ -62,9 +62,9 @@ class GraniteMoeFamily(MoEFamily):
     model_types = ("granitemoe", "granitemoeshared")
     fused_disk_names = {"input_linear.weight": "gate_up", "output_linear.weight": "down"}
     router_disk_param = "block_sparse_moe.router.layer.weight"
-    moe_module = "block_sparse_moe"
-    ffn_module = "block_sparse_moe"
-    router_param = "block_sparse_moe.router.weight"
+    moe_disk_module = "block_sparse_moe"
+    ffn_memory_module = "block_sparse_moe"
+    router_memory_param = "block_sparse_moe.router.weight"
     residual_capture = False
 
     def normalize_topk(self, cfg: dict) -> bool:
@@ -118,7 +118,7 @@ class AriaTextFamily(MoEFamily):
     model_types = ("aria_text",)
     fused_disk_names = {"experts.fc1.weight": "gate_up", "experts.fc2.weight": "down"}
     router_disk_param = "mlp.router.weight"
-    router_param = "mlp.router.weight"
+    router_memory_param = "mlp.router.weight"
 
     def num_experts(self, cfg: dict) -> int:
         return int(cfg["moe_num_experts"])
@@ -193,9 +193,9 @@ class JambaFamily(MoEFamily):
     name = "jamba"
     model_types = ("jamba",)
     router_disk_param = "feed_forward.router.weight"
-    moe_module = "feed_forward"
-    ffn_module = "feed_forward"
-    router_param = "feed_forward.router.weight"
+    moe_disk_module = "feed_forward"
+    ffn_memory_module = "feed_forward"
+    router_memory_param = "feed_forward.router.weight"
     residual_capture = False
 
     def moe_layers(self, cfg: dict) -> list[int]:
@@ -245,7 +245,7 @@ class PhimoeFamily(MixtralFamily):
     name = "phimoe"
     model_types = ("phimoe",)
     router_kind = "sparsemixer: the top 2 logits, each weighted by a thresholded softmax"
-    router_param = "mlp.router.weight"
+    router_memory_param = "mlp.router.weight"
 
     def top_k(self, cfg: dict) -> int:
         return 2  # the sparsemixer always picks two experts (num_experts_per_tok is not read)
@@ -270,9 +270,9 @@ class Gemma4TextFamily(MoEFamily):
     name = "gemma4_text"
     model_types = ("gemma4_text",)
     router_kind = "softmax, top-k renormalised, of a normed and scaled input; weights scaled per expert"
-    moe_module = "experts"
+    moe_disk_module = "experts"
     fused_disk_names = {"gate_up_proj": "gate_up", "down_proj": "down"}
-    router_param = "router.proj.weight"
+    router_memory_param = "router.proj.weight"
     router_disk_param = "router.proj.weight"
     residual_capture = False
 

@@ -109,11 +109,11 @@ class WrapperFamily:
         tensors hold no text model under the wrapper's prefix."""
         keys = list(keys)
         layers = self.moe_layers(config)
-        looked = [self.router_key(layers[0]), self.router_key(layers[0], "fused")] if layers else []
+        looked = [self.router_disk_key(layers[0]), self.router_disk_key(layers[0], "fused")] if layers else []
         found = any(k.startswith(f"{self.disk_layers_prefix}.") for k in keys)
         if found and layers:
             try:
-                self.find_router_key(layers[0], keys)
+                self.find_router_disk_key(layers[0], keys)
             except KeyError:
                 found = False
         if not found:
