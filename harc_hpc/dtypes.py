@@ -20,3 +20,9 @@ def torch_dtype(name: Optional[Union[str, torch.dtype]], error: type = UsageErro
         return FLOAT_DTYPES[name]
     except KeyError:
         raise error(f"unknown dtype {name!r}; use one of {sorted(FLOAT_DTYPES)}") from None
+
+
+def itemsize(dtype: Union[str, torch.dtype]) -> int:
+    """Bytes per element of a floating dtype, named as configs name it (``bfloat16``) or a torch dtype:
+    ``torch.dtype.itemsize``, the one item-size table."""
+    return torch_dtype(dtype).itemsize

@@ -169,8 +169,10 @@ def ensure_demo(recipe: DemoRecipe = DemoRecipe(), cache_dir: Optional[os.PathLi
     return final
 
 
-class _BuiltElsewhere(Exception):
-    """Raised inside the atomic build to drop ours when another process published first."""
+class _BuiltElsewhere(BaseException):
+    """Raised inside the atomic build to drop ours when another process published first: a
+    control-flow signal, not an error (a BaseException, outside HarcHpcError, the one error base, so
+    that no ``except Exception`` can take it for a failure)."""
 
 
 def _write_jsonl(path: Path, texts: list[str]) -> None:

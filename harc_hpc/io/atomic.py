@@ -55,6 +55,19 @@ def remove_path(path: PathLike) -> None:
         path.unlink(missing_ok=True)
 
 
+def discard(path: PathLike) -> None:
+    """Delete ``path`` (file or directory) so that a kill midway leaves only a temporary that the
+    next sweep removes: renamed to a temporary sibling first (atomic), then removed. Nothing there
+    (or already moved by another process): nothing to do."""
+    path = Path(path)
+    aside = temp_sibling(path)
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    remove_path(aside)
+
+
 def _fsync_path(path: Path, directory: bool = False) -> None:
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
     try:
@@ -127,12 +140,7 @@ def publish(tmp: PathLike, final: PathLike) -> None:
             # A non-empty directory (or a file of the other kind) is in the way: move it aside under
             # a temporary name (atomic; the sweep removes it if we die now) and try again. Another
             # writer may have moved or replaced it meanwhile, hence the loop.
-            aside = temp_sibling(final)
-            try:
-                os.rename(final, aside)
-            except FileNotFoundError:
-                continue
-            remove_path(aside)
+            discard(final)
     else:  # pragma: no cover - 1000 lost races in a row
         raise RuntimeError(f"{final}: could not replace it (another process keeps writing it)")
     _fsync_path(final.parent, directory=True)

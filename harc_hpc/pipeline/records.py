@@ -371,12 +371,9 @@ def claim_for_consumption(run_dir: Path, entry: dict, consumer: tuple[str, str, 
 
 def _delete_artifact(path: Path) -> None:
     """Rename to a temporary name, then delete: a kill mid-delete leaves a temporary the next submit sweeps."""
-    from harc_hpc.io.atomic import remove_path, temp_sibling
+    from harc_hpc.io.atomic import discard
 
-    if path.exists():
-        doomed = temp_sibling(path)
-        os.replace(path, doomed)
-        remove_path(doomed)
+    discard(path)
 
 
 def retire_if_consumed(run_dir: Path, entry: dict, holding_lock: bool = False) -> Optional[int]:

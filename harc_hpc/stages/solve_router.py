@@ -13,7 +13,7 @@ import torch
 
 
 from harc_hpc.config import PipelineConfig
-from harc_hpc.dtypes import torch_dtype
+from harc_hpc.dtypes import itemsize, torch_dtype
 from harc_hpc.io.statistics import load_statistics
 from harc_hpc.errors import InputDataError, format_bytes, require_finite
 from harc_hpc.math.distributed import shard_rows
@@ -78,7 +78,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
     inner = resolve_inner_dtype(h.inner_dtype, device.type == "cuda" and _fast_16bit(device))
     keep_stored, need = choose_residency(n_tokens, d, k, inputs[0].dtype, h.dtype, inner,
                                          cfg.calibration.chunk_tokens, budget)
-    input_bytes = n_tokens * d * (_ITEMSIZE[inputs[0].dtype] if keep_stored else dtype.itemsize)
+    input_bytes = n_tokens * d * (itemsize(inputs[0].dtype) if keep_stored else dtype.itemsize)
     resident = need <= budget
     if not resident:
         per_iteration = _streamed_seconds_per_pass(inputs)
@@ -133,9 +133,15 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
     settings = SolverSettings.from_config(h, inner_dtype=inner, cache_bytes=budget if resident else 0,
                                           chunk_tokens=chunk_tokens, keep_input_dtype=keep_stored,
                                           link=fam.router_link, intercept=intercept)
+    logit_map = fam.router_logit_map(layout.reference_config(cfg))
     with Progress(h.max_iter, f"solve-router layer {layer} (CG iterations, max)") as bar:
-        sol = solve_router(inputs, sources, init, settings, statistics=stats, process_group=process_group,
-                           callback=(lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None)
+        callback = (lambda it, rel: bar.update(1, f"residual {rel:.1e}")) if rank == 0 else None
+        if logit_map is None:
+            sol = solve_router(inputs, sources, init, settings, statistics=stats, process_group=process_group,
+                               callback=callback)
+        else:  # no closed-form curvature: the exact probabilities' Gauss-Newton system by autograd
+            sol = _solve_generic(inputs, sources, init, settings, fam.router_link, logit_map, process_group,
+                                 callback)
     gate = None
     if h.shared_expert_gate:
         # the router's settings, for a sigmoid gate without mixed precision or a bias column
@@ -156,6 +162,8 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         "preconditioner": h.preconditioner,
         "objective": h.objective,
         "link": fam.router_link,  # softmax router, or sigmoid gates (Bernoulli-KL objective)
+        # the closed-form curvature of the link, or the generic one of link(map(z)) (a soft cap)
+        "curvature": "closed form" if logit_map is None else "generic (autograd Gauss-Newton)",
         "inner_dtype": inner,
         # Experts the source router sends no calibration token of a task to: their rows are set by
         # the regularisation and the other tasks only.
@@ -271,7 +279,23 @@ def _solve_shared_expert_gate(cfg, run_dir, layer, inputs, tasks, device, proces
         "kl_after": {t: float(v) for t, v in zip(tasks, sol.kl_after)}}}
 
 
-_ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+def _solve_generic(inputs, sources, init, settings, link: str, logit_map, process_group, callback):
+    """The router fitted with the generic objective (harc_hpc.math.generic_objective) on the exact
+    probabilities ``link(logit_map(W x))``, with the stage's solver settings."""
+    from harc_hpc.math.generic_objective import solve_generic
+
+    if link == "sigmoid":
+        prob_fn, divergence = (lambda z: torch.sigmoid(logit_map(z))), "bernoulli"
+    else:
+        prob_fn, divergence = (lambda z: torch.softmax(logit_map(z), dim=-1)), "categorical"
+    preconditioner = settings.preconditioner if settings.solver == "pcg" else "none"
+    if process_group is not None and preconditioner == "expert-block":
+        preconditioner = "jacobi"  # the generic expert-block preconditioner is single-process
+    return solve_generic(inputs, sources, init, prob_fn, divergence=divergence, alpha=settings.alpha,
+                         objective=settings.objective, solver=settings.solver if settings.solver != "auto" else "pcg",
+                         preconditioner=preconditioner, tol=settings.tol, max_iter=settings.max_iter,
+                         chunk_tokens=settings.chunk_tokens, intercept=settings.intercept,
+                         process_group=process_group, callback=callback)
 
 
 def resident_bytes(tokens: int, d: int, k: int, stored: str, compute: str, inner: Optional[str],
@@ -281,14 +305,14 @@ def resident_bytes(tokens: int, d: int, k: int, stored: str, compute: str, inner
     compute dtype), the per-token router probabilities (compute dtype) and, with ``inner`` (mixed
     precision), a 16-bit copy of the inputs unless they are kept in that dtype already, plus float32
     probabilities. ``harc-hpc plan`` uses it too."""
-    narrow = keep_stored and _ITEMSIZE[stored] < _ITEMSIZE[compute]
-    kept = _ITEMSIZE[stored] if narrow else _ITEMSIZE[compute]
-    need = tokens * d * kept + tokens * k * _ITEMSIZE[compute]
+    narrow = keep_stored and itemsize(stored) < itemsize(compute)
+    kept = itemsize(stored) if narrow else itemsize(compute)
+    need = tokens * d * kept + tokens * k * itemsize(compute)
     if narrow:
-        need += chunk_tokens * d * _ITEMSIZE[compute]
+        need += chunk_tokens * d * itemsize(compute)
     if inner:
         if not (narrow and stored == inner):
-            need += tokens * d * _ITEMSIZE[inner]
+            need += tokens * d * itemsize(inner)
         need += tokens * k * 4
     return int(need)
 
@@ -309,7 +333,7 @@ def _fast_16bit(device) -> bool:
 def streamed_bytes(tokens: int, d: int, k: int, compute: str, chunk_tokens: int) -> int:
     """Memory of a streamed solve of one layer: every token's probabilities and one chunk of inputs
     in the compute dtype (the least any solve of this layer needs)."""
-    return int(tokens * k * _ITEMSIZE[compute] + min(chunk_tokens, tokens) * d * _ITEMSIZE[compute])
+    return int(tokens * k * itemsize(compute) + min(chunk_tokens, tokens) * d * itemsize(compute))
 
 
 # What the joined blocks' temporaries (a block widened to the compute dtype, its logits and
