@@ -127,6 +127,14 @@ def _kimi_linear(layers, hidden, experts, top_k, common):
                             layer_types=(["linear_attention", "full_attention"] * layers)[:layers], **common)
 
 
+def _laguna(layers, hidden, experts, top_k, common, softcap=0.0):
+    from transformers import LagunaConfig
+
+    return LagunaConfig(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=hidden,
+                        shared_expert_intermediate_size=hidden, head_dim=hidden // 4, mlp_layer_types=_sparse(layers),
+                        moe_router_logit_softcapping=softcap, **common)
+
+
 TINY = {
     "glm4_moe_lite": _glm4_moe_lite,
     "deepseek_v32": _deepseek_v32,
@@ -140,6 +148,7 @@ TINY = {
     "exaone_moe": _exaone_moe,
     "minicpm5_moe": _minicpm5_moe,
     "kimi_linear": _kimi_linear,
+    "laguna": _laguna,
 }
 pipeline_fixtures.EXTRA_TINY_CONFIGS.update(TINY)
 
@@ -156,6 +165,7 @@ NEW_TYPES = {
     "minicpm5_moe": "a gated query projection renamed on load (conversion mapping)",
     "hy_v3": "router, bias and shared experts renamed on load (conversion mapping), no groups",
     "glm_moe_dsa": "indexed attention whose layers return the indexer's top-k beside the hidden state",
+    "laguna": "the correction bias beside the experts on disk, renamed on load; gated attention output",
     "kimi_linear": "KDA linear attention beside MLA; Mixtral's layout renamed on load; Kimi's config keys",
 }
 
@@ -270,3 +280,48 @@ def test_glm5_with_shared_indexers_is_refused_naming_the_layers():
     cfg["indexer_types"] = ["full", "shared", "full"]
     with pytest.raises(UnsupportedModelError, match=r"indexer_types.*layers \[1\].*previous layer's top-k"):
         family_for_config(cfg)
+
+
+def test_a_soft_capped_router_is_calibrated_with_the_generic_objective(tmp_path):
+    """Laguna with moe_router_logit_softcapping > 0: the gates are sigmoid(c tanh(z / c)), which no
+    closed-form curvature fits. The family's selection is the model router's own; the solve uses the
+    generic (autograd Gauss-Newton) objective on those exact gates; the assembled model loads and
+    its routers are closer to the sources than the merged ones under the capped gates' KL."""
+    import json
+    from functools import partial
+
+    from transformers import AutoModelForCausalLM
+
+    from harc_hpc.config import load_config
+    from harc_hpc.stages import layout
+    from pipeline_fixtures import build_tiny_sources, run_pipeline, write_config
+
+    pipeline_fixtures.EXTRA_TINY_CONFIGS["laguna"] = partial(_laguna, softcap=1.5)
+    try:
+        conf, model = _model("laguna", layers=2, experts=4)
+        fam = family_for_config(conf.to_dict())
+        assert fam.router_logit_map(conf.to_dict()) is not None
+        block = model.model.layers[1]
+        with torch.no_grad():
+            block.mlp.gate.weight.normal_(0, 2.0)  # logits past the cap
+            block.mlp.gate.e_score_correction_bias.copy_(0.3 * torch.randn(4))
+        x = torch.randn(400, conf.hidden_size)
+        with torch.no_grad():
+            capped, _, idx = block.mlp.gate(x)
+        raw = x @ block.mlp.gate.weight.T
+        assert torch.allclose(fam.router_logit_map(conf.to_dict())(raw), capped, atol=1e-6)
+        want = torch.zeros(capped.shape, dtype=torch.bool).scatter_(1, idx, True)
+        assert torch.equal(fam.selection_mask(conf.to_dict(), raw, block.mlp.gate.e_score_correction_bias), want)
+
+        src = build_tiny_sources(tmp_path / "src", family="laguna", layers=2)
+        cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"}))
+        run_pipeline(cfg, cfg.run_dir)
+    finally:
+        pipeline_fixtures.EXTRA_TINY_CONFIGS["laguna"] = _laguna
+    for l in layout.moe_layers(cfg):
+        rep = json.loads(layout.router_report(cfg.run_dir, l).read_text())
+        assert rep["curvature"].startswith("generic") and rep["converged"], rep
+        assert sum(rep["kl_after"].values()) < sum(rep["kl_before"].values()), rep
+    out = AutoModelForCausalLM.from_pretrained(str(layout.model_dir(cfg.run_dir))).eval()
+    with torch.no_grad():
+        assert torch.isfinite(out(input_ids=torch.tensor([[1, 5, 9, 3, 7]])).logits).all()

@@ -202,8 +202,10 @@ class _RouterLogits:
     router logits of its real tokens under the module's weight as it is at that moment (the model's
     own routing) and under the evaluation's reference routers."""
 
-    def __init__(self, model, fam, layers: list[int], num_evaluations: int):
+    def __init__(self, model, fam, layers: list[int], num_evaluations: int, logit_map=None):
         self.batch: Optional[tuple[int, torch.Tensor, Optional[dict]]] = None  # (evaluation, mask, refs)
+        # what the router does to its logits before its link (a soft cap): the kept logits are mapped
+        self.logit_map = logit_map or (lambda z: z)
         # per evaluation and layer: the own and the reference logits of each batch, in order
         self.parts: list[dict[int, tuple[list, list]]] = [{} for _ in range(num_evaluations)]
         self._handles = [fam.router_module(model, l).register_forward_hook(self._hook(l)) for l in layers]
@@ -215,9 +217,9 @@ class _RouterLogits:
             index, mask, refs = self.batch
             x = inputs[0].reshape(-1, inputs[0].shape[-1])[mask].float()
             own, ref = self.parts[index].setdefault(layer, ([], []))
-            own.append(affine_logits(x, router_matrix(module)).cpu())
+            own.append(self.logit_map(affine_logits(x, router_matrix(module))).cpu())
             if refs is not None:
-                ref.append(affine_logits(x, refs[layer]).cpu())
+                ref.append(self.logit_map(affine_logits(x, refs[layer])).cpu())
 
         return hook
 
@@ -307,7 +309,8 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: Union[
     results = [TaskEval() for _ in evaluations]
     routers: dict[int, torch.Tensor] = {}
     states: list[BatchStates] = []
-    recorder = _RouterLogits(model.model, fam, layers, len(evaluations))
+    recorder = _RouterLogits(model.model, fam, layers, len(evaluations),
+                             logit_map=fam.router_logit_map(model.ckpt.config))
 
     class Observer(LayerObserver):
         """The merged routers of each MoE layer as onloaded; the router logits of the batches whose

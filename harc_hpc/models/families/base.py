@@ -92,6 +92,14 @@ class MoEFamily:
     #: many ``None``s, which is what the backbone gives the first layer
     layer_output_extras: int = 0
 
+    def router_logit_map(self, cfg: dict):
+        """What the router applies to its logits before its link, as a function of (n, K) logits
+        (Laguna's soft cap ``c tanh(z / c)``); None: nothing. A router with a map has no closed-form
+        curvature: it is calibrated with the generic objective (harc_hpc.math.generic_objective) on
+        the exact probabilities ``link(map(W x))``, and the report's routing metrics read the mapped
+        logits."""
+        return None
+
     def check_config(self, cfg: dict) -> None:
         """Refuse (UnsupportedModelError) a configuration of this model type that harc-hpc cannot run."""
 

@@ -338,8 +338,38 @@ class GlmMoeDsaFamily(SigmoidBiasFamily):
                 f"layer-wise engine runs one layer at a time", hint=f"{DOCS_PAGE} lists what each model type needs")
 
 
+class LagunaFamily(SigmoidBiasFamily):
+    """Laguna (``laguna``): sigmoid scores with a selection-only correction bias (on disk beside the
+    experts, ``mlp.experts.e_score_correction_bias``), top-k renormalised, shared experts, a gated
+    attention output; with ``moe_router_logit_softcapping`` c > 0 the logits are soft-capped,
+    ``c tanh(z / c)``, before the sigmoid: no closed-form curvature fits that router, so it is
+    calibrated with the generic objective on the exact capped gates (``router_logit_map``)."""
+
+    name = "laguna"
+    model_types = ("laguna",)
+    router_kind = "sigmoid of soft-capped logits, correction bias in the choice, top-k"
+
+    def normalize_topk(self, cfg: dict) -> bool:
+        return True
+
+    def router_bias_key(self, layer: int) -> Optional[str]:
+        return self.disk_key(layer, "mlp.experts.e_score_correction_bias")
+
+    def router_logit_map(self, cfg: dict):
+        cap = float(cfg.get("moe_router_logit_softcapping") or 0.0)
+        if cap <= 0:
+            return None
+        return lambda z: torch.tanh(z / cap) * cap
+
+    def selection_mask(self, cfg: dict, logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        capped = self.router_logit_map(cfg)
+        z = logits.float() if capped is None else capped(logits.float())
+        scores = torch.sigmoid(z) + (0 if bias is None else bias.to(logits.device).float())
+        return top_k_mask(scores, self.top_k(cfg))
+
+
 #: the instances harc_hpc.models.families registers
 SIGMOID_FAMILIES = (Glm4MoeLiteFamily(), DeepseekV32Family(), SolarOpenFamily(), Dots1Family(), MiniMaxM2Family(),
                     AfmoeFamily(), MiMoV2FlashFamily(), ExaoneMoeFamily(), MiniCpm5MoeFamily(), HyV3Family(),
                     MiniMaxM3VLTextFamily(), Lfm2MoeFamily(), FlintFamily(), Kolibri1Family(),
-                    NemotronHFamily(), KimiLinearFamily(), GlmMoeDsaFamily())
+                    NemotronHFamily(), KimiLinearFamily(), GlmMoeDsaFamily(), LagunaFamily())

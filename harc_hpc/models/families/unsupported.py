@@ -26,7 +26,6 @@ UNSUPPORTED: dict[str, str] = {
     "jetmoe": "two routers per layer (attention experts and MLP experts): only one router per layer is "
               "calibrated",
     "inkling_text": "its router scores the shared experts in the same matrix as the routed ones",
-    "laguna": "its router soft-caps the logits (tanh) before the sigmoid: not the sigmoid gates' objective",
     "ergo": _TODO.format(what="custom tensor names without the model. prefix and residual gates"),
     # layouts the merge and statistics stages do not read yet
     "param2moe": _TODO.format(what="a fused query_key_value split into three on load"),
