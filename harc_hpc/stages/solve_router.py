@@ -67,44 +67,14 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
             x.rows = np.arange(lo, hi, dtype=np.int64) if x.rows is None else x.rows[lo:hi]
     k, d = int(stats[0].sigma_w.shape[0]), int(inputs[0].shape[1])
     n_tokens = sum(len(x) for x in inputs)
-    if h.memory_budget_gb:
-        # a budget over what the scheduler grants (cgroup, SLURM --mem) or the GPU holds: an error now
-        from harc_hpc.models.modeling import check_memory_budget, device_memory_bounds
-
-        budget = int(h.memory_budget_gb * 2**30)
-        check_memory_budget("harc.memory_budget_gb", budget, device_memory_bounds(device), f"solve-router layer {layer}")
-    else:
-        budget = int(0.8 * free_memory_bytes(device))
+    budget = _memory_budget(h, device, layer)
     inner = resolve_inner_dtype(h.inner_dtype, device.type == "cuda" and _fast_16bit(device))
     keep_stored, need = choose_residency(n_tokens, d, k, inputs[0].dtype, h.dtype, inner,
                                          cfg.calibration.chunk_tokens, budget)
     input_bytes = n_tokens * d * (itemsize(inputs[0].dtype) if keep_stored else dtype.itemsize)
     resident = need <= budget
     if not resident:
-        per_iteration = _streamed_seconds_per_pass(inputs)
-        what = (f"the router inputs ({n_tokens} tokens x {d}) and the solve's per-token state need "
-                f"{format_bytes(need)}, over the memory budget of {format_bytes(budget)}")
-        # Streamed, the solve still holds every token's probabilities and one chunk of inputs.
-        stream_need = streamed_bytes(n_tokens, d, k, h.dtype, cfg.calibration.chunk_tokens)
-        can_stream = stream_need <= budget
-        fits = int(budget / max(1, need) * n_tokens / len(tasks))
-        options = [f"set harc.max_tokens <= {fits} (a seeded per-sequence subsample; the paper's results "
-                   f"plateau at ~40 % of the data)"] if fits >= 1 else []
-        options.append("raise harc.memory_budget_gb")
-        if not can_stream:
-            chunk = min(cfg.calibration.chunk_tokens, n_tokens)
-            raise InputDataError(
-                f"{what}; it is too small even to stream them: one chunk of {chunk} tokens and the "
-                f"probabilities of every token need {format_bytes(stream_need)}",
-                where=f"solve-router layer {layer}",
-                hint=", or ".join(options + ["lower calibration.chunk_tokens"]))
-        if not h.stream_inputs:
-            options.append(f"set harc.stream_inputs: true to read them from the store on every CG iteration "
-                           f"(~{per_iteration:.1f} s per iteration measured here, up to {h.max_iter} iterations)")
-            raise InputDataError(what, where=f"solve-router layer {layer}", hint=", or ".join(options))
-        log.warning("solve-router layer %d: %s; harc.stream_inputs is set, so they are read from the store on "
-                    "every CG iteration: ~%.1f s per iteration measured, ~%.0f min for %d iterations (pcg "
-                    "typically needs a few hundred)", layer, what, per_iteration, per_iteration * 400 / 60, 400)
+        _check_streaming(cfg, layer, inputs, n_tokens, d, k, need, budget)
     stored_dtype = inputs[0].dtype
     chunk_tokens = cfg.calibration.chunk_tokens
     if resident and device.type == "cuda":
@@ -193,6 +163,52 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         save_router(run_dir, layer, weight, report, bias=bias,
                     shared_expert_gate=None if gate is None else gate["weight"])
     return {k: report[k] for k in ("layer", "iterations", "relative_residual", "converged", "seconds")}
+
+
+def _memory_budget(h, device, layer: int) -> int:
+    """What a layer's resident inputs and per-token state may take: harc.memory_budget_gb (checked
+    against what the scheduler grants or the device holds), else the device's free memory less 20 %."""
+    if h.memory_budget_gb:
+        # a budget over what the scheduler grants (cgroup, SLURM --mem) or the GPU holds: an error now
+        from harc_hpc.models.modeling import check_memory_budget, device_memory_bounds
+
+        budget = int(h.memory_budget_gb * 2**30)
+        check_memory_budget("harc.memory_budget_gb", budget, device_memory_bounds(device), f"solve-router layer {layer}")
+    else:
+        budget = int(0.8 * free_memory_bytes(device))
+    return budget
+
+
+def _check_streaming(cfg: PipelineConfig, layer: int, inputs, n_tokens: int, d: int, k: int, need: int,
+                     budget: int) -> None:
+    """Inputs over the budget: an error naming what fits, unless harc.stream_inputs lets them be read
+    from the store on every CG iteration (then a warning with the measured cost)."""
+    h = cfg.harc
+    tasks = cfg.task_names
+    per_iteration = _streamed_seconds_per_pass(inputs)
+    what = (f"the router inputs ({n_tokens} tokens x {d}) and the solve's per-token state need "
+            f"{format_bytes(need)}, over the memory budget of {format_bytes(budget)}")
+    # Streamed, the solve still holds every token's probabilities and one chunk of inputs.
+    stream_need = streamed_bytes(n_tokens, d, k, h.dtype, cfg.calibration.chunk_tokens)
+    can_stream = stream_need <= budget
+    fits = int(budget / max(1, need) * n_tokens / len(tasks))
+    options = [f"set harc.max_tokens <= {fits} (a seeded per-sequence subsample; the paper's results "
+               f"plateau at ~40 % of the data)"] if fits >= 1 else []
+    options.append("raise harc.memory_budget_gb")
+    if not can_stream:
+        chunk = min(cfg.calibration.chunk_tokens, n_tokens)
+        raise InputDataError(
+            f"{what}; it is too small even to stream them: one chunk of {chunk} tokens and the "
+            f"probabilities of every token need {format_bytes(stream_need)}",
+            where=f"solve-router layer {layer}",
+            hint=", or ".join(options + ["lower calibration.chunk_tokens"]))
+    if not h.stream_inputs:
+        options.append(f"set harc.stream_inputs: true to read them from the store on every CG iteration "
+                       f"(~{per_iteration:.1f} s per iteration measured here, up to {h.max_iter} iterations)")
+        raise InputDataError(what, where=f"solve-router layer {layer}", hint=", or ".join(options))
+    log.warning("solve-router layer %d: %s; harc.stream_inputs is set, so they are read from the store on "
+                "every CG iteration: ~%.1f s per iteration measured, ~%.0f min for %d iterations (pcg "
+                "typically needs a few hundred)", layer, what, per_iteration, per_iteration * 400 / 60, 400)
 
 
 def _fit_to_domains(cfg, run_dir, layer, inputs, init, stats, settings, process_group, rank, t0, memory: dict) -> dict:
