@@ -407,3 +407,38 @@ def test_gradient_checkpointing_takes_the_same_steps(monkeypatch):
     assert [v for _, v in runs[0][0]] == pytest.approx([v for _, v in runs[1][0]], rel=1e-6)
     for n, p in runs[0][1].items():
         assert torch.allclose(p, runs[1][1][n], rtol=1e-5, atol=1e-7), n
+
+
+def test_table7_in_the_shipped_sweep_and_a_row_per_repair_in_its_table(tmp_path, monkeypatch):
+    """configs/sweep-table1.yaml's last cell is Table 7 (WUDI with finetune, fsdp, and router-distill;
+    no other cell trains), and the sweep table gives each training baseline a row with its routing KL
+    and wall time."""
+    from harc_hpc.pipeline import sweep as sweep_mod
+    from harc_hpc.report import sweep_table
+
+    table1 = sweep_mod.load_sweep(TESTS.parent / "configs" / "sweep-table1.yaml")
+    sweep_mod.validate(table1)
+    cfgs = [sweep_mod.cell_config(table1, c.values, c.name) for c in table1.cells]
+    t7 = cfgs[-1]
+    assert t7.merge.method == "wudi" and t7.finetune.enabled and t7.router_distill.enabled
+    assert t7.finetune.sharding == "fsdp" and t7.executor.stages["finetune"].tasks_per_node == 4
+    assert not any(c.finetune.enabled or c.router_distill.enabled for c in cfgs[:-1])
+
+    models = ["merged", "calibrated", "router-distill", "harc+router-distill", "sft", "harc+sft"]
+    metrics = {"tasks": ["math"], "loss": {"math": {n: 1.0 - i / 10 for i, n in enumerate(models)}},
+               "summary": {"loss_mean": {n: 1.0 - i / 10 for i, n in enumerate(models)},
+                           "router_level": {n: {"kl_mean": i / 100, "topk_mismatch_mean": 0.1} for i, n in enumerate(models)}},
+               "training": {"harc": {"seconds": 10.0},
+                            "router_distill": {"merged": {"model": "router-distill", "seconds": 4.0},
+                                               "harc": {"model": "harc+router-distill", "seconds": 12.0}},
+                            "finetune": {"starts": {"merged": {"model": "sft", "seconds": 20.0},
+                                                    "harc": {"model": "harc+sft", "seconds": 30.0}}}}}
+    run = tmp_path / "cells" / "t7"
+    (run / "report").mkdir(parents=True)
+    (run / "report" / "metrics.json").write_text(json.dumps(metrics))
+    monkeypatch.setattr(sweep_mod, "sweep_status", lambda d: [])
+    monkeypatch.setattr(sweep_mod, "cell_dirs", lambda d: [("t7", {"merge.method": "wudi"}, run)])
+    columns, rows = sweep_table.sweep_rows(tmp_path)
+    assert [r["repair"] for r in rows] == ["none", "harc", "router-distill", "harc+router-distill", "sft", "harc+sft"]
+    assert [r["router_kl"] for r in rows] == [0.0, 0.01, 0.02, 0.03, 0.04, 0.05]
+    assert [r.get("seconds") for r in rows] == [None, 10.0, 4.0, 12.0, 20.0, 30.0] and "seconds" in columns

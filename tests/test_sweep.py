@@ -300,7 +300,7 @@ def test_shipped_sweeps_expand_and_validate():
     assert all(c.cfg.harc.block_size == 4 and c.cfg.demo.enabled for c in tiny.cells)
     table1 = load_sweep(CONFIGS / "sweep-table1.yaml")
     assert [c.values["merge.method"] for c in table1.cells] == ["linear", "ties", "dare_ties", "wudi", "fisher",
-                                                                "regmean"]
+                                                                "regmean", "wudi"]  # the last: Table 7 (training)
     sweep_mod.validate(table1)
     fisher, regmean = table1.cells[4], table1.cells[5]
     assert sweep_mod.cell_config(table1, fisher.values, fisher.name).merge.parameters == {"weights": [0.5, 0.5]}

@@ -6,7 +6,9 @@ recomputed here): held-out loss per task (``loss.<task>.<model>``), their mean
 (``summary.router_level.<model>.{kl_mean, topk_mismatch_mean}``) and, when the cell ran lm-eval,
 its task scores (``lm_eval.<task>.<metric>``, for the assembled model).
 
-Rows: one per cell with the repaired (``calibrated``) model, repair ``harc``; and one per distinct
+Rows: one per cell with the repaired (``calibrated``) model, repair ``harc``; one per training
+baseline a cell's report measured (repair ``sft``, ``harc+sft``, ``router-distill``, ...; docs/training.md),
+with ``seconds`` (the repair's wall time as the report counts it); and one per distinct
 merged model with repair ``none`` (the report measures the merged model beside the calibrated one,
 so "without HARC" costs no run of its own): cells that share a merge and measure it alike give one
 ``none`` row, named after the first of them. A cell without a report (failed, not run yet) keeps
@@ -27,6 +29,7 @@ import yaml
 from harc_hpc.io.atomic import atomic_path, write_text_atomic
 from harc_hpc.pipeline import sweep as sweep_mod
 from harc_hpc.report.render import lm_eval_scores
+from harc_hpc.report.training import repair_models, repair_seconds
 
 TABLE_MD, TABLE_CSV, PLOT = "table.md", "table.csv", "plot.png"
 
@@ -113,9 +116,16 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[str], list[dict]]:
             row.update(_figures(m, "calibrated", tasks))
             row.update(_oracle_shares(m, tasks))
             row.update(_lm_eval(m, "calibrated"))
+            row["seconds"] = repair_seconds(m, "calibrated")
         rows.append(row)
+        for model in (repair_models(m) if m is not None else []):  # Table 7: the training baselines
+            rows.append({"cell": name, "method": method, "repair": model, "settings": row["settings"],
+                         "state": row["state"], **_figures(m, model, tasks), **_lm_eval(m, model),
+                         "seconds": repair_seconds(m, model)})
     columns = ["cell", "method", "repair", "settings", "state"] + [f"loss:{t}" for t in tasks] + [
         "loss_mean", "router_kl", "topk_mismatch"] + [f"harc_of_oracle:{t}" for t in tasks]
+    if any(r.get("seconds") is not None for r in rows):
+        columns.append("seconds")
     for r in rows:
         columns += [k for k in r if k.startswith("lm_eval:") and k not in columns]
     return columns, rows
@@ -137,7 +147,8 @@ def write_sweep_table(sweep_dir: Path) -> dict[str, Path]:
     for r in rows:
         md.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "\\|") for c in columns) + " |")
     note = ("\nRows: `harc` is a cell's calibrated model, `none` the merged model it was calibrated from "
-            "(one row per distinct merge). Losses: held-out mean token NLL (nats); router KL and top-k "
+            "(one row per distinct merge), others a training baseline's model (docs/training.md; `seconds`: "
+            "the repair's wall time, HARC's first for a start from HARC). Losses: held-out mean token NLL (nats); router KL and top-k "
             "mismatch: router-level, mean over layers and tasks; read from each cell's report/metrics.json.\n")
     write_text_atomic(sweep_dir / TABLE_MD, "\n".join(md) + "\n" + note)
     buf = io.StringIO()
@@ -158,7 +169,8 @@ def _plot(columns: list[str], rows: list[dict], path: Path) -> None:
 
     losses = [c for c in columns if c.startswith("loss:")]
     # a none row is its merge: label it by its (merge) settings, not by the cell that measured it
-    labels = [f"{r['settings'] or r['cell']} [none]" if r["repair"] == "none" else f"{r['cell']} [harc]" for r in rows]
+    labels = [f"{r['settings'] or r['cell']} [none]" if r["repair"] == "none" else f"{r['cell']} [{r['repair']}]"
+              for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(max(8.0, 1.2 * len(rows) + 4), 4.5))
     width = 0.8 / max(len(losses), 1)
     for i, col in enumerate(losses):

@@ -95,3 +95,31 @@ def training_summary(cfg: PipelineConfig, run_dir: Path, stages: dict) -> Option
                 "trainable_parameters": v.get("trainable_parameters"),
                 "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None}
     return out
+
+
+# -- a sweep's table: a row per repair (harc_hpc.report.sweep_table) ----------------------------------
+
+def repair_models(m: dict) -> list[str]:
+    """The training baselines' models a cell's report measured (its ``metrics.json``), in the story's
+    order: router-distill from the merged and HARC's routers, then finetune's (SFT or output-KL)."""
+    from harc_hpc.stages import finetune, router_distill
+
+    names = [router_distill.MODEL_NAMES[s] for s in ("merged", "harc")]
+    names += [finetune.model_name(s, o) for o in ("sft", "output_kl") for s in ("merged", "harc")]
+    measured = ((m.get("summary") or {}).get("router_level") or {})
+    return [n for n in names if n in measured]
+
+
+def repair_seconds(m: dict, model: str) -> Optional[float]:
+    """Wall time of a repair as the report's "Closed form vs training" counts it (``training`` in
+    ``metrics.json``): HARC's statistics and solves (``calibrated``), a training's own steps, HARC's
+    first for a start from HARC; None when the report has no training section."""
+    t = m.get("training")
+    if not t:
+        return None
+    if model == "calibrated":
+        return (t.get("harc") or {}).get("seconds")
+    for v in list((t.get("router_distill") or {}).values()) + list(((t.get("finetune") or {}).get("starts") or {}).values()):
+        if v.get("model") == model:
+            return v.get("seconds")
+    return None
