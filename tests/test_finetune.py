@@ -442,3 +442,21 @@ def test_table7_in_the_shipped_sweep_and_a_row_per_repair_in_its_table(tmp_path,
     assert [r["repair"] for r in rows] == ["none", "harc", "router-distill", "harc+router-distill", "sft", "harc+sft"]
     assert [r["router_kl"] for r in rows] == [0.0, 0.01, 0.02, 0.03, 0.04, 0.05]
     assert [r.get("seconds") for r in rows] == [None, 10.0, 4.0, 12.0, 20.0, 30.0] and "seconds" in columns
+
+
+def test_steps_to_the_other_starts_final_loss():
+    """HARC as a starting point, measured: the first step whose trailing-window training loss is at
+    or below the other start's final window."""
+    from harc_hpc.report.training import steps_to_loss
+
+    harc = [1.0, 0.8, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    merged = [2.0, 1.8, 1.6, 1.4, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6]  # window 2: final 0.65
+    assert steps_to_loss(harc, merged) == 4  # step 3: (0.8 + 0.6) / 2 > 0.65; step 4: (0.6 + 0.5) / 2
+    assert steps_to_loss(merged, harc) is None
+    from harc_hpc.report.render import _training
+
+    starts = {"merged": {"model": "sft", "steps_to_other_final_loss": None},
+              "harc": {"model": "harc+sft", "steps_to_other_final_loss": 4}}
+    text = "\n".join(_training({"tasks": ["a"], "training": {"finetune": {"settings": {"lr": 1e-4}, "starts": starts}}}))
+    assert "from HARC's model training reaches the merged start's final loss after 4 steps" in text
+    assert "from the merged model HARC's start's final loss never" in text

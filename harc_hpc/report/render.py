@@ -345,6 +345,14 @@ def _training(metrics: dict) -> list[str]:
                 f"warm-up steps, then {fst.get('schedule')}), {fst.get('steps')} steps of {fst.get('batch_size')} "
                 f"calibration sequences of at most {fst.get('seq_length')} tokens, seed {fst.get('seed')}; wall time: "
                 "its steps (from HARC's model: HARC's too).", ""]
+        fs = (tr.get("finetune") or {}).get("starts") or {}
+        if "steps_to_other_final_loss" in fs.get("harc", {}):  # HARC as a starting point (report.training)
+            def _reach(v):
+                return "never" if v is None else f"after {v} steps"
+            out += ["HARC as a starting point (training loss on the same batches, trailing mean): from HARC's model "
+                    f"training reaches the merged start's final loss {_reach(fs['harc']['steps_to_other_final_loss'])}, "
+                    f"from the merged model HARC's start's final loss {_reach(fs['merged']['steps_to_other_final_loss'])}.",
+                    ""]
     walls = {k: v for k, v in (tr.get("stage_wall_s") or {}).items() if isinstance(v, (int, float))}
     if walls:
         out += ["Stage wall time, summed over tasks (on a shared machine: rough): "

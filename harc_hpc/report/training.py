@@ -94,7 +94,31 @@ def training_summary(cfg: PipelineConfig, run_dir: Path, stages: dict) -> Option
                 "seconds": round((v.get("seconds") or 0.0) + (out["harc"]["seconds"] if start == "harc" else 0.0), 3),
                 "trainable_parameters": v.get("trainable_parameters"),
                 "first_loss": losses[0][1] if losses else None, "last_loss": losses[-1][1] if losses else None}
+        curves = {s: [v for _, v in (x.get("losses") or [])] for s, x in (ft.get("starts") or {}).items()}
+        if set(curves) == {"merged", "harc"}:  # HARC as a starting point: steps to the other start's end
+            for start, other in (("merged", "harc"), ("harc", "merged")):
+                out["finetune"]["starts"][start]["steps_to_other_final_loss"] = steps_to_loss(
+                    curves[start], curves[other])
     return out
+
+
+def _window(n: int) -> int:
+    return max(1, min(10, n // 5))
+
+
+def steps_to_loss(curve: list[float], other: list[float]) -> Optional[int]:
+    """The first step at which ``curve``'s training loss, averaged over a trailing window (a fifth
+    of the run, at most 10 steps), is at or below ``other``'s over its last window; None if never.
+    Both starts of a finetune task see the same batches step by step, so the comparison is on
+    equal data (training batches, not held-out text)."""
+    if not curve or not other:
+        return None
+    w = _window(min(len(curve), len(other)))
+    target = sum(other[-w:]) / w
+    for i in range(w - 1, len(curve)):
+        if sum(curve[i - w + 1: i + 1]) / w <= target:
+            return i + 1
+    return None
 
 
 # -- a sweep's table: a row per repair (harc_hpc.report.sweep_table) ----------------------------------
