@@ -68,6 +68,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from harc_hpc.errors import UsageError
 from harc_hpc.math.cg import (
     PRECONDITIONERS,
     ExpertBlockPreconditioner,
@@ -77,7 +78,8 @@ from harc_hpc.math.cg import (
 )
 from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reducer
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
-from harc_hpc.math.solver import RouterSolution
+from harc_hpc.math.settings import SolverSettings, settings_of
+from harc_hpc.math.solver import HarcSystem, RouterSolution
 
 ProbFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -347,36 +349,16 @@ class GenericCurvature:
         return self.reducer.sum(out) / self.num_tokens
 
 
-class GenericSystem:
+class GenericSystem(HarcSystem):
     """alpha sum_i Sigma_i + damping diag(D), D = sum_i diag(Sigma_i): HARC's regularised system
-    (HarcSystem's attributes: curvatures, diagonal, alpha, damping, apply, jacobi_diagonal, dense).
-    ``rhs`` is sum_i Sigma_reg,i w_i when built by ``generic_router_operator``."""
+    (HarcSystem's operator, on generic curvatures). ``rhs`` is sum_i Sigma_reg,i w_i when built by
+    ``generic_router_operator``."""
 
     def __init__(self, curvatures: Sequence[GenericCurvature], diagonal: torch.Tensor, alpha: float,
                  shift: float = 0.0, rhs: Optional[torch.Tensor] = None, shift_invariant: bool = False):
-        self.curvatures = list(curvatures)
-        self.diagonal = diagonal
-        self.alpha = float(alpha)
-        self.damping = (1.0 - self.alpha) + shift
+        super().__init__(curvatures, diagonal, float(alpha), shift)
         self.rhs = rhs
         self.shift_invariant = shift_invariant
-
-    def apply(self, w: torch.Tensor) -> torch.Tensor:
-        acc = self.damping * self.diagonal * w
-        for c in self.curvatures:
-            acc += self.alpha * c.matvec(w)
-        return acc
-
-    def jacobi_diagonal(self) -> torch.Tensor:
-        return (self.alpha + self.damping) * self.diagonal
-
-    def dense(self) -> torch.Tensor:
-        a = None
-        for c in self.curvatures:
-            part = c.dense()
-            a = part if a is None else a + part
-        a = a * self.alpha
-        return a + torch.diag(self.damping * self.diagonal.reshape(-1))
 
     @property
     def singular_shift(self) -> bool:
@@ -627,77 +609,73 @@ def solve_generic(
     source_weights: Sequence[torch.Tensor],
     init: torch.Tensor,
     prob_fn: ProbFn,
+    settings: Optional[SolverSettings] = None,
     *,
     divergence: str = "categorical",
-    alpha: float = 0.9,
-    objective: str = "quadratic",
-    solver: str = "pcg",
-    preconditioner: str = "jacobi",
-    tol: float = 1e-6,
-    max_iter: int = 1000,
-    kl_max_steps: int = 30,
-    kl_tol: Optional[float] = None,
     curvature: str = "exact",
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    compute_dtype: Optional[torch.dtype] = None,
-    intercept: bool = False,
     process_group: ProcessGroupLike = None,
+    callback: Optional[Callable[[int, float], None]] = None,
     logit_dtype: torch.dtype = torch.float64,
     shift_invariant: Optional[bool] = None,
-    kronecker_tokens: Optional[int] = 8192,
-    expert_block_tokens: int = 256,
-    callback: Optional[Callable[[int, float], None]] = None,
+    **fields,
 ) -> RouterSolution:
-    """The refit router (K, d) for a router with probability function ``prob_fn`` (module docstring).
+    """The refit router (K, d) for a router with probability function ``prob_fn`` (module docstring),
+    with the solver settings ``solve_router`` takes (``settings``, keyword ``fields`` on top: alpha,
+    objective, solver, preconditioner, tol, max_iter, kl_max_steps, kl_tol, chunk_tokens,
+    compute_dtype, intercept, kronecker_tokens, expert_block_tokens; ``hessian`` and ``inner_dtype``
+    have no meaning here and must stay at their defaults).
 
     ``objective="quadratic"``: HARC's system (sum_i Sigma_reg,i) w = sum_i Sigma_reg,i w_i with the
     autograd curvature, solved from ``init`` by CG / PCG (``preconditioner``: none, jacobi, kronecker,
     expert-block) or densely (``solver="direct"``, small K d; the solution nearest ``init`` where the
-    system is singular). ``objective="kl"`` continues with Levenberg-Marquardt steps on the exact
-    objective sum_i E D(f(W_i x), f(W x)) (``curvature``: "fisher" or "gauss-newton") until
-    ||grad|| <= ``kl_tol`` (default ``tol``) times its value at the quadratic solution.
-    ``kl_before`` / ``kl_after``: per task, the mean divergence at ``init`` and at the result.
-    ``intercept``: routers (K, d + 1) = [W | b], inputs (n, d) get a column of ones.
+    system is singular; ``auto``: direct up to ``direct_max_size`` unknowns). ``objective="kl"``
+    continues with Levenberg-Marquardt steps on the exact objective sum_i E D(f(W_i x), f(W x))
+    (``curvature``: "exact", "fisher" or "gauss-newton") until ||grad|| <= ``kl_tol`` (default
+    ``tol``) times its value at the quadratic solution. ``kl_before`` / ``kl_after``: per task, the
+    mean divergence at ``init`` and at the result. ``intercept``: routers (K, d + 1) = [W | b],
+    inputs (n, d) get a column of ones.
     """
     t_start = time.perf_counter()
+    s = settings_of(settings, fields)
     if init.ndim != 2:
         raise ValueError(f"init must be (K, d), got {tuple(init.shape)}")
+    if s.inner_dtype is not None or s.hessian != "full":
+        raise UsageError("the generic objective has its exact curvature only: hessian must be 'full' and "
+                         "inner_dtype None", where="solver settings")
+    alpha, objective, preconditioner, tol, max_iter = s.alpha, s.objective, s.preconditioner, s.tol, s.max_iter
+    k, d = init.shape
+    solver = s.solver if s.solver != "auto" else ("direct" if k * d <= s.direct_max_size else "pcg")
     _check_choice("objective", objective, GENERIC_OBJECTIVES)
     _check_choice("solver", solver, GENERIC_SOLVERS)
-    _check_choice("preconditioner", preconditioner, PRECONDITIONERS)
     _check_choice("curvature", curvature, CURVATURES)
     _check_choice("divergence", divergence, DIVERGENCES)
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     if len(inputs_per_source) != len(source_weights) or not source_weights:
         raise ValueError(f"need one input set per source router, got {len(inputs_per_source)} and {len(source_weights)}")
-    k, d = init.shape
     for i, w in enumerate(source_weights):
         if tuple(w.shape) != (k, d):
             raise ValueError(f"source router {i} has shape {tuple(w.shape)}, init {(k, d)}")
     if solver == "direct" and (k * d) ** 2 * 8 > GENERIC_DIRECT_MAX_BYTES:
         raise ValueError(f"solver='direct' would materialise a ({k * d})^2 float64 system: use solver='pcg'")
-    alpha = float(alpha)
     device = init.device
     reducer = as_reducer(process_group)
-    chunks = _chunks_of(inputs_per_source, d, compute_dtype=compute_dtype, device=device,
-                        chunk_tokens=chunk_tokens, intercept=intercept)
+    chunks = _chunks_of(inputs_per_source, d, compute_dtype=s.compute_dtype, device=device,
+                        chunk_tokens=s.chunk_tokens, intercept=s.intercept)
     sources = [w.detach().to(device=device, dtype=torch.float64) for w in source_weights]
     w0 = init.detach().to(dtype=torch.float64)
     system = _system_at_sources(chunks, sources, prob_fn, alpha, divergence, reducer, logit_dtype, shift_invariant)
-    tasks = [GenericKLTask(c, s, prob_fn, divergence, reducer, logit_dtype) for c, s in zip(chunks, sources)]
+    tasks = [GenericKLTask(c, src, prob_fn, divergence, reducer, logit_dtype) for c, src in zip(chunks, sources)]
     kl_before = [t.evaluate(w0, False)[0] for t in tasks]
     w, iterations, residual, converged, history = _solve_quadratic(
         system, system.rhs, w0, solver=solver, preconditioner=preconditioner, tol=tol, max_iter=max_iter,
-        callback=callback, kronecker_tokens=kronecker_tokens, expert_block_tokens=expert_block_tokens)
+        callback=callback, kronecker_tokens=s.kronecker_tokens, expert_block_tokens=s.expert_block_tokens)
     quadratic_iterations = iterations
     newton_steps = 0
     if objective == "kl":
         fit = _fit_generic_kl(chunks, tasks, w, prob_fn, divergence=divergence, curvature=curvature, alpha=alpha,
                               solver=solver, preconditioner=preconditioner, max_iter=max_iter,
-                              max_steps=kl_max_steps, grad_tol=tol if kl_tol is None else kl_tol, reducer=reducer,
+                              max_steps=s.kl_max_steps, grad_tol=s.kl_gradient_tol, reducer=reducer,
                               logit_dtype=logit_dtype, shift_invariant=system.shift_invariant,
-                              kronecker_tokens=kronecker_tokens, expert_block_tokens=expert_block_tokens)
+                              kronecker_tokens=s.kronecker_tokens, expert_block_tokens=s.expert_block_tokens)
         w = fit["weight"]
         iterations += fit["iterations"]
         residual, converged, newton_steps = fit["relative_gradient"], fit["converged"], fit["steps"]

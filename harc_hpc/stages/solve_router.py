@@ -304,13 +304,10 @@ def _solve_generic(inputs, sources, init, settings, link: str, logit_map, proces
         prob_fn, divergence = (lambda z: torch.sigmoid(logit_map(z))), "bernoulli"
     else:
         prob_fn, divergence = (lambda z: torch.softmax(logit_map(z), dim=-1)), "categorical"
-    preconditioner = settings.preconditioner if settings.solver == "pcg" else "none"
-    if process_group is not None and preconditioner == "expert-block":
-        preconditioner = "jacobi"  # the generic expert-block preconditioner is single-process
-    return solve_generic(inputs, sources, init, prob_fn, divergence=divergence, alpha=settings.alpha,
-                         objective=settings.objective, solver=settings.solver if settings.solver != "auto" else "pcg",
-                         preconditioner=preconditioner, tol=settings.tol, max_iter=settings.max_iter,
-                         chunk_tokens=settings.chunk_tokens, intercept=settings.intercept,
+    if process_group is not None and settings.preconditioner == "expert-block":
+        settings = settings.replace(preconditioner="jacobi")  # the generic expert-block one is single-process
+    # no mixed precision: the generic curvature is exact only
+    return solve_generic(inputs, sources, init, prob_fn, settings.replace(inner_dtype=None), divergence=divergence,
                          process_group=process_group, callback=callback)
 
 
