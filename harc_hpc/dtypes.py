@@ -22,7 +22,10 @@ def torch_dtype(name: Optional[Union[str, torch.dtype]], error: type = UsageErro
         raise error(f"unknown dtype {name!r}; use one of {sorted(FLOAT_DTYPES)}") from None
 
 
-def itemsize(dtype: Union[str, torch.dtype]) -> int:
+def itemsize(dtype: Union[str, torch.dtype], default: Optional[int] = None) -> int:
     """Bytes per element of a floating dtype, named as configs name it (``bfloat16``) or a torch dtype:
-    ``torch.dtype.itemsize``, the one item-size table."""
+    ``torch.dtype.itemsize``, the one item-size table. ``default``: for a name that is not one of
+    them (``auto``, a checkpoint's unusual dtype) instead of an error."""
+    if default is not None and isinstance(dtype, str) and dtype not in FLOAT_DTYPES:
+        return default
     return torch_dtype(dtype).itemsize

@@ -68,7 +68,7 @@ class CheckpointWriter:
         shards: list[_Shard] = []
         current = None
         for key, dtype, shape in entries:
-            nbytes = torch.empty((), dtype=dtype).element_size()
+            nbytes = dtype.itemsize
             for s in shape:
                 nbytes *= int(s)
             if current is None or (current.entries and current.size + nbytes > self.max_shard_bytes):
@@ -87,7 +87,7 @@ class CheckpointWriter:
         offsets = {}
         pos = 0
         # Wider dtypes first keep every tensor aligned to its element size (as safetensors does).
-        ordered = sorted(shard.entries, key=lambda e: -torch.empty((), dtype=e[1]).element_size())
+        ordered = sorted(shard.entries, key=lambda e: -e[1].itemsize)
         for key, dtype, shape, nbytes in ordered:
             header[key] = {"dtype": dtype_to_safetensors(dtype), "shape": list(shape),
                            "data_offsets": [pos, pos + nbytes]}

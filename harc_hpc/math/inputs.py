@@ -78,7 +78,7 @@ class TokenChunks:
             raise ValueError(f"router input width {x.shape[1] - self.intercept}{extra} != router width {self.dim}")
         if self.dtype is None:
             self.dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        narrower = x.is_floating_point() and x.element_size() < torch.empty(0, dtype=self.dtype).element_size()
+        narrower = x.is_floating_point() and x.element_size() < self.dtype.itemsize
         return x.to(device=self.device, dtype=x.dtype if keep and self.keep_input_dtype and narrower else self.dtype)
 
     def _compute(self, kept: torch.Tensor) -> torch.Tensor:

@@ -121,7 +121,7 @@ class BuildPlan:
     def nbytes(self) -> int:
         total = 0
         for t in self.tensors:
-            n = torch.empty((), dtype=t.dtype).element_size()
+            n = t.dtype.itemsize
             for s in t.shape:
                 n *= s
             total += n

@@ -51,6 +51,7 @@ from harc_hpc.io.activations import (
 from harc_hpc.io.atomic import atomic_path, free_bytes, fsync_one, fsync_tree, publish, remove_path, write_json_atomic
 from harc_hpc.io.calibration_data import data_digest, tokenize_task_masked
 from harc_hpc.config import PipelineConfig
+from harc_hpc.dtypes import itemsize
 from harc_hpc.errors import CorruptArtifactError, DiskFullError, require_finite
 from harc_hpc.models.modeling import (RouterInputRecorder, batches, free_memory_bytes, host_free_bytes, pad_batch,
                                       pick_device, unpad)
@@ -374,7 +375,7 @@ def run_layerwise(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: O
     # Every token is pushed through the layers (context); only the tokens the calibration mode selects
     # (all of them in modes full and prompt) have their router inputs stored.
     n_selected = sum(s.num_selected for s in tokens.values())
-    item = {"float32": 4, "float64": 8}.get(dtype, 2)
+    item = itemsize(dtype)
     recorder = RouterInputRecorder({l: fam.router_module(model.model, l) for l in layers})
     states: dict[str, BatchStates] = {}
     placement = None
@@ -589,7 +590,7 @@ def run_streamed(cfg: PipelineConfig, run_dir: Path, block: int, task_digest: Op
         log.info("capture-activations block %d: resuming the streamed capture (rows written: %s)", block,
                  manifest["flushed"])
     out_dir = partial / "activations.zarr"
-    item = {"float32": 4, "float64": 8}.get(dtype, 2)
+    item = itemsize(dtype)
     needed = d * item * sum(s.num_tokens - (manifest["flushed"].get(t, 0) if manifest else 0)
                             for t, s in tokens.items())
     free = free_bytes(partial)

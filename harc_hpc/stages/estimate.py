@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from harc_hpc.config import PipelineConfig
+from harc_hpc.dtypes import FLOAT_DTYPES, itemsize
 from harc_hpc.errors import format_bytes
 
 GB = 2**30  # executor sizes (mem_gb, gpu_memory_gb) are GiB, as SLURM's --mem
@@ -29,7 +30,6 @@ CUDA_HOST_BYTES = 3 * 2**29  # what a CUDA context adds to a process's host memo
 # CG iterations per layer by preconditioner, measured with benchmarks/bench_solver.py on the
 # OLMoE-shaped layer (d 2048, K 64, 2 x 8192 tokens); other preconditioners: Jacobi's
 SOLVE_ITERATIONS = {"expert-block": 60, "jacobi": 400}
-_ITEM = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 # Dense GEMM throughput a GPU task is assumed to sustain, TFLOP/s, by compute dtype: one H100 SXM,
 # below its datasheet peaks (dense, no sparsity) on purpose.
 # * bfloat16/float16: 989 peak on the tensor cores, ~600-700 reached by large cuBLAS GEMMs; an MoE
@@ -98,7 +98,7 @@ class ModelShape:
             shared_intermediate=shared,
             heads=heads, kv_heads=int(text.get("num_key_value_heads") or heads),
             head_dim=int(text.get("head_dim") or d // heads), vocab=int(text.get("vocab_size", 0)),
-            dtype_bytes=_ITEM.get(dtype, 2), mla=mla, dtype=dtype if dtype in _ITEM else "bfloat16",
+            dtype_bytes=itemsize(dtype, default=2), mla=mla, dtype=dtype if dtype in FLOAT_DTYPES else "bfloat16",
         )
 
     def attention_params(self) -> int:
@@ -232,7 +232,7 @@ class EstimateContext:
     @property
     def cal(self) -> int:
         """Bytes an element of the stored router inputs and hidden states takes (calibration.dtype)."""
-        return _ITEM[self.cfg.calibration.dtype]
+        return itemsize(self.cfg.calibration.dtype)
 
     @property
     def block_size(self) -> int:

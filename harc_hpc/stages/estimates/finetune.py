@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from harc_hpc.stages.estimate import _ITEM, CUDA_CONTEXT_BYTES, PROCESS_BYTES, EstimateContext, StageEstimate
+from harc_hpc.dtypes import itemsize
+from harc_hpc.stages.estimate import CUDA_CONTEXT_BYTES, PROCESS_BYTES, EstimateContext, StageEstimate
 
 
 def training_dtype(ctx: EstimateContext, stage: str) -> str:
@@ -28,7 +29,7 @@ def estimate(ctx: EstimateContext, stage: str) -> StageEstimate:
     d, K, fc = shape.hidden, shape.experts, cfg.finetune
     e = StageEstimate(stage, len(ctx.tasks[stage]))
     dtype = training_dtype(ctx, stage)
-    w = _ITEM.get(dtype, 4)
+    w = itemsize(dtype, default=4)
     params = shape.total_params()
     trained = params if fc.params in ("all", "non-expert") else (
         len(shape.moe_layers) * K * d if fc.params == "routers" else

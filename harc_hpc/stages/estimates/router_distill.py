@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from harc_hpc.errors import format_bytes
-from harc_hpc.stages.estimate import _ITEM, CUDA_CONTEXT_BYTES, PROCESS_BYTES, EstimateContext, StageEstimate
+from harc_hpc.dtypes import itemsize
+from harc_hpc.stages.estimate import CUDA_CONTEXT_BYTES, PROCESS_BYTES, EstimateContext, StageEstimate
 from harc_hpc.stages.estimates.assemble_model import patched_copy_host_bytes
 
 
@@ -13,7 +14,7 @@ def estimate(ctx: EstimateContext, stage: str) -> StageEstimate:
     cfg, d, K = ctx.cfg, ctx.shape.hidden, ctx.shape.experts
     rd, n_solve = cfg.router_distill, ctx.n_solve
     e = StageEstimate(stage, len(ctx.tasks[stage]))
-    item = _ITEM[rd.dtype]
+    item = itemsize(rd.dtype)
     batch = min(rd.batch_tokens * len(cfg.task_names), n_solve)
     need = n_solve * (d + 1 + K) * item + 4 * (batch + 65536) * K * item + 2 * K * (d + 1) * 8 * len(rd.starts)
     if ctx.on_gpu(stage):

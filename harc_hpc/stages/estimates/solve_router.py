@@ -4,8 +4,8 @@ budget and residency rules (solve_router.choose_residency, resolve_inner_dtype).
 from __future__ import annotations
 
 from harc_hpc.errors import format_bytes
+from harc_hpc.dtypes import itemsize
 from harc_hpc.stages.estimate import (
-    _ITEM,
     CUDA_CONTEXT_BYTES,
     PROCESS_BYTES,
     SOLVE_ITERATIONS,
@@ -51,7 +51,7 @@ def estimate(ctx: EstimateContext, stage: str) -> StageEstimate:
     inner = resolve_inner_dtype(cfg.harc.inner_dtype, on_gpu)
     keep_stored, inputs = choose_residency(n_rank, d, K, cfg.calibration.dtype, cfg.harc.dtype,
                                            inner, cfg.calibration.chunk_tokens, solve_budget(ctx, stage))
-    item = ctx.cal if keep_stored else _ITEM[cfg.harc.dtype]
+    item = ctx.cal if keep_stored else itemsize(cfg.harc.dtype)
     # the expert-block preconditioner: U and U G^-1 (K x tasks*m x d) and K capacitance inverses
     block_rows = len(cfg.task_names) * cfg.harc.expert_block_tokens
     precond = (2 * K * block_rows * d + K * block_rows ** 2) * 4 if cfg.harc.preconditioner == "expert-block" else 0
