@@ -129,3 +129,44 @@ def test_plan_with_the_key_and_a_clear_error_without(tmp_path, kimi):
         plan_run(_config(tmp_path, kimi, trust=False, name="untrusted"))
     text = str(err.value)
     assert "models.sources[a].path" in text and "models.trust_remote_code: true" in text
+
+
+def _as_remote_code(path):
+    """A model directory made a remote-code one: ``model_type: kimi_k2``, its classes under ``auto_map``."""
+    cfg_file = path / "config.json"
+    data = json.loads(cfg_file.read_text())
+    data.update(model_type="kimi_k2", architectures=["TinyKimiForCausalLM"], auto_map=AUTO_MAP)
+    cfg_file.write_text(json.dumps(data, indent=2))
+    (path / "configuration_tiny_kimi.py").write_text(CONFIGURATION)
+    (path / "modeling_tiny_kimi.py").write_text(MODELING)
+
+
+def test_the_whole_pipeline_runs_and_calibrates_remote_code(tmp_path):
+    """merge, capture (the layer-wise engine builds the remote classes), statistics, solve and
+    assembly run the remote-code MoE; the result loads with its own class and routes closer to the
+    sources than the merged model."""
+    from transformers import AutoModelForCausalLM
+
+    from harc_hpc.stages import layout
+    from pipeline_fixtures import build_tiny_sources, run_pipeline, write_config
+
+    src = build_tiny_sources(tmp_path / "src", family="deepseek_v3", layers=2)
+    for name in ("base", "math", "code"):
+        _as_remote_code(src[name])
+    cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"},
+                                   extra={"models.trust_remote_code": True}))
+    run_pipeline(cfg, cfg.run_dir)
+    out = layout.model_dir(cfg.run_dir)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["model_type"] == "kimi_k2" and conf["auto_map"] == AUTO_MAP
+    assert (out / "modeling_tiny_kimi.py").is_file()
+    assert layout.moe_layers(cfg)
+    for l in layout.moe_layers(cfg):
+        rep = json.loads(layout.router_report(cfg.run_dir, l).read_text())
+        assert rep["converged"], rep
+        assert sum(rep["kl_after"].values()) < sum(rep["kl_before"].values()), rep
+    model = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    assert type(model).__name__ == "TinyKimiForCausalLM"
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 3, 7]])).logits
+    assert torch.isfinite(logits).all()

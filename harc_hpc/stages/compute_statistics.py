@@ -49,7 +49,8 @@ def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str,
     if stored_kind(store, name) == RESIDUAL_KIND:
         # A streamed capture stored the residual entering the layer's feed-forward half: the router
         # inputs are its post-attention norm, computed here by the model's own norm module.
-        x = RouterInputsFromResidual(store, name, residual_norm(run_dir, store, name, layer),
+        x = RouterInputsFromResidual(store, name, residual_norm(run_dir, store, name, layer,
+                                                                   cfg.models.trust_remote_code),
                                      compute_dtype=getattr(torch, stored_attr(store, name, "compute_dtype")),
                                      selected=TokenStore(layout.token_store(run_dir, task)).selected,
                                      chunk_tokens=cfg.calibration.chunk_tokens, out_dtype=out_dtype)
@@ -64,13 +65,15 @@ def layer_inputs(cfg: PipelineConfig, run_dir: Path, layer: int, task: str,
     return x
 
 
-def residual_norm(run_dir: Path, store: Path, name: str, layer: int) -> torch.nn.Module:
+def residual_norm(run_dir: Path, store: Path, name: str, layer: int,
+                  trust_remote_code: bool = False) -> torch.nn.Module:
     """Layer ``layer``'s post-attention norm of the merged model, on the CPU in the dtype the
     capture computed in (the family's own module, so the op is the one the forward ran)."""
     from harc_hpc.models.onload import OnloadedModel
 
     dtype = getattr(torch, stored_attr(store, name, "compute_dtype"))
-    model = OnloadedModel(layout.merged_dir(run_dir), torch.device("cpu"), dtype=dtype)
+    model = OnloadedModel(layout.merged_dir(run_dir), torch.device("cpu"), dtype=dtype,
+                          trust_remote_code=trust_remote_code)
     try:
         norm = model.family.router_input_norm(model.layer(layer))
         model.onload_module(layer, next(n for n, m in model.layer(layer).named_children() if m is norm))
