@@ -56,35 +56,52 @@ def test_fp8_blocks_dequantize_as_transformers_does_bit_for_bit(tmp_path):
     assert torch.equal(ck.read_stored("a.weight_scale_inv"), stored["a.weight_scale_inv"])
 
 
-def _compressed(tmp_path: Path, fmt: str):
-    """A two-layer compressed-tensors checkpoint made by compressed-tensors' own compressors."""
+def _ct_scheme(fmt: str):
+    """(QuantizationArgs, compressor class) of compressed-tensors for ``fmt``: FP8 per channel, or
+    4-bit integers packed, in groups of 16."""
     from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from compressed_tensors.quantization.utils import calculate_qparams
+    from compressed_tensors.quantization import QuantizationArgs
 
     if fmt == "float-quantized":
         args = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True, dynamic=False)
-        comp = FloatQuantizationCompressor
-    else:
-        args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=16, symmetric=True, dynamic=False)
-        comp = PackedQuantizationCompressor
+        return args, FloatQuantizationCompressor
+    args = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=16, symmetric=True, dynamic=False)
+    return args, PackedQuantizationCompressor
+
+
+def _ct_compress(w: torch.Tensor, fmt: str) -> tuple[dict, torch.Tensor]:
+    """``w`` (rows, cols) compressed by compressed-tensors' own compressor (scales from its own
+    calculate_qparams, in ``w``'s dtype): (the stored tensors under ``weight*`` names, the weight its
+    own decompressor gives back, in ``w``'s dtype)."""
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args, comp = _ct_scheme(fmt)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    keep = fmt == "float-quantized"
+    x = w.float() if keep else w.float().unflatten(-1, (w.shape[-1] // 16, 16))
+    lo, hi = x.amin(dim=-1, keepdim=keep).clamp(max=0), x.amax(dim=-1, keepdim=keep).clamp(min=0)
+    s, z = calculate_qparams(lo, hi, args)
+    out = comp.compress({"weight": w, "weight_scale": s.to(w.dtype), "weight_zero_point": z}, scheme)
+    return out, comp.decompress(out, scheme)["weight"].to(w.dtype)
+
+
+def _ct_config(fmt: str, ignore: list) -> dict:
+    args, _ = _ct_scheme(fmt)
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(), "format": fmt}},
+            "ignore": ignore}
+
+
+def _compressed(tmp_path: Path, fmt: str):
+    """A two-layer compressed-tensors checkpoint made by compressed-tensors' own compressors."""
     g = torch.Generator().manual_seed(1)
     stored, want = {"lm_head.weight": torch.randn(8, 64, generator=g).to(torch.bfloat16)}, {}
     for name in ("l0.q_proj", "l1.down_proj"):
-        w = torch.randn(24, 64, generator=g).to(torch.bfloat16)
-        x = w.float() if fmt == "float-quantized" else w.float().unflatten(-1, (4, 16))
-        lo, hi = (x.amin(dim=-1, keepdim=fmt == "float-quantized").clamp(max=0),
-                  x.amax(dim=-1, keepdim=fmt == "float-quantized").clamp(min=0))
-        s, z = calculate_qparams(lo, hi, args)
-        out = comp.compress({"weight": w, "weight_scale": s.to(torch.bfloat16), "weight_zero_point": z}, scheme)
-        want[name + ".weight"] = comp.decompress(out, scheme)["weight"].to(torch.bfloat16)
+        out, want[name + ".weight"] = _ct_compress(torch.randn(24, 64, generator=g).to(torch.bfloat16), fmt)
         stored.update({f"{name}.{k}": v for k, v in out.items()})
-    qc = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
-          "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(), "format": fmt}},
-          "ignore": ["lm_head"]}
-    return _write(tmp_path / fmt, stored, qc), want
+    return _write(tmp_path / fmt, stored, _ct_config(fmt, ["lm_head"])), want
 
 
 @pytest.mark.parametrize("fmt", ["float-quantized", "pack-quantized"])
@@ -206,3 +223,68 @@ def test_fp8_deepseek_v3_runs_the_pipeline_and_requantizes(tmp_path):
         assert sum(rep["kl_after"].values()) < sum(rep["kl_before"].values()), rep
         router = final.get_tensor(f"model.layers.{l}.mlp.gate.weight")
         assert torch.equal(model.model.layers[l].mlp.gate.weight.detach().to(router.dtype), router)
+
+
+# -- a tiny compressed-tensors FP8 MoE, end to end ---------------------------------------------------------
+
+def _to_compressed(src: Path, dst: Path, fmt: str = "float-quantized") -> dict:
+    """``src`` (a model directory) as llm-compressor writes a bfloat16 model quantized with ``fmt``:
+    every linear weight of the decoder layers compressed by compressed-tensors, routers, norms,
+    embeddings and the LM head bfloat16. Returns {weight key: what compressed-tensors decompresses}."""
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").unlink()
+    out, want = {}, {}
+    for key, t in load_file(str(src / "model.safetensors")).items():
+        t = t.to(torch.bfloat16)
+        if ".layers." in key and key.endswith("proj.weight") and t.dim() == 2:
+            stored, want[key] = _ct_compress(t, fmt)
+            out.update({f"{key[:-len('weight')]}{k}": v for k, v in stored.items()})
+        else:
+            out[key] = t
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    conf = json.loads((src / "config.json").read_text())
+    conf.update(dtype="bfloat16", quantization_config=_ct_config(fmt, ["lm_head", "re:.*mlp.gate$"]))
+    (dst / "config.json").write_text(json.dumps(conf, indent=2))
+    return want
+
+
+def test_compressed_tensors_fp8_moe_runs_the_pipeline(tmp_path):
+    """A compressed-tensors FP8 OLMoE: the merge dequantizes (a bfloat16 checkpoint, harc_merge.json
+    lists what), capture, statistics, solve and assembly run, the model loads with transformers and
+    its routers are closer to the sources than the merged ones."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    from harc_hpc.config import load_config
+    from harc_hpc.stages import layout
+    from pipeline_fixtures import build_tiny_sources, run_pipeline, write_config
+
+    plain = build_tiny_sources(tmp_path / "plain", family="olmoe", layers=2)
+    src = dict(plain)
+    for name in ("base", "math", "code"):
+        src[name] = tmp_path / "ct" / name
+        want = _to_compressed(plain[name], src[name])
+    ck = Checkpoint(src["code"])
+    assert ck.dequantized_by_kind() == {"compressed-tensors": sorted(want)}
+    assert all(".mlp.gate." not in k for k in want)
+    for key in (sorted(want)[0], sorted(want)[-1]):  # read as compressed-tensors decompresses
+        assert torch.equal(ck.get_tensor(key), want[key]), key
+
+    cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"}))
+    run_pipeline(cfg, cfg.run_dir)
+    merged_dir = layout.merged_dir(cfg.run_dir)
+    record = json.loads((merged_dir / "harc_merge.json").read_text())
+    assert record["dequantized"] == {"compressed-tensors": sorted(want)} and record["requantized"] == []
+    merged = Checkpoint(merged_dir)
+    assert "quantization_config" not in merged.config and not merged.dequantized
+    assert sorted(merged.keys()) == sorted(load_file(str(plain["base"] / "model.safetensors")))
+    assert {merged.tensor_dtype(k) for k in merged.keys()} == {torch.bfloat16}
+    final = layout.model_dir(cfg.run_dir)
+    assert "quantization_config" not in json.loads((final / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(final)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 5, 9, 3, 7]])).logits
+    assert torch.isfinite(logits).all()
+    for l in layout.moe_layers(cfg):
+        rep = json.loads(layout.router_report(cfg.run_dir, l).read_text())
+        assert sum(rep["kl_after"].values()) < sum(rep["kl_before"].values()), rep
