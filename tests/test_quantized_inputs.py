@@ -288,3 +288,58 @@ def test_compressed_tensors_fp8_moe_runs_the_pipeline(tmp_path):
     for l in layout.moe_layers(cfg):
         rep = json.loads(layout.router_report(cfg.run_dir, l).read_text())
         assert sum(rep["kl_after"].values()) < sum(rep["kl_before"].values()), rep
+
+
+# -- harc-hpc plan: a dequantizing merge's output and the disk it needs ----------------------------------
+
+def test_plan_states_the_dequantized_output_and_the_disk_it_needs(tmp_path):
+    """Planned from config.json alone (Moonlight-16B-A3B's DeepSeek-V3 shape, released FP8 blocks as
+    DeepSeek-V3 is; and as a compressed-tensors FP8 model): the merge's output is the dequantized
+    model in its dtype, or FP8 blocks again with output.quantize: fp8-block, and the notes say so."""
+    from conftest import write_toy_config
+
+    from harc_hpc.config import load_config
+    from harc_hpc.errors import format_bytes
+    from harc_hpc.io.quantized import config_output_bytes
+    from harc_hpc.pipeline.api import plan_estimates
+    from harc_hpc.stages.estimate import ModelShape
+
+    shape_conf = json.loads((Path(__file__).parent.parent / "configs" / "model-shapes" /
+                             "moonlight-16b-a3b.json").read_text())
+    fp8 = {**FP8_CONFIG, "weight_block_size": [128, 128]}
+
+    def merge_estimate(quantization_config, **over):
+        model = tmp_path / f"model-{len(list(tmp_path.glob('model-*')))}"
+        model.mkdir()
+        conf = {**shape_conf, **({"quantization_config": quantization_config} if quantization_config else {})}
+        (model / "config.json").write_text(json.dumps(conf))  # all a plan reads of a model
+        cfg = load_config(write_toy_config(tmp_path), overrides={
+            "models.sources.a.path": str(model), "models.sources.b.path": str(model), **over})
+        _, _, est, _ = plan_estimates(cfg)
+        return next(e for e in est["stages"] if e["stage"] == "merge-experts"), est["table"]
+
+    shape = ModelShape.from_config(shape_conf)
+    params = shape.total_params()
+    bf16 = params * 2
+    plain, _ = merge_estimate(None)
+    assert plain["scratch_bytes"] == bf16 and not any("quantized" in n for n in plain["notes"])
+
+    deq, table = merge_estimate(fp8)
+    assert deq["scratch_bytes"] == bf16  # the dequantized model, bfloat16 (its config's dtype)
+    assert f"input quantized (fp8, ~" in table and "dequantized on read" in table
+    assert f"written dequantized, bfloat16, {format_bytes(bf16)}; disk needed: {format_bytes(bf16)}" in table
+    assert deq["seconds"] < plain["seconds"]  # the sources are read at a byte a weight
+
+    req, table = merge_estimate(fp8, **{"output.quantize": "fp8-block"})
+    kept = 2 * shape.vocab * shape.hidden + len(shape.moe_layers) * shape.experts * shape.hidden
+    assert req["scratch_bytes"] == config_output_bytes({"quantization_config": fp8}, params, 2, "fp8-block", kept)
+    assert 0.5 * bf16 < req["scratch_bytes"] < 0.6 * bf16  # a byte a weight, embeddings and routers bf16
+    assert (f"re-quantized as FP8 blocks (output.quantize: fp8-block), {format_bytes(req['scratch_bytes'])}; "
+            f"disk needed: {format_bytes(req['scratch_bytes'])}") in table
+
+    f32, table = merge_estimate(fp8, **{"merge.out_dtype": "float32"})
+    assert f32["scratch_bytes"] == params * 4 and "written dequantized, float32" in table
+
+    ct, table = merge_estimate(_ct_config("float-quantized", ["lm_head"]), **{"output.quantize": "fp8-block"})
+    assert ct["scratch_bytes"] == bf16 and "input quantized (compressed-tensors, ~" in table
+    assert "re-quantizes FP8 block inputs only" in table

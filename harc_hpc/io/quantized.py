@@ -182,6 +182,35 @@ def config_output_bytes(conf: dict, total_params: int, dtype_bytes: int, quantiz
     return fp8 + 4 * ceil_div(fp8, br * bc) + unquantized_params * dtype_bytes
 
 
+def quantization_method(conf: dict) -> Optional[str]:
+    """The ``quant_method`` of a config.json's ``quantization_config`` the reader dequantizes
+    (``SUPPORTED``), None for an unquantized model (or a method the merge refuses, naming it)."""
+    method = (conf.get("quantization_config") or {}).get("quant_method")
+    return method if method in SUPPORTED else None
+
+
+def config_stored_bytes(conf: dict, total_params: int, dtype_bytes: int, unquantized_params: int = 0) -> int:
+    """About the bytes a quantized checkpoint's weights take on disk, from its config alone (for
+    harc-hpc plan's read time): ``unquantized_params`` at ``dtype_bytes``, the rest in the format's
+    bits (FP8 blocks: 1 byte and a float32 scale a block; compressed-tensors: ``num_bits`` and a
+    scale per group of ``group_size`` or per row; MXFP4: 4 bits and a byte per 32). An unquantized
+    model: ``total_params * dtype_bytes``."""
+    method = quantization_method(conf)
+    if method is None:
+        return total_params * dtype_bytes
+    if method == "fp8":
+        return config_output_bytes(conf, total_params, dtype_bytes, "fp8-block", unquantized_params)
+    q = max(0, total_params - unquantized_params)
+    if method == "mxfp4":
+        bits = 4 + 8 / 32
+    else:
+        qc = conf["quantization_config"]
+        weights = next((g.get("weights") for g in (qc.get("config_groups") or {}).values() if g.get("weights")), {})
+        group = int(weights.get("group_size") or 0) if weights.get("strategy") == "group" else 0
+        bits = int(weights.get("num_bits") or 8) + (8 * dtype_bytes / group if group else 0)
+    return int(q * bits / 8) + unquantized_params * dtype_bytes
+
+
 # ---------------------------------------------------------------------------------------------
 # Finding the quantized weights of a checkpoint
 # ---------------------------------------------------------------------------------------------
