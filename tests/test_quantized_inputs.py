@@ -259,7 +259,7 @@ def test_compressed_tensors_fp8_moe_runs_the_pipeline(tmp_path):
     from harc_hpc.stages import layout
     from pipeline_fixtures import build_tiny_sources, run_pipeline, write_config
 
-    plain = build_tiny_sources(tmp_path / "plain", family="olmoe", layers=2)
+    plain = build_tiny_sources(tmp_path / "plain", family="olmoe", layers=1)
     src = dict(plain)
     for name in ("base", "math", "code"):
         src[name] = tmp_path / "ct" / name
@@ -343,3 +343,74 @@ def test_plan_states_the_dequantized_output_and_the_disk_it_needs(tmp_path):
     ct, table = merge_estimate(_ct_config("float-quantized", ["lm_head"]), **{"output.quantize": "fp8-block"})
     assert ct["scratch_bytes"] == bf16 and "input quantized (compressed-tensors, ~" in table
     assert "re-quantizes FP8 block inputs only" in table
+
+
+# -- peak host memory of a dequantizing merge ---------------------------------------------------------------
+
+MERGE_RSS = r"""
+import json, sys
+from pathlib import Path
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+import torch  # noqa: F401  the import baseline
+from harc_hpc.io.checkpoint import Checkpoint
+from harc_hpc.merge import resolve_settings
+from harc_hpc.merge.engine import MergeInput, merge_checkpoints
+
+root = Path(sys.argv[1])
+inputs = {n: MergeInput(n, Checkpoint(root / n, name=n)) for n in ("base", "a", "b")}
+method, params = resolve_settings("task_arithmetic", None, {"lambda": 0.5}, ["a", "b"])
+baseline = status("VmRSS")
+stats = merge_checkpoints(root / "out", [inputs["a"], inputs["b"]], inputs["base"], method, params)
+print(json.dumps({"baseline": baseline, "peak": status("VmHWM"), "requantized": stats["requantized"]}))
+"""
+
+
+def test_a_dequantizing_merge_keeps_the_merges_memory_bound(tmp_path):
+    """Three FP8 checkpoints of two OLMoE-shaped experts (2048 x 4096 and 4096 x 2048 FP8 blocks of
+    128 x 128; float32 models: 32 MiB a tensor dequantized, 192 MiB a model) merged in a fresh
+    process (task arithmetic, what the merge stage runs): its peak RSS over the import baseline stays
+    within the merge's bound, three of the largest (dequantized) tensors + 1 GiB (docs/merging.md).
+    Measured on a 2-core VM: 0.3-0.4 GiB of the 1.1 GiB bound; with five experts (1.4 GiB of inputs
+    dequantized, more than the bound) 0.34-0.45 GiB."""
+    import subprocess
+    import sys
+
+    from transformers import OlmoeConfig
+
+    d, inter, experts = 4096, 2048, 2
+    conf = OlmoeConfig(vocab_size=32, hidden_size=d, intermediate_size=inter, num_hidden_layers=1,
+                       num_attention_heads=32, num_key_value_heads=32, num_experts=experts,
+                       num_experts_per_tok=2).to_dict()
+    conf["dtype"] = "float32"
+    g = torch.Generator().manual_seed(0)
+    values = {}  # the models share their FP8 values (random bytes, never NaN), not their scales
+    for e in range(experts):
+        for proj, shape in (("gate_proj", (inter, d)), ("up_proj", (inter, d)), ("down_proj", (d, inter))):
+            bits = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g) & 0xF7  # exponent < 15
+            values[f"model.layers.0.mlp.experts.{e}.{proj}.weight"] = bits.view(torch.float8_e4m3fn)
+    largest = max(v.numel() for v in values.values()) * 4  # dequantized to float32
+    qc = {**FP8_CONFIG, "weight_block_size": [128, 128]}
+    for name in ("base", "a", "b"):
+        tensors = {"model.layers.0.mlp.gate.weight": torch.randn(experts, d, generator=g), **values}
+        for key, v in values.items():
+            tensors[key + "_scale_inv"] = torch.rand(v.shape[0] // 128, v.shape[1] // 128, generator=g) / 64
+        _write(tmp_path / name, tensors, qc, **conf)
+    dequantized = 3 * experts * 3 * largest
+    bound = 3 * largest + 2**30
+    out = subprocess.run([sys.executable, "-c", MERGE_RSS, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    over = got["peak"] - got["baseline"]
+    print(f"peak RSS over the import baseline {over / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB; "
+          f"the inputs dequantized {dequantized / 2**20:.0f} MiB")
+    assert over <= bound, (over, bound)
+    shutil.copyfile(tmp_path / "base" / "config.json", tmp_path / "out" / "config.json")
+    merged = Checkpoint(tmp_path / "out")  # written dequantized: float32, not FP8
+    assert got["requantized"] == [] and not merged.dequantized
+    key = f"model.layers.0.mlp.experts.{experts - 1}.down_proj.weight"
+    assert merged.tensor_dtype(key) == torch.float32 and tuple(merged.tensor_shape(key)) == (d, inter)

@@ -150,7 +150,7 @@ def test_the_whole_pipeline_runs_and_calibrates_remote_code(tmp_path):
     from harc_hpc.stages import layout
     from pipeline_fixtures import build_tiny_sources, run_pipeline, write_config
 
-    src = build_tiny_sources(tmp_path / "src", family="deepseek_v3", layers=2)
+    src = build_tiny_sources(tmp_path / "src", family="deepseek_v3", layers=1)
     for name in ("base", "math", "code"):
         _as_remote_code(src[name])
     cfg = load_config(write_config(tmp_path, src, harc={"dtype": "float64"},
