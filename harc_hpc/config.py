@@ -237,7 +237,8 @@ class HarcSection(_Strict):
     alpha: float = 0.9
     hessian: Literal["full", "diag", "identity"] = "full"
     solver: Literal["cg", "pcg", "direct", "auto"] = "pcg"
-    preconditioner: Literal["expert-block", "jacobi", "kronecker", "none"] = "expert-block"
+    # auto: expert-block for routers of K d >= 16384 unknowns, jacobi below (math.settings.resolve_preconditioner)
+    preconditioner: Literal["auto", "expert-block", "jacobi", "kronecker", "none"] = "expert-block"
     # expert-block: how many of each task's tokens (the heaviest per expert) form each expert's block
     expert_block_tokens: int = Field(default=256, ge=1)
     objective: Literal["quadratic", "kl"] = "quadratic"

@@ -18,6 +18,30 @@ def test_the_shared_defaults_are_the_configs():
     assert s.preconditioner == "expert-block"
 
 
+def test_auto_preconditioner_is_chosen_by_the_routers_size():
+    from harc_hpc.math.settings import EXPERT_BLOCK_MIN_SIZE, resolve_preconditioner
+    from harc_hpc.math.solver import choose_solver
+
+    assert resolve_preconditioner("auto", 64, 2048) == "expert-block"  # OLMoE's router
+    assert resolve_preconditioner("auto", 8, 128) == "jacobi"  # the demo's
+    assert resolve_preconditioner("auto", 1, EXPERT_BLOCK_MIN_SIZE) == "expert-block"
+    assert resolve_preconditioner("kronecker", 8, 128) == "kronecker"
+    assert choose_solver("pcg", "auto", 8, 128, 0) == ("pcg", "jacobi")
+    assert choose_solver("pcg", "auto", 8, 128, 0, expert_block_min_size=1024) == ("pcg", "expert-block")
+    assert choose_solver("cg", "auto", 64, 2048, 0) == ("cg", "none")
+
+
+def test_the_solves_report_names_the_preconditioner_used():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(64, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    ws = [torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    init = (ws[0] + ws[1]) / 2
+    small = solve_router(xs, ws, init, solver="pcg", preconditioner="auto", tol=1e-10)
+    big = solve_router(xs, ws, init, solver="pcg", preconditioner="auto", tol=1e-10, expert_block_min_size=24)
+    assert (small.preconditioner, big.preconditioner) == ("jacobi", "expert-block")
+    assert torch.allclose(small.weight, big.weight, rtol=1e-6, atol=1e-8)
+
+
 def test_from_config_takes_the_section_and_the_stage_fields():
     h = HarcSection(alpha=0.5, preconditioner="jacobi", dtype="float32", objective="kl", tol=1e-8)
     s = SolverSettings.from_config(h, inner_dtype="bfloat16", link="softmax", chunk_tokens=64)

@@ -18,7 +18,8 @@ Settings and what they switch:
   ``direct_max_size`` unknowns K d, else ``pcg``).
 * ``preconditioner`` (``pcg`` only): ``expert-block`` (``expert_block_tokens`` of each task's heaviest
   tokens per expert form its block), ``jacobi``, ``kronecker`` (E[x x^T] estimated from at most
-  ``kronecker_tokens`` tokens per task; None: all) or ``none``.
+  ``kronecker_tokens`` tokens per task; None: all), ``none`` or ``auto`` (``expert-block`` for routers of
+  at least ``expert_block_min_size`` unknowns K d, ``jacobi`` below; resolve_preconditioner).
 * ``objective``: ``quadratic`` (HARC's system) or ``kl`` (Levenberg-Marquardt Newton steps on the exact
   KL from there, at most ``kl_max_steps``, to a relative gradient of ``kl_tol``; None: ``tol``).
 * ``tol``, ``max_iter``: the CG stopping rule (relative residual) and its iteration cap.
@@ -51,6 +52,14 @@ from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS
 from harc_hpc.math.operator import HESSIANS, LINKS
 
 SOLVERS = ("cg", "pcg", "direct", "auto")
+PRECONDITIONER_CHOICES = PRECONDITIONERS + ("auto",)
+# preconditioner="auto": expert-block from this many unknowns K d up, jacobi below. Measured with
+# benchmarks/bench_solver.py (2 CPU cores): on the demo's trained layer (K d = 8 x 128 = 1024) Jacobi
+# PCG is faster (per-call overheads of the batched block solves dominate tiny blocks), on the
+# OLMoE-shaped layer (K d = 64 x 2048 = 131072) expert-block is (3.5x fewer iterations, ~0.05-0.45 of a
+# matvec per application). The threshold lies between the two measured sizes; sizes in between were
+# not measured.
+EXPERT_BLOCK_MIN_SIZE = 16384
 OBJECTIVES = ("quadratic", "kl")
 INNER_DTYPES = (None, torch.bfloat16, torch.float16, torch.float32)
 
@@ -78,6 +87,7 @@ class SolverSettings:
     max_iter: int = _config_default("max_iter")
     # the library's own
     kronecker_tokens: Optional[int] = 8192
+    expert_block_min_size: int = EXPERT_BLOCK_MIN_SIZE
     direct_max_size: int = 4096
     kl_max_steps: int = 30
     kl_tol: Optional[float] = None
@@ -108,7 +118,7 @@ class SolverSettings:
         if not 0.0 < self.alpha <= 1.0:
             out.append(f"alpha must be in (0, 1], got {self.alpha}")
         for name, allowed in (("hessian", HESSIANS), ("solver", SOLVERS), ("objective", OBJECTIVES),
-                              ("preconditioner", PRECONDITIONERS), ("link", LINKS)):
+                              ("preconditioner", PRECONDITIONER_CHOICES), ("link", LINKS)):
             if getattr(self, name) not in allowed:
                 out.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.link == "sigmoid" and self.objective == "kl":
@@ -137,6 +147,14 @@ class SolverSettings:
     def kl_gradient_tol(self) -> float:
         """The relative gradient at which the exact-KL steps stop."""
         return self.tol if self.kl_tol is None else self.kl_tol
+
+
+def resolve_preconditioner(preconditioner: str, k: int, d: int, min_size: int = EXPERT_BLOCK_MIN_SIZE) -> str:
+    """The preconditioner used for a (k, d) router: ``auto`` is ``expert-block`` from ``min_size``
+    unknowns k d up and ``jacobi`` below (EXPERT_BLOCK_MIN_SIZE); any other value is itself."""
+    if preconditioner != "auto":
+        return preconditioner
+    return "expert-block" if k * d >= min_size else "jacobi"
 
 
 def _settings_error(what: str) -> UsageError:

@@ -39,7 +39,7 @@ from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reduc
 from harc_hpc.math.inputs import TokenChunks, TokenInput
 from harc_hpc.math.metrics import mean_kl
 from harc_hpc.math.operator import TaskCurvature, curvature_hessian, log_probs
-from harc_hpc.math.settings import OBJECTIVES, SOLVERS, SolverSettings, settings_of
+from harc_hpc.math.settings import OBJECTIVES, SOLVERS, SolverSettings, resolve_preconditioner, settings_of
 from harc_hpc.math.statistics import TaskStatistics, router_digest, statistics_from_curvature
 
 __all__ = ["OBJECTIVES", "SOLVERS", "RouterSolution", "SolverSettings", "solve_router"]
@@ -111,9 +111,12 @@ def _min_change_dense_solve(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, 
     return w0 + (q[:, keep] @ coef).reshape(shape)
 
 
-def choose_solver(solver: str, preconditioner: str, k: int, d: int, direct_max_size: int) -> tuple[str, str]:
+def choose_solver(solver: str, preconditioner: str, k: int, d: int, direct_max_size: int,
+                  expert_block_min_size: int = SolverSettings.expert_block_min_size) -> tuple[str, str]:
     """The solver (``auto``: ``direct`` up to ``direct_max_size`` unknowns, else ``pcg``) and the
-    preconditioner it uses for a (k, d) router; a dense system over DIRECT_MAX_BYTES is refused."""
+    preconditioner it uses for a (k, d) router (``auto``: by size, resolve_preconditioner); a dense
+    system over DIRECT_MAX_BYTES is refused."""
+    preconditioner = resolve_preconditioner(preconditioner, k, d, expert_block_min_size)
     if solver == "auto":
         solver = "direct" if k * d <= direct_max_size else "pcg"
     if solver == "direct" and (k * d) ** 2 * 8 > DIRECT_MAX_BYTES:
@@ -154,6 +157,7 @@ def expert_block_rows(curvatures, expert_block_tokens: int) -> torch.Tensor:
 
 def _preconditioner(kind, system: HarcSystem, expert_factor, input_factor, project_null,
                     expert_block_tokens: int = DEFAULT_EXPERT_BLOCK_TOKENS, rows: Optional[torch.Tensor] = None):
+    kind = resolve_preconditioner(kind, *system.diagonal.shape)
     if kind == "expert-block":
         if rows is None:
             rows = expert_block_rows(system.curvatures, expert_block_tokens)
@@ -275,7 +279,7 @@ def token_chunks(inputs: Sequence[TokenInput], s: SolverSettings, init: torch.Te
 
 def resolve_solver(s: SolverSettings, k: int, d: int) -> SolverSettings:
     """The settings with ``solver`` and ``preconditioner`` as used for a (k, d) router (choose_solver)."""
-    solver, precond = choose_solver(s.solver, s.preconditioner, k, d, s.direct_max_size)
+    solver, precond = choose_solver(s.solver, s.preconditioner, k, d, s.direct_max_size, s.expert_block_min_size)
     return s.replace(solver=solver, preconditioner=precond)
 
 

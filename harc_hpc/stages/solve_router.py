@@ -18,7 +18,7 @@ from harc_hpc.io.statistics import load_statistics
 from harc_hpc.errors import InputDataError, format_bytes, require_finite
 from harc_hpc.math.distributed import shard_rows
 from harc_hpc.math.inputs import TokenChunks
-from harc_hpc.math.settings import SolverSettings
+from harc_hpc.math.settings import SolverSettings, resolve_preconditioner
 from harc_hpc.models.modeling import free_memory_bytes, pick_device
 from harc_hpc.progress import Progress
 from harc_hpc.stages import layout
@@ -129,7 +129,7 @@ def run(cfg: PipelineConfig, run_dir: Path, layer: int, process_group=None) -> d
         "alpha": h.alpha,
         "hessian": h.hessian,
         "solver": h.solver,
-        "preconditioner": h.preconditioner,
+        "preconditioner": sol.preconditioner,  # as used: harc.preconditioner auto resolved by the router's size
         "objective": h.objective,
         "link": fam.router_link,  # softmax router, or sigmoid gates (Bernoulli-KL objective)
         # the closed-form curvature of the link, or the generic one of link(map(z)) (a soft cap)
@@ -304,6 +304,9 @@ def _solve_generic(inputs, sources, init, settings, link: str, logit_map, proces
         prob_fn, divergence = (lambda z: torch.sigmoid(logit_map(z))), "bernoulli"
     else:
         prob_fn, divergence = (lambda z: torch.softmax(logit_map(z), dim=-1)), "categorical"
+    # harc.preconditioner auto resolved by the router's size (math.settings.resolve_preconditioner)
+    settings = settings.replace(preconditioner=resolve_preconditioner(settings.preconditioner, *init.shape,
+                                                                      settings.expert_block_min_size))
     if process_group is not None and settings.preconditioner == "expert-block":
         settings = settings.replace(preconditioner="jacobi")  # the generic expert-block one is single-process
     # no mixed precision: the generic curvature is exact only

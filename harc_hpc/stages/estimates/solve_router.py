@@ -42,6 +42,7 @@ def estimate(ctx: EstimateContext, stage: str) -> StageEstimate:
     the budget, else kept as stored; the expert-block preconditioner; ~SOLVE_ITERATIONS CG
     iterations, each two GEMMs over the inputs, compute- or memory-bound."""
     from harc_hpc.stages.solve_router import choose_residency, resolve_inner_dtype
+    from harc_hpc.math.settings import EXPERT_BLOCK_MIN_SIZE, resolve_preconditioner
 
     cfg, d, K = ctx.cfg, ctx.shape.hidden, ctx.shape.experts
     on_gpu, n_solve = ctx.on_gpu(stage), ctx.n_solve
@@ -54,14 +55,18 @@ def estimate(ctx: EstimateContext, stage: str) -> StageEstimate:
     item = ctx.cal if keep_stored else itemsize(cfg.harc.dtype)
     # the expert-block preconditioner: U and U G^-1 (K x tasks*m x d) and K capacitance inverses
     block_rows = len(cfg.task_names) * cfg.harc.expert_block_tokens
-    precond = (2 * K * block_rows * d + K * block_rows ** 2) * 4 if cfg.harc.preconditioner == "expert-block" else 0
+    preconditioner = resolve_preconditioner(cfg.harc.preconditioner, K, d)
+    if preconditioner != cfg.harc.preconditioner:
+        e.notes.append(f"harc.preconditioner {cfg.harc.preconditioner}: {preconditioner} for this router "
+                       f"(K d = {K * d}; expert-block from {EXPERT_BLOCK_MIN_SIZE})")
+    precond = (2 * K * block_rows * d + K * block_rows ** 2) * 4 if preconditioner == "expert-block" else 0
     if on_gpu:
         # read chunk by chunk into the device-resident copy: a few chunks in host memory
         e.gpu_bytes = int(CUDA_CONTEXT_BYTES + inputs + precond)
         e.host_bytes = PROCESS_BYTES + 4 * cfg.calibration.chunk_tokens * d * 4
     else:
         e.host_bytes = int(PROCESS_BYTES + inputs + 12 * K * d * 8 + precond)
-    iters = min(cfg.harc.max_iter, SOLVE_ITERATIONS.get(cfg.harc.preconditioner, SOLVE_ITERATIONS["jacobi"]))
+    iters = min(cfg.harc.max_iter, SOLVE_ITERATIONS.get(preconditioner, SOLVE_ITERATIONS["jacobi"]))
     # a matvec is two GEMMs over the inputs: compute- or memory-bound, whichever is slower
     bandwidth = 3.35e12 if on_gpu else 20e9  # H100 HBM3; a CPU socket, roughly
     # the CG products in the inner dtype when mixed precision is on (the few exact residuals of
