@@ -36,8 +36,9 @@ arithmetic) is run over each domain's calibration text and the inputs of ``--dem
 captured; sources = the fine-tuned routers, init = the merged one.
 
 Printed and written (``--json``): per solver wall time, iterations, setup time (to the first CG
-iteration), ms per iteration, its ratio to one matvec (two float32 GEMMs of N x d x K), the error, and
-the baseline's time over ours.
+iteration), ms per iteration, its ratio to one matvec (two float32 GEMMs of N x d x K, timed right
+before and right after that solve: the ratio is to their mean, so a load change on a shared machine
+moves both), the error, and the baseline's time over ours.
 """
 
 from __future__ import annotations
@@ -337,6 +338,13 @@ def matvec_throughput(xs_flat, sources, merged, alpha):
             "mm_gflops": flops / t_mm / 1e9, "fraction_of_mm": t_mm / t_ours}
 
 
+def matvec_time(xs, sources, merged, alpha) -> float:
+    """Best of 3 of one product of the system (two float32 GEMMs of N x d x K, float64 sums)."""
+    curv = [TaskCurvature(TokenChunks(x), w.double(), "full") for x, w in zip(xs, sources)]
+    system = HarcSystem(curv, sum(c.diagonal() for c in curv), alpha)
+    return best_time(lambda: system.apply(merged.double()))
+
+
 SOLVERS = {  # name: solve_router arguments
     "expert-block": dict(solver="pcg", preconditioner="expert-block"),
     "expert-block-bf16": dict(solver="pcg", preconditioner="expert-block", inner_dtype=torch.bfloat16),
@@ -431,24 +439,27 @@ def main(argv=None):
         lambda w: float((w.double() - w_tight).norm() / w_tight.norm()))
 
     # one matvec: two float32 GEMMs of N x d x K (the unit of work of every solver here)
-    curv = [TaskCurvature(TokenChunks(x), w.double(), "full") for x, w in zip(xs, sources)]
-    system = HarcSystem(curv, sum(c.diagonal() for c in curv), args.alpha)
-    matvec_s = best_time(lambda: system.apply(merged.double()))
+    matvec_s = matvec_time(xs, sources, merged, args.alpha)
     out["matvec_s"] = matvec_s
-    del curv, system
     print(f"one matvec (2 float32 GEMMs): {matvec_s * 1e3:.1f} ms", flush=True)
 
     names = [n for n in args.solvers.split(",") if n]
     for name in names:
+        # the matvec timed again right after the solve: on a shared machine the load moves between
+        # the two, so each iteration is compared with the mean of the product timed before and after it
+        before = matvec_s if not out["solvers"] else out["solvers"][list(out["solvers"])[-1]]["matvec_after_s"]
         sol, wall, setup, cpu = run_ours(name, xs, sources, merged, args)
+        after = matvec_time(xs, sources, merged, args.alpha)
         per_it = (wall - setup) / max(sol.iterations, 1)
+        bracket = 0.5 * (before + after)
         row = {"seconds": wall, "cpu_seconds": cpu, "setup_seconds": setup, "iterations": sol.iterations,
-               "ms_per_iteration": per_it * 1e3, "iteration_over_matvec": per_it / matvec_s,
+               "ms_per_iteration": per_it * 1e3, "iteration_over_matvec": per_it / bracket,
+               "matvec_before_s": before, "matvec_after_s": after, "preconditioner": sol.preconditioner,
                "relative_residual": sol.relative_residual, "converged": sol.converged,
                "error_vs_tight": err(sol.weight), "kl_before": sum(sol.kl_before), "kl_after": sum(sol.kl_after)}
         out["solvers"][name] = row
         print(f"{name:18s} {wall:7.2f} s  {sol.iterations:5d} it  setup {setup:5.2f} s  {per_it * 1e3:6.1f} ms/it "
-              f"({per_it / matvec_s:.2f} matvec)  rel.res {sol.relative_residual:.1e}  error {row['error_vs_tight']:.1e}",
+              f"({per_it / bracket:.2f} matvec, {before * 1e3:.0f}/{after * 1e3:.0f} ms before/after)  rel.res {sol.relative_residual:.1e}  error {row['error_vs_tight']:.1e}",
               flush=True)
 
     if args.baseline != "skip":
