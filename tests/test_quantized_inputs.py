@@ -409,6 +409,8 @@ def test_a_dequantizing_merge_keeps_the_merges_memory_bound(tmp_path):
     print(f"peak RSS over the import baseline {over / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB; "
           f"the inputs dequantized {dequantized / 2**20:.0f} MiB")
     assert over <= bound, (over, bound)
+    # and below what holding every input dequantized would take: a merge that did not stream would fail
+    assert over < dequantized, (over, dequantized)
     shutil.copyfile(tmp_path / "base" / "config.json", tmp_path / "out" / "config.json")
     merged = Checkpoint(tmp_path / "out")  # written dequantized: float32, not FP8
     assert got["requantized"] == [] and not merged.dequantized
