@@ -300,22 +300,7 @@ def patch_tensors(src_dir: Union[str, Path], dst_dir: Union[str, Path],
     for key in src.keys():
         t = replacements.get(key)
         entries.append((key, t.dtype if t is not None else src.tensor_dtype(key), src.tensor_shape(key)))
-    with atomic_dir(dst_dir) as tmp:
-        writer = CheckpointWriter(tmp, max_shard_size)
-        try:
-            writer.declare(entries)
-            for key in src.keys():
-                if key in replacements:
-                    writer.add(key, replacements[key].detach().cpu().contiguous())
-                else:
-                    writer.add(key, src.get_tensor(key))
-            writer.finalize()
-        except BaseException:
-            writer.abort()
-            raise
-        copy_model_files(src.path, tmp)
-    src.close()
-    return Path(dst_dir)
+    return _write_patched(src, dst_dir, entries, replacements, src.get_tensor, max_shard_size)
 
 
 def _patch_stored(src: Checkpoint, dst_dir: Union[str, Path], replacements: Mapping[str, torch.Tensor],
@@ -335,13 +320,20 @@ def _patch_stored(src: Checkpoint, dst_dir: Union[str, Path], replacements: Mapp
                                   f"{src.stored_info(key).shape}")
     entries = [(k, replacements[k].dtype if k in replacements else src.stored_info(k).dtype,
                 src.stored_info(k).shape) for k in stored]
+    return _write_patched(src, dst_dir, entries, replacements, src.read_stored, max_shard_size)
+
+
+def _write_patched(src: Checkpoint, dst_dir: Union[str, Path], entries: list, replacements: Mapping[str, torch.Tensor],
+                   read, max_shard_size: Union[int, str]) -> Path:
+    """Write ``entries`` (key, dtype, shape) to ``dst_dir`` atomically: a replacement where there is
+    one, else ``read(key)`` from ``src``; then the model files, and ``src`` closed."""
     with atomic_dir(dst_dir) as tmp:
         writer = CheckpointWriter(tmp, max_shard_size)
         try:
             writer.declare(entries)
-            for key in stored:
+            for key, _, _ in entries:
                 t = replacements.get(key)
-                writer.add(key, t.detach().cpu().contiguous() if t is not None else src.read_stored(key))
+                writer.add(key, t.detach().cpu().contiguous() if t is not None else read(key))
             writer.finalize()
         except BaseException:
             writer.abort()
