@@ -32,6 +32,7 @@ import torch
 from harc_hpc.config import PipelineConfig
 from harc_hpc.errors import RunStateError
 from harc_hpc.io.checkpoint import resolve_model_path
+from harc_hpc.models.layerwise import LayerObserver
 from harc_hpc.math.metrics import bernoulli_kl_sum, kl_sum, topk_common
 from harc_hpc.report.render import layer_means
 from harc_hpc.report.render import mean_of as _mean
@@ -269,8 +270,7 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: Union[
     (capture_activations.BatchStates), so host memory stays bounded whatever their size. Kept router
     logits add float32 (tokens, experts) per MoE layer of the evaluations that keep routing.
     """
-    from harc_hpc.models.layerwise import LayerObserver, embed_batches, run_layers
-    from harc_hpc.models.modeling import pad_batch
+    from harc_hpc.models.layerwise import embed_batches, run_layers
     from harc_hpc.models.onload import OnloadedModel
     from harc_hpc.stages.capture_activations import BatchStates, placement_for
 
@@ -279,90 +279,29 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: Union[
     model = OnloadedModel(path, device, dtype=dtype, trust_remote_code=trust_remote_code)
     fam = model.family
     d = model.config.hidden_size
-    # Per evaluation and batch: the padded ids (the loss needs them at the end), the lengths, where
-    # routing is kept the mask of real (and selected) tokens among the router's (B * T) rows, and
-    # with ``masks`` the selected tokens (B, T).
-    plans: list[list[tuple[torch.Tensor, list[int], Optional[torch.Tensor], Optional[torch.Tensor]]]] = []
-    for ev in evaluations:
-        plan = []
-        for start in range(0, len(ev.seqs), batch_size):
-            ids, lengths = pad_batch([torch.tensor(s, dtype=torch.long) for s in ev.seqs[start : start + batch_size]],
-                                     pad_value=0)
-            selected = None
-            if ev.masks is not None:
-                selected = torch.zeros(ids.shape, dtype=torch.bool)
-                for i, m in enumerate(ev.masks[start : start + batch_size]):
-                    selected[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
-            mask = None
-            if ev.keep_routing:
-                mask = torch.zeros(ids.shape, dtype=torch.bool)
-                for i, n in enumerate(lengths):
-                    mask[i, :n] = True
-                if selected is not None:
-                    mask &= selected
-                mask = mask.reshape(-1).to(model.device)
-            plan.append((ids, lengths, mask, selected))
-        plans.append(plan)
-    nbytes = sum(ids.numel() for plan in plans for ids, *_ in plan) * d * model.dtype.itemsize
+    plans = [_batch_plan(ev, batch_size, model.device) for ev in evaluations]
+    nbytes = sum(b.ids.numel() for plan in plans for b in plan) * d * model.dtype.itemsize
     widest = max((model.layer_bytes(j) for j in range(model.num_layers)), default=0)
     placement = placement_for(nbytes, model.device, widest)
     results = [TaskEval() for _ in evaluations]
-    routers: dict[int, torch.Tensor] = {}
     states: list[BatchStates] = []
     recorder = _RouterLogits(model.model, fam, layers, len(evaluations),
                              logit_map=fam.router_logit_map(model.ckpt.config))
-
-    class Observer(LayerObserver):
-        """The merged routers of each MoE layer as onloaded; the router logits of the batches whose
-        evaluation keeps routing."""
-
-        def layer_start(self, j):
-            if j in layers:
-                routers[j] = router_matrix(fam.router_module(model.model, j)).cpu().clone()
-
-        def batch_start(self, j, e, i):
-            mask = plans[e][i][2]
-            if mask is not None and j in layers:
-                recorder.batch = (e, mask, evaluations[e].ref_routers)
-
-        def batch_end(self, j, e, i, hidden):
-            recorder.batch = None
-
+    observer = _EvaluationObserver(model, layers, plans, evaluations, recorder)
     try:
         for plan in plans:
-            states.append(BatchStates([tuple(ids.shape) for ids, *_ in plan], d, model.dtype, model.device,
+            states.append(BatchStates([tuple(b.ids.shape) for b in plan], d, model.dtype, model.device,
                                       placement, scratch_dir=scratch_dir))
-            embed_batches(model, states[-1], [ids for ids, *_ in plan])
+            embed_batches(model, states[-1], [b.ids for b in plan])
         model.release_embeddings()
         # an evaluation with its own routers has them in place of the layer's while its batches run
         swaps = {e: {j: _router_tensors(model, fam, j, ev.routers[j]) for j in layers if j in ev.routers}
                  for e, ev in enumerate(evaluations) if ev.routers is not None}
-        run_layers(model, dict(enumerate(states)), range(model.num_layers), observer=Observer(),
+        run_layers(model, dict(enumerate(states)), range(model.num_layers), observer=observer,
                    group_overrides=swaps, label="evaluation")
-
         for plan, st, result in zip(plans, states, results):
-            for i, (ids, lengths, _, selected) in enumerate(plan):
-                logits = model.head_logits(st.get(i))
-                ids = ids.to(logits.device)
-                # Next-token loss over real tokens only (right padding: pads come after every real
-                # token), one sequence at a time: a float32 copy of a whole batch's logits can be GBs.
-                for b, n in enumerate(lengths):
-                    if n < 2:
-                        continue
-                    if selected is None:
-                        nll = torch.nn.functional.cross_entropy(logits[b, : n - 1].float(), ids[b, 1:n],
-                                                                reduction="sum")
-                        result.nll += float(nll)
-                        result.tokens += n - 1
-                        continue
-                    # Only the predictions of selected tokens (position t predicts token t + 1).
-                    keep = selected[b, 1:n].to(logits.device)
-                    if bool(keep.any()):
-                        nll = torch.nn.functional.cross_entropy(logits[b, : n - 1][keep].float(), ids[b, 1:n][keep],
-                                                                reduction="sum")
-                        result.nll += float(nll)
-                        result.tokens += int(keep.sum())
-                del logits
+            for i, batch in enumerate(plan):
+                _add_heldout_loss(result, model.head_logits(st.get(i)), batch)
             st.close()
         model.release_head()
     finally:
@@ -372,7 +311,87 @@ def evaluate_checkpoint(path: Path | str, layers: list[int], evaluations: Union[
         model.close()
     for e, result in enumerate(results):
         recorder.collect(e, result)
-    return CheckpointEval(dict(zip(names, results)), routers)
+    return CheckpointEval(dict(zip(names, results)), observer.routers)
+
+
+@dataclass
+class _Batch:
+    """One batch of an evaluation: the padded ids (the loss needs them at the end), the lengths, where
+    routing is kept the mask of real (and selected) tokens among the router's (B * T) rows, and with
+    ``masks`` the selected tokens (B, T)."""
+
+    ids: torch.Tensor
+    lengths: list[int]
+    routing_rows: Optional[torch.Tensor]
+    selected: Optional[torch.Tensor]
+
+
+def _batch_plan(ev: Evaluation, batch_size: int, device: torch.device) -> list[_Batch]:
+    from harc_hpc.models.modeling import pad_batch
+
+    plan = []
+    for start in range(0, len(ev.seqs), batch_size):
+        ids, lengths = pad_batch([torch.tensor(s, dtype=torch.long) for s in ev.seqs[start : start + batch_size]],
+                                 pad_value=0)
+        selected = None
+        if ev.masks is not None:
+            selected = torch.zeros(ids.shape, dtype=torch.bool)
+            for i, m in enumerate(ev.masks[start : start + batch_size]):
+                selected[i, : len(m)] = torch.tensor(m, dtype=torch.bool)
+        rows = None
+        if ev.keep_routing:
+            rows = torch.zeros(ids.shape, dtype=torch.bool)
+            for i, n in enumerate(lengths):
+                rows[i, :n] = True
+            if selected is not None:
+                rows &= selected
+            rows = rows.reshape(-1).to(device)
+        plan.append(_Batch(ids, lengths, rows, selected))
+    return plan
+
+
+class _EvaluationObserver(LayerObserver):
+    """What an evaluation pass collects per layer:
+    the checkpoint's own routers as onloaded, and the router logits of the batches whose evaluation
+    keeps routing."""
+
+    def __init__(self, model, layers: list[int], plans: list[list[_Batch]], evaluations: list[Evaluation],
+                 recorder: "_RouterLogits"):
+        self.model, self.layers, self.plans, self.evaluations, self.recorder = model, layers, plans, evaluations, recorder
+        self.routers: dict[int, torch.Tensor] = {}  # float32, CPU
+
+    def layer_start(self, j):
+        if j in self.layers:
+            self.routers[j] = router_matrix(self.model.family.router_module(self.model.model, j)).cpu().clone()
+
+    def batch_start(self, j, e, i):
+        rows = self.plans[e][i].routing_rows
+        if rows is not None and j in self.layers:
+            self.recorder.batch = (e, rows, self.evaluations[e].ref_routers)
+
+    def batch_end(self, j, e, i, hidden):
+        self.recorder.batch = None
+
+
+def _add_heldout_loss(result: TaskEval, logits: torch.Tensor, batch: _Batch) -> None:
+    """Next-token loss over real tokens only (right padding: pads come after every real token), one
+    sequence at a time: a float32 copy of a whole batch's logits can be GBs. With ``selected``, only
+    the predictions of selected tokens (position t predicts token t + 1)."""
+    ids = batch.ids.to(logits.device)
+    for b, n in enumerate(batch.lengths):
+        if n < 2:
+            continue
+        if batch.selected is None:
+            nll = torch.nn.functional.cross_entropy(logits[b, : n - 1].float(), ids[b, 1:n], reduction="sum")
+            result.nll += float(nll)
+            result.tokens += n - 1
+            continue
+        keep = batch.selected[b, 1:n].to(logits.device)
+        if bool(keep.any()):
+            nll = torch.nn.functional.cross_entropy(logits[b, : n - 1][keep].float(), ids[b, 1:n][keep],
+                                                    reduction="sum")
+            result.nll += float(nll)
+            result.tokens += int(keep.sum())
 
 
 # -- the metrics ------------------------------------------------------------------------------------
