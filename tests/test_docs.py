@@ -64,4 +64,4 @@ def test_readme_scale_figures_are_the_generated_ones():
 
     assert readme_figures.main(["--check"]) == 0, "run python benchmarks/readme_figures.py"
     block = readme_figures.render()
-    assert "| capture," in block and "per iteration" in block and "paper-style" in block
+    assert "| capture," in block and "per iteration" in block and "official diag. PCG" in block
