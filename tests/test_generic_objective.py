@@ -243,6 +243,15 @@ def test_router_with_a_bias_equals_solve_router():
     assert rel(sol.weight, ref) < 1e-10
 
 
+def test_the_size_chosen_preconditioner_is_resolved_as_solve_router_resolves_it():
+    """preconditioner 'auto' (harc.preconditioner: auto): Jacobi for a router this small, as in
+    solve_router; the same answer as naming it."""
+    xs, ws, w0 = problem(seed=3)
+    auto = solve_generic(xs, ws, w0, softmax, solver="pcg", preconditioner="auto", tol=1e-12)
+    named = solve_generic(xs, ws, w0, softmax, solver="pcg", preconditioner="jacobi", tol=1e-12)
+    assert auto.preconditioner == "jacobi" and torch.equal(auto.weight, named.weight)
+
+
 def test_bad_arguments_are_refused():
     xs, ws, w0 = problem()
     with pytest.raises(ValueError, match="row by row"):

@@ -78,7 +78,7 @@ from harc_hpc.math.cg import (
 )
 from harc_hpc.math.distributed import LOCAL, ProcessGroupLike, Reducer, as_reducer
 from harc_hpc.math.inputs import DEFAULT_CHUNK_TOKENS, TokenChunks, TokenInput
-from harc_hpc.math.settings import SolverSettings, settings_of
+from harc_hpc.math.settings import SolverSettings, resolve_preconditioner, settings_of
 from harc_hpc.math.solver import HarcSystem, RouterSolution
 
 ProbFn = Callable[[torch.Tensor], torch.Tensor]
@@ -642,8 +642,9 @@ def solve_generic(
     if s.inner_dtype is not None or s.hessian != "full":
         raise UsageError("the generic objective has its exact curvature only: hessian must be 'full' and "
                          "inner_dtype None", where="solver settings")
-    alpha, objective, preconditioner, tol, max_iter = s.alpha, s.objective, s.preconditioner, s.tol, s.max_iter
     k, d = init.shape
+    alpha, objective, tol, max_iter = s.alpha, s.objective, s.tol, s.max_iter
+    preconditioner = resolve_preconditioner(s.preconditioner, k, d, s.expert_block_min_size)
     solver = s.solver if s.solver != "auto" else ("direct" if k * d <= s.direct_max_size else "pcg")
     _check_choice("objective", objective, GENERIC_OBJECTIVES)
     _check_choice("solver", solver, GENERIC_SOLVERS)

@@ -29,7 +29,7 @@ PROCESS_BYTES = 512 * 2**20  # interpreter, torch, transformers (a tiny task pea
 CUDA_HOST_BYTES = 3 * 2**29  # what a CUDA context adds to a process's host memory, roughly
 # CG iterations per layer by preconditioner, measured with benchmarks/bench_solver.py on the
 # OLMoE-shaped layer (d 2048, K 64, 2 x 8192 tokens); other preconditioners: Jacobi's
-SOLVE_ITERATIONS = {"expert-block": 60, "jacobi": 400}
+SOLVE_ITERATIONS = {"expert-block": 110, "jacobi": 400}  # 107-110 and 271-379 measured (docs/benchmarks.md)
 # Dense GEMM throughput a GPU task is assumed to sustain, TFLOP/s, by compute dtype: one H100 SXM,
 # below its datasheet peaks (dense, no sparsity) on purpose.
 # * bfloat16/float16: 989 peak on the tensor cores, ~600-700 reached by large cuBLAS GEMMs; an MoE
