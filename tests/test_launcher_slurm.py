@@ -246,3 +246,17 @@ def test_cli_stage_submit_reruns_one_task_as_a_slurm_job(tmp_path, monkeypatch):
     assert any(s.startswith("COMPLETED") for s in state.values()), state
     assert after["layer-000"] == before["layer-000"]  # nothing else ran
     assert after["layer-001"]["artifacts"] == before["layer-001"]["artifacts"]  # same inputs, same result
+
+
+def test_sacct_states_of_array_tasks_listed_under_the_bare_array_id(monkeypatch):
+    """An array cancelled before any task started can be listed by accounting as the bare array id
+    ("351|CANCELLED by 0", seen on this cluster): its tasks take that state, ranges are expanded, and
+    ids not listed stay absent. (sacct's own output, as it printed it, fed to the parser.)"""
+    import types
+
+    printed = "351|CANCELLED by 0\n352_[0-2]|PENDING\n353_1|COMPLETED\n"
+    monkeypatch.setattr(sacct, "available", lambda: True)
+    monkeypatch.setattr(sacct.subprocess, "run", lambda *a, **k: types.SimpleNamespace(stdout=printed))
+    got = sacct.states(iter(["351_0", "352_2", "353_1", "353_0", "354_0"]))
+    assert got["351_0"] == "CANCELLED" and got["352_2"] == "PENDING" and got["353_1"] == "COMPLETED"
+    assert "353_0" not in got and "354_0" not in got

@@ -279,7 +279,9 @@ def test_plan_times_use_the_throughput_of_the_stages_dtype(tmp_path):
     at_50, at_300 = seconds(exact), seconds(exact, tflops=300)
     # the float32 solve without mixed precision is compute-bound at 50 TFLOP/s: 6x the old figure's
     # compute time (it was memory-bound at 300)
-    n, d, k, iters = 5_600_000, 2048, 64, 60
+    from harc_hpc.stages.estimate import SOLVE_ITERATIONS
+
+    n, d, k, iters = 5_600_000, 2048, 64, SOLVE_ITERATIONS["expert-block"]
     assert at_50["solve-router"] == pytest.approx(iters * 4 * n * d * k / 50e12)
     assert at_300["solve-router"] < at_50["solve-router"]
     # the capture runs the bfloat16 checkpoint: 300 TFLOP/s, as --tflops 300

@@ -41,7 +41,8 @@ def states(job_ids: Iterable[str], timeout_s: float = 30) -> dict[str, str]:
     Array tasks still pending appear as ``123_[0-7]`` in sacct; they are expanded. The first word of
     the state is kept (``CANCELLED by 0`` -> ``CANCELLED``). Unknown ids are absent.
     """
-    ids = sorted({str(j).split("_", 1)[0] for j in job_ids if j})
+    job_ids = [str(j) for j in job_ids if j]
+    ids = sorted({j.split("_", 1)[0] for j in job_ids})
     if not ids or not available():
         return {}
     try:
@@ -64,6 +65,12 @@ def states(job_ids: Iterable[str], timeout_s: float = 30) -> dict[str, str]:
         else:
             # A requeued job is listed once per attempt; the last line is the current one.
             result[jid] = state
+    # An array cancelled before any of its tasks started (an afterok dependency that failed) can be
+    # listed under the bare array id ("371", not "371_0"): its tasks asked for take that state.
+    for j in job_ids:
+        base = j.split("_", 1)[0]
+        if "_" in j and j not in result and base in result:
+            result[j] = result[base]
     return result
 
 
